@@ -1,0 +1,9 @@
+"""``torch.ops.fxquant.*`` custom ops: one module per op family.
+
+Each module holds the op's schema (``torch.library.custom_op``), fake impl, plain-torch
+reference (the op's definition and test oracle), fast CPU impl and CUDA (Triton) impl.
+Importing this package registers every op.
+"""
+from . import int4wo, int8wo  # noqa: F401  (registration side effects)
+
+__all__ = ["int4wo", "int8wo"]

@@ -1,0 +1,46 @@
+"""Shared CPU dispatch policy for the weight-only ops.
+
+The packed ATen kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) are GEMV-style:
+they win at small M because they read fewer weight bytes, and lose to a dense GEMM at large M.
+Above ``large_m_threshold()`` rows the ops dequantize the weight once and call ``F.linear`` in the
+fastest dense dtype of this CPU instead.  Both paths compute the same function (the op reference)
+up to the rounding of the compute dtype.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def dense_dtype() -> torch.dtype:
+    """bf16 when oneDNN has native bf16 GEMM on this CPU (AVX512-BF16/AMX), else fp32.
+
+    Measured (tools/bench.py, 11008x4096, 2 threads, AMD EPYC AVX2 build): bf16 F.linear at M=256
+    takes 1109 ms, fp32 224 ms; on AVX512-BF16 machines bf16 is ~2x faster than fp32."""
+    try:
+        fast_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        fast_bf16 = False
+    return torch.bfloat16 if fast_bf16 else torch.float32
+
+
+@functools.lru_cache(maxsize=None)
+def large_m_threshold() -> int:
+    """Rows from which dequantize + dense GEMM beats the packed kernels.
+
+    Measured with tools/bench.py (11008x4096, 2 threads): on the AVX2 machine int8pack takes
+    23.6 ms at M=16 and 377 ms at M=256 while dequantize (76 ms) + fp32 GEMM (224 ms) takes 300 ms:
+    crossover near M=192.  With fast bf16 GEMM the crossover is lower (~48, from the field notes)."""
+    return 48 if dense_dtype() == torch.bfloat16 else 192
+
+
+def kernel_dtype(x: torch.Tensor) -> torch.dtype:
+    """Activation dtype fed to the packed kernels: they are 10-50x slower with fp32 input."""
+    return torch.bfloat16 if x.dtype in (torch.float32, torch.bfloat16) else x.dtype
+
+
+def rows(x: torch.Tensor) -> int:
+    """Number of rows of ``x`` flattened to 2-D over its last dim."""
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
