@@ -1,0 +1,9 @@
+"""fxquant: quantize PyTorch models as compiler passes over a traced graph."""
+from . import schemes
+from .api import compile
+from .report import Report, report
+from .schemes import Int4WeightOnly, Int8WeightOnly, Scheme
+from .spec import Spec
+
+__all__ = ["compile", "Spec", "report", "Report", "schemes", "Scheme", "Int8WeightOnly", "Int4WeightOnly"]
+__version__ = "0.1.0"

@@ -1,0 +1,120 @@
+"""Front end: turn a user's ``nn.Module`` into a ``torch.fx.GraphModule`` the passes can rewrite.
+
+``torch.export.export(strict=False)`` first, with every input dim marked ``Dim.AUTO`` (batch
+and sequence stay dynamic, feature dims get pinned by the model; size-1 example dims are not
+specialised), then
+``run_decompositions({})`` so ``aten.linear`` survives and grad-mode wrappers disappear.
+``torch.fx.symbolic_trace`` is the fallback (or ``frontend="fx"``).  The user's model is never
+mutated: export builds fresh modules, and the FX path copies the module tree (sharing tensors).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+from torch.export import Dim
+
+log = logging.getLogger(__name__)
+
+FRONTENDS = ("auto", "export", "fx")
+
+
+@dataclass
+class TraceResult:
+    gm: torch.fx.GraphModule
+    frontend: str  # "export" or "fx"
+    export_error: str | None = None
+    dynamic_dims: dict[str, list[int]] = field(default_factory=dict)
+
+
+def _auto_dims(value: Any) -> Any:
+    """``dynamic_shapes`` entry for one input: ``Dim.AUTO`` on every dim of each tensor (export
+    keeps static the dims the model pins, such as a feature dim feeding a Linear)."""
+    if isinstance(value, torch.Tensor):
+        return {d: Dim.AUTO for d in range(value.dim())} or None
+    if isinstance(value, (list, tuple)):
+        return type(value)(_auto_dims(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _auto_dims(v) for k, v in value.items()}
+    return None
+
+
+def _dynamic_dims(ep: torch.export.ExportedProgram) -> dict[str, list[int]]:
+    """Which placeholder dims ended up symbolic, by user input name."""
+    out = {}
+    for node in ep.graph.nodes:
+        if node.op != "placeholder" or node.name not in ep.graph_signature.user_inputs:
+            continue
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            dims = [i for i, s in enumerate(val.shape) if not isinstance(s, int)]
+            if dims:
+                out[node.name] = dims
+    return out
+
+
+def export_module(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool = True) -> TraceResult:
+    """``torch.export`` the model (non-strict, dynamic batch/sequence) into a GraphModule."""
+    dynamic_shapes = None
+    if dynamic:
+        dynamic_shapes = {"args": _auto_dims(args), "kwargs": _auto_dims(kwargs)} if kwargs else _auto_dims(args)
+    import torch.fx.experimental._config as fx_config
+
+    try:
+        # size-oblivious: a size-1 example dim (batch 1) stays dynamic instead of being pinned to 1
+        with fx_config.patch(backed_size_oblivious=True):
+            ep = _export(model, args, kwargs, dynamic_shapes).run_decompositions({})
+    except Exception as first:  # noqa: BLE001 - retry without size-oblivious reasoning
+        log.info("export with backed_size_oblivious failed (%s); retrying without", first)
+        ep = _export(model, args, kwargs, dynamic_shapes).run_decompositions({})
+    return TraceResult(ep.module(), "export", None, _dynamic_dims(ep))
+
+
+def _export(model, args, kwargs, dynamic_shapes):
+    if dynamic_shapes is not None and kwargs:
+        # export wants dynamic_shapes keyed like the forward signature: flatten args+kwargs by name.
+        import inspect
+
+        params = list(inspect.signature(model.forward).parameters)
+        spec = {}
+        for i, a in enumerate(args):
+            spec[params[i]] = dynamic_shapes["args"][i]
+        spec.update(dynamic_shapes["kwargs"])
+        dynamic_shapes = spec
+    return torch.export.export(model, args, kwargs=kwargs or None, dynamic_shapes=dynamic_shapes, strict=False)
+
+
+def fx_trace(model: torch.nn.Module) -> torch.fx.GraphModule:
+    """``symbolic_trace`` a structural copy of ``model``: new module objects, shared tensors."""
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    clone = copy.deepcopy(model, memo)
+    return torch.fx.symbolic_trace(clone)
+
+
+def trace(model: torch.nn.Module, example_inputs: tuple = (), example_kwargs: dict | None = None,
+          frontend: str = "auto", dynamic: bool = True) -> TraceResult:
+    """Trace ``model`` with ``frontend`` in {"auto", "export", "fx"}; see the module docstring."""
+    if frontend not in FRONTENDS:
+        raise ValueError(f"frontend={frontend!r} is not valid; choose one of {', '.join(FRONTENDS)}")
+    if not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
+    kwargs = dict(example_kwargs or {})
+    error = None
+    if frontend in ("auto", "export"):
+        try:
+            return export_module(model, example_inputs, kwargs, dynamic)
+        except Exception as e:  # noqa: BLE001 - any export failure falls back to FX
+            if frontend == "export":
+                raise
+            error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            log.warning("torch.export failed (%s); falling back to torch.fx.symbolic_trace", error)
+    try:
+        gm = fx_trace(model)
+    except Exception as e:  # noqa: BLE001
+        raise RuntimeError(f"fxquant could not trace the model: torch.export failed ({error}) and "
+                           f"torch.fx.symbolic_trace failed ({type(e).__name__}: {e})") from e
+    return TraceResult(gm, "fx", error, {})

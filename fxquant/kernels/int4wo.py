@@ -1,0 +1,211 @@
+"""Triton kernel for ``fxquant::linear_int4wo``: ``y = x @ W.T + bias`` with int4 group-wise ``W``.
+
+Layout (:mod:`fxquant.formats.int4`), read as stored, with no repacking: ``qweight`` uint8
+``[Np, K/2]`` in tiles of ``block_n`` rows, where row ``n``, column ``k`` is the nibble of byte
+``((n // block_n) * K + k) * (block_n / 2) + (n % block_n) % (block_n / 2)`` (low nibble for the
+first half of the tile, high for the second); ``scales_and_zeros`` ``[K/g, Np, 2]`` (scale, zero),
+``W[n, k] = (q - 8) * scale[k // g, n] + zero[k // g, n]``.
+
+Per group ``j`` of ``g`` columns the sum factors as
+``sum_k x[m, k] W[n, k] = scale[j, n] * sum_k x[m, k] (q[n, k] - 8) + zero[j, n] * sum_k x[m, k]``,
+so the kernel feeds the centred codes ``q - 8`` (exact in bf16/fp16/fp32) to ``tl.dot`` with fp32
+accumulation, and applies scale and zero to fp32 per-group partials.  ``BLOCK_K`` divides ``g``,
+so each K step lies inside one group.  The result equals :func:`fxquant.ops.int4wo.reference` up
+to fp32 summation order.  Only the first ``out_features`` rows are computed and stored.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..formats import int4 as fmt
+from . import interpreting
+
+INTERPRETED = interpreting()  # what @triton.jit below saw; see fxquant.kernels.interpreting
+X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@triton.jit
+def _int4wo_kernel(x_ptr, qw_ptr, sz_ptr, bias_ptr, y_ptr,
+                   M, N, NP, K, M_BUCKET,
+                   stride_xm, stride_xk, stride_ym, stride_yn,
+                   GROUP_SIZE: tl.constexpr, TILE_N: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   GROUP_M: tl.constexpr):
+    # M_BUCKET only feeds the autotune key (so a new M does not re-tune); the kernel ignores it.
+    # Grouped tile order: GROUP_M row-tiles share each column-tile of weights while it is in L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    tiles_per_group = GROUP_M * num_n
+    first_m = (pid // tiles_per_group) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % tiles_per_group) % group_rows
+    pid_n = (pid % tiles_per_group) // group_rows
+
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    n_load = offs_n < NP  # padded rows exist in storage; only rows < N are stored
+    # Tiled nibble addressing of row n: byte (tile * K + k) * HALF + d, nibble `half`.
+    HALF: tl.constexpr = TILE_N // 2
+    in_tile = offs_n % TILE_N
+    byte_n = (offs_n // TILE_N) * K * HALF + in_tile % HALF   # [BLOCK_N], + k * HALF per column
+    shift = (in_tile // HALF).to(tl.int32) * 4                # 0: low nibble, 4: high nibble
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk   # [BLOCK_M, BLOCK_K]
+    q_ptrs = qw_ptr + byte_n[None, :] + offs_k[:, None] * HALF                   # [BLOCK_K, BLOCK_N]
+    sz_ptrs = sz_ptr + offs_n * 2                                                # group 0, scale
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for _ in range(0, K // GROUP_SIZE):
+        dot_q = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # sum_k x * (q - 8) over the group
+        x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)          # sum_k x over the group
+        for _kk in range(0, GROUP_SIZE, BLOCK_K):  # K % GROUP_SIZE == 0: no K mask needed
+            x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
+            if DOT_IN_FP32:  # exact upcast, interpreter only: see _bf16_via_fp32
+                x = x.to(tl.float32)
+            b = tl.load(q_ptrs, mask=n_load[None, :], other=0).to(tl.int32)
+            q = ((b >> shift[None, :]) & 0xF) - 8
+            # "ieee": fp32 operands use exact fp32 products as the reference does (tf32 would keep
+            # ~10 mantissa bits); 16-bit operands are unaffected.
+            dot_q = tl.dot(x, q.to(x.dtype), dot_q, input_precision="ieee")
+            x_sum += tl.sum(x.to(tl.float32), axis=1)
+            x_ptrs += BLOCK_K * stride_xk
+            q_ptrs += BLOCK_K * HALF
+        scale = tl.load(sz_ptrs, mask=n_load, other=0.0).to(tl.float32)
+        zero = tl.load(sz_ptrs + 1, mask=n_load, other=0.0).to(tl.float32)
+        acc += dot_q * scale[None, :] + x_sum[:, None] * zero[None, :]
+        sz_ptrs += NP * 2
+
+    n_mask = offs_n < N
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def _config(block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8},
+                         num_warps=num_warps, num_stages=num_stages)
+
+
+# GPU search space.  Not measured: the machine this was written on has no GPU.  The sizes follow
+# the usual Triton GEMM ranges (16 is tl.dot's minimum tile side): narrow-M tiles with long K
+# steps for decode, square-ish tiles for prefill.  BLOCK_K must divide group_size (>= 32), so
+# _prune drops the K steps that do not fit the group.
+_CUDA_CONFIGS = [
+    _config(16, 64, 128, num_warps=4, num_stages=4),
+    _config(16, 64, 64, num_warps=4, num_stages=4),
+    _config(16, 128, 64, num_warps=4, num_stages=3),
+    _config(16, 64, 32, num_warps=2, num_stages=4),
+    _config(32, 64, 64, num_warps=4, num_stages=4),
+    _config(64, 128, 64, num_warps=4, num_stages=4),
+    _config(64, 64, 32, num_warps=4, num_stages=4),
+    _config(128, 128, 64, num_warps=8, num_stages=3),
+    _config(128, 128, 32, num_warps=8, num_stages=3),
+]
+# The CPU interpreter: _prune keeps exactly one of these (the longest K step the group allows),
+# so autotune never benchmarks there.
+_INTERPRETER_CONFIGS = [_config(16, 64, 64, num_warps=1, num_stages=1),
+                        _config(16, 64, 32, num_warps=1, num_stages=1)]
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Keep configs whose K step divides the group and whose M tile is at most one step taller
+    than the (bucketed) rows; under the interpreter keep only the first survivor."""
+    group_size = {**named_args, **kwargs}["GROUP_SIZE"]
+    max_m = max(16, named_args["M_BUCKET"])
+    fits = [c for c in configs if group_size % c.kwargs["BLOCK_K"] == 0]
+    kept = [c for c in fits if c.kwargs["BLOCK_M"] <= max_m] or fits
+    return kept[:1] if INTERPRETED else kept
+
+
+_int4wo_tuned = triton.autotune(
+    configs=_INTERPRETER_CONFIGS if INTERPRETED else _CUDA_CONFIGS,
+    key=["M_BUCKET", "N", "K", "GROUP_SIZE"],
+    prune_configs_by={"early_config_prune": _prune},
+)(_int4wo_kernel)
+
+
+def _bf16_via_fp32(x_dtype: torch.dtype) -> bool:
+    """Whether to route bf16 through fp32 around the CPU interpreter's bf16 gaps.
+
+    The interpreter stores bf16 as raw uint16: its ``tl.dot`` multiplies the bit patterns and an
+    int -> bf16 cast is a bitcast (triton-lang/triton#11584), and fp32 -> bf16 truncates instead of
+    rounding to nearest even.  So under the interpreter bf16 tiles enter the dot as fp32 (exact: the
+    products of bf16 values are exact in fp32) and the launcher rounds the fp32 output with torch.
+    Compiled GPU runs use bf16 operands and the kernel's own rounding store."""
+    return INTERPRETED and x_dtype == torch.bfloat16
+
+
+def _check(x2d: torch.Tensor, qweight: torch.Tensor, scales_and_zeros: torch.Tensor,
+           bias: Optional[torch.Tensor], group_size: int, block_n: int, out_features: int) -> None:
+    if x2d.dim() != 2:
+        raise ValueError(f"int4wo_linear: x2d must be 2-D [M, K], got shape {tuple(x2d.shape)}")
+    if x2d.dtype not in X_DTYPES:
+        raise ValueError(f"int4wo_linear: x2d dtype {x2d.dtype} is not supported; use one of {X_DTYPES}")
+    if qweight.dtype != torch.uint8 or qweight.dim() != 2:
+        raise ValueError(f"int4wo_linear: qweight must be uint8 [Np, K/2], got {qweight.dtype} "
+                         f"{tuple(qweight.shape)} (build it with fxquant.formats.int4.to_storage)")
+    rows, k = qweight.shape[0], 2 * qweight.shape[1]
+    if x2d.shape[1] != k:
+        raise ValueError(f"int4wo_linear: x2d has K={x2d.shape[1]} columns but qweight {tuple(qweight.shape)} "
+                         f"packs K={k}")
+    if group_size not in fmt.GROUP_SIZES or k % group_size:
+        raise ValueError(f"int4wo_linear: group_size={group_size} must be one of {fmt.GROUP_SIZES} "
+                         f"and divide K={k}")
+    if block_n <= 0 or block_n % 2 or rows % block_n:
+        raise ValueError(f"int4wo_linear: block_n={block_n} must be a positive even divisor of the "
+                         f"stored rows Np={rows}")
+    if not 0 <= out_features <= rows:
+        raise ValueError(f"int4wo_linear: out_features={out_features} must be in [0, Np={rows}]")
+    expected = (k // group_size, rows, 2)
+    if tuple(scales_and_zeros.shape) != expected or not scales_and_zeros.is_floating_point():
+        raise ValueError(f"int4wo_linear: scales_and_zeros must be a float tensor of shape {expected} "
+                         f"[K/group_size, Np, 2], got {scales_and_zeros.dtype} {tuple(scales_and_zeros.shape)}")
+    if bias is not None and (tuple(bias.shape) != (out_features,) or not bias.is_floating_point()):
+        raise ValueError(f"int4wo_linear: bias must be None or a float tensor of shape ({out_features},), "
+                         f"got {bias.dtype} {tuple(bias.shape)}")
+    tensors = {"x2d": x2d, "qweight": qweight, "scales_and_zeros": scales_and_zeros,
+               **({"bias": bias} if bias is not None else {})}
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) != 1:
+        raise ValueError(f"int4wo_linear: all tensors must be on one device, got {devices}")
+    if x2d.device.type != "cuda" and not INTERPRETED:
+        raise ValueError(f"int4wo_linear: tensors are on {x2d.device}; the Triton kernel needs CUDA tensors, "
+                         "or TRITON_INTERPRET=1 set before fxquant.kernels.int4wo is imported")
+
+
+def int4wo_linear(x2d: torch.Tensor, qweight: torch.Tensor, scales_and_zeros: torch.Tensor,
+                  bias: Optional[torch.Tensor], *, group_size: int, block_n: int,
+                  out_features: int) -> torch.Tensor:
+    """``x2d`` ``[M, K]`` fp32/bf16/fp16; ``qweight`` uint8 ``[Np, K/2]`` tiled by ``block_n``;
+    ``scales_and_zeros`` float ``[K/group_size, Np, 2]``; ``bias`` float ``[out_features]`` or None
+    -> ``y2d`` ``[M, out_features]`` in ``x2d.dtype``, accumulated in fp32.
+
+    Raises ValueError naming the argument when shapes, dtypes, devices or layout parameters do not fit.
+    """
+    _check(x2d, qweight, scales_and_zeros, bias, group_size, block_n, out_features)
+    m, k = x2d.shape
+    via_fp32 = _bf16_via_fp32(x2d.dtype)
+    y = torch.empty((m, out_features), dtype=torch.float32 if via_fp32 else x2d.dtype, device=x2d.device)
+    if m == 0 or out_features == 0:
+        return y.to(x2d.dtype)
+    qweight = qweight.contiguous()
+    scales_and_zeros = scales_and_zeros.contiguous()
+    bias_arg = bias.contiguous() if bias is not None else scales_and_zeros  # unread without bias
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(out_features, meta["BLOCK_N"]),)
+
+    _int4wo_tuned[grid](x2d, qweight, scales_and_zeros, bias_arg, y,
+                        m, out_features, qweight.shape[0], k, triton.next_power_of_2(m),
+                        x2d.stride(0), x2d.stride(1), y.stride(0), y.stride(1),
+                        GROUP_SIZE=group_size, TILE_N=block_n,
+                        HAS_BIAS=bias is not None, DOT_IN_FP32=via_fp32)
+    return y.to(x2d.dtype)

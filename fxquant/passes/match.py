@@ -1,0 +1,151 @@
+"""Match pass: find every linear site in the graph and record it in ``ctx.sites``.
+
+Patterns (``W`` is the ``[N, K]`` weight, ``param`` a get_attr tensor, ``param.T`` any 2-D
+transpose of it: ``aten.t``, ``permute(1, 0)``, ``transpose(0, 1)``, ``.t()``, ``.T``):
+- ``aten.linear(x, W[, b])`` and ``F.linear`` in FX graphs;
+- ``aten.addmm(b, x, W.T)`` / ``aten.mm(x, W.T)``: against ``param.T`` (W = param) or a raw
+  ``[K, N]`` param (W = param.T, e.g. GPT-2's Conv1D);
+- ``aten.matmul(x, param)`` / ``x @ param`` / ``torch.matmul``: same two cases;
+- ``call_module`` of an ``nn.Linear`` (FX graphs).
+A site is named by the FQN of the ``nn.Linear`` whose forward calls it (``nn_module_stack``), so a
+tied ``lm_head`` is ``lm_head``; other sites are named by their weight's attribute path.  A linear
+whose weight is not a parameter/buffer is recorded as skipped with the reason.
+"""
+from __future__ import annotations
+
+import operator
+import re
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+
+from ._base import PassContext, PassResult, Site, get_attr_path, meta, node_arg
+
+aten = torch.ops.aten
+
+_LINEAR_TARGETS = {aten.linear.default: "aten.linear", F.linear: "F.linear", torch._C._nn.linear: "F.linear"}
+_MM_TARGETS = {aten.mm.default: "mm", aten.matmul.default: "matmul", torch.matmul: "matmul",
+               operator.matmul: "matmul", torch.mm: "mm"}
+_ADDMM_TARGETS = {aten.addmm.default: "addmm", torch.addmm: "addmm"}
+
+
+def _param(gm: torch.fx.GraphModule, node) -> tuple[str, bool] | None:
+    """``(attr_path, transposed)`` if ``node`` is a 2-D get_attr tensor or a transpose of one."""
+    if not isinstance(node, torch.fx.Node):
+        return None
+    if node.op == "get_attr":
+        t = get_attr_path(gm, node.target)
+        return (node.target, False) if isinstance(t, torch.Tensor) and t.dim() == 2 else None
+    base = node.args[0] if node.args else None
+    transposes = False
+    if node.op == "call_function":
+        if node.target in (aten.t.default, torch.t):
+            transposes = True
+        elif node.target in (aten.permute.default, torch.permute):
+            transposes = list(node.args[1]) in ([1, 0], [-1, -2], [-1, 0], [1, -2])
+        elif node.target in (aten.transpose.int, torch.transpose):
+            transposes = sorted(d % 2 for d in node.args[1:3]) == [0, 1]
+        elif node.target is getattr and node.args[1] in ("T", "mT"):
+            transposes = True
+    elif node.op == "call_method":
+        if node.target == "t":
+            transposes = True
+        elif node.target == "permute":
+            dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+            transposes = [d % 2 for d in dims] == [1, 0]
+        elif node.target == "transpose":
+            transposes = sorted(d % 2 for d in node.args[1:3]) == [0, 1]
+    if not transposes:
+        return None
+    inner = _param(gm, base)
+    return (inner[0], not inner[1]) if inner else None
+
+
+def _clean_path(path: str) -> str:
+    path = re.sub(r"^L\['self'\]\.?", "", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    return ".".join(p.split("@")[0] for p in path.split(".") if p)
+
+
+def _calling_linear(node: torch.fx.Node, model: torch.nn.Module | None) -> str | None:
+    """FQN of the nn.Linear whose forward contains ``node`` (innermost module), if any."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path, typ = list(stack.values())[-1]
+    path = _clean_path(str(path))
+    if not path:
+        return None
+    if model is not None:
+        try:
+            return path if isinstance(model.get_submodule(path), torch.nn.Linear) else None
+        except AttributeError:
+            pass
+    name = typ if isinstance(typ, str) else getattr(typ, "__qualname__", str(typ))
+    return path if name.split(".")[-1] == "Linear" else None
+
+
+def _site_for(gm: torch.fx.GraphModule, node: torch.fx.Node, model) -> Site | None:
+    kind, x_arg, w_node, bias = None, 0, None, None
+    if node.op == "call_function" and node.target in _LINEAR_TARGETS:
+        kind = _LINEAR_TARGETS[node.target]
+        w_node = node_arg(node, 1 if len(node.args) > 1 else "weight")
+        bias = 2 if len(node.args) > 2 else ("bias" if node.kwargs.get("bias") is not None else None)
+        p = _param(gm, w_node)
+        # linear(x, param) has W = param; linear(x, param.T) has W = param.T
+        found = p
+    elif node.op == "call_function" and (node.target in _MM_TARGETS or node.target in _ADDMM_TARGETS):
+        if node.target in _ADDMM_TARGETS:
+            if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+                return None
+            kind = _ADDMM_TARGETS[node.target]
+            bias, x_arg, w_node = 0, 1, node.args[2]
+        else:
+            kind = _MM_TARGETS[node.target]
+            w_node = node.args[1]
+        p = _param(gm, w_node)
+        if p is None or _param(gm, node.args[x_arg]) is not None:
+            return None  # activation x activation, or param @ param: not a linear layer
+        # x @ M with M = W.T: M = param.T means W = param; M = param means W = param.T
+        found = (p[0], not p[1])
+    elif node.op == "call_module" and isinstance(gm.get_submodule(node.target), torch.nn.Linear):
+        mod = gm.get_submodule(node.target)
+        site = Site(name=node.target, kind="call_module", node=node, x_arg=0,
+                    weight_attr=f"{node.target}.weight", transposed=False,
+                    bias=f"{node.target}.bias" if mod.bias is not None else None)
+        return _finish(gm, site)
+    else:
+        return None
+    name = _calling_linear(node, model)
+    if found is None:
+        if kind not in ("aten.linear", "F.linear"):
+            return None
+        return Site(name=name or node.name, kind=kind, node=node, status="skipped",
+                    reason="weight is computed in the graph, not a parameter or buffer")
+    b = node_arg(node, bias)
+    if isinstance(b, torch.fx.Node) and "val" in b.meta and getattr(b.meta["val"], "dim", lambda: 1)() != 1:
+        return None  # addmm with a 2-D "bias" is not a linear layer
+    site = Site(name=name or found[0], kind=kind, node=node, x_arg=x_arg, weight_attr=found[0],
+                transposed=found[1], bias=bias)
+    return _finish(gm, site)
+
+
+def _finish(gm: torch.fx.GraphModule, site: Site) -> Site:
+    w = get_attr_path(gm, site.weight_attr)
+    n, k = (w.shape[1], w.shape[0]) if site.transposed else tuple(w.shape)
+    site.out_shape = (int(n), int(k))
+    site.weight_dtype = w.dtype
+    site.weight_storage = (w.device, w.untyped_storage().data_ptr())
+    site.bytes_before = w.numel() * w.element_size()
+    return site
+
+
+def match_linears(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Record one Site per linear pattern in ``ctx.sites`` (graph unchanged)."""
+    for node in gm.graph.nodes:
+        site = _site_for(gm, node, ctx.model)
+        if site is not None:
+            ctx.sites.append(site)
+            meta(node)["site"] = site.name
+    return PassResult(gm, modified=False)

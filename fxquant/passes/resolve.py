@@ -1,0 +1,25 @@
+"""Resolve pass: give every site its scheme from the spec, and report rules that matched nothing."""
+from __future__ import annotations
+
+import warnings
+
+import torch.fx
+
+from ._base import PassContext, PassResult, meta
+
+
+def resolve_spec(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Set ``site.scheme``/``site.rule`` by the spec's precedence; note unused skip entries and rules."""
+    for site in ctx.sites:
+        if site.reason:  # the match pass already knows it cannot be quantized
+            continue
+        choice = ctx.spec.choose(site.name)
+        site.scheme, site.rule = choice.scheme, choice.source
+        if choice.scheme is None:
+            site.reason = f"left in float by {choice.source}" if choice.source != "default" else "no default scheme"
+        meta(site.node).update(scheme=str(choice.scheme) if choice.scheme else None, rule=choice.source)
+    for entry in ctx.spec.unused([s.name for s in ctx.sites]):
+        msg = f"spec entry {entry} matched no linear layer"
+        ctx.notes.append(msg)
+        warnings.warn(f"fxquant: {msg}", stacklevel=3)
+    return PassResult(gm, modified=False)

@@ -1,0 +1,76 @@
+"""Rewrite pass: replace each quantized site by a call to its ``torch.ops.fxquant`` op.
+
+The quantized tensors become buffers of the GraphModule, on the module at the site's path
+(``layers.0.q_proj.qweight``) or, for a site named by a weight tensor ``a.w``, on ``a`` as
+``w_qweight``.  Scalar arguments (group size, ...) are baked into the call as keyword arguments.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from ._base import PassContext, PassResult, Site, meta, node_arg
+
+
+def _holder(gm: torch.fx.GraphModule, name: str) -> tuple[str, str]:
+    """(module path, attribute prefix) where a site's buffers live; creates missing modules."""
+    parts = name.split(".")
+    mod, path = gm, []
+    for i, part in enumerate(parts):
+        child = getattr(mod, part, None)
+        if isinstance(child, torch.Tensor):  # the site is named by a tensor: use its parent
+            return ".".join(path), part + "_"
+        if isinstance(child, torch.nn.Linear):  # FX: the call_module target is being replaced
+            holder = torch.nn.Module()
+            if child.bias is not None:
+                holder.bias = child.bias
+            setattr(mod, part, holder)
+            child = holder
+        if child is None:
+            child = torch.nn.Module()
+            mod.add_module(part, child)
+        mod, path = child, path + [part]
+    return ".".join(path), ""
+
+
+def _register(gm: torch.fx.GraphModule, module_path: str, attr: str, t: torch.Tensor) -> str:
+    mod = gm.get_submodule(module_path) if module_path else gm
+    if hasattr(mod, attr) and getattr(mod, attr) is not t:
+        raise RuntimeError(f"cannot register {attr!r} on {module_path or 'the root module'}: name taken")
+    if not hasattr(mod, attr):
+        mod.register_buffer(attr, t)
+    return f"{module_path}.{attr}" if module_path else attr
+
+
+def _rewrite(gm: torch.fx.GraphModule, site: Site, owners: dict[int, str]) -> None:
+    qw = site.qweight
+    node = site.node
+    key = id(qw)
+    if key not in owners:
+        owners[key] = site.name
+    module_path, prefix = _holder(gm, owners[key])
+    graph = gm.graph
+    with graph.inserting_before(node):
+        tensor_nodes = [graph.get_attr(_register(gm, module_path, prefix + k, t)) for k, t in qw.tensors.items()]
+        if site.kind == "call_module":  # the bias now lives on the holder module
+            bias = graph.get_attr(f"{site.name}.bias") if site.bias else None
+        else:
+            bias = node_arg(node, site.bias)
+        op = getattr(torch.ops.fxquant, qw.op).default
+        new = graph.call_function(op, (node_arg(node, site.x_arg), *tensor_nodes, bias), dict(qw.attrs))
+    new.meta.update({k: v for k, v in node.meta.items() if k != "fxquant"})
+    meta(new).update(site=site.name, scheme=str(site.scheme), rule=site.rule, replaced=str(node.target))
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    site.node = new
+
+
+def rewrite_linears(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Swap every quantized site's node for its fxquant op call reading the new buffers."""
+    owners: dict[int, str] = {}
+    modified = False
+    for site in ctx.sites:
+        if site.status == "quantized":
+            _rewrite(gm, site, owners)
+            modified = True
+    return PassResult(gm, modified)

@@ -1,0 +1,111 @@
+"""Per-layer report of a compiled model: what was quantized, how, and at what cost."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from tabulate import tabulate
+
+__all__ = ["Row", "Report", "report"]
+
+
+@dataclass
+class Row:
+    """One linear site.  ``bytes_*`` count the weight only (bias and other params unchanged);
+    ``rel_error`` is ``||W - dequant(Q)|| / ||W||`` for quantized sites, ``None`` otherwise."""
+
+    fqn: str
+    status: str  # "quantized" | "skipped"
+    scheme: str | None
+    reason: str
+    bytes_before: int
+    bytes_after: int
+    rel_error: float | None
+    rule: str = ""
+    kind: str = ""
+    shape: tuple[int, int] | None = None
+
+
+@dataclass
+class Report:
+    rows: list[Row]
+    frontend: str = "export"
+    export_error: str | None = None
+    notes: list[str] = field(default_factory=list)
+    dynamic_dims: dict[str, list[int]] = field(default_factory=dict)
+    model_bytes_before: int = 0  # every parameter and buffer of the model, tied tensors once
+    model_bytes_after: int = 0
+
+    @property
+    def quantized(self) -> list[Row]:
+        return [r for r in self.rows if r.status == "quantized"]
+
+    @property
+    def skipped(self) -> list[Row]:
+        return [r for r in self.rows if r.status != "quantized"]
+
+    def row(self, fqn: str) -> Row:
+        for r in self.rows:
+            if r.fqn == fqn:
+                return r
+        raise KeyError(f"no linear site named {fqn!r}; sites: {', '.join(r.fqn for r in self.rows)}")
+
+    def table(self) -> str:
+        body = [[r.fqn, r.status, r.scheme or "-", r.rule or "-",
+                 "x".join(map(str, r.shape)) if r.shape else "-",
+                 _mb(r.bytes_before), _mb(r.bytes_after),
+                 f"{r.rel_error:.4f}" if r.rel_error is not None else "-", r.reason] for r in self.rows]
+        before = sum(r.bytes_before for r in self.rows)
+        after = sum(r.bytes_after if r.status == "quantized" else r.bytes_before for r in self.rows)
+        body.append([f"TOTAL ({len(self.quantized)}/{len(self.rows)} quantized)", "", "", "", "",
+                     _mb(before), _mb(after), "", f"linear weights {before / max(after, 1):.2f}x smaller"])
+        return tabulate(body, headers=["layer", "status", "scheme", "rule", "N x K", "MB before", "MB after",
+                                       "rel err", "reason"], tablefmt="simple")
+
+    def __str__(self) -> str:
+        lines = [self.table(), ""]
+        lines.append(f"frontend: {self.frontend}" + (f" (torch.export failed: {self.export_error})"
+                                                     if self.export_error else ""))
+        if self.dynamic_dims:
+            lines.append("dynamic input dims: " + ", ".join(f"{k}{v}" for k, v in self.dynamic_dims.items()))
+        if self.model_bytes_before:
+            lines.append(f"model tensors: {_mb(self.model_bytes_before)} MB -> {_mb(self.model_bytes_after)} MB "
+                         f"({self.model_bytes_before / max(self.model_bytes_after, 1):.2f}x smaller)")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Report":
+        d = dict(d)
+        d["rows"] = [Row(**{**r, "shape": tuple(r["shape"]) if r.get("shape") else None}) for r in d["rows"]]
+        return cls(**d)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.3f}" if n < 2**20 else f"{n / 2**20:.2f}"
+
+
+def tensor_bytes(module: torch.nn.Module) -> int:
+    """Bytes of every distinct tensor storage a module holds (tied tensors counted once)."""
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        key = (t.untyped_storage().data_ptr(), t.device)
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+REPORT_KEY = "fxquant_report"
+
+
+def report(qm: torch.nn.Module) -> Report:
+    """The :class:`Report` ``fxquant.compile`` attached to ``qm``."""
+    rep = getattr(qm, "meta", {}).get(REPORT_KEY)
+    if rep is None:
+        raise ValueError("this module has no fxquant report: pass the module fxquant.compile returned")
+    return rep

@@ -1,0 +1,199 @@
+"""Quantization schemes: frozen, keyword-only dataclasses, one per format, registered by name.
+
+A scheme turns a float weight ``[N, K]`` into the buffers and scalar arguments of one
+``torch.ops.fxquant`` op.  Scheme strings (``"int8wo"``, ``"int4wo-128"``) and scheme objects
+(``Int4WeightOnly(group_size=128)``) are interchangeable everywhere a scheme is accepted.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from .formats import _common
+from .formats import int4 as int4_fmt
+from .formats import int8 as int8_fmt
+
+__all__ = [
+    "Scheme", "QuantizedWeight", "Int8WeightOnly", "Int4WeightOnly",
+    "parse_scheme", "valid_scheme_names", "scheme_to_json", "scheme_from_json",
+]
+
+_REGISTRY: list[type["Scheme"]] = []
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """What a scheme produces for one weight: the op to call and its arguments.
+
+    ``tensors``: buffers in the op's argument order after ``x`` (registered on the module);
+    ``attrs``: scalar op arguments after ``bias`` (baked into the graph).
+    """
+
+    op: str
+    tensors: dict[str, torch.Tensor]
+    attrs: dict[str, Any]
+    out_features: int
+    in_features: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+@dataclass(frozen=True, kw_only=True)
+class Scheme:
+    """Base class. Subclasses set ``family`` and ``op``, implement ``__str__``, ``parse``,
+    ``unsupported_reason``, ``quantize`` and ``dequantize``."""
+
+    family: ClassVar[str]
+    op: ClassVar[str]
+    #: the scheme strings listed in error messages
+    examples: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if "family" in cls.__dict__:
+            _REGISTRY.append(cls)
+
+    @classmethod
+    def parse(cls, text: str) -> "Scheme | None":
+        """The scheme ``text`` names if it is of this family, else ``None``."""
+        raise NotImplementedError
+
+    def unsupported_reason(self, weight: torch.Tensor) -> str | None:
+        """Why this scheme cannot quantize ``weight`` ``[N, K]`` (``None`` when it can)."""
+        if weight.dim() != 2:
+            return f"weight must be 2-D, got shape {tuple(weight.shape)}"
+        if not weight.is_floating_point():
+            return f"weight dtype {weight.dtype} is not floating point"
+        return None
+
+    def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
+        raise NotImplementedError
+
+    def dequantize(self, qw: QuantizedWeight) -> torch.Tensor:
+        """Float32 ``[N, K]`` the stored buffers stand for (used for the report's error)."""
+        raise NotImplementedError
+
+    def rel_error(self, weight: torch.Tensor, qw: QuantizedWeight) -> float:
+        return _common.rel_error(weight, self.dequantize(qw))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Int8WeightOnly(Scheme):
+    """``int8wo``: symmetric per-output-channel int8 weights, float activations."""
+
+    family: ClassVar[str] = "int8wo"
+    op: ClassVar[str] = "linear_int8wo"
+    examples: ClassVar[tuple[str, ...]] = ("int8wo",)
+
+    def __str__(self) -> str:
+        return "int8wo"
+
+    @classmethod
+    def parse(cls, text: str) -> "Int8WeightOnly | None":
+        return cls() if text == "int8wo" else None
+
+    def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
+        q, scale = int8_fmt.quantize(weight)
+        return QuantizedWeight(self.op, {"qweight": q, "scale": scale}, {}, *weight.shape)
+
+    def dequantize(self, qw: QuantizedWeight) -> torch.Tensor:
+        return int8_fmt.dequantize(qw.tensors["qweight"], qw.tensors["scale"])
+
+
+@dataclass(frozen=True, kw_only=True)
+class Int4WeightOnly(Scheme):
+    """``int4wo-<group_size>``: asymmetric group-wise int4 with a zero point per group."""
+
+    family: ClassVar[str] = "int4wo"
+    op: ClassVar[str] = "linear_int4wo"
+    examples: ClassVar[tuple[str, ...]] = tuple(f"int4wo-{g}" for g in int4_fmt.GROUP_SIZES)
+    group_size: int = 128
+
+    def __post_init__(self):
+        if self.group_size not in int4_fmt.GROUP_SIZES:
+            raise ValueError(f"Int4WeightOnly.group_size={self.group_size!r} is not supported; "
+                             f"valid: {', '.join(map(str, int4_fmt.GROUP_SIZES))}")
+
+    def __str__(self) -> str:
+        return f"int4wo-{self.group_size}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Int4WeightOnly | None":
+        m = re.fullmatch(r"int4wo(?:-(\d+))?", text)
+        return cls(group_size=int(m.group(1) or 128)) if m else None
+
+    def unsupported_reason(self, weight: torch.Tensor) -> str | None:
+        reason = super().unsupported_reason(weight)
+        if reason is None and weight.shape[1] % self.group_size:
+            reason = f"in_features {weight.shape[1]} is not divisible by group_size {self.group_size}"
+        return reason
+
+    def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
+        block_n = int4_fmt.native_cpu_block_n() or 64
+        tensors = int4_fmt.to_storage(weight, self.group_size, block_n)
+        attrs = {"group_size": self.group_size, "block_n": block_n, "out_features": weight.shape[0]}
+        return QuantizedWeight(self.op, tensors, attrs, *weight.shape)
+
+    def dequantize(self, qw: QuantizedWeight) -> torch.Tensor:
+        return int4_fmt.from_storage(qw.tensors["qweight"], qw.tensors["scales_and_zeros"], **qw.attrs)
+
+
+def valid_scheme_names() -> list[str]:
+    """Every scheme string :func:`parse_scheme` accepts (parametrised families by example)."""
+    return [name for cls in _REGISTRY for name in cls.examples]
+
+
+def parse_scheme(value: "Scheme | str | None", *, where: str = "scheme") -> "Scheme | None":
+    """Scheme object, scheme string or ``None`` -> Scheme or ``None``; ``ValueError`` otherwise.
+
+    ``where`` names the option or rule in the error message (e.g. ``"rules['layers.*']"``).
+    """
+    if value is None or isinstance(value, Scheme):
+        return value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        for cls in _REGISTRY:
+            try:
+                scheme = cls.parse(text)
+            except ValueError as e:
+                raise ValueError(f"{where}: scheme {value!r}: {e}; valid schemes: "
+                                 f"{', '.join(valid_scheme_names())}") from None
+            if scheme is not None:
+                return scheme
+    raise ValueError(f"{where}: unknown scheme {value!r}; valid schemes: "
+                     f"{', '.join(valid_scheme_names())} (or None to keep the layer in float)")
+
+
+def scheme_to_json(scheme: "Scheme | None") -> "str | dict | None":
+    """JSON-safe form: the scheme string when it round-trips, else ``{"scheme": family, **fields}``."""
+    if scheme is None:
+        return None
+    text = str(scheme)
+    if parse_scheme(text) == scheme:
+        return text
+    fields = {f.name: _json_value(getattr(scheme, f.name)) for f in dataclasses.fields(scheme)}
+    return {"scheme": scheme.family, **fields}
+
+
+def scheme_from_json(obj: "str | dict | None", *, where: str = "scheme") -> "Scheme | None":
+    if isinstance(obj, dict):
+        obj = dict(obj)
+        family = obj.pop("scheme", None)
+        for cls in _REGISTRY:
+            if cls.family == family:
+                kwargs = {k: (getattr(torch, v) if k.endswith("dtype") and isinstance(v, str) else v)
+                          for k, v in obj.items()}
+                return cls(**kwargs)
+        raise ValueError(f"{where}: unknown scheme family {family!r}; valid: "
+                         f"{', '.join(c.family for c in _REGISTRY)}")
+    return parse_scheme(obj, where=where)
+
+
+def _json_value(v: Any) -> Any:
+    return str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v

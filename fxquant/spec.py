@@ -1,0 +1,164 @@
+"""``Spec``: which scheme each linear layer gets.
+
+Precedence (documented once, here): the skip list first, then ``rules`` in order (first match
+wins), then ``default``.  A pattern is ``"re:<regex>"`` (Python ``re.fullmatch``), a glob when it
+contains ``*``, ``?`` or ``[`` (``fnmatch``; ``*`` also crosses dots), otherwise an exact name.
+Patterns are anchored at module boundaries: ``"layers.0.q_proj"`` matches the site
+``layers.0.q_proj`` and also ``model.layers.0.q_proj`` (any dotted suffix of the name), so the
+same spec works for a bare decoder and for the ``*ForCausalLM`` wrapper around it.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+from .schemes import Scheme, parse_scheme, scheme_from_json, scheme_to_json
+
+__all__ = ["Spec", "Pattern", "Rule", "Choice"]
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """One name pattern: ``re:`` regex, glob, or exact."""
+
+    text: str
+
+    def __post_init__(self):
+        if not isinstance(self.text, str) or not self.text:
+            raise ValueError(f"pattern must be a non-empty string, got {self.text!r}")
+        if self.kind == "re":
+            try:
+                re.compile(self.text[3:])
+            except re.error as e:
+                raise ValueError(f"pattern {self.text!r}: invalid regular expression: {e}") from None
+
+    @property
+    def kind(self) -> str:
+        if self.text.startswith("re:"):
+            return "re"
+        return "glob" if any(c in self.text for c in "*?[") else "exact"
+
+    def matches(self, name: str) -> bool:
+        """True if the pattern matches ``name`` or one of its dotted suffixes."""
+        parts = name.split(".")
+        for i in range(len(parts)):
+            candidate = ".".join(parts[i:])
+            if self.kind == "re":
+                if re.fullmatch(self.text[3:], candidate):
+                    return True
+            elif self.kind == "glob":
+                if fnmatch.fnmatchcase(candidate, self.text):
+                    return True
+            elif candidate == self.text:
+                return True
+        return False
+
+
+@dataclass(frozen=True)
+class Rule:
+    pattern: Pattern
+    scheme: Scheme | None
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The spec's decision for one site: the scheme (``None`` = keep float) and what decided it."""
+
+    scheme: Scheme | None
+    source: str  # "skip['lm_head']", "rules['re:layers\\.0\\..*']", "default"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Spec:
+    """Frozen, validated quantization spec.
+
+    ``default``: scheme for every linear not matched by ``skip`` or ``rules`` (``None`` = float).
+    ``skip``: patterns of layers to leave in float.
+    ``rules``: ordered ``{pattern: scheme or None}`` (a dict or a list of pairs); first match wins.
+    """
+
+    default: Scheme | str | None = None
+    skip: tuple[str, ...] | list[str] = ()
+    rules: Mapping[str, Any] | Iterable[tuple[str, Any]] | tuple[Rule, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "default", parse_scheme(self.default, where="Spec.default"))
+        if isinstance(self.skip, str):
+            raise ValueError(f"Spec.skip must be a list of patterns, got the string {self.skip!r}")
+        skip = tuple(self.skip)
+        for i, s in enumerate(skip):
+            try:
+                Pattern(s)
+            except ValueError as e:
+                raise ValueError(f"Spec.skip[{i}]: {e}") from None
+        object.__setattr__(self, "skip", skip)
+        items = self.rules.items() if isinstance(self.rules, Mapping) else self.rules
+        rules = []
+        for item in items:
+            if isinstance(item, Rule):
+                rules.append(item)
+                continue
+            try:
+                pat, scheme = item
+            except (TypeError, ValueError):
+                raise ValueError(f"Spec.rules: expected (pattern, scheme) pairs, got {item!r}") from None
+            where = f"Spec.rules[{pat!r}]"
+            try:
+                rules.append(Rule(Pattern(pat), parse_scheme(scheme, where=where)))
+            except ValueError as e:
+                raise ValueError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
+        object.__setattr__(self, "rules", tuple(rules))
+
+    # -- matching -------------------------------------------------------------------------------
+    def choose(self, name: str) -> Choice:
+        """Scheme for the site called ``name``: skip list, then rules in order, then default."""
+        for s in self.skip:
+            if Pattern(s).matches(name):
+                return Choice(None, f"skip[{s!r}]")
+        for r in self.rules:
+            if r.pattern.matches(name):
+                return Choice(r.scheme, f"rules[{r.pattern.text!r}]")
+        return Choice(self.default, "default")
+
+    def unused(self, names: Iterable[str]) -> list[str]:
+        """Skip entries and rules that decide no site among ``names`` (as ``choose`` sources)."""
+        used = {self.choose(n).source for n in names}
+        entries = [f"skip[{s!r}]" for s in self.skip] + [f"rules[{r.pattern.text!r}]" for r in self.rules]
+        return [e for e in entries if e not in used]
+
+    # -- serialisation --------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """JSON-safe dict; ``Spec.from_dict(spec.to_dict()) == spec``."""
+        return {
+            "default": scheme_to_json(self.default),
+            "skip": list(self.skip),
+            "rules": {r.pattern.text: scheme_to_json(r.scheme) for r in self.rules},
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Spec":
+        unknown = set(d) - {"default", "skip", "rules"}
+        if unknown:
+            raise ValueError(f"Spec.from_dict: unknown keys {sorted(unknown)}; valid: default, skip, rules")
+        rules = d.get("rules", {})
+        items = rules.items() if isinstance(rules, Mapping) else rules
+        return cls(
+            default=scheme_from_json(d.get("default"), where="Spec.default"),
+            skip=tuple(d.get("skip", ())),
+            rules=tuple((p, scheme_from_json(s, where=f"Spec.rules[{p!r}]")) for p, s in items),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def coerce(cls, spec: "Spec | str | Scheme | Mapping | None") -> "Spec":
+        """Accept a Spec, a scheme (string/object, as the default) or a dict (``from_dict``)."""
+        if isinstance(spec, Spec):
+            return spec
+        if isinstance(spec, Mapping):
+            return cls.from_dict(spec)
+        return cls(default=spec)
