@@ -1,6 +1,7 @@
 """``fxquant.compile``: trace, run the pass pipeline, attach the report."""
 from __future__ import annotations
 
+import collections
 import logging
 from typing import Any, Mapping
 
@@ -39,6 +40,8 @@ def compile(model: torch.nn.Module, spec: "Spec | str | Scheme | Mapping | None"
     finally:
         model.train(was_training)
     ctx = PassContext(spec=spec, model=model)
+    counts_before = collections.Counter(str(n.target) for n in traced.gm.graph.nodes
+                                        if n.op in ("call_function", "call_module"))
     gm = run_passes(traced.gm, ctx, passes)
     rows = [Row(fqn=s.name, status=s.status, scheme=str(s.scheme) if s.scheme else None, reason=s.reason,
                 bytes_before=s.bytes_before, bytes_after=s.bytes_after, rel_error=s.rel_error, rule=s.rule,
@@ -47,5 +50,6 @@ def compile(model: torch.nn.Module, spec: "Spec | str | Scheme | Mapping | None"
         ctx.notes.append("no linear layer found in the traced graph")
     gm.meta[REPORT_KEY] = Report(rows=rows, frontend=traced.frontend, export_error=traced.export_error,
                                  notes=ctx.notes, dynamic_dims=traced.dynamic_dims,
-                                 model_bytes_before=tensor_bytes(model), model_bytes_after=tensor_bytes(gm))
+                                 model_bytes_before=tensor_bytes(model), model_bytes_after=tensor_bytes(gm),
+                                 op_counts_before=dict(counts_before))
     return gm

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,10 +72,30 @@ def export_module(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bo
     except Exception as first:  # noqa: BLE001 - retry without size-oblivious reasoning
         log.info("export with backed_size_oblivious failed (%s); retrying without", first)
         ep = _export(model, args, kwargs, dynamic_shapes).run_decompositions({})
-    return TraceResult(ep.module(), "export", None, _dynamic_dims(ep))
+    return TraceResult(_module(ep), "export", None, _dynamic_dims(ep))
+
+
+def _module(ep: torch.export.ExportedProgram) -> torch.fx.GraphModule:
+    """``ep.module()`` keeping the input guards except the size-oblivious ``!=`` exclusions.
+
+    Tracing with ``backed_size_oblivious`` records the general (size >= 2) path and then guards
+    against size 1 (``s != 1`` from reshape-of-transpose contiguity checks and the like).  The
+    general path computes the same values at size 1 (a decode step with one token must work),
+    so those exclusions are dropped; equality guards (a dim pinned by the model) are kept.
+    """
+    codes = getattr(ep, "_guards_code", None)
+    if codes:
+        ep._guards_code = [g for g in codes if "!=" not in g]
+    return ep.module()
 
 
 def _export(model, args, kwargs, dynamic_shapes):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch-internal pytree deprecation noise
+        return _export_inner(model, args, kwargs, dynamic_shapes)
+
+
+def _export_inner(model, args, kwargs, dynamic_shapes):
     if dynamic_shapes is not None and kwargs:
         # export wants dynamic_shapes keyed like the forward signature: flatten args+kwargs by name.
         import inspect

@@ -36,6 +36,7 @@ class Report:
     dynamic_dims: dict[str, list[int]] = field(default_factory=dict)
     model_bytes_before: int = 0  # every parameter and buffer of the model, tied tensors once
     model_bytes_after: int = 0
+    op_counts_before: dict[str, int] = field(default_factory=dict)  # call_function/call_module targets
 
     @property
     def quantized(self) -> list[Row]:
