@@ -101,7 +101,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     spec = _parse_spec(args) if (args.spec or args.rule or args.skip) else None
-    run_demo(spec, seq_len=args.seq_len, reps=args.reps, threads=args.threads)
+    run_demo(spec, size=args.size, seq_len=args.seq_len, reps=args.reps, threads=args.threads)
     return 0
 
 
@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="quantize the built-in Llama-style model and print the report")
     _spec_args(d)
+    d.add_argument("--size", default="small", choices=["small", "tiny"], help="demo model size")
     d.add_argument("--seq-len", type=int, default=64)
     d.add_argument("--reps", type=int, default=10)
     d.add_argument("--threads", type=int, default=None)

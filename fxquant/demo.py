@@ -24,14 +24,22 @@ def _latency_ms(fn, reps: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def run_demo(spec: Spec | str | None = None, *, seq_len: int = 64, reps: int = 10, seed: int = 0,
-             threads: int | None = None, out=print) -> dict:
+SIZES = {
+    "small": {},  # ~54M params: the default demo
+    "tiny": dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4, num_kv_heads=2),
+}
+
+
+def run_demo(spec: Spec | str | None = None, *, size: str = "small", seq_len: int = 64, reps: int = 10,
+             seed: int = 0, threads: int | None = None, out=print) -> dict:
     """Compile the demo model with ``spec`` (default :data:`DEFAULT_SPEC`) and print the report,
     memory saved, output error vs float and eager latency.  Returns the measured numbers."""
     if threads:
         torch.set_num_threads(threads)
     spec = Spec.coerce(spec) if spec is not None else DEFAULT_SPEC
-    model = tiny_llama(seed)
+    if size not in SIZES:
+        raise ValueError(f"demo size {size!r} is not valid; choose one of {', '.join(SIZES)}")
+    model = tiny_llama(seed, **SIZES[size])
     gen = torch.Generator().manual_seed(seed + 1)
     ids = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=gen)
     out(f"model: TinyLlama {model.config}  ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params)")

@@ -90,12 +90,6 @@ def _module(ep: torch.export.ExportedProgram) -> torch.fx.GraphModule:
 
 
 def _export(model, args, kwargs, dynamic_shapes):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch-internal pytree deprecation noise
-        return _export_inner(model, args, kwargs, dynamic_shapes)
-
-
-def _export_inner(model, args, kwargs, dynamic_shapes):
     if dynamic_shapes is not None and kwargs:
         # export wants dynamic_shapes keyed like the forward signature: flatten args+kwargs by name.
         import inspect
@@ -127,7 +121,9 @@ def trace(model: torch.nn.Module, example_inputs: tuple = (), example_kwargs: di
     error = None
     if frontend in ("auto", "export"):
         try:
-            return export_module(model, example_inputs, kwargs, dynamic)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch-internal pytree deprecation noise
+                return export_module(model, example_inputs, kwargs, dynamic)
         except Exception as e:  # noqa: BLE001 - any export failure falls back to FX
             if frontend == "export":
                 raise
@@ -136,6 +132,7 @@ def trace(model: torch.nn.Module, example_inputs: tuple = (), example_kwargs: di
     try:
         gm = fx_trace(model)
     except Exception as e:  # noqa: BLE001
-        raise RuntimeError(f"fxquant could not trace the model: torch.export failed ({error}) and "
-                           f"torch.fx.symbolic_trace failed ({type(e).__name__}: {e})") from e
+        why = f"torch.export failed ({error}) and " if error else ""
+        raise RuntimeError(f"fxquant could not trace the model: {why}torch.fx.symbolic_trace failed "
+                           f"({type(e).__name__}: {e})") from e
     return TraceResult(gm, "fx", error, {})

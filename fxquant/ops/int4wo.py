@@ -70,7 +70,7 @@ def _cpu_impl(x, qweight, scales_and_zeros, bias, group_size, block_n, out_featu
     y = y.to(x.dtype)
     if bias is not None:
         y = y + bias.to(x.dtype)
-    return y.reshape(*x.shape[:-1], out_features)
+    return y.contiguous().reshape(*x.shape[:-1], out_features)
 
 
 @linear_int4wo.register_kernel("cuda")

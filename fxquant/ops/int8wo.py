@@ -42,7 +42,9 @@ def _(x, qweight, scale, bias=None):
 @linear_int8wo.register_kernel("cpu")
 def _cpu_impl(x, qweight, scale, bias=None):
     x2 = x.reshape(-1, x.shape[-1])
-    if _cpu.rows(x) >= _cpu.large_m_threshold():
+    # _weight_int8pack_mm segfaults or returns garbage for K % 8 != 0 with M >= 2 (measured on the
+    # AVX2 build of torch 2.13: tests/ops/test_weight_only_ops.py covers odd K).
+    if _cpu.rows(x) >= _cpu.large_m_threshold() or x.shape[-1] % 8:
         dt = _cpu.dense_dtype()
         y = F.linear(x2.to(dt), qweight.to(dt) * scale.to(dt)[:, None])
     else:
@@ -51,7 +53,7 @@ def _cpu_impl(x, qweight, scale, bias=None):
     y = y.to(x.dtype)
     if bias is not None:
         y = y + bias.to(x.dtype)
-    return y.reshape(*x.shape[:-1], qweight.shape[0])
+    return y.contiguous().reshape(*x.shape[:-1], qweight.shape[0])
 
 
 @linear_int8wo.register_kernel("cuda")

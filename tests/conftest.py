@@ -1,0 +1,34 @@
+import os
+
+# Triton reads TRITON_INTERPRET at import time: set it before anything imports triton, so the
+# kernel tests run under the interpreter on machines without a GPU.
+if not os.environ.get("CUDA_VISIBLE_DEVICES") and not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+settings.register_profile("ci", max_examples=25, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("dev", max_examples=200, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# dtype -> (rtol on ||y - ref|| / ||ref||) for the CPU fast paths vs the fp32 reference: the packed
+# kernels run in bf16 (activations and scales rounded to 8 mantissa bits, fp32 accumulation).
+FAST_PATH_TOL = {torch.float32: 1e-2, torch.bfloat16: 2e-2, torch.float16: 1e-2}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm().clamp(min=1e-12)).item()
+
+
+@pytest.fixture
+def tiny_llama_model():
+    from fxquant.models import tiny_llama
+
+    return tiny_llama(seed=0, vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=2,
+                      num_heads=4, num_kv_heads=2)

@@ -1,0 +1,109 @@
+"""int8wo / int4wo ops: CPU fast paths and dispatch vs the plain-torch reference, opcheck, autograd."""
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch.library import opcheck
+
+from conftest import FAST_PATH_TOL, rel
+from fxquant.formats import int4, int8
+from fxquant.ops import _cpu, int4wo, int8wo
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def int8_case(n, k, seed):
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    q, s = int8.quantize(w)
+    return (q, s), lambda x, b: torch.ops.fxquant.linear_int8wo(x, q, s, b), \
+        lambda x, b: int8wo.reference(x, q, s, b)
+
+
+def int4_case(n, k, seed, group=32, block_n=None):
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    block_n = block_n or int4.native_cpu_block_n() or 64
+    st_ = int4.to_storage(w, group, block_n)
+    args = (st_["qweight"], st_["scales_and_zeros"])
+    op = lambda x, b: torch.ops.fxquant.linear_int4wo(x, *args, b, group, block_n, n)  # noqa: E731
+    ref = lambda x, b: int4wo.reference(x, *args, b, group, block_n, n)  # noqa: E731
+    return args, op, ref
+
+
+CASES = {"int8wo": lambda n, k, seed: int8_case(n, k, seed),
+         "int4wo": lambda n, k, seed: int4_case(n, 32 * max(k // 32, 1), seed)}
+
+
+@pytest.mark.parametrize("name", CASES)
+@given(m=st.integers(1, 40), n=st.integers(1, 80), k=st.integers(1, 130), dtype=st.sampled_from(DTYPES),
+       with_bias=st.booleans(), lead=st.sampled_from([(), (2,), (1, 3)]), seed=st.integers(0, 999))
+def test_op_matches_reference(name, m, n, k, dtype, with_bias, lead, seed):
+    _, op, ref = CASES[name](n, k, seed)
+    k = 32 * max(k // 32, 1) if name == "int4wo" else k
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(*lead, m, k, generator=g).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if with_bias else None
+    y, r = op(x, b), ref(x, b)
+    assert y.shape == (*lead, m, n) and y.dtype == dtype
+    assert rel(y, r) < FAST_PATH_TOL[dtype]
+
+
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float16])
+def test_large_m_path_matches_reference(name, dtype, monkeypatch):
+    monkeypatch.setattr(_cpu, "large_m_threshold", lambda: 8)
+    _, op, ref = CASES[name](48, 96, 0)
+    x = torch.randn(2, 9, 96).to(dtype)
+    b = torch.randn(48).to(dtype)
+    assert rel(op(x, b), ref(x, b)) < FAST_PATH_TOL[dtype]
+
+
+def test_int4_foreign_block_n_uses_dequant_path():
+    """Weights packed for another CPU's tile height still compute the right thing (with a warning)."""
+    native = int4.native_cpu_block_n()
+    other = 64 if native != 64 else 32
+    _, op, ref = int4_case(40, 64, 3, block_n=other)
+    x = torch.randn(3, 64)
+    with pytest.warns(UserWarning, match="block_n"):
+        y = op(x, None)
+    assert rel(y, ref(x, None)) < 1e-5
+
+
+def test_int4_odd_rows_are_sliced():
+    _, op, ref = int4_case(10, 64, 1)
+    x = torch.randn(1, 64)
+    assert op(x, None).shape == (1, 10)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_opcheck_int8wo(dtype, with_bias):
+    q, s = int8.quantize(torch.randn(24, 40))
+    x = torch.randn(5, 40, dtype=dtype, requires_grad=True)
+    b = torch.randn(24, dtype=dtype) if with_bias else None
+    opcheck(torch.ops.fxquant.linear_int8wo.default, (x, q, s, b))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_opcheck_int4wo(dtype, with_bias):
+    (qw, sz), _, _ = int4_case(24, 64, 0)
+    x = torch.randn(2, 5, 64, dtype=dtype, requires_grad=True)
+    b = torch.randn(24, dtype=dtype) if with_bias else None
+    opcheck(torch.ops.fxquant.linear_int4wo.default, (x, qw, sz, b, 32, int4.native_cpu_block_n() or 64, 24))
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_backward_is_gradient_of_dequantized_linear(name):
+    _, op, _ = CASES[name](16, 64, 5)
+    if name == "int8wo":
+        q, s = int8.quantize(torch.randn(16, 64, generator=torch.Generator().manual_seed(5)))
+        w = int8.dequantize(q, s)
+    else:
+        (qw, sz), _, _ = int4_case(16, 64, 5)
+        w = int4.from_storage(qw, sz, 32, int4.native_cpu_block_n() or 64, 16)
+    x = torch.randn(3, 64, requires_grad=True)
+    b = torch.randn(16, requires_grad=True)
+    gy = torch.randn(3, 16)
+    op(x, b).backward(gy)
+    assert torch.allclose(x.grad, gy @ w, atol=1e-4)
+    assert torch.allclose(b.grad, gy.sum(0), atol=1e-5)

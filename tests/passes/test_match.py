@@ -1,0 +1,91 @@
+"""The match pass finds every linear pattern of the brief, in export and FX graphs, and names it."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxquant
+from fxquant.frontend import trace
+from fxquant.passes import PassContext, match_linears
+
+
+class Patterns(nn.Module):
+    """One of each linear pattern: nn.Linear, F.linear, x @ W.t(), addmm with W.t(), matmul [K,N]."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(32, 32)
+        self.w_fn = nn.Parameter(torch.randn(32, 32) / 6)
+        self.w_t = nn.Parameter(torch.randn(32, 32) / 6)
+        self.w_kn = nn.Parameter(torch.randn(32, 64) / 6)  # stored [in, out] like GPT-2's Conv1D
+        self.b_kn = nn.Parameter(torch.randn(64) / 6)
+        self.w_addmm = nn.Parameter(torch.randn(64, 64) / 8)
+        self.b_addmm = nn.Parameter(torch.randn(64) / 8)
+
+    def forward(self, x):
+        h = self.lin(x)
+        h = F.linear(h, self.w_fn)
+        h = h @ self.w_t.t()
+        h = torch.addmm(self.b_kn, h.reshape(-1, 32), self.w_kn).reshape(x.shape[0], x.shape[1], 64)
+        h2 = torch.addmm(self.b_addmm, h.reshape(-1, 64), self.w_addmm.t())
+        scores = h @ h.transpose(-1, -2)  # activation x activation: not a linear site
+        return h2.reshape(x.shape[0], x.shape[1], 64) + scores.sum(-1, keepdim=True)
+
+
+EXPECTED = {"lin", "w_fn", "w_t", "w_kn", "w_addmm"}
+
+
+@pytest.mark.parametrize("frontend", ["export", "fx"])
+def test_all_patterns_found_and_named(frontend):
+    m = Patterns()
+    x = torch.randn(2, 5, 32)
+    t = trace(m, (x,), frontend=frontend)
+    ctx = PassContext(spec=fxquant.Spec(), model=m)
+    match_linears(t.gm, ctx)
+    assert {s.name for s in ctx.sites} == EXPECTED
+    shapes = {s.name: s.out_shape for s in ctx.sites}
+    assert shapes["w_kn"] == (64, 32) and shapes["w_addmm"] == (64, 64) and shapes["lin"] == (32, 32)
+
+
+@pytest.mark.parametrize("frontend", ["export", "fx"])
+@pytest.mark.parametrize("scheme", ["int8wo", "int4wo-32"])
+def test_every_pattern_rewritten_and_numerically_right(frontend, scheme):
+    m = Patterns()
+    x = torch.randn(2, 5, 32)
+    qm = fxquant.compile(m, scheme, (x,), frontend=frontend)
+    ops = [n for n in qm.graph.nodes if n.op == "call_function" and str(n.target).startswith("fxquant.")]
+    assert len(ops) == 5
+    leftover = [n for n in qm.graph.nodes if (n.op == "call_module" and n.target != "_guards_fn") or
+                (n.op == "call_function" and "linear" in str(n.target) and "fxquant" not in str(n.target))]
+    assert not leftover
+    # compare with the float model whose weights are the dequantized ones: only rounding remains
+    ref = Patterns()
+    ref.load_state_dict(m.state_dict())
+    rep = fxquant.report(qm)
+    assert all(r.status == "quantized" for r in rep.rows)
+    x2 = torch.randn(3, 4, 32)
+    rel = ((qm(x2) - m(x2)).norm() / m(x2).norm()).item()
+    assert rel < (0.03 if scheme == "int8wo" else 0.3)
+
+
+def test_tied_lm_head_named_by_its_module(tiny_llama_model):
+    t = trace(tiny_llama_model, (torch.randint(0, 512, (1, 8)),))
+    ctx = PassContext(spec=fxquant.Spec(), model=tiny_llama_model)
+    match_linears(t.gm, ctx)
+    names = [s.name for s in ctx.sites]
+    assert "lm_head" in names and len(names) == 2 * 7 + 1
+    assert "model.layers.1.mlp.down_proj" in names
+
+
+def test_computed_weight_is_reported_not_quantized():
+    class Computed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(16, 32))
+
+        def forward(self, x):
+            return F.linear(x, self.w * 2)
+
+    qm = fxquant.compile(Computed(), "int8wo", (torch.randn(2, 32),))
+    (row,) = fxquant.report(qm).rows
+    assert row.status == "skipped" and "computed in the graph" in row.reason

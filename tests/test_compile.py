@@ -1,0 +1,122 @@
+"""End to end: fxquant.compile on a Llama-style model with tied embeddings."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fxquant
+from conftest import rel
+from fxquant import frontend
+
+ISSUE_SPEC = fxquant.Spec(default="int4wo-128", skip=["lm_head", "re:.*router.*"],
+                          rules={r"re:layers\.0\..*": "int8wo", "layers.*.mlp.down_proj": None})
+
+
+@pytest.fixture
+def ids():
+    return torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+def snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict(keep_vars=True).items()}, \
+        {k: id(v) for k, v in model.state_dict(keep_vars=True).items()}, \
+        [type(m) for m in model.modules()]
+
+
+@pytest.mark.parametrize("fe", ["export", "fx"])
+def test_issue_spec_end_to_end(tiny_llama_model, ids, fe):
+    m = tiny_llama_model
+    before = snapshot(m)
+    qm = fxquant.compile(m, ISSUE_SPEC, example_inputs=(ids,), frontend=fe)
+    rep = fxquant.report(qm)
+    rows = {r.fqn: r for r in rep.rows}
+    assert len(rows) == 15 and rep.frontend == fe
+    assert rows["lm_head"].status == "skipped" and rows["lm_head"].rule == "skip['lm_head']"
+    assert rows["model.layers.0.self_attn.q_proj"].scheme == "int8wo"
+    assert rows["model.layers.0.mlp.down_proj"].scheme == "int8wo"  # the layers.0 rule comes first
+    assert rows["model.layers.1.mlp.down_proj"].status == "skipped"
+    assert rows["model.layers.1.mlp.up_proj"].scheme == "int4wo-128"
+    for r in rep.quantized:
+        assert r.bytes_after < r.bytes_before and 0 < r.rel_error < 0.12
+    assert "skip['re:.*router.*'] matched no linear layer" in " ".join(rep.notes)
+    assert "TOTAL (13/15 quantized)" in str(rep)
+    # runs, on the example and on other batch sizes / sequence lengths (including one token)
+    for shape in [(2, 16), (1, 1), (3, 7), (1, 33)]:
+        x = torch.randint(0, 512, shape)
+        y = qm(x)
+        assert y.shape == (*shape, 512)
+        assert rel(y, m(x)) < 0.25
+    # the user's model is untouched: same tensors, same values, same module types
+    after = snapshot(m)
+    assert after[1] == before[1] and after[2] == before[2]
+    assert all(torch.equal(before[0][k], after[0][k]) for k in before[0])
+
+
+def test_int8wo_output_close_to_float(tiny_llama_model, ids):
+    qm = fxquant.compile(tiny_llama_model, "int8wo", (ids,))
+    assert rel(qm(ids), tiny_llama_model(ids)) < 0.03
+    assert all(r.status == "quantized" for r in fxquant.report(qm).rows)
+
+
+def test_tied_lm_head_keeps_float_embedding(tiny_llama_model, ids):
+    qm = fxquant.compile(tiny_llama_model, "int8wo", (ids,))
+    row = fxquant.report(qm).row("lm_head")
+    assert row.status == "quantized" and "float weight kept" in row.reason
+
+
+def test_torch_compile_fullgraph_matches_eager(tiny_llama_model, ids):
+    torch._dynamo.reset()
+    qm = fxquant.compile(tiny_llama_model, fxquant.Spec(default="int4wo-64", rules={"re:.*self_attn.*": "int8wo"}),
+                         (ids,))
+    cm = torch.compile(qm, fullgraph=True)
+    for shape in [(2, 16), (1, 9)]:
+        x = torch.randint(0, 512, shape)
+        torch.testing.assert_close(cm(x), qm(x), rtol=2e-2, atol=2e-2)
+
+
+def test_example_kwargs_and_memory():
+    class KW(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(64, 128)
+            self.b = nn.Linear(128, 64)
+
+        def forward(self, x, *, scale: float = 1.0, mask=None):
+            h = self.b(torch.relu(self.a(x))) * scale
+            return h if mask is None else h * mask[..., None]
+
+    m = KW()
+    x, mask = torch.randn(2, 8, 64), torch.ones(2, 8)
+    qm = fxquant.compile(m, "int8wo", (x,), {"mask": mask})
+    rep = fxquant.report(qm)
+    assert len(rep.quantized) == 2
+    assert rep.model_bytes_after < rep.model_bytes_before
+    x2, mask2 = torch.randn(3, 5, 64), torch.ones(3, 5)
+    assert rel(qm(x2, mask=mask2), m(x2, mask=mask2)) < 0.03
+
+
+def test_export_failure_falls_back_to_fx_with_reason(monkeypatch, tiny_llama_model, ids):
+    def fail(*a, **k):
+        raise RuntimeError("unsupported op for export")
+
+    monkeypatch.setattr(frontend, "export_module", fail)
+    qm = fxquant.compile(tiny_llama_model, "int8wo", (ids,))
+    rep = fxquant.report(qm)
+    assert rep.frontend == "fx" and "unsupported op for export" in rep.export_error
+    assert "torch.export failed" in str(rep)
+    assert len(rep.quantized) == 15
+
+
+def test_bad_frontend_and_model():
+    with pytest.raises(ValueError, match="frontend='onnx' is not valid; choose one of auto, export, fx"):
+        fxquant.compile(nn.Linear(4, 4), "int8wo", (torch.randn(1, 4),), frontend="onnx")
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        fxquant.compile(lambda x: x, "int8wo", (torch.randn(1, 4),))
+
+
+def test_compile_twice_is_independent(tiny_llama_model, ids):
+    a = fxquant.compile(tiny_llama_model, "int8wo", (ids,))
+    b = fxquant.compile(copy.deepcopy(tiny_llama_model), "int4wo-32", (ids,))
+    assert fxquant.report(a).rows[0].scheme == "int8wo" and fxquant.report(b).rows[0].scheme == "int4wo-32"
+    assert a(ids).shape == b(ids).shape

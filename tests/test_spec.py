@@ -1,0 +1,80 @@
+import json
+
+import pytest
+
+import fxquant
+from fxquant.schemes import Int4WeightOnly, Int8WeightOnly, parse_scheme, valid_scheme_names
+from fxquant.spec import Pattern, Spec
+
+ISSUE_SPEC = dict(default="int4wo-128", skip=["lm_head", "re:.*router.*"],
+                  rules={r"re:layers\.0\..*": "int8wo", "layers.*.mlp.down_proj": None})
+
+
+def test_precedence_skip_then_rules_then_default():
+    s = Spec(**ISSUE_SPEC)
+    assert s.choose("lm_head").scheme is None and s.choose("lm_head").source == "skip['lm_head']"
+    assert s.choose("layers.0.mlp.down_proj").scheme == Int8WeightOnly()  # first matching rule wins
+    assert s.choose("layers.3.mlp.down_proj").scheme is None
+    assert s.choose("layers.3.mlp.up_proj") == s.choose("layers.3.mlp.up_proj")
+    assert s.choose("layers.3.mlp.up_proj").scheme == Int4WeightOnly(group_size=128)
+    assert s.choose("layers.3.mlp.up_proj").source == "default"
+    assert s.choose("moe.router.gate").scheme is None  # skip wins over default
+
+
+def test_patterns_anchor_at_module_boundaries():
+    assert Pattern("lm_head").matches("lm_head")
+    assert Pattern("layers.0.q_proj").matches("model.layers.0.q_proj")
+    assert not Pattern("q_proj").matches("layers.0.xq_proj")
+    assert not Pattern("layers.0").matches("layers.0.q_proj")  # exact: the whole (suffix) name
+    assert Pattern("layers.*.q_proj").matches("model.layers.11.q_proj")
+    assert Pattern("layers.?.q_proj").matches("layers.1.q_proj") and not Pattern("layers.?.q_proj").matches("layers.10.q_proj")
+    assert Pattern(r"re:layers\.(0|1)\..*").matches("model.layers.1.mlp.up_proj")
+    assert not Pattern(r"re:layers\.(0|1)").matches("layers.1.mlp")  # fullmatch
+
+
+def test_roundtrip_is_json_safe():
+    s = Spec(**ISSUE_SPEC)
+    d = json.loads(json.dumps(s.to_dict()))
+    assert Spec.from_dict(d) == s
+    assert d["default"] == "int4wo-128" and d["rules"]["layers.*.mlp.down_proj"] is None
+    obj = Spec(default=Int4WeightOnly(group_size=64), rules=[("a", Int8WeightOnly())])
+    assert Spec.from_dict(obj.to_dict()) == obj and obj == Spec(default="int4wo-64", rules={"a": "int8wo"})
+
+
+def test_frozen():
+    with pytest.raises(Exception):
+        Spec().default = "int8wo"
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(default="int4wo-100"), r"Spec.default.*int4wo-100.*valid schemes: int8wo, int4wo-32"),
+    (dict(default="int3"), r"Spec.default: unknown scheme 'int3'; valid schemes: .*int4wo-128"),
+    (dict(rules={"layers.0": "fp9"}), r"Spec.rules\['layers.0'\]: unknown scheme 'fp9'"),
+    (dict(rules={"re:(": "int8wo"}), r"Spec.rules\['re:\('\].*invalid regular expression"),
+    (dict(skip="lm_head"), r"Spec.skip must be a list"),
+    (dict(skip=["re:["]), r"Spec.skip\[0\].*invalid regular expression"),
+])
+def test_bad_input_names_the_option_and_choices(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Spec(**kwargs)
+
+
+def test_from_dict_rejects_unknown_keys():
+    with pytest.raises(ValueError, match="unknown keys.*valid: default, skip, rules"):
+        Spec.from_dict({"defaults": "int8wo"})
+
+
+def test_unused_entries():
+    s = Spec(**ISSUE_SPEC)
+    names = ["lm_head", "layers.0.q_proj", "layers.1.q_proj"]
+    assert s.unused(names) == ["skip['re:.*router.*']", "rules['layers.*.mlp.down_proj']"]
+
+
+def test_scheme_strings_and_objects_are_interchangeable():
+    for name in valid_scheme_names():
+        scheme = parse_scheme(name)
+        assert str(scheme) == name and parse_scheme(scheme) is scheme
+    assert parse_scheme("INT4WO") == Int4WeightOnly(group_size=128)
+    assert fxquant.Spec.coerce("int8wo") == Spec(default="int8wo")
+    with pytest.raises(ValueError, match="group_size=7.*valid: 32, 64, 128, 256"):
+        Int4WeightOnly(group_size=7)
