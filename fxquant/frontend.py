@@ -22,6 +22,7 @@ from torch.export import Dim
 log = logging.getLogger(__name__)
 
 FRONTENDS = ("auto", "export", "fx")
+EXAMPLE_KEY = "fxquant_example_inputs"  # gm.meta key: (args, kwargs) the model was traced with
 
 
 @dataclass
@@ -60,6 +61,13 @@ def _dynamic_dims(ep: torch.export.ExportedProgram) -> dict[str, list[int]]:
 
 def export_module(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool = True) -> TraceResult:
     """``torch.export`` the model (non-strict, dynamic batch/sequence) into a GraphModule."""
+    ep = export_program(model, args, kwargs, dynamic)
+    return TraceResult(module_of(ep), "export", None, _dynamic_dims(ep))
+
+
+def export_program(model: torch.nn.Module, args: tuple, kwargs: dict,
+                   dynamic: bool = True) -> torch.export.ExportedProgram:
+    """The ExportedProgram behind :func:`export_module` (also used by ``fxquant.save``)."""
     dynamic_shapes = None
     if dynamic:
         dynamic_shapes = {"args": _auto_dims(args), "kwargs": _auto_dims(kwargs)} if kwargs else _auto_dims(args)
@@ -72,10 +80,10 @@ def export_module(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bo
     except Exception as first:  # noqa: BLE001 - retry without size-oblivious reasoning
         log.info("export with backed_size_oblivious failed (%s); retrying without", first)
         ep = _export(model, args, kwargs, dynamic_shapes).run_decompositions({})
-    return TraceResult(_module(ep), "export", None, _dynamic_dims(ep))
+    return ep
 
 
-def _module(ep: torch.export.ExportedProgram) -> torch.fx.GraphModule:
+def module_of(ep: torch.export.ExportedProgram) -> torch.fx.GraphModule:
     """``ep.module()`` keeping the input guards except the size-oblivious ``!=`` exclusions.
 
     Tracing with ``backed_size_oblivious`` records the general (size >= 2) path and then guards
@@ -123,7 +131,9 @@ def trace(model: torch.nn.Module, example_inputs: tuple = (), example_kwargs: di
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)  # torch-internal pytree deprecation noise
-                return export_module(model, example_inputs, kwargs, dynamic)
+                result = export_module(model, example_inputs, kwargs, dynamic)
+                result.gm.meta[EXAMPLE_KEY] = (example_inputs, kwargs)
+                return result
         except Exception as e:  # noqa: BLE001 - any export failure falls back to FX
             if frontend == "export":
                 raise
@@ -135,4 +145,5 @@ def trace(model: torch.nn.Module, example_inputs: tuple = (), example_kwargs: di
         why = f"torch.export failed ({error}) and " if error else ""
         raise RuntimeError(f"fxquant could not trace the model: {why}torch.fx.symbolic_trace failed "
                            f"({type(e).__name__}: {e})") from e
+    gm.meta[EXAMPLE_KEY] = (example_inputs, kwargs)
     return TraceResult(gm, "fx", error, {})

@@ -120,3 +120,21 @@ def test_compile_twice_is_independent(tiny_llama_model, ids):
     b = fxquant.compile(copy.deepcopy(tiny_llama_model), "int4wo-32", (ids,))
     assert fxquant.report(a).rows[0].scheme == "int8wo" and fxquant.report(b).rows[0].scheme == "int4wo-32"
     assert a(ids).shape == b(ids).shape
+
+
+@pytest.mark.parametrize("fe", ["export", "fx"])
+def test_save_load_bit_for_bit(tiny_llama_model, ids, tmp_path, fe):
+    qm = fxquant.compile(tiny_llama_model, ISSUE_SPEC, (ids,), frontend=fe)
+    path = tmp_path / "q.pt2"
+    fxquant.save(qm, path)
+    lm = fxquant.load(path)
+    sd, sd2 = qm.state_dict(), lm.state_dict()
+    assert set(sd) == set(sd2)
+    for k in sd:
+        assert sd[k].dtype == sd2[k].dtype and torch.equal(sd[k], sd2[k]), k
+    assert fxquant.report(lm).to_dict() == fxquant.report(qm).to_dict()
+    for shape in [(2, 16), (1, 1), (3, 5)]:
+        x = torch.randint(0, 512, shape)
+        assert torch.equal(lm(x), qm(x))
+    fxquant.save(lm, tmp_path / "again.pt2")  # a loaded module can be saved again
+    assert torch.equal(fxquant.load(tmp_path / "again.pt2")(ids), qm(ids))
