@@ -1,26 +1,15 @@
-"""Quantization schemes: frozen, keyword-only dataclasses, one per format, registered by name.
-
-A scheme turns a float weight ``[N, K]`` into the buffers and scalar arguments of one
-``torch.ops.fxquant`` op.  Scheme strings (``"int8wo"``, ``"int4wo-128"``) and scheme objects
-(``Int4WeightOnly(group_size=128)``) are interchangeable everywhere a scheme is accepted.
-"""
+"""The scheme base class, the registry, and string / JSON parsing of schemes."""
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
-from .formats import _common
-from .formats import int4 as int4_fmt
-from .formats import int8 as int8_fmt
+from ..formats import _common
 
-__all__ = [
-    "Scheme", "QuantizedWeight", "Int8WeightOnly", "Int4WeightOnly",
-    "parse_scheme", "valid_scheme_names", "scheme_to_json", "scheme_from_json",
-]
+__all__ = ["Scheme", "QuantizedWeight", "parse_scheme", "valid_scheme_names", "scheme_to_json", "scheme_from_json"]
 
 _REGISTRY: list[type["Scheme"]] = []
 
@@ -81,67 +70,6 @@ class Scheme:
 
     def rel_error(self, weight: torch.Tensor, qw: QuantizedWeight) -> float:
         return _common.rel_error(weight, self.dequantize(qw))
-
-
-@dataclass(frozen=True, kw_only=True)
-class Int8WeightOnly(Scheme):
-    """``int8wo``: symmetric per-output-channel int8 weights, float activations."""
-
-    family: ClassVar[str] = "int8wo"
-    op: ClassVar[str] = "linear_int8wo"
-    examples: ClassVar[tuple[str, ...]] = ("int8wo",)
-
-    def __str__(self) -> str:
-        return "int8wo"
-
-    @classmethod
-    def parse(cls, text: str) -> "Int8WeightOnly | None":
-        return cls() if text == "int8wo" else None
-
-    def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
-        q, scale = int8_fmt.quantize(weight)
-        return QuantizedWeight(self.op, {"qweight": q, "scale": scale}, {}, *weight.shape)
-
-    def dequantize(self, qw: QuantizedWeight) -> torch.Tensor:
-        return int8_fmt.dequantize(qw.tensors["qweight"], qw.tensors["scale"])
-
-
-@dataclass(frozen=True, kw_only=True)
-class Int4WeightOnly(Scheme):
-    """``int4wo-<group_size>``: asymmetric group-wise int4 with a zero point per group."""
-
-    family: ClassVar[str] = "int4wo"
-    op: ClassVar[str] = "linear_int4wo"
-    examples: ClassVar[tuple[str, ...]] = tuple(f"int4wo-{g}" for g in int4_fmt.GROUP_SIZES)
-    group_size: int = 128
-
-    def __post_init__(self):
-        if self.group_size not in int4_fmt.GROUP_SIZES:
-            raise ValueError(f"Int4WeightOnly.group_size={self.group_size!r} is not supported; "
-                             f"valid: {', '.join(map(str, int4_fmt.GROUP_SIZES))}")
-
-    def __str__(self) -> str:
-        return f"int4wo-{self.group_size}"
-
-    @classmethod
-    def parse(cls, text: str) -> "Int4WeightOnly | None":
-        m = re.fullmatch(r"int4wo(?:-(\d+))?", text)
-        return cls(group_size=int(m.group(1) or 128)) if m else None
-
-    def unsupported_reason(self, weight: torch.Tensor) -> str | None:
-        reason = super().unsupported_reason(weight)
-        if reason is None and weight.shape[1] % self.group_size:
-            reason = f"in_features {weight.shape[1]} is not divisible by group_size {self.group_size}"
-        return reason
-
-    def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
-        block_n = int4_fmt.native_cpu_block_n() or 64
-        tensors = int4_fmt.to_storage(weight, self.group_size, block_n)
-        attrs = {"group_size": self.group_size, "block_n": block_n, "out_features": weight.shape[0]}
-        return QuantizedWeight(self.op, tensors, attrs, *weight.shape)
-
-    def dequantize(self, qw: QuantizedWeight) -> torch.Tensor:
-        return int4_fmt.from_storage(qw.tensors["qweight"], qw.tensors["scales_and_zeros"], **qw.attrs)
 
 
 def valid_scheme_names() -> list[str]:

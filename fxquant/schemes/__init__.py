@@ -1,0 +1,13 @@
+"""Quantization schemes: frozen, keyword-only dataclasses, one module per format family.
+
+A scheme turns a float weight ``[N, K]`` into the buffers and scalar arguments of one
+``torch.ops.fxquant`` op.  Scheme strings (``"int8wo"``, ``"int4wo-128"``) and scheme objects
+(``Int4WeightOnly(group_size=128)``) are interchangeable everywhere a scheme is accepted.
+Subclasses of :class:`Scheme` that set ``family`` register themselves; importing this package
+imports every family module below.
+"""
+from ._base import QuantizedWeight, Scheme, parse_scheme, scheme_from_json, scheme_to_json, valid_scheme_names
+from .weight_only import Int4WeightOnly, Int8WeightOnly
+
+__all__ = ["Scheme", "QuantizedWeight", "parse_scheme", "valid_scheme_names", "scheme_to_json",
+           "scheme_from_json", "Int8WeightOnly", "Int4WeightOnly"]
