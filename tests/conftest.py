@@ -16,16 +16,6 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-# dtype -> (rtol on ||y - ref|| / ||ref||) for the CPU fast paths vs the fp32 reference: the packed
-# kernels run in bf16 (activations and scales rounded to 8 mantissa bits, fp32 accumulation).
-FAST_PATH_TOL = {torch.float32: 1e-2, torch.bfloat16: 2e-2, torch.float16: 1e-2}
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.float(), b.float()
-    return ((a - b).norm() / b.norm().clamp(min=1e-12)).item()
-
-
 @pytest.fixture
 def tiny_llama_model():
     from fxquant.models import tiny_llama

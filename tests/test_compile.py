@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import fxquant
-from conftest import rel
+from helpers import rel
 from fxquant import frontend
 
 ISSUE_SPEC = fxquant.Spec(default="int4wo-128", skip=["lm_head", "re:.*router.*"],

@@ -36,11 +36,6 @@ def large_m_threshold() -> int:
     return 48 if dense_dtype() == torch.bfloat16 else 192
 
 
-def kernel_dtype(x: torch.Tensor) -> torch.dtype:
-    """Activation dtype fed to the packed kernels: they are 10-50x slower with fp32 input."""
-    return torch.bfloat16 if x.dtype in (torch.float32, torch.bfloat16) else x.dtype
-
-
 def rows(x: torch.Tensor) -> int:
     """Number of rows of ``x`` flattened to 2-D over its last dim."""
     return x.numel() // x.shape[-1] if x.shape[-1] else 0

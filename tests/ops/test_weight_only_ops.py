@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.library import opcheck
 
-from conftest import FAST_PATH_TOL, rel
+from helpers import FAST_PATH_TOL, rel
 from fxquant.formats import int4, int8
 from fxquant.ops import _cpu, int4wo, int8wo
 

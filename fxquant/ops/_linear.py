@@ -1,0 +1,143 @@
+"""Definition machinery shared by every weight-only linear op.
+
+An op is ``fxquant::<name>(Tensor x, <weight tensors>, Tensor? bias, <scalars>,
+ScalarType? compute_dtype=None) -> Tensor`` computing ``x @ W.T + bias`` where ``W`` is what the
+format's ``dequantize(**tensors, **scalars)`` returns (float32 ``[N, K]``).  :func:`define`
+registers, from one :class:`LinearOpDef`:
+
+- the schema (explicit: named tensors and named scalars, no positional lists of magic ints);
+- the fake impl (shape ``x.shape[:-1] + (N,)``, dtype of ``x``);
+- the reference, registered for every backend: dequantize, then ``F.linear`` in
+  ``compute_dtype`` (fp32 when ``None``), cast to ``x.dtype``; it *defines* the op;
+- the CPU impl: the format's fast kernel at small M (when it has one and ``compute_dtype`` allows
+  bf16), else dequantize + dense GEMM in this CPU's fastest dense dtype (see :mod:`._cpu`);
+- the CUDA impl: the format's Triton launcher (falls back to the reference without one);
+- autograd for ``x`` and ``bias`` (the quantized weight is frozen, as in QLoRA).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import _cpu
+
+LIB = torch.library.Library("fxquant", "DEF")
+
+
+@dataclass(frozen=True)
+class LinearOpDef:
+    """What a format supplies to get a full op.
+
+    ``scalars``: ``(name, schema type)`` pairs, e.g. ``("group_size", "int")``.
+    ``out_features(**tensors, **scalars) -> int``.
+    ``cpu_fast(x2d, **tensors, **scalars) -> y2d | None``: the fast kernel, returning ``[M, >= N]``
+    in any float dtype, or ``None`` when it does not apply to these inputs.
+    ``cuda(x2d, **tensors, bias=..., **scalars) -> y2d``: the Triton launcher.
+    """
+
+    name: str
+    tensors: tuple[str, ...]
+    scalars: tuple[tuple[str, str], ...]
+    dequantize: Callable[..., torch.Tensor]
+    out_features: Callable[..., int]
+    cpu_fast: Optional[Callable[..., Optional[torch.Tensor]]] = None
+    cuda: Optional[Callable[..., torch.Tensor]] = None
+    doc: str = ""
+
+    @property
+    def schema(self) -> str:
+        args = ["Tensor x", *(f"Tensor {t}" for t in self.tensors), "Tensor? bias",
+                *(f"{typ} {name}" for name, typ in self.scalars), "ScalarType? compute_dtype=None"]
+        return f"{self.name}({', '.join(args)}) -> Tensor"
+
+    def split(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict, torch.Tensor | None, dict]:
+        """Positional/keyword op arguments -> (x, tensors, bias, scalars incl. compute_dtype)."""
+        names = ["x", *self.tensors, "bias", *(n for n, _ in self.scalars), "compute_dtype"]
+        bound = dict(zip(names, args))
+        bound.update(kwargs)
+        bound.setdefault("compute_dtype", None)
+        tensors = {t: bound[t] for t in self.tensors}
+        scalars = {n: bound[n] for n, _ in self.scalars}
+        scalars["compute_dtype"] = bound["compute_dtype"]
+        return bound["x"], tensors, bound.get("bias"), scalars
+
+    def dequantized(self, tensors: dict, scalars: dict) -> torch.Tensor:
+        return self.dequantize(**tensors, **{k: v for k, v in scalars.items() if k != "compute_dtype"})
+
+    def n_out(self, tensors: dict, scalars: dict) -> int:
+        return self.out_features(**tensors, **{k: v for k, v in scalars.items() if k != "compute_dtype"})
+
+    # -- the implementations -----------------------------------------------------------------
+    def reference(self, *args, **kwargs) -> torch.Tensor:
+        """The op's definition (plain torch): dequantize, then ``F.linear`` in ``compute_dtype``."""
+        x, tensors, bias, scalars = self.split(args, kwargs)
+        w = self.dequantized(tensors, scalars)
+        cd = scalars["compute_dtype"] or torch.float32
+        b = None if bias is None else bias.to(cd)
+        return F.linear(x.to(cd), w.to(cd), b).to(x.dtype)
+
+    def cpu(self, *args, **kwargs) -> torch.Tensor:
+        x, tensors, bias, scalars = self.split(args, kwargs)
+        n = self.n_out(tensors, scalars)
+        x2 = x.reshape(-1, x.shape[-1])
+        cd = scalars["compute_dtype"]
+        y = None
+        if self.cpu_fast is not None and _cpu.rows(x) < _cpu.large_m_threshold() and cd in (None, torch.bfloat16):
+            fast_scalars = {k: v for k, v in scalars.items() if k != "compute_dtype"}
+            y = self.cpu_fast(x2, **tensors, **fast_scalars)
+        if y is None:
+            dt = cd or _cpu.dense_dtype()
+            y = F.linear(x2.to(dt), self.dequantized(tensors, scalars).to(dt))
+        y = y[:, :n].to(x.dtype)
+        if bias is not None:
+            y = y + bias.to(x.dtype)
+        return y.contiguous().reshape(*x.shape[:-1], n)
+
+    def cuda_impl(self, *args, **kwargs) -> torch.Tensor:
+        if self.cuda is None:
+            return self.reference(*args, **kwargs)
+        x, tensors, bias, scalars = self.split(args, kwargs)
+        n = self.n_out(tensors, scalars)
+        cd = scalars.pop("compute_dtype")
+        x2 = x.reshape(-1, x.shape[-1])
+        y = self.cuda(x2.to(cd) if cd else x2, **tensors, bias=bias, **scalars)
+        return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+    def fake(self, *args, **kwargs) -> torch.Tensor:
+        x, tensors, _, scalars = self.split(args, kwargs)
+        return x.new_empty((*x.shape[:-1], self.n_out(tensors, scalars)))
+
+
+def define(op: LinearOpDef):
+    """Register ``torch.ops.fxquant.<op.name>`` (schema, fake, reference, CPU, CUDA, autograd)."""
+    qualname = f"fxquant::{op.name}"
+    LIB.define(op.schema)
+    torch.library.impl(qualname, "CompositeExplicitAutograd", func=op.reference, lib=LIB)
+    torch.library.impl(qualname, "CPU", func=op.cpu, lib=LIB)
+    torch.library.impl(qualname, "CUDA", func=op.cuda_impl, lib=LIB)
+    torch.library.register_fake(qualname, op.fake, lib=LIB)
+    _register_autograd(op, qualname)
+    packet = getattr(torch.ops.fxquant, op.name)
+    packet.__doc__ = op.doc
+    return packet
+
+
+def _register_autograd(op: LinearOpDef, qualname: str) -> None:
+    def setup_context(ctx, inputs, output):
+        x, tensors, bias, scalars = op.split(inputs, {})
+        ctx.tensors, ctx.scalars = tensors, scalars
+        ctx.x_dtype, ctx.has_bias = x.dtype, bias is not None
+        ctx.n_inputs = len(inputs)
+
+    def backward(ctx, grad):
+        w = op.dequantized(ctx.tensors, ctx.scalars)
+        dx = (grad.float() @ w).to(ctx.x_dtype)
+        db = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
+        grads = [None] * ctx.n_inputs
+        grads[0], grads[1 + len(op.tensors)] = dx, db
+        return tuple(grads)
+
+    torch.library.register_autograd(qualname, backward, setup_context=setup_context, lib=LIB)
