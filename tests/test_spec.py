@@ -78,3 +78,14 @@ def test_scheme_strings_and_objects_are_interchangeable():
     assert fxquant.Spec.coerce("int8wo") == Spec(default="int8wo")
     with pytest.raises(ValueError, match="group_size=7.*valid: 32, 64, 128, 256"):
         Int4WeightOnly(group_size=7)
+
+
+def test_compute_dtype_roundtrips_and_validates():
+    import torch
+
+    s = Spec(default=Int4WeightOnly(group_size=64, compute_dtype=torch.bfloat16))
+    d = json.loads(json.dumps(s.to_dict()))
+    assert d["default"] == {"scheme": "int4wo", "group_size": 64, "compute_dtype": "bfloat16"}
+    assert Spec.from_dict(d) == s
+    with pytest.raises(ValueError, match="compute_dtype=torch.int8 is not supported; valid: None"):
+        Int8WeightOnly(compute_dtype=torch.int8)

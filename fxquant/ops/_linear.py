@@ -46,6 +46,10 @@ class LinearOpDef:
     cpu_fast: Optional[Callable[..., Optional[torch.Tensor]]] = None
     cuda: Optional[Callable[..., torch.Tensor]] = None
     doc: str = ""
+    #: ops that are not "dequantize W, then a float GEMM" (dynamic activation quantization, ...)
+    #: give their own definition ``(x, **tensors, bias=..., **scalars incl. compute_dtype) -> y``;
+    #: it is the reference and the CPU path when ``cpu_fast`` does not apply.
+    reference_fn: Optional[Callable[..., torch.Tensor]] = None
 
     @property
     def schema(self) -> str:
@@ -74,6 +78,8 @@ class LinearOpDef:
     def reference(self, *args, **kwargs) -> torch.Tensor:
         """The op's definition (plain torch): dequantize, then ``F.linear`` in ``compute_dtype``."""
         x, tensors, bias, scalars = self.split(args, kwargs)
+        if self.reference_fn is not None:
+            return self.reference_fn(x, **tensors, bias=bias, **scalars)
         w = self.dequantized(tensors, scalars)
         cd = scalars["compute_dtype"] or torch.float32
         b = None if bias is None else bias.to(cd)
@@ -88,6 +94,8 @@ class LinearOpDef:
         if self.cpu_fast is not None and _cpu.rows(x) < _cpu.large_m_threshold() and cd in (None, torch.bfloat16):
             fast_scalars = {k: v for k, v in scalars.items() if k != "compute_dtype"}
             y = self.cpu_fast(x2, **tensors, **fast_scalars)
+        if y is None and self.reference_fn is not None:
+            return self.reference(*args, **kwargs)
         if y is None:
             dt = cd or _cpu.dense_dtype()
             y = F.linear(x2.to(dt), self.dequantized(tensors, scalars).to(dt))

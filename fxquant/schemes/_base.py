@@ -12,6 +12,7 @@ from ..formats import _common
 __all__ = ["Scheme", "QuantizedWeight", "parse_scheme", "valid_scheme_names", "scheme_to_json", "scheme_from_json"]
 
 _REGISTRY: list[type["Scheme"]] = []
+COMPUTE_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
 
 
 @dataclass(frozen=True)
@@ -19,7 +20,8 @@ class QuantizedWeight:
     """What a scheme produces for one weight: the op to call and its arguments.
 
     ``tensors``: buffers in the op's argument order after ``x`` (registered on the module);
-    ``attrs``: scalar op arguments after ``bias`` (baked into the graph).
+    ``attrs``: scalar op arguments after ``bias`` (baked into the graph); ``nbytes`` counts every
+    stored tensor (codes, scales, zeros, tables, nested statistics): the exact storage cost.
     """
 
     op: str
@@ -42,6 +44,18 @@ class Scheme:
     op: ClassVar[str]
     #: the scheme strings listed in error messages
     examples: ClassVar[tuple[str, ...]] = ()
+    #: dtype of the matmul (``None``: the fastest path of the device, fp32 in the reference);
+    #: passed to the op as ``compute_dtype`` (as bitsandbytes' ``bnb_4bit_compute_dtype``)
+    compute_dtype: torch.dtype | None = None
+
+    def __post_init__(self):
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"{type(self).__name__}.compute_dtype={self.compute_dtype!r} is not supported; "
+                             f"valid: None, torch.float32, torch.bfloat16, torch.float16")
+
+    def op_attrs(self, **scalars: Any) -> dict[str, Any]:
+        """The op's scalar arguments: ``scalars`` plus ``compute_dtype`` when it is set."""
+        return {**scalars, **({"compute_dtype": self.compute_dtype} if self.compute_dtype else {})}
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)

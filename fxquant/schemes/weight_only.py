@@ -31,7 +31,7 @@ class Int8WeightOnly(Scheme):
 
     def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
         q, scale = int8_fmt.quantize(weight)
-        return QuantizedWeight(self.op, {"qweight": q, "scale": scale}, {}, *weight.shape)
+        return QuantizedWeight(self.op, {"qweight": q, "scale": scale}, self.op_attrs(), *weight.shape)
 
     def dequantize(self, qw: QuantizedWeight) -> torch.Tensor:
         return int8_fmt.dequantize(qw.tensors["qweight"], qw.tensors["scale"])
@@ -47,6 +47,7 @@ class Int4WeightOnly(Scheme):
     group_size: int = 128
 
     def __post_init__(self):
+        super().__post_init__()
         if self.group_size not in int4_fmt.GROUP_SIZES:
             raise ValueError(f"Int4WeightOnly.group_size={self.group_size!r} is not supported; "
                              f"valid: {', '.join(map(str, int4_fmt.GROUP_SIZES))}")
@@ -68,8 +69,9 @@ class Int4WeightOnly(Scheme):
     def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
         block_n = int4_fmt.native_cpu_block_n() or 64
         tensors = int4_fmt.to_storage(weight, self.group_size, block_n)
-        attrs = {"group_size": self.group_size, "block_n": block_n, "out_features": weight.shape[0]}
+        attrs = self.op_attrs(group_size=self.group_size, block_n=block_n, out_features=weight.shape[0])
         return QuantizedWeight(self.op, tensors, attrs, *weight.shape)
 
     def dequantize(self, qw: QuantizedWeight) -> torch.Tensor:
-        return int4_fmt.from_storage(qw.tensors["qweight"], qw.tensors["scales_and_zeros"], **qw.attrs)
+        return int4_fmt.from_storage(qw.tensors["qweight"], qw.tensors["scales_and_zeros"], self.group_size,
+                                     qw.attrs["block_n"], qw.out_features)

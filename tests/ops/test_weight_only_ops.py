@@ -107,3 +107,18 @@ def test_backward_is_gradient_of_dequantized_linear(name):
     op(x, b).backward(gy)
     assert torch.allclose(x.grad, gy @ w, atol=1e-4)
     assert torch.allclose(b.grad, gy.sum(0), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("cd", [torch.float32, torch.bfloat16, torch.float16])
+def test_compute_dtype_is_honoured(name, cd):
+    """compute_dtype=fp32 computes exactly the fp32 reference; bf16/fp16 within their rounding."""
+    (t1, t2), _, _ = CASES[name](24, 64, 7)
+    extra = (32, int4.native_cpu_block_n() or 64, 24) if name == "int4wo" else ()
+    op = getattr(torch.ops.fxquant, f"linear_{name}")
+    ref = int4wo.reference if name == "int4wo" else int8wo.reference
+    x = torch.randn(3, 64)
+    y = op(x, t1, t2, None, *extra, compute_dtype=cd)
+    r32 = ref(x, t1, t2, None, *extra)
+    assert rel(y, ref(x, t1, t2, None, *extra, compute_dtype=cd)) < (1e-6 if cd == torch.float32 else 1e-2)
+    assert rel(y, r32) < {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}[cd]
