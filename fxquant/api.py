@@ -44,8 +44,9 @@ def compile(model: torch.nn.Module, spec: "Spec | str | Scheme | Mapping | None"
                                         if n.op in ("call_function", "call_module"))
     gm = run_passes(traced.gm, ctx, passes)
     rows = [Row(fqn=s.name, status=s.status, scheme=str(s.scheme) if s.scheme else None, reason=s.reason,
-                bytes_before=s.bytes_before, bytes_after=s.bytes_after, rel_error=s.rel_error, rule=s.rule,
-                kind=s.kind, shape=s.out_shape) for s in ctx.sites]
+                bytes_before=s.bytes_before,
+                bytes_after=s.bytes_after if s.status == "quantized" else s.bytes_before,  # float stays
+                rel_error=s.rel_error, rule=s.rule, kind=s.kind, shape=s.out_shape) for s in ctx.sites]
     if not rows:
         ctx.notes.append("no linear layer found in the traced graph")
     gm.meta[REPORT_KEY] = Report(rows=rows, frontend=traced.frontend, export_error=traced.export_error,

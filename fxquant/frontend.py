@@ -3,7 +3,7 @@
 ``torch.export.export(strict=False)`` first, with every input dim marked ``Dim.AUTO`` (batch
 and sequence stay dynamic, feature dims get pinned by the model; size-1 example dims are not
 specialised), then
-``run_decompositions({})`` so ``aten.linear`` survives and grad-mode wrappers disappear.
+``run_decompositions({})`` when needed so grad-mode wrappers disappear (``aten.linear`` survives).
 ``torch.fx.symbolic_trace`` is the fallback (or ``frontend="fx"``).  The user's model is never
 mutated: export builds fresh modules, and the FX path copies the module tree (sharing tensors).
 """
@@ -76,10 +76,21 @@ def export_program(model: torch.nn.Module, args: tuple, kwargs: dict,
     try:
         # size-oblivious: a size-1 example dim (batch 1) stays dynamic instead of being pinned to 1
         with fx_config.patch(backed_size_oblivious=True):
-            ep = _export(model, args, kwargs, dynamic_shapes).run_decompositions({})
+            ep = _strip_hops(_export(model, args, kwargs, dynamic_shapes))
     except Exception as first:  # noqa: BLE001 - retry without size-oblivious reasoning
         log.info("export with backed_size_oblivious failed (%s); retrying without", first)
-        ep = _export(model, args, kwargs, dynamic_shapes).run_decompositions({})
+        ep = _strip_hops(_export(model, args, kwargs, dynamic_shapes))
+    return ep
+
+
+def _strip_hops(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """``run_decompositions({})`` when the graph holds higher-order ops (e.g. the
+    ``wrap_with_set_grad_enabled`` of Llama exports, which breaks ``torch.compile`` of the module);
+    it keeps ``aten.linear`` but re-traces the whole program (2/3 of compile time on SmolLM2), so
+    graphs without such ops are used as exported."""
+    if any(n.op == "call_function" and isinstance(n.target, torch._ops.HigherOrderOperator)
+           for n in ep.graph.nodes):
+        return ep.run_decompositions({})
     return ep
 
 

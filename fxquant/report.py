@@ -12,7 +12,8 @@ __all__ = ["Row", "Report", "report"]
 
 @dataclass
 class Row:
-    """One linear site.  ``bytes_*`` count the weight only (bias and other params unchanged);
+    """One linear site.  ``bytes_*`` count the weight only (bias and other params unchanged; a
+    skipped site keeps its float weight, so its ``bytes_after == bytes_before``);
     ``rel_error`` is ``||W - dequant(Q)|| / ||W||`` for quantized sites, ``None`` otherwise."""
 
     fqn: str
@@ -58,7 +59,7 @@ class Report:
                  _mb(r.bytes_before), _mb(r.bytes_after),
                  f"{r.rel_error:.4f}" if r.rel_error is not None else "-", r.reason] for r in self.rows]
         before = sum(r.bytes_before for r in self.rows)
-        after = sum(r.bytes_after if r.status == "quantized" else r.bytes_before for r in self.rows)
+        after = sum(r.bytes_after for r in self.rows)
         body.append([f"TOTAL ({len(self.quantized)}/{len(self.rows)} quantized)", "", "", "", "",
                      _mb(before), _mb(after), "", f"linear weights {before / max(after, 1):.2f}x smaller"])
         return tabulate(body, headers=["layer", "status", "scheme", "rule", "N x K", "MB before", "MB after",
