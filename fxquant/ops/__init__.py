@@ -5,5 +5,6 @@ reference (the op's definition and test oracle), fast CPU impl and CUDA (Triton)
 Importing this package registers every op.
 """
 from . import int4wo, int8wo  # noqa: F401  (registration side effects)
+from . import intx  # noqa: F401
 
 __all__ = ["int4wo", "int8wo"]

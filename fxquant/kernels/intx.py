@@ -1,0 +1,225 @@
+"""Triton kernel for ``fxquant::linear_intx``: ``y = x @ W.T + bias`` with b-bit group-wise ``W``.
+
+Layout (:mod:`fxquant.formats.intx`), read as stored: the codes of the ``Np x K`` padded weight in
+the int4 tile order (tile height ``TILE_N``), split into a low plane of ``min(BITS, 4)`` bits and a
+high plane of ``BITS - 4`` bits, each a little-endian bit stream.  Row ``n``, column ``k`` is
+sequence element ``i = ((n // TILE_N) * K + k) * TILE_N + 2 * (n % (TILE_N/2)) + (n % TILE_N) // (TILE_N/2)``;
+in a ``P``-bit plane it is bits ``i*P .. i*P + P - 1``, i.e. byte ``i*P >> 3`` shifted right by
+``i*P & 7``, plus the next byte when the code crosses a byte boundary (P = 3, 5, 6, 7).
+
+``W[n, k] = q * scale + (offset - 2**(BITS-1) * scale)`` with the group's ``scale``/``offset`` at
+``[k // GROUP_SIZE, n]`` (``AXIS`` 1, params ``[K/g, N]``) or ``[n % (N/g), k]`` (``AXIS`` 0,
+params ``[N/g, K]``), as the reference dequantizes.  Each ``[BLOCK_K, BLOCK_N]`` tile is unpacked,
+dequantized in fp32, cast to the activation dtype and fed to ``tl.dot`` with fp32 accumulation; any
+group size works because the params are gathered per element (cached loads on a GPU).
+The result equals :func:`fxquant.ops.intx.reference` up to fp32 summation order (and, for 16-bit
+activations on a GPU, the rounding of the dequantized tile to that dtype).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..formats import int4
+from ..formats import intx as fmt
+from . import interpreting
+
+INTERPRETED = interpreting()  # what @triton.jit below saw; see fxquant.kernels.interpreting
+X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@triton.jit
+def _plane(ptr, seq, P: tl.constexpr, valid):
+    """Codes of a P-bit little-endian stream at sequence positions ``seq`` (int64 tile)."""
+    bit = seq * P
+    byte = bit >> 3
+    shift = (bit & 7).to(tl.int32)
+    v = tl.load(ptr + byte, mask=valid, other=0).to(tl.int32)
+    if (8 % P) != 0:  # P = 3, 5, 6, 7: a code may continue in the next byte
+        spills = valid & (shift + P > 8)
+        v = v | (tl.load(ptr + byte + 1, mask=spills, other=0).to(tl.int32) << 8)
+    return (v >> shift) & ((1 << P) - 1)
+
+
+@triton.jit
+def _intx_kernel(x_ptr, lo_ptr, hi_ptr, s_ptr, o_ptr, bias_ptr, y_ptr,
+                 M, N, K, M_BUCKET, ROWS_PER_STRIDE,
+                 stride_xm, stride_xk, stride_ym, stride_yn,
+                 BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, AXIS: tl.constexpr, TILE_N: tl.constexpr,
+                 HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 GROUP_M: tl.constexpr):
+    # M_BUCKET only feeds the autotune key (so a new M does not re-tune); the kernel ignores it.
+    # Grouped tile order: GROUP_M row-tiles share each column-tile of weights while it is in L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    tiles_per_group = GROUP_M * num_n
+    first_m = (pid // tiles_per_group) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % tiles_per_group) % group_rows
+    pid_n = (pid % tiles_per_group) // group_rows
+
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    HALF: tl.constexpr = TILE_N // 2
+    in_tile = offs_n % TILE_N
+    seq_n = (offs_n // TILE_N) * K * TILE_N + (in_tile % HALF) * 2 + in_tile // HALF  # + k * TILE_N
+    if AXIS == 1:
+        param_n = offs_n                          # + (k // GROUP_SIZE) * N
+    else:
+        param_n = (offs_n % ROWS_PER_STRIDE) * K  # + k
+    LO_BITS: tl.constexpr = 4 if BITS > 4 else BITS
+    MID: tl.constexpr = 1 << (BITS - 1)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        k_mask = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        if DOT_IN_FP32:  # exact upcast, interpreter only: see _bf16_via_fp32
+            x = x.to(tl.float32)
+        valid = k_mask[:, None] & n_mask[None, :]                       # [BLOCK_K, BLOCK_N]
+        seq = seq_n[None, :] + offs_k[:, None] * TILE_N
+        q = _plane(lo_ptr, seq, LO_BITS, valid)
+        if BITS > 4:
+            q = q | (_plane(hi_ptr, seq, BITS - 4, valid) << 4)
+        if AXIS == 1:
+            p_idx = param_n[None, :] + (offs_k[:, None] // GROUP_SIZE) * N
+        else:
+            p_idx = param_n[None, :] + offs_k[:, None]
+        scale = tl.load(s_ptr + p_idx, mask=valid, other=0.0).to(tl.float32)
+        base = -MID * scale
+        if HAS_OFFSET:
+            base += tl.load(o_ptr + p_idx, mask=valid, other=0.0).to(tl.float32)
+        w = q.to(tl.float32) * scale + base
+        # "ieee": fp32 operands use exact fp32 products as the reference does (tf32 would keep
+        # ~10 mantissa bits); 16-bit operands are unaffected.
+        acc = tl.dot(x, w.to(x.dtype), acc, input_precision="ieee")
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def _config(block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8},
+                         num_warps=num_warps, num_stages=num_stages)
+
+
+# GPU search space.  Not measured: the machine this was written on has no GPU.  The sizes follow
+# the usual Triton GEMM ranges (16 is tl.dot's minimum tile side): narrow-M tiles with long K
+# steps for decode, square-ish tiles for prefill.
+_CUDA_CONFIGS = [
+    _config(16, 64, 128, num_warps=4, num_stages=4),
+    _config(16, 64, 64, num_warps=4, num_stages=4),
+    _config(16, 128, 64, num_warps=4, num_stages=3),
+    _config(32, 64, 64, num_warps=4, num_stages=4),
+    _config(64, 128, 64, num_warps=4, num_stages=4),
+    _config(64, 64, 32, num_warps=4, num_stages=4),
+    _config(128, 128, 64, num_warps=8, num_stages=3),
+    _config(128, 128, 32, num_warps=8, num_stages=3),
+]
+# The CPU interpreter: one config, so autotune never benchmarks there.  Small tiles keep the
+# numpy-backed interpreter fast on the test shapes.
+_INTERPRETER_CONFIGS = [_config(16, 32, 32, num_warps=1, num_stages=1)]
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Keep configs whose M tile is at most one step taller than the (bucketed) rows."""
+    max_m = max(16, named_args["M_BUCKET"])
+    return [c for c in configs if c.kwargs["BLOCK_M"] <= max_m] or configs
+
+
+_intx_tuned = triton.autotune(
+    configs=_INTERPRETER_CONFIGS if INTERPRETED else _CUDA_CONFIGS,
+    key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "AXIS"],
+    prune_configs_by={"early_config_prune": _prune},
+)(_intx_kernel)
+
+
+def _bf16_via_fp32(x_dtype: torch.dtype) -> bool:
+    """Under the CPU interpreter bf16 tiles enter the dot as fp32 and torch rounds the output: its
+    bf16 support is broken (see :func:`fxquant.kernels.int4wo._bf16_via_fp32`)."""
+    return INTERPRETED and x_dtype == torch.bfloat16
+
+
+def _fail(msg: str) -> None:
+    raise ValueError(f"intx_linear: {msg}")
+
+
+def _check(x2d, codes_lo, codes_hi, scale, offset, bias, bits, group_size, symmetric, axis, block_n,
+           out_features) -> None:
+    if x2d.dim() != 2 or x2d.dtype not in X_DTYPES:
+        _fail(f"x2d must be a 2-D [M, K] tensor of dtype {X_DTYPES}, got {x2d.dtype} {tuple(x2d.shape)}")
+    if bits not in fmt.BITS:
+        _fail(f"bits={bits} must be in 1..8")
+    if axis not in fmt.AXES:
+        _fail(f"axis={axis} must be 0 or 1")
+    if group_size < 1:
+        _fail(f"group_size={group_size} must be >= 1")
+    if block_n <= 0 or block_n % 2 or int4.ROW_ALIGN % block_n:
+        _fail(f"block_n={block_n} must be a positive even divisor of {int4.ROW_ALIGN}")
+    k, rows = x2d.shape[1], int4.padded_rows(out_features)
+    if layout := fmt.layout_reason(out_features, k, group_size, axis):
+        _fail(layout)
+    params = (k // group_size, out_features) if axis == 1 else (out_features // group_size, k)
+    if tuple(scale.shape) != params or not scale.is_floating_point():
+        _fail(f"scale must be a float tensor of shape {params} for axis={axis}, K={k}, "
+              f"out_features={out_features}, group_size={group_size}; got {scale.dtype} {tuple(scale.shape)}")
+    want_offset = (0,) if symmetric else params
+    if tuple(offset.shape) != want_offset or not offset.is_floating_point():
+        _fail(f"offset must be a float tensor of shape {want_offset} (symmetric={symmetric}), got "
+              f"{offset.dtype} {tuple(offset.shape)}")
+    for name, t, plane in (("codes_lo", codes_lo, 0), ("codes_hi", codes_hi, 1)):
+        nbytes = fmt.packed_len(rows * k, fmt.plane_bits(bits)[plane])
+        if t.dtype != torch.uint8 or t.dim() != 1 or t.numel() != nbytes:
+            _fail(f"{name} must be a 1-D uint8 stream of {nbytes} bytes for {bits}-bit codes of a "
+                  f"[{rows}, {k}] padded weight (x2d has K={k}); got {t.dtype} {tuple(t.shape)}")
+    if bias is not None and (tuple(bias.shape) != (out_features,) or not bias.is_floating_point()):
+        _fail(f"bias must be None or a float tensor of shape ({out_features},), got {bias.dtype} {tuple(bias.shape)}")
+    tensors = {"x2d": x2d, "codes_lo": codes_lo, "codes_hi": codes_hi, "scale": scale, "offset": offset,
+               **({"bias": bias} if bias is not None else {})}
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) != 1:
+        _fail(f"all tensors must be on one device, got {devices}")
+    if x2d.device.type != "cuda" and not INTERPRETED:
+        _fail(f"tensors are on {x2d.device}; the Triton kernel needs CUDA tensors, or TRITON_INTERPRET=1 "
+              "set before fxquant.kernels.intx is imported")
+
+
+def intx_linear(x2d: torch.Tensor, codes_lo: torch.Tensor, codes_hi: torch.Tensor, scale: torch.Tensor,
+                offset: torch.Tensor, bias: Optional[torch.Tensor], *, bits: int, group_size: int,
+                symmetric: bool, axis: int, block_n: int, out_features: int) -> torch.Tensor:
+    """``x2d`` ``[M, K]`` fp32/bf16/fp16 and the stored buffers of :func:`fxquant.formats.intx.to_storage`
+    -> ``y2d`` ``[M, out_features]`` in ``x2d.dtype``, accumulated in fp32.
+
+    Raises ValueError naming the argument when shapes, dtypes, devices or layout parameters do not fit.
+    """
+    _check(x2d, codes_lo, codes_hi, scale, offset, bias, bits, group_size, symmetric, axis, block_n,
+           out_features)
+    m, k = x2d.shape
+    via_fp32 = _bf16_via_fp32(x2d.dtype)
+    y = torch.empty((m, out_features), dtype=torch.float32 if via_fp32 else x2d.dtype, device=x2d.device)
+    if m == 0 or out_features == 0:
+        return y.to(x2d.dtype)
+    codes_hi = codes_hi if codes_hi.numel() else codes_lo  # unread when bits <= 4
+    offset = offset.contiguous() if offset.numel() else scale  # unread when symmetric
+    bias_arg = bias.contiguous() if bias is not None else scale  # unread without bias
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(out_features, meta["BLOCK_N"]),)
+
+    _intx_tuned[grid](x2d, codes_lo.contiguous(), codes_hi.contiguous(), scale.contiguous(), offset, bias_arg, y,
+                      m, out_features, k, triton.next_power_of_2(m), max(out_features // group_size, 1),
+                      x2d.stride(0), x2d.stride(1), y.stride(0), y.stride(1),
+                      BITS=bits, GROUP_SIZE=group_size, AXIS=axis, TILE_N=block_n,
+                      HAS_OFFSET=not symmetric, HAS_BIAS=bias is not None, DOT_IN_FP32=via_fp32)
+    return y.to(x2d.dtype)

@@ -1,0 +1,98 @@
+"""Group-wise b-bit integer weight-only schemes: ``int<b>wo-<g>`` (symmetric) and ``uint<b>wo-<g>``
+(asymmetric, with an offset per group), b in 1..8, optional ``-axis0`` / ``-axis1`` suffix.
+
+The existing ``int8wo`` (per-channel int8) and ``int4wo[-<g>]`` (the pipeline's int4 scheme) keep
+their meaning: this family never claims those strings.  Its symmetric 4-bit scheme with the
+default axis is therefore spelled with the axis: ``int4wo-128-axis1``.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..formats import int4 as int4_fmt
+from ..formats import intx as fmt
+from ._base import QuantizedWeight, Scheme
+
+__all__ = ["IntX"]
+
+_PATTERN = re.compile(r"(u?)int(\d+)wo-(\d+)(?:-axis(\d+))?")
+
+
+@dataclass(frozen=True, kw_only=True)
+class IntX(Scheme):
+    """``[u]int<bits>wo-<group_size>[-axis<axis>]``: b-bit group-wise integer weights, float activations.
+
+    ``symmetric=True`` (``int``): torchao's symmetric intx, codes ``-2**(b-1) .. 2**(b-1) - 1`` times
+    a bf16 scale per group.  ``symmetric=False`` (``uint``): HQQ-style min/max affine codes
+    ``0 .. 2**b - 1`` with a bf16 scale and offset per group.  ``axis=1`` groups ``group_size``
+    consecutive input columns of one output row; ``axis=0`` groups one input column across
+    ``group_size`` output rows (strided by ``N / group_size``, as HQQ's ``axis=0``).  Any
+    ``group_size >= 1`` is accepted; each layer must have it divide K (axis 1) or N (axis 0).
+    """
+
+    family: ClassVar[str] = "intx"
+    op: ClassVar[str] = "linear_intx"
+    examples: ClassVar[tuple[str, ...]] = ("uint4wo-64", "int3wo-128", "uint2wo-32-axis0", "int8wo-128",
+                                           "uint1wo-64", "int4wo-128-axis1")
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = False
+    axis: int = 1
+
+    def __post_init__(self):
+        super().__post_init__()
+        name = type(self).__name__
+        if not _is_int(self.bits) or self.bits not in fmt.BITS:
+            raise ValueError(f"{name}.bits={self.bits!r} is not supported; valid: 1..8")
+        if not _is_int(self.group_size) or self.group_size < 1:
+            raise ValueError(f"{name}.group_size={self.group_size!r} is not supported; valid: an integer >= 1 "
+                             "that divides in_features (axis=1) or out_features (axis=0) of each layer")
+        if not isinstance(self.symmetric, bool):
+            raise ValueError(f"{name}.symmetric={self.symmetric!r} is not supported; valid: True, False")
+        if not _is_int(self.axis) or self.axis not in fmt.AXES:
+            raise ValueError(f"{name}.axis={self.axis!r} is not supported; valid: 0, 1")
+        if self.symmetric and self.bits == 1:
+            raise ValueError(f"{name}.bits=1 with symmetric=True is not supported: a symmetric 1-bit code has "
+                             "only the levels {-scale, 0}; valid: symmetric=False (uint1wo-<g>) or bits 2..8")
+
+    def __str__(self) -> str:
+        text = f"{'' if self.symmetric else 'u'}int{self.bits}wo-{self.group_size}"
+        collides = self.symmetric and self.bits == 4  # "int4wo-<g>" is Int4WeightOnly's
+        return text + (f"-axis{self.axis}" if self.axis != 1 or collides else "")
+
+    @classmethod
+    def parse(cls, text: str) -> "IntX | None":
+        m = _PATTERN.fullmatch(text)
+        if m is None:
+            return None
+        unsigned, bits, group, axis = m.groups()
+        if not unsigned and bits == "4" and axis is None:
+            return None  # int4wo-<g>: Int4WeightOnly
+        return cls(bits=int(bits), group_size=int(group), symmetric=not unsigned,
+                   axis=1 if axis is None else int(axis))
+
+    def unsupported_reason(self, weight: torch.Tensor) -> str | None:
+        reason = super().unsupported_reason(weight)
+        if reason is None:
+            reason = fmt.layout_reason(*weight.shape, self.group_size, self.axis)
+        return reason
+
+    def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
+        block_n = int4_fmt.native_cpu_block_n() or 64
+        tensors = fmt.to_storage(weight, self.bits, self.group_size, self.symmetric, self.axis, block_n)
+        attrs = self.op_attrs(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric,
+                              axis=self.axis, block_n=block_n, out_features=weight.shape[0])
+        return QuantizedWeight(self.op, tensors, attrs, *weight.shape)
+
+    def dequantize(self, qw: QuantizedWeight) -> torch.Tensor:
+        t = qw.tensors
+        return fmt.from_storage(t["codes_lo"], t["codes_hi"], t["scale"], t["offset"], self.bits,
+                                self.group_size, self.axis, qw.attrs["block_n"], qw.out_features)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
