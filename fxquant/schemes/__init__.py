@@ -9,7 +9,10 @@ imports every family module below.
 from ._base import QuantizedWeight, Scheme, parse_scheme, scheme_from_json, scheme_to_json, valid_scheme_names
 from .weight_only import Int4WeightOnly, Int8WeightOnly
 from .intx import IntX
+from .float8 import Float8DynamicActivation, Float8WeightOnly
+from .fpx import FPx
 
 __all__ = ["Scheme", "QuantizedWeight", "parse_scheme", "valid_scheme_names", "scheme_to_json",
            "scheme_from_json", "Int8WeightOnly", "Int4WeightOnly"]
 __all__ += ["IntX"]
+__all__ += ["Float8WeightOnly", "Float8DynamicActivation", "FPx"]

@@ -1,0 +1,73 @@
+"""``fxquant::linear_float8wo`` and ``fxquant::linear_float8dq``: float8 weights.
+
+``linear_float8wo``: ``y = x @ (decode(qweight) * scale[:, None]).T + bias`` (float activations).
+``linear_float8dq``: ``y = x̂ @ Ŵ.T + bias`` where ``x̂ = dequant(quant_float8(x))`` is the
+activation after dynamic float8 quantization (per tensor or per row, amax clamped to
+``activation_scale_ub``) and ``Ŵ = decode(qweight) * scale``; the weight uses the same granularity.
+Layouts and math: :mod:`fxquant.formats.float8`.
+
+CPU: no PyTorch CPU kernel reads float8 weights faster than dequantizing them (``torch._scaled_mm``
+works on CPU but converts element by element; measured in docs/formats/float8.md), so both ops
+decode the weight with a table gather and run a dense GEMM (:mod:`._cpu` picks the dtype).
+CUDA: Triton kernels in :mod:`fxquant.kernels.float8`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..formats import float8 as fmt
+from ._linear import LinearOpDef, define
+
+
+def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, **_) -> torch.Tensor:
+    """Stored buffers -> float32 ``[N, K]``."""
+    return fmt.dequantize_weight(qweight, scale)
+
+
+def _cuda_wo(x2, qweight, scale, *, bias):
+    from ..kernels.float8 import float8wo_linear
+
+    return float8wo_linear(x2, qweight, scale, bias)
+
+
+OP_WO = LinearOpDef(
+    name="linear_float8wo", tensors=("qweight", "scale"), scalars=(),
+    dequantize=dequantize_weight, out_features=lambda qweight, **_: qweight.shape[0],
+    cuda=_cuda_wo,
+    doc="x [..., K]; qweight float8_e4m3fn/e5m2 [N, K]; scale fp32 [N]; bias [N] -> [..., N]",
+)
+linear_float8wo = define(OP_WO)
+reference_wo = OP_WO.reference
+
+
+def dq_definition(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, *, bias: torch.Tensor | None,
+                 granularity: str, activation_scale_ub: float, compute_dtype: torch.dtype | None) -> torch.Tensor:
+    """The definition of ``linear_float8dq``: fake-quantize ``x`` to float8 (in ``qweight``'s
+    dtype), dequantize the weight, ``F.linear`` in ``compute_dtype`` (fp32 when ``None``)."""
+    fmt.check_granularity(granularity)
+    x2 = x.reshape(-1, x.shape[-1])
+    xh = fmt.fake_quantize_activation(x2, qweight.dtype, granularity, activation_scale_ub)
+    w = fmt.dequantize_weight(qweight, scale)
+    cd = compute_dtype or torch.float32
+    y = F.linear(xh.to(cd), w.to(cd), None if bias is None else bias.to(cd))
+    return y.to(x.dtype).reshape(*x.shape[:-1], qweight.shape[0])
+
+
+def _cuda_dq(x2, qweight, scale, *, bias, granularity, activation_scale_ub):
+    from ..kernels.float8 import float8dq_linear
+
+    return float8dq_linear(x2, qweight, scale, bias, granularity=granularity,
+                           activation_scale_ub=activation_scale_ub)
+
+
+OP_DQ = LinearOpDef(
+    name="linear_float8dq", tensors=("qweight", "scale"),
+    scalars=(("granularity", "str"), ("activation_scale_ub", "float")),
+    dequantize=dequantize_weight, out_features=lambda qweight, **_: qweight.shape[0],
+    cuda=_cuda_dq, reference_fn=dq_definition,
+    doc="x [..., K]; qweight float8_e4m3fn [N, K]; scale fp32 [N] (granularity 'row') or [1] ('tensor'); "
+        "bias [N] -> [..., N]; activations quantized to float8 per call",
+)
+linear_float8dq = define(OP_DQ)
+reference_dq = OP_DQ.reference
