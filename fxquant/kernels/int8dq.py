@@ -4,7 +4,7 @@ Three steps, each a private ``@triton.jit`` kernel, all following :mod:`fxquant.
 rounding for rounding:
 
 1. (LLM.int8 only) ``_outlier_cols_kernel``: ``cols[k] = any_m |x[m, k]| >= threshold``.
-2. ``_act_quant_kernel``, one program per row: ``absmax`` (skipping outlier elements), then
+2. ``_act_quant_kernel``, a few rows per program: ``absmax`` (skipping outlier elements), then
    ``sx = max(absmax / 127, FLT_MIN)`` and ``qx = clamp(rint(x / sx), -127, 127)`` with IEEE
    round-to-nearest divisions (``div_rn``) and ties-to-even rounding, so codes and scales equal
    :func:`fxquant.formats.int8dq.quantize_activations` bit for bit; codes in outlier columns are 0.
@@ -57,27 +57,31 @@ def _round_half_even(v):
 
 
 @triton.jit
-def _act_quant_kernel(x_ptr, cols_ptr, q_ptr, s_ptr, K, stride_xm, stride_xk, threshold, flt_min,
-                      QMAX: tl.constexpr, HAS_THRESHOLD: tl.constexpr, BLOCK_K: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * stride_xm
-    amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+def _act_quant_kernel(x_ptr, cols_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_xk, threshold, flt_min,
+                      QMAX: tl.constexpr, HAS_THRESHOLD: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    m_mask = offs_m < M
+    x_rows = x_ptr + offs_m[:, None] * stride_xm
+    amax = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        a = tl.abs(tl.load(x_row + offs_k * stride_xk, mask=offs_k < K, other=0.0).to(tl.float32))
+        mask = m_mask[:, None] & (offs_k < K)[None, :]
+        a = tl.abs(tl.load(x_rows + offs_k[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32))
         if HAS_THRESHOLD:  # bitsandbytes: outlier elements do not count towards the row scale
             a = tl.where(a >= threshold, 0.0, a)
         amax = tl.maximum(amax, a)
-    scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), QMAX * 1.0), flt_min)
-    tl.store(s_ptr + row, scale)
+    scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=1), QMAX * 1.0), flt_min)  # [BLOCK_M]
+    tl.store(s_ptr + offs_m, scale, mask=m_mask)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
-        x = tl.load(x_row + offs_k * stride_xk, mask=k_mask, other=0.0).to(tl.float32)
-        q = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(x, scale)), -QMAX), QMAX)
+        mask = m_mask[:, None] & k_mask[None, :]
+        x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
+        q = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(x, scale[:, None])), -QMAX), QMAX)
         if HAS_THRESHOLD:
-            q = tl.where(tl.load(cols_ptr + offs_k, mask=k_mask, other=0) != 0, 0, q)
-        tl.store(q_ptr + row * K + offs_k, q.to(tl.int8), mask=k_mask)
+            q = tl.where((tl.load(cols_ptr + offs_k, mask=k_mask, other=0) != 0)[None, :], 0, q)
+        tl.store(q_ptr + offs_m[:, None] * K + offs_k[None, :], q.to(tl.int8), mask=mask)
 
 
 @triton.jit
@@ -153,8 +157,9 @@ _CUDA_CONFIGS = [
     _config(128, 256, 64, num_warps=8, num_stages=3),
 ]
 # The CPU interpreter: one config (autotune then never benchmarks), smallest legal tiles.
-_INTERPRETER_CONFIGS = [_config(16, 32, 32, num_warps=1, num_stages=1)]
-_QUANT_BLOCK_K = 128 if INTERPRETED else 1024  # row chunk of the quantize kernel
+_INTERPRETER_CONFIGS = [_config(16, 64, 64, num_warps=1, num_stages=1)]
+# (rows, columns) per step of the quantize kernel: GPU programs take a few rows in long chunks.
+_QUANT_BLOCK = (16, 128) if INTERPRETED else (4, 1024)
 _COLS_BLOCK = (16, 32) if INTERPRETED else (32, 128)  # (rows, columns) per step of the mask kernel
 
 
@@ -216,9 +221,11 @@ def quantize_activations(x2d: torch.Tensor, threshold: Optional[float] = None
             _outlier_cols_kernel[(triton.cdiv(k, bk),)](x2d, cols, m, k, x2d.stride(0), x2d.stride(1),
                                                         float(threshold), BLOCK_M=bm, BLOCK_K=bk)
     if m:
-        _act_quant_kernel[(m,)](x2d, cols if cols is not None else q, q, s, k, x2d.stride(0), x2d.stride(1),
-                                float(threshold or 0.0), _FLT_MIN, QMAX=fmt.QMAX, HAS_THRESHOLD=threshold is not None,
-                                BLOCK_K=_QUANT_BLOCK_K)
+        bm, bk = _QUANT_BLOCK
+        _act_quant_kernel[(triton.cdiv(m, bm),)](x2d, cols if cols is not None else q, q, s, m, k,
+                                                 x2d.stride(0), x2d.stride(1), float(threshold or 0.0), _FLT_MIN,
+                                                 QMAX=fmt.QMAX, HAS_THRESHOLD=threshold is not None,
+                                                 BLOCK_M=bm, BLOCK_K=bk)
     return q, s, cols
 
 
