@@ -9,11 +9,14 @@ in a ``P``-bit plane it is bits ``i*P .. i*P + P - 1``, i.e. byte ``i*P >> 3`` s
 
 ``W[n, k] = q * scale + (offset - 2**(BITS-1) * scale)`` with the group's ``scale``/``offset`` at
 ``[k // GROUP_SIZE, n]`` (``AXIS`` 1, params ``[K/g, N]``) or ``[n % (N/g), k]`` (``AXIS`` 0,
-params ``[N/g, K]``), as the reference dequantizes.  Each ``[BLOCK_K, BLOCK_N]`` tile is unpacked,
-dequantized in fp32, cast to the activation dtype and fed to ``tl.dot`` with fp32 accumulation; any
-group size works because the params are gathered per element (cached loads on a GPU).
-The result equals :func:`fxquant.ops.intx.reference` up to fp32 summation order (and, for 16-bit
-activations on a GPU, the rounding of the dequantized tile to that dtype).
+params ``[N/g, K]``), as the reference dequantizes.  Each ``[BLOCK_K, BLOCK_N]`` tile is unpacked;
+then, when ``BLOCK_K`` divides the group (axis 1), the centred codes ``q - 2**(BITS-1)`` (exact in
+any float dtype) go to ``tl.dot`` and scale / offset are applied to the fp32 per-group partial, as
+in the int4wo kernel; otherwise (axis 0, or groups that do not tile ``BLOCK_K``) the tile is
+dequantized in fp32 with per-element params, cast to the activation dtype and fed to ``tl.dot``.
+Both accumulate in fp32.  The result equals :func:`fxquant.ops.intx.reference` up to fp32
+summation order, plus, on the second path with 16-bit activations, the rounding of the
+dequantized tile to that dtype.
 """
 from __future__ import annotations
 
@@ -75,6 +78,7 @@ def _intx_kernel(x_ptr, lo_ptr, hi_ptr, s_ptr, o_ptr, bias_ptr, y_ptr,
     else:
         param_n = (offs_n % ROWS_PER_STRIDE) * K  # + k
     LO_BITS: tl.constexpr = 4 if BITS > 4 else BITS
+    FACTORED: tl.constexpr = AXIS == 1 and GROUP_SIZE % BLOCK_K == 0
     MID: tl.constexpr = 1 << (BITS - 1)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -90,18 +94,29 @@ def _intx_kernel(x_ptr, lo_ptr, hi_ptr, s_ptr, o_ptr, bias_ptr, y_ptr,
         q = _plane(lo_ptr, seq, LO_BITS, valid)
         if BITS > 4:
             q = q | (_plane(hi_ptr, seq, BITS - 4, valid) << 4)
-        if AXIS == 1:
-            p_idx = param_n[None, :] + (offs_k[:, None] // GROUP_SIZE) * N
-        else:
-            p_idx = param_n[None, :] + offs_k[:, None]
-        scale = tl.load(s_ptr + p_idx, mask=valid, other=0.0).to(tl.float32)
-        base = -MID * scale
-        if HAS_OFFSET:
-            base += tl.load(o_ptr + p_idx, mask=valid, other=0.0).to(tl.float32)
-        w = q.to(tl.float32) * scale + base
         # "ieee": fp32 operands use exact fp32 products as the reference does (tf32 would keep
         # ~10 mantissa bits); 16-bit operands are unaffected.
-        acc = tl.dot(x, w.to(x.dtype), acc, input_precision="ieee")
+        if FACTORED:
+            # The K step lies in one group: sum_k x (c s + o) = s * sum_k x c + o * sum_k x, with the
+            # centred codes c = q - MID (|c| <= 128: exact in every x dtype) fed to the dot.
+            p_idx = param_n + (k0 // GROUP_SIZE) * N
+            scale = tl.load(s_ptr + p_idx, mask=n_mask, other=0.0).to(tl.float32)
+            part = tl.dot(x, (q - MID).to(x.dtype), input_precision="ieee") * scale[None, :]
+            if HAS_OFFSET:
+                x_sum = tl.sum(x.to(tl.float32), axis=1)
+                part += x_sum[:, None] * tl.load(o_ptr + p_idx, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            acc += part
+        else:
+            if AXIS == 1:
+                p_idx = param_n[None, :] + (offs_k[:, None] // GROUP_SIZE) * N
+            else:
+                p_idx = param_n[None, :] + offs_k[:, None]
+            scale = tl.load(s_ptr + p_idx, mask=valid, other=0.0).to(tl.float32)
+            base = -MID * scale
+            if HAS_OFFSET:
+                base += tl.load(o_ptr + p_idx, mask=valid, other=0.0).to(tl.float32)
+            w = q.to(tl.float32) * scale + base  # rounded to x's dtype below (16-bit x on a GPU)
+            acc = tl.dot(x, w.to(x.dtype), acc, input_precision="ieee")
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]

@@ -13,6 +13,8 @@ the dequantize path.  CUDA: Triton kernel in :mod:`fxquant.kernels.intx`.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ..formats import int4
@@ -55,8 +57,18 @@ def int4_kernel_linear(x2: torch.Tensor, codes_lo: torch.Tensor, codes_hi: torch
     return y
 
 
+_warned_layout = False
+
+
 def _cpu_fast(x2, codes_lo, codes_hi, scale, offset, bits, group_size, symmetric, axis, block_n, out_features):
+    global _warned_layout
     if not int4_kernel_applies(bits, group_size, axis, block_n):
+        native = int4.native_cpu_block_n()
+        if not _warned_layout and native is not None and int4_kernel_applies(bits, group_size, axis, native):
+            _warned_layout = True
+            warnings.warn(f"intx weights were packed with block_n={block_n} but this CPU's int4 kernel uses "
+                          f"{native}: using the slower dequantize path. Re-run "
+                          "fxquant.compile on this machine for the fast path.", stacklevel=2)
         return None
     return int4_kernel_linear(x2, codes_lo, codes_hi, scale, offset, bits, group_size, out_features)
 

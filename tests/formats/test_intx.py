@@ -1,0 +1,188 @@
+"""intx format math: bit streams, tile order, quantize error bounds, storage, and HQQ / torchao oracles."""
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fxquant.formats import int4, intx
+
+CONFIGS = [(b, sym) for b in intx.BITS for sym in (False, True) if not (sym and b == 1)]
+
+
+def naive_pack(codes: list[int], bits: int) -> torch.Tensor:
+    """The bit stream written out one bit at a time: code i's bit j is stream bit i*bits + j."""
+    stream = [(c >> j) & 1 for c in codes for j in range(bits)]
+    stream += [0] * (-len(stream) % 8)
+    return torch.tensor([sum(stream[8 * i + j] << j for j in range(8)) for i in range(len(stream) // 8)],
+                        dtype=torch.uint8)
+
+
+@given(bits=st.sampled_from(intx.BITS), length=st.integers(0, 200), seed=st.integers(0, 2**16))
+def test_pack_unpack_roundtrip(bits, length, seed):
+    codes = torch.randint(0, 1 << bits, (length,), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(seed))
+    packed = intx.pack_bits(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-length * bits // 8) == intx.packed_len(length, bits)
+    assert torch.equal(intx.unpack_bits(packed, bits, length), codes)
+    assert packed.untyped_storage().nbytes() == packed.numel()  # no hidden slack counted by the report
+
+
+@pytest.mark.parametrize("bits", intx.BITS)
+@pytest.mark.parametrize("length", [1, 3, 8, 13, 31])
+def test_pack_is_little_endian_bit_stream(bits, length):
+    codes = torch.randint(0, 1 << bits, (length,), generator=torch.Generator().manual_seed(bits * 100 + length))
+    assert torch.equal(intx.pack_bits(codes, bits), naive_pack(codes.tolist(), bits))
+
+
+def test_eight_3bit_codes_fill_three_bytes():
+    codes = torch.tensor([1, 2, 3, 4, 5, 6, 7, 0])
+    assert intx.pack_bits(codes, 3).tolist() == [0b11010001, 0b01011000, 0b00011111]
+
+
+def test_unpack_rejects_wrong_length():
+    with pytest.raises(ValueError, match="a stream of 10 3-bit codes has 4 bytes, got 3"):
+        intx.unpack_bits(torch.zeros(3, dtype=torch.uint8), 3, 10)
+    with pytest.raises(ValueError, match="bits=9 is not supported"):
+        intx.pack_bits(torch.zeros(3, dtype=torch.uint8), 9)
+
+
+@given(bits=st.sampled_from([1, 2, 3, 4]), length=st.integers(1, 100), seed=st.integers(0, 2**16))
+def test_widen_to_nibbles(bits, length, seed):
+    codes = torch.randint(0, 1 << bits, (length,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    wide = intx.widen_to_nibbles(intx.pack_bits(codes, bits), bits, length)
+    assert torch.equal(wide, intx.pack_bits(codes, 4))
+
+
+@given(tiles=st.integers(1, 3), block_n=st.sampled_from([16, 32, 64]), k=st.integers(1, 20), seed=st.integers(0, 99))
+def test_tile_order_roundtrip_and_is_int4_layout(tiles, block_n, k, seed):
+    q = torch.randint(0, 16, (tiles * block_n, 2 * k), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    seq = intx.tile_order(q, block_n)
+    assert torch.equal(intx.untile(seq, *q.shape, block_n), q)
+    assert torch.equal(intx.pack_bits(seq, 4).view(q.shape[0], k), int4.pack(q, block_n))
+
+
+def test_4bit_plane_is_native_cpu_int4pack():
+    block_n = int4.native_cpu_block_n()
+    if block_n is None:
+        pytest.skip("this CPU's int4 packing is not a tiled layout fxquant can produce")
+    q = torch.randint(0, 16, (128, 256), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    native = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    assert torch.equal(intx.pack_bits(intx.tile_order(q.to(torch.uint8), block_n), 4).view(128, 128), native)
+
+
+def _error_bound(scale, offset, axis, group_size, shape):
+    """Per-element bound: scale / 2, plus the bf16 rounding of the offset (<= 2^-9 relative)."""
+    s = intx._param_view(scale, axis) / 2
+    if offset is not None:
+        s = s + intx._param_view(offset, axis).abs() * 2**-8
+    return torch.broadcast_to(s, intx._grouped(torch.empty(shape), group_size, axis).shape).reshape(shape)
+
+
+@given(cfg=st.sampled_from(CONFIGS), axis=st.sampled_from(intx.AXES), groups=st.integers(1, 3),
+       group=st.sampled_from([1, 3, 8, 32, 64]), other=st.integers(1, 40), scale=st.floats(1e-3, 1e2),
+       shift=st.floats(-1, 1), seed=st.integers(0, 2**16))
+def test_quantize_error_bound(cfg, axis, groups, group, other, scale, shift, seed):
+    bits, symmetric = cfg
+    shape = (other, groups * group) if axis == 1 else (groups * group, other)
+    w = (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) + shift) * scale
+    q, s, o = intx.quantize(w, bits, group, symmetric, axis)
+    assert q.dtype == torch.uint8 and int(q.max()) < 2**bits and s.dtype == torch.bfloat16
+    assert s.shape == (groups, other)  # [K/g, N] or [N/g, K]
+    assert (o is None) == symmetric
+    err = (intx.dequantize(q, s, o, bits, group, axis) - w).abs()
+    assert (err <= _error_bound(s, o, axis, group, shape) + 1e-6 * scale).all()
+
+
+@given(cfg=st.sampled_from(CONFIGS), axis=st.sampled_from(intx.AXES), n=st.integers(1, 70),
+       block_n=st.sampled_from([16, 32, 64]), seed=st.integers(0, 2**16))
+def test_storage_roundtrip_and_nbytes(cfg, axis, n, block_n, seed):
+    bits, symmetric = cfg
+    group = 16 if axis == 1 else 1
+    w = torch.randn(n, 48, generator=torch.Generator().manual_seed(seed))
+    stored = intx.to_storage(w, bits, group, symmetric, axis, block_n)
+    back = intx.from_storage(**stored, bits=bits, group_size=group, axis=axis, block_n=block_n, out_features=n)
+    assert torch.equal(back, intx.dequantize(*intx.quantize(w, bits, group, symmetric, axis), bits, group, axis))
+    counted = sum(t.untyped_storage().nbytes() for t in stored.values())
+    assert counted == intx.nbytes(n, 48, bits, group, symmetric)
+    rows = int4.padded_rows(n)
+    assert stored["codes_lo"].numel() * 8 == rows * 48 * min(bits, 4)  # truly bits per code, no slack
+    assert stored["codes_hi"].numel() * 8 == rows * 48 * max(bits - 4, 0)
+
+
+def test_nbytes_of_a_llama_mlp_weight():
+    # 11008 x 4096, 3-bit codes (8 in 3 bytes), g128, scale + offset bf16 per group
+    assert intx.nbytes(11008, 4096, 3, 128, False) == 11008 * 4096 * 3 // 8 + 11008 * 32 * 4
+    assert intx.nbytes(11008, 4096, 8, 128, True) == 11008 * 4096 + 11008 * 32 * 2
+
+
+def test_uint4_axis1_is_int4wo_math():
+    w = torch.randn(72, 256, generator=torch.Generator().manual_seed(1))
+    q, s, o = intx.quantize(w, 4, 64, False, 1)
+    q4, s4, z4 = int4.quantize(w, 64)
+    assert torch.equal(q, q4) and torch.equal(s, s4.t()) and torch.equal(o, z4.t())
+
+
+def test_int4_kernel_operands_reconstruct_the_weight():
+    """sum over planes of (nibble - 8) * scale + zero == the reference dequantization (b=4 exactly)."""
+    block_n = int4.native_cpu_block_n() or 32
+    w = torch.randn(40, 128, generator=torch.Generator().manual_seed(2))
+    for bits, symmetric in CONFIGS:
+        stored = intx.to_storage(w, bits, 32, symmetric, 1, block_n)
+        ref = intx.from_storage(**stored, bits=bits, group_size=32, axis=1, block_n=block_n, out_features=40)
+        total = torch.zeros(int4.padded_rows(40), 128)
+        for qweight, sz in intx.int4_kernel_operands(**stored, bits=bits, out_features=40, dtype=torch.float32):
+            nib = int4.unpack(qweight, block_n).float().reshape(-1, 4, 32) - 8
+            total += (nib * sz[..., 0].t()[..., None] + sz[..., 1].t()[..., None]).reshape(-1, 128)
+        atol = 0 if bits == 4 else 1e-6
+        torch.testing.assert_close(total[:40], ref, atol=atol, rtol=1e-6)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_grouping_and_codes_match_hqq(axis, bits):
+    """HQQ's Quantizer (optimize=False) is the oracle for uint<b>: same groups, same scale up to the
+    bf16 round-up, same codes except where that rounding moves a boundary."""
+    hqq = pytest.importorskip("hqq.core.quantize")
+    w = torch.randn(128, 256, generator=torch.Generator().manual_seed(bits))
+    wq, meta = hqq.Quantizer.quantize(w, nbits=bits, group_size=64, optimize=False, axis=axis, bitpack=False,
+                                      device="cpu", compute_dtype=torch.float32)
+    q, s, o = intx.quantize(w, bits, 64, False, axis)
+    hqq_scale = meta["scale"].reshape(128, 4).t() if axis == 1 else meta["scale"].reshape(2, 256)
+    torch.testing.assert_close(s.float(), hqq_scale, rtol=2**-7, atol=0)
+    assert (s.float() >= hqq_scale * (1 - 1e-6)).all()  # rounded up
+    agree = (wq.reshape(128, 256).to(torch.uint8) == q).float().mean().item()
+    assert agree > {1: 0.99, 2: 0.99, 3: 0.98, 4: 0.96, 8: 0.5}[bits]
+    hqq_deq = hqq.Quantizer.dequantize(wq, {**meta, "compute_dtype": torch.float32})
+    ours = intx.dequantize(q, s, o, bits, 64, axis)
+    assert (ours - w).norm() / (hqq_deq - w).norm() < 1.03
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+def test_symmetric_matches_torchao(bits):
+    """torchao's MappingType.SYMMETRIC int<b> (fp32 scale) is the oracle for int<b>."""
+    qp = pytest.importorskip("torchao.quantization.quant_primitives")
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(bits))
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    scale, zp = qp.choose_qparams_affine(w, qp.MappingType.SYMMETRIC, (1, 128), torch.int8, lo, hi)
+    ao = qp.quantize_affine(w, (1, 128), scale, zp, torch.int8, lo, hi)
+    q, s, _ = intx.quantize(w, bits, 128, True, 1)
+    torch.testing.assert_close(s.float().t(), scale.reshape(64, 2), rtol=2**-7, atol=0)
+    agree = ((q.to(torch.int16) - 2 ** (bits - 1)) == ao).float().mean().item()
+    assert agree > {2: 0.99, 3: 0.98, 4: 0.97, 5: 0.93, 8: 0.5}[bits]
+
+
+def test_published_error_int4_g128():
+    # FIELD_NOTES: int4 g128 min/max on random normal: relative error 0.0998; g64: 0.0897
+    w = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0))
+    for group, expected in ((128, 0.0998), (64, 0.0897)):
+        deq = intx.dequantize(*intx.quantize(w, 4, group, False, 1), 4, group, 1)
+        assert abs(((deq - w).norm() / w.norm()).item() - expected) < 0.004
+
+
+def test_bad_layouts_raise():
+    with pytest.raises(ValueError, match="in_features 96 is not divisible by group_size 64"):
+        intx.quantize(torch.randn(4, 96), 4, 64, False, 1)
+    with pytest.raises(ValueError, match="out_features 6 is not divisible by group_size 4"):
+        intx.quantize(torch.randn(6, 96), 4, 4, False, 0)
+    with pytest.raises(ValueError, match="symmetric 1-bit"):
+        intx.quantize(torch.randn(4, 64), 1, 64, True, 1)

@@ -1,0 +1,237 @@
+"""linear_intx op and IntX scheme: CPU paths vs the reference, opcheck, autograd, parsing, end to end."""
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch.library import opcheck
+
+import fxquant
+from fxquant.formats import int4, intx as fmt
+from fxquant.ops import _cpu
+from fxquant.ops import intx as op
+from fxquant.schemes import Int4WeightOnly, Int8WeightOnly, IntX, parse_scheme, scheme_from_json, scheme_to_json
+from helpers import FAST_PATH_TOL, rel
+
+DTYPES = [torch.float32, torch.bfloat16]
+NATIVE = int4.native_cpu_block_n()
+# int4-kernel fast path (b = 4, 8 with axis 1 and a kernel group size) and dequantize path (the rest)
+SCHEMES = ["uint4wo-32", "int4wo-64-axis1", "int8wo-32", "uint8wo-64", "uint3wo-32", "int2wo-16",
+           "uint5wo-32", "int7wo-8", "uint1wo-32", "uint2wo-4-axis0", "int6wo-3-axis0", "uint4wo-32-axis0"]
+
+
+def build(scheme: str, n: int, k: int, seed: int = 0):
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    qw = parse_scheme(scheme).quantize(w)
+    args = tuple(qw.tensors.values())
+    attrs = qw.attrs
+    return (lambda x, b, **kw: torch.ops.fxquant.linear_intx(x, *args, b, **attrs, **kw),
+            lambda x, b, **kw: op.reference(x, *args, b, **attrs, **kw), args, attrs)
+
+
+def fit(scheme: str, n: int, k: int) -> tuple[int, int]:
+    """Round (n, k) to the nearest shape the scheme's grouping divides."""
+    s = parse_scheme(scheme)
+    if s.axis == 1:
+        return n, s.group_size * max(k // s.group_size, 1)
+    return s.group_size * max(n // s.group_size, 1), k
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@given(m=st.integers(1, 40), n=st.integers(1, 80), k=st.integers(1, 130), dtype=st.sampled_from(DTYPES),
+       with_bias=st.booleans(), lead=st.sampled_from([(), (2,), (1, 3)]), seed=st.integers(0, 999))
+def test_op_matches_reference(scheme, m, n, k, dtype, with_bias, lead, seed):
+    n, k = fit(scheme, n, k)
+    fn, ref, _, _ = build(scheme, n, k, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(*lead, m, k, generator=g).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if with_bias else None
+    y, r = fn(x, b), ref(x, b)
+    assert y.shape == (*lead, m, n) and y.dtype == dtype
+    assert rel(y, r) < FAST_PATH_TOL[dtype]
+
+
+@pytest.mark.parametrize("scheme", ["uint4wo-32", "int8wo-64", "uint3wo-32", "int5wo-4-axis0"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,k", [(1, 64), (7, 64), (1, 256), (17, 192), (3, 32)])
+def test_shapes_at_group_edges(scheme, dtype, m, k):
+    """M = 1 and odd M; K = one group, a few groups, group edges of the kernel sizes."""
+    n, k = fit(scheme, 72, k)
+    fn, ref, _, _ = build(scheme, n, k, m + k)
+    x = torch.randn(m, k).to(dtype)
+    assert rel(fn(x, None), ref(x, None)) < FAST_PATH_TOL[dtype]
+
+
+@pytest.mark.parametrize("scheme", ["uint4wo-32", "int8wo-32", "uint3wo-32", "uint2wo-4-axis0"])
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float16])
+def test_large_m_path_matches_reference(scheme, dtype, monkeypatch):
+    monkeypatch.setattr(_cpu, "large_m_threshold", lambda: 8)
+    fn, ref, _, _ = build(scheme, 48, 96)
+    x = torch.randn(2, 9, 96).to(dtype)
+    b = torch.randn(48).to(dtype)
+    assert rel(fn(x, b), ref(x, b)) < FAST_PATH_TOL[dtype]
+
+
+@pytest.mark.skipif(NATIVE is None, reason="no int4 CPU kernel layout on this CPU")
+def test_uint4_axis1_equals_int4wo_op():
+    """uint4wo-g stores int4wo-g's codes and params: on the fast path the same kernel, bit for bit."""
+    w = torch.randn(72, 256, generator=torch.Generator().manual_seed(3))
+    qa, qb = IntX(bits=4, group_size=64).quantize(w), Int4WeightOnly(group_size=64).quantize(w)
+    assert qa.nbytes < qb.nbytes  # int4wo pads params to 128 rows and stores them as [K/g, Np, 2]
+    assert op.int4_kernel_applies(4, 64, 1, qa.attrs["block_n"])
+    x = torch.randn(5, 256)
+    ya = torch.ops.fxquant.linear_intx(x, *qa.tensors.values(), None, **qa.attrs)
+    yb = torch.ops.fxquant.linear_int4wo(x, *qb.tensors.values(), None, **qb.attrs)
+    assert torch.equal(ya, yb)
+
+
+@pytest.mark.skipif(NATIVE is None, reason="no int4 CPU kernel layout on this CPU")
+def test_foreign_block_n_uses_dequant_path(monkeypatch):
+    monkeypatch.setattr(op, "_warned_layout", False)
+    w = torch.randn(40, 64, generator=torch.Generator().manual_seed(4))
+    stored = fmt.to_storage(w, 8, 32, False, 1, 64 if NATIVE != 64 else 32)
+    attrs = dict(bits=8, group_size=32, symmetric=False, axis=1, block_n=64 if NATIVE != 64 else 32, out_features=40)
+    x = torch.randn(3, 64)
+    with pytest.warns(UserWarning, match="block_n"):
+        y = torch.ops.fxquant.linear_intx(x, *stored.values(), None, **attrs)
+    assert rel(y, op.reference(x, *stored.values(), None, **attrs)) < 1e-5
+
+
+@pytest.mark.parametrize("scheme,dtype,with_bias", [
+    ("uint4wo-32", torch.float32, True), ("int8wo-32", torch.bfloat16, False),
+    ("int3wo-16", torch.float32, False), ("uint2wo-8-axis0", torch.bfloat16, True)])
+def test_opcheck(scheme, dtype, with_bias):
+    _, _, args, attrs = build(scheme, 24, 64)
+    x = torch.randn(2, 5, 64, dtype=dtype, requires_grad=True)
+    b = torch.randn(24, dtype=dtype) if with_bias else None
+    opcheck(torch.ops.fxquant.linear_intx.default, (x, *args, b), attrs)
+
+
+@pytest.mark.parametrize("scheme", ["uint4wo-32", "int3wo-16-axis0"])
+def test_backward_is_gradient_of_dequantized_linear(scheme):
+    fn, _, args, attrs = build(scheme, 16, 64, 5)
+    w = op.dequantize_weight(*args, **attrs)
+    x = torch.randn(3, 64, requires_grad=True)
+    b = torch.randn(16, requires_grad=True)
+    gy = torch.randn(3, 16)
+    fn(x, b).backward(gy)
+    assert torch.allclose(x.grad, gy @ w, atol=1e-4)
+    assert torch.allclose(b.grad, gy.sum(0), atol=1e-5)
+
+
+@pytest.mark.parametrize("scheme", ["uint4wo-32", "int8wo-32", "uint3wo-32"])
+@pytest.mark.parametrize("cd", [torch.float32, torch.bfloat16, torch.float16])
+def test_compute_dtype_is_honoured(scheme, cd):
+    fn, ref, _, _ = build(scheme, 24, 64, 7)
+    x = torch.randn(3, 64)
+    y = fn(x, None, compute_dtype=cd)
+    assert rel(y, ref(x, None, compute_dtype=cd)) < (1e-6 if cd == torch.float32 else 1e-2)
+    assert rel(y, ref(x, None)) < {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}[cd]
+
+
+def test_symmetric_flag_must_match_offset():
+    _, _, (lo, hi, s, o), attrs = build("uint3wo-32", 8, 64)
+    with pytest.raises(ValueError, match="symmetric=True but offset has 16 elements"):
+        op.dequantize_weight(lo, hi, s, o, **{**attrs, "symmetric": True})
+
+
+# ---- the scheme ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text,expected", [
+    ("uint4wo-64", IntX(bits=4, group_size=64)),
+    ("int3wo-128", IntX(bits=3, group_size=128, symmetric=True)),
+    ("uint2wo-32-axis0", IntX(bits=2, group_size=32, axis=0)),
+    ("int8wo-128", IntX(bits=8, group_size=128, symmetric=True)),
+    ("uint1wo-64", IntX(bits=1, group_size=64)),
+    ("int4wo-128-axis1", IntX(bits=4, group_size=128, symmetric=True)),
+    ("int4wo-64-axis0", IntX(bits=4, group_size=64, symmetric=True, axis=0)),
+    ("uint8wo-7-axis1", IntX(bits=8, group_size=7)),
+    ("int8wo", Int8WeightOnly()), ("int4wo-64", Int4WeightOnly(group_size=64)), ("int4wo", Int4WeightOnly()),
+])
+def test_parse_and_round_trip(text, expected):
+    s = parse_scheme(text)
+    assert s == expected and type(s) is type(expected)
+    assert parse_scheme(str(s)) == s and scheme_from_json(scheme_to_json(s)) == s
+
+
+@given(bits=st.integers(1, 8), group=st.integers(1, 512), symmetric=st.booleans(), axis=st.sampled_from([0, 1]))
+def test_every_scheme_round_trips_through_its_string(bits, group, symmetric, axis):
+    if symmetric and bits == 1:
+        return
+    s = IntX(bits=bits, group_size=group, symmetric=symmetric, axis=axis)
+    assert parse_scheme(str(s)) == s
+
+
+def test_compute_dtype_round_trips_through_spec():
+    spec = fxquant.Spec(default=IntX(bits=3, group_size=64, compute_dtype=torch.bfloat16),
+                        rules={"re:.*q_proj": "uint2wo-32-axis0", "x": IntX(bits=4, symmetric=True)})
+    assert fxquant.Spec.from_dict(spec.to_dict()) == spec
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(bits=9), r"IntX.bits=9 is not supported; valid: 1..8"),
+    (dict(bits=0), r"IntX.bits=0"),
+    (dict(bits=True), r"IntX.bits=True"),
+    (dict(group_size=0), r"IntX.group_size=0 is not supported; valid: an integer >= 1"),
+    (dict(axis=2), r"IntX.axis=2 is not supported; valid: 0, 1"),
+    (dict(symmetric="yes"), r"IntX.symmetric='yes'"),
+    (dict(bits=1, symmetric=True), r"symmetric 1-bit code has only the levels"),
+    (dict(compute_dtype=torch.int8), r"IntX.compute_dtype=torch.int8"),
+])
+def test_bad_options_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        IntX(**kwargs)
+
+
+def test_bad_strings_name_the_field():
+    with pytest.raises(ValueError, match=r"'uint9wo-64': IntX.bits=9"):
+        parse_scheme("uint9wo-64")
+    with pytest.raises(ValueError, match=r"'int1wo-64': IntX.bits=1 with symmetric=True"):
+        parse_scheme("int1wo-64")
+
+
+def test_unsupported_reason_checks_divisibility_per_layer():
+    assert IntX(group_size=64).unsupported_reason(torch.randn(10, 128)) is None
+    assert "in_features 96 is not divisible by group_size 64" in IntX(group_size=64).unsupported_reason(torch.randn(10, 96))
+    assert IntX(group_size=5, axis=0).unsupported_reason(torch.randn(10, 7)) is None
+    assert "out_features 12 is not divisible by group_size 5" in IntX(group_size=5, axis=0).unsupported_reason(
+        torch.randn(12, 7))
+
+
+def test_report_bytes_are_exact():
+    w = torch.randn(100, 256)
+    for text in ["uint3wo-64", "int8wo-32", "uint2wo-4-axis0"]:
+        s = parse_scheme(text)
+        qw = s.quantize(w)
+        assert qw.nbytes == fmt.nbytes(100, 256, s.bits, s.group_size, s.symmetric)
+
+
+# ---- end to end --------------------------------------------------------------------------------------------
+class Mixed(torch.nn.Module):
+    """Five linears, one per scheme of MIXED."""
+
+    def __init__(self):
+        super().__init__()
+        dims = [64, 128, 96, 128, 64, 32]
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(a, b) for a, b in zip(dims, dims[1:]))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.nn.functional.silu(layer(x))
+        return x
+
+
+MIXED = fxquant.Spec(default="uint4wo-32", rules={"layers.0": "int3wo-32", "layers.1": "uint2wo-32-axis0",
+                                                   "layers.2": "int8wo-32", "layers.3": "int4wo-64"})
+
+
+def test_mixed_formats_compile_fullgraph():
+    torch._dynamo.reset()
+    m = Mixed().eval()
+    qm = fxquant.compile(m, MIXED, (torch.randn(2, 5, 64),))
+    rep = fxquant.report(qm)
+    assert [r.scheme for r in rep.rows] == ["int3wo-32", "uint2wo-32-axis0", "int8wo-32", "int4wo-64", "uint4wo-32"]
+    assert all(r.status == "quantized" and r.bytes_after < r.bytes_before / 3 for r in rep.rows)
+    cm = torch.compile(qm, fullgraph=True)
+    for shape in [(2, 5, 64), (3, 7, 64)]:
+        x = torch.randn(shape)
+        torch.testing.assert_close(cm(x), qm(x), rtol=1e-4, atol=1e-5)
+        assert rel(qm(x), m(x)) < 0.5  # 2- and 3-bit layers: a sanity bound
