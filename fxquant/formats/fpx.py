@@ -15,12 +15,15 @@ Error bound per element: half the code spacing at ``|W| / scale``, i.e.
 ``|W - Ŵ| <= scale * 2^(max(e, 1-bias) - B - 1)`` with ``e = floor(log2(|W| / scale))``;
 relative to the row's ``amax``, at most ``2^(-B-1)`` for the largest binade.
 
-Storage:
-- ``qweight`` uint8 ``[N, ceil(K/8) * X]``: each row is a little-endian bit stream of its codes,
-  code ``k`` in bits ``[k*X, (k+1)*X)`` (byte ``b`` holds stream bits ``[8b, 8b+8)``, LSB first);
-  rows are padded with zero codes to a multiple of 8 codes, so 8 codes fill exactly ``X`` bytes.
+Storage (dense: ``X`` bits per code, rows padded with zero codes to ``Kp`` = a multiple of 8):
+- ``qweight`` uint8 ``[N, Kp * X / 8]``: the code's bits split into *planes* of widths 4, 2, 1
+  (the binary expansion of ``X``, high bits first: fp6 = 4 + 2 as FP6-LLM, fp5 = 4 + 1,
+  fp7 = 4 + 2 + 1, fp3 = 2 + 1), one block of columns per plane.  In a plane of width ``p``
+  (``cols = Kp * p / 8`` bytes per row), byte ``j`` holds in bits ``[i*p, (i+1)*p)`` the plane's
+  bits of code ``i * cols + j``, ``i < 8 / p``.  Unpacking is a few byte-wide whole-tensor ops
+  (no gathers, no wide integers): measured 3x faster than a plain bit stream on the CPU.
 - ``scale`` bf16 ``[N]``.
-Bytes: ``N * ceil(K/8) * X + 2 * N``.
+Bytes: ``N * Kp * X / 8 + 2 * N``.
 """
 from __future__ import annotations
 
@@ -136,9 +139,13 @@ def encode(x: torch.Tensor, ebits: int, mbits: int) -> torch.Tensor:
     return (mag | (neg.to(torch.int32) << (bits - 1))).to(torch.uint8)
 
 
-def decode(codes: torch.Tensor, ebits: int, mbits: int) -> torch.Tensor:
-    """uint8 codes -> fp32 values (a gather from :func:`decode_table`)."""
-    return decode_table(ebits, mbits, codes.device)[codes.long()]
+def decode(codes: torch.Tensor, ebits: int, mbits: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 codes -> values in ``dtype`` (a gather from :func:`decode_table`; every fp<=7 value is
+    exact in fp32 and bf16, and in fp16 unless the exponent range exceeds fp16's: e5m*, e6m0).
+
+    ``index_select`` on int32 indices: measured 6x faster than advanced indexing on the CPU."""
+    table = decode_table(ebits, mbits, codes.device).to(dtype)
+    return table.index_select(0, codes.reshape(-1).to(torch.int32)).view(codes.shape)
 
 
 # -- weights ------------------------------------------------------------------------------------
@@ -156,31 +163,96 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, ebits: int, mbits
     return decode(codes, ebits, mbits) * scale.float()[:, None]
 
 
+def planes(bits: int) -> tuple[tuple[int, int], ...]:
+    """The bit planes of an ``bits``-bit code: ``(width, shift)`` pairs, widest (highest bits) first,
+    widths from the binary expansion of ``bits`` (6 -> 4 + 2, as FP6-LLM's split; 7 -> 4 + 2 + 1)."""
+    out, shift = [], bits
+    for width in (4, 2, 1):
+        if bits & width:
+            shift -= width
+            out.append((width, shift))
+    return tuple(out)
+
+
+def padded_k(k: int) -> int:
+    """Codes stored per row: ``k`` rounded up to a multiple of 8 (every plane fills whole bytes)."""
+    return -(-k // CODES_PER_GROUP) * CODES_PER_GROUP
+
+
 def packed_cols(k: int, bits: int) -> int:
     """Bytes per stored row of ``k`` codes of ``bits`` bits."""
-    return -(-k // CODES_PER_GROUP) * bits
+    return padded_k(k) * bits // 8
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes ``[N, K]`` (values < 2^bits) -> uint8 ``[N, ceil(K/8) * bits]`` bit streams."""
+    """uint8 codes ``[N, K]`` (values < 2^bits) -> uint8 ``[N, Kp * bits / 8]``, ``Kp = padded_k(K)``.
+
+    One block of columns per plane (:func:`planes`), in order.  A plane of width ``p`` has
+    ``cols = Kp * p / 8`` bytes per row; its byte ``j`` holds, in bits ``[i*p, (i+1)*p)``, that
+    plane's bits of code ``k = i * cols + j`` (``i < 8 / p``): slicing the row into ``8 / p``
+    contiguous runs keeps packing and unpacking to whole-tensor byte ops."""
     n, k = codes.shape
-    groups = -(-k // CODES_PER_GROUP)
-    c = torch.nn.functional.pad(codes.to(torch.int64), (0, groups * CODES_PER_GROUP - k))
-    c = c.reshape(n, groups, CODES_PER_GROUP)
-    shifts = torch.arange(CODES_PER_GROUP, dtype=torch.int64) * bits
-    word = (c << shifts).sum(dim=-1, keepdim=True)  # [N, G, 1], 8*bits <= 56 bits: no overlap, no overflow
-    out = (word >> (torch.arange(bits, dtype=torch.int64) * 8)) & 0xFF  # [N, G, bits]
-    return out.to(torch.uint8).reshape(n, groups * bits)
+    c = torch.nn.functional.pad(codes.to(torch.uint8), (0, padded_k(k) - k))
+    out = []
+    for width, shift in planes(bits):
+        per, cols = 8 // width, c.shape[1] * width // 8
+        part = ((c >> shift) & (2**width - 1)).reshape(n, per, cols)
+        byte = torch.zeros(n, cols, dtype=torch.uint8, device=codes.device)
+        for i in range(per):
+            byte |= part[:, i] << (i * width)
+        out.append(byte)
+    return torch.cat(out, dim=1)
 
 
-def unpack(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
-    """Inverse of :func:`pack`: uint8 ``[N, ceil(K/8) * bits]`` -> uint8 codes ``[N, k]``."""
-    n, cols = packed.shape
-    groups = cols // bits
-    b = packed.reshape(n, groups, bits).to(torch.int64)
-    word = (b << (torch.arange(bits, dtype=torch.int64) * 8)).sum(dim=-1, keepdim=True)
-    c = (word >> (torch.arange(CODES_PER_GROUP, dtype=torch.int64) * bits)) & (2**bits - 1)
-    return c.to(torch.uint8).reshape(n, groups * CODES_PER_GROUP)[:, :k]
+def unpack(packed: torch.Tensor, bits: int, k: int, *, top_aligned: bool = False,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse of :func:`pack`: uint8 ``[N, Kp * bits / 8]`` -> uint8 codes ``[N, k]``; with
+    ``top_aligned`` each code is returned shifted to the top of its byte (``code << (8 - bits)``:
+    sign in bit 7, what :func:`fp16_scaled` takes).  ``out``: optional uint8 ``[N, Kp]`` to fill.
+
+    About ``2 * bits`` byte-wide whole-tensor ops (shift, mask, or), no wider integers."""
+    n, total = packed.shape
+    kp = total * 8 // bits
+    lift = 8 - bits if top_aligned else 0
+    codes = torch.empty(n, kp, dtype=torch.uint8, device=packed.device) if out is None else out
+    col = 0
+    for first, (width, shift) in enumerate(planes(bits)):
+        per, cols = 8 // width, kp * width // 8
+        plane = packed[:, col:col + cols]
+        for i in range(per):
+            dst = codes[:, i * cols:(i + 1) * cols]
+            move = shift + lift - i * width  # bit i*width of the plane goes to bit shift + lift
+            part = plane << move if move > 0 else (plane >> -move if move < 0 else plane)
+            part = part & (((2**width - 1) << (shift + lift)) & 0xFF)
+            if first == 0:
+                dst.copy_(part)
+            else:
+                dst |= part
+        col += cols
+    return codes[:, :k]
+
+
+def fp16_scaled(top_codes: torch.Tensor, ebits: int, *, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """Top-aligned codes (sign in bit 7, then ``ebits`` exponent bits, then mantissa) -> float16
+    ``t`` with ``value = t * 2^(15 - bias)``, exactly, by moving bits: fp16's exponent field is
+    the code's (fp16 normals and subnormals have the same shape as the code's), so only the bias
+    differs.  Valid for ``ebits <= 4`` (``ebits == 5``: the all-ones exponent becomes fp16 inf/NaN,
+    which is right for float8 e5m2 only).  Five whole-tensor ops, no gather: measured 2x faster
+    than the table gather of :func:`decode` on the CPU.
+
+    Sign-extending the int8 view to int16 fills bits 8..15 with the sign; after the shift the
+    sign sits in bit 15 and the copies in bits ``10 + ebits .. 14`` are masked off.  ``scratch``:
+    optional int16 tensor of ``top_codes``' shape to work in (the result is a view of it)."""
+    t = torch.empty(top_codes.shape, dtype=torch.int16, device=top_codes.device) if scratch is None else scratch
+    t.copy_(top_codes.view(torch.int8))  # sign-extends
+    t.bitwise_left_shift_(3 + ebits)
+    t.bitwise_and_(-0x8000 | ((1 << (10 + ebits)) - 1))  # bit 15 and everything below the exponent field
+    return t.view(torch.float16)
+
+
+def fp16_exponent_offset(ebits: int) -> int:
+    """``log2`` of the factor :func:`fp16_scaled` leaves out: ``15 - bias``."""
+    return 15 - bias(ebits)
 
 
 def to_storage(weight: torch.Tensor, ebits: int, mbits: int) -> dict[str, torch.Tensor]:

@@ -17,12 +17,33 @@ import torch
 import torch.nn.functional as F
 
 from ..formats import float8 as fmt
+from . import _cpu
+from ._dequant_gemm import block_rows, blocked_linear
 from ._linear import LinearOpDef, define
 
 
 def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, **_) -> torch.Tensor:
     """Stored buffers -> float32 ``[N, K]``."""
     return fmt.dequantize_weight(qweight, scale)
+
+
+def _blocked(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x2 @ (decode(qweight) * scale).T``, decoded block by block (exact float16 bit moves, then
+    the dense CPU dtype); the float16 path's power-of-two factor joins the per-row scale."""
+    dt = _cpu.dense_dtype()
+    n, k = qweight.shape
+    rows = min(n, block_rows(k, dt))
+    scratch = torch.empty(rows, k, dtype=torch.int16)
+    offset = fmt.EXPONENT_OFFSET[qweight.dtype]
+
+    def decode(r0: int, r1: int, out: torch.Tensor) -> None:
+        out.copy_(fmt.decode_fp16_scaled(qweight[r0:r1], scratch=scratch[: r1 - r0])[0])
+
+    return blocked_linear(x2, n, k, decode, scale.float().expand(n) * 2.0**offset, dt, rows)
+
+
+def _cpu_fast_wo(x2, qweight, scale):
+    return _blocked(x2, qweight, scale)
 
 
 def _cuda_wo(x2, qweight, scale, *, bias):
@@ -34,7 +55,7 @@ def _cuda_wo(x2, qweight, scale, *, bias):
 OP_WO = LinearOpDef(
     name="linear_float8wo", tensors=("qweight", "scale"), scalars=(),
     dequantize=dequantize_weight, out_features=lambda qweight, **_: qweight.shape[0],
-    cuda=_cuda_wo,
+    cpu_fast=_cpu_fast_wo, cuda=_cuda_wo,
     doc="x [..., K]; qweight float8_e4m3fn/e5m2 [N, K]; scale fp32 [N]; bias [N] -> [..., N]",
 )
 linear_float8wo = define(OP_WO)
@@ -54,6 +75,11 @@ def dq_definition(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, *
     return y.to(x.dtype).reshape(*x.shape[:-1], qweight.shape[0])
 
 
+def _cpu_fast_dq(x2, qweight, scale, granularity, activation_scale_ub):
+    xh = fmt.fake_quantize_activation(x2, qweight.dtype, granularity, activation_scale_ub)
+    return _blocked(xh, qweight, scale)
+
+
 def _cuda_dq(x2, qweight, scale, *, bias, granularity, activation_scale_ub):
     from ..kernels.float8 import float8dq_linear
 
@@ -65,7 +91,7 @@ OP_DQ = LinearOpDef(
     name="linear_float8dq", tensors=("qweight", "scale"),
     scalars=(("granularity", "str"), ("activation_scale_ub", "float")),
     dequantize=dequantize_weight, out_features=lambda qweight, **_: qweight.shape[0],
-    cuda=_cuda_dq, reference_fn=dq_definition,
+    cpu_fast=_cpu_fast_dq, cuda=_cuda_dq, reference_fn=dq_definition,
     doc="x [..., K]; qweight float8_e4m3fn [N, K]; scale fp32 [N] (granularity 'row') or [1] ('tensor'); "
         "bias [N] -> [..., N]; activations quantized to float8 per call",
 )

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 
 from ..formats import fpx as fmt
+from . import _cpu
+from ._dequant_gemm import block_rows, blocked_linear
 from ._linear import LinearOpDef, define
 
 
@@ -17,6 +19,26 @@ def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, ebits: int, mb
                       in_features: int) -> torch.Tensor:
     """Stored buffers -> float32 ``[N, in_features]``."""
     return fmt.from_storage(qweight, scale, ebits, mbits, in_features)
+
+
+def _cpu_fast(x2, qweight, scale, ebits, mbits, in_features):
+    """Blocked unpack + decode + GEMM.  Decode: exact float16 bit moves for ``ebits <= 4``, else the
+    table gather; the float16 path's power-of-two factor joins the per-row scale."""
+    dt, bits, n = _cpu.dense_dtype(), 1 + ebits + mbits, qweight.shape[0]
+    rows = min(n, block_rows(in_features, dt))
+    codes = torch.empty(rows, fmt.padded_k(in_features), dtype=torch.uint8)
+    scratch = torch.empty(rows, in_features, dtype=torch.int16)
+    via_fp16 = ebits <= 4
+
+    def decode(r0: int, r1: int, out: torch.Tensor) -> None:
+        c = fmt.unpack(qweight[r0:r1], bits, in_features, top_aligned=via_fp16, out=codes[: r1 - r0])
+        if via_fp16:
+            out.copy_(fmt.fp16_scaled(c, ebits, scratch=scratch[: r1 - r0]))
+        else:
+            out.copy_(fmt.decode(c, ebits, mbits, out.dtype))
+
+    factor = 2.0 ** fmt.fp16_exponent_offset(ebits) if via_fp16 else 1.0
+    return blocked_linear(x2, n, in_features, decode, scale.float() * factor, dt, rows)
 
 
 def _cuda(x2, qweight, scale, *, bias, ebits, mbits, in_features):
@@ -29,7 +51,7 @@ OP = LinearOpDef(
     name="linear_fpx", tensors=("qweight", "scale"),
     scalars=(("ebits", "int"), ("mbits", "int"), ("in_features", "int")),
     dequantize=dequantize_weight, out_features=lambda qweight, **_: qweight.shape[0],
-    cuda=_cuda,
+    cpu_fast=_cpu_fast, cuda=_cuda,
     doc="x [..., K]; qweight uint8 [N, ceil(K/8) * X] (X = 1 + ebits + mbits, little-endian bit stream per "
         "row); scale bf16 [N]; bias [N] -> [..., N]",
 )

@@ -107,13 +107,27 @@ def test_pack_unpack_roundtrip(bits, rows, k, seed):
 
 
 @pytest.mark.parametrize("bits", range(3, 8))
-def test_pack_is_a_little_endian_bit_stream(bits):
-    """Code k occupies stream bits [k*X, (k+1)*X); byte b holds stream bits [8b, 8b+8), LSB first."""
-    codes = torch.randint(0, 2**bits, (1, 19), dtype=torch.uint8, generator=torch.Generator().manual_seed(bits))
-    packed = fpx.pack(codes, bits)[0].tolist()
-    stream = sum(byte << (8 * i) for i, byte in enumerate(packed))
-    assert [(stream >> (k * bits)) & (2**bits - 1) for k in range(19)] == codes[0].tolist()
-    assert stream >> (19 * bits) == 0  # padding codes are zero
+def test_pack_layout_element_by_element(bits):
+    """The documented plane layout, checked bit by bit in plain Python: in the plane of width p
+    (high code bits first, widths 4/2/1 from the binary expansion of X), byte j of the row holds
+    in bits [i*p, (i+1)*p) that plane's bits of code i * cols + j."""
+    k = 19
+    codes = torch.randint(0, 2**bits, (2, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(bits))
+    packed = fpx.pack(codes, bits)
+    kp = fpx.padded_k(k)
+    assert kp == 24 and packed.shape == (2, kp * bits // 8)
+    widths = [w for w in (4, 2, 1) if bits & w]
+    for row in range(2):
+        got, col, shift = [0] * kp, 0, bits
+        for width in widths:
+            shift -= width
+            cols = kp * width // 8
+            for j in range(cols):
+                byte = int(packed[row, col + j])
+                for i in range(8 // width):
+                    got[i * cols + j] |= ((byte >> (i * width)) & (2**width - 1)) << shift
+            col += cols
+        assert got == codes[row].tolist() + [0] * (kp - k)  # padding codes are zero
 
 
 @pytest.mark.parametrize("ebits,mbits", FORMATS, ids=IDS)

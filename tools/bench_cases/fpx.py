@@ -1,0 +1,115 @@
+"""Benchmark rows for the sub-byte float formats ``fp<X>_e<A>m<B>``, in tools/bench.py's terms.
+
+Same interface as :mod:`tools.bench_cases.float8` (``CASES``, ``TARGETS``, ``register``; run the
+file to register into tools/bench.py and run it), e.g.
+``python tools/bench_cases/fpx.py --shapes 11008x4096 --formats fp6_e3m2 fp4_e2m1``.
+
+Rows: the op (``torch.ops.fxquant.linear_fpx``: blocked unpack + fp16-bit decode + GEMM below
+``_cpu.large_m_threshold()`` rows, the reference above it), its CPU fast path called directly
+at every M, the reference, and the only peer left: torchao removed ``fpx_weight_only`` (its
+FP6-LLM CUDA kernels), so the peer row is what it did off the GPU - decode with torchao's
+``_floatx_unpacked_to_f32`` and ``F.linear`` - on our unpacked codes.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import fxquant.ops  # noqa: F401  (registers torch.ops.fxquant.*)
+except ModuleNotFoundError:  # run from a checkout without installing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    import fxquant.ops  # noqa: F401
+from fxquant.formats import fpx as fmt
+from fxquant.ops import fpx as op
+
+FP32, BF16 = torch.float32, torch.bfloat16
+FORMATS = ("fp6_e3m2", "fp6_e2m3", "fp5_e2m2", "fp4_e2m1", "fp3_e1m1")
+FAST_ALL_M = ("fp6_e3m2", "fp4_e2m1")
+
+
+class Unavailable(Exception):
+    """Peer not importable here (tools/bench.py shows the row as n/a with this message)."""
+
+
+def _prep(name: str) -> Callable[[torch.Tensor], Any]:
+    ebits, mbits = fmt.parse_format(name)
+
+    def prepare(w):
+        st = fmt.to_storage(w, ebits, mbits)
+        return st["qweight"], st["scale"], ebits, mbits, w.shape[1]
+    return prepare
+
+
+def _op(st, x):
+    q, s, e, m, k = st
+    return torch.ops.fxquant.linear_fpx(x, q, s, None, e, m, k)
+
+
+def _fast(st, x):
+    return op.OP.cpu_fast(x, *st).to(x.dtype)
+
+
+def _ref(st, x):
+    q, s, e, m, k = st
+    return op.reference(x, q, s, None, e, m, k)
+
+
+def _torchao_decode(name: str) -> Callable[[torch.Tensor], Any]:
+    def prepare(w):
+        try:
+            utils = importlib.import_module("torchao.prototype.custom_fp_utils")
+        except Exception as e:
+            raise Unavailable(f"torchao.prototype.custom_fp_utils not importable: {type(e).__name__}") from e
+        st = _prep(name)(w)
+        return utils, st
+    return prepare
+
+
+def _torchao_forward(state, x):
+    utils, (q, s, e, m, k) = state
+    w = utils._floatx_unpacked_to_f32(fmt.unpack(q, 1 + e + m, k), e, m) * s.float()[:, None]
+    return F.linear(x, w.to(x.dtype))
+
+
+def _row(name, fmt_, kind, act_dtype, prepare, forward) -> dict[str, Any]:
+    return dict(name=name, fmt=fmt_, kind=kind, act_dtype=act_dtype, prepare=prepare, forward=forward)
+
+
+CASES: list[dict[str, Any]] = []
+for _f in FORMATS:
+    CASES += [_row(f"fxquant {_f}", _f, "fxquant", FP32, _prep(_f), _op),
+              _row(f"{_f} reference", _f, "reference", FP32, _prep(_f), _ref)]
+    if _f in FAST_ALL_M:
+        CASES.append(_row(f"fxquant {_f} fast path, all M", _f, "fxquant", FP32, _prep(_f), _fast))
+CASES.append(_row("torchao floatx decode + F.linear", "fp6_e3m2", "peer", FP32, _torchao_decode("fp6_e3m2"),
+                  _torchao_forward))
+
+BF16_LINEAR = "bf16 F.linear"
+TARGETS: list[dict[str, Any]] = [
+    *(dict(case=f"fxquant {f}", m=m, vs=f"{f} reference", min_ratio=1.0)  # "no format slower than its reference"
+      for f in FORMATS for m in (1, 16, 256)),
+    # the issue: "every format of <= 4 bits >= 2x faster than bf16" (at M=1, where weight bytes rule)
+    *(dict(case=f"fxquant {f}", m=1, vs=BF16_LINEAR, min_ratio=2.0) for f in ("fp4_e2m1", "fp3_e1m1")),
+    dict(case="fxquant fp6_e3m2", m=1, vs="peers", min_ratio=1.0),
+]
+
+
+def register(case: Callable[..., Callable]) -> None:
+    """Register every row with tools/bench.py's ``case(name=, fmt=, kind=, act_dtype=, prepare=)``."""
+    for c in CASES:
+        case(**{k: v for k, v in c.items() if k != "forward"})(c["forward"])
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from tools import bench
+
+    register(bench.case)
+    bench.TARGETS = tuple(bench.TARGETS) + tuple(bench.Target(**t) for t in TARGETS)
+    sys.exit(bench.main())
