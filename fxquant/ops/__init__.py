@@ -8,5 +8,6 @@ from . import int4wo, int8wo  # noqa: F401  (registration side effects)
 from . import intx  # noqa: F401
 from . import float8, fpx  # noqa: F401
 from . import int8dq  # noqa: F401
+from . import onebit  # noqa: F401
 
 __all__ = ["int4wo", "int8wo"]

@@ -12,9 +12,11 @@ from .intx import IntX
 from .float8 import Float8DynamicActivation, Float8WeightOnly
 from .fpx import FPx
 from .int8dq import Int8DynamicActivation, LLMInt8
+from .onebit import OneBit
 
 __all__ = ["Scheme", "QuantizedWeight", "parse_scheme", "valid_scheme_names", "scheme_to_json",
            "scheme_from_json", "Int8WeightOnly", "Int4WeightOnly"]
 __all__ += ["IntX"]
 __all__ += ["Float8WeightOnly", "Float8DynamicActivation", "FPx"]
 __all__ += ["Int8DynamicActivation", "LLMInt8"]
+__all__ += ["OneBit"]
