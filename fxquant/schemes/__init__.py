@@ -12,6 +12,7 @@ from .intx import IntX
 from .float8 import Float8DynamicActivation, Float8WeightOnly
 from .fpx import FPx
 from .int8dq import Int8DynamicActivation, LLMInt8
+from .bnb4 import FP4, NF4
 from .onebit import OneBit
 
 __all__ = ["Scheme", "QuantizedWeight", "parse_scheme", "valid_scheme_names", "scheme_to_json",
@@ -19,4 +20,5 @@ __all__ = ["Scheme", "QuantizedWeight", "parse_scheme", "valid_scheme_names", "s
 __all__ += ["IntX"]
 __all__ += ["Float8WeightOnly", "Float8DynamicActivation", "FPx"]
 __all__ += ["Int8DynamicActivation", "LLMInt8"]
+__all__ += ["NF4", "FP4"]
 __all__ += ["OneBit"]

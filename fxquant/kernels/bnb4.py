@@ -1,0 +1,233 @@
+"""Triton kernel for ``fxquant::linear_bnb4`` / ``linear_bnb4_dq``: ``y = x @ W.T + bias`` with
+bitsandbytes NF4 / FP4 ``W`` (layout in :mod:`fxquant.formats.bnb4`), read as stored.
+
+Element ``(n, k)`` of ``W`` is flat element ``e = n * K + k``: its code is the high nibble of byte
+``e // 2`` when ``e`` is even, else the low nibble; its block is ``e // blocksize`` (blocks may
+straddle rows, so nothing is assumed about ``K``).  Each ``[BLOCK_K, BLOCK_N]`` tile of ``W`` is
+decoded in registers: ``code_table[q]`` (a gather from the 16-entry table) times the block's absmax,
+which with double quantization is itself decoded in-kernel as
+``absmax_code[absmax_q[b]] * absmax_scale[b // absmax_blocksize] + absmax_offset``.  The fp32
+tile enters ``tl.dot`` with fp32 accumulation: exact fp32 products for fp32 activations (as the
+reference), the activation's dtype for bf16/fp16 on GPU (``W`` rounded to it, as bitsandbytes'
+``compute_dtype`` does).  Only the first ``out_features`` rows are computed and stored.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..formats import bnb4 as fmt
+from . import interpreting
+
+INTERPRETED = interpreting()  # what @triton.jit below saw; see fxquant.kernels.interpreting
+X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@triton.jit
+def _bnb4_kernel(x_ptr, codes_ptr, absmax_ptr, aq_ptr, acode_ptr, ascale_ptr, aoff_ptr, table_ptr,
+                 bias_ptr, y_ptr, M, N, K, M_BUCKET,
+                 stride_xm, stride_xk, stride_ym, stride_yn,
+                 BLOCKSIZE: tl.constexpr, ABSMAX_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 GROUP_M: tl.constexpr):
+    # M_BUCKET only feeds the autotune key (so a new M does not re-tune); the kernel ignores it.
+    # Grouped tile order: GROUP_M row-tiles share each column-tile of weights while it is in L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    tiles_per_group = GROUP_M * num_n
+    first_m = (pid // tiles_per_group) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % tiles_per_group) % group_rows
+    pid_n = (pid % tiles_per_group) // group_rows
+
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    if DOUBLE_QUANT:
+        offset = tl.load(aoff_ptr).to(tl.float32)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        w_mask = k_mask[:, None] & n_mask[None, :]
+        e = offs_n[None, :] * K + offs_k[:, None]  # [BLOCK_K, BLOCK_N] flat element index
+        byte = tl.load(codes_ptr + e // 2, mask=w_mask, other=0).to(tl.int32)
+        q = (byte >> ((1 - e % 2) * 4).to(tl.int32)) & 0xF  # even e: high nibble
+        value = tl.load(table_ptr + q)
+        blk = e // BLOCKSIZE
+        if DOUBLE_QUANT:
+            aq = tl.load(aq_ptr + blk, mask=w_mask, other=0).to(tl.int32)
+            scale = tl.load(ascale_ptr + blk // ABSMAX_BLOCKSIZE, mask=w_mask, other=0.0)
+            absmax = tl.load(acode_ptr + aq) * scale + offset
+        else:
+            absmax = tl.load(absmax_ptr + blk, mask=w_mask, other=0.0)
+        w = tl.where(w_mask, value * absmax, 0.0)
+        if DOT_IN_FP32:  # fp32 activations, or bf16 under the interpreter (see _bf16_via_fp32)
+            # "ieee": exact fp32 products as the reference computes (tf32 keeps ~10 mantissa bits).
+            acc = tl.dot(x.to(tl.float32), w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, w.to(x.dtype), acc)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def _config(block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8},
+                         num_warps=num_warps, num_stages=num_stages)
+
+
+# GPU search space.  Not measured: the machine this was written on has no GPU.  The sizes follow
+# the usual Triton GEMM ranges (16 is tl.dot's minimum tile side): narrow-M tiles with long K
+# steps for decode, square-ish tiles for prefill.
+_CUDA_CONFIGS = [
+    _config(16, 64, 128, num_warps=4, num_stages=4),
+    _config(16, 64, 64, num_warps=4, num_stages=4),
+    _config(16, 128, 64, num_warps=4, num_stages=3),
+    _config(32, 64, 64, num_warps=4, num_stages=4),
+    _config(64, 128, 64, num_warps=4, num_stages=4),
+    _config(64, 64, 32, num_warps=4, num_stages=4),
+    _config(128, 128, 64, num_warps=8, num_stages=3),
+    _config(128, 128, 32, num_warps=8, num_stages=3),
+]
+# The CPU interpreter: one config, so autotune never benchmarks there.
+_INTERPRETER_CONFIGS = [_config(16, 32, 32, num_warps=1, num_stages=1)]
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Keep configs whose M tile is at most one step taller than the (bucketed) rows."""
+    max_m = max(16, named_args["M_BUCKET"])
+    return [c for c in configs if c.kwargs["BLOCK_M"] <= max_m] or configs
+
+
+_bnb4_tuned = triton.autotune(
+    configs=_INTERPRETER_CONFIGS if INTERPRETED else _CUDA_CONFIGS,
+    key=["M_BUCKET", "N", "K", "BLOCKSIZE", "DOUBLE_QUANT"],
+    prune_configs_by={"early_config_prune": _prune},
+)(_bnb4_kernel)
+
+
+def _bf16_via_fp32(x_dtype: torch.dtype) -> bool:
+    """Under the CPU interpreter bf16 ``tl.dot`` multiplies raw bit patterns and fp32 -> bf16 casts
+    truncate (see :func:`fxquant.kernels.int4wo._bf16_via_fp32`): bf16 activations enter the dot as
+    fp32 (exact), and the launcher rounds the fp32 output with torch."""
+    return INTERPRETED and x_dtype == torch.bfloat16
+
+
+def _fail(msg: str) -> None:
+    raise ValueError(f"bnb4_linear: {msg}")
+
+
+def _check_common(x2d: torch.Tensor, codes: torch.Tensor, code_table: torch.Tensor, bias: Optional[torch.Tensor],
+                  blocksize: int, out_features: int) -> int:
+    """Validate what both ops share; returns the number of blocks ``ceil(N * K / blocksize)``."""
+    if x2d.dim() != 2:
+        _fail(f"x2d must be 2-D [M, K], got shape {tuple(x2d.shape)}")
+    if x2d.dtype not in X_DTYPES:
+        _fail(f"x2d dtype {x2d.dtype} is not supported; use one of {X_DTYPES}")
+    if blocksize not in fmt.BLOCKSIZES:
+        _fail(f"blocksize={blocksize} is not supported; valid: {fmt.BLOCKSIZES}")
+    if out_features < 0:
+        _fail(f"out_features={out_features} must be >= 0")
+    numel = out_features * x2d.shape[1]
+    if codes.dtype != torch.uint8 or tuple(codes.shape) != (-(-numel // 2),):
+        _fail(f"codes must be uint8 of shape ({-(-numel // 2)},) = ceil(out_features * K / 2) for "
+              f"out_features={out_features}, K={x2d.shape[1]}; got {codes.dtype} {tuple(codes.shape)} "
+              "(build it with fxquant.formats.bnb4.to_storage)")
+    if tuple(code_table.shape) != (16,) or not code_table.is_floating_point():
+        _fail(f"code_table must be a float tensor of shape (16,), got {code_table.dtype} {tuple(code_table.shape)}")
+    if bias is not None and (tuple(bias.shape) != (out_features,) or not bias.is_floating_point()):
+        _fail(f"bias must be None or a float tensor of shape ({out_features},), got {bias.dtype} {tuple(bias.shape)}")
+    return -(-numel // blocksize)
+
+
+def _check_device(tensors: dict[str, Optional[torch.Tensor]]) -> None:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) != 1:
+        _fail(f"all tensors must be on one device, got {devices}")
+    if next(iter(devices.values())).type != "cuda" and not INTERPRETED:
+        _fail(f"tensors are on {next(iter(devices.values()))}; the Triton kernel needs CUDA tensors, "
+              "or TRITON_INTERPRET=1 set before fxquant.kernels.bnb4 is imported")
+
+
+def _launch(x2d, codes, absmax, aq, acode, ascale, aoff, code_table, bias, blocksize, absmax_blocksize,
+            out_features) -> torch.Tensor:
+    m, k = x2d.shape
+    via_fp32 = _bf16_via_fp32(x2d.dtype)
+    y = torch.empty((m, out_features), dtype=torch.float32 if via_fp32 else x2d.dtype, device=x2d.device)
+    if m == 0 or out_features == 0 or k == 0:
+        return y.zero_().to(x2d.dtype) if bias is None else (y.zero_() + bias).to(x2d.dtype)
+    table = code_table.float().contiguous()
+    dq = aq is not None
+    absmax = absmax.float().contiguous() if not dq else table  # unread placeholders keep one signature
+    aq, acode, ascale, aoff = ((aq.contiguous(), acode.float().contiguous(), ascale.float().contiguous(),
+                                aoff.float().reshape(1)) if dq else (table, table, table, table))
+    bias_arg = bias.contiguous() if bias is not None else table  # unread without bias
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(out_features, meta["BLOCK_N"]),)
+
+    _bnb4_tuned[grid](x2d, codes.contiguous(), absmax, aq, acode, ascale, aoff, table, bias_arg, y,
+                      m, out_features, k, triton.next_power_of_2(m),
+                      x2d.stride(0), x2d.stride(1), y.stride(0), y.stride(1),
+                      BLOCKSIZE=blocksize, ABSMAX_BLOCKSIZE=absmax_blocksize, DOUBLE_QUANT=dq,
+                      HAS_BIAS=bias is not None, DOT_IN_FP32=via_fp32 or x2d.dtype == torch.float32)
+    return y.to(x2d.dtype)
+
+
+def bnb4_linear(x2d: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, code_table: torch.Tensor,
+                bias: Optional[torch.Tensor], *, blocksize: int, out_features: int) -> torch.Tensor:
+    """``x2d`` ``[M, K]`` fp32/bf16/fp16; ``codes`` uint8 ``[ceil(N*K/2)]``; ``absmax`` float
+    ``[ceil(N*K/blocksize)]``; ``code_table`` float ``[16]``; ``bias`` ``[N]`` or None ->
+    ``y2d`` ``[M, N]`` in ``x2d.dtype`` (``N = out_features``), accumulated in fp32.
+
+    Raises ValueError naming the argument when shapes, dtypes, devices or layout parameters do not fit.
+    """
+    nblocks = _check_common(x2d, codes, code_table, bias, blocksize, out_features)
+    if tuple(absmax.shape) != (nblocks,) or not absmax.is_floating_point():
+        _fail(f"absmax must be a float tensor of shape ({nblocks},) = ceil(out_features * K / blocksize), "
+              f"got {absmax.dtype} {tuple(absmax.shape)}")
+    _check_device({"x2d": x2d, "codes": codes, "absmax": absmax, "code_table": code_table, "bias": bias})
+    return _launch(x2d, codes, absmax, None, None, None, None, code_table, bias, blocksize,
+                   fmt.NESTED_BLOCKSIZE, out_features)
+
+
+def bnb4_linear_dq(x2d: torch.Tensor, codes: torch.Tensor, absmax_q: torch.Tensor, absmax_code: torch.Tensor,
+                   absmax_scale: torch.Tensor, absmax_offset: torch.Tensor, code_table: torch.Tensor,
+                   bias: Optional[torch.Tensor], *, blocksize: int, absmax_blocksize: int,
+                   out_features: int) -> torch.Tensor:
+    """As :func:`bnb4_linear` with the double-quantized absmax: ``absmax_q`` uint8 ``[nblocks]``,
+    ``absmax_code`` float ``[256]``, ``absmax_scale`` float ``[ceil(nblocks / absmax_blocksize)]``,
+    ``absmax_offset`` float with one element."""
+    nblocks = _check_common(x2d, codes, code_table, bias, blocksize, out_features)
+    if absmax_q.dtype != torch.uint8 or tuple(absmax_q.shape) != (nblocks,):
+        _fail(f"absmax_q must be uint8 of shape ({nblocks},) = ceil(out_features * K / blocksize), "
+              f"got {absmax_q.dtype} {tuple(absmax_q.shape)}")
+    if tuple(absmax_code.shape) != (256,) or not absmax_code.is_floating_point():
+        _fail(f"absmax_code must be a float tensor of shape (256,), got {absmax_code.dtype} "
+              f"{tuple(absmax_code.shape)}")
+    if absmax_blocksize <= 0:
+        _fail(f"absmax_blocksize={absmax_blocksize} must be positive")
+    nested = -(-nblocks // absmax_blocksize)
+    if tuple(absmax_scale.shape) != (nested,) or not absmax_scale.is_floating_point():
+        _fail(f"absmax_scale must be a float tensor of shape ({nested},) = ceil({nblocks} / absmax_blocksize), "
+              f"got {absmax_scale.dtype} {tuple(absmax_scale.shape)}")
+    if absmax_offset.numel() != 1 or not absmax_offset.is_floating_point():
+        _fail(f"absmax_offset must be a float tensor with one element, got {absmax_offset.dtype} "
+              f"{tuple(absmax_offset.shape)}")
+    _check_device({"x2d": x2d, "codes": codes, "absmax_q": absmax_q, "absmax_code": absmax_code,
+                   "absmax_scale": absmax_scale, "absmax_offset": absmax_offset, "code_table": code_table,
+                   "bias": bias})
+    return _launch(x2d, codes, None, absmax_q, absmax_code, absmax_scale, absmax_offset, code_table, bias,
+                   blocksize, absmax_blocksize, out_features)

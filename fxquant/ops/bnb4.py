@@ -1,0 +1,132 @@
+"""``fxquant::linear_bnb4`` and ``fxquant::linear_bnb4_dq``: bitsandbytes NF4 / FP4 linears.
+
+``y = x @ W.T + bias`` with ``W = code_table[q] * absmax[block]`` over the row-major flattened
+weight (blocks may straddle rows); layout and math in :mod:`fxquant.formats.bnb4`.  One op per
+storage shape: ``linear_bnb4`` takes the fp32 ``absmax``, ``linear_bnb4_dq`` the double-quantized
+one (``absmax_q``, ``absmax_code``, ``absmax_scale``, ``absmax_offset``).  The code table is an
+argument, so NF4 and FP4 (or any 16-entry table) share the ops.
+
+CPU: PyTorch has no kernel that looks up a 16-entry table inside a matmul (the packed ATen kernels
+``_weight_int4pack_mm_for_cpu`` / ``_weight_int8pack_mm`` apply affine dequantization only; see
+docs/formats/bnb4.md for what was measured), so the fast path is dequantize + dense GEMM done in
+row chunks: each chunk of about ``CHUNK_ELEMENTS`` weights is decoded with one gather per code
+*byte pair* (:func:`fxquant.formats.bnb4.dequantize_span`, bit-identical to the reference) into a
+cache-sized buffer and multiplied at once, so the full dequantized weight never exists.
+CUDA: the Triton kernel in :mod:`fxquant.kernels.bnb4`.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from typing import Callable
+
+import torch
+
+from ..formats import bnb4 as fmt
+from . import _cpu
+from ._linear import LinearOpDef, define
+
+#: Weights decoded per chunk of the CPU path: 2^20 fp32 = 4 MB, the chunk size that was fastest
+#: at M=1 for 11008x4096 on the 2-core AVX2 EPYC (2^18: +10%, whole weight at once: 5-8x slower,
+#: page faults of the fresh 180 MB buffer dominate).
+CHUNK_ELEMENTS = 1 << 20
+
+
+def dequantize_weight(codes: torch.Tensor, absmax: torch.Tensor, code_table: torch.Tensor, blocksize: int,
+                      out_features: int, in_features: int) -> torch.Tensor:
+    """Stored buffers -> float32 ``[out_features, in_features]`` (the reference dequantization)."""
+    return fmt.dequantize_4bit(codes, absmax, code_table, blocksize, (out_features, in_features))
+
+
+def dequantize_weight_dq(codes: torch.Tensor, absmax_q: torch.Tensor, absmax_code: torch.Tensor,
+                         absmax_scale: torch.Tensor, absmax_offset: torch.Tensor, code_table: torch.Tensor,
+                         blocksize: int, absmax_blocksize: int, out_features: int,
+                         in_features: int) -> torch.Tensor:
+    """Double-quant buffers -> float32 ``[out_features, in_features]``."""
+    absmax = fmt.double_dequantize(absmax_q, absmax_code, absmax_scale, absmax_offset, absmax_blocksize)
+    return fmt.dequantize_4bit(codes, absmax, code_table, blocksize, (out_features, in_features))
+
+
+_WORKSPACE = threading.local()  # per-thread scratch buffers of the CPU path (~ 10 * CHUNK_ELEMENTS bytes)
+
+
+def _chunk_rows(k: int, blocksize: int) -> int:
+    """Rows per chunk: whole blocks per chunk (so chunks start on a block), about CHUNK_ELEMENTS."""
+    step = blocksize // math.gcd(k, blocksize)
+    return step * max(1, CHUNK_ELEMENTS // (k * step))
+
+
+def _chunked_linear(x2: torch.Tensor, codes: torch.Tensor, code_table: torch.Tensor, blocksize: int,
+                    out_features: int, span_absmax: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+    """``x2 @ W.T`` decoding ``W`` chunk by chunk, in this CPU's dense dtype -> ``[M, N]``.
+
+    ``span_absmax(first_block, stop_block)`` gives the fp32 absmax of those blocks.  Scratch
+    buffers are reused across chunks and calls: allocating them fresh costs more than the decode
+    on the VM this was measured on (a fresh 1 MB tensor: up to 20 ms, the munmap waiting for the
+    other vCPU)."""
+    n, k = out_features, x2.shape[1]
+    dt = _cpu.dense_dtype()
+    ws = _WORKSPACE.__dict__.setdefault("buffers", {})
+    xt = x2.to(dt).t()
+    yt = torch.empty(n, x2.shape[0], dtype=dt)  # rows of y.T are contiguous: mm writes them in place
+    rows = _chunk_rows(k, blocksize)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        e0, e1 = r0 * k, r1 * k
+        absmax = span_absmax(e0 // blocksize, -(-e1 // blocksize))
+        w = fmt.dequantize_span(codes, absmax, code_table, blocksize, e0, e1, workspace=ws).view(r1 - r0, k)
+        if dt != torch.float32:
+            w = fmt.buffer(ws, "cast", w.numel(), dt).view_as(w).copy_(w)
+        torch.mm(w, xt, out=yt[r0:r1])
+    return yt.t()
+
+
+def _cpu_fast(x2, codes, absmax, code_table, blocksize, out_features, in_features):
+    return _chunked_linear(x2, codes, code_table, blocksize, out_features, lambda b0, b1: absmax[b0:b1])
+
+
+def _cpu_fast_dq(x2, codes, absmax_q, absmax_code, absmax_scale, absmax_offset, code_table, blocksize,
+                 absmax_blocksize, out_features, in_features):
+    def span_absmax(b0: int, b1: int) -> torch.Tensor:
+        return fmt.double_dequantize_span(absmax_q, absmax_code, absmax_scale, absmax_offset, absmax_blocksize,
+                                          b0, b1)
+    return _chunked_linear(x2, codes, code_table, blocksize, out_features, span_absmax)
+
+
+def _cuda(x2, codes, absmax, code_table, *, bias, blocksize, out_features, in_features):
+    from ..kernels.bnb4 import bnb4_linear
+
+    return bnb4_linear(x2, codes, absmax, code_table, bias, blocksize=blocksize, out_features=out_features)
+
+
+def _cuda_dq(x2, codes, absmax_q, absmax_code, absmax_scale, absmax_offset, code_table, *, bias, blocksize,
+             absmax_blocksize, out_features, in_features):
+    from ..kernels.bnb4 import bnb4_linear_dq
+
+    return bnb4_linear_dq(x2, codes, absmax_q, absmax_code, absmax_scale, absmax_offset, code_table, bias,
+                          blocksize=blocksize, absmax_blocksize=absmax_blocksize, out_features=out_features)
+
+
+_SHAPES = (("out_features", "int"), ("in_features", "int"))
+OP = LinearOpDef(
+    name="linear_bnb4", tensors=("codes", "absmax", "code_table"),
+    scalars=(("blocksize", "int"), *_SHAPES),
+    dequantize=dequantize_weight, out_features=lambda out_features, **_: out_features,
+    cpu_fast=_cpu_fast, cuda=_cuda,
+    doc="x [..., K]; codes uint8 [ceil(N*K/2)] (flattened row-major, first code in the high nibble); "
+        "absmax fp32 [ceil(N*K/blocksize)]; code_table fp32 [16]; bias [N] -> [..., N]",
+)
+OP_DQ = LinearOpDef(
+    name="linear_bnb4_dq",
+    tensors=("codes", "absmax_q", "absmax_code", "absmax_scale", "absmax_offset", "code_table"),
+    scalars=(("blocksize", "int"), ("absmax_blocksize", "int"), *_SHAPES),
+    dequantize=dequantize_weight_dq, out_features=lambda out_features, **_: out_features,
+    cpu_fast=_cpu_fast_dq, cuda=_cuda_dq,
+    doc="as linear_bnb4 with the block absmax double-quantized: absmax_code[absmax_q] * "
+        "absmax_scale[block // absmax_blocksize] + absmax_offset (absmax_q uint8, absmax_code fp32 [256], "
+        "absmax_scale fp32, absmax_offset fp32 [])",
+)
+linear_bnb4 = define(OP)
+linear_bnb4_dq = define(OP_DQ)
+reference = OP.reference
+reference_dq = OP_DQ.reference
