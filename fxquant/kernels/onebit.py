@@ -1,0 +1,180 @@
+"""Triton kernel for ``fxquant::linear_onebit``: ``y = ((x ⊙ b) · Sᵀ) ⊙ a + bias``.
+
+Layout (:mod:`fxquant.formats.onebit`), read as stored: ``sign_bits`` uint8 ``[N, C]``,
+``C = ceil(K / 8)``; ``S[n, k]`` is bit ``k % 8`` (LSB first) of byte ``(n, k // 8)``, 1 = +1 and
+0 = -1; ``a`` ``[N]``, ``b`` ``[K]``.
+
+Per K step the kernel loads the ``[BLOCK_K, BLOCK_N]`` bytes holding the tile's bits (each byte is
+addressed by the 8 columns it covers; the repeats hit L1), shifts and masks them into ±1 in the
+activation dtype (exact), scales the ``[BLOCK_M, BLOCK_K]`` activation tile by ``b`` in fp32 and
+rounds it once to the activation dtype, then ``tl.dot`` accumulates in fp32.  ``a`` and ``bias``
+are applied to the fp32 tile after the K loop, as the reference applies them after the product.
+Columns past ``K`` are masked (``x = 0``), so the padding bits of the last byte never count.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..formats import onebit as fmt
+from . import interpreting
+
+INTERPRETED = interpreting()  # what @triton.jit below saw; see fxquant.kernels.interpreting
+X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@triton.jit
+def _onebit_kernel(x_ptr, bits_ptr, a_ptr, b_ptr, bias_ptr, y_ptr,
+                   M, N, K, C, M_BUCKET,
+                   stride_xm, stride_xk, stride_ym, stride_yn,
+                   HAS_BIAS: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   GROUP_M: tl.constexpr):
+    # M_BUCKET only feeds the autotune key (so a new M does not re-tune); the kernel ignores it.
+    # Grouped tile order: GROUP_M row-tiles share each column-tile of weights while it is in L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    tiles_per_group = GROUP_M * num_n
+    first_m = (pid // tiles_per_group) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % tiles_per_group) % group_rows
+    pid_n = (pid % tiles_per_group) // group_rows
+
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk   # [BLOCK_M, BLOCK_K]
+    row_ptrs = bits_ptr + offs_n[None, :] * C                                    # [1, BLOCK_N]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + offs_k
+        k_mask = ks < K
+        x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        bk = tl.load(b_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)
+        if DOT_IN_FP32:  # interpreter only: see _bf16_via_fp32
+            xb = x.to(tl.float32) * bk[None, :]
+        else:
+            xb = (x.to(tl.float32) * bk[None, :]).to(x.dtype)
+        byte = tl.load(row_ptrs + (ks // 8)[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0)
+        bit = (byte.to(tl.int32) >> (ks % 8)[:, None]) & 1                        # [BLOCK_K, BLOCK_N]
+        signs = (2 * bit - 1).to(xb.dtype)
+        # "ieee": fp32 operands use exact fp32 products as the reference does (tf32 would keep
+        # ~10 mantissa bits); 16-bit operands are unaffected.
+        acc = tl.dot(xb, signs, acc, input_precision="ieee")
+        x_ptrs += BLOCK_K * stride_xk
+
+    acc = acc * tl.load(a_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def _config(block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8},
+                         num_warps=num_warps, num_stages=num_stages)
+
+
+# GPU search space.  Not measured: the machine this was written on has no GPU.  The sizes follow
+# the usual Triton GEMM ranges (16 is tl.dot's minimum tile side): narrow-M tiles with long K steps
+# for decode (the weight tile is 1/8 of an int8 one, so decode is bound by unpacking, not bytes),
+# square-ish tiles for prefill.  Every BLOCK_K is a multiple of 8: a K step covers whole bytes.
+_CUDA_CONFIGS = [
+    _config(16, 64, 128, num_warps=4, num_stages=4),
+    _config(16, 128, 128, num_warps=4, num_stages=3),
+    _config(16, 64, 256, num_warps=4, num_stages=3),
+    _config(32, 64, 128, num_warps=4, num_stages=4),
+    _config(64, 64, 64, num_warps=4, num_stages=4),
+    _config(64, 128, 64, num_warps=4, num_stages=4),
+    _config(128, 128, 64, num_warps=8, num_stages=3),
+    _config(128, 256, 64, num_warps=8, num_stages=3),
+]
+# The CPU interpreter: one config (autotune then never benchmarks), smallest legal tiles.
+_INTERPRETER_CONFIGS = [_config(16, 32, 32, num_warps=1, num_stages=1)]
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Skip M tiles more than one step taller than the (bucketed) number of rows."""
+    max_m = max(16, named_args["M_BUCKET"])
+    return [c for c in configs if c.kwargs["BLOCK_M"] <= max_m] or configs[:1]
+
+
+_onebit_tuned = triton.autotune(
+    configs=_INTERPRETER_CONFIGS if INTERPRETED else _CUDA_CONFIGS,
+    key=["M_BUCKET", "N", "K"],
+    prune_configs_by={"early_config_prune": _prune},
+)(_onebit_kernel)
+
+
+def _bf16_via_fp32(x_dtype: torch.dtype) -> bool:
+    """Whether to route bf16 through fp32 around the CPU interpreter's bf16 gaps.
+
+    The interpreter stores bf16 as raw uint16: its ``tl.dot`` multiplies the bit patterns and an
+    int -> bf16 cast is a bitcast (triton-lang/triton#11584), and fp32 -> bf16 truncates instead of
+    rounding to nearest even.  So under the interpreter bf16 tiles enter the dot as fp32 and the
+    launcher rounds the fp32 output with torch.  Compiled GPU runs use bf16 operands."""
+    return INTERPRETED and x_dtype == torch.bfloat16
+
+
+def _check(x2d: torch.Tensor, sign_bits: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+           bias: Optional[torch.Tensor]) -> None:
+    if x2d.dim() != 2:
+        raise ValueError(f"onebit_linear: x2d must be 2-D [M, K], got shape {tuple(x2d.shape)}")
+    if x2d.dtype not in X_DTYPES:
+        raise ValueError(f"onebit_linear: x2d dtype {x2d.dtype} is not supported; use one of {X_DTYPES}")
+    k = x2d.shape[1]
+    if tuple(b.shape) != (k,) or not b.is_floating_point():
+        raise ValueError(f"onebit_linear: b must be a float tensor of shape ({k},) (x2d has K={k} columns), "
+                         f"got {b.dtype} {tuple(b.shape)}")
+    if sign_bits.dtype != torch.uint8 or sign_bits.dim() != 2 or sign_bits.shape[1] != fmt.packed_cols(k):
+        raise ValueError(f"onebit_linear: sign_bits must be uint8 [N, ceil(K/8)] = [N, {fmt.packed_cols(k)}], "
+                         f"got {sign_bits.dtype} {tuple(sign_bits.shape)} "
+                         "(build it with fxquant.formats.onebit.quantize)")
+    n = sign_bits.shape[0]
+    if tuple(a.shape) != (n,) or not a.is_floating_point():
+        raise ValueError(f"onebit_linear: a must be a float tensor of shape ({n},), got {a.dtype} {tuple(a.shape)}")
+    if bias is not None and (tuple(bias.shape) != (n,) or not bias.is_floating_point()):
+        raise ValueError(f"onebit_linear: bias must be None or a float tensor of shape ({n},), "
+                         f"got {bias.dtype} {tuple(bias.shape)}")
+    tensors = {"x2d": x2d, "sign_bits": sign_bits, "a": a, "b": b, **({"bias": bias} if bias is not None else {})}
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) != 1:
+        raise ValueError(f"onebit_linear: all tensors must be on one device, got {devices}")
+    if x2d.device.type != "cuda" and not INTERPRETED:
+        raise ValueError(f"onebit_linear: tensors are on {x2d.device}; the Triton kernel needs CUDA tensors, "
+                         "or TRITON_INTERPRET=1 set before fxquant.kernels.onebit is imported")
+
+
+def onebit_linear(x2d: torch.Tensor, sign_bits: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                  bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x2d`` ``[M, K]`` fp32/bf16/fp16; ``sign_bits`` uint8 ``[N, ceil(K/8)]``; ``a`` float ``[N]``;
+    ``b`` float ``[K]``; ``bias`` float ``[N]`` or None -> ``y2d`` ``[M, N]`` in ``x2d.dtype``,
+    accumulated in fp32.
+
+    Raises ValueError naming the argument when shapes, dtypes or devices do not fit.
+    """
+    _check(x2d, sign_bits, a, b, bias)
+    m, k = x2d.shape
+    n = sign_bits.shape[0]
+    via_fp32 = _bf16_via_fp32(x2d.dtype)
+    y = torch.empty((m, n), dtype=torch.float32 if via_fp32 else x2d.dtype, device=x2d.device)
+    if m == 0 or n == 0:
+        return y.to(x2d.dtype)
+    sign_bits, a, b = sign_bits.contiguous(), a.contiguous(), b.contiguous()
+    bias_arg = bias.contiguous() if bias is not None else a  # never read when HAS_BIAS is False
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    _onebit_tuned[grid](x2d, sign_bits, a, b, bias_arg, y,
+                        m, n, k, sign_bits.shape[1], triton.next_power_of_2(m),
+                        x2d.stride(0), x2d.stride(1), y.stride(0), y.stride(1),
+                        HAS_BIAS=bias is not None, DOT_IN_FP32=via_fp32)
+    return y.to(x2d.dtype)
