@@ -25,6 +25,19 @@ def test_decode_is_torch_cast_for_every_code(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fp16_bit_decode_is_exact(dtype):
+    """The CPU fast path's decoder equals torch's cast for every non-NaN code, bit for bit; the
+    e4m3fn NaN codes (never produced by quantize) come out as ±480."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(dtype)
+    t, e = float8.decode_fp16_scaled(codes)
+    got, want = t.float() * 2.0**e, codes.float()
+    ok = ~want.isnan()
+    assert torch.equal(got[ok].view(torch.int32), want[ok].view(torch.int32))
+    if dtype == torch.float8_e4m3fn:
+        assert got[~ok].abs().tolist() == [480.0, 480.0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("granularity", float8.GRANULARITIES)
 def test_weight_matches_torchao_float8_tensor(dtype, granularity):
     """Peer oracle: torchao ``Float8Tensor.from_hp`` (Float8WeightOnlyConfig / float8dq weights)."""

@@ -197,3 +197,26 @@ def test_bad_formats_raise_listing_valid_ones(text, match):
 
 def test_not_a_format_name_is_none():
     assert fpx.parse_format("fp6") is None and fpx.parse_format("int4wo") is None
+
+
+@pytest.mark.parametrize("ebits,mbits", [f for f in FORMATS if f[0] <= 4], ids=[i for i, f in zip(IDS, FORMATS)
+                                                                                    if f[0] <= 4])
+def test_fp16_bit_decode_is_exact(ebits, mbits):
+    """The CPU fast path's decoder: unpack top-aligned, move bits into float16, times 2^(15-bias)
+    equals the table for every code, bit for bit (signed zeros and subnormals included)."""
+    bits = 1 + ebits + mbits
+    codes = torch.arange(2**bits, dtype=torch.uint8).repeat(3, 1)
+    top = fpx.unpack(fpx.pack(codes, bits), bits, 2**bits, top_aligned=True,
+                     out=torch.empty(3, fpx.padded_k(2**bits), dtype=torch.uint8))
+    assert torch.equal(top, codes << (8 - bits))
+    got = fpx.fp16_scaled(top, ebits).float() * 2.0 ** fpx.fp16_exponent_offset(ebits)
+    assert torch.equal(got.view(torch.int32), fpx.decode(codes, ebits, mbits).view(torch.int32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_decode_in_other_dtypes_is_exact(dtype):
+    for ebits, mbits in FORMATS:
+        if dtype == torch.float16 and ebits >= 5:
+            continue  # e5m*, e6m0 exceed fp16's range (documented)
+        codes = torch.arange(2 ** (1 + ebits + mbits), dtype=torch.uint8)
+        assert torch.equal(fpx.decode(codes, ebits, mbits, dtype).float(), fpx.decode(codes, ebits, mbits))
