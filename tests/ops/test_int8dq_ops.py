@@ -250,3 +250,23 @@ def test_llm_int8_reference_exports_without_data_dependent_shapes():
     for m in (1, 7):
         xi = activations(m, 64, seed=m, outlier_cols=(m,))
         assert torch.equal(ep.module()(xi), Ref()(xi))
+
+
+def test_torch_compile_fullgraph_mixing_formats():
+    """fxquant.compile with int8dq, llm.int8 and int8wo layers, then torch.compile(fullgraph=True)
+    with dynamic shapes: one graph, same numbers as eager, at several batch sizes."""
+    import fxquant
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.ReLU(), torch.nn.Linear(96, 96),
+                                torch.nn.ReLU(), torch.nn.Linear(96, 32)).eval()
+    spec = fxquant.Spec(rules={"0": "int8dq", "2": "llm.int8-4.5", "4": "int8wo"})
+    qm = fxquant.compile(model, spec, (torch.randn(4, 64),))
+    schemes = [r.scheme for r in fxquant.report(qm).rows]
+    assert schemes == ["int8dq", "llm.int8-4.5", "int8wo"]
+    compiled = torch.compile(qm, fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        for m in (4, 1, 7):
+            x = activations(m, 64, seed=m, outlier_cols=(5,))
+            assert rel(compiled(x), qm(x)) < 1e-6
+            assert rel(qm(x), model(x)) < 0.03
