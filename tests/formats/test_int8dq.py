@@ -5,7 +5,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from fxquant import Spec, schemes
 from fxquant.formats import int8, int8dq
+from fxquant.schemes import Int8DynamicActivation, LLMInt8
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -113,3 +115,51 @@ def test_llm_split_matches_bitsandbytes():
 
 def test_activation_scale_floor():
     assert int8dq.activation_scale(torch.tensor([0.0])).item() == torch.finfo(torch.float32).tiny
+
+
+# -- schemes ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text,scheme", [
+    ("int8dq", Int8DynamicActivation()),
+    ("llm.int8", LLMInt8()),
+    ("llm.int8-4.5", LLMInt8(threshold=4.5)),
+    ("LLM.int8-6", LLMInt8()),
+    ("llm.int8-1e-05", LLMInt8(threshold=1e-5)),
+], ids=str)
+def test_scheme_strings_and_objects_are_interchangeable(text, scheme):
+    assert schemes.parse_scheme(text) == scheme
+    assert schemes.parse_scheme(str(scheme)) == scheme
+    assert schemes.scheme_from_json(schemes.scheme_to_json(scheme)) == scheme
+
+
+def test_spec_round_trip_with_compute_dtype():
+    spec = Spec(default="int8dq", rules={"mlp.*": LLMInt8(threshold=4.5, compute_dtype=torch.bfloat16)})
+    d = spec.to_dict()
+    assert d["default"] == "int8dq"
+    assert d["rules"]["mlp.*"] == {"scheme": "llm.int8", "compute_dtype": "bfloat16", "threshold": 4.5}
+    assert Spec.from_dict(d) == spec
+
+
+@pytest.mark.parametrize("bad,match", [
+    ("llm.int8-abc", r"LLMInt8.threshold='abc' is not a number"),
+    ("llm.int8-0", r"LLMInt8.threshold=0.0 is not supported; valid: a finite number > 0"),
+    ("llm.int8-inf", r"LLMInt8.threshold=inf is not supported"),
+    ("llm.int8--2", r"LLMInt8.threshold=-2.0 is not supported"),
+])
+def test_bad_threshold_names_field_value_and_choices(bad, match):
+    with pytest.raises(ValueError, match=match):
+        schemes.parse_scheme(bad)
+
+
+def test_scheme_quantize_is_the_op_call():
+    w = randn(24, 40)
+    for scheme, op, attrs in [(Int8DynamicActivation(), "linear_int8dq", {}),
+                              (LLMInt8(threshold=3.0), "linear_llm_int8", {"threshold": 3.0}),
+                              (LLMInt8(compute_dtype=torch.float16), "linear_llm_int8",
+                               {"threshold": 6.0, "compute_dtype": torch.float16})]:
+        qw = scheme.quantize(w)
+        assert qw.op == op and qw.attrs == attrs and (qw.out_features, qw.in_features) == (24, 40)
+        assert qw.nbytes == int8dq.nbytes(24, 40) == 24 * 40 + 2 * 24
+        assert torch.equal(scheme.dequantize(qw), int8.dequantize(*int8.quantize(w)))
+        x = randn(3, 40, seed=1)
+        y = getattr(torch.ops.fxquant, op)(x, *qw.tensors.values(), None, **qw.attrs)
+        assert y.shape == (3, 24)
