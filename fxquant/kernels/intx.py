@@ -1,11 +1,11 @@
 """Triton kernel for ``fxquant::linear_intx``: ``y = x @ W.T + bias`` with b-bit group-wise ``W``.
 
 Layout (:mod:`fxquant.formats.intx`), read as stored: the codes of the ``Np x K`` padded weight in
-the int4 tile order (tile height ``TILE_N``), split into a low plane of ``min(BITS, 4)`` bits and a
-high plane of ``BITS - 4`` bits, each a little-endian bit stream.  Row ``n``, column ``k`` is
-sequence element ``i = ((n // TILE_N) * K + k) * TILE_N + 2 * (n % (TILE_N/2)) + (n % TILE_N) // (TILE_N/2)``;
-in a ``P``-bit plane it is bits ``i*P .. i*P + P - 1``, i.e. byte ``i*P >> 3`` shifted right by
-``i*P & 7``, plus the next byte when the code crosses a byte boundary (P = 3, 5, 6, 7).
+the int4 tile order (tile height ``TILE_N``), seen as nibble-pair bytes: row ``n``, column ``k`` is
+nibble ``(n % TILE_N) // (TILE_N/2)`` of pair ``j = ((n // TILE_N) * K + k) * (TILE_N/2) + n % (TILE_N/2)``.
+The low plane (``min(BITS, 4)`` bits) and the high plane (``BITS - 4`` bits) are stored as folded
+shards of 4, 2 or 1 bits: in a ``W``-bit shard whose chunks are ``C`` bytes, pair ``j`` is byte
+``j % C``, bits ``W * (j // C)`` of each nibble; a 3-bit plane is a 2-bit shard then a 1-bit one.
 
 ``W[n, k] = q * scale + (offset - 2**(BITS-1) * scale)`` with the group's ``scale``/``offset`` at
 ``[k // GROUP_SIZE, n]`` (``AXIS`` 1, params ``[K/g, N]``) or ``[n % (N/g), k]`` (``AXIS`` 0,
@@ -35,21 +35,32 @@ X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
-def _plane(ptr, seq, P: tl.constexpr, valid):
-    """Codes of a P-bit little-endian stream at sequence positions ``seq`` (int64 tile)."""
-    bit = seq * P
-    byte = bit >> 3
-    shift = (bit & 7).to(tl.int32)
-    v = tl.load(ptr + byte, mask=valid, other=0).to(tl.int32)
-    if (8 % P) != 0:  # P = 3, 5, 6, 7: a code may continue in the next byte
-        spills = valid & (shift + P > 8)
-        v = v | (tl.load(ptr + byte + 1, mask=spills, other=0).to(tl.int32) << 8)
-    return (v >> shift) & ((1 << P) - 1)
+def _shard(ptr, j, nib_shift, W: tl.constexpr, chunk, valid):
+    """W-bit values of nibble-pair byte ``j`` (nibble at bit ``nib_shift``) in a folded shard whose
+    chunks are ``chunk`` bytes: chunk ``j // chunk`` sits at bit ``W * (j // chunk)`` of each nibble."""
+    ci = j // chunk
+    b = tl.load(ptr + (j - ci * chunk), mask=valid, other=0).to(tl.int32)
+    return (b >> (nib_shift + W * ci).to(tl.int32)) & ((1 << W) - 1)
+
+
+@triton.jit
+def _plane(ptr, j, nib_shift, P: tl.constexpr, half_len, valid):
+    """Values of a P-bit plane (shards 4 | 2 + 1 | 2 | 1) of ``2 * half_len`` codes."""
+    if P == 4:
+        v = _shard(ptr, j, nib_shift, 4, half_len, valid)
+    elif P == 3:
+        v = _shard(ptr, j, nib_shift, 2, half_len // 2, valid)
+        v = v | (_shard(ptr + half_len // 2, j, nib_shift, 1, half_len // 4, valid) << 2)
+    elif P == 2:
+        v = _shard(ptr, j, nib_shift, 2, half_len // 2, valid)
+    else:
+        v = _shard(ptr, j, nib_shift, 1, half_len // 4, valid)
+    return v
 
 
 @triton.jit
 def _intx_kernel(x_ptr, lo_ptr, hi_ptr, s_ptr, o_ptr, bias_ptr, y_ptr,
-                 M, N, K, M_BUCKET, ROWS_PER_STRIDE,
+                 M, N, NP, K, M_BUCKET, ROWS_PER_STRIDE,
                  stride_xm, stride_xk, stride_ym, stride_yn,
                  BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, AXIS: tl.constexpr, TILE_N: tl.constexpr,
                  HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_IN_FP32: tl.constexpr,
@@ -72,7 +83,9 @@ def _intx_kernel(x_ptr, lo_ptr, hi_ptr, s_ptr, o_ptr, bias_ptr, y_ptr,
     n_mask = offs_n < N
     HALF: tl.constexpr = TILE_N // 2
     in_tile = offs_n % TILE_N
-    seq_n = (offs_n // TILE_N) * K * TILE_N + (in_tile % HALF) * 2 + in_tile // HALF  # + k * TILE_N
+    byte_n = (offs_n // TILE_N) * K * HALF + in_tile % HALF  # nibble-pair byte, + k * HALF per column
+    nib_shift = ((in_tile // HALF) * 4).to(tl.int32)        # 0: low nibble, 4: high nibble
+    half_len = NP * K // 2                                   # nibble-pair bytes of one plane
     if AXIS == 1:
         param_n = offs_n                          # + (k // GROUP_SIZE) * N
     else:
@@ -90,10 +103,10 @@ def _intx_kernel(x_ptr, lo_ptr, hi_ptr, s_ptr, o_ptr, bias_ptr, y_ptr,
         if DOT_IN_FP32:  # exact upcast, interpreter only: see _bf16_via_fp32
             x = x.to(tl.float32)
         valid = k_mask[:, None] & n_mask[None, :]                       # [BLOCK_K, BLOCK_N]
-        seq = seq_n[None, :] + offs_k[:, None] * TILE_N
-        q = _plane(lo_ptr, seq, LO_BITS, valid)
+        j = byte_n[None, :] + offs_k[:, None] * HALF
+        q = _plane(lo_ptr, j, nib_shift[None, :], LO_BITS, half_len, valid)
         if BITS > 4:
-            q = q | (_plane(hi_ptr, seq, BITS - 4, valid) << 4)
+            q = q | (_plane(hi_ptr, j, nib_shift[None, :], BITS - 4, half_len, valid) << 4)
         # "ieee": fp32 operands use exact fp32 products as the reference does (tf32 would keep
         # ~10 mantissa bits); 16-bit operands are unaffected.
         if FACTORED:
@@ -194,9 +207,9 @@ def _check(x2d, codes_lo, codes_hi, scale, offset, bias, bits, group_size, symme
         _fail(f"offset must be a float tensor of shape {want_offset} (symmetric={symmetric}), got "
               f"{offset.dtype} {tuple(offset.shape)}")
     for name, t, plane in (("codes_lo", codes_lo, 0), ("codes_hi", codes_hi, 1)):
-        nbytes = fmt.packed_len(rows * k, fmt.plane_bits(bits)[plane])
+        nbytes = rows * k * fmt.plane_bits(bits)[plane] // 8
         if t.dtype != torch.uint8 or t.dim() != 1 or t.numel() != nbytes:
-            _fail(f"{name} must be a 1-D uint8 stream of {nbytes} bytes for {bits}-bit codes of a "
+            _fail(f"{name} must be a 1-D uint8 tensor of {nbytes} bytes for {bits}-bit codes of a "
                   f"[{rows}, {k}] padded weight (x2d has K={k}); got {t.dtype} {tuple(t.shape)}")
     if bias is not None and (tuple(bias.shape) != (out_features,) or not bias.is_floating_point()):
         _fail(f"bias must be None or a float tensor of shape ({out_features},), got {bias.dtype} {tuple(bias.shape)}")
@@ -233,7 +246,8 @@ def intx_linear(x2d: torch.Tensor, codes_lo: torch.Tensor, codes_hi: torch.Tenso
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(out_features, meta["BLOCK_N"]),)
 
     _intx_tuned[grid](x2d, codes_lo.contiguous(), codes_hi.contiguous(), scale.contiguous(), offset, bias_arg, y,
-                      m, out_features, k, triton.next_power_of_2(m), max(out_features // group_size, 1),
+                      m, out_features, int4.padded_rows(out_features), k, triton.next_power_of_2(m),
+                      max(out_features // group_size, 1),
                       x2d.stride(0), x2d.stride(1), y.stride(0), y.stride(1),
                       BITS=bits, GROUP_SIZE=group_size, AXIS=axis, TILE_N=block_n,
                       HAS_OFFSET=not symmetric, HAS_BIAS=bias is not None, DOT_IN_FP32=via_fp32)

@@ -1,15 +1,21 @@
 """``fxquant::linear_intx``: group-wise b-bit (b in 1..8) integer weight-only linear.
 
 ``y = x @ W.T + bias`` with ``W = (q - 2**(bits-1)) * scale + offset`` per group (``offset`` empty
-when ``symmetric``); bit-packed layout (two planes, int4 tile order, rows padded to 64) and the
-grouping of ``axis`` 0 / 1 in :mod:`fxquant.formats.intx`.
+when ``symmetric``); bit-packed layout (planes of folded shards, int4 tile order, rows padded to 64)
+and the grouping of ``axis`` 0 / 1 in :mod:`fxquant.formats.intx`.
 
-CPU fast path (small M, ``compute_dtype`` None or bf16): ``aten._weight_int4pack_mm_for_cpu`` with
-bf16 activations, once per 4-bit plane, for axis 1, ``group_size`` in {32, 64, 128, 256}, weights
-packed with this CPU's tile height, and ``bits`` in :data:`INT4_KERNEL_BITS`.  b = 4 and b = 8 read
-the stored bytes directly; the other widths would have to widen their planes to nibbles on every
-call, which measured slower than dequantize + dense GEMM (see :data:`INT4_KERNEL_BITS`), so they take
-the dequantize path.  CUDA: Triton kernel in :mod:`fxquant.kernels.intx`.
+CPU (rows < :func:`fxquant.ops._cpu.large_m_threshold`, ``compute_dtype`` None or bf16):
+
+- int4 kernel: ``aten._weight_int4pack_mm_for_cpu`` on bf16 activations, once per 4-bit plane, for
+  axis 1, ``group_size`` in {32, 64, 128, 256}, weights packed with this CPU's tile height and
+  ``M <= INT4_KERNEL_MAX_ROWS``.  b = 4 and b = 8 read the stored planes as they are; other widths
+  widen their 1..3-bit planes to nibbles per call, a piece of rows at a time (transient, never
+  kept).  The rounding of the kernel's zeros is added back in fp32 (``x`` group sums times the
+  residual), so only the bf16 activations and outputs differ from the reference.
+- otherwise: :func:`tiled_dequant_linear`, dequantize a few tiles in tile order and multiply at once.
+
+Above the threshold, ``LinearOpDef`` dequantizes the whole weight and runs a dense GEMM.
+CUDA: Triton kernel in :mod:`fxquant.kernels.intx`.  Measurements: docs/formats/intx.md.
 """
 from __future__ import annotations
 
@@ -19,12 +25,21 @@ import torch
 
 from ..formats import int4
 from ..formats import intx as fmt
+from . import _cpu
 from ._linear import LinearOpDef, define
 
-#: Widths whose planes the int4 kernel reads as stored (4: one plane, 8: two planes).  b = 5..7
-#: keep a 1..3-bit high plane and b = 1..3 a 1..3-bit low plane: widening those to nibbles per call
-#: (fmt.widen_to_nibbles) is measured in tools/bench_cases/intx.py ("uintNwo ... widen+int4pack").
-INT4_KERNEL_BITS = frozenset({4, 8})
+#: Widths whose planes the int4 kernel reads as stored (4: one plane, 8: two planes); the other
+#: widths widen their 1..3-bit planes to nibbles piece by piece on every call.
+AS_STORED_BITS = frozenset({4, 8})
+#: Nibble-pair bytes widened per piece (then one kernel call per plane on those rows).  Measured
+#: (1 thread, CPU time, 11008x4096, M=1, uint2 g128): 256 KiB 25 ms, 1 MiB 16 ms, 4 MiB 14 ms,
+#: whole plane 13.6 ms: every kernel call costs ~0.25 ms, so pieces only bound the transient memory.
+PIECE_BYTES = 8 << 20
+#: Largest M that takes the int4 kernel, by widths with one plane (b <= 4) / two planes (b > 4).
+#: Measured (1 thread, CPU time, 11008x4096, g128, tiled_dequant_linear / int4 kernel):
+#: b=4 M=32 108/91 ms, M=64 162/145, M=96 244/232, M=160 355/438; b=2 M=32 129/99, M=96 244/256;
+#: b=8 M=16 73/72, M=32 132/157, M=64 207/365.
+INT4_KERNEL_MAX_ROWS = {False: 64, True: 16}
 
 
 def dequantize_weight(codes_lo: torch.Tensor, codes_hi: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
@@ -37,23 +52,61 @@ def dequantize_weight(codes_lo: torch.Tensor, codes_hi: torch.Tensor, scale: tor
     return fmt.from_storage(codes_lo, codes_hi, scale, offset, bits, group_size, axis, block_n, out_features)
 
 
-def int4_kernel_applies(bits: int, group_size: int, axis: int, block_n: int, widen: bool = False) -> bool:
-    """Whether the int4 CPU kernel can compute this layout (``widen``: also for widths that need
-    their planes widened per call)."""
-    return (axis == 1 and group_size in fmt.KERNEL_GROUP_SIZES and block_n == int4.native_cpu_block_n()
-            and (widen or bits in INT4_KERNEL_BITS))
+def int4_kernel_applies(bits: int, group_size: int, axis: int, block_n: int) -> bool:
+    """Whether the int4 CPU kernel can compute this layout."""
+    return axis == 1 and group_size in fmt.KERNEL_GROUP_SIZES and block_n == int4.native_cpu_block_n()
 
 
 def int4_kernel_linear(x2: torch.Tensor, codes_lo: torch.Tensor, codes_hi: torch.Tensor, scale: torch.Tensor,
-                       offset: torch.Tensor, bits: int, group_size: int, out_features: int) -> torch.Tensor:
-    """``x2`` ``[M, K]`` -> ``[M, Np]`` via ``aten._weight_int4pack_mm_for_cpu`` (bf16, or fp16 for
-    fp16 ``x2``), one call per plane."""
+                       offset: torch.Tensor, bits: int, group_size: int, block_n: int, out_features: int,
+                       piece_bytes: int = PIECE_BYTES) -> torch.Tensor:
+    """``x2`` ``[M, K]`` -> ``[M, Np]`` via ``aten._weight_int4pack_mm_for_cpu`` in bf16 (fp16 for fp16
+    ``x2``): one call per plane, per piece of rows when a plane has to be widened."""
     kd = torch.float16 if x2.dtype == torch.float16 else torch.bfloat16
     xk = x2.to(kd).contiguous()
-    y = None
-    for qweight, sz in fmt.int4_kernel_operands(codes_lo, codes_hi, scale, offset, bits, out_features, kd):
-        part = torch.ops.aten._weight_int4pack_mm_for_cpu(xk, qweight, group_size, sz)
-        y = part if y is None else y.float() + part
+    rows, k = int4.padded_rows(out_features), x2.shape[1]
+    planes = [(codes_lo, min(bits, 4))] + ([(codes_hi, bits - 4)] if bits > 4 else [])
+    step = rows if bits in AS_STORED_BITS else max(block_n, piece_bytes // (k // 2) // block_n * block_n)
+    buf = None if bits in AS_STORED_BITS else torch.empty(min(step, rows) * k // 2, dtype=torch.uint8)
+    y = None if step >= rows and bits <= 4 else torch.empty(x2.shape[0], rows, dtype=torch.float32)
+    x_sums = None
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        params, residual = fmt.int4_kernel_params(scale, offset, bits, r0, r1, kd)
+        acc = None
+        for (codes, p), sz in zip(planes, params):
+            nib = fmt.plane_nibbles(codes, p, rows * k, r0 * k // 2, r1 * k // 2,
+                                    out=None if p == 4 else buf[:(r1 - r0) * k // 2])
+            part = torch.ops.aten._weight_int4pack_mm_for_cpu(xk, nib.view(r1 - r0, k // 2), group_size, sz)
+            acc = part if acc is None else acc.float() + part
+        if residual is not None:  # the zeros' rounding, in fp32: sum_k x_k * residual[k // g, n]
+            if x_sums is None:
+                x_sums = x2.float().view(x2.shape[0], -1, group_size).sum(-1)
+            acc = torch.addmm(acc.float(), x_sums, residual)
+        if y is None:
+            return acc
+        y[:, r0:r1] = acc
+    return y
+
+
+def tiled_dequant_linear(x2: torch.Tensor, codes_lo: torch.Tensor, codes_hi: torch.Tensor, scale: torch.Tensor,
+                         offset: torch.Tensor, bits: int, group_size: int, axis: int, block_n: int,
+                         out_features: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``x2`` ``[M, K]`` -> ``[M, Np]`` in ``dtype``: a few tiles at a time, dequantize them in tile order
+    into one reused buffer (:func:`fmt.decode_tiles`, no transpose) and multiply right away with one
+    batched GEMM (``[M, K] @ [K, block_n/2]`` per half tile), so the decoded weight stays in cache."""
+    k, half = x2.shape[1], block_n // 2
+    tiles = int4.padded_rows(out_features) // block_n
+    step = max(1, fmt.DECODE_BLOCK_BYTES // (block_n * k * torch.finfo(dtype).bits // 8))
+    xd = x2.to(dtype)
+    y = torch.empty(x2.shape[0], tiles * block_n, dtype=dtype)
+    buf = torch.empty(min(step, tiles), 2, k, half, dtype=dtype)
+    for t0 in range(0, tiles, step):
+        t1 = min(tiles, t0 + step)
+        w = fmt.decode_tiles(codes_lo, codes_hi, scale, offset, bits, group_size, axis, block_n, out_features,
+                             t0, t1, buf[:t1 - t0])
+        part = torch.matmul(xd, w.view(-1, k, half))  # [2 * tiles, M, half], rows in order
+        y[:, t0 * block_n:t1 * block_n].view(-1, 2 * (t1 - t0), half).copy_(part.transpose(0, 1))
     return y
 
 
@@ -62,15 +115,17 @@ _warned_layout = False
 
 def _cpu_fast(x2, codes_lo, codes_hi, scale, offset, bits, group_size, symmetric, axis, block_n, out_features):
     global _warned_layout
-    if not int4_kernel_applies(bits, group_size, axis, block_n):
+    if x2.shape[0] <= INT4_KERNEL_MAX_ROWS[bits > 4]:
+        if int4_kernel_applies(bits, group_size, axis, block_n):
+            return int4_kernel_linear(x2, codes_lo, codes_hi, scale, offset, bits, group_size, block_n, out_features)
         native = int4.native_cpu_block_n()
         if not _warned_layout and native is not None and int4_kernel_applies(bits, group_size, axis, native):
             _warned_layout = True
             warnings.warn(f"intx weights were packed with block_n={block_n} but this CPU's int4 kernel uses "
                           f"{native}: using the slower dequantize path. Re-run "
                           "fxquant.compile on this machine for the fast path.", stacklevel=2)
-        return None
-    return int4_kernel_linear(x2, codes_lo, codes_hi, scale, offset, bits, group_size, out_features)
+    return tiled_dequant_linear(x2, codes_lo, codes_hi, scale, offset, bits, group_size, axis, block_n,
+                                out_features, _cpu.dense_dtype())
 
 
 def _cuda(x2, codes_lo, codes_hi, scale, offset, *, bias, bits, group_size, symmetric, axis, block_n, out_features):

@@ -1,4 +1,4 @@
-"""intx format math: bit streams, tile order, quantize error bounds, storage, and HQQ / torchao oracles."""
+"""intx format math: bit packing, tile order, quantize error bounds, storage, and HQQ / torchao oracles."""
 import pytest
 import torch
 from hypothesis import given
@@ -9,56 +9,69 @@ from fxquant.formats import int4, intx
 CONFIGS = [(b, sym) for b in intx.BITS for sym in (False, True) if not (sym and b == 1)]
 
 
-def naive_pack(codes: list[int], bits: int) -> torch.Tensor:
-    """The bit stream written out one bit at a time: code i's bit j is stream bit i*bits + j."""
-    stream = [(c >> j) & 1 for c in codes for j in range(bits)]
-    stream += [0] * (-len(stream) % 8)
-    return torch.tensor([sum(stream[8 * i + j] << j for j in range(8)) for i in range(len(stream) // 8)],
-                        dtype=torch.uint8)
+def naive_plane(codes: list[int], bits: int) -> torch.Tensor:
+    """The shard layout written out bit by bit: code i (nibble i % 2 of pair j = i // 2) puts bit
+    a + t (t < w) of its value at bit 4 * (i % 2) + w * (j // C) + t of byte j % C of shard w."""
+    out, half = [], len(codes) // 2
+    a = 0
+    for w in intx.SHARDS[bits]:
+        chunk = half * w // 4
+        shard = [0] * chunk
+        for i, c in enumerate(codes):
+            j = i // 2
+            for t in range(w):
+                shard[j % chunk] |= ((c >> (a + t)) & 1) << (4 * (i % 2) + w * (j // chunk) + t)
+        out += shard
+        a += w
+    return torch.tensor(out, dtype=torch.uint8)
 
 
 @given(bits=st.sampled_from(intx.BITS), length=st.integers(0, 200), seed=st.integers(0, 2**16))
 def test_pack_unpack_roundtrip(bits, length, seed):
     codes = torch.randint(0, 1 << bits, (length,), dtype=torch.uint8,
                           generator=torch.Generator().manual_seed(seed))
-    packed = intx.pack_bits(codes, bits)
-    assert packed.dtype == torch.uint8 and packed.numel() == -(-length * bits // 8) == intx.packed_len(length, bits)
-    assert torch.equal(intx.unpack_bits(packed, bits, length), codes)
-    assert packed.untyped_storage().nbytes() == packed.numel()  # no hidden slack counted by the report
+    packed = intx.pack(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == intx.packed_len(length, bits) == -(-length // 8) * bits
+    assert torch.equal(intx.unpack(packed, bits, length), codes)
 
 
-@pytest.mark.parametrize("bits", intx.BITS)
-@pytest.mark.parametrize("length", [1, 3, 8, 13, 31])
-def test_pack_is_little_endian_bit_stream(bits, length):
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("length", [8, 16, 40])
+def test_plane_layout_is_the_documented_shards(bits, length):
     codes = torch.randint(0, 1 << bits, (length,), generator=torch.Generator().manual_seed(bits * 100 + length))
-    assert torch.equal(intx.pack_bits(codes, bits), naive_pack(codes.tolist(), bits))
+    assert torch.equal(intx.pack_plane(codes.to(torch.uint8), bits), naive_plane(codes.tolist(), bits))
 
 
 def test_eight_3bit_codes_fill_three_bytes():
-    codes = torch.tensor([1, 2, 3, 4, 5, 6, 7, 0])
-    assert intx.pack_bits(codes, 3).tolist() == [0b11010001, 0b01011000, 0b00011111]
+    # pairs (1,2) (3,4) (5,6) (7,0); 2-bit shard: chunks [0x21, 0x03] and [0x21, 0x03] folded at bits 0 / 2;
+    # 1-bit shard: bit 2 of each code, pairs [0x00] [0x10] [0x11] [0x01] folded at bits 0..3
+    codes = torch.tensor([1, 2, 3, 4, 5, 6, 7, 0], dtype=torch.uint8)
+    assert intx.pack(codes, 3).tolist() == [0xA5, 0x0F, 0x6C]
+
+
+@given(bits=st.sampled_from([1, 2, 3, 4]), blocks=st.integers(1, 30), seed=st.integers(0, 2**16))
+def test_plane_nibbles_inverts_pack_plane(bits, blocks, seed):
+    v = torch.randint(0, 1 << bits, (8 * blocks,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    packed = intx.pack_plane(v, bits)
+    assert packed.numel() == blocks * bits  # 8 codes in `bits` bytes
+    assert torch.equal(intx.plane_nibbles(packed, bits, v.numel()), intx.nibble_pairs(v))
 
 
 def test_unpack_rejects_wrong_length():
-    with pytest.raises(ValueError, match="a stream of 10 3-bit codes has 4 bytes, got 3"):
-        intx.unpack_bits(torch.zeros(3, dtype=torch.uint8), 3, 10)
+    with pytest.raises(ValueError, match="10 3-bit codes pack into 6 bytes, got 3"):
+        intx.unpack(torch.zeros(3, dtype=torch.uint8), 3, 10)
+    with pytest.raises(ValueError, match="a plane of 16 2-bit codes has 4 bytes"):
+        intx.plane_nibbles(torch.zeros(3, dtype=torch.uint8), 2, 16)
     with pytest.raises(ValueError, match="bits=9 is not supported"):
-        intx.pack_bits(torch.zeros(3, dtype=torch.uint8), 9)
-
-
-@given(bits=st.sampled_from([1, 2, 3, 4]), length=st.integers(1, 100), seed=st.integers(0, 2**16))
-def test_widen_to_nibbles(bits, length, seed):
-    codes = torch.randint(0, 1 << bits, (length,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
-    wide = intx.widen_to_nibbles(intx.pack_bits(codes, bits), bits, length)
-    assert torch.equal(wide, intx.pack_bits(codes, 4))
+        intx.pack(torch.zeros(3, dtype=torch.uint8), 9)
 
 
 @given(tiles=st.integers(1, 3), block_n=st.sampled_from([16, 32, 64]), k=st.integers(1, 20), seed=st.integers(0, 99))
 def test_tile_order_roundtrip_and_is_int4_layout(tiles, block_n, k, seed):
     q = torch.randint(0, 16, (tiles * block_n, 2 * k), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
-    seq = intx.tile_order(q, block_n)
-    assert torch.equal(intx.untile(seq, *q.shape, block_n), q)
-    assert torch.equal(intx.pack_bits(seq, 4).view(q.shape[0], k), int4.pack(q, block_n))
+    nib = intx.nibble_pairs(intx.tile_order(q, block_n))
+    assert torch.equal(intx.untile_nibbles(nib, *q.shape, block_n), q)
+    assert torch.equal(nib.view(q.shape[0], k), int4.pack(q, block_n))
 
 
 def test_4bit_plane_is_native_cpu_int4pack():
@@ -67,7 +80,7 @@ def test_4bit_plane_is_native_cpu_int4pack():
         pytest.skip("this CPU's int4 packing is not a tiled layout fxquant can produce")
     q = torch.randint(0, 16, (128, 256), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
     native = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-    assert torch.equal(intx.pack_bits(intx.tile_order(q.to(torch.uint8), block_n), 4).view(128, 128), native)
+    assert torch.equal(intx.pack_plane(intx.tile_order(q.to(torch.uint8), block_n), 4).view(128, 128), native)
 
 
 def _error_bound(scale, offset, axis, group_size, shape):
@@ -122,19 +135,37 @@ def test_uint4_axis1_is_int4wo_math():
     assert torch.equal(q, q4) and torch.equal(s, s4.t()) and torch.equal(o, z4.t())
 
 
-def test_int4_kernel_operands_reconstruct_the_weight():
+def test_int4_kernel_params_reconstruct_the_weight():
     """sum over planes of (nibble - 8) * scale + zero == the reference dequantization (b=4 exactly)."""
     block_n = int4.native_cpu_block_n() or 32
     w = torch.randn(40, 128, generator=torch.Generator().manual_seed(2))
+    rows = int4.padded_rows(40)
     for bits, symmetric in CONFIGS:
         stored = intx.to_storage(w, bits, 32, symmetric, 1, block_n)
         ref = intx.from_storage(**stored, bits=bits, group_size=32, axis=1, block_n=block_n, out_features=40)
-        total = torch.zeros(int4.padded_rows(40), 128)
-        for qweight, sz in intx.int4_kernel_operands(**stored, bits=bits, out_features=40, dtype=torch.float32):
-            nib = int4.unpack(qweight, block_n).float().reshape(-1, 4, 32) - 8
-            total += (nib * sz[..., 0].t()[..., None] + sz[..., 1].t()[..., None]).reshape(-1, 128)
-        atol = 0 if bits == 4 else 1e-6
-        torch.testing.assert_close(total[:40], ref, atol=atol, rtol=1e-6)
+        planes = [(stored["codes_lo"], min(bits, 4)), (stored["codes_hi"], bits - 4)]
+        total = torch.zeros(rows, 128)
+        params, residual = intx.int4_kernel_params(stored["scale"], stored["offset"], bits, 0, rows, torch.bfloat16)
+        if residual is not None:
+            total += residual.t().repeat_interleave(32, dim=1)
+        for (codes, p), sz in zip(planes, params):
+            assert sz.shape == (4, rows, 2)
+            nib = int4.unpack(intx.plane_nibbles(codes, p, rows * 128).view(rows, 64), block_n).float() - 8
+            s, z = sz[..., 0], sz[..., 1]
+            total += (nib.reshape(rows, 4, 32) * s.t()[..., None] + z.t()[..., None]).reshape(rows, 128)
+        torch.testing.assert_close(total[:40], ref, atol=0 if bits in (4, 8) else 1e-6, rtol=1e-6)
+
+
+@given(bits=st.sampled_from([1, 2, 3, 4]), blocks=st.integers(1, 20), data=st.data())
+def test_plane_nibbles_of_a_range(bits, blocks, data):
+    """Any [start, stop) of the nibble-pair bytes, across chunk boundaries, written into a buffer."""
+    v = torch.randint(0, 1 << bits, (8 * blocks,), dtype=torch.uint8, generator=torch.Generator().manual_seed(blocks))
+    start = data.draw(st.integers(0, 4 * blocks - 1))
+    stop = data.draw(st.integers(start + 1, 4 * blocks))
+    buf = torch.full((stop - start + 3,), 0xAA, dtype=torch.uint8)
+    got = intx.plane_nibbles(intx.pack_plane(v, bits), bits, v.numel(), start, stop,
+                             out=buf[:stop - start] if bits != 4 else None)
+    assert torch.equal(got, intx.nibble_pairs(v)[start:stop])
 
 
 @pytest.mark.parametrize("axis", [0, 1])

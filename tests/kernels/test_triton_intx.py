@@ -108,7 +108,7 @@ def test_empty_batch():
     (lambda a: {**a, "axis": 2}, r"axis=2 must be 0 or 1"),
     (lambda a: {**a, "group_size": 48}, r"in_features 64 is not divisible by group_size 48"),
     (lambda a: {**a, "block_n": 24}, r"block_n=24 must be a positive even divisor of 64"),
-    (lambda a: {**a, "codes_hi": a["codes_lo"]}, r"codes_hi must be a 1-D uint8 stream of 0 bytes"),
+    (lambda a: {**a, "codes_hi": a["codes_lo"]}, r"codes_hi must be a 1-D uint8 tensor of 0 bytes"),
     (lambda a: {**a, "scale": a["scale"][:1]}, r"scale must be a float tensor of shape \(2, 40\)"),
     (lambda a: {**a, "symmetric": True}, r"offset must be a float tensor of shape \(0,\) \(symmetric=True\)"),
     (lambda a: {**a, "bias": torch.zeros(64, device=DEVICE)}, r"bias must be None or a float tensor of shape \(40,\)"),
