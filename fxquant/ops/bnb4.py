@@ -26,10 +26,12 @@ from ..formats import bnb4 as fmt
 from . import _cpu
 from ._linear import LinearOpDef, define
 
-#: Weights decoded per chunk of the CPU path: 2^20 fp32 = 4 MB, the chunk size that was fastest
-#: at M=1 for 11008x4096 on the 2-core AVX2 EPYC (2^18: +10%, whole weight at once: 5-8x slower,
-#: page faults of the fresh 180 MB buffer dominate).
-CHUNK_ELEMENTS = 1 << 20
+#: Weights decoded per chunk of the CPU path (scratch: 5 bytes per weight of a chunk, 7 with bf16
+#: GEMMs).  Measured at M=1, 11008x4096, on the 2-core AVX2 EPYC shared with other jobs (load 5-7),
+#: minimum of 12 runs: 1 thread 2^20: 113 ms, 2^21: 119, 2^22: 144; 2 threads 2^20: 584,
+#: 2^21: 474, 2^22: 402.  Each chunk runs ~3 multi-threaded ops, and on a loaded machine every
+#: multi-threaded op can wait a scheduler tick for its second thread: 2^21 is the compromise.
+CHUNK_ELEMENTS = 1 << 21
 
 
 def dequantize_weight(codes: torch.Tensor, absmax: torch.Tensor, code_table: torch.Tensor, blocksize: int,
@@ -47,7 +49,7 @@ def dequantize_weight_dq(codes: torch.Tensor, absmax_q: torch.Tensor, absmax_cod
     return fmt.dequantize_4bit(codes, absmax, code_table, blocksize, (out_features, in_features))
 
 
-_WORKSPACE = threading.local()  # per-thread scratch buffers of the CPU path (~ 10 * CHUNK_ELEMENTS bytes)
+_WORKSPACE = threading.local()  # per-thread scratch buffers of the CPU path (10 MB per thread)
 
 
 def _chunk_rows(k: int, blocksize: int) -> int:

@@ -75,7 +75,7 @@ class NF4(_Bnb4):
 
     family: ClassVar[str] = "nf4"
     quant_type: ClassVar[str] = "nf4"
-    examples: ClassVar[tuple[str, ...]] = ("nf4", "nf4-128", "nf4+dq", "nf4-64+dq")
+    examples: ClassVar[tuple[str, ...]] = ("nf4-64", "nf4-128", "nf4-64+dq", "nf4-128+dq")  # canonical forms
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,4 +84,4 @@ class FP4(_Bnb4):
 
     family: ClassVar[str] = "fp4"
     quant_type: ClassVar[str] = "fp4"
-    examples: ClassVar[tuple[str, ...]] = ("fp4", "fp4-128", "fp4+dq", "fp4-64+dq")
+    examples: ClassVar[tuple[str, ...]] = ("fp4-64", "fp4-128", "fp4-64+dq", "fp4-128+dq")
