@@ -68,6 +68,8 @@ def _chunked_linear(x2: torch.Tensor, codes: torch.Tensor, code_table: torch.Ten
     other vCPU)."""
     n, k = out_features, x2.shape[1]
     dt = _cpu.dense_dtype()
+    if n == 0 or k == 0:
+        return x2.new_zeros((x2.shape[0], n), dtype=dt)
     ws = _WORKSPACE.__dict__.setdefault("buffers", {})
     xt = x2.to(dt).t()
     yt = torch.empty(n, x2.shape[0], dtype=dt)  # rows of y.T are contiguous: mm writes them in place
