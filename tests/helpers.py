@@ -9,3 +9,17 @@ FAST_PATH_TOL = {torch.float32: 1e-2, torch.bfloat16: 2e-2, torch.float16: 1e-2}
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.float(), b.float()
     return ((a - b).norm() / b.norm().clamp(min=1e-12)).item()
+
+
+def assert_linear_close(y: torch.Tensor, ref: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
+                        tol: float, bias: torch.Tensor | None = None) -> None:
+    """Elementwise ``|y - ref| <= tol * (|x| @ |W|.T)``: the rounding bound of a dot product.
+
+    A norm-relative check fails on cancellation (one output whose terms nearly cancel); the
+    magnitude-weighted bound is what bf16 rounding of the operands actually guarantees."""
+    bound = tol * (x.float().abs().reshape(-1, x.shape[-1]) @ w.float().abs().t()).reshape(ref.shape)
+    bound = bound + tol * ref.float().abs()  # rounding of the output itself (and of the bias)
+    if bias is not None:
+        bound = bound + tol * bias.float().abs()
+    err = (y.float() - ref.float()).abs()
+    assert (err <= bound + 1e-6).all(), f"max excess {(err - bound).max().item():.3g}"

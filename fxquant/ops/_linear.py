@@ -50,6 +50,9 @@ class LinearOpDef:
     #: give their own definition ``(x, **tensors, bias=..., **scalars incl. compute_dtype) -> y``;
     #: it is the reference and the CPU path when ``cpu_fast`` does not apply.
     reference_fn: Optional[Callable[..., torch.Tensor]] = None
+    #: ``cpu_fast`` is good at every M (e.g. a blocked dequantize + GEMM), not only below
+    #: :func:`._cpu.large_m_threshold` (the packed GEMV-style ATen kernels)
+    cpu_fast_any_m: bool = False
 
     @property
     def schema(self) -> str:
@@ -88,10 +91,14 @@ class LinearOpDef:
     def cpu(self, *args, **kwargs) -> torch.Tensor:
         x, tensors, bias, scalars = self.split(args, kwargs)
         n = self.n_out(tensors, scalars)
+        if x.shape[-1] == 0 or x.numel() == 0:  # empty reduction or no rows: nothing to compute
+            y = x.new_zeros((*x.shape[:-1], n))
+            return y + bias.to(x.dtype) if bias is not None else y
         x2 = x.reshape(-1, x.shape[-1])
         cd = scalars["compute_dtype"]
         y = None
-        if self.cpu_fast is not None and _cpu.rows(x) < _cpu.large_m_threshold() and cd in (None, torch.bfloat16):
+        small = self.cpu_fast_any_m or _cpu.rows(x) < _cpu.large_m_threshold()
+        if self.cpu_fast is not None and small and cd in (None, torch.bfloat16):
             fast_scalars = {k: v for k, v in scalars.items() if k != "compute_dtype"}
             y = self.cpu_fast(x2, **tensors, **fast_scalars)
         if y is None and self.reference_fn is not None:

@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.library import opcheck
 
-from helpers import FAST_PATH_TOL, rel
+from helpers import FAST_PATH_TOL, assert_linear_close, rel
 from fxquant.formats import int4, int8
 from fxquant.ops import _cpu, int4wo, int8wo
 
@@ -15,8 +15,9 @@ DTYPES = [torch.float32, torch.bfloat16]
 def int8_case(n, k, seed):
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
     q, s = int8.quantize(w)
-    return (q, s), lambda x, b: torch.ops.fxquant.linear_int8wo(x, q, s, b), \
-        lambda x, b: int8wo.reference(x, q, s, b)
+    op = lambda x, b: torch.ops.fxquant.linear_int8wo(x, q, s, b)  # noqa: E731
+    op.weight = int8.dequantize(q, s)
+    return (q, s), op, lambda x, b: int8wo.reference(x, q, s, b)
 
 
 def int4_case(n, k, seed, group=32, block_n=None):
@@ -25,6 +26,7 @@ def int4_case(n, k, seed, group=32, block_n=None):
     st_ = int4.to_storage(w, group, block_n)
     args = (st_["qweight"], st_["scales_and_zeros"])
     op = lambda x, b: torch.ops.fxquant.linear_int4wo(x, *args, b, group, block_n, n)  # noqa: E731
+    op.weight = int4.from_storage(*args, group, block_n, n)
     ref = lambda x, b: int4wo.reference(x, *args, b, group, block_n, n)  # noqa: E731
     return args, op, ref
 
@@ -44,7 +46,7 @@ def test_op_matches_reference(name, m, n, k, dtype, with_bias, lead, seed):
     b = torch.randn(n, generator=g).to(dtype) if with_bias else None
     y, r = op(x, b), ref(x, b)
     assert y.shape == (*lead, m, n) and y.dtype == dtype
-    assert rel(y, r) < FAST_PATH_TOL[dtype]
+    assert_linear_close(y, r, x, op.weight, FAST_PATH_TOL[dtype], b)
 
 
 @pytest.mark.parametrize("name", CASES)
