@@ -210,7 +210,8 @@ def unpack(packed: torch.Tensor, bits: int, k: int, *, top_aligned: bool = False
     ``top_aligned`` each code is returned shifted to the top of its byte (``code << (8 - bits)``:
     sign in bit 7, what :func:`fp16_scaled` takes).  ``out``: optional uint8 ``[N, Kp]`` to fill.
 
-    About ``2 * bits`` byte-wide whole-tensor ops (shift, mask, or), no wider integers."""
+    One to three byte-wide whole-tensor ops (shift, mask, or) per run of a plane, written in place;
+    no gathers, no wider integers."""
     n, total = packed.shape
     kp = total * 8 // bits
     lift = 8 - bits if top_aligned else 0
@@ -219,14 +220,21 @@ def unpack(packed: torch.Tensor, bits: int, k: int, *, top_aligned: bool = False
     for first, (width, shift) in enumerate(planes(bits)):
         per, cols = 8 // width, kp * width // 8
         plane = packed[:, col:col + cols]
+        tmp = torch.empty_like(plane) if first else None  # later planes are or-ed in through tmp
         for i in range(per):
             dst = codes[:, i * cols:(i + 1) * cols]
+            part = tmp if first else dst
             move = shift + lift - i * width  # bit i*width of the plane goes to bit shift + lift
-            part = plane << move if move > 0 else (plane >> -move if move < 0 else plane)
-            part = part & (((2**width - 1) << (shift + lift)) & 0xFF)
-            if first == 0:
-                dst.copy_(part)
+            if move >= 0:
+                torch.bitwise_left_shift(plane, move, out=part)
             else:
+                torch.bitwise_right_shift(plane, -move, out=part)
+            bottom = shift + lift  # the run's bits now sit in [bottom, bottom + width); other bits
+            below = i > 0 if move >= 0 else bottom > 0  # of the byte below the run survived the shift
+            above = bottom + width < 8 and (i + 1) * width < 8  # ... or above it
+            if below or above:
+                part.bitwise_and_(((2**width - 1) << bottom) & 0xFF)
+            if first:
                 dst |= part
         col += cols
     return codes[:, :k]

@@ -12,10 +12,12 @@ from typing import Callable
 
 import torch
 
-#: Decoded bytes per block.  Measured with one thread (tools/bench_cases/float8.py --sweep, 11008x4096,
-#: float8wo, M=1, AVX2 EPYC, shared machine, ±30% noise): 0.5 MB 65 ms, 1 MB 49 ms, 2 MB 51 ms,
-#: 4 MB 47 ms with a reused buffer; the whole weight at once 580 ms.
-BLOCK_BYTES = 2 << 20
+#: Decoded bytes per block.  Measured (float8wo, 11008x4096, fp32 blocks, AVX2 EPYC, shared machine):
+#: 1 thread, M=1: 1 MB 57 ms, 4 MB 45 ms, 16 MB 79 ms (median; the unblocked decode 374 ms);
+#: M=256: 1 MB 601 ms, 4 MB 539 ms, 16 MB 541 ms (fp32 F.linear alone 493 ms).  Fewer, larger blocks
+#: also mean fewer OpenMP parallel regions, which matters on a loaded machine (each region can wait
+#: for a descheduled worker thread: see docs/formats/float8.md, "CPU speed").
+BLOCK_BYTES = 4 << 20
 
 #: ``decode(r0, r1, out)`` writes rows ``r0:r1`` of the unscaled weight into ``out`` ``[r1 - r0, K]``.
 Decoder = Callable[[int, int, torch.Tensor], None]
