@@ -46,7 +46,7 @@ import math
 import torch
 
 SCALE_DTYPE = torch.bfloat16
-POWER_ITERS = 64  # cap; Gaussian and LLM weights converge in < 10 (σ₂/σ₁ of |W| is ~0.02)
+POWER_ITERS = 64  # cap; measured: 3 steps on Gaussian W, 4-5 on SmolLM2-135M (σ₂/σ₁ of |W| 0.07-0.23)
 POWER_TOL = 1e-6  # stop when the unit right vector moves less than this (2-norm)
 
 
@@ -85,8 +85,8 @@ def pack_signs(weight: torch.Tensor) -> torch.Tensor:
 
 def unpack_signs(sign_bits: torch.Tensor, in_features: int | None = None) -> torch.Tensor:
     """``sign_bits`` uint8 ``[N, C]`` -> int8 ``[N, in_features]`` of ±1 (all ``8 C`` columns,
-    padding included, when ``in_features`` is None).  Row slices of ``sign_bits`` unpack to row
-    slices of the result, which the CPU fast path uses to unpack in cache-sized chunks."""
+    padding included, when ``in_features`` is None).  The reference's unpack; the CPU fast path
+    uses :func:`bit_planes_into` instead."""
     n, c = sign_bits.shape
     out = unpack_signs_into(sign_bits, torch.empty(n, 8 * c, dtype=torch.int8, device=sign_bits.device))
     return out if in_features is None else out[:, :in_features]

@@ -12,15 +12,17 @@ one they are held to.  It also never builds the float ``N x K`` product ``a bᵀ
 tests/ops/test_onebit.py checks that both forms agree.
 
 CPU fast path (rows < :func:`fxquant.ops._cpu.large_m_threshold`, ``compute_dtype`` None or
-bf16): per L2-sized chunk of rows, the sign bits become int8 *scaled bit planes* (one vectorised
-AND per element, :func:`fxquant.formats.onebit.bit_planes_into`) that go to
+bf16): the sign bits become int8 *scaled bit planes* (one vectorised AND per element,
+:func:`fxquant.formats.onebit.bit_planes_into`) in a reused per-thread workspace, and go to
 ``torch._weight_int8pack_mm`` against matching bf16 activations (:func:`plane_activations`).
-Only the packed bits are kept; the planes are transient.  docs/formats/onebit.md has the measured
+Only the packed bits are kept; the planes are scratch.  docs/formats/onebit.md has the measured
 alternatives (a cached int8 or int4 copy, table unpack, unpack-then-dense).  Large M: the
 reference (unpack, dense GEMM in ``compute_dtype``).
 CUDA: Triton kernel in :mod:`fxquant.kernels.onebit`.
 """
 from __future__ import annotations
+
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +30,14 @@ import torch.nn.functional as F
 from ..formats import onebit as fmt
 from ._linear import LinearOpDef, define
 
-#: int8 bytes of bit planes per chunk of the CPU fast path.  Measured (tools/bench_cases/onebit.py
-#: options, 11008x4096, 1 thread, CPU time): 256 KiB 10.2 ms, 512 KiB 7.8, 1 MiB 6.3, 2 MiB 5.9 at
-#: M=1; 42 / 42 / 38 / 37 ms at M=16.  Larger chunks amortise the per-chunk Python and dispatch cost.
-CHUNK_BYTES = 2 << 20
+#: Most int8 bytes of bit planes per ``_weight_int8pack_mm`` call.  Measured (11008x4096, M=1,
+#: interleaved, this 2-core AVX2 machine shared with other jobs): 1 thread, CPU time: 2 MiB chunks
+#: 10.2 ms, 8 MiB 10.8, 16 MiB 12.2, one 45 MB call 12.1 (bf16 F.linear 10.2); 2 threads, median
+#: wall: 662 / 119 / 90 / 48 ms.  Cache-sized chunks win alone, but every chunk is two OpenMP
+#: parallel regions whose barrier waits for the other thread, which on a busy machine means a
+#: scheduler slice per barrier; a few large calls are robust.  64 MiB holds the planes of a
+#: 14336x4096 weight in one call.
+CHUNK_BYTES = 64 << 20
 #: extra int8 columns after the planes: three 1s meet the three bf16 parts of -sum(x ⊙ b), then
 #: zeros to keep K a multiple of 8 (``_weight_int8pack_mm`` misbehaves otherwise for M >= 2)
 _CORRECTION = (1, 1, 1, 0, 0, 0, 0, 0)
@@ -81,12 +87,38 @@ def plane_activations(x2: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.cat([planes.reshape(m, 8 * c), *parts, pad], dim=1)
 
 
-def _cpu_fast(x2: torch.Tensor, sign_bits: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``[M, K]`` -> ``[M, N]`` bf16: per chunk of rows, scaled bit planes (one AND per element)
-    into an L2-sized int8 buffer, then ``torch._weight_int8pack_mm(activations, planes, a)``.
+_WORKSPACE = threading.local()
 
-    Only the packed bits are kept: the planes are transient.  bf16 activations (the int8 kernel
-    is 10-50x slower with fp32 input) with fp32 accumulation; ``a`` is the stored bf16 scale.
+
+def _workspace(rows: int, width: int) -> torch.Tensor:
+    """int8 ``[rows, width]`` scratch for the planes, its last columns holding ``_CORRECTION``.
+
+    Kept per thread and reused: a fresh 45 MB tensor per call costs ~30 ms of page faults here
+    (12 ms -> 45 ms per call at 11008x4096).  It grows to the largest layer run (at most
+    ``CHUNK_BYTES``); :func:`clear_workspace` frees it.  It is scratch, not weight state."""
+    need = rows * width
+    buf = getattr(_WORKSPACE, "buf", None)
+    if buf is None or buf.numel() < need:
+        buf = _WORKSPACE.buf = torch.empty(need, dtype=torch.int8)
+        _WORKSPACE.layout = None
+    view = buf[:need].view(rows, width)
+    if _WORKSPACE.layout != (rows, width):  # planes of another layout overwrote these columns
+        view[:, width - len(_CORRECTION):] = torch.tensor(_CORRECTION, dtype=torch.int8)
+        _WORKSPACE.layout = (rows, width)
+    return view
+
+
+def clear_workspace() -> None:
+    """Free this thread's plane workspace (it is re-made on the next CPU fast-path call)."""
+    _WORKSPACE.buf = _WORKSPACE.layout = None
+
+
+def _cpu_fast(x2: torch.Tensor, sign_bits: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``[M, K]`` -> ``[M, N]`` bf16: scaled bit planes of up to ``CHUNK_BYTES`` rows at a time (one
+    AND per element) into the workspace, then ``torch._weight_int8pack_mm(activations, planes, a)``.
+
+    Only the packed bits are kept: the planes are scratch.  bf16 activations (the int8 kernel is
+    10-50x slower with fp32 input) with fp32 accumulation; ``a`` is the stored bf16 scale.
     Versus the fp32 reference: ``x ⊙ b`` and the output each rounded once to bf16."""
     n, c = sign_bits.shape
     m = x2.shape[0]
@@ -97,8 +129,10 @@ def _cpu_fast(x2: torch.Tensor, sign_bits: torch.Tensor, a: torch.Tensor, b: tor
     scale = a.to(torch.bfloat16)
     width = 8 * c + len(_CORRECTION)
     rows = min(n, max(1, CHUNK_BYTES // width))
-    buf = torch.empty(rows, width, dtype=torch.int8)
-    buf[:, 8 * c:] = torch.tensor(_CORRECTION, dtype=torch.int8)
+    buf = _workspace(rows, width)
+    if rows == n:
+        fmt.bit_planes_into(sign_bits, buf[:, : 8 * c].view(n, 8, c))
+        return torch._weight_int8pack_mm(xp, buf, scale)
     out = torch.empty(m, n, dtype=torch.bfloat16)
     for r0 in range(0, n, rows):
         r1 = min(r0 + rows, n)

@@ -56,11 +56,27 @@ def test_non_negative_inputs_do_not_cancel():
 @pytest.mark.parametrize("chunk_bytes", [1, 100, 3000])
 def test_chunking_is_exact(chunk_bytes, monkeypatch):
     """Row chunks (1 row, a few rows, a ragged last chunk) give bit-identical output."""
+    op.clear_workspace()
     _, t = _stored(37, 200, 4)
     x = _x((3, 200))
     whole = op._cpu_fast(x, *t)
     monkeypatch.setattr(op, "CHUNK_BYTES", chunk_bytes)
     assert torch.equal(op._cpu_fast(x, *t), whole)
+
+
+def test_workspace_reused_across_layouts():
+    """The per-thread plane workspace is shared by layers of different K: its correction columns
+    are rewritten whenever the layout changes, so alternating layers stay exact."""
+    layers = [_stored(40, k, k) for k in (64, 100, 9)]
+    xs = [_x((2, k)) for k in (64, 100, 9)]
+    op.clear_workspace()
+    first = [op._cpu_fast(x, *t) for x, (_, t) in zip(xs, layers)]
+    for _ in range(2):
+        for x, (_, t), y in zip(xs, layers, first):
+            assert torch.equal(op._cpu_fast(x, *t), y)
+            assert rel(y, op.reference(x, *t, None)) < FAST_PATH_TOL[torch.float32]
+    op.clear_workspace()
+    assert torch.equal(op._cpu_fast(xs[1], *layers[1][1]), first[1])
 
 
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float16])
