@@ -246,26 +246,53 @@ def _row_params(p: torch.Tensor, row0: int, rows: int, axis: int) -> torch.Tenso
     row ``n`` uses param row ``n % (N/g)``)."""
     if axis == 1:
         return p[:, row0:row0 + rows].t()
+    if row0 % p.shape[0] + rows <= p.shape[0]:
+        return p[row0 % p.shape[0]:row0 % p.shape[0] + rows]
     return p.index_select(0, torch.arange(row0, row0 + rows, device=p.device) % p.shape[0])
 
 
+def dequant_params(scale: torch.Tensor, offset: torch.Tensor | None, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored params -> fp32 ``(scale, base)`` of ``W = q * scale + base``, ``base = offset - mid * scale``
+    (same shapes as the stored params: small, computed once per call)."""
+    s = scale.float()
+    base = s * -(1 << (bits - 1))
+    if offset is not None and offset.numel():
+        base += offset
+    return s, base
+
+
 def dequantize(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, bits: int, group_size: int,
-               axis: int, row0: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
+               axis: int, row0: int = 0, out: torch.Tensor | None = None,
+               params: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``q`` ``[R, K]`` (rows ``row0 ..`` of the weight), params as :func:`quantize` returns them ->
     ``q * scale + (offset - 2**(bits-1) * scale)`` written into ``out`` (default a new float32 tensor).
-    In float32 this is exact up to one rounding (``q * scale`` is exact)."""
+    In float32 this is exact up to one rounding (``q * scale`` is exact).  ``params``: the
+    :func:`dequant_params` of ``scale``/``offset``, when the caller decodes several blocks."""
     r, k = q.shape
     out = torch.empty(r, k, dtype=torch.float32, device=q.device) if out is None else out
     out.copy_(q)
-    s = _row_params(scale, row0, r, axis).float()
-    base = s * -(1 << (bits - 1))
-    if offset is not None and offset.numel():
-        base += _row_params(offset, row0, r, axis)
-    if axis == 1:
-        out.view(r, k // group_size, group_size).mul_(s[..., None]).add_(base[..., None])
-    else:
-        out.mul_(s).add_(base)
+    s_all, base_all = params if params is not None else dequant_params(scale, offset, bits)
+    period = scale.shape[0]  # axis 0: row n uses param row n % period
+    # axis 0: runs of rows whose param rows are contiguous (no gather), unless the period is short
+    runs = [(row0, r)] if axis == 1 or period <= 8 else _runs(row0, r, period)
+    for n0, count in runs:
+        s, base = _row_params(s_all, n0, count, axis), _row_params(base_all, n0, count, axis)
+        view = out[n0 - row0:n0 - row0 + count]
+        if axis == 1:
+            view.view(count, k // group_size, group_size).mul_(s[..., None]).add_(base[..., None])
+        else:
+            view.mul_(s).add_(base)
     return out
+
+
+def _runs(row0: int, rows: int, period: int) -> list[tuple[int, int]]:
+    """Split rows ``row0 .. row0+rows`` where ``n % period`` wraps around."""
+    runs, n = [], row0
+    while n < row0 + rows:
+        count = min(period - n % period, row0 + rows - n)
+        runs.append((n, count))
+        n += count
+    return runs
 
 
 # ---- stored buffers -------------------------------------------------------------------------------
@@ -308,12 +335,12 @@ def block_rows(k: int, block_n: int, element_bytes: int = 4) -> int:
 
 def decode_rows(codes_lo: torch.Tensor, codes_hi: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
                 bits: int, group_size: int, axis: int, block_n: int, out_features: int, row0: int, row1: int,
-                out: torch.Tensor) -> torch.Tensor:
+                out: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Dequantize weight rows ``row0 .. row1`` (``row0`` a multiple of ``block_n``) into ``out``
-    ``[row1 - row0, K]`` (any float dtype)."""
+    ``[row1 - row0, K]`` (any float dtype); ``params`` as in :func:`dequantize`."""
     k = in_features(scale, group_size, axis)
     q = codes_from_storage(codes_lo, codes_hi, bits, block_n, out_features, k, row0, row1)
-    return dequantize(q, scale, offset, bits, group_size, axis, row0, out)
+    return dequantize(q, scale, offset, bits, group_size, axis, row0, out, params)
 
 
 def decode_tiles(codes_lo: torch.Tensor, codes_hi: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
@@ -356,11 +383,11 @@ def from_storage(codes_lo: torch.Tensor, codes_hi: torch.Tensor, scale: torch.Te
     cache-sized block of rows at a time."""
     k = in_features(scale, group_size, axis)
     out = torch.empty(out_features, k, dtype=torch.float32, device=scale.device)
-    step = block_rows(k, block_n)
+    step, params = block_rows(k, block_n), dequant_params(scale, offset, bits)
     for r0 in range(0, out_features, step):
         r1 = min(out_features, r0 + step)
         decode_rows(codes_lo, codes_hi, scale, offset, bits, group_size, axis, block_n, out_features, r0, r1,
-                    out[r0:r1])
+                    out[r0:r1], params)
     return out
 
 
@@ -388,25 +415,30 @@ def int4_kernel_params(scale: torch.Tensor, offset: torch.Tensor, bits: int, row
     b = 4 and b = 8, whose zeros are ``offset`` and ``8 s``)."""
     n = scale.shape[1]
     real = max(0, min(row1, n) - row0)
-    s = scale[:, row0:row0 + real].float()
-    o = offset[:, row0:row0 + real].float() if offset.numel() else None
+    s = scale[:, row0:row0 + real]
+    o = offset[:, row0:row0 + real] if offset.numel() else None
+
+    def pack(sc: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+        sz = torch.zeros(s.shape[0], row1 - row0, 2, dtype=dtype, device=s.device)
+        sz[:, :real, 0] = sc  # strided writes: ~5x faster than torch.stack here
+        if z is not None:
+            sz[:, :real, 1] = z
+        return sz
+
+    if bits == 4:  # zero = offset: the stored values, no arithmetic
+        return [pack(s, o)], None
+    if bits == 8:  # zeros offset and 8 s, scales s and 16 s: exact in any float dtype
+        return [pack(s, o), pack(s * 16, s * 8)], None
+    s32 = s.float()
     mid = 1 << (bits - 1)
-    total = (8 + (128 if bits > 4 else 0) - mid) * s
+    total = (8 + (128 if bits > 4 else 0) - mid) * s32
     if o is not None:
         total += o
     planes = [(s, total)]
     if bits > 4:
-        hi_zero = (8 - ((1 << (bits - 4)) - 1) / 2) * 16 * s
-        planes = [(s, total - hi_zero), (16 * s, hi_zero)]
-    out, kept = [], torch.zeros_like(s)
-    for sc, z in planes:
-        sz = torch.zeros(s.shape[0], row1 - row0, 2, dtype=dtype, device=s.device)
-        sz[:, :real, 0] = sc  # strided writes: ~5x faster than torch.stack here
-        sz[:, :real, 1] = z
-        kept += sz[:, :real, 1]
-        out.append(sz)
-    if bits in (4, 8):
-        return out, None
+        hi_zero = (8 - ((1 << (bits - 4)) - 1) / 2) * 16 * s32
+        planes = [(s, total - hi_zero), (s * 16, hi_zero)]
+    out = [pack(sc, z) for sc, z in planes]
     residual = torch.zeros(s.shape[0], row1 - row0, device=s.device)
-    residual[:, :real] = total - kept
+    residual[:, :real] = total - sum(sz[:, :real, 1].float() for sz in out)
     return out, residual

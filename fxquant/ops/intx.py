@@ -110,6 +110,25 @@ def tiled_dequant_linear(x2: torch.Tensor, codes_lo: torch.Tensor, codes_hi: tor
     return y
 
 
+def rows_dequant_linear(x2: torch.Tensor, codes_lo: torch.Tensor, codes_hi: torch.Tensor, scale: torch.Tensor,
+                        offset: torch.Tensor, bits: int, group_size: int, axis: int, block_n: int,
+                        out_features: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``x2`` ``[M, K]`` -> ``[M, N]`` in ``dtype``: dequantize a block of rows (row-major,
+    :func:`fmt.decode_rows`) into one reused buffer and multiply it right away."""
+    k = x2.shape[1]
+    step = fmt.block_rows(k, block_n, torch.finfo(dtype).bits // 8)
+    xd = x2.to(dtype)
+    y = torch.empty(x2.shape[0], out_features, dtype=dtype)
+    buf = torch.empty(min(step, out_features), k, dtype=dtype)
+    params = fmt.dequant_params(scale, offset, bits)
+    for r0 in range(0, out_features, step):
+        r1 = min(out_features, r0 + step)
+        w = fmt.decode_rows(codes_lo, codes_hi, scale, offset, bits, group_size, axis, block_n, out_features,
+                            r0, r1, buf[:r1 - r0], params)
+        torch.mm(xd, w.t(), out=y[:, r0:r1])
+    return y
+
+
 _warned_layout = False
 
 
@@ -124,8 +143,9 @@ def _cpu_fast(x2, codes_lo, codes_hi, scale, offset, bits, group_size, symmetric
             warnings.warn(f"intx weights were packed with block_n={block_n} but this CPU's int4 kernel uses "
                           f"{native}: using the slower dequantize path. Re-run "
                           "fxquant.compile on this machine for the fast path.", stacklevel=2)
-    return tiled_dequant_linear(x2, codes_lo, codes_hi, scale, offset, bits, group_size, axis, block_n,
-                                out_features, _cpu.dense_dtype())
+    path = tiled_dequant_linear if axis == 1 else rows_dequant_linear
+    return path(x2, codes_lo, codes_hi, scale, offset, bits, group_size, axis, block_n, out_features,
+                _cpu.dense_dtype())
 
 
 def _cuda(x2, codes_lo, codes_hi, scale, offset, *, bias, bits, group_size, symmetric, axis, block_n, out_features):
