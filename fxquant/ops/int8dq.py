@@ -11,8 +11,7 @@ They are not "dequantize W, then a float GEMM", so each gives its own definition
 
 The float parts (rescale, outlier matmul, bias) run in ``compute_dtype`` (fp32 when ``None``).
 
-CPU fast path (``compute_dtype`` None or bf16; ``LinearOpDef`` calls it below
-``_cpu.large_m_threshold()`` rows and runs the reference above): the integer product goes to
+CPU fast path (``compute_dtype`` None or bf16; at every M: ``cpu_fast_any_m``): the integer product goes to
 ``torch._weight_int8pack_mm`` fed the codes as bf16 at small M, and to oneDNN's int8 GEMM
 (``onednn::qlinear_pointwise``, the kernel Inductor's x86 int8 path uses) at larger M, see
 :func:`cpu_int8_matmul`; LLM.int8 gathers the outlier columns (eager, inside the op: the graph
@@ -210,13 +209,13 @@ def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, **_) -> torch.
 OP_INT8DQ = LinearOpDef(
     name="linear_int8dq", tensors=("qweight", "scale"), scalars=(),
     dequantize=dequantize_weight, out_features=_n_out, reference_fn=reference_int8dq,
-    cpu_fast=_cpu_int8dq, cuda=_cuda_int8dq,
+    cpu_fast=_cpu_int8dq, cpu_fast_any_m=True, cuda=_cuda_int8dq,
     doc="x [..., K] quantized per token to int8; qweight int8 [N, K]; scale bf16 [N]; bias [N] -> [..., N]",
 )
 OP_LLM_INT8 = LinearOpDef(
     name="linear_llm_int8", tensors=("qweight", "scale"), scalars=(("threshold", "float"),),
     dequantize=dequantize_weight, out_features=_n_out, reference_fn=reference_llm_int8,
-    cpu_fast=_cpu_llm_int8, cuda=_cuda_llm_int8,
+    cpu_fast=_cpu_llm_int8, cpu_fast_any_m=True, cuda=_cuda_llm_int8,
     doc="LLM.int8: columns of x with |x| >= threshold in float, the rest as linear_int8dq; "
         "qweight int8 [N, K]; scale bf16 [N]; bias [N] -> [..., N]",
 )

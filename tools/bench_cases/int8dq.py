@@ -13,9 +13,8 @@ or run this file: it registers itself into tools/bench.py and runs it (same comm
 
 Notes on what is measured: the bench input is ``randn``, so ``llm.int8`` sees no outlier
 column at threshold 6 (its float path is skipped); the "fast path, all M" rows call the op's CPU
-fast path directly, which is what ``torch.ops.fxquant.linear_*`` runs at every M once
-``LinearOpDef`` lets a fast path handle large M (today it hands M >= _cpu.large_m_threshold() to
-the reference).
+fast path directly (the ops use it at every M through ``LinearOpDef.cpu_fast_any_m``; the rows
+check that the dispatch adds nothing).
 """
 from __future__ import annotations
 
