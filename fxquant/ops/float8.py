@@ -7,9 +7,11 @@ activation after dynamic float8 quantization (per tensor or per row, amax clampe
 Layouts and math: :mod:`fxquant.formats.float8`.
 
 CPU: no PyTorch CPU kernel reads float8 weights faster than dequantizing them (``torch._scaled_mm``
-works on CPU but converts element by element; measured in docs/formats/float8.md), so both ops
-decode the weight with a table gather and run a dense GEMM (:mod:`._cpu` picks the dtype).
-CUDA: Triton kernels in :mod:`fxquant.kernels.float8`.
+works on the CPU but is slower than decoding: docs/formats/float8.md), so below
+``_cpu.large_m_threshold()`` rows both ops decode the weight a block of rows at a time (exact
+float16 bit moves) and multiply each block while it is in cache
+(:func:`._dequant_gemm.blocked_linear`, dense dtype from :mod:`._cpu`); above it
+``LinearOpDef`` runs the reference.  CUDA: Triton kernels in :mod:`fxquant.kernels.float8`.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, **_) -> torch.
     return fmt.dequantize_weight(qweight, scale)
 
 
-def _blocked(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def _cpu_fast_wo(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``x2 @ (decode(qweight) * scale).T``, decoded block by block (exact float16 bit moves, then
     the dense CPU dtype); the float16 path's power-of-two factor joins the per-row scale."""
     dt = _cpu.dense_dtype()
@@ -40,10 +42,6 @@ def _blocked(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> to
         out.copy_(fmt.decode_fp16_scaled(qweight[r0:r1], scratch=scratch[: r1 - r0])[0])
 
     return blocked_linear(x2, n, k, decode, scale.float().expand(n) * 2.0**offset, dt, rows)
-
-
-def _cpu_fast_wo(x2, qweight, scale):
-    return _blocked(x2, qweight, scale)
 
 
 def _cuda_wo(x2, qweight, scale, *, bias):
@@ -77,7 +75,7 @@ def dq_definition(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, *
 
 def _cpu_fast_dq(x2, qweight, scale, granularity, activation_scale_ub):
     xh = fmt.fake_quantize_activation(x2, qweight.dtype, granularity, activation_scale_ub)
-    return _blocked(xh, qweight, scale)
+    return _cpu_fast_wo(xh, qweight, scale)
 
 
 def _cuda_dq(x2, qweight, scale, *, bias, granularity, activation_scale_ub):

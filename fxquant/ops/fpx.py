@@ -1,9 +1,11 @@
 """``fxquant::linear_fpx``: sub-byte floating point (``fp<X>_e<A>m<B>``) weight-only linear.
 
-``y = x @ (decode(unpack(qweight)) * scale[:, None]).T + bias``; format, bit-packed layout and
-scales in :mod:`fxquant.formats.fpx`.  CPU: no PyTorch kernel reads these codes, so the op
-unpacks and decodes the weight with vectorized torch (a ``2^X``-entry table gather) and runs a
-dense GEMM (:mod:`._cpu` picks the dtype).  CUDA: Triton kernel in :mod:`fxquant.kernels.fpx`.
+``y = x @ (decode(unpack(qweight)) * scale[:, None]).T + bias``; format, bit-plane layout and
+scales in :mod:`fxquant.formats.fpx`.  CPU: no PyTorch kernel reads these codes, so below
+``_cpu.large_m_threshold()`` rows the op unpacks and decodes the weight a block of rows at a time
+(byte ops, then exact float16 bit moves for ``A <= 4`` or the ``2^X``-entry table) and multiplies
+each block while it is in cache (:func:`._dequant_gemm.blocked_linear`); above it ``LinearOpDef``
+runs the reference.  CUDA: Triton kernel in :mod:`fxquant.kernels.fpx`.
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@
 when ``symmetric``); bit-packed layout (planes of folded shards, int4 tile order, rows padded to 64)
 and the grouping of ``axis`` 0 / 1 in :mod:`fxquant.formats.intx`.
 
-CPU (rows < :func:`fxquant.ops._cpu.large_m_threshold`, ``compute_dtype`` None or bf16):
+CPU (``compute_dtype`` None or bf16; otherwise the reference in that dtype):
 
 - int4 kernel: ``aten._weight_int4pack_mm_for_cpu`` on bf16 activations, once per 4-bit plane, for
   axis 1, ``group_size`` in {32, 64, 128, 256}, weights packed with this CPU's tile height and
@@ -12,9 +12,8 @@ CPU (rows < :func:`fxquant.ops._cpu.large_m_threshold`, ``compute_dtype`` None o
   widen their 1..3-bit planes to nibbles per call, a piece of rows at a time (transient, never
   kept).  The rounding of the kernel's zeros is added back in fp32 (``x`` group sums times the
   residual), so only the bf16 activations and outputs differ from the reference.
-- otherwise: :func:`tiled_dequant_linear`, dequantize a few tiles in tile order and multiply at once.
-
-Above the threshold, ``LinearOpDef`` dequantizes the whole weight and runs a dense GEMM.
+- otherwise, at any M: :func:`tiled_dequant_linear` (axis 1, ``M <= TILED_MAX_ROWS``: dequantize a
+  few tiles in tile order and multiply at once) or :func:`rows_dequant_linear` (row blocks).
 CUDA: Triton kernel in :mod:`fxquant.kernels.intx`.  Measurements: docs/formats/intx.md.
 """
 from __future__ import annotations
@@ -40,6 +39,11 @@ PIECE_BYTES = 8 << 20
 #: b=4 M=32 108/91 ms, M=64 162/145, M=96 244/232, M=160 355/438; b=2 M=32 129/99, M=96 244/256;
 #: b=8 M=16 73/72, M=32 132/157, M=64 207/365.
 INT4_KERNEL_MAX_ROWS = {False: 64, True: 16}
+#: Largest M for :func:`tiled_dequant_linear` (axis 1); above it, :func:`rows_dequant_linear`, whose
+#: one GEMM per block beats the batched skinny GEMMs.  Measured (1 thread, CPU time, 11008x4096,
+#: g128, tiled / rows ms): uint3 M=16 77/98, M=64 152/150, M=128 282/254, M=256 517/455;
+#: uint8 M=64 173/210, M=128 245/272, M=256 558/470.
+TILED_MAX_ROWS = 96
 
 
 def dequantize_weight(codes_lo: torch.Tensor, codes_hi: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
@@ -143,7 +147,7 @@ def _cpu_fast(x2, codes_lo, codes_hi, scale, offset, bits, group_size, symmetric
             warnings.warn(f"intx weights were packed with block_n={block_n} but this CPU's int4 kernel uses "
                           f"{native}: using the slower dequantize path. Re-run "
                           "fxquant.compile on this machine for the fast path.", stacklevel=2)
-    path = tiled_dequant_linear if axis == 1 else rows_dequant_linear
+    path = tiled_dequant_linear if axis == 1 and x2.shape[0] <= TILED_MAX_ROWS else rows_dequant_linear
     return path(x2, codes_lo, codes_hi, scale, offset, bits, group_size, axis, block_n, out_features,
                 _cpu.dense_dtype())
 
@@ -160,7 +164,7 @@ OP = LinearOpDef(
     scalars=(("bits", "int"), ("group_size", "int"), ("symmetric", "bool"), ("axis", "int"),
              ("block_n", "int"), ("out_features", "int")),
     dequantize=dequantize_weight, out_features=lambda out_features, **_: out_features,
-    cpu_fast=_cpu_fast, cuda=_cuda,
+    cpu_fast=_cpu_fast, cuda=_cuda, cpu_fast_any_m=True,
     doc="x [..., K]; codes_lo uint8 [ceil(Np*K*min(bits,4)/8)], codes_hi uint8 [ceil(Np*K*(bits-4)/8)] "
         "(int4 tile order, rows padded to Np); scale/offset bf16 [K/g, N] (axis 1) or [N/g, K] (axis 0), "
         "offset empty if symmetric; bias [out_features] -> [..., out_features]",

@@ -96,6 +96,24 @@ def test_tiled_path_is_the_reference_in_fp32(scheme, m):
     assert rel(y[:, :n], ref(x, None)) < 1e-5
 
 
+@pytest.mark.parametrize("scheme", ["uint4wo-32", "int3wo-16", "uint2wo-4-axis0", "uint8wo-8-axis0", "uint1wo-3"])
+def test_rows_path_is_the_reference_in_fp32(scheme):
+    n, k = fit(scheme, 72, 96)
+    _, ref, args, attrs = build(scheme, n, k, 1)
+    x = torch.randn(5, k)
+    y = op.rows_dequant_linear(x, *args, attrs["bits"], attrs["group_size"], attrs["axis"], attrs["block_n"], n)
+    assert y.shape == (5, n) and rel(y, ref(x, None)) < 1e-6
+
+
+@pytest.mark.parametrize("scheme", ["uint3wo-32", "uint4wo-32-axis0"])
+def test_large_m_uses_the_blocked_paths(scheme):
+    """Every M goes through the format's own CPU paths (cpu_fast_any_m); M=300 takes the row blocks."""
+    n, k = fit(scheme, 40, 64)
+    fn, ref, _, _ = build(scheme, n, k, 2)
+    x = torch.randn(300, k)
+    assert rel(fn(x, None), ref(x, None)) < 1e-6
+
+
 @pytest.mark.skipif(NATIVE is None, reason="no int4 CPU kernel layout on this CPU")
 @pytest.mark.parametrize("cfg", [(b, s) for b in range(1, 9) for s in (False, True) if not (s and b == 1)])
 def test_int4_kernel_path_every_width(cfg):
