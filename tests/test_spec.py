@@ -59,6 +59,19 @@ def test_bad_input_names_the_option_and_choices(kwargs, match):
         Spec(**kwargs)
 
 
+def test_unknown_scheme_lists_every_family_grammar():
+    """The error names each family's string forms, so a parametrised scheme can be written from it."""
+    with pytest.raises(ValueError) as e:
+        Spec(default="int9wo")
+    msg = str(e.value)
+    for form in ("int4wo-<g> (g in 32, 64, 128, 256)", "uint<b>wo-<g>[-axis0|-axis1] (b in 1..8)",
+                 "nf4[-<blocksize>][+dq]", "fp4[-<blocksize>][+dq]", "float8dq[-row][-ub<bound>]",
+                 "fp<X>_e<A>m<B>", "llm.int8[-<threshold>]", "int8dq", "onebit"):
+        assert form in msg
+    for name in valid_scheme_names():  # every family that has examples also states its grammar
+        assert type(parse_scheme(name)).forms, type(parse_scheme(name)).__name__
+
+
 def test_from_dict_rejects_unknown_keys():
     with pytest.raises(ValueError, match="unknown keys.*valid: default, skip, rules"):
         Spec.from_dict({"defaults": "int8wo"})

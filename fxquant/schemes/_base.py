@@ -44,6 +44,8 @@ class Scheme:
     op: ClassVar[str]
     #: the scheme strings listed in error messages
     examples: ClassVar[tuple[str, ...]] = ()
+    #: the grammar of this family's strings, e.g. ``"nf4[-<blocksize>][+dq]"`` (error messages, docs)
+    forms: ClassVar[tuple[str, ...]] = ()
     #: dtype of the matmul (``None``: the fastest path of the device, fp32 in the reference);
     #: passed to the op as ``compute_dtype`` (as bitsandbytes' ``bnb_4bit_compute_dtype``)
     compute_dtype: torch.dtype | None = None
@@ -91,6 +93,15 @@ def valid_scheme_names() -> list[str]:
     return [name for cls in _REGISTRY for name in cls.examples]
 
 
+def scheme_forms() -> list[str]:
+    """The grammar of every scheme string family, e.g. ``"uint<b>wo-<g>[-axis0|-axis1] (b in 1..8)"``."""
+    return [form for cls in _REGISTRY for form in cls.forms]
+
+
+def _valid() -> str:
+    return f"{', '.join(valid_scheme_names())}; forms: {'; '.join(scheme_forms())}"
+
+
 def parse_scheme(value: "Scheme | str | None", *, where: str = "scheme") -> "Scheme | None":
     """Scheme object, scheme string or ``None`` -> Scheme or ``None``; ``ValueError`` otherwise.
 
@@ -104,12 +115,11 @@ def parse_scheme(value: "Scheme | str | None", *, where: str = "scheme") -> "Sch
             try:
                 scheme = cls.parse(text)
             except ValueError as e:
-                raise ValueError(f"{where}: scheme {value!r}: {e}; valid schemes: "
-                                 f"{', '.join(valid_scheme_names())}") from None
+                raise ValueError(f"{where}: scheme {value!r}: {e}; valid schemes: {_valid()}") from None
             if scheme is not None:
                 return scheme
-    raise ValueError(f"{where}: unknown scheme {value!r}; valid schemes: "
-                     f"{', '.join(valid_scheme_names())} (or None to keep the layer in float)")
+    raise ValueError(f"{where}: unknown scheme {value!r}; valid schemes: {_valid()} "
+                     "(or None to keep the layer in float)")
 
 
 def scheme_to_json(scheme: "Scheme | None") -> "str | dict | None":

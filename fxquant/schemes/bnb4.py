@@ -75,6 +75,7 @@ class NF4(_Bnb4):
 
     family: ClassVar[str] = "nf4"
     quant_type: ClassVar[str] = "nf4"
+    forms: ClassVar[tuple[str, ...]] = ('nf4[-<blocksize>][+dq]',)
     examples: ClassVar[tuple[str, ...]] = ("nf4-64", "nf4-128", "nf4-64+dq", "nf4-128+dq")  # canonical forms
 
 
@@ -84,4 +85,5 @@ class FP4(_Bnb4):
 
     family: ClassVar[str] = "fp4"
     quant_type: ClassVar[str] = "fp4"
+    forms: ClassVar[tuple[str, ...]] = ('fp4[-<blocksize>][+dq]',)
     examples: ClassVar[tuple[str, ...]] = ("fp4-64", "fp4-128", "fp4-64+dq", "fp4-128+dq")

@@ -22,6 +22,7 @@ class Float8WeightOnly(Scheme):
 
     family: ClassVar[str] = "float8wo"
     op: ClassVar[str] = "linear_float8wo"
+    forms: ClassVar[tuple[str, ...]] = ('float8wo[-e4m3fn|-e5m2]',)
     examples: ClassVar[tuple[str, ...]] = ("float8wo", "float8wo-e5m2")
     dtype: torch.dtype = torch.float8_e4m3fn
 
@@ -67,6 +68,7 @@ class Float8DynamicActivation(Scheme):
 
     family: ClassVar[str] = "float8dq"
     op: ClassVar[str] = "linear_float8dq"
+    forms: ClassVar[tuple[str, ...]] = ('float8dq[-row][-ub<bound>]',)
     examples: ClassVar[tuple[str, ...]] = ("float8dq", "float8dq-row", "float8dq-row-ub600.0")
     granularity: str = "tensor"
     activation_scale_ub: float = fmt.DEFAULT_ACTIVATION_SCALE_UB

@@ -20,6 +20,7 @@ class FPx(Scheme):
 
     family: ClassVar[str] = "fpx"
     op: ClassVar[str] = "linear_fpx"
+    forms: ClassVar[tuple[str, ...]] = ('fp<X>_e<A>m<B> (X = A + B + 1 in 3..7)',)
     examples: ClassVar[tuple[str, ...]] = ("fp6_e3m2", "fp6_e2m3", "fp5_e2m2", "fp4_e2m1", "fp3_e1m1")
     exponent_bits: int = 3
     mantissa_bits: int = 2

@@ -36,6 +36,7 @@ class Int8DynamicActivation(_Int8Weights):
 
     family: ClassVar[str] = "int8dq"
     op: ClassVar[str] = "linear_int8dq"
+    forms: ClassVar[tuple[str, ...]] = ('int8dq',)
     examples: ClassVar[tuple[str, ...]] = ("int8dq",)
 
     def __str__(self) -> str:
@@ -56,6 +57,7 @@ class LLMInt8(_Int8Weights):
 
     family: ClassVar[str] = "llm.int8"
     op: ClassVar[str] = "linear_llm_int8"
+    forms: ClassVar[tuple[str, ...]] = ('llm.int8[-<threshold>]',)
     examples: ClassVar[tuple[str, ...]] = ("llm.int8", "llm.int8-4.5")
     threshold: float = fmt.DEFAULT_THRESHOLD
 

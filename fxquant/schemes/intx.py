@@ -36,6 +36,7 @@ class IntX(Scheme):
 
     family: ClassVar[str] = "intx"
     op: ClassVar[str] = "linear_intx"
+    forms: ClassVar[tuple[str, ...]] = ('uint<b>wo-<g>[-axis0|-axis1] (b in 1..8)', 'int<b>wo-<g>[-axis0|-axis1] (b in 2..8)')
     examples: ClassVar[tuple[str, ...]] = ("uint4wo-64", "int3wo-128", "uint2wo-32-axis0", "int8wo-128",
                                            "uint1wo-64", "int4wo-128-axis1")
     bits: int = 4

@@ -20,6 +20,7 @@ class OneBit(Scheme):
 
     family: ClassVar[str] = "onebit"
     op: ClassVar[str] = "linear_onebit"
+    forms: ClassVar[tuple[str, ...]] = ('onebit',)
     examples: ClassVar[tuple[str, ...]] = ("onebit",)
 
     def __str__(self) -> str:

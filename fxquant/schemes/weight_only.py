@@ -20,6 +20,7 @@ class Int8WeightOnly(Scheme):
 
     family: ClassVar[str] = "int8wo"
     op: ClassVar[str] = "linear_int8wo"
+    forms: ClassVar[tuple[str, ...]] = ('int8wo',)
     examples: ClassVar[tuple[str, ...]] = ("int8wo",)
 
     def __str__(self) -> str:
@@ -43,6 +44,7 @@ class Int4WeightOnly(Scheme):
 
     family: ClassVar[str] = "int4wo"
     op: ClassVar[str] = "linear_int4wo"
+    forms: ClassVar[tuple[str, ...]] = ('int4wo-<g> (g in 32, 64, 128, 256)',)
     examples: ClassVar[tuple[str, ...]] = tuple(f"int4wo-{g}" for g in int4_fmt.GROUP_SIZES)
     group_size: int = 128
 

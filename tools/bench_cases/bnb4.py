@@ -4,14 +4,8 @@
 Each entry of ``CASES`` has the fields of ``tools.bench.Case``: ``name``, ``fmt``, ``kind``
 ("fxquant" | "reference" | "peer"), ``act_dtype``, ``prepare(weight fp32 [N, K]) -> state`` and
 ``forward(state, x [M, K]) -> y [M, N]``.  ``TARGETS`` has the fields of ``tools.bench.Target``.
-Hook into tools/bench.py with::
-
-    from tools.bench_cases import bnb4
-    bnb4.register(case)                                # bench.case, the registering decorator
-    TARGETS += tuple(Target(**t) for t in bnb4.TARGETS)
-
-or run this file: it registers itself into tools/bench.py and runs it (same command line), e.g.
-``python tools/bench_cases/bnb4.py --shapes 11008x4096 --formats nf4-64 fp4-64``.
+tools/bench.py loads this module (``tools.bench_cases.MODULES``); pick its rows with
+``python tools/bench.py --formats ...``.
 
 Peers are ``bnb.nn.Linear4bit`` with ``compress_statistics`` set to match the format (tools/bench.py's
 own "bnb nf4 bs64 Linear4bit" rows leave bitsandbytes' default ``compress_statistics=True``, so they
@@ -22,27 +16,17 @@ the reference's dequantize + GEMM).
 """
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-try:
-    import fxquant.ops  # noqa: F401  (registers torch.ops.fxquant.*)
-except ModuleNotFoundError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    import fxquant.ops  # noqa: F401
+import fxquant.ops  # noqa: F401  (registers torch.ops.fxquant.*)
+from tools.bench_cases._common import need as _need, call as _call
 from fxquant.ops import bnb4 as op
 from fxquant.schemes import FP4, NF4
 
 FP32, BF16 = torch.float32, torch.bfloat16
 BLOCKSIZE = 64
-
-
-class Unavailable(Exception):
-    """Peer not importable here (tools/bench.py shows the row as n/a with this message)."""
 
 
 def _prep(scheme) -> Callable[[torch.Tensor], Any]:
@@ -68,13 +52,6 @@ def _fast_all_m(st, x):
     return opdef.cpu_fast(x, *qw.tensors.values(), **scalars).to(x.dtype)
 
 
-def _need(module: str):
-    try:
-        return importlib.import_module(module)
-    except Exception as e:  # ImportError, or a broken install failing at import
-        raise Unavailable(f"{module} not importable: {type(e).__name__}") from e
-
-
 def _bnb_linear4bit(quant_type: str, double_quant: bool, dtype: torch.dtype) -> Callable[[torch.Tensor], Any]:
     def prepare(w):
         bnb = _need("bitsandbytes")
@@ -84,10 +61,6 @@ def _bnb_linear4bit(quant_type: str, double_quant: bool, dtype: torch.dtype) -> 
                                      compress_statistics=double_quant)
         return m.to("cpu").eval()  # .to quantizes
     return prepare
-
-
-def _call(module, x):
-    return module(x)
 
 
 def _row(name, fmt_, kind, act_dtype, prepare, forward) -> dict[str, Any]:
@@ -117,18 +90,3 @@ TARGETS: list[dict[str, Any]] = [
     # no format slower than its own dequantize-then-matmul reference at any M
     *(dict(case=f"fxquant {s}", m=m, vs=f"{s} reference", min_ratio=1.0) for s in SCHEMES for m in (1, 16, 256)),
 ]
-
-
-def register(case: Callable[..., Callable]) -> None:
-    """Register every row with tools/bench.py's ``case(name=, fmt=, kind=, act_dtype=, prepare=)``."""
-    for c in CASES:
-        case(**{k: v for k, v in c.items() if k != "forward"})(c["forward"])
-
-
-if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from tools import bench
-
-    register(bench.case)
-    bench.TARGETS = tuple(bench.TARGETS) + tuple(bench.Target(**t) for t in TARGETS)
-    sys.exit(bench.main())

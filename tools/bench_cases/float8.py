@@ -3,14 +3,8 @@
 Each entry of ``CASES`` has the fields of ``tools.bench.Case``: ``name``, ``fmt``, ``kind``
 ("fxquant" | "reference" | "alternative" | "peer"), ``act_dtype``, ``prepare(weight fp32 [N, K])
 -> state`` and ``forward(state, x [M, K]) -> y [M, N]``.  ``TARGETS`` has the fields of
-``tools.bench.Target``.  Hook into tools/bench.py with::
-
-    from tools.bench_cases import float8
-    float8.register(case)                              # bench.case, the registering decorator
-    TARGETS += tuple(Target(**t) for t in float8.TARGETS)
-
-or run this file: it registers itself into tools/bench.py and runs it (same command line), e.g.
-``python tools/bench_cases/float8.py --shapes 11008x4096 --formats float8wo float8dq-row``.
+``tools.bench.Target``.  tools/bench.py loads this module (``tools.bench_cases.MODULES``); pick its rows with
+``python tools/bench.py --formats ...``.
 
 Rows: the op (``torch.ops.fxquant.*``: blocked fp16-bit decode + GEMM below
 ``_cpu.large_m_threshold()`` rows, the reference above it), its CPU fast path called directly at
@@ -21,36 +15,19 @@ CUDA sm89+ / MI300 / XPU device - so the tensor is built directly with ``Float8T
 """
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-try:
-    import fxquant.ops  # noqa: F401  (registers torch.ops.fxquant.*)
-except ModuleNotFoundError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    import fxquant.ops  # noqa: F401
+import fxquant.ops  # noqa: F401  (registers torch.ops.fxquant.*)
+from tools.bench_cases._common import need as _need, call as _call
 from fxquant.formats import float8 as fmt
 from fxquant.ops import float8 as op
 
 FP32, BF16 = torch.float32, torch.bfloat16
 E4, E5 = torch.float8_e4m3fn, torch.float8_e5m2
 UB = fmt.DEFAULT_ACTIVATION_SCALE_UB
-
-
-class Unavailable(Exception):
-    """Peer not importable / not runnable here (tools/bench.py shows the row as n/a with this message)."""
-
-
-def _need(module: str):
-    try:
-        return importlib.import_module(module)
-    except Exception as e:  # ImportError, or a broken install failing at import
-        raise Unavailable(f"{module} not importable: {type(e).__name__}") from e
 
 
 # ---- float8wo ------------------------------------------------------------------------------------
@@ -130,10 +107,6 @@ def _torchao_dq(granularity: str) -> Callable[[torch.Tensor], Any]:
     return prepare
 
 
-def _call(module, x):
-    return module(x)
-
-
 def _row(name, fmt_, kind, act_dtype, prepare, forward) -> dict[str, Any]:
     return dict(name=name, fmt=fmt_, kind=kind, act_dtype=act_dtype, prepare=prepare, forward=forward)
 
@@ -163,18 +136,3 @@ TARGETS: list[dict[str, Any]] = [
     *(dict(case=f"fxquant {f}", m=m, vs="peers", min_ratio=1.0)
       for f in ("float8wo", "float8dq", "float8dq-row") for m in (1, 16, 256)),
 ]
-
-
-def register(case: Callable[..., Callable]) -> None:
-    """Register every row with tools/bench.py's ``case(name=, fmt=, kind=, act_dtype=, prepare=)``."""
-    for c in CASES:
-        case(**{k: v for k, v in c.items() if k != "forward"})(c["forward"])
-
-
-if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from tools import bench
-
-    register(bench.case)
-    bench.TARGETS = tuple(bench.TARGETS) + tuple(bench.Target(**t) for t in TARGETS)
-    sys.exit(bench.main())

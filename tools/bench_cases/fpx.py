@@ -1,8 +1,7 @@
 """Benchmark rows for the sub-byte float formats ``fp<X>_e<A>m<B>``, in tools/bench.py's terms.
 
-Same interface as :mod:`tools.bench_cases.float8` (``CASES``, ``TARGETS``, ``register``; run the
-file to register into tools/bench.py and run it), e.g.
-``python tools/bench_cases/fpx.py --shapes 11008x4096 --formats fp6_e3m2 fp4_e2m1``.
+Same interface as :mod:`tools.bench_cases.float8` (``CASES``, ``TARGETS``), e.g.
+``python tools/bench.py --shapes 11008x4096 --formats fp6_e3m2 fp4_e2m1``.
 
 Rows: the op (``torch.ops.fxquant.linear_fpx``: blocked unpack + fp16-bit decode + GEMM below
 ``_cpu.large_m_threshold()`` rows, the reference above it), its CPU fast path called directly
@@ -12,29 +11,19 @@ FP6-LLM CUDA kernels), so the peer row is what it did off the GPU - decode with 
 """
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-try:
-    import fxquant.ops  # noqa: F401  (registers torch.ops.fxquant.*)
-except ModuleNotFoundError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    import fxquant.ops  # noqa: F401
+import fxquant.ops  # noqa: F401  (registers torch.ops.fxquant.*)
+from tools.bench_cases._common import need as _need
 from fxquant.formats import fpx as fmt
 from fxquant.ops import fpx as op
 
 FP32, BF16 = torch.float32, torch.bfloat16
 FORMATS = ("fp6_e3m2", "fp6_e2m3", "fp5_e2m2", "fp4_e2m1", "fp3_e1m1")
 FAST_ALL_M = ("fp6_e3m2", "fp4_e2m1")
-
-
-class Unavailable(Exception):
-    """Peer not importable here (tools/bench.py shows the row as n/a with this message)."""
 
 
 def _prep(name: str) -> Callable[[torch.Tensor], Any]:
@@ -62,10 +51,7 @@ def _ref(st, x):
 
 def _torchao_decode(name: str) -> Callable[[torch.Tensor], Any]:
     def prepare(w):
-        try:
-            utils = importlib.import_module("torchao.prototype.custom_fp_utils")
-        except Exception as e:
-            raise Unavailable(f"torchao.prototype.custom_fp_utils not importable: {type(e).__name__}") from e
+        utils = _need("torchao.prototype.custom_fp_utils")
         st = _prep(name)(w)
         return utils, st
     return prepare
@@ -98,18 +84,3 @@ TARGETS: list[dict[str, Any]] = [
     *(dict(case=f"fxquant {f}", m=1, vs=BF16_LINEAR, min_ratio=2.0) for f in ("fp4_e2m1", "fp3_e1m1")),
     dict(case="fxquant fp6_e3m2", m=1, vs="peers", min_ratio=1.0),
 ]
-
-
-def register(case: Callable[..., Callable]) -> None:
-    """Register every row with tools/bench.py's ``case(name=, fmt=, kind=, act_dtype=, prepare=)``."""
-    for c in CASES:
-        case(**{k: v for k, v in c.items() if k != "forward"})(c["forward"])
-
-
-if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from tools import bench
-
-    register(bench.case)
-    bench.TARGETS = tuple(bench.TARGETS) + tuple(bench.Target(**t) for t in TARGETS)
-    sys.exit(bench.main())

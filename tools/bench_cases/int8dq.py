@@ -3,13 +3,8 @@
 Each entry of ``CASES`` has the fields of ``tools.bench.Case``: ``name``, ``fmt``, ``kind``
 ("fxquant" | "reference" | "peer"), ``act_dtype``, ``prepare(weight fp32 [N, K]) -> state`` and
 ``forward(state, x [M, K]) -> y [M, N]``.  ``TARGETS`` has the fields of ``tools.bench.Target``.
-Hook into tools/bench.py with::
-
-    from tools.bench_cases import int8dq
-    int8dq.register(case)                              # bench.case, the registering decorator
-    TARGETS += tuple(Target(**t) for t in int8dq.TARGETS)
-
-or run this file: it registers itself into tools/bench.py and runs it (same command line).
+tools/bench.py loads this module (``tools.bench_cases.MODULES``); pick its rows with
+``python tools/bench.py --formats ...``.
 
 Notes on what is measured: the bench input is ``randn``, so ``llm.int8`` sees no outlier
 column at threshold 6 (its float path is skipped); the "fast path, all M" rows call the op's CPU
@@ -18,27 +13,17 @@ check that the dispatch adds nothing).
 """
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-try:
-    import fxquant.ops  # noqa: F401  (registers torch.ops.fxquant.*)
-except ModuleNotFoundError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    import fxquant.ops  # noqa: F401
+import fxquant.ops  # noqa: F401  (registers torch.ops.fxquant.*)
+from tools.bench_cases._common import need as _need, call as _call
 from fxquant.formats import int8dq as fmt
 from fxquant.ops import int8dq as op
 
 FP32, BF16 = torch.float32, torch.bfloat16
 THRESHOLD = fmt.DEFAULT_THRESHOLD
-
-
-class Unavailable(Exception):
-    """Peer not importable here (tools/bench.py shows the row as n/a with this message)."""
 
 
 def _prep(w: torch.Tensor):
@@ -69,13 +54,6 @@ def _llm_fast(st, x):
     return op.OP_LLM_INT8.cpu_fast(x, *st, threshold=THRESHOLD).to(x.dtype)
 
 
-def _need(module: str):
-    try:
-        return importlib.import_module(module)
-    except Exception as e:  # ImportError, or a broken install failing at import
-        raise Unavailable(f"{module} not importable: {type(e).__name__}") from e
-
-
 def _torchao_int8dq(compile_: bool) -> Callable[[torch.Tensor], Any]:
     def prepare(w):
         tq = _need("torchao.quantization")
@@ -93,10 +71,6 @@ def _bnb_llm_int8(w):
     # eval(): in training mode Linear8bitLt on the CPU dequantizes the weight (MatMul8bitFp) instead
     # of running LLM.int8
     return m.to("cpu").eval()
-
-
-def _call(module, x):
-    return module(x)
 
 
 def _row(name, fmt_, kind, act_dtype, prepare, forward) -> dict[str, Any]:
@@ -126,18 +100,3 @@ TARGETS: list[dict[str, Any]] = [
     dict(case="fxquant int8dq", m=256, vs="peers", min_ratio=1.0),
     dict(case="fxquant llm.int8", m=256, vs="peers", min_ratio=1.0),
 ]
-
-
-def register(case: Callable[..., Callable]) -> None:
-    """Register every row with tools/bench.py's ``case(name=, fmt=, kind=, act_dtype=, prepare=)``."""
-    for c in CASES:
-        case(**{k: v for k, v in c.items() if k != "forward"})(c["forward"])
-
-
-if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from tools import bench
-
-    register(bench.case)
-    bench.TARGETS = tuple(bench.TARGETS) + tuple(bench.Target(**t) for t in TARGETS)
-    sys.exit(bench.main())

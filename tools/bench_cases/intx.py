@@ -1,8 +1,7 @@
 """Benchmark rows for the group-wise integer formats ``[u]int<b>wo-<g>[-axis<a>]``, in tools/bench.py's terms.
 
-Same interface as :mod:`tools.bench_cases.float8` (``CASES``, ``TARGETS``, ``register``; run the
-file to register into tools/bench.py and run it), e.g.
-``python tools/bench_cases/intx.py --shapes 11008x4096 --formats uint4wo-128 uint3wo-128``.
+Same interface as :mod:`tools.bench_cases.float8` (``CASES``, ``TARGETS``), e.g.
+``python tools/bench.py --shapes 11008x4096 --formats uint4wo-128 uint3wo-128``.
 
 Rows per format: the op (``torch.ops.fxquant.linear_intx``, the CPU policy of fxquant.ops.intx),
 its two CPU paths called directly at every M (the int4 kernel, for axis-1 formats with a kernel
@@ -13,18 +12,12 @@ quantized with ``optimize=False`` here, which does not change its forward speed)
 """
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-try:
-    import fxquant.ops  # noqa: F401  (registers torch.ops.fxquant.*)
-except ModuleNotFoundError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    import fxquant.ops  # noqa: F401
+import fxquant.ops  # noqa: F401  (registers torch.ops.fxquant.*)
+from tools.bench_cases._common import Unavailable, need as _need, call as _call
 from fxquant.ops import intx as op
 from fxquant.schemes import parse_scheme
 
@@ -32,17 +25,6 @@ FP32, BF16 = torch.float32, torch.bfloat16
 FORMATS = ("uint1wo-128", "uint2wo-128", "uint3wo-128", "int3wo-128", "uint4wo-128", "uint5wo-128",
            "int8wo-128", "uint8wo-128", "uint3wo-128-axis0")
 LOW_BITS = tuple(f for f in FORMATS if parse_scheme(f).bits <= 4)
-
-
-class Unavailable(Exception):
-    """Peer not importable here (tools/bench.py shows the row as n/a with this message)."""
-
-
-def _need(module: str):
-    try:
-        return importlib.import_module(module)
-    except Exception as e:  # ImportError, or a broken install failing at import
-        raise Unavailable(f"{module} not importable: {type(e).__name__}") from e
 
 
 def _prep(name: str) -> Callable[[torch.Tensor], Any]:
@@ -103,10 +85,6 @@ def _torchao(name: str) -> Callable[[torch.Tensor], Any]:
     return prepare
 
 
-def _call(module, x):
-    return module(x)
-
-
 def _row(name, fmt_, kind, act_dtype, prepare, forward) -> dict[str, Any]:
     return dict(name=name, fmt=fmt_, kind=kind, act_dtype=act_dtype, prepare=prepare, forward=forward)
 
@@ -134,18 +112,3 @@ TARGETS: list[dict[str, Any]] = [
     *(dict(case=f"fxquant {f}", m=1, vs=BF16_LINEAR, min_ratio=2.0) for f in LOW_BITS),
     *(dict(case=f"fxquant {f}", m=1, vs="peers", min_ratio=1.0) for f in FORMATS),
 ]
-
-
-def register(case: Callable[..., Callable]) -> None:
-    """Register every row with tools/bench.py's ``case(name=, fmt=, kind=, act_dtype=, prepare=)``."""
-    for c in CASES:
-        case(**{k: v for k, v in c.items() if k != "forward"})(c["forward"])
-
-
-if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from tools import bench
-
-    register(bench.case)
-    bench.TARGETS = tuple(bench.TARGETS) + tuple(bench.Target(**t) for t in TARGETS)
-    sys.exit(bench.main())

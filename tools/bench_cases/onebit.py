@@ -3,14 +3,8 @@
 Each entry of ``CASES`` has the fields of ``tools.bench.Case``: ``name``, ``fmt``, ``kind``
 ("fxquant" | "reference" | "alternative" | "peer"), ``act_dtype``, ``prepare(weight fp32 [N, K])
 -> state`` and ``forward(state, x [M, K]) -> y [M, N]``.  ``TARGETS`` has the fields of
-``tools.bench.Target``.  Hook into tools/bench.py with::
-
-    from tools.bench_cases import onebit
-    onebit.register(case)                              # bench.case, the registering decorator
-    TARGETS += tuple(Target(**t) for t in onebit.TARGETS)
-
-or run this file: it registers itself into tools/bench.py and runs it (same command line), e.g.
-``python tools/bench_cases/onebit.py --shapes 11008x4096 --formats onebit``.
+``tools.bench.Target``.  tools/bench.py loads this module (``tools.bench_cases.MODULES``); pick its rows with
+``python tools/bench.py --formats ...``.
 
 Rows: the op (bit-plane int8pack path below ``_cpu.large_m_threshold()`` rows, the reference above
 it), its CPU fast path called at every M, the reference, and the alternatives weighed for the CPU
@@ -23,36 +17,19 @@ torch backend) is listed as an alternative for scale.
 """
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-try:
-    import fxquant.ops  # noqa: F401  (registers torch.ops.fxquant.*)
-except ModuleNotFoundError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    import fxquant.ops  # noqa: F401
+import fxquant.ops  # noqa: F401  (registers torch.ops.fxquant.*)
+from tools.bench_cases._common import Unavailable, need as _need, call as _call
 from fxquant.formats import int4 as int4_fmt
 from fxquant.formats import onebit as fmt
 from fxquant.ops import onebit as op
 
 FP32, BF16 = torch.float32, torch.bfloat16
 FMT = "onebit"
-
-
-class Unavailable(Exception):
-    """Not runnable here (tools/bench.py shows the row as n/a with this message)."""
-
-
-def _need(module: str):
-    try:
-        return importlib.import_module(module)
-    except Exception as e:  # ImportError, or a broken install failing at import
-        raise Unavailable(f"{module} not importable: {type(e).__name__}") from e
 
 
 def _prep(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -127,10 +104,6 @@ def _prep_hqq_1bit(w):
                         compute_dtype=BF16, device="cpu")
 
 
-def _call(module, x):
-    return module(x)
-
-
 def _row(name, kind, act_dtype, prepare, forward) -> dict[str, Any]:
     return dict(name=name, fmt=FMT, kind=kind, act_dtype=act_dtype, prepare=prepare, forward=forward)
 
@@ -154,18 +127,3 @@ TARGETS: list[dict[str, Any]] = [
     *(dict(case="fxquant onebit", m=m, vs="onebit reference", min_ratio=1.0)  # "never slower than its reference"
       for m in (1, 16, 256)),
 ]
-
-
-def register(case: Callable[..., Callable]) -> None:
-    """Register every row with tools/bench.py's ``case(name=, fmt=, kind=, act_dtype=, prepare=)``."""
-    for c in CASES:
-        case(**{k: v for k, v in c.items() if k != "forward"})(c["forward"])
-
-
-if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from tools import bench
-
-    register(bench.case)
-    bench.TARGETS = tuple(bench.TARGETS) + tuple(bench.Target(**t) for t in TARGETS)
-    sys.exit(bench.main())
