@@ -138,3 +138,52 @@ def test_save_load_bit_for_bit(tiny_llama_model, ids, tmp_path, fe):
         assert torch.equal(lm(x), qm(x))
     fxquant.save(lm, tmp_path / "again.pt2")  # a loaded module can be saved again
     assert torch.equal(fxquant.load(tmp_path / "again.pt2")(ids), qm(ids))
+
+
+# one layer per format family (hidden 256, intermediate 512): every op in one graph
+EVERY_FAMILY = {
+    "layers.0.self_attn.q_proj": "nf4+dq", "layers.0.self_attn.k_proj": "fp4-128",
+    "layers.0.self_attn.v_proj": "uint3wo-32", "layers.0.self_attn.o_proj": "int2wo-64-axis0",
+    "layers.0.mlp.gate_proj": "int8dq", "layers.0.mlp.up_proj": "llm.int8",
+    "layers.0.mlp.down_proj": "float8wo", "layers.1.self_attn.q_proj": "float8dq-row",
+    "layers.1.self_attn.k_proj": "fp6_e3m2", "layers.1.self_attn.v_proj": "onebit",
+    "layers.1.self_attn.o_proj": "int4wo-64", "layers.1.mlp.gate_proj": "int8wo",
+    "layers.1.mlp.up_proj": "fp5_e2m2", "layers.1.mlp.down_proj": "uint5wo-128",
+}
+
+
+def test_every_format_family_in_one_model(tiny_llama_model, ids, tmp_path):
+    """A model mixing every format: the report's bytes are the stored buffers', eager output matches
+    the float model run on the schemes' dequantized weights, torch.compile(fullgraph=True) matches
+    eager at other shapes, torch.export works, save -> load is bit for bit."""
+    from fxquant.schemes import parse_scheme
+
+    torch._dynamo.reset()
+    spec = fxquant.Spec(skip=["lm_head"], rules=EVERY_FAMILY)
+    qm = fxquant.compile(tiny_llama_model, spec, (ids,))
+    report = fxquant.report(qm)
+    sd = qm.state_dict()
+    oracle = copy.deepcopy(tiny_llama_model)
+    for name, scheme in EVERY_FAMILY.items():
+        row = report.row(f"model.{name}")
+        assert row.status == "quantized" and row.scheme == str(parse_scheme(scheme)), (name, row)
+        stored = sum(t.numel() * t.element_size() for k, t in sd.items() if k.startswith(f"model.{name}."))
+        assert row.bytes_after == stored > 0, name
+        lin = oracle.get_submodule(f"model.{name}")
+        s = parse_scheme(scheme)
+        lin.weight.data = s.dequantize(s.quantize(lin.weight.detach())).to(lin.weight.dtype)
+    ops = {n.target for n in qm.graph.nodes if n.op == "call_function" and "fxquant" in str(n.target)}
+    assert len(ops) == 11  # int8wo, int4wo, intx, bnb4, bnb4_dq, int8dq, llm_int8, float8wo/dq, fpx, onebit
+    with torch.no_grad():
+        # the dynamic-activation formats (int8dq, llm.int8, float8dq) also round activations
+        assert rel(qm(ids), oracle(ids)) < 0.05
+        cm = torch.compile(qm, fullgraph=True)
+        for shape in [(2, 16), (1, 1), (3, 7)]:
+            x = torch.randint(0, 512, shape, generator=torch.Generator().manual_seed(sum(shape)))
+            assert rel(cm(x), qm(x)) < 1e-2, shape
+        ep = torch.export.export(qm, (ids,))
+        assert torch.equal(ep.module()(ids), qm(ids))
+    fxquant.save(qm, tmp_path / "all.pt2")
+    lm = fxquant.load(tmp_path / "all.pt2")
+    assert all(torch.equal(t, lm.state_dict()[k]) and t.dtype == lm.state_dict()[k].dtype for k, t in sd.items())
+    assert torch.equal(lm(ids), qm(ids))
