@@ -20,9 +20,7 @@ import triton
 import triton.language as tl
 
 from ..formats import bnb4 as fmt
-from . import interpreting
-
-INTERPRETED = interpreting()  # what @triton.jit below saw; see fxquant.kernels.interpreting
+from ._common import INTERPRETED, bf16_via_fp32, config, grouped_tile, store_tile, tuned
 X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -35,15 +33,7 @@ def _bnb4_kernel(x_ptr, codes_ptr, absmax_ptr, aq_ptr, acode_ptr, ascale_ptr, ao
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  GROUP_M: tl.constexpr):
     # M_BUCKET only feeds the autotune key (so a new M does not re-tune); the kernel ignores it.
-    # Grouped tile order: GROUP_M row-tiles share each column-tile of weights while it is in L2.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    tiles_per_group = GROUP_M * num_n
-    first_m = (pid // tiles_per_group) * GROUP_M
-    group_rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % tiles_per_group) % group_rows
-    pid_n = (pid % tiles_per_group) // group_rows
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -71,58 +61,34 @@ def _bnb4_kernel(x_ptr, codes_ptr, absmax_ptr, aq_ptr, acode_ptr, ascale_ptr, ao
         else:
             absmax = tl.load(absmax_ptr + blk, mask=w_mask, other=0.0)
         w = tl.where(w_mask, value * absmax, 0.0)
-        if DOT_IN_FP32:  # fp32 activations, or bf16 under the interpreter (see _bf16_via_fp32)
+        if DOT_IN_FP32:  # fp32 activations, or bf16 under the interpreter (see _common.bf16_via_fp32)
             # "ieee": exact fp32 products as the reference computes (tf32 keeps ~10 mantissa bits).
             acc = tl.dot(x.to(tl.float32), w, acc, input_precision="ieee")
         else:
             acc = tl.dot(x, w.to(x.dtype), acc)
 
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
-
-
-def _config(block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8},
-                         num_warps=num_warps, num_stages=num_stages)
+    store_tile(acc, y_ptr, bias_ptr, offs_m, offs_n, m_mask, n_mask, stride_ym, stride_yn, HAS_BIAS)
 
 
 # GPU search space.  Not measured: the machine this was written on has no GPU.  The sizes follow
 # the usual Triton GEMM ranges (16 is tl.dot's minimum tile side): narrow-M tiles with long K
 # steps for decode, square-ish tiles for prefill.
 _CUDA_CONFIGS = [
-    _config(16, 64, 128, num_warps=4, num_stages=4),
-    _config(16, 64, 64, num_warps=4, num_stages=4),
-    _config(16, 128, 64, num_warps=4, num_stages=3),
-    _config(32, 64, 64, num_warps=4, num_stages=4),
-    _config(64, 128, 64, num_warps=4, num_stages=4),
-    _config(64, 64, 32, num_warps=4, num_stages=4),
-    _config(128, 128, 64, num_warps=8, num_stages=3),
-    _config(128, 128, 32, num_warps=8, num_stages=3),
+    config(16, 64, 128, num_warps=4, num_stages=4),
+    config(16, 64, 64, num_warps=4, num_stages=4),
+    config(16, 128, 64, num_warps=4, num_stages=3),
+    config(32, 64, 64, num_warps=4, num_stages=4),
+    config(64, 128, 64, num_warps=4, num_stages=4),
+    config(64, 64, 32, num_warps=4, num_stages=4),
+    config(128, 128, 64, num_warps=8, num_stages=3),
+    config(128, 128, 32, num_warps=8, num_stages=3),
 ]
 # The CPU interpreter: one config, so autotune never benchmarks there.
-_INTERPRETER_CONFIGS = [_config(16, 32, 32, num_warps=1, num_stages=1)]
+_INTERPRETER_CONFIGS = [config(16, 32, 32, num_warps=1, num_stages=1)]
 
 
-def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Keep configs whose M tile is at most one step taller than the (bucketed) rows."""
-    max_m = max(16, named_args["M_BUCKET"])
-    return [c for c in configs if c.kwargs["BLOCK_M"] <= max_m] or configs
-
-
-_bnb4_tuned = triton.autotune(
-    configs=_INTERPRETER_CONFIGS if INTERPRETED else _CUDA_CONFIGS,
-    key=["M_BUCKET", "N", "K", "BLOCKSIZE", "DOUBLE_QUANT"],
-    prune_configs_by={"early_config_prune": _prune},
-)(_bnb4_kernel)
-
-
-def _bf16_via_fp32(x_dtype: torch.dtype) -> bool:
-    """Under the CPU interpreter bf16 ``tl.dot`` multiplies raw bit patterns and fp32 -> bf16 casts
-    truncate (see :func:`fxquant.kernels.int4wo._bf16_via_fp32`): bf16 activations enter the dot as
-    fp32 (exact), and the launcher rounds the fp32 output with torch."""
-    return INTERPRETED and x_dtype == torch.bfloat16
+_bnb4_tuned = tuned(_bnb4_kernel, cuda=_CUDA_CONFIGS, interpreter=_INTERPRETER_CONFIGS,
+                    key=["M_BUCKET", "N", "K", "BLOCKSIZE", "DOUBLE_QUANT"])
 
 
 def _fail(msg: str) -> None:
@@ -164,7 +130,7 @@ def _check_device(tensors: dict[str, Optional[torch.Tensor]]) -> None:
 def _launch(x2d, codes, absmax, aq, acode, ascale, aoff, code_table, bias, blocksize, absmax_blocksize,
             out_features) -> torch.Tensor:
     m, k = x2d.shape
-    via_fp32 = _bf16_via_fp32(x2d.dtype)
+    via_fp32 = bf16_via_fp32(x2d.dtype)
     y = torch.empty((m, out_features), dtype=torch.float32 if via_fp32 else x2d.dtype, device=x2d.device)
     if m == 0 or out_features == 0 or k == 0:
         return y.zero_().to(x2d.dtype) if bias is None else (y.zero_() + bias).to(x2d.dtype)

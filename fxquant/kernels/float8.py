@@ -28,9 +28,7 @@ import triton
 import triton.language as tl
 
 from ..formats import float8 as fmt
-from . import interpreting
-
-INTERPRETED = interpreting()  # what @triton.jit below saw; see fxquant.kernels.interpreting
+from ._common import INTERPRETED, bf16_via_fp32, config, grouped_tile, store_tile, tuned
 X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -44,15 +42,7 @@ def _float8_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, y_ptr,
                    GROUP_M: tl.constexpr):
     """``X_FP8``: x is float8 codes with scales at ``xs_ptr`` (float8dq); else float (float8wo)."""
     # M_BUCKET only feeds the autotune key (so a new M does not re-tune); the kernel ignores it.
-    # Grouped tile order: GROUP_M row-tiles share each column-tile of weights while it is in L2.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    tiles_per_group = GROUP_M * num_n
-    first_m = (pid // tiles_per_group) * GROUP_M
-    group_rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % tiles_per_group) % group_rows
-    pid_n = (pid % tiles_per_group) // group_rows
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -73,7 +63,7 @@ def _float8_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, y_ptr,
             else:  # fp16 holds every e4m3 value exactly; products are exact in the fp32 accumulator
                 acc = tl.dot(x.to(tl.float16), q.to(tl.float16), acc)
         else:
-            if DOT_IN_FP32:  # exact upcast, interpreter only: see _bf16_via_fp32
+            if DOT_IN_FP32:  # exact upcast, interpreter only: see _common.bf16_via_fp32
                 x = x.to(tl.float32)
             # float8 -> x's dtype is exact (fp32, bf16 and fp16 hold every e4m3 / e5m2 value);
             # "ieee": fp32 operands use exact fp32 products as the reference does.
@@ -90,51 +80,27 @@ def _float8_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, y_ptr,
             acc = acc * tl.load(xs_ptr + offs_m, mask=m_mask, other=0.0)[:, None]
         else:
             acc = acc * tl.load(xs_ptr)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
-
-
-def _config(block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8},
-                         num_warps=num_warps, num_stages=num_stages)
+    store_tile(acc, y_ptr, bias_ptr, offs_m, offs_n, m_mask, n_mask, stride_ym, stride_yn, HAS_BIAS)
 
 
 # GPU search space.  Not measured: the machine this was written on has no GPU.  The usual Triton
 # GEMM ranges; float8 tiles are half the bytes of bf16 ones, so K steps go to 128 (fp8 tl.dot
 # needs K tiles >= 32).
 _CUDA_CONFIGS = [
-    _config(16, 64, 128, num_warps=4, num_stages=4),
-    _config(16, 128, 128, num_warps=4, num_stages=3),
-    _config(32, 64, 128, num_warps=4, num_stages=4),
-    _config(64, 64, 128, num_warps=4, num_stages=4),
-    _config(64, 128, 64, num_warps=4, num_stages=4),
-    _config(128, 128, 64, num_warps=8, num_stages=3),
-    _config(128, 256, 64, num_warps=8, num_stages=3),
+    config(16, 64, 128, num_warps=4, num_stages=4),
+    config(16, 128, 128, num_warps=4, num_stages=3),
+    config(32, 64, 128, num_warps=4, num_stages=4),
+    config(64, 64, 128, num_warps=4, num_stages=4),
+    config(64, 128, 64, num_warps=4, num_stages=4),
+    config(128, 128, 64, num_warps=8, num_stages=3),
+    config(128, 256, 64, num_warps=8, num_stages=3),
 ]
 # The CPU interpreter: one config (autotune then never benchmarks), smallest legal tiles.
-_INTERPRETER_CONFIGS = [_config(16, 32, 32, num_warps=1, num_stages=1)]
+_INTERPRETER_CONFIGS = [config(16, 32, 32, num_warps=1, num_stages=1)]
 
 
-def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Skip M tiles more than one step taller than the (bucketed) number of rows."""
-    max_m = max(16, named_args["M_BUCKET"])
-    return [c for c in configs if c.kwargs["BLOCK_M"] <= max_m] or configs[:1]
-
-
-_float8_tuned = triton.autotune(
-    configs=_INTERPRETER_CONFIGS if INTERPRETED else _CUDA_CONFIGS,
-    key=["M_BUCKET", "N", "K", "X_FP8"],
-    prune_configs_by={"early_config_prune": _prune},
-)(_float8_kernel)
-
-
-def _bf16_via_fp32(x_dtype: torch.dtype) -> bool:
-    """Under the CPU interpreter bf16 is raw uint16 (its ``tl.dot`` multiplies bit patterns, a
-    cast to bf16 is a bitcast: triton-lang/triton#11584), so bf16 tiles enter the dot as fp32
-    (exact) and the launcher rounds the fp32 output with torch.  GPUs use bf16 operands."""
-    return INTERPRETED and x_dtype == torch.bfloat16
+_float8_tuned = tuned(_float8_kernel, cuda=_CUDA_CONFIGS, interpreter=_INTERPRETER_CONFIGS,
+                      key=["M_BUCKET", "N", "K", "X_FP8"])
 
 
 def fp8_dot_supported(device: torch.device) -> bool:
@@ -176,7 +142,7 @@ def _launch(x, xs, qweight, scale, bias, out_dtype, *, x_fp8: bool, x_row_scale:
             dot_fp8: bool) -> torch.Tensor:
     m, k = x.shape
     n = qweight.shape[0]
-    via_fp32 = _bf16_via_fp32(out_dtype)
+    via_fp32 = bf16_via_fp32(out_dtype)
     y = torch.empty((m, n), dtype=torch.float32 if via_fp32 else out_dtype, device=x.device)
     if m == 0 or n == 0:
         return y.to(out_dtype)

@@ -25,9 +25,7 @@ import triton
 import triton.language as tl
 
 from ..formats import fpx as fmt
-from . import interpreting
-
-INTERPRETED = interpreting()  # what @triton.jit below saw; see fxquant.kernels.interpreting
+from ._common import INTERPRETED, bf16_via_fp32, config, grouped_tile, store_tile, tuned
 X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -53,14 +51,7 @@ def _fpx_kernel(x_ptr, qw_ptr, scale_ptr, lut_ptr, bias_ptr, y_ptr,
     # Planes: (W_i, S_i) = (width, shift within the code), W_i = 0 when absent; plane i starts at
     # column (Kp / 8) * (W_0 + ... + W_{i-1}) and has (Kp / 8) * W_i columns (KP8 = Kp / 8).
     # M_BUCKET only feeds the autotune key (so a new M does not re-tune); the kernel ignores it.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    tiles_per_group = GROUP_M * num_n
-    first_m = (pid // tiles_per_group) * GROUP_M
-    group_rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % tiles_per_group) % group_rows
-    pid_n = (pid % tiles_per_group) // group_rows
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -96,49 +87,25 @@ def _fpx_kernel(x_ptr, qw_ptr, scale_ptr, lut_ptr, bias_ptr, y_ptr,
         x_ptrs += BLOCK_K * stride_xk
 
     acc = acc * (tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32) * SCALE_FACTOR)[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
-
-
-def _config(block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8},
-                         num_warps=num_warps, num_stages=num_stages)
+    store_tile(acc, y_ptr, bias_ptr, offs_m, offs_n, m_mask, n_mask, stride_ym, stride_yn, HAS_BIAS)
 
 
 # GPU search space.  Not measured: the machine this was written on has no GPU.  The usual Triton
 # GEMM ranges, narrow-M tiles for decode, square-ish ones for prefill.
 _CUDA_CONFIGS = [
-    _config(16, 64, 64, num_warps=4, num_stages=4),
-    _config(16, 128, 64, num_warps=4, num_stages=3),
-    _config(32, 64, 64, num_warps=4, num_stages=4),
-    _config(64, 64, 64, num_warps=4, num_stages=4),
-    _config(64, 128, 32, num_warps=4, num_stages=4),
-    _config(128, 128, 32, num_warps=8, num_stages=3),
+    config(16, 64, 64, num_warps=4, num_stages=4),
+    config(16, 128, 64, num_warps=4, num_stages=3),
+    config(32, 64, 64, num_warps=4, num_stages=4),
+    config(64, 64, 64, num_warps=4, num_stages=4),
+    config(64, 128, 32, num_warps=4, num_stages=4),
+    config(128, 128, 32, num_warps=8, num_stages=3),
 ]
 # The CPU interpreter: one config (autotune then never benchmarks), smallest legal tiles.
-_INTERPRETER_CONFIGS = [_config(16, 32, 32, num_warps=1, num_stages=1)]
+_INTERPRETER_CONFIGS = [config(16, 32, 32, num_warps=1, num_stages=1)]
 
 
-def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Skip M tiles more than one step taller than the (bucketed) number of rows."""
-    max_m = max(16, named_args["M_BUCKET"])
-    return [c for c in configs if c.kwargs["BLOCK_M"] <= max_m] or configs[:1]
-
-
-_fpx_tuned = triton.autotune(
-    configs=_INTERPRETER_CONFIGS if INTERPRETED else _CUDA_CONFIGS,
-    key=["M_BUCKET", "N", "K", "BITS", "EBITS"],
-    prune_configs_by={"early_config_prune": _prune},
-)(_fpx_kernel)
-
-
-def _bf16_via_fp32(x_dtype: torch.dtype) -> bool:
-    """Under the CPU interpreter bf16 is raw uint16 (its ``tl.dot`` multiplies bit patterns, a
-    cast to bf16 is a bitcast: triton-lang/triton#11584), so bf16 tiles enter the dot as fp32
-    (exact) and the launcher rounds the fp32 output with torch.  GPUs use bf16 operands."""
-    return INTERPRETED and x_dtype == torch.bfloat16
+_fpx_tuned = tuned(_fpx_kernel, cuda=_CUDA_CONFIGS, interpreter=_INTERPRETER_CONFIGS,
+                   key=["M_BUCKET", "N", "K", "BITS", "EBITS"])
 
 
 def _check(x2d: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
@@ -188,7 +155,7 @@ def fpx_linear(x2d: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bi
         raise ValueError(f"fpx_linear: fp16_bits=True needs ebits <= 4 (fp16's exponent range), got ebits={ebits}")
     m, k = x2d.shape
     n = qweight.shape[0]
-    via_fp32 = _bf16_via_fp32(x2d.dtype)
+    via_fp32 = bf16_via_fp32(x2d.dtype)
     # fp16 x: the decoded tile must fit fp16 too; table values of e5m1 / e5m0 / e6m0 do not
     fp16_too_narrow = x2d.dtype == torch.float16 and not use_bits and fmt.max_normal(ebits, mbits) > 65504
     y = torch.empty((m, n), dtype=torch.float32 if via_fp32 else x2d.dtype, device=x2d.device)

@@ -22,9 +22,7 @@ import triton
 import triton.language as tl
 
 from ..formats import int4 as fmt
-from . import interpreting
-
-INTERPRETED = interpreting()  # what @triton.jit below saw; see fxquant.kernels.interpreting
+from ._common import INTERPRETED, bf16_via_fp32, config, grouped_tile, store_tile, tuned
 X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -37,15 +35,7 @@ def _int4wo_kernel(x_ptr, qw_ptr, sz_ptr, bias_ptr, y_ptr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    GROUP_M: tl.constexpr):
     # M_BUCKET only feeds the autotune key (so a new M does not re-tune); the kernel ignores it.
-    # Grouped tile order: GROUP_M row-tiles share each column-tile of weights while it is in L2.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    tiles_per_group = GROUP_M * num_n
-    first_m = (pid // tiles_per_group) * GROUP_M
-    group_rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % tiles_per_group) % group_rows
-    pid_n = (pid % tiles_per_group) // group_rows
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -67,7 +57,7 @@ def _int4wo_kernel(x_ptr, qw_ptr, sz_ptr, bias_ptr, y_ptr,
         x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)          # sum_k x over the group
         for _kk in range(0, GROUP_SIZE, BLOCK_K):  # K % GROUP_SIZE == 0: no K mask needed
             x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
-            if DOT_IN_FP32:  # exact upcast, interpreter only: see _bf16_via_fp32
+            if DOT_IN_FP32:  # exact upcast, interpreter only: see _common.bf16_via_fp32
                 x = x.to(tl.float32)
             b = tl.load(q_ptrs, mask=n_load[None, :], other=0).to(tl.int32)
             q = ((b >> shift[None, :]) & 0xF) - 8
@@ -83,15 +73,7 @@ def _int4wo_kernel(x_ptr, qw_ptr, sz_ptr, bias_ptr, y_ptr,
         sz_ptrs += NP * 2
 
     n_mask = offs_n < N
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
-
-
-def _config(block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8},
-                         num_warps=num_warps, num_stages=num_stages)
+    store_tile(acc, y_ptr, bias_ptr, offs_m, offs_n, m_mask, n_mask, stride_ym, stride_yn, HAS_BIAS)
 
 
 # GPU search space.  Not measured: the machine this was written on has no GPU.  The sizes follow
@@ -99,20 +81,20 @@ def _config(block_m: int, block_n: int, block_k: int, num_warps: int, num_stages
 # steps for decode, square-ish tiles for prefill.  BLOCK_K must divide group_size (>= 32), so
 # _prune drops the K steps that do not fit the group.
 _CUDA_CONFIGS = [
-    _config(16, 64, 128, num_warps=4, num_stages=4),
-    _config(16, 64, 64, num_warps=4, num_stages=4),
-    _config(16, 128, 64, num_warps=4, num_stages=3),
-    _config(16, 64, 32, num_warps=2, num_stages=4),
-    _config(32, 64, 64, num_warps=4, num_stages=4),
-    _config(64, 128, 64, num_warps=4, num_stages=4),
-    _config(64, 64, 32, num_warps=4, num_stages=4),
-    _config(128, 128, 64, num_warps=8, num_stages=3),
-    _config(128, 128, 32, num_warps=8, num_stages=3),
+    config(16, 64, 128, num_warps=4, num_stages=4),
+    config(16, 64, 64, num_warps=4, num_stages=4),
+    config(16, 128, 64, num_warps=4, num_stages=3),
+    config(16, 64, 32, num_warps=2, num_stages=4),
+    config(32, 64, 64, num_warps=4, num_stages=4),
+    config(64, 128, 64, num_warps=4, num_stages=4),
+    config(64, 64, 32, num_warps=4, num_stages=4),
+    config(128, 128, 64, num_warps=8, num_stages=3),
+    config(128, 128, 32, num_warps=8, num_stages=3),
 ]
 # The CPU interpreter: _prune keeps exactly one of these (the longest K step the group allows),
 # so autotune never benchmarks there.
-_INTERPRETER_CONFIGS = [_config(16, 64, 64, num_warps=1, num_stages=1),
-                        _config(16, 64, 32, num_warps=1, num_stages=1)]
+_INTERPRETER_CONFIGS = [config(16, 64, 64, num_warps=1, num_stages=1),
+                        config(16, 64, 32, num_warps=1, num_stages=1)]
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
@@ -125,22 +107,8 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
     return kept[:1] if INTERPRETED else kept
 
 
-_int4wo_tuned = triton.autotune(
-    configs=_INTERPRETER_CONFIGS if INTERPRETED else _CUDA_CONFIGS,
-    key=["M_BUCKET", "N", "K", "GROUP_SIZE"],
-    prune_configs_by={"early_config_prune": _prune},
-)(_int4wo_kernel)
-
-
-def _bf16_via_fp32(x_dtype: torch.dtype) -> bool:
-    """Whether to route bf16 through fp32 around the CPU interpreter's bf16 gaps.
-
-    The interpreter stores bf16 as raw uint16: its ``tl.dot`` multiplies the bit patterns and an
-    int -> bf16 cast is a bitcast (triton-lang/triton#11584), and fp32 -> bf16 truncates instead of
-    rounding to nearest even.  So under the interpreter bf16 tiles enter the dot as fp32 (exact: the
-    products of bf16 values are exact in fp32) and the launcher rounds the fp32 output with torch.
-    Compiled GPU runs use bf16 operands and the kernel's own rounding store."""
-    return INTERPRETED and x_dtype == torch.bfloat16
+_int4wo_tuned = tuned(_int4wo_kernel, cuda=_CUDA_CONFIGS, interpreter=_INTERPRETER_CONFIGS,
+                      key=["M_BUCKET", "N", "K", "GROUP_SIZE"], prune=_prune)
 
 
 def _check(x2d: torch.Tensor, qweight: torch.Tensor, scales_and_zeros: torch.Tensor,
@@ -192,7 +160,7 @@ def int4wo_linear(x2d: torch.Tensor, qweight: torch.Tensor, scales_and_zeros: to
     """
     _check(x2d, qweight, scales_and_zeros, bias, group_size, block_n, out_features)
     m, k = x2d.shape
-    via_fp32 = _bf16_via_fp32(x2d.dtype)
+    via_fp32 = bf16_via_fp32(x2d.dtype)
     y = torch.empty((m, out_features), dtype=torch.float32 if via_fp32 else x2d.dtype, device=x2d.device)
     if m == 0 or out_features == 0:
         return y.to(x2d.dtype)

@@ -26,9 +26,7 @@ import triton
 import triton.language as tl
 
 from ..formats import int8dq as fmt
-from . import interpreting
-
-INTERPRETED = interpreting()  # what @triton.jit below saw; see fxquant.kernels.interpreting
+from ._common import INTERPRETED, bf16_via_fp32, config, grouped_tile, store_tile, tuned
 X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _FLT_MIN = torch.finfo(torch.float32).tiny
 
@@ -92,15 +90,7 @@ def _int8dq_gemm_kernel(qx_ptr, sx_ptr, qw_ptr, sw_ptr, bias_ptr, x_ptr, cols_pt
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         GROUP_M: tl.constexpr):
     # M_BUCKET only feeds the autotune key (so a new M does not re-tune); the kernel ignores it.
-    # Grouped tile order: GROUP_M row-tiles share each column-tile of weights while it is in L2.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    tiles_per_group = GROUP_M * num_n
-    first_m = (pid // tiles_per_group) * GROUP_M
-    group_rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % tiles_per_group) % group_rows
-    pid_n = (pid % tiles_per_group) // group_rows
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -133,47 +123,30 @@ def _int8dq_gemm_kernel(qx_ptr, sx_ptr, qw_ptr, sw_ptr, bias_ptr, x_ptr, cols_pt
     y = acc.to(tl.float32) * sx[:, None] * sw[None, :]
     if HAS_OUTLIERS:
         y += facc * sw[None, :]
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
-
-
-def _config(block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8},
-                         num_warps=num_warps, num_stages=num_stages)
+    store_tile(y, y_ptr, bias_ptr, offs_m, offs_n, m_mask, n_mask, stride_ym, stride_yn, HAS_BIAS)
 
 
 # GPU search space.  Not measured: the machine this was written on has no GPU.  int8 tensor-core
 # dots need K tiles of >= 32; the sizes otherwise follow the usual Triton int8 GEMM ranges
 # (narrow-M tiles with long K steps for decode, square-ish tiles for prefill).
 _CUDA_CONFIGS = [
-    _config(16, 64, 128, num_warps=4, num_stages=4),
-    _config(16, 128, 128, num_warps=4, num_stages=3),
-    _config(32, 64, 128, num_warps=4, num_stages=4),
-    _config(64, 64, 128, num_warps=4, num_stages=4),
-    _config(64, 128, 128, num_warps=4, num_stages=3),
-    _config(128, 128, 64, num_warps=8, num_stages=3),
-    _config(128, 256, 64, num_warps=8, num_stages=3),
+    config(16, 64, 128, num_warps=4, num_stages=4),
+    config(16, 128, 128, num_warps=4, num_stages=3),
+    config(32, 64, 128, num_warps=4, num_stages=4),
+    config(64, 64, 128, num_warps=4, num_stages=4),
+    config(64, 128, 128, num_warps=4, num_stages=3),
+    config(128, 128, 64, num_warps=8, num_stages=3),
+    config(128, 256, 64, num_warps=8, num_stages=3),
 ]
 # The CPU interpreter: one config (autotune then never benchmarks), smallest legal tiles.
-_INTERPRETER_CONFIGS = [_config(16, 64, 64, num_warps=1, num_stages=1)]
+_INTERPRETER_CONFIGS = [config(16, 64, 64, num_warps=1, num_stages=1)]
 # (rows, columns) per step of the quantize kernel: GPU programs take a few rows in long chunks.
 _QUANT_BLOCK = (16, 128) if INTERPRETED else (4, 1024)
 _COLS_BLOCK = (16, 32) if INTERPRETED else (32, 128)  # (rows, columns) per step of the mask kernel
 
 
-def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Skip M tiles more than one step taller than the (bucketed) number of rows."""
-    max_m = max(16, named_args["M_BUCKET"])
-    return [c for c in configs if c.kwargs["BLOCK_M"] <= max_m] or configs[:1]
-
-
-_int8dq_gemm_tuned = triton.autotune(
-    configs=_INTERPRETER_CONFIGS if INTERPRETED else _CUDA_CONFIGS,
-    key=["M_BUCKET", "N", "K", "HAS_OUTLIERS"],
-    prune_configs_by={"early_config_prune": _prune},
-)(_int8dq_gemm_kernel)
+_int8dq_gemm_tuned = tuned(_int8dq_gemm_kernel, cuda=_CUDA_CONFIGS, interpreter=_INTERPRETER_CONFIGS,
+                           key=["M_BUCKET", "N", "K", "HAS_OUTLIERS"])
 
 
 def _check(x2d: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
@@ -240,9 +213,9 @@ def int8dq_linear(x2d: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     _check(x2d, qweight, scale, bias, threshold)
     m, k = x2d.shape
     n = qweight.shape[0]
-    # The interpreter mishandles bf16 stores (truncation, see kernels/int8wo._bf16_via_fp32): write
+    # The interpreter mishandles bf16 stores (truncation, see _common.bf16_via_fp32): write
     # fp32 and round with torch.  Compiled GPU runs store bf16 directly.
-    out_dtype = torch.float32 if INTERPRETED and x2d.dtype == torch.bfloat16 else x2d.dtype
+    out_dtype = torch.float32 if bf16_via_fp32(x2d.dtype) else x2d.dtype
     y = torch.empty((m, n), dtype=out_dtype, device=x2d.device)
     if m == 0 or n == 0:
         return y.to(x2d.dtype)

@@ -17,7 +17,7 @@ torch backend) is listed as an alternative for scale.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -1,0 +1,71 @@
+"""What every Triton GEMM kernel of fxquant shares: the grouped tile order, autotune configs and
+pruning, and the interpreter's bf16 workaround.  Each kernel module keeps its own kernel body,
+search space and launcher."""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from . import interpreting
+
+INTERPRETED = interpreting()  # what every @triton.jit of the kernel modules saw at import
+
+
+@triton.jit
+def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of this program in grouped order: ``GROUP_M`` row tiles share each
+    column tile of weights while it is in L2."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    tiles_per_group = GROUP_M * num_n
+    first_m = (pid // tiles_per_group) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % tiles_per_group) % group_rows
+    pid_n = (pid % tiles_per_group) // group_rows
+    return pid_m, pid_n
+
+
+@triton.jit
+def store_tile(acc, y_ptr, bias_ptr, offs_m, offs_n, m_mask, n_mask, stride_ym, stride_yn,
+               HAS_BIAS: tl.constexpr):
+    """Epilogue: ``acc`` (fp32 ``[BLOCK_M, BLOCK_N]``) plus the bias, stored in ``y``'s dtype."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def config(block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int) -> triton.Config:
+    """One autotune point of a GEMM kernel with ``BLOCK_M/N/K`` and ``GROUP_M`` = 8."""
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8},
+                         num_warps=num_warps, num_stages=num_stages)
+
+
+def prune_by_rows(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Keep configs whose M tile is at most one step taller than the (bucketed) rows ``M_BUCKET``."""
+    max_m = max(16, named_args["M_BUCKET"])
+    return [c for c in configs if c.kwargs["BLOCK_M"] <= max_m] or configs[:1]
+
+
+def tuned(kernel, *, cuda: Sequence[triton.Config], interpreter: Sequence[triton.Config], key: list[str],
+          prune: Callable[..., list[triton.Config]] = prune_by_rows):
+    """``kernel`` autotuned over ``cuda`` configs (``interpreter`` ones under ``TRITON_INTERPRET``),
+    re-tuned per ``key``; ``M_BUCKET`` (next power of two of M) belongs in ``key`` so a new M does
+    not re-tune.  The GPU search spaces are not measured: no GPU was lent to this project."""
+    return triton.autotune(configs=list(interpreter if INTERPRETED else cuda), key=key,
+                           prune_configs_by={"early_config_prune": prune})(kernel)
+
+
+def bf16_via_fp32(x_dtype: torch.dtype) -> bool:
+    """Whether to route bf16 through fp32 around the CPU interpreter's bf16 gaps.
+
+    The interpreter stores bf16 as raw uint16: its ``tl.dot`` multiplies the bit patterns and an
+    int -> bf16 cast is a bitcast (triton-lang/triton#11584), and fp32 -> bf16 truncates instead of
+    rounding to nearest even.  So under the interpreter bf16 tiles enter the dot as fp32 (exact: the
+    products of bf16 values are exact in fp32) and the launcher rounds the fp32 output with torch.
+    Compiled GPU runs use bf16 operands and the kernel's own rounding store."""
+    return INTERPRETED and x_dtype == torch.bfloat16
