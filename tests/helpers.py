@@ -1,4 +1,7 @@
 """Shared test helpers (import as ``from helpers import ...``; tests/ is on pytest's pythonpath)."""
+import importlib
+
+import pytest
 import torch
 
 # dtype -> (rtol on ||y - ref|| / ||ref||) for the CPU fast paths vs the fp32 reference: the packed
@@ -23,3 +26,16 @@ def assert_linear_close(y: torch.Tensor, ref: torch.Tensor, x: torch.Tensor, w: 
         bound = bound + tol * bias.float().abs()
     err = (y.float() - ref.float()).abs()
     assert (err <= bound + 1e-6).all(), f"max excess {(err - bound).max().item():.3g}"
+
+
+def triton_kernel(name: str):
+    """For a kernel test module: ``fxquant.kernels.<name>``, the device its kernels run on ("cpu"
+    under the interpreter that tests/kernels/conftest.py turns on without a GPU, else "cuda") and
+    the module's ``pytestmark``.  Skips the whole module when Triton is not installed."""
+    pytest.importorskip("triton", reason="Triton is not installed (it ships for Linux x86_64 only)")
+    kernel = importlib.import_module(f"fxquant.kernels.{name}")
+    device = "cpu" if kernel.INTERPRETED else "cuda"
+    marks = [pytest.mark.triton,
+             pytest.mark.skipif(device == "cuda" and not torch.cuda.is_available(),
+                                reason="no GPU and TRITON_INTERPRET is not true: the Triton kernel cannot run")]
+    return kernel, device, marks

@@ -1,4 +1,5 @@
-"""Dequantize-then-GEMM for formats no PyTorch CPU kernel reads (float8, fp<X>_e<A>m<B>).
+"""Dequantize-then-GEMM for formats no PyTorch CPU kernel reads (float8, fp<X>_e<A>m<B>), and for
+the large-M path of the others (``LinearOpDef.block_decoder``).
 
 The weight is decoded a block of output rows at a time into one reused buffer in the dense
 compute dtype and multiplied right away, so the decoded block is still in cache when the GEMM
@@ -27,10 +28,11 @@ def block_rows(k: int, dtype: torch.dtype) -> int:
     return max(16, BLOCK_BYTES // max(1, k * torch.finfo(dtype).bits // 8))
 
 
-def blocked_linear(x2: torch.Tensor, n: int, k: int, decode: Decoder, row_scale: torch.Tensor,
+def blocked_linear(x2: torch.Tensor, n: int, k: int, decode: Decoder, row_scale: torch.Tensor | None,
                    dtype: torch.dtype, rows: int | None = None) -> torch.Tensor:
     """``x2`` ``[M, K]`` -> ``(x2 @ W.T) * row_scale`` ``[M, N]`` in ``dtype``, where ``decode``
-    produces ``W`` ``[N, K]`` in blocks of ``rows`` rows (default: :data:`BLOCK_BYTES` worth)."""
+    produces ``W`` ``[N, K]`` in blocks of ``rows`` rows (default: :data:`BLOCK_BYTES` worth);
+    ``row_scale`` ``None`` means 1."""
     rows = min(n, rows or block_rows(k, dtype))
     xd = x2.to(dtype)
     y = torch.empty(x2.shape[0], n, dtype=dtype, device=x2.device)
@@ -40,4 +42,4 @@ def blocked_linear(x2: torch.Tensor, n: int, k: int, decode: Decoder, row_scale:
         block = buf[: r1 - r0]
         decode(r0, r1, block)
         torch.mm(xd, block.t(), out=y[:, r0:r1])
-    return y.mul_(row_scale.to(dtype))
+    return y if row_scale is None else y.mul_(row_scale.to(dtype))

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _cpu
+from ._dequant_gemm import block_rows, blocked_linear
 
 LIB = torch.library.Library("fxquant", "DEF")
 
@@ -53,6 +54,15 @@ class LinearOpDef:
     #: ``cpu_fast`` is good at every M (e.g. a blocked dequantize + GEMM), not only below
     #: :func:`._cpu.large_m_threshold` (the packed GEMV-style ATen kernels)
     cpu_fast_any_m: bool = False
+    #: this format's own crossover (rows) from ``cpu_fast`` to the dequantize path, when it is below
+    #: :func:`._cpu.large_m_threshold` (measured per format; the smaller of the two is used)
+    packed_max_rows: Optional[int] = None
+    #: ``block_decoder(**tensors, **scalars) -> (decode, row_scale | None, row_multiple)``: when set,
+    #: the CPU dequantize path decodes the weight a block of rows at a time into a reused buffer
+    #: and multiplies each block while it is in cache (:func:`._dequant_gemm.blocked_linear`;
+    #: block starts are multiples of ``row_multiple``) instead of dequantizing all of it first
+    #: (measured, int8wo 11008x4096 M=256: whole-weight dequantize alone 140 ms, fp32 GEMM 168 ms).
+    block_decoder: Optional[Callable[..., tuple]] = None
 
     @property
     def schema(self) -> str:
@@ -97,7 +107,8 @@ class LinearOpDef:
         x2 = x.reshape(-1, x.shape[-1])
         cd = scalars["compute_dtype"]
         y = None
-        small = self.cpu_fast_any_m or _cpu.rows(x) < _cpu.large_m_threshold()
+        limit = min(_cpu.large_m_threshold(), self.packed_max_rows or _cpu.large_m_threshold())
+        small = self.cpu_fast_any_m or _cpu.rows(x) < limit
         if self.cpu_fast is not None and small and cd in (None, torch.bfloat16):
             fast_scalars = {k: v for k, v in scalars.items() if k != "compute_dtype"}
             y = self.cpu_fast(x2, **tensors, **fast_scalars)
@@ -105,7 +116,13 @@ class LinearOpDef:
             return self.reference(*args, **kwargs)
         if y is None:
             dt = cd or _cpu.dense_dtype()
-            y = F.linear(x2.to(dt), self.dequantized(tensors, scalars).to(dt))
+            if self.block_decoder is not None:
+                plain = {k: v for k, v in scalars.items() if k != "compute_dtype"}
+                decode, row_scale, mult = self.block_decoder(**tensors, **plain)
+                rows = max(mult, block_rows(x2.shape[1], dt) // mult * mult)
+                y = blocked_linear(x2, n, x2.shape[1], decode, row_scale, dt, rows)
+            else:
+                y = F.linear(x2.to(dt), self.dequantized(tensors, scalars).to(dt))
         y = y[:, :n].to(x.dtype)
         if bias is not None:
             y = y + bias.to(x.dtype)

@@ -1,24 +1,12 @@
 """The Triton NF4 / FP4 kernel against the ops' references, on the CPU interpreter (or a GPU if present)."""
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # as conftest.py does; must precede `import triton`
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from fxquant.formats import bnb4
+from fxquant.ops import bnb4 as op
+from helpers import triton_kernel
 
-pytest.importorskip("triton", reason="Triton is not installed (it ships for Linux x86_64 only)")
-
-from fxquant.formats import bnb4  # noqa: E402
-from fxquant.kernels import bnb4 as kernel  # noqa: E402
-from fxquant.ops import bnb4 as op  # noqa: E402
-
-DEVICE = "cpu" if kernel.INTERPRETED else "cuda"
-pytestmark = [
-    pytest.mark.triton,
-    pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
-                       reason="no GPU and TRITON_INTERPRET is not true: the Triton kernel cannot run"),
-]
+kernel, DEVICE, pytestmark = triton_kernel("bnb4")  # skips the module without Triton
 
 # fp32 and interpreted bf16 (fp32 dot): kernel and reference differ only in fp32 summation order,
 # which can flip the final rounding of an output (~2 ulps of the output dtype, plus atol near 0).

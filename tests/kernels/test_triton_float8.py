@@ -1,24 +1,12 @@
 """The Triton float8wo / float8dq kernels against the ops' references, on the CPU interpreter (or a GPU)."""
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # as conftest.py does; must precede `import triton`
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from fxquant.formats import float8
+from fxquant.ops import float8 as op
+from helpers import triton_kernel
 
-pytest.importorskip("triton", reason="Triton is not installed (it ships for Linux x86_64 only)")
-
-from fxquant.formats import float8  # noqa: E402
-from fxquant.kernels import float8 as kernel  # noqa: E402
-from fxquant.ops import float8 as op  # noqa: E402
-
-DEVICE = "cpu" if kernel.INTERPRETED else "cuda"
-pytestmark = [
-    pytest.mark.triton,
-    pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
-                       reason="no GPU and TRITON_INTERPRET is not true: the Triton kernel cannot run"),
-]
+kernel, DEVICE, pytestmark = triton_kernel("float8")  # skips the module without Triton
 
 # Kernel and reference differ only in fp32 summation order (and, for bf16/fp16 outputs, the final
 # rounding it can flip): ~2 ulps of the output dtype plus a small atol near zero.

@@ -1,24 +1,12 @@
 """The Triton fpx kernel against the op's reference, on the CPU interpreter (or a GPU if present)."""
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # as conftest.py does; must precede `import triton`
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from fxquant.formats import fpx
+from fxquant.ops import fpx as op
+from helpers import triton_kernel
 
-pytest.importorskip("triton", reason="Triton is not installed (it ships for Linux x86_64 only)")
-
-from fxquant.formats import fpx  # noqa: E402
-from fxquant.kernels import fpx as kernel  # noqa: E402
-from fxquant.ops import fpx as op  # noqa: E402
-
-DEVICE = "cpu" if kernel.INTERPRETED else "cuda"
-pytestmark = [
-    pytest.mark.triton,
-    pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
-                       reason="no GPU and TRITON_INTERPRET is not true: the Triton kernel cannot run"),
-]
+kernel, DEVICE, pytestmark = triton_kernel("fpx")  # skips the module without Triton
 
 # Kernel and reference differ only in fp32 summation order (and the final rounding it can flip).
 TOL = {

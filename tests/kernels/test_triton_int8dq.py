@@ -1,26 +1,14 @@
 """The Triton int8dq / LLM.int8 kernels against the format and the op references, on the CPU
 interpreter (or a GPU if present).  The interpreter runs the int8 ``tl.dot`` with int32
 accumulation (checked bit-exact below)."""
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # as conftest.py does; must precede `import triton`
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from fxquant.formats import int8dq as fmt
+from fxquant.ops import int8dq as op
+from helpers import triton_kernel
 
-pytest.importorskip("triton", reason="Triton is not installed (it ships for Linux x86_64 only)")
-
-from fxquant.formats import int8dq as fmt  # noqa: E402
-from fxquant.kernels import int8dq as kernel  # noqa: E402
-from fxquant.ops import int8dq as op  # noqa: E402
-
-DEVICE = "cpu" if kernel.INTERPRETED else "cuda"
-pytestmark = [
-    pytest.mark.triton,
-    pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
-                       reason="no GPU and TRITON_INTERPRET is not true: the Triton kernel cannot run"),
-]
+kernel, DEVICE, pytestmark = triton_kernel("int8dq")  # skips the module without Triton
 THRESHOLD = 6.0
 # The integer part is exact in both; they differ only in the fp32 epilogue (the kernel computes
 # acc * sx * scale + facc * scale, the reference (acc * sx) * scale + x_out @ W.T) and the summation

@@ -1,25 +1,14 @@
 """The Triton int8wo kernel against the op's reference, on the CPU interpreter (or a GPU if present)."""
 import itertools
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # as conftest.py does; must precede `import triton`
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from fxquant.formats import int8
+from fxquant.ops import int8wo as op
+from helpers import triton_kernel
 
-pytest.importorskip("triton", reason="Triton is not installed (it ships for Linux x86_64 only)")
-
-from fxquant.formats import int8  # noqa: E402
-from fxquant.kernels import int8wo as kernel  # noqa: E402
-from fxquant.ops import int8wo as op  # noqa: E402
-
-DEVICE = "cpu" if kernel.INTERPRETED else "cuda"
-pytestmark = [
-    pytest.mark.triton,
-    pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
-                       reason="no GPU and TRITON_INTERPRET is not true: the Triton kernel cannot run"),
-]
+kernel, DEVICE, pytestmark = triton_kernel("int8wo")  # skips the module without Triton
 
 # Kernel and reference differ only in fp32 summation order, which can flip the final rounding of
 # an output: allow ~2 ulps of the output dtype (bf16 eps 2^-7, fp16 eps 2^-10) plus a small atol

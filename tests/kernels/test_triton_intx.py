@@ -1,24 +1,12 @@
 """The Triton intx kernel against the op's reference, on the CPU interpreter (or a GPU if present)."""
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # as conftest.py does; must precede `import triton`
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from fxquant.formats import intx
+from fxquant.ops import intx as op
+from helpers import triton_kernel
 
-pytest.importorskip("triton", reason="Triton is not installed (it ships for Linux x86_64 only)")
-
-from fxquant.formats import intx  # noqa: E402
-from fxquant.kernels import intx as kernel  # noqa: E402
-from fxquant.ops import intx as op  # noqa: E402
-
-DEVICE = "cpu" if kernel.INTERPRETED else "cuda"
-pytestmark = [
-    pytest.mark.triton,
-    pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
-                       reason="no GPU and TRITON_INTERPRET is not true: the Triton kernel cannot run"),
-]
+kernel, DEVICE, pytestmark = triton_kernel("intx")  # skips the module without Triton
 
 # Kernel and reference differ in fp32 summation order (and on a GPU in the 16-bit rounding of the
 # dequantized tile): ~2 ulps of the output dtype plus a small atol near zero.  fp32: measured max

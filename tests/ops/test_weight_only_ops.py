@@ -59,6 +59,36 @@ def test_large_m_path_matches_reference(name, dtype, monkeypatch):
     assert rel(op(x, b), ref(x, b)) < FAST_PATH_TOL[dtype]
 
 
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("n", [100, 129])
+def test_large_m_blocked_decode_is_the_reference_in_fp32(name, n, monkeypatch):
+    """Above the threshold the weight is decoded a block of rows at a time (tiny blocks here: many
+    blocks, a partial last tile); in fp32 that is the reference up to summation order."""
+    from fxquant.ops import _dequant_gemm
+
+    monkeypatch.setattr(_cpu, "large_m_threshold", lambda: 8)
+    monkeypatch.setattr(_dequant_gemm, "BLOCK_BYTES", 4096)
+    _, op, ref = CASES[name](n, 96, 5)
+    x = torch.randn(20, 96)
+    b = torch.randn(n)
+    y, r = op(x, b), ref(x, b)
+    assert y.shape == (20, n) and rel(y, r) < 1e-6
+
+
+def test_int8wo_switches_kernels_at_its_own_crossover(monkeypatch):
+    """Below ``OP.packed_max_rows`` rows (or the CPU-wide threshold when lower) int8wo calls the
+    packed kernel; from it on, the blocked dequantize path; both equal the reference."""
+    real, calls = torch._weight_int8pack_mm, []
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: calls.append(1) or real(*a))
+    limit = min(int8wo.OP.packed_max_rows, _cpu.large_m_threshold())
+    _, op, ref = int8_case(64, 64, 2)
+    for m, packed in ((limit - 1, 1), (limit, 0)):
+        calls.clear()
+        x = torch.randn(m, 64)
+        assert rel(op(x, None), ref(x, None)) < FAST_PATH_TOL[torch.float32]
+        assert len(calls) == packed, m
+
+
 def test_int4_foreign_block_n_uses_dequant_path():
     """Weights packed for another CPU's tile height still compute the right thing (with a warning)."""
     native = int4.native_cpu_block_n()

@@ -7,12 +7,9 @@ Each entry of ``CASES`` has the fields of ``tools.bench.Case``: ``name``, ``fmt`
 tools/bench.py loads this module (``tools.bench_cases.MODULES``); pick its rows with
 ``python tools/bench.py --formats ...``.
 
-Peers are ``bnb.nn.Linear4bit`` with ``compress_statistics`` set to match the format (tools/bench.py's
-own "bnb nf4 bs64 Linear4bit" rows leave bitsandbytes' default ``compress_statistics=True``, so they
-are really ``nf4-64+dq``).  The "fast path, all M" row calls the op's CPU fast
-path directly, which is what ``torch.ops.fxquant.linear_bnb4`` runs at every M once
-``LinearOpDef`` lets a fast path handle large M (today it hands M >= _cpu.large_m_threshold() to
-the reference's dequantize + GEMM).
+Peers are ``bnb.nn.Linear4bit`` with ``compress_statistics`` set to match the format.  The "fast
+path, all M" row calls the op's CPU fast path directly (the op runs it at every M:
+``cpu_fast_any_m``; the row checks that the dispatch adds nothing).
 """
 from __future__ import annotations
 

@@ -6,9 +6,8 @@ Each entry of ``CASES`` has the fields of ``tools.bench.Case``: ``name``, ``fmt`
 ``tools.bench.Target``.  tools/bench.py loads this module (``tools.bench_cases.MODULES``); pick its rows with
 ``python tools/bench.py --formats ...``.
 
-Rows: the op (``torch.ops.fxquant.*``: blocked fp16-bit decode + GEMM below
-``_cpu.large_m_threshold()`` rows, the reference above it), its CPU fast path called directly at
-every M, the reference, alternatives (``torch._scaled_mm``, an unblocked dequantize) and peers:
+Rows: the op (``torch.ops.fxquant.*``: blocked fp16-bit decode + GEMM at every M), its CPU fast
+path called directly, the reference, alternatives (``torch._scaled_mm``, an unblocked dequantize) and peers:
 torchao ``Float8WeightOnlyConfig`` (runs on CPU), torchao ``Float8Tensor`` with dynamic float8
 activations (``Float8DynamicActivationFloat8WeightConfig`` itself refuses the CPU - it asserts a
 CUDA sm89+ / MI300 / XPU device - so the tensor is built directly with ``Float8Tensor.from_hp``).

@@ -3,9 +3,8 @@
 Same interface as :mod:`tools.bench_cases.float8` (``CASES``, ``TARGETS``), e.g.
 ``python tools/bench.py --shapes 11008x4096 --formats fp6_e3m2 fp4_e2m1``.
 
-Rows: the op (``torch.ops.fxquant.linear_fpx``: blocked unpack + fp16-bit decode + GEMM below
-``_cpu.large_m_threshold()`` rows, the reference above it), its CPU fast path called directly
-at every M, the reference, and the only peer left: torchao removed ``fpx_weight_only`` (its
+Rows: the op (``torch.ops.fxquant.linear_fpx``: blocked unpack + fp16-bit decode + GEMM at every
+M), its CPU fast path called directly, the reference, and the only peer left: torchao removed ``fpx_weight_only`` (its
 FP6-LLM CUDA kernels), so the peer row is what it did off the GPU - decode with torchao's
 ``_floatx_unpacked_to_f32`` and ``F.linear`` - on our unpacked codes.
 """
