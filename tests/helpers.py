@@ -28,13 +28,21 @@ def assert_linear_close(y: torch.Tensor, ref: torch.Tensor, x: torch.Tensor, w: 
     assert (err <= bound + 1e-6).all(), f"max excess {(err - bound).max().item():.3g}"
 
 
+def err_vs_magnitude(y: torch.Tensor, r: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
+                     b: torch.Tensor | None) -> float:
+    """||y - r|| relative to the size of the terms summed, ||x|·|W|ᵀ + |b|||: a bf16 output plus a
+    bf16 bias rounds twice, which ``rel`` over a cancelling single output would blow up."""
+    size = x.float().abs() @ w.abs().T + (0 if b is None else b.float().abs())
+    return ((y.float() - r.float()).norm() / size.norm().clamp(min=1e-12)).item()
+
+
 def triton_kernel(name: str):
     """For a kernel test module: ``fxquant.kernels.<name>``, the device its kernels run on ("cpu"
     under the interpreter that tests/kernels/conftest.py turns on without a GPU, else "cuda") and
     the module's ``pytestmark``.  Skips the whole module when Triton is not installed."""
     pytest.importorskip("triton", reason="Triton is not installed (it ships for Linux x86_64 only)")
     kernel = importlib.import_module(f"fxquant.kernels.{name}")
-    device = "cpu" if kernel.INTERPRETED else "cuda"
+    device = "cpu" if importlib.import_module("fxquant.kernels._common").INTERPRETED else "cuda"
     marks = [pytest.mark.triton,
              pytest.mark.skipif(device == "cuda" and not torch.cuda.is_available(),
                                 reason="no GPU and TRITON_INTERPRET is not true: the Triton kernel cannot run")]

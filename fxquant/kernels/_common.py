@@ -60,6 +60,18 @@ def tuned(kernel, *, cuda: Sequence[triton.Config], interpreter: Sequence[triton
                            prune_configs_by={"early_config_prune": prune})(kernel)
 
 
+def check_device(launcher: str, module: str, tensors: dict[str, torch.Tensor | None]) -> None:
+    """``ValueError`` (prefixed with the ``launcher`` name) unless every tensor (``None`` skipped)
+    is on one device, and that device is CUDA or, under the interpreter, anything."""
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) != 1:
+        raise ValueError(f"{launcher}: all tensors must be on one device, got {devices}")
+    device = next(iter(devices.values()))
+    if device.type != "cuda" and not INTERPRETED:
+        raise ValueError(f"{launcher}: tensors are on {device}; the Triton kernel needs CUDA tensors, "
+                         f"or TRITON_INTERPRET=1 set before fxquant.kernels.{module} is imported")
+
+
 def bf16_via_fp32(x_dtype: torch.dtype) -> bool:
     """Whether to route bf16 through fp32 around the CPU interpreter's bf16 gaps.
 

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ..formats import bnb4 as fmt
-from ._common import INTERPRETED, bf16_via_fp32, config, grouped_tile, store_tile, tuned
+from ._common import check_device, bf16_via_fp32, config, grouped_tile, store_tile, tuned
 X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -118,14 +118,6 @@ def _check_common(x2d: torch.Tensor, codes: torch.Tensor, code_table: torch.Tens
     return -(-numel // blocksize)
 
 
-def _check_device(tensors: dict[str, Optional[torch.Tensor]]) -> None:
-    devices = {name: t.device for name, t in tensors.items() if t is not None}
-    if len(set(devices.values())) != 1:
-        _fail(f"all tensors must be on one device, got {devices}")
-    if next(iter(devices.values())).type != "cuda" and not INTERPRETED:
-        _fail(f"tensors are on {next(iter(devices.values()))}; the Triton kernel needs CUDA tensors, "
-              "or TRITON_INTERPRET=1 set before fxquant.kernels.bnb4 is imported")
-
 
 def _launch(x2d, codes, absmax, aq, acode, ascale, aoff, code_table, bias, blocksize, absmax_blocksize,
             out_features) -> torch.Tensor:
@@ -164,7 +156,8 @@ def bnb4_linear(x2d: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, co
     if tuple(absmax.shape) != (nblocks,) or not absmax.is_floating_point():
         _fail(f"absmax must be a float tensor of shape ({nblocks},) = ceil(out_features * K / blocksize), "
               f"got {absmax.dtype} {tuple(absmax.shape)}")
-    _check_device({"x2d": x2d, "codes": codes, "absmax": absmax, "code_table": code_table, "bias": bias})
+    check_device("bnb4_linear", "bnb4",
+                 {"x2d": x2d, "codes": codes, "absmax": absmax, "code_table": code_table, "bias": bias})
     return _launch(x2d, codes, absmax, None, None, None, None, code_table, bias, blocksize,
                    fmt.NESTED_BLOCKSIZE, out_features)
 
@@ -192,8 +185,9 @@ def bnb4_linear_dq(x2d: torch.Tensor, codes: torch.Tensor, absmax_q: torch.Tenso
     if absmax_offset.numel() != 1 or not absmax_offset.is_floating_point():
         _fail(f"absmax_offset must be a float tensor with one element, got {absmax_offset.dtype} "
               f"{tuple(absmax_offset.shape)}")
-    _check_device({"x2d": x2d, "codes": codes, "absmax_q": absmax_q, "absmax_code": absmax_code,
-                   "absmax_scale": absmax_scale, "absmax_offset": absmax_offset, "code_table": code_table,
-                   "bias": bias})
+    check_device("bnb4_linear", "bnb4",
+                 {"x2d": x2d, "codes": codes, "absmax_q": absmax_q, "absmax_code": absmax_code,
+                  "absmax_scale": absmax_scale, "absmax_offset": absmax_offset, "code_table": code_table,
+                  "bias": bias})
     return _launch(x2d, codes, None, absmax_q, absmax_code, absmax_scale, absmax_offset, code_table, bias,
                    blocksize, absmax_blocksize, out_features)

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from ..formats import float8 as fmt
-from ._common import INTERPRETED, bf16_via_fp32, config, grouped_tile, store_tile, tuned
+from ._common import check_device, bf16_via_fp32, config, grouped_tile, store_tile, tuned
 X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -129,13 +129,8 @@ def _check(name: str, x2d: torch.Tensor, qweight: torch.Tensor, scale: torch.Ten
     if bias is not None and (tuple(bias.shape) != (n,) or not bias.is_floating_point()):
         raise ValueError(f"{name}: bias must be None or a float tensor of shape ({n},), got "
                          f"{bias.dtype} {tuple(bias.shape)}")
-    tensors = {"x2d": x2d, "qweight": qweight, "scale": scale, **({"bias": bias} if bias is not None else {})}
-    devices = {t: v.device for t, v in tensors.items()}
-    if len(set(devices.values())) != 1:
-        raise ValueError(f"{name}: all tensors must be on one device, got {devices}")
-    if x2d.device.type != "cuda" and not INTERPRETED:
-        raise ValueError(f"{name}: tensors are on {x2d.device}; the Triton kernel needs CUDA tensors, "
-                         "or TRITON_INTERPRET=1 set before fxquant.kernels.float8 is imported")
+    tensors = {"x2d": x2d, "qweight": qweight, "scale": scale, "bias": bias}
+    check_device(name, "float8", tensors)
 
 
 def _launch(x, xs, qweight, scale, bias, out_dtype, *, x_fp8: bool, x_row_scale: bool,

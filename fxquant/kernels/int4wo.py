@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ..formats import int4 as fmt
-from ._common import INTERPRETED, bf16_via_fp32, config, grouped_tile, store_tile, tuned
+from ._common import INTERPRETED, check_device, bf16_via_fp32, config, grouped_tile, store_tile, tuned
 X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -139,14 +139,8 @@ def _check(x2d: torch.Tensor, qweight: torch.Tensor, scales_and_zeros: torch.Ten
     if bias is not None and (tuple(bias.shape) != (out_features,) or not bias.is_floating_point()):
         raise ValueError(f"int4wo_linear: bias must be None or a float tensor of shape ({out_features},), "
                          f"got {bias.dtype} {tuple(bias.shape)}")
-    tensors = {"x2d": x2d, "qweight": qweight, "scales_and_zeros": scales_and_zeros,
-               **({"bias": bias} if bias is not None else {})}
-    devices = {name: t.device for name, t in tensors.items()}
-    if len(set(devices.values())) != 1:
-        raise ValueError(f"int4wo_linear: all tensors must be on one device, got {devices}")
-    if x2d.device.type != "cuda" and not INTERPRETED:
-        raise ValueError(f"int4wo_linear: tensors are on {x2d.device}; the Triton kernel needs CUDA tensors, "
-                         "or TRITON_INTERPRET=1 set before fxquant.kernels.int4wo is imported")
+    tensors = {"x2d": x2d, "qweight": qweight, "scales_and_zeros": scales_and_zeros, "bias": bias}
+    check_device("int4wo_linear", "int4wo", tensors)
 
 
 def int4wo_linear(x2d: torch.Tensor, qweight: torch.Tensor, scales_and_zeros: torch.Tensor,

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ..formats import int8dq as fmt
-from ._common import INTERPRETED, bf16_via_fp32, config, grouped_tile, store_tile, tuned
+from ._common import INTERPRETED, check_device, bf16_via_fp32, config, grouped_tile, store_tile, tuned
 X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _FLT_MIN = torch.finfo(torch.float32).tiny
 
@@ -170,13 +170,8 @@ def _check(x2d: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: 
                          f"{bias.dtype} {tuple(bias.shape)}")
     if threshold is not None and not threshold > 0:
         raise ValueError(f"int8dq_linear: threshold={threshold!r} must be None (int8dq) or > 0 (LLM.int8)")
-    tensors = {"x2d": x2d, "qweight": qweight, "scale": scale, **({"bias": bias} if bias is not None else {})}
-    devices = {name: t.device for name, t in tensors.items()}
-    if len(set(devices.values())) != 1:
-        raise ValueError(f"int8dq_linear: all tensors must be on one device, got {devices}")
-    if x2d.device.type != "cuda" and not INTERPRETED:
-        raise ValueError(f"int8dq_linear: tensors are on {x2d.device}; the Triton kernel needs CUDA tensors, "
-                         "or TRITON_INTERPRET=1 set before fxquant.kernels.int8dq is imported")
+    tensors = {"x2d": x2d, "qweight": qweight, "scale": scale, "bias": bias}
+    check_device("int8dq_linear", "int8dq", tensors)
 
 
 def quantize_activations(x2d: torch.Tensor, threshold: Optional[float] = None

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETED, bf16_via_fp32, config, grouped_tile, store_tile, tuned
+from ._common import check_device, bf16_via_fp32, config, grouped_tile, store_tile, tuned
 X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -93,13 +93,8 @@ def _check(x2d: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: 
     if bias is not None and (tuple(bias.shape) != (n,) or not bias.is_floating_point()):
         raise ValueError(f"int8wo_linear: bias must be None or a float tensor of shape ({n},), got "
                          f"{bias.dtype} {tuple(bias.shape)}")
-    tensors = {"x2d": x2d, "qweight": qweight, "scale": scale, **({"bias": bias} if bias is not None else {})}
-    devices = {name: t.device for name, t in tensors.items()}
-    if len(set(devices.values())) != 1:
-        raise ValueError(f"int8wo_linear: all tensors must be on one device, got {devices}")
-    if x2d.device.type != "cuda" and not INTERPRETED:
-        raise ValueError(f"int8wo_linear: tensors are on {x2d.device}; the Triton kernel needs CUDA tensors, "
-                         "or TRITON_INTERPRET=1 set before fxquant.kernels.int8wo is imported")
+    tensors = {"x2d": x2d, "qweight": qweight, "scale": scale, "bias": bias}
+    check_device("int8wo_linear", "int8wo", tensors)
 
 
 def int8wo_linear(x2d: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from ..formats import int4
 from ..formats import intx as fmt
-from ._common import INTERPRETED, bf16_via_fp32, config, grouped_tile, store_tile, tuned
+from ._common import check_device, bf16_via_fp32, config, grouped_tile, store_tile, tuned
 X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -181,13 +181,8 @@ def _check(x2d, codes_lo, codes_hi, scale, offset, bias, bits, group_size, symme
     if bias is not None and (tuple(bias.shape) != (out_features,) or not bias.is_floating_point()):
         _fail(f"bias must be None or a float tensor of shape ({out_features},), got {bias.dtype} {tuple(bias.shape)}")
     tensors = {"x2d": x2d, "codes_lo": codes_lo, "codes_hi": codes_hi, "scale": scale, "offset": offset,
-               **({"bias": bias} if bias is not None else {})}
-    devices = {name: t.device for name, t in tensors.items()}
-    if len(set(devices.values())) != 1:
-        _fail(f"all tensors must be on one device, got {devices}")
-    if x2d.device.type != "cuda" and not INTERPRETED:
-        _fail(f"tensors are on {x2d.device}; the Triton kernel needs CUDA tensors, or TRITON_INTERPRET=1 "
-              "set before fxquant.kernels.intx is imported")
+               "bias": bias}
+    check_device("intx_linear", "intx", tensors)
 
 
 def intx_linear(x2d: torch.Tensor, codes_lo: torch.Tensor, codes_hi: torch.Tensor, scale: torch.Tensor,

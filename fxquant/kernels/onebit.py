@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ..formats import onebit as fmt
-from ._common import INTERPRETED, bf16_via_fp32, config, grouped_tile, store_tile, tuned
+from ._common import check_device, bf16_via_fp32, config, grouped_tile, store_tile, tuned
 X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -106,13 +106,8 @@ def _check(x2d: torch.Tensor, sign_bits: torch.Tensor, a: torch.Tensor, b: torch
     if bias is not None and (tuple(bias.shape) != (n,) or not bias.is_floating_point()):
         raise ValueError(f"onebit_linear: bias must be None or a float tensor of shape ({n},), "
                          f"got {bias.dtype} {tuple(bias.shape)}")
-    tensors = {"x2d": x2d, "sign_bits": sign_bits, "a": a, "b": b, **({"bias": bias} if bias is not None else {})}
-    devices = {name: t.device for name, t in tensors.items()}
-    if len(set(devices.values())) != 1:
-        raise ValueError(f"onebit_linear: all tensors must be on one device, got {devices}")
-    if x2d.device.type != "cuda" and not INTERPRETED:
-        raise ValueError(f"onebit_linear: tensors are on {x2d.device}; the Triton kernel needs CUDA tensors, "
-                         "or TRITON_INTERPRET=1 set before fxquant.kernels.onebit is imported")
+    tensors = {"x2d": x2d, "sign_bits": sign_bits, "a": a, "b": b, "bias": bias}
+    check_device("onebit_linear", "onebit", tensors)
 
 
 def onebit_linear(x2d: torch.Tensor, sign_bits: torch.Tensor, a: torch.Tensor, b: torch.Tensor,

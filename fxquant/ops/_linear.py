@@ -106,18 +106,19 @@ class LinearOpDef:
             return y + bias.to(x.dtype) if bias is not None else y
         x2 = x.reshape(-1, x.shape[-1])
         cd = scalars["compute_dtype"]
+        plain = {k: v for k, v in scalars.items() if k != "compute_dtype"}  # what cpu_fast / block_decoder take
         y = None
-        limit = min(_cpu.large_m_threshold(), self.packed_max_rows or _cpu.large_m_threshold())
+        limit = _cpu.large_m_threshold()
+        if self.packed_max_rows is not None:
+            limit = min(limit, self.packed_max_rows)
         small = self.cpu_fast_any_m or _cpu.rows(x) < limit
         if self.cpu_fast is not None and small and cd in (None, torch.bfloat16):
-            fast_scalars = {k: v for k, v in scalars.items() if k != "compute_dtype"}
-            y = self.cpu_fast(x2, **tensors, **fast_scalars)
+            y = self.cpu_fast(x2, **tensors, **plain)
         if y is None and self.reference_fn is not None:
             return self.reference(*args, **kwargs)
         if y is None:
             dt = cd or _cpu.dense_dtype()
             if self.block_decoder is not None:
-                plain = {k: v for k, v in scalars.items() if k != "compute_dtype"}
                 decode, row_scale, mult = self.block_decoder(**tensors, **plain)
                 rows = max(mult, block_rows(x2.shape[1], dt) // mult * mult)
                 y = blocked_linear(x2, n, x2.shape[1], decode, row_scale, dt, rows)
