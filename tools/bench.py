@@ -40,7 +40,7 @@ import fxquant.ops  # noqa: E402,F401  (registers torch.ops.fxquant.*)
 from fxquant.formats import int4 as int4_fmt  # noqa: E402
 from fxquant.ops import _cpu, int4wo, int8wo  # noqa: E402
 from tools import bench_cases  # noqa: E402
-from tools.bench_cases._common import Unavailable  # noqa: E402,F401  (re-exported)
+from tools.bench_cases._common import Unavailable  # noqa: E402
 
 TIE_BAND = 0.05  # a ratio within 5% under its target is reported as a tie: run-to-run noise here
 HOT_WARM_LIMIT_S = 0.05  # slower calls stream far more than the last-level cache: no warm call
@@ -119,7 +119,7 @@ def _label(c: Case) -> str:
 
 def _reason(e: BaseException) -> str:
     msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    text = msg if type(e).__name__ == "Unavailable" else f"{type(e).__name__}: {msg}"
+    text = msg if isinstance(e, Unavailable) else f"{type(e).__name__}: {msg}"
     return text[:90].replace("|", "/")
 
 

@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.library import opcheck
 
-from helpers import FAST_PATH_TOL, rel
+from helpers import FAST_PATH_TOL, err_vs_magnitude, rel
 from fxquant.formats import float8
 from fxquant.ops import _cpu, _dequant_gemm
 from fxquant.ops import float8 as op
@@ -28,12 +28,6 @@ def make(kind: str, n: int, k: int, seed: int):
     return (lambda x, b, **kw: torch.ops.fxquant.linear_float8dq(x, q, s, b, gran, UB, **kw),
             lambda x, b, **kw: op.reference_dq(x, q, s, b, gran, UB, **kw), float8.dequantize_weight(q, s))
 
-
-def err_vs_magnitude(y, r, x, w, b) -> float:
-    """||y - r|| relative to the size of the terms summed, ||x|·|W|ᵀ + |b|||: a bf16 output plus a
-    bf16 bias rounds twice, which ``rel`` over a cancelling single output would blow up."""
-    size = x.float().abs() @ w.abs().T + (0 if b is None else b.float().abs())
-    return ((y.float() - r.float()).norm() / size.norm().clamp(min=1e-12)).item()
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.library import opcheck
 
-from helpers import FAST_PATH_TOL, rel
+from helpers import FAST_PATH_TOL, err_vs_magnitude, rel
 from fxquant.formats import fpx
 from fxquant.ops import _cpu, _dequant_gemm
 from fxquant.ops import fpx as op
@@ -27,12 +27,6 @@ def make(name: str, n: int, k: int, seed: int):
             lambda x, b, **kw: op.reference(x, *args, b, e, m, k, **kw),
             fpx.from_storage(*args, e, m, k), (*args, e, m, k))
 
-
-def err_vs_magnitude(y, r, x, w, b) -> float:
-    """||y - r|| relative to the size of the terms summed, ||x|·|W|ᵀ + |b|||: a bf16 output plus a
-    bf16 bias rounds twice, which ``rel`` over a cancelling single output would blow up."""
-    size = x.float().abs() @ w.abs().T + (0 if b is None else b.float().abs())
-    return ((y.float() - r.float()).norm() / size.norm().clamp(min=1e-12)).item()
 
 
 @pytest.mark.parametrize("name", FORMATS)

@@ -19,6 +19,11 @@ def need(module: str):
         raise Unavailable(f"{module} not importable: {type(e).__name__}") from e
 
 
+def row(name: str, fmt: str, kind: str, act_dtype: torch.dtype, prepare, forward) -> dict[str, Any]:
+    """One benchmark row, with the fields of ``tools.bench.Case``."""
+    return dict(name=name, fmt=fmt, kind=kind, act_dtype=act_dtype, prepare=prepare, forward=forward)
+
+
 def call(module: torch.nn.Module, x: torch.Tensor) -> Any:
     """``forward`` of the peer rows: the prepared state is the peer's quantized module."""
     return module(x)

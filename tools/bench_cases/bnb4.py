@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 import fxquant.ops  # noqa: F401  (registers torch.ops.fxquant.*)
-from tools.bench_cases._common import need as _need, call as _call
+from tools.bench_cases._common import need as _need, call as _call, row as _row
 from fxquant.ops import bnb4 as op
 from fxquant.schemes import FP4, NF4
 
@@ -59,9 +59,6 @@ def _bnb_linear4bit(quant_type: str, double_quant: bool, dtype: torch.dtype) -> 
         return m.to("cpu").eval()  # .to quantizes
     return prepare
 
-
-def _row(name, fmt_, kind, act_dtype, prepare, forward) -> dict[str, Any]:
-    return dict(name=name, fmt=fmt_, kind=kind, act_dtype=act_dtype, prepare=prepare, forward=forward)
 
 
 SCHEMES = [NF4(blocksize=BLOCKSIZE), FP4(blocksize=BLOCKSIZE), NF4(blocksize=BLOCKSIZE, double_quant=True),

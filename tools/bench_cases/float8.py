@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import fxquant.ops  # noqa: F401  (registers torch.ops.fxquant.*)
-from tools.bench_cases._common import need as _need, call as _call
+from tools.bench_cases._common import need as _need, call as _call, row as _row
 from fxquant.formats import float8 as fmt
 from fxquant.ops import float8 as op
 
@@ -105,9 +105,6 @@ def _torchao_dq(granularity: str) -> Callable[[torch.Tensor], Any]:
         return m
     return prepare
 
-
-def _row(name, fmt_, kind, act_dtype, prepare, forward) -> dict[str, Any]:
-    return dict(name=name, fmt=fmt_, kind=kind, act_dtype=act_dtype, prepare=prepare, forward=forward)
 
 
 CASES: list[dict[str, Any]] = [

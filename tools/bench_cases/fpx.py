@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import fxquant.ops  # noqa: F401  (registers torch.ops.fxquant.*)
-from tools.bench_cases._common import need as _need
+from tools.bench_cases._common import need as _need, row as _row
 from fxquant.formats import fpx as fmt
 from fxquant.ops import fpx as op
 
@@ -61,9 +61,6 @@ def _torchao_forward(state, x):
     w = utils._floatx_unpacked_to_f32(fmt.unpack(q, 1 + e + m, k), e, m) * s.float()[:, None]
     return F.linear(x, w.to(x.dtype))
 
-
-def _row(name, fmt_, kind, act_dtype, prepare, forward) -> dict[str, Any]:
-    return dict(name=name, fmt=fmt_, kind=kind, act_dtype=act_dtype, prepare=prepare, forward=forward)
 
 
 CASES: list[dict[str, Any]] = []

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 import fxquant.ops  # noqa: F401  (registers torch.ops.fxquant.*)
-from tools.bench_cases._common import need as _need, call as _call
+from tools.bench_cases._common import need as _need, call as _call, row as _row
 from fxquant.formats import int8dq as fmt
 from fxquant.ops import int8dq as op
 
@@ -72,9 +72,6 @@ def _bnb_llm_int8(w):
     # of running LLM.int8
     return m.to("cpu").eval()
 
-
-def _row(name, fmt_, kind, act_dtype, prepare, forward) -> dict[str, Any]:
-    return dict(name=name, fmt=fmt_, kind=kind, act_dtype=act_dtype, prepare=prepare, forward=forward)
 
 
 LLM = "llm.int8"

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 
 import fxquant.ops  # noqa: F401  (registers torch.ops.fxquant.*)
-from tools.bench_cases._common import Unavailable, need as _need, call as _call
+from tools.bench_cases._common import Unavailable, need as _need, call as _call, row as _row
 from fxquant.ops import intx as op
 from fxquant.schemes import parse_scheme
 
@@ -84,9 +84,6 @@ def _torchao(name: str) -> Callable[[torch.Tensor], Any]:
         return lin
     return prepare
 
-
-def _row(name, fmt_, kind, act_dtype, prepare, forward) -> dict[str, Any]:
-    return dict(name=name, fmt=fmt_, kind=kind, act_dtype=act_dtype, prepare=prepare, forward=forward)
 
 
 CASES: list[dict[str, Any]] = []

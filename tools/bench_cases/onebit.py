@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import fxquant.ops  # noqa: F401  (registers torch.ops.fxquant.*)
-from tools.bench_cases._common import Unavailable, need as _need, call as _call
+from tools.bench_cases._common import Unavailable, need as _need, call as _call, row
 from fxquant.formats import int4 as int4_fmt
 from fxquant.formats import onebit as fmt
 from fxquant.ops import onebit as op
@@ -105,7 +105,7 @@ def _prep_hqq_1bit(w):
 
 
 def _row(name, kind, act_dtype, prepare, forward) -> dict[str, Any]:
-    return dict(name=name, fmt=FMT, kind=kind, act_dtype=act_dtype, prepare=prepare, forward=forward)
+    return row(name, FMT, kind, act_dtype, prepare, forward)
 
 
 CASES: list[dict[str, Any]] = [

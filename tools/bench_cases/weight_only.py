@@ -21,7 +21,7 @@ import fxquant.ops  # noqa: F401  (registers torch.ops.fxquant.*)
 from fxquant.formats import int4 as int4_fmt
 from fxquant.formats import int8 as int8_fmt
 from fxquant.ops import int4wo, int8wo
-from tools.bench_cases._common import Unavailable, call as _call, need as _need
+from tools.bench_cases._common import Unavailable, call as _call, need as _need, row as _row
 
 FP32, BF16 = torch.float32, torch.bfloat16
 INT4_GROUP = 128
@@ -102,9 +102,6 @@ def _bnb_int8(w):
     m.weight = bnb.nn.Int8Params(w.clone(), requires_grad=False, has_fp16_weights=False)
     return m.to("cpu").eval()  # .to quantizes; eval: inference path (no training-state bookkeeping)
 
-
-def _row(name, fmt_, kind, act_dtype, prepare, forward) -> dict[str, Any]:
-    return dict(name=name, fmt=fmt_, kind=kind, act_dtype=act_dtype, prepare=prepare, forward=forward)
 
 
 CASES: list[dict[str, Any]] = [
