@@ -11,7 +11,9 @@ CPU: PyTorch has no kernel that looks up a 16-entry table inside a matmul (the p
 docs/formats/bnb4.md for what was measured), so the fast path is dequantize + dense GEMM done in
 row chunks: each chunk of about ``CHUNK_ELEMENTS`` weights is decoded with one gather per code
 *byte pair* (:func:`fxquant.formats.bnb4.dequantize_span`, bit-identical to the reference) into a
-cache-sized buffer and multiplied at once, so the full dequantized weight never exists.
+cache-sized buffer and multiplied at once, so the full dequantized weight never exists.  At
+M <= ``NATIVE_MAX_ROWS``, when blocks do not straddle rows (``K % blocksize == 0``), the native
+GEMV (:func:`fxquant.kernels.native_cpu.lut4_gemv`) reads the codes in place instead.
 CUDA: the Triton kernel in :mod:`fxquant.kernels.bnb4`.
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Callable
 import torch
 
 from ..formats import bnb4 as fmt
+from ..kernels import native_cpu
 from . import _cpu
 from ._linear import LinearOpDef, define
 
@@ -85,12 +88,33 @@ def _chunked_linear(x2: torch.Tensor, codes: torch.Tensor, code_table: torch.Ten
     return yt.t()
 
 
+#: Largest M for the native GEMV.  Measured (11008x4096, nf4 bs64, 2 threads, AVX2, ms, native /
+#: chunked decode + GEMM): see tools/bench.py; M=1 3.3 / 40, M=5 22 / 60.
+NATIVE_MAX_ROWS = 8
+
+
+def _native(x2, codes, code_table, blocksize, out_features, in_features, scale, dq=None):
+    """The native GEMV when it applies (small M, whole blocks per row), else None."""
+    if x2.shape[0] > NATIVE_MAX_ROWS or in_features % blocksize or in_features % 2:
+        return None
+    return native_cpu.lut4_gemv(x2[:, 0::2], x2[:, 1::2], codes, rows=out_features, row_bytes=in_features // 2,
+                                table=code_table, block_bytes=blocksize // 2, scale=scale, dq=dq)
+
+
 def _cpu_fast(x2, codes, absmax, code_table, blocksize, out_features, in_features):
+    y = _native(x2, codes, code_table, blocksize, out_features, in_features, absmax)
+    if y is not None:
+        return y
     return _chunked_linear(x2, codes, code_table, blocksize, out_features, lambda b0, b1: absmax[b0:b1])
 
 
 def _cpu_fast_dq(x2, codes, absmax_q, absmax_code, absmax_scale, absmax_offset, code_table, blocksize,
                  absmax_blocksize, out_features, in_features):
+    y = _native(x2, codes, code_table, blocksize, out_features, in_features, absmax_q,
+                dq=(absmax_code, absmax_scale, absmax_offset, absmax_blocksize))
+    if y is not None:
+        return y
+
     def span_absmax(b0: int, b1: int) -> torch.Tensor:
         return fmt.double_dequantize_span(absmax_q, absmax_code, absmax_scale, absmax_offset, absmax_blocksize,
                                           b0, b1)

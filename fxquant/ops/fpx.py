@@ -5,15 +5,20 @@ scales in :mod:`fxquant.formats.fpx`.  CPU: no PyTorch kernel reads these codes,
 the op unpacks and decodes the weight a block of rows at a time (byte ops, then exact float16 bit
 moves for ``A <= 4`` or the ``2^X``-entry table) and multiplies each block while it is in cache
 (:func:`._dequant_gemm.blocked_linear`); fp6_e3m2, 11008x4096, 2 threads, M=256: 228 ms vs
-654 ms for the reference.  CUDA: Triton kernel in :mod:`fxquant.kernels.fpx`.
+654 ms for the reference.  4-bit formats at M <= ``NATIVE_MAX_ROWS``: the native GEMV
+(:func:`fxquant.kernels.native_cpu.lut4_gemv`) reads the codes in place.  CUDA: Triton kernel in :mod:`fxquant.kernels.fpx`.
 """
 from __future__ import annotations
 
 import torch
 
 from ..formats import fpx as fmt
+from ..kernels import native_cpu
 from . import _cpu
 from ._dequant_gemm import block_rows, blocked_linear
+
+#: Largest M for the native GEMV of 4-bit formats (:func:`fxquant.kernels.native_cpu.lut4_gemv`).
+NATIVE_MAX_ROWS = 8
 from ._linear import LinearOpDef, define
 
 
@@ -27,6 +32,13 @@ def _cpu_fast(x2, qweight, scale, ebits, mbits, in_features):
     """Blocked unpack + decode + GEMM.  Decode: exact float16 bit moves for ``ebits <= 4``, else the
     table gather; the float16 path's power-of-two factor joins the per-row scale."""
     dt, bits, n = _cpu.dense_dtype(), 1 + ebits + mbits, qweight.shape[0]
+    if bits == 4 and x2.shape[0] <= NATIVE_MAX_ROWS:
+        cols = fmt.packed_cols(in_features, bits)
+        xp = torch.nn.functional.pad(x2, (0, 2 * cols - in_features))
+        y = native_cpu.lut4_gemv(xp[:, cols:], xp[:, :cols], qweight, rows=n, row_bytes=cols,
+                                 table=fmt.decode_table(ebits, mbits), block_bytes=cols, scale=scale)
+        if y is not None:
+            return y
     rows = min(n, block_rows(in_features, dt))
     codes = torch.empty(rows, fmt.padded_k(in_features), dtype=torch.uint8)
     scratch = torch.empty(rows, in_features, dtype=torch.int16)

@@ -1,7 +1,8 @@
 """``fxquant::linear_int8wo``: int8 per-channel weight-only linear.
 
 ``y = x @ (qweight * scale[:, None]).T + bias``; layout in :mod:`fxquant.formats.int8`.
-CPU fast path: ``torch._weight_int8pack_mm`` with bf16 activations.  CUDA: the Triton kernel in
+CPU fast path: at M <= ``NATIVE_MAX_ROWS`` the native GEMV (:mod:`fxquant.kernels.native_cpu`, fp32
+activations and accumulation), else ``torch._weight_int8pack_mm`` with bf16 activations.  CUDA: the Triton kernel in
 :mod:`fxquant.kernels.int8wo`.
 """
 from __future__ import annotations
@@ -9,7 +10,13 @@ from __future__ import annotations
 import torch
 
 from ..formats import int8 as fmt
+from ..kernels import native_cpu
 from ._linear import LinearOpDef, define
+
+#: Largest M for the native GEMV (:func:`fxquant.kernels.native_cpu.int8_gemv`); above it
+#: ``_weight_int8pack_mm``.  Measured (11008x4096, 2 threads, AVX2, ms, native / int8pack):
+#: M=1 1.89 / 2.81, M=2 2.75 / 2.98, M=4 5.68 / 4.40.
+NATIVE_MAX_ROWS = 2
 
 
 def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -18,6 +25,10 @@ def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tenso
 
 
 def _cpu_fast(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+    if x2.shape[0] <= NATIVE_MAX_ROWS:
+        y = native_cpu.int8_gemv(x2, qweight, scale)
+        if y is not None:
+            return y
     # _weight_int8pack_mm segfaults or returns garbage for K % 8 != 0 with M >= 2 (measured on the
     # AVX2 build of torch 2.13; tests/ops/test_weight_only_ops.py covers odd K).
     if x2.shape[1] % 8:

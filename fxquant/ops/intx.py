@@ -6,6 +6,9 @@ and the grouping of ``axis`` 0 / 1 in :mod:`fxquant.formats.intx`.
 
 CPU (``compute_dtype`` None or bf16; otherwise the reference in that dtype):
 
+- native GEMV (:func:`native_linear`): axis 1, b = 4 or 8, ``M <= NATIVE_MAX_ROWS``: the stored
+  4-bit planes read in place by :func:`fxquant.kernels.native_cpu.int4_tiled_gemv` (any group size,
+  any tile height that is a multiple of 32), fp32 activations and accumulation.
 - int4 kernel: ``aten._weight_int4pack_mm_for_cpu`` on bf16 activations, once per 4-bit plane, for
   axis 1, ``group_size`` in {32, 64, 128, 256}, weights packed with this CPU's tile height and
   ``M <= INT4_KERNEL_MAX_ROWS``.  b = 4 and b = 8 read the stored planes as they are; other widths
@@ -24,6 +27,7 @@ import torch
 
 from ..formats import int4
 from ..formats import intx as fmt
+from ..kernels import native_cpu
 from . import _cpu
 from ._linear import LinearOpDef, define
 
@@ -44,6 +48,8 @@ INT4_KERNEL_MAX_ROWS = {False: 64, True: 16}
 #: g128, tiled / rows ms): uint3 M=16 77/98, M=64 152/150, M=128 282/254, M=256 517/455;
 #: uint8 M=64 173/210, M=128 245/272, M=256 558/470.
 TILED_MAX_ROWS = 96
+#: Largest M for :func:`native_linear` (as int4wo's native path).
+NATIVE_MAX_ROWS = 8
 
 
 def dequantize_weight(codes_lo: torch.Tensor, codes_hi: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
@@ -93,6 +99,24 @@ def int4_kernel_linear(x2: torch.Tensor, codes_lo: torch.Tensor, codes_hi: torch
     return y
 
 
+def native_linear(x2: torch.Tensor, codes_lo: torch.Tensor, codes_hi: torch.Tensor, scale: torch.Tensor,
+                  offset: torch.Tensor, bits: int, group_size: int, block_n: int,
+                  out_features: int) -> torch.Tensor | None:
+    """``x2`` ``[M, K]`` -> fp32 ``[M, out_features]`` with the native 4-bit GEMV (axis 1, b = 4 or 8),
+    or None when it does not apply.  b = 8 is two passes, ``q = lo + 16 hi``:
+    ``(q - 128) s + offset = [(lo - 128) s + offset] + 16 [hi s]``."""
+    if bits not in (4, 8):
+        return None
+    rows, k = int4.padded_rows(out_features), x2.shape[1]
+    kw = dict(block_n=block_n, group_size=group_size, scale=scale, out_features=out_features)
+    y = native_cpu.int4_tiled_gemv(x2, codes_lo.view(rows, k // 2), zero=offset if offset.numel() else None,
+                                   mid=2.0 ** (bits - 1), **kw)
+    if y is None or bits == 4:
+        return y
+    hi = native_cpu.int4_tiled_gemv(x2, codes_hi.view(rows, k // 2), zero=None, mid=0.0, **kw)
+    return None if hi is None else y.add_(hi, alpha=16)
+
+
 def tiled_dequant_linear(x2: torch.Tensor, codes_lo: torch.Tensor, codes_hi: torch.Tensor, scale: torch.Tensor,
                          offset: torch.Tensor, bits: int, group_size: int, axis: int, block_n: int,
                          out_features: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -138,6 +162,10 @@ _warned_layout = False
 
 def _cpu_fast(x2, codes_lo, codes_hi, scale, offset, bits, group_size, symmetric, axis, block_n, out_features):
     global _warned_layout
+    if axis == 1 and x2.shape[0] <= NATIVE_MAX_ROWS:
+        y = native_linear(x2, codes_lo, codes_hi, scale, offset, bits, group_size, block_n, out_features)
+        if y is not None:
+            return y
     if x2.shape[0] <= INT4_KERNEL_MAX_ROWS[bits > 4]:
         if int4_kernel_applies(bits, group_size, axis, block_n):
             return int4_kernel_linear(x2, codes_lo, codes_hi, scale, offset, bits, group_size, block_n, out_features)

@@ -12,7 +12,8 @@ one they are held to.  It also never builds the float ``N x K`` product ``a bᵀ
 tests/ops/test_onebit.py checks that both forms agree.
 
 CPU fast path (rows < :func:`fxquant.ops._cpu.large_m_threshold`, ``compute_dtype`` None or
-bf16): the sign bits become int8 *scaled bit planes* (one vectorised AND per element,
+bf16): at M <= ``NATIVE_MAX_ROWS`` the native GEMV (:mod:`fxquant.kernels.native_cpu`) reads the sign
+bits in place, in fp32; above, the sign bits become int8 *scaled bit planes* (one vectorised AND per element,
 :func:`fxquant.formats.onebit.bit_planes_into`) in a reused per-thread workspace, and go to
 ``torch._weight_int8pack_mm`` against matching bf16 activations (:func:`plane_activations`).
 Only the packed bits are kept; the planes are scratch.  docs/formats/onebit.md has the measured
@@ -28,7 +29,12 @@ import torch
 import torch.nn.functional as F
 
 from ..formats import onebit as fmt
+from ..kernels import native_cpu
 from ._linear import LinearOpDef, define
+
+#: Largest M for the native GEMV (:func:`fxquant.kernels.native_cpu.onebit_gemv`, fp32 throughout);
+#: above it the bit planes + ``_weight_int8pack_mm``.
+NATIVE_MAX_ROWS = 8
 
 #: Most int8 bytes of bit planes per ``_weight_int8pack_mm`` call.  Measured (11008x4096, M=1,
 #: interleaved, this 2-core AVX2 machine shared with other jobs): 1 thread, CPU time: 2 MiB chunks
@@ -124,6 +130,10 @@ def _cpu_fast(x2: torch.Tensor, sign_bits: torch.Tensor, a: torch.Tensor, b: tor
     m = x2.shape[0]
     if m == 0 or n == 0:
         return x2.new_zeros(m, n)
+    if m <= NATIVE_MAX_ROWS:
+        y = native_cpu.onebit_gemv(x2.float() * b.float(), sign_bits, a)
+        if y is not None:
+            return y
     sign_bits = sign_bits.contiguous()
     xp = plane_activations(x2, b)
     scale = a.to(torch.bfloat16)

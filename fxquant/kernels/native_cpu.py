@@ -1,0 +1,214 @@
+"""Native CPU GEMV kernels for small M (``native_cpu.c``), built on first use and loaded with ctypes.
+
+Why: at M = 1 a weight-only linear is a stream over the weight bytes, and the ATen kernels stop
+short of that (measured, 11008x4096, 2 threads, AVX2: ``_weight_int4pack_mm_for_cpu`` reaches
+~6.5 GB/s, compute-bound) or do not exist for a format (NF4/FP4, fpX, OneBit).  These kernels read
+each format's stored bytes in place, decode in registers (AVX2 + FMA) and accumulate in fp32.
+
+Build: ``cc -O3 -march=native -fopenmp -shared`` into a cache directory (``$FXQUANT_CACHE_DIR``,
+else ``$XDG_CACHE_HOME/fxquant`` or ``~/.cache/fxquant``), keyed by the source, the flags, the
+compiler and this CPU, so a later process loads it in milliseconds.  OpenMP resolves to the
+``libgomp.so.1`` torch has already loaded: one thread pool for both.
+
+When the build fails (no compiler), the CPU has no AVX2/FMA, or ``FXQUANT_NATIVE=0`` is set,
+:func:`available` is False and every op keeps its ATen path; the reason is in :func:`status`.
+Each wrapper returns fp32 ``[M, N]`` or ``None`` when its layout preconditions do not hold.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("native_cpu.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
+
+_c_i64, _c_int, _c_float, _c_ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+_SIGNATURES = {
+    "fxq_int8_gemv": (_c_ptr, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_ptr, _c_i64, _c_int),
+    "fxq_int4t_gemv": (_c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_i64,
+                       _c_i64, _c_float, _c_ptr, _c_i64, _c_int),
+    "fxq_lut4_gemv": (_c_ptr, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_int,
+                      _c_ptr, _c_ptr, _c_ptr, _c_float, _c_i64, _c_ptr, _c_i64, _c_int),
+    "fxq_onebit_gemv": (_c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_int),
+}
+
+_status = "not loaded yet"
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("FXQUANT_CACHE_DIR"):
+        return Path(os.environ["FXQUANT_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fxquant"
+
+
+def _cpu_id() -> str:
+    """What ``-march=native`` depends on: the CPU model and its feature flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f.read().splitlines() if ln.startswith(("model name", "flags"))]
+        return "\n".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def _compiler() -> str:
+    return os.environ.get("CC", "cc")
+
+
+def _build() -> Path:
+    cc = _compiler()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_id()]).encode())
+    out_dir = _cache_dir()
+    lib = out_dir / f"fxquant_native_{key.hexdigest()[:16]}.so"
+    if lib.exists():
+        return lib
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[:2000]}")
+        os.replace(tmp, lib)  # atomic: a concurrent process sees the whole library or none
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return lib
+
+
+@functools.lru_cache(maxsize=None)
+def _lib():
+    """The loaded library, or None (reason in :func:`status`)."""
+    global _status
+    if os.environ.get("FXQUANT_NATIVE", "1") == "0":
+        _status = "disabled by FXQUANT_NATIVE=0"
+        return None
+    if platform.system() != "Linux":
+        _status = f"not built on {platform.system()} (Linux only)"
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build()))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        _status = f"build failed: {e}"
+        warnings.warn(f"fxquant native CPU kernels unavailable ({_status}); using the ATen paths",
+                      stacklevel=3)
+        return None
+    if not lib.fxq_simd():
+        _status = "this CPU has no AVX2 + FMA"
+        return None
+    for name, argtypes in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = list(argtypes), None
+    _status = "loaded"
+    return lib
+
+
+def available() -> bool:
+    """True when the kernels are built and this CPU runs them."""
+    return _lib() is not None
+
+
+def status() -> str:
+    """Why :func:`available` is what it is (``"loaded"`` when it is True)."""
+    _lib()
+    return _status
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+def _fp32_rows(x2: torch.Tensor) -> torch.Tensor:
+    return x2.to(torch.float32).contiguous()
+
+
+def _out(m: int, n: int) -> torch.Tensor:
+    return torch.empty(m, n, dtype=torch.float32)
+
+
+def int8_gemv(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+    """int8wo: ``x2 [M, K]``, ``qweight`` int8 ``[N, K]``, ``scale`` bf16 ``[N]`` -> fp32 ``[M, N]``."""
+    lib = _lib()
+    if lib is None or scale.dtype != torch.bfloat16:
+        return None
+    n, k = qweight.shape
+    x, w, s = _fp32_rows(x2), qweight.contiguous(), scale.contiguous()
+    y = _out(x.shape[0], n)
+    lib.fxq_int8_gemv(_ptr(x), x.shape[0], k, _ptr(w), _ptr(s), n, _ptr(y), n, torch.get_num_threads())
+    return y
+
+
+def int4_tiled_gemv(x2: torch.Tensor, qweight: torch.Tensor, *, block_n: int, group_size: int,
+                    scale: torch.Tensor, zero: torch.Tensor | None, out_features: int,
+                    mid: float = 8.0) -> torch.Tensor | None:
+    """4-bit codes in int4pack's tile layout (``qweight`` uint8 ``[Np, K/2]``), ``W = (q - mid) * s + z``
+    per group of ``group_size`` columns.  ``scale`` / ``zero`` are bf16 views indexed ``[group, row]``
+    (any strides: int4wo passes ``scales_and_zeros[..., 0]`` and ``[..., 1]``)."""
+    lib = _lib()
+    k = qweight.shape[1] * 2
+    if (lib is None or block_n % 32 or k % group_size or scale.dtype != torch.bfloat16
+            or (zero is not None and (zero.dtype != torch.bfloat16 or zero.stride() != scale.stride()))):
+        return None
+    x, w = _fp32_rows(x2), qweight.contiguous()
+    y = _out(x.shape[0], out_features)
+    sg, sr = scale.stride()
+    lib.fxq_int4t_gemv(_ptr(x), x.shape[0], k, _ptr(w), out_features, block_n, group_size, _ptr(scale),
+                       _ptr(zero), sr, sg, float(mid), _ptr(y), out_features, torch.get_num_threads())
+    return y
+
+
+def lut4_gemv(xh: torch.Tensor, xl: torch.Tensor, codes: torch.Tensor, *, rows: int, row_bytes: int,
+              table: torch.Tensor, block_bytes: int, scale: torch.Tensor,
+              dq: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor | None:
+    """4-bit table codes, two per byte: row ``n`` is ``codes[n * row_bytes : (n + 1) * row_bytes]``
+    (``codes`` flat uint8); a byte's high nibble meets ``xh [M, row_bytes]``, its low nibble ``xl``.
+    ``W = table[code] * scale[block]`` with blocks of ``block_bytes`` bytes numbered row-major;
+    ``scale`` fp32 or bf16 per block, or with ``dq = (absmax_code, absmax_scale, absmax_offset,
+    absmax_blocksize)`` uint8 indices into ``absmax_code`` (bitsandbytes double quant:
+    ``absmax_code[q[b]] * absmax_scale[b // absmax_blocksize] + absmax_offset``).
+    -> fp32 ``[M, rows]``."""
+    lib = _lib()
+    if lib is None or block_bytes < 1 or row_bytes % block_bytes or table.numel() != 16:
+        return None
+    if dq is None and scale.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    mode = 2 if dq is not None else (0 if scale.dtype == torch.float32 else 1)
+    xh, xl = _fp32_rows(xh), _fp32_rows(xl)
+    t, sc, c = table.float().contiguous(), scale.contiguous(), codes.contiguous()
+    dq_code = dq_scale = None
+    offset, dq_block = 0.0, 1
+    if dq is not None:
+        dq_code, dq_scale = dq[0].float().contiguous(), dq[1].float().contiguous()
+        offset, dq_block = float(dq[2]), int(dq[3])
+    y = _out(xh.shape[0], rows)
+    lib.fxq_lut4_gemv(_ptr(xh), _ptr(xl), xh.shape[0], row_bytes, _ptr(c), row_bytes, rows, _ptr(t),
+                      block_bytes, mode, _ptr(sc), _ptr(dq_code), _ptr(dq_scale), offset, dq_block, _ptr(y), rows,
+                      torch.get_num_threads())
+    return y
+
+
+def onebit_gemv(xb: torch.Tensor, sign_bits: torch.Tensor, a: torch.Tensor) -> torch.Tensor | None:
+    """OneBit: ``xb = x ⊙ b`` ``[M, K]``, ``sign_bits`` uint8 ``[N, ceil(K/8)]``, ``a`` bf16 ``[N]``
+    -> fp32 ``[M, N]`` = ``(xb · Sᵀ) ⊙ a``."""
+    lib = _lib()
+    if lib is None or a.dtype != torch.bfloat16:
+        return None
+    n, cb = sign_bits.shape
+    x = _fp32_rows(xb)
+    if x.shape[1] != 8 * cb:
+        x = torch.nn.functional.pad(x, (0, 8 * cb - x.shape[1]))
+    bits, av = sign_bits.contiguous(), a.contiguous()
+    y = _out(x.shape[0], n)
+    lib.fxq_onebit_gemv(_ptr(x), x.shape[0], cb, _ptr(bits), n, _ptr(av), _ptr(y), n, torch.get_num_threads())
+    return y
