@@ -157,9 +157,36 @@ static inline void load_sz8(const uint16_t *scale, const uint16_t *zero, int64_t
         A3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4)), XK, A3);                \
     }
 
-void fxq_int4t_gemv(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, int64_t BN,
+/* the same from 16 nibble-pair bytes in a register (rebuilt from shards) */
+#define INT4R_STEP(V, XK, A0, A1, A2, A3)                                                          \
+    {                                                                                              \
+        __m256i v0 = _mm256_cvtepu8_epi32(V), v1 = _mm256_cvtepu8_epi32(_mm_srli_si128(V, 8));    \
+        A0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v0, m0f)), XK, A0);               \
+        A1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v1, m0f)), XK, A1);               \
+        A2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4)), XK, A2);                \
+        A3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4)), XK, A3);                \
+    }
+
+/* Planes narrower than 4 bits (fxquant/formats/intx.py): the nibble-pair byte stream of the plane
+ * is stored as shards of w = 2 or 1 bits (a 3-bit plane: a 2-bit shard, then a 1-bit one holding
+ * bit 2).  Shard byte j holds, for chunk i < 4/w, the w low bits of both nibbles of nibble-pair byte
+ * i*ch + j at bit w*i (ch = the shard's bytes).  16 nibble-pair bytes at m: shift the shard bytes
+ * at m - i*ch right by w*i, mask the w bits of each nibble, put the second shard at bit w0. */
+static inline __m128i shard16(const uint8_t *s, int64_t w, int64_t ch, int64_t m) {
+    const int64_t i = m / ch;
+    const __m128i mask = _mm_set1_epi8(w == 1 ? 0x11 : w == 2 ? 0x33 : (char)0xFF);
+    return _mm_and_si128(_mm_srl_epi16(_mm_loadu_si128((const __m128i *)(s + m - i * ch)),
+                                       _mm_cvtsi32_si128((int)(w * i))), mask);
+}
+
+/* s0 (and s1, or NULL): the plane's shards of widths w0 (w1), ch0 (ch1) bytes each; a 4-bit plane
+ * is one shard of width 4, the stored bytes themselves (read in place: the fast path). */
+void fxq_int4t_gemv(const float *x, int64_t M, int64_t K, const uint8_t *s0, int64_t w0, int64_t ch0,
+                    const uint8_t *s1, int64_t w1, int64_t ch1, int64_t N, int64_t BN,
                     int64_t gs, const uint16_t *scale, const uint16_t *zero, int64_t sz_row,
                     int64_t sz_grp, float mid, float *y, int64_t ldy, int nthreads) {
+    const uint8_t *w = s0;
+    const int fast4 = (w0 == 4 && s1 == NULL);
     const int64_t G = K / gs, T = (N + BN - 1) / BN, CH = BN / 32, half = BN / 2;
     float *xs = (float *)malloc(sizeof(float) * (size_t)(M * G > 0 ? M * G : 1));
     for (int64_t m = 0; m < M; m++)
@@ -183,14 +210,49 @@ void fxq_int4t_gemv(const float *x, int64_t M, int64_t K, const uint8_t *w, int6
                     const uint8_t *p = base + j * gs * half;
                     const float *xj = xm + j * gs;
                     int64_t k = 0;
-                    for (; k + 2 <= gs; k += 2) {
-                        __m256 xk = _mm256_broadcast_ss(xj + k), xk2 = _mm256_broadcast_ss(xj + k + 1);
-                        INT4T_STEP(p + k * half, xk, a0, a1, a2, a3);
-                        INT4T_STEP(p + (k + 1) * half, xk2, b0, b1, b2, b3);
-                    }
-                    if (k < gs) {
-                        __m256 xk = _mm256_broadcast_ss(xj + k);
-                        INT4T_STEP(p + k * half, xk, a0, a1, a2, a3);
+                    if (fast4) {
+                        for (; k + 2 <= gs; k += 2) {
+                            __m256 xk = _mm256_broadcast_ss(xj + k), xk2 = _mm256_broadcast_ss(xj + k + 1);
+                            INT4T_STEP(p + k * half, xk, a0, a1, a2, a3);
+                            INT4T_STEP(p + (k + 1) * half, xk2, b0, b1, b2, b3);
+                        }
+                        if (k < gs) {
+                            __m256 xk = _mm256_broadcast_ss(xj + k);
+                            INT4T_STEP(p + k * half, xk, a0, a1, a2, a3);
+                        }
+                    } else {
+                        const int64_t mb = p - w, me = mb + (gs - 1) * half; /* nibble-pair bytes of k = 0, gs-1 */
+                        const int64_t i0 = mb / ch0, i1 = s1 ? mb / ch1 : 0;
+                        const __m128i sh1 = _mm_cvtsi32_si128((int)w0);
+                        if (me / ch0 == i0 && (!s1 || me / ch1 == i1)) { /* one chunk per shard: no division per k */
+                            const uint8_t *q0 = s0 + mb - i0 * ch0, *q1 = s1 ? s1 + mb - i1 * ch1 : NULL;
+                            const __m128i c0 = _mm_cvtsi32_si128((int)(w0 * i0)), c1 = _mm_cvtsi32_si128((int)(w1 * i1));
+                            const __m128i mk0 = _mm_set1_epi8(w0 == 1 ? 0x11 : 0x33), mk1 = _mm_set1_epi8(w1 == 1 ? 0x11 : 0x33);
+#define NP16(K)                                                                                    \
+    (q1 ? _mm_or_si128(_mm_and_si128(_mm_srl_epi16(_mm_loadu_si128((const __m128i *)(q0 + (K) * half)), c0), mk0),  \
+                       _mm_sll_epi16(_mm_and_si128(_mm_srl_epi16(_mm_loadu_si128((const __m128i *)(q1 + (K) * half)), c1), mk1), sh1)) \
+        : _mm_and_si128(_mm_srl_epi16(_mm_loadu_si128((const __m128i *)(q0 + (K) * half)), c0), mk0))
+                            for (; k + 2 <= gs; k += 2) {
+                                __m256 xk = _mm256_broadcast_ss(xj + k), xk2 = _mm256_broadcast_ss(xj + k + 1);
+                                __m128i v = NP16(k), v2 = NP16(k + 1);
+                                INT4R_STEP(v, xk, a0, a1, a2, a3);
+                                INT4R_STEP(v2, xk2, b0, b1, b2, b3);
+                            }
+                            if (k < gs) {
+                                __m256 xk = _mm256_broadcast_ss(xj + k);
+                                __m128i v = NP16(k);
+                                INT4R_STEP(v, xk, a0, a1, a2, a3);
+                            }
+#undef NP16
+                        } else { /* the group crosses a chunk boundary (at most a few per weight) */
+                            for (; k < gs; k++) {
+                                const int64_t mk = mb + k * half;
+                                __m128i v = shard16(s0, w0, ch0, mk);
+                                if (s1) v = _mm_or_si128(v, _mm_sll_epi16(shard16(s1, w1, ch1, mk), sh1));
+                                __m256 xk = _mm256_broadcast_ss(xj + k);
+                                INT4R_STEP(v, xk, a0, a1, a2, a3);
+                            }
+                        }
                     }
                     __m256 s0, s1, s2, s3, z0, z1, z2, z3;
                     load_sz8(scale, zero, sz_row, sz_grp, j, rlo, N, mid, &s0, &z0);

@@ -28,14 +28,16 @@ from pathlib import Path
 
 import torch
 
+from ..formats.intx import SHARDS
+
 SOURCE = Path(__file__).with_name("native_cpu.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 
 _c_i64, _c_int, _c_float, _c_ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
 _SIGNATURES = {
     "fxq_int8_gemv": (_c_ptr, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_ptr, _c_i64, _c_int),
-    "fxq_int4t_gemv": (_c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_i64,
-                       _c_i64, _c_float, _c_ptr, _c_i64, _c_int),
+    "fxq_int4t_gemv": (_c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_i64, _c_i64,
+                       _c_i64, _c_ptr, _c_ptr, _c_i64, _c_i64, _c_float, _c_ptr, _c_i64, _c_int),
     "fxq_lut4_gemv": (_c_ptr, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_int,
                       _c_ptr, _c_ptr, _c_ptr, _c_float, _c_i64, _c_ptr, _c_i64, _c_int),
     "fxq_onebit_gemv": (_c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_int),
@@ -151,20 +153,37 @@ def int8_gemv(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> t
 
 def int4_tiled_gemv(x2: torch.Tensor, qweight: torch.Tensor, *, block_n: int, group_size: int,
                     scale: torch.Tensor, zero: torch.Tensor | None, out_features: int,
-                    mid: float = 8.0) -> torch.Tensor | None:
-    """4-bit codes in int4pack's tile layout (``qweight`` uint8 ``[Np, K/2]``), ``W = (q - mid) * s + z``
-    per group of ``group_size`` columns.  ``scale`` / ``zero`` are bf16 views indexed ``[group, row]``
-    (any strides: int4wo passes ``scales_and_zeros[..., 0]`` and ``[..., 1]``)."""
+                    mid: float = 8.0, plane_bits: int = 4) -> torch.Tensor | None:
+    """b-bit codes in int4pack's tile order, ``W = (q - mid) * s + z`` per group of ``group_size``
+    columns.  ``plane_bits`` 4: ``qweight`` uint8 ``[Np, K/2]``, the tiled nibble-pair bytes, read in
+    place.  1..3: ``qweight`` is the flat plane of :mod:`fxquant.formats.intx` (its shards of 2 and/or
+    1 bits, ``Np * K * plane_bits / 8`` bytes) and ``x2.shape[1]`` gives K.  ``scale`` / ``zero`` are
+    bf16 views indexed ``[group, row]`` with the same strides (int4wo passes ``scales_and_zeros[..., 0]``
+    and ``[..., 1]``)."""
     lib = _lib()
-    k = qweight.shape[1] * 2
-    if (lib is None or block_n % 32 or k % group_size or scale.dtype != torch.bfloat16
+    k = x2.shape[1]
+    if (lib is None or block_n % 32 or k % group_size or k % 2 or scale.dtype != torch.bfloat16
             or (zero is not None and (zero.dtype != torch.bfloat16 or zero.stride() != scale.stride()))):
         return None
-    x, w = _fp32_rows(x2), qweight.contiguous()
+    w = qweight.contiguous()
+    if plane_bits == 4:
+        if w.numel() * 2 % k:
+            return None
+        shards = [(w, 4, w.numel())]
+    else:
+        length = w.numel() * 8 // plane_bits  # codes in the plane = Np * K
+        shards, start = [], 0
+        for sw in SHARDS[plane_bits]:
+            nbytes = length * sw // 8
+            shards.append((w[start:start + nbytes], sw, nbytes))
+            start += nbytes
+    (p0, w0, c0), (p1, w1, c1) = shards[0], (shards[1] if len(shards) > 1 else (None, 0, 1))
+    x = _fp32_rows(x2)
     y = _out(x.shape[0], out_features)
     sg, sr = scale.stride()
-    lib.fxq_int4t_gemv(_ptr(x), x.shape[0], k, _ptr(w), out_features, block_n, group_size, _ptr(scale),
-                       _ptr(zero), sr, sg, float(mid), _ptr(y), out_features, torch.get_num_threads())
+    lib.fxq_int4t_gemv(_ptr(x), x.shape[0], k, _ptr(p0), w0, c0, _ptr(p1), w1, c1, out_features, block_n,
+                       group_size, _ptr(scale), _ptr(zero), sr, sg, float(mid), _ptr(y), out_features,
+                       torch.get_num_threads())
     return y
 
 

@@ -6,8 +6,8 @@ and the grouping of ``axis`` 0 / 1 in :mod:`fxquant.formats.intx`.
 
 CPU (``compute_dtype`` None or bf16; otherwise the reference in that dtype):
 
-- native GEMV (:func:`native_linear`): axis 1, b = 4 or 8, ``M <= NATIVE_MAX_ROWS``: the stored
-  4-bit planes read in place by :func:`fxquant.kernels.native_cpu.int4_tiled_gemv` (any group size,
+- native GEMV (:func:`native_linear`): axis 1, any b, ``M <= NATIVE_MAX_ROWS``: the stored planes
+  and shards read in place by :func:`fxquant.kernels.native_cpu.int4_tiled_gemv` (any group size,
   any tile height that is a multiple of 32), fp32 activations and accumulation.
 - int4 kernel: ``aten._weight_int4pack_mm_for_cpu`` on bf16 activations, once per 4-bit plane, for
   axis 1, ``group_size`` in {32, 64, 128, 256}, weights packed with this CPU's tile height and
@@ -102,18 +102,17 @@ def int4_kernel_linear(x2: torch.Tensor, codes_lo: torch.Tensor, codes_hi: torch
 def native_linear(x2: torch.Tensor, codes_lo: torch.Tensor, codes_hi: torch.Tensor, scale: torch.Tensor,
                   offset: torch.Tensor, bits: int, group_size: int, block_n: int,
                   out_features: int) -> torch.Tensor | None:
-    """``x2`` ``[M, K]`` -> fp32 ``[M, out_features]`` with the native 4-bit GEMV (axis 1, b = 4 or 8),
-    or None when it does not apply.  b = 8 is two passes, ``q = lo + 16 hi``:
-    ``(q - 128) s + offset = [(lo - 128) s + offset] + 16 [hi s]``."""
-    if bits not in (4, 8):
-        return None
-    rows, k = int4.padded_rows(out_features), x2.shape[1]
+    """``x2`` ``[M, K]`` -> fp32 ``[M, out_features]`` with the native GEMV (axis 1), or None when it
+    does not apply.  The low plane (``min(b, 4)`` bits) is read in place, shards and all; b > 4 adds
+    a pass over the high plane, ``q = lo + 16 hi``:
+    ``(q - mid) s + offset = [(lo - mid) s + offset] + 16 [hi s]``."""
+    lo_bits, hi_bits = fmt.plane_bits(bits)
     kw = dict(block_n=block_n, group_size=group_size, scale=scale, out_features=out_features)
-    y = native_cpu.int4_tiled_gemv(x2, codes_lo.view(rows, k // 2), zero=offset if offset.numel() else None,
-                                   mid=2.0 ** (bits - 1), **kw)
-    if y is None or bits == 4:
+    y = native_cpu.int4_tiled_gemv(x2, codes_lo, zero=offset if offset.numel() else None,
+                                   mid=2.0 ** (bits - 1), plane_bits=lo_bits, **kw)
+    if y is None or not hi_bits:
         return y
-    hi = native_cpu.int4_tiled_gemv(x2, codes_hi.view(rows, k // 2), zero=None, mid=0.0, **kw)
+    hi = native_cpu.int4_tiled_gemv(x2, codes_hi, zero=None, mid=0.0, plane_bits=hi_bits, **kw)
     return None if hi is None else y.add_(hi, alpha=16)
 
 
