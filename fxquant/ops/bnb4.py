@@ -88,9 +88,10 @@ def _chunked_linear(x2: torch.Tensor, codes: torch.Tensor, code_table: torch.Ten
     return yt.t()
 
 
-#: Largest M for the native GEMV.  Measured (11008x4096, nf4 bs64, 2 threads, AVX2, ms, native /
-#: chunked decode + GEMM): see tools/bench.py; M=1 3.3 / 40, M=5 22 / 60.
-NATIVE_MAX_ROWS = 8
+#: Largest M for the native GEMV.  Measured (11008x4096, nf4 bs64, 2 threads, AVX2, ms, through the
+#: op, native / chunked decode + GEMM): M=1 3.8 / 68, M=8 25 / 105, M=16 50 / 72, M=32 100 / 104,
+#: M=64 197 / 136.
+NATIVE_MAX_ROWS = 16
 
 
 def _native(x2, codes, code_table, blocksize, out_features, in_features, scale, dq=None):

@@ -19,8 +19,9 @@ from ._linear import LinearOpDef, define
 
 #: Largest M for the native GEMV (:func:`fxquant.kernels.native_cpu.int4_tiled_gemv`, any tile
 #: height that is a multiple of 32); above it ``_weight_int4pack_mm_for_cpu``.  Measured (11008x4096,
-#: g128, 2 threads, AVX2, ms, native / int4pack): M=1 1.6 / 3.5, M=3 3.4 / 3.6, M=8 9.9 / 13.8.
-NATIVE_MAX_ROWS = 8
+#: g128, 2 threads, AVX2, ms, through the op, native / int4pack): M=1 2.7 / 4.0, M=4 7.0 / 7.1,
+#: M=8 12.6 / 14.0, M=16 23 / 27.
+NATIVE_MAX_ROWS = 16
 
 
 def dequantize_weight(qweight: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,

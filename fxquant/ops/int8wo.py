@@ -15,7 +15,8 @@ from ._linear import LinearOpDef, define
 
 #: Largest M for the native GEMV (:func:`fxquant.kernels.native_cpu.int8_gemv`); above it
 #: ``_weight_int8pack_mm``.  Measured (11008x4096, 2 threads, AVX2, ms, native / int8pack):
-#: M=1 1.89 / 2.81, M=2 2.75 / 2.98, M=4 5.68 / 4.40.
+#: M=1 1.89 / 2.81, M=2 2.75 / 2.98, M=4 5.68 / 4.40; through the op (native library on / off):
+#: M=1 2.5 / 3.8, M=2 3.8 / 4.3, M=4 7.9 / 7.1.
 NATIVE_MAX_ROWS = 2
 
 
