@@ -383,6 +383,78 @@ void fxq_lut4_gemv(const float *xh, const float *xl, int64_t M, int64_t C, const
 }
 
 /* ---------------------------------------------------------------------------------------------
+ * fpX with X = 3 or 4 (fxquant/formats/fpx.py): row n's bytes at codes + n*row_bytes hold the
+ * code's bit planes, widest (highest bits) first: X = 4 one 4-bit plane (Kp/2 bytes), X = 3 a 2-bit
+ * plane (Kp/4 bytes) then a 1-bit plane (Kp/8 bytes).  In a plane of width p with cols bytes, byte
+ * j holds at bit i*p the plane's bits of code i*cols + j.  Every value of these formats is a small
+ * integer times a power of two, so the caller passes the table as int8 (value * 2^f, exact) and
+ * factor = 2^-f: one vpshufb decodes 32 codes, which are widened and converted like int8 codes.
+ * Codes are walked in runs of the narrowest plane's segment (all planes' shifts fixed in a run),
+ * 32 codes at a time against 32 contiguous x; a run's remainder one code at a time.
+ * W[n, k] = table[code] * factor * scale[n] (scale bf16).
+ */
+void fxq_fpx_gemv(const float *x, int64_t M, int64_t Kp, const uint8_t *codes, int64_t row_bytes,
+                  int64_t N, int bits, const int8_t *table, const uint16_t *scale, float factor,
+                  float *y, int64_t ldy, int nthreads) {
+    int np, pw[2], psh[2];
+    int64_t pcols[2], poff[2];
+    if (bits == 4) {
+        np = 1; pw[0] = 4; psh[0] = 0; pcols[0] = Kp / 2; poff[0] = 0;
+    } else {
+        np = 2; pw[0] = 2; psh[0] = 1; pcols[0] = Kp / 4; poff[0] = 0;
+        pw[1] = 1; psh[1] = 0; pcols[1] = Kp / 8; poff[1] = Kp / 4;
+    }
+    const int64_t seg = pcols[np - 1], nseg = Kp / seg; /* nseg <= 8 */
+    int64_t soff[8][2];
+    int ssh[8][2];
+    for (int64_t sg = 0; sg < nseg; sg++)
+        for (int p = 0; p < np; p++) {
+            const int64_t c0 = sg * seg, ip = c0 / pcols[p];
+            soff[sg][p] = poff[p] + (c0 - ip * pcols[p]);
+            ssh[sg][p] = (int)(ip * pw[p]);
+        }
+    const __m256i tv = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)table));
+    const __m256i mk0 = _mm256_set1_epi8((char)((1 << pw[0]) - 1)), mk1 = _mm256_set1_epi8(1);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *row = codes + n * row_bytes;
+        for (int64_t m = 0; m < M; m++) {
+            const float *xm = x + m * Kp;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            float tail = 0.f;
+            for (int64_t sg = 0; sg < nseg; sg++) {
+                const int64_t c0 = sg * seg;
+                const uint8_t *pb[2] = {row + soff[sg][0], row + soff[sg][np - 1]};
+                const int sh[2] = {ssh[sg][0], ssh[sg][np - 1]};
+                const __m128i sh0 = _mm_cvtsi32_si128(sh[0]), sh1 = _mm_cvtsi32_si128(sh[1]);
+                int64_t j = 0;
+                for (; j + 32 <= seg; j += 32) {
+                    __m256i idx = _mm256_and_si256(_mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)(pb[0] + j)), sh0), mk0);
+                    if (np == 2) {
+                        __m256i lo = _mm256_and_si256(_mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)(pb[1] + j)), sh1), mk1);
+                        idx = _mm256_or_si256(_mm256_add_epi8(idx, idx), lo);
+                    }
+                    __m256i v = _mm256_shuffle_epi8(tv, idx);
+                    __m128i vl = _mm256_castsi256_si128(v), vh = _mm256_extracti128_si256(v, 1);
+                    const float *xj = xm + c0 + j;
+                    a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(vl)), _mm256_loadu_ps(xj), a0);
+                    a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(vl, 8))), _mm256_loadu_ps(xj + 8), a1);
+                    a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(vh)), _mm256_loadu_ps(xj + 16), a2);
+                    a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(vh, 8))), _mm256_loadu_ps(xj + 24), a3);
+                }
+                for (; j < seg; j++) {
+                    int code = 0;
+                    for (int p = 0; p < np; p++) code |= ((pb[p][j] >> sh[p]) & ((1 << pw[p]) - 1)) << psh[p];
+                    tail += (float)table[code] * xm[c0 + j];
+                }
+            }
+            const float acc = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3))) + tail;
+            y[m * ldy + n] = acc * factor * bf16_to_f32(scale[n]);
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
  * OneBit: bits uint8 [N, CB], bit j of byte c is the sign of element 8c + j (1 = +1, 0 = -1);
  * xb fp32 [M, 8*CB] = x * b, zero-padded.  sum_k S x'_k = 2 * (sum over set bits of x'_k) - sum x'.
  * Four bytes (32 elements) per step: the word broadcast to 8 lanes, lane j of byte c tests bit 8c+j.

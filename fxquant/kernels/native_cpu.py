@@ -40,6 +40,8 @@ _SIGNATURES = {
                        _c_i64, _c_ptr, _c_ptr, _c_i64, _c_i64, _c_float, _c_ptr, _c_i64, _c_int),
     "fxq_lut4_gemv": (_c_ptr, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_int,
                       _c_ptr, _c_ptr, _c_ptr, _c_float, _c_i64, _c_ptr, _c_i64, _c_int),
+    "fxq_fpx_gemv": (_c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_int, _c_ptr, _c_ptr, _c_float, _c_ptr,
+                     _c_i64, _c_int),
     "fxq_onebit_gemv": (_c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_int),
 }
 
@@ -230,4 +232,40 @@ def onebit_gemv(xb: torch.Tensor, sign_bits: torch.Tensor, a: torch.Tensor) -> t
     bits, av = sign_bits.contiguous(), a.contiguous()
     y = _out(x.shape[0], n)
     lib.fxq_onebit_gemv(_ptr(x), x.shape[0], cb, _ptr(bits), n, _ptr(av), _ptr(y), n, torch.get_num_threads())
+    return y
+
+
+def integer_table(table: torch.Tensor) -> tuple[torch.Tensor, float] | None:
+    """A table of at most 16 values -> (int8 ``[16]`` = table * 2^f, 2^-f) when every value is a
+    small integer times one power of two (exact), else None."""
+    for f in range(0, 24):
+        scaled = table.double() * 2.0**f
+        if torch.equal(scaled, scaled.round()):
+            if scaled.abs().max() > 127:
+                return None
+            out = torch.zeros(16, dtype=torch.int8)
+            out[: table.numel()] = scaled.to(torch.int8)
+            return out, 2.0**-f
+    return None
+
+
+def fpx_gemv(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, table: torch.Tensor,
+             bits: int) -> torch.Tensor | None:
+    """fpX, X = 3 or 4 (:mod:`fxquant.formats.fpx` planes, ``qweight`` uint8 ``[N, Kp * X / 8]``),
+    ``table`` the format's fp32 decode table, ``scale`` bf16 ``[N]`` -> fp32 ``[M, N]``."""
+    lib = _lib()
+    if lib is None or bits not in (3, 4) or scale.dtype != torch.bfloat16:
+        return None
+    exact = integer_table(table)
+    if exact is None:
+        return None
+    n, row_bytes = qweight.shape
+    kp = row_bytes * 8 // bits
+    x = _fp32_rows(x2)
+    if x.shape[1] != kp:
+        x = torch.nn.functional.pad(x, (0, kp - x.shape[1]))
+    w, s = qweight.contiguous(), scale.contiguous()
+    y = _out(x.shape[0], n)
+    lib.fxq_fpx_gemv(_ptr(x), x.shape[0], kp, _ptr(w), row_bytes, n, bits, _ptr(exact[0]), _ptr(s),
+                     exact[1], _ptr(y), n, torch.get_num_threads())
     return y

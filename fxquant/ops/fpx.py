@@ -5,8 +5,8 @@ scales in :mod:`fxquant.formats.fpx`.  CPU: no PyTorch kernel reads these codes,
 the op unpacks and decodes the weight a block of rows at a time (byte ops, then exact float16 bit
 moves for ``A <= 4`` or the ``2^X``-entry table) and multiplies each block while it is in cache
 (:func:`._dequant_gemm.blocked_linear`); fp6_e3m2, 11008x4096, 2 threads, M=256: 228 ms vs
-654 ms for the reference.  4-bit formats at M <= ``NATIVE_MAX_ROWS``: the native GEMV
-(:func:`fxquant.kernels.native_cpu.lut4_gemv`) reads the codes in place.  CUDA: Triton kernel in :mod:`fxquant.kernels.fpx`.
+654 ms for the reference.  3- and 4-bit formats at M <= ``NATIVE_MAX_ROWS``: the native GEMV
+(:func:`fxquant.kernels.native_cpu.fpx_gemv`) reads the planes in place.  CUDA: Triton kernel in :mod:`fxquant.kernels.fpx`.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from ..kernels import native_cpu
 from . import _cpu
 from ._dequant_gemm import block_rows, blocked_linear
 
-#: Largest M for the native GEMV of 4-bit formats (:func:`fxquant.kernels.native_cpu.lut4_gemv`).
+#: Largest M for the native GEMV of 3- and 4-bit formats (:func:`fxquant.kernels.native_cpu.fpx_gemv`).
 #: Measured (fp4_e2m1, 11008x4096, 2 threads, ms, native / blocked decode + GEMM): M=1 4.6 / 23,
 #: M=8 19 / 66, M=16 44 / 78, M=32 80 / 68.
 NATIVE_MAX_ROWS = 16
@@ -30,15 +30,26 @@ def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, ebits: int, mb
     return fmt.from_storage(qweight, scale, ebits, mbits, in_features)
 
 
+def _native(x2, qweight, scale, ebits, mbits, in_features, bits):
+    """3- and 4-bit codes read in place by a native GEMV (fp32), or None.  4 bits: one plane of
+    nibbles through the exact 16-entry table lookup (:func:`native_cpu.lut4_gemv`: the low nibble
+    of byte ``j`` is code ``j``, the high one code ``Kp/2 + j``), measured 10% faster here than the
+    integer-table kernel; 3 bits: :func:`native_cpu.fpx_gemv` on the 2-bit and 1-bit planes."""
+    table = fmt.decode_table(ebits, mbits)
+    if bits == 3:
+        return native_cpu.fpx_gemv(x2, qweight, scale, table, bits)
+    cols = fmt.packed_cols(in_features, bits)
+    xp = torch.nn.functional.pad(x2, (0, 2 * cols - in_features))
+    return native_cpu.lut4_gemv(xp[:, cols:], xp[:, :cols], qweight, rows=qweight.shape[0], row_bytes=cols,
+                                table=table, block_bytes=cols, scale=scale)
+
+
 def _cpu_fast(x2, qweight, scale, ebits, mbits, in_features):
     """Blocked unpack + decode + GEMM.  Decode: exact float16 bit moves for ``ebits <= 4``, else the
     table gather; the float16 path's power-of-two factor joins the per-row scale."""
     dt, bits, n = _cpu.dense_dtype(), 1 + ebits + mbits, qweight.shape[0]
-    if bits == 4 and x2.shape[0] <= NATIVE_MAX_ROWS:
-        cols = fmt.packed_cols(in_features, bits)
-        xp = torch.nn.functional.pad(x2, (0, 2 * cols - in_features))
-        y = native_cpu.lut4_gemv(xp[:, cols:], xp[:, :cols], qweight, rows=n, row_bytes=cols,
-                                 table=fmt.decode_table(ebits, mbits), block_bytes=cols, scale=scale)
+    if bits <= 4 and x2.shape[0] <= NATIVE_MAX_ROWS:
+        y = _native(x2, qweight, scale, ebits, mbits, in_features, bits)
         if y is not None:
             return y
     rows = min(n, block_rows(in_features, dt))
