@@ -3,7 +3,8 @@
  * Every kernel reads the format's *stored* bytes as they are (no repacking, no decoded copy of the
  * weight) and accumulates in fp32: x is fp32 [M, K] row-major, y is fp32 [M, ldy].  The math of
  * each layout is documented once, in fxquant/formats/<format>.py; the comments here only say how
- * the bytes are walked.  Threads: OpenMP over output rows (or tiles of rows), static schedule.
+ * the bytes are walked.  Threads: OpenMP over output rows (or tiles of rows), guided schedule (a thread that wakes up
+ * late takes less work: measured a few % lower medians than static here).
  * Compiled without AVX2/FMA (another CPU), fxq_simd() returns 0 and the Python side never calls
  * the kernels: the ops keep their ATen paths.
  */
@@ -60,7 +61,7 @@ static float dot_i8(const int8_t *w, const float *x, int64_t K) {
 void fxq_int8_gemv(const float *x, int64_t M, int64_t K, const int8_t *w, const uint16_t *scale,
                    int64_t N, float *y, int64_t ldy, int nthreads) {
     int64_t nb = (N + 3) / 4;
-#pragma omp parallel for schedule(static) num_threads(nthreads)
+#pragma omp parallel for schedule(guided) num_threads(nthreads)
     for (int64_t blk = 0; blk < nb; blk++) {
         int64_t r0 = blk * 4;
         for (int64_t m = 0; m < M; m++) {
@@ -196,7 +197,7 @@ void fxq_int4t_gemv(const float *x, int64_t M, int64_t K, const uint8_t *s0, int
             xs[m * G + j] = s;
         }
     const __m256i m0f = _mm256_set1_epi32(0x0F);
-#pragma omp parallel for collapse(2) schedule(static) num_threads(nthreads)
+#pragma omp parallel for collapse(2) schedule(guided) num_threads(nthreads)
     for (int64_t t = 0; t < T; t++) {
         for (int64_t c = 0; c < CH; c++) {
             const uint8_t *base = w + t * K * half + c * 16;
@@ -329,7 +330,7 @@ void fxq_lut4_gemv(const float *xh, const float *xl, int64_t M, int64_t C, const
 #pragma omp parallel num_threads(nthreads)
     {
         float *sbuf = (float *)malloc(sizeof(float) * (size_t)nblk);
-#pragma omp for schedule(static)
+#pragma omp for schedule(guided)
         for (int64_t n = 0; n < N; n++) {
             const uint8_t *row = codes + n * row_stride;
             /* this row's block scales, once for all m (no division in the block loop) */
@@ -415,7 +416,7 @@ void fxq_fpx_gemv(const float *x, int64_t M, int64_t Kp, const uint8_t *codes, i
         }
     const __m256i tv = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)table));
     const __m256i mk0 = _mm256_set1_epi8((char)((1 << pw[0]) - 1)), mk1 = _mm256_set1_epi8(1);
-#pragma omp parallel for schedule(static) num_threads(nthreads)
+#pragma omp parallel for schedule(guided) num_threads(nthreads)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *row = codes + n * row_bytes;
         for (int64_t m = 0; m < M; m++) {
@@ -471,7 +472,7 @@ void fxq_onebit_gemv(const float *xb, int64_t M, int64_t CB, const uint8_t *bits
     for (int c = 0; c < 4; c++)
         masks[c] = _mm256_setr_epi32(1 << (8 * c), 2 << (8 * c), 4 << (8 * c), 8 << (8 * c),
                                      16 << (8 * c), 32 << (8 * c), 64 << (8 * c), (int)(128u << (8 * c)));
-#pragma omp parallel for schedule(static) num_threads(nthreads)
+#pragma omp parallel for schedule(guided) num_threads(nthreads)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *row = bits + n * CB;
         for (int64_t m = 0; m < M; m++) {
