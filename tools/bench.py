@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: to
 import fxquant.ops  # noqa: E402,F401  (registers torch.ops.fxquant.*)
 from fxquant.formats import int4 as int4_fmt  # noqa: E402
 from fxquant.ops import _cpu, int4wo, int8wo  # noqa: E402
+from fxquant.kernels import native_cpu  # noqa: E402
 from tools import bench_cases  # noqa: E402
 from tools.bench_cases._common import Unavailable  # noqa: E402
 
@@ -282,7 +283,9 @@ def _header(args: argparse.Namespace, load_before: float) -> list[str]:
         f"fxquant CPU policy: dense dtype {str(_cpu.dense_dtype()).removeprefix('torch.')}, packed kernels "
         f"below M={_cpu.large_m_threshold()} (int8wo {min(_cpu.large_m_threshold(), int8wo.OP.packed_max_rows)}, "
         f"int4wo {min(_cpu.large_m_threshold(), int4wo.OP.packed_max_rows)}), "
-        f"int4 native block_n {int4_fmt.native_cpu_block_n()}",
+        f"int4 native block_n {int4_fmt.native_cpu_block_n()}; fxquant native CPU GEMV kernels: "
+        f"{native_cpu.status()} (small M: int8wo ≤ {int8wo.NATIVE_MAX_ROWS}, int4wo ≤ {int4wo.NATIVE_MAX_ROWS} rows, "
+        "per-op limits in fxquant/ops/*.py)",
         f"timing: {'cold (cache flushed)' if args.cold else 'hot (same weight, untimed call first)'}, "
         f"interleaved, ≤{args.reps} reps / ≤{args.budget:g} s per case; "
         f"ratio = baseline {args.ratio_stat} / case {args.ratio_stat}",

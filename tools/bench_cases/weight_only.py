@@ -3,9 +3,9 @@
 Same interface as :mod:`tools.bench_cases.float8` (``CASES``, ``TARGETS``), e.g.
 ``python tools/bench.py --shapes 11008x4096 --formats int8wo int4wo-128``.
 
-Rows: the ops (``torch.ops.fxquant.linear_int8wo`` / ``linear_int4wo``: native packed kernels on
-bf16 activations below each op's ``packed_max_rows`` (64 / 96 rows on fp32-GEMM CPUs), blocked
-dequantize + dense GEMM above), their
+Rows: the ops (``torch.ops.fxquant.linear_int8wo`` / ``linear_int4wo``: fxquant's native GEMV up
+to ``NATIVE_MAX_ROWS`` rows, then the ATen packed kernels on bf16 activations below each op's
+``packed_max_rows`` (64 / 96 rows on fp32-GEMM CPUs), blocked dequantize + dense GEMM above), their
 references, and the peers that have the format: torchao ``Int8WeightOnlyConfig`` (eager and
 ``torch.compile``), ``Int4WeightOnlyConfig`` (CPU layout) and ``IntxWeightOnlyConfig`` int4,
 optimum-quanto ``qint8`` / ``qint4`` (group 128), bitsandbytes ``Linear8bitLt`` (threshold 0: pure
