@@ -1,0 +1,224 @@
+"""fxquant's native CPU GEMV kernels (``fxquant/kernels/native_cpu.c``), through the ops that use
+them at small M, against each op's plain-torch reference (the oracle); which M takes them; and
+what happens when they cannot be built or are turned off."""
+import os
+import subprocess
+import sys
+import textwrap
+from contextlib import contextmanager
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from helpers import assert_linear_close
+from fxquant.formats import int4
+from fxquant.kernels import native_cpu
+from fxquant.ops import bnb4, fpx, int4wo, int8wo, intx, onebit
+from fxquant.schemes import parse_scheme
+
+needs_native = pytest.mark.skipif(not native_cpu.available(), reason=f"native kernels: {native_cpu.status()}")
+
+#: op name -> (its reference, the module whose NATIVE_MAX_ROWS applies, the native wrapper it calls)
+OPS = {
+    "linear_int8wo": (int8wo.reference, int8wo, "int8_gemv"),
+    "linear_int4wo": (int4wo.reference, int4wo, "int4_tiled_gemv"),
+    "linear_intx": (intx.reference, intx, "int4_tiled_gemv"),
+    "linear_bnb4": (bnb4.reference, bnb4, "lut4_gemv"),
+    "linear_bnb4_dq": (bnb4.reference_dq, bnb4, "lut4_gemv"),
+    "linear_fpx": (fpx.reference, fpx, "lut4_gemv"),  # 3-bit codes: fpx_gemv (see wrapper_of)
+    "linear_onebit": (onebit.reference, onebit, "onebit_gemv"),
+}
+#: scheme -> what K must be a multiple of (group / block edges are where kernels have tails)
+SCHEMES = {
+    "int8wo": 1, "int4wo-32": 32, "int4wo-128": 128, "uint4wo-16": 16, "int4wo-48-axis1": 48,
+    "uint1wo-8": 8, "uint2wo-16": 16, "uint3wo-32": 32, "int3wo-16": 16, "uint5wo-32": 32,
+    "uint8wo-16": 16, "nf4": 64, "nf4-32+dq": 32, "fp4-128": 128, "fp4-64+dq": 64,
+    "fp4_e2m1": 1, "fp4_e1m2": 1, "fp4_e3m0": 1, "fp3_e1m1": 1, "fp3_e2m0": 1, "onebit": 1,
+}
+#: fp32 activations: the kernels compute in fp32, so the only difference from the reference is the
+#: order of an fp32 sum (and int4/intx's per-group s·Σqx + (z - mid·s)·Σx): a dot-product rounding
+#: bound far below any bf16 path's
+FP32_TOL, BF16_TOL = 2e-6, 2**-7
+
+
+def wrapper_of(qw) -> str:
+    if qw.op == "linear_fpx" and 1 + qw.attrs["ebits"] + qw.attrs["mbits"] == 3:
+        return "fpx_gemv"
+    return OPS[qw.op][2]
+
+
+@contextmanager
+def spy(name: str):
+    """Count calls of ``native_cpu.<name>`` (the ops look it up on the module at call time)."""
+    real, calls = getattr(native_cpu, name), []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    setattr(native_cpu, name, counted)
+    try:
+        yield calls
+    finally:
+        setattr(native_cpu, name, real)
+
+
+def quantized(scheme: str, n: int, k: int, seed: int):
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.1 + 0.02
+    qw = parse_scheme(scheme).quantize(w)
+    return qw, getattr(torch.ops.fxquant, qw.op)
+
+
+def check(scheme: str, n: int, k: int, m: int, dtype: torch.dtype, with_bias: bool, seed: int = 0) -> None:
+    qw, op = quantized(scheme, n, k, seed)
+    reference, module, _ = OPS[qw.op]
+    wrapper = wrapper_of(qw)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = (torch.randn(m, k, generator=gen) + 0.3).to(dtype)  # non-zero group sums: zero points matter
+    bias = torch.randn(n, generator=gen).to(dtype) if with_bias else None
+    args = tuple(qw.tensors.values())
+    with spy(wrapper) as calls:
+        y = op(x, *args, bias, **qw.attrs)
+    assert calls, f"{scheme} M={m}: the native kernel was not called"
+    r = reference(x, *args, bias, **qw.attrs)
+    w = module.OP_DQ.dequantized(qw.tensors, {**qw.attrs, "compute_dtype": None}) if qw.op.endswith("_dq") \
+        else module.OP.dequantized(qw.tensors, {**qw.attrs, "compute_dtype": None})
+    assert y.shape == r.shape == (m, n) and y.dtype == dtype
+    assert_linear_close(y, r, x, w, FP32_TOL if dtype == torch.float32 else BF16_TOL, bias)
+
+
+@needs_native
+@pytest.mark.parametrize("scheme", sorted(SCHEMES))
+@settings(max_examples=12, deadline=None)
+@given(data=st.data())
+def test_op_matches_reference(scheme, data):
+    """Every format with a native kernel, over M up to its limit, odd N, K at block edges, fp32/bf16."""
+    mult = SCHEMES[scheme]
+    _, module, _ = OPS[parse_scheme(scheme).quantize(torch.randn(2, mult * 64)).op]
+    m = data.draw(st.integers(1, module.NATIVE_MAX_ROWS), label="M")
+    n = data.draw(st.integers(1, 80), label="N")
+    k = mult * data.draw(st.integers(1, max(1, 320 // mult)), label="K / multiple")
+    dtype = data.draw(st.sampled_from([torch.float32, torch.bfloat16]), label="dtype")
+    check(scheme, n, k, m, dtype, data.draw(st.booleans(), label="bias"), seed=data.draw(st.integers(0, 99)))
+
+
+@needs_native
+@pytest.mark.parametrize("scheme,n,k", [
+    ("int8wo", 37, 4099),          # K not a multiple of 16: the scalar tail
+    ("int4wo-256", 130, 512),      # 130 rows: a partial last tile of 32
+    ("uint1wo-32", 40, 96),        # 2 tiles: shard chunk boundaries fall inside groups (slow path)
+    ("uint3wo-32", 40, 96),
+    ("uint2wo-32", 200, 1056),
+    ("nf4-64+dq", 300, 1024),      # > 256 blocks: several nested absmax blocks per row range
+    ("fp4_e2m1", 9, 36),           # K not a multiple of 8: padded codes
+    ("fp3_e1m1", 9, 300),          # runs of the 1-bit plane with remainders
+    ("onebit", 33, 77),            # K not a multiple of 8 (or 32): the byte tail
+])
+def test_edge_shapes(scheme, n, k):
+    qw, _ = quantized(scheme, 2, k, 0)
+    for m in sorted({1, min(3, OPS[qw.op][1].NATIVE_MAX_ROWS)}):
+        check(scheme, n, k, m, torch.float32, with_bias=True)
+
+
+@needs_native
+@pytest.mark.parametrize("bits", [1, 3, 4, 8])
+def test_intx_and_int4wo_read_foreign_tile_heights(bits):
+    """Weights packed for another CPU's tile height (64 here when the native one is 32, and the
+    reverse) go through the native kernel at small M, not the warning path."""
+    other = 64 if int4.native_cpu_block_n() != 64 else 32
+    w = torch.randn(72, 256, generator=torch.Generator().manual_seed(bits))
+    from fxquant.formats import intx as intx_fmt
+    stored = intx_fmt.to_storage(w, bits, 64, False, 1, other)
+    attrs = dict(bits=bits, group_size=64, symmetric=False, axis=1, block_n=other, out_features=72)
+    x = torch.randn(2, 256)
+    with spy("int4_tiled_gemv") as calls:
+        y = torch.ops.fxquant.linear_intx(x, *stored.values(), None, **attrs)
+    assert calls
+    r = intx.reference(x, *stored.values(), None, **attrs)
+    assert_linear_close(y, r, x, intx.dequantize_weight(*stored.values(), **attrs), FP32_TOL)
+    if bits == 4:
+        st4 = int4.to_storage(w, 64, other)
+        y4 = torch.ops.fxquant.linear_int4wo(x, st4["qweight"], st4["scales_and_zeros"], None, 64, other, 72)
+        assert_linear_close(y4, r, x, intx.dequantize_weight(*stored.values(), **attrs), FP32_TOL)
+
+
+@needs_native
+@pytest.mark.parametrize("scheme", ["int8wo", "int4wo-64", "uint2wo-32", "nf4", "fp3_e1m1", "onebit"])
+def test_routing_by_rows(scheme):
+    """The native kernel runs from 1 to NATIVE_MAX_ROWS rows and not above; both sides agree with
+    the reference (above, at the ATen paths' bf16 tolerance)."""
+    qw, op = quantized(scheme, 48, 128, 0)
+    reference, module, _ = OPS[qw.op]
+    wrapper = wrapper_of(qw)
+    args = tuple(qw.tensors.values())
+    for m, native in ((1, True), (module.NATIVE_MAX_ROWS, True), (module.NATIVE_MAX_ROWS + 1, False)):
+        x = torch.randn(m, 128)
+        with spy(wrapper) as calls:
+            y = op(x, *args, None, **qw.attrs)
+        assert bool(calls) == native, (scheme, m)
+        r = reference(x, *args, None, **qw.attrs)
+        assert ((y - r).norm() / r.norm()).item() < (1e-5 if native else 2e-2), (scheme, m)
+
+
+@needs_native
+def test_compile_fullgraph_and_opcheck_at_m1():
+    qw, op = quantized("int4wo-32", 40, 96, 3)
+    args = tuple(qw.tensors.values())
+
+    class Layer(torch.nn.Module):
+        def forward(self, x):
+            return op(x, *args, None, **qw.attrs)
+
+    x = torch.randn(1, 96)
+    eager = Layer()(x)
+    torch._dynamo.reset()
+    compiled = torch.compile(Layer(), fullgraph=True)(x)
+    assert torch.equal(compiled, eager)  # same kernel, same inputs
+    torch.library.opcheck(op.default, (torch.randn(1, 96), *args, torch.randn(40)), qw.attrs)
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=300)
+
+
+_OP_STILL_WORKS = """
+    import torch, fxquant
+    from fxquant.formats import int8
+    from fxquant.kernels import native_cpu
+    from fxquant.ops import int8wo
+    q, s = int8.quantize(torch.randn(24, 40))
+    x = torch.randn(1, 40)
+    y = torch.ops.fxquant.linear_int8wo(x, q, s, None)
+    r = int8wo.reference(x, q, s, None)
+    assert ((y - r).norm() / r.norm()).item() < 2e-2
+    print(native_cpu.available(), "|", native_cpu.status())
+"""
+
+
+def test_disabled_by_env_keeps_the_aten_path():
+    out = _run(_OP_STILL_WORKS, FXQUANT_NATIVE="0")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False | disabled by FXQUANT_NATIVE=0"
+
+
+def test_no_compiler_warns_and_keeps_the_aten_path(tmp_path):
+    out = _run(_OP_STILL_WORKS, CC=str(tmp_path / "no-such-cc"), FXQUANT_CACHE_DIR=str(tmp_path / "cache"))
+    assert out.returncode == 0, out.stderr
+    available, status = out.stdout.strip().split(" | ")
+    assert available == "False" and status.startswith("build failed")
+    assert "native CPU kernels unavailable" in out.stderr
+
+
+@needs_native
+def test_built_once_then_loaded_from_the_cache(tmp_path):
+    cache = tmp_path / "cache"
+    first = _run(_OP_STILL_WORKS, FXQUANT_CACHE_DIR=str(cache))
+    assert first.returncode == 0 and first.stdout.strip() == "True | loaded", first.stderr
+    (lib,) = cache.glob("fxquant_native_*.so")
+    stamp = lib.stat().st_mtime_ns
+    second = _run(_OP_STILL_WORKS, FXQUANT_CACHE_DIR=str(cache))
+    assert second.returncode == 0 and second.stdout.strip() == "True | loaded", second.stderr
+    assert list(cache.glob("fxquant_native_*.so")) == [lib] and lib.stat().st_mtime_ns == stamp
