@@ -6,8 +6,9 @@ short of that (measured, 11008x4096, 2 threads, AVX2: ``_weight_int4pack_mm_for_
 each format's stored bytes in place, decode in registers (AVX2 + FMA) and accumulate in fp32.
 
 Build: ``cc -O3 -march=native -fopenmp -shared`` into a cache directory (``$FXQUANT_CACHE_DIR``,
-else ``$XDG_CACHE_HOME/fxquant`` or ``~/.cache/fxquant``), keyed by the source, the flags, the
-compiler and this CPU, so a later process loads it in milliseconds.  OpenMP resolves to the
+else ``$XDG_CACHE_HOME/fxquant`` or ``~/.cache/fxquant``; a private directory under the system temp
+dir when that one is not writable), keyed by the source, the flags, the compiler and this CPU, so a
+later process loads it in milliseconds.  OpenMP resolves to the
 ``libgomp.so.1`` torch has already loaded: one thread pool for both.
 
 When the build fails (no compiler), the CPU has no AVX2/FMA, or ``FXQUANT_NATIVE=0`` is set,
@@ -73,12 +74,20 @@ def _build() -> Path:
     cc = _compiler()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_id()]).encode())
+    name = f"fxquant_native_{key.hexdigest()[:16]}.so"
     out_dir = _cache_dir()
-    lib = out_dir / f"fxquant_native_{key.hexdigest()[:16]}.so"
-    if lib.exists():
-        return lib
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+    if (out_dir / name).exists():
+        return out_dir / name
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+    except OSError:  # read-only or unusable cache directory: build into a private temp directory
+        out_dir = Path(tempfile.gettempdir()) / f"fxquant-{os.getuid()}"
+        if (out_dir / name).exists():
+            return out_dir / name
+        out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+    lib = out_dir / name
     os.close(fd)
     try:
         proc = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)

@@ -222,3 +222,13 @@ def test_built_once_then_loaded_from_the_cache(tmp_path):
     second = _run(_OP_STILL_WORKS, FXQUANT_CACHE_DIR=str(cache))
     assert second.returncode == 0 and second.stdout.strip() == "True | loaded", second.stderr
     assert list(cache.glob("fxquant_native_*.so")) == [lib] and lib.stat().st_mtime_ns == stamp
+
+
+@needs_native
+def test_unwritable_cache_dir_falls_back_to_a_private_temp_dir(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    (tmp_path / "tmp").mkdir()
+    out = _run(_OP_STILL_WORKS, FXQUANT_CACHE_DIR=str(blocker / "cache"), TMPDIR=str(tmp_path / "tmp"))
+    assert out.returncode == 0 and out.stdout.strip() == "True | loaded", out.stderr
+    assert list((tmp_path / "tmp").glob(f"fxquant-{os.getuid()}/fxquant_native_*.so"))
