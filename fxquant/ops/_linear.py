@@ -16,6 +16,7 @@ registers, from one :class:`LinearOpDef`:
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -70,10 +71,14 @@ class LinearOpDef:
                 *(f"{typ} {name}" for name, typ in self.scalars), "ScalarType? compute_dtype=None"]
         return f"{self.name}({', '.join(args)}) -> Tensor"
 
+    @functools.cached_property
+    def arg_names(self) -> tuple[str, ...]:
+        """The op's argument names in schema order (computed once: ``split`` runs on every call)."""
+        return ("x", *self.tensors, "bias", *(n for n, _ in self.scalars), "compute_dtype")
+
     def split(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict, torch.Tensor | None, dict]:
         """Positional/keyword op arguments -> (x, tensors, bias, scalars incl. compute_dtype)."""
-        names = ["x", *self.tensors, "bias", *(n for n, _ in self.scalars), "compute_dtype"]
-        bound = dict(zip(names, args))
+        bound = dict(zip(self.arg_names, args))
         bound.update(kwargs)
         bound.setdefault("compute_dtype", None)
         tensors = {t: bound[t] for t in self.tensors}
@@ -104,7 +109,7 @@ class LinearOpDef:
         if x.shape[-1] == 0 or x.numel() == 0:  # empty reduction or no rows: nothing to compute
             y = x.new_zeros((*x.shape[:-1], n))
             return y + bias.to(x.dtype) if bias is not None else y
-        x2 = x.reshape(-1, x.shape[-1])
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         cd = scalars["compute_dtype"]
         plain = {k: v for k, v in scalars.items() if k != "compute_dtype"}  # what cpu_fast / block_decoder take
         y = None
@@ -124,9 +129,16 @@ class LinearOpDef:
                 y = blocked_linear(x2, n, x2.shape[1], decode, row_scale, dt, rows)
             else:
                 y = F.linear(x2.to(dt), self.dequantized(tensors, scalars).to(dt))
-        y = y[:, :n].to(x.dtype)
+        # the common case (a [M, N] result in x's dtype, 2-D x) returns y itself: every torch call
+        # here costs microseconds, which a small layer at M = 1 feels
+        if y.shape[1] != n:
+            y = y[:, :n]
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
         if bias is not None:
             y = y + bias.to(x.dtype)
+        if x.dim() == 2 and y.is_contiguous():
+            return y
         return y.contiguous().reshape(*x.shape[:-1], n)
 
     def cuda_impl(self, *args, **kwargs) -> torch.Tensor:

@@ -37,7 +37,7 @@ def _cpu_fast(x2, qweight, scales_and_zeros, group_size, block_n, out_features):
     global _warned_layout
     if x2.shape[0] <= NATIVE_MAX_ROWS:
         y = native_cpu.int4_tiled_gemv(x2, qweight, block_n=block_n, group_size=group_size,
-                                       scale=scales_and_zeros[..., 0], zero=scales_and_zeros[..., 1],
+                                       scale=scales_and_zeros.select(-1, 0), zero=scales_and_zeros.select(-1, 1),
                                        out_features=out_features)
         if y is not None:
             return y
