@@ -295,7 +295,9 @@ void fxq_int4t_gemv(const float *x, int64_t M, int64_t K, const uint8_t *s0, int
  * The lookup is exact and uses byte shuffles only: the table is cut into its four byte planes,
  * vpshufb looks up 32 codes in each plane, and two rounds of byte/word unpacking put the bytes
  * back together as 4 x 8 floats, in an order (per 16 code bytes: low nibbles 0-3, high nibbles 0-3,
- * low 4-7, high 4-7, ...) that x is rearranged to once per call.  (Measured here: 2.7x faster than
+ * low 4-7, high 4-7, ...) that x is rearranged to once per call.  When every table value is exact
+ * in bf16 (the fpX tables), the two low byte planes are zero and only the two high ones are
+ * looked up (9 shuffles per 32 codes instead of 13).  (Measured here: 2.7x faster than
  * vpermps + blendv lookups, which cost several uops each on this AMD CPU.)  Tails of a block that
  * are not a multiple of 16 bytes are done one byte at a time.
  */
@@ -327,6 +329,9 @@ void fxq_lut4_gemv(const float *xh, const float *xl, int64_t M, int64_t C, const
     const __m256i p2 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)planes[2]));
     const __m256i p3 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)planes[3]));
     const __m128i m0f = _mm_set1_epi8(0x0F);
+    const __m256i zero = _mm256_setzero_si256();
+    int bf16_table = 1; /* every entry exact in bf16 (fpX tables): bytes 0 and 1 of each fp32 are 0 */
+    for (int c = 0; c < 16; c++) bf16_table &= planes[0][c] == 0 && planes[1][c] == 0;
 #pragma omp parallel num_threads(nthreads)
     {
         float *sbuf = (float *)malloc(sizeof(float) * (size_t)nblk);
@@ -354,19 +359,34 @@ void fxq_lut4_gemv(const float *xh, const float *xl, int64_t M, int64_t C, const
                 for (int64_t blk = 0; blk < nblk; blk++) {
                     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
                     const int64_t i0 = blk * bb;
-                    for (int64_t i = i0; i < i0 + full; i += 16) {
-                        __m128i q = _mm_loadu_si128((const __m128i *)(row + i));
-                        __m128i lo = _mm_and_si128(q, m0f), hi = _mm_and_si128(_mm_srli_epi16(q, 4), m0f);
-                        __m256i idx = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
-                        __m256i b0v = _mm256_shuffle_epi8(p0, idx), b1v = _mm256_shuffle_epi8(p1, idx);
-                        __m256i b2v = _mm256_shuffle_epi8(p2, idx), b3v = _mm256_shuffle_epi8(p3, idx);
-                        __m256i w01l = _mm256_unpacklo_epi8(b0v, b1v), w01h = _mm256_unpackhi_epi8(b0v, b1v);
-                        __m256i w23l = _mm256_unpacklo_epi8(b2v, b3v), w23h = _mm256_unpackhi_epi8(b2v, b3v);
-                        const float *xi = xam + 2 * i;
-                        a0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(w01l, w23l)), _mm256_loadu_ps(xi), a0);
-                        a1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(w01l, w23l)), _mm256_loadu_ps(xi + 8), a1);
-                        a2 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(w01h, w23h)), _mm256_loadu_ps(xi + 16), a2);
-                        a3 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(w01h, w23h)), _mm256_loadu_ps(xi + 24), a3);
+                    if (bf16_table) { /* the two low byte planes are zero: half the lookups */
+                        for (int64_t i = i0; i < i0 + full; i += 16) {
+                            __m128i q = _mm_loadu_si128((const __m128i *)(row + i));
+                            __m128i lo = _mm_and_si128(q, m0f), hi = _mm_and_si128(_mm_srli_epi16(q, 4), m0f);
+                            __m256i idx = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
+                            __m256i b2v = _mm256_shuffle_epi8(p2, idx), b3v = _mm256_shuffle_epi8(p3, idx);
+                            __m256i w23l = _mm256_unpacklo_epi8(b2v, b3v), w23h = _mm256_unpackhi_epi8(b2v, b3v);
+                            const float *xi = xam + 2 * i;
+                            a0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, w23l)), _mm256_loadu_ps(xi), a0);
+                            a1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, w23l)), _mm256_loadu_ps(xi + 8), a1);
+                            a2 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, w23h)), _mm256_loadu_ps(xi + 16), a2);
+                            a3 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, w23h)), _mm256_loadu_ps(xi + 24), a3);
+                        }
+                    } else {
+                        for (int64_t i = i0; i < i0 + full; i += 16) {
+                            __m128i q = _mm_loadu_si128((const __m128i *)(row + i));
+                            __m128i lo = _mm_and_si128(q, m0f), hi = _mm_and_si128(_mm_srli_epi16(q, 4), m0f);
+                            __m256i idx = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
+                            __m256i b0v = _mm256_shuffle_epi8(p0, idx), b1v = _mm256_shuffle_epi8(p1, idx);
+                            __m256i b2v = _mm256_shuffle_epi8(p2, idx), b3v = _mm256_shuffle_epi8(p3, idx);
+                            __m256i w01l = _mm256_unpacklo_epi8(b0v, b1v), w01h = _mm256_unpackhi_epi8(b0v, b1v);
+                            __m256i w23l = _mm256_unpacklo_epi8(b2v, b3v), w23h = _mm256_unpackhi_epi8(b2v, b3v);
+                            const float *xi = xam + 2 * i;
+                            a0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(w01l, w23l)), _mm256_loadu_ps(xi), a0);
+                            a1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(w01l, w23l)), _mm256_loadu_ps(xi + 8), a1);
+                            a2 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(w01h, w23h)), _mm256_loadu_ps(xi + 16), a2);
+                            a3 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(w01h, w23h)), _mm256_loadu_ps(xi + 24), a3);
+                        }
                     }
                     float tail = 0.f;
                     for (int64_t i = i0 + full; i < i0 + bb; i++)
