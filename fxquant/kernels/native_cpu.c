@@ -301,6 +301,23 @@ void fxq_int4t_gemv(const float *x, int64_t M, int64_t K, const uint8_t *s0, int
  * vpermps + blendv lookups, which cost several uops each on this AMD CPU.)  Tails of a block that
  * are not a multiple of 16 bytes are done one byte at a time.
  */
+/* the block's full 16-byte chunks: idx = 32 nibbles (low nibbles, then high), looked up in the
+ * high byte planes (and, through W01L/W01H, the low ones), bytes rebuilt into 4 x 8 floats */
+#define LUT4_CHUNKS(W01L, W01H)                                                                    \
+    for (int64_t i = i0; i < i0 + full; i += 16) {                                                 \
+        __m128i q = _mm_loadu_si128((const __m128i *)(row + i));                                   \
+        __m128i lo = _mm_and_si128(q, m0f), hi = _mm_and_si128(_mm_srli_epi16(q, 4), m0f);         \
+        __m256i idx = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);                  \
+        __m256i b2v = _mm256_shuffle_epi8(p2, idx), b3v = _mm256_shuffle_epi8(p3, idx);            \
+        __m256i w23l = _mm256_unpacklo_epi8(b2v, b3v), w23h = _mm256_unpackhi_epi8(b2v, b3v);      \
+        __m256i w01l = W01L, w01h = W01H;                                                          \
+        const float *xi = xam + 2 * i;                                                             \
+        a0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(w01l, w23l)), _mm256_loadu_ps(xi), a0);      \
+        a1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(w01l, w23l)), _mm256_loadu_ps(xi + 8), a1);  \
+        a2 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(w01h, w23h)), _mm256_loadu_ps(xi + 16), a2); \
+        a3 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(w01h, w23h)), _mm256_loadu_ps(xi + 24), a3); \
+    }
+
 void fxq_lut4_gemv(const float *xh, const float *xl, int64_t M, int64_t C, const uint8_t *codes,
                    int64_t row_stride, int64_t N, const float *table, int64_t bb, int mode,
                    const void *sc, const float *dq_code, const float *dq_scale, float dq_offset,
@@ -359,35 +376,11 @@ void fxq_lut4_gemv(const float *xh, const float *xl, int64_t M, int64_t C, const
                 for (int64_t blk = 0; blk < nblk; blk++) {
                     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
                     const int64_t i0 = blk * bb;
-                    if (bf16_table) { /* the two low byte planes are zero: half the lookups */
-                        for (int64_t i = i0; i < i0 + full; i += 16) {
-                            __m128i q = _mm_loadu_si128((const __m128i *)(row + i));
-                            __m128i lo = _mm_and_si128(q, m0f), hi = _mm_and_si128(_mm_srli_epi16(q, 4), m0f);
-                            __m256i idx = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
-                            __m256i b2v = _mm256_shuffle_epi8(p2, idx), b3v = _mm256_shuffle_epi8(p3, idx);
-                            __m256i w23l = _mm256_unpacklo_epi8(b2v, b3v), w23h = _mm256_unpackhi_epi8(b2v, b3v);
-                            const float *xi = xam + 2 * i;
-                            a0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, w23l)), _mm256_loadu_ps(xi), a0);
-                            a1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, w23l)), _mm256_loadu_ps(xi + 8), a1);
-                            a2 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, w23h)), _mm256_loadu_ps(xi + 16), a2);
-                            a3 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, w23h)), _mm256_loadu_ps(xi + 24), a3);
-                        }
-                    } else {
-                        for (int64_t i = i0; i < i0 + full; i += 16) {
-                            __m128i q = _mm_loadu_si128((const __m128i *)(row + i));
-                            __m128i lo = _mm_and_si128(q, m0f), hi = _mm_and_si128(_mm_srli_epi16(q, 4), m0f);
-                            __m256i idx = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
-                            __m256i b0v = _mm256_shuffle_epi8(p0, idx), b1v = _mm256_shuffle_epi8(p1, idx);
-                            __m256i b2v = _mm256_shuffle_epi8(p2, idx), b3v = _mm256_shuffle_epi8(p3, idx);
-                            __m256i w01l = _mm256_unpacklo_epi8(b0v, b1v), w01h = _mm256_unpackhi_epi8(b0v, b1v);
-                            __m256i w23l = _mm256_unpacklo_epi8(b2v, b3v), w23h = _mm256_unpackhi_epi8(b2v, b3v);
-                            const float *xi = xam + 2 * i;
-                            a0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(w01l, w23l)), _mm256_loadu_ps(xi), a0);
-                            a1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(w01l, w23l)), _mm256_loadu_ps(xi + 8), a1);
-                            a2 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(w01h, w23h)), _mm256_loadu_ps(xi + 16), a2);
-                            a3 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(w01h, w23h)), _mm256_loadu_ps(xi + 24), a3);
-                        }
-                    }
+                    if (bf16_table) /* the two low byte planes are zero: half the lookups */
+                        LUT4_CHUNKS(zero, zero)
+                    else
+                        LUT4_CHUNKS(_mm256_unpacklo_epi8(_mm256_shuffle_epi8(p0, idx), _mm256_shuffle_epi8(p1, idx)),
+                                    _mm256_unpackhi_epi8(_mm256_shuffle_epi8(p0, idx), _mm256_shuffle_epi8(p1, idx)))
                     float tail = 0.f;
                     for (int64_t i = i0 + full; i < i0 + bb; i++)
                         tail += table[row[i] >> 4] * xhm[i] + table[row[i] & 15] * xlm[i];
