@@ -22,3 +22,13 @@ def tiny_llama_model():
 
     return tiny_llama(seed=0, vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=2,
                       num_heads=4, num_kv_heads=2)
+
+
+@pytest.fixture
+def fp32_dense(monkeypatch):
+    """The CPU dequantize-then-GEMM paths in fp32, as on a CPU without native bf16 GEMM (with it
+    they run bf16: ``fxquant.ops._cpu.dense_dtype``).  Tests that a decode is the reference up to
+    fp32 summation order pin this; the bf16 paths are checked at bf16 tolerances elsewhere."""
+    from fxquant.ops import _cpu
+
+    monkeypatch.setattr(_cpu, "dense_dtype", lambda: torch.float32)

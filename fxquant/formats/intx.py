@@ -279,10 +279,21 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None
         s, base = _row_params(s_all, n0, count, axis), _row_params(base_all, n0, count, axis)
         view = out[n0 - row0:n0 - row0 + count]
         if axis == 1:
-            view.view(count, k // group_size, group_size).mul_(s[..., None]).add_(base[..., None])
+            _affine_(view.view(count, k // group_size, group_size), s[..., None], base[..., None])
         else:
-            view.mul_(s).add_(base)
+            _affine_(view, s, base)
     return out
+
+
+def _affine_(t: torch.Tensor, s: torch.Tensor, base: torch.Tensor) -> None:
+    """``t = t * s + base`` in place, ``t`` holding integer codes: one rounding in ``t``'s dtype.
+    fp32: ``q * s`` is exact (8 + 8 significant bits), so the in-place ops round once (and trace
+    under fake tensors); bf16/fp16 (the CPU GEMM paths): ``addcmul`` into ``t`` computes in fp32 and
+    rounds once, where ``mul_`` then ``add_`` would round ``q * s`` first and lose the difference."""
+    if t.dtype == torch.float32:
+        t.mul_(s).add_(base)
+    else:
+        torch.addcmul(base, t, s, out=t)
 
 
 def _runs(row0: int, rows: int, period: int) -> list[tuple[int, int]]:
@@ -371,9 +382,9 @@ def decode_tiles(codes_lo: torch.Tensor, codes_hi: torch.Tensor, scale: torch.Te
     s, base = (t.reshape(tiles, 2, half, -1).transpose(2, 3) for t in (s, base))
     if axis == 1:
         view = out.view(tiles, 2, k // group_size, group_size, half)
-        view.mul_(s[:, :, :, None]).add_(base[:, :, :, None])
+        _affine_(view, s[:, :, :, None], base[:, :, :, None])
     else:
-        out.mul_(s).add_(base)
+        _affine_(out, s, base)
     return out
 
 

@@ -1,4 +1,5 @@
-/* fxquant native CPU GEMV kernels for small M (AVX2 + FMA), built on first use by native_cpu.py.
+/* fxquant native CPU GEMV kernels for small M (AVX2 + FMA), built on first use by native_cpu.py
+ * (native_avx512.c holds the AVX-512 versions of the same kernels, same arguments).
  *
  * Every kernel reads the format's *stored* bytes as they are (no repacking, no decoded copy of the
  * weight) and accumulates in fp32: x is fp32 [M, K] row-major, y is fp32 [M, ldy].  The math of
@@ -12,6 +13,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "native_common.h"
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define FXQ_SIMD 1
@@ -23,12 +26,7 @@ int fxq_simd(void) { return FXQ_SIMD; }
 
 #if FXQ_SIMD
 
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
+#define bf16_to_f32 fxq_bf16
 
 static inline float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -190,12 +188,7 @@ void fxq_int4t_gemv(const float *x, int64_t M, int64_t K, const uint8_t *s0, int
     const int fast4 = (w0 == 4 && s1 == NULL);
     const int64_t G = K / gs, T = (N + BN - 1) / BN, CH = BN / 32, half = BN / 2;
     float *xs = (float *)malloc(sizeof(float) * (size_t)(M * G > 0 ? M * G : 1));
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t j = 0; j < G; j++) {
-            float s = 0.f;
-            for (int64_t k = 0; k < gs; k++) s += x[m * K + j * gs + k];
-            xs[m * G + j] = s;
-        }
+    fxq_group_sums(x, M, G, gs, xs);
     const __m256i m0f = _mm256_set1_epi32(0x0F);
 #pragma omp parallel for collapse(2) schedule(guided) num_threads(nthreads)
     for (int64_t t = 0; t < T; t++) {
@@ -356,19 +349,7 @@ void fxq_lut4_gemv(const float *xh, const float *xl, int64_t M, int64_t C, const
         for (int64_t n = 0; n < N; n++) {
             const uint8_t *row = codes + n * row_stride;
             /* this row's block scales, once for all m (no division in the block loop) */
-            const int64_t b0 = n * nblk;
-            if (mode == 0) {
-                memcpy(sbuf, (const float *)sc + b0, sizeof(float) * (size_t)nblk);
-            } else if (mode == 1) {
-                for (int64_t blk = 0; blk < nblk; blk++) sbuf[blk] = bf16_to_f32(((const uint16_t *)sc)[b0 + blk]);
-            } else {
-                const uint8_t *q = (const uint8_t *)sc + b0;
-                int64_t nested = b0 / dq_block, left = dq_block - b0 % dq_block;
-                for (int64_t blk = 0; blk < nblk; blk++) {
-                    sbuf[blk] = dq_code[q[blk]] * dq_scale[nested] + dq_offset;
-                    if (--left == 0) { nested++; left = dq_block; }
-                }
-            }
+            fxq_row_scales(n, nblk, mode, sc, dq_code, dq_scale, dq_offset, dq_block, sbuf);
             for (int64_t m = 0; m < M; m++) {
                 const float *xam = xa + m * 2 * C, *xhm = xh + m * C, *xlm = xl + m * C;
                 __m256 yv = _mm256_setzero_ps();
@@ -476,11 +457,7 @@ void fxq_fpx_gemv(const float *x, int64_t M, int64_t Kp, const uint8_t *codes, i
 void fxq_onebit_gemv(const float *xb, int64_t M, int64_t CB, const uint8_t *bits, int64_t N,
                      const uint16_t *a, float *y, int64_t ldy, int nthreads) {
     float *tot = (float *)malloc(sizeof(float) * (size_t)(M > 0 ? M : 1));
-    for (int64_t m = 0; m < M; m++) {
-        float s = 0.f;
-        for (int64_t k = 0; k < 8 * CB; k++) s += xb[m * 8 * CB + k];
-        tot[m] = s;
-    }
+    fxq_row_totals(xb, M, 8 * CB, tot);
     __m256i masks[4];
     for (int c = 0; c < 4; c++)
         masks[c] = _mm256_setr_epi32(1 << (8 * c), 2 << (8 * c), 4 << (8 * c), 8 << (8 * c),

@@ -1,14 +1,20 @@
-"""Native CPU GEMV kernels for small M (``native_cpu.c``), built on first use and loaded with ctypes.
+"""Native CPU GEMV kernels for small M (``native_cpu.c``: AVX2 + FMA; ``native_avx512.c``: AVX-512),
+built on first use and loaded with ctypes.
 
 Why: at M = 1 a weight-only linear is a stream over the weight bytes, and the ATen kernels stop
 short of that (measured, 11008x4096, 2 threads, AVX2: ``_weight_int4pack_mm_for_cpu`` reaches
 ~6.5 GB/s, compute-bound) or do not exist for a format (NF4/FP4, fpX, OneBit).  These kernels read
-each format's stored bytes in place, decode in registers (AVX2 + FMA) and accumulate in fp32.
+each format's stored bytes in place, decode in registers and accumulate in fp32.
+
+Instruction sets: both files are compiled into one library; the AVX-512 variants (``fxq512_*``, same
+arguments) exist only when the compiler targets AVX-512 F/BW/VL/DQ (``-march=native`` on such a CPU)
+and are used when present.  ``FXQUANT_NATIVE_ISA=avx2`` forces the AVX2 kernels (A/B runs, tests);
+:func:`isas` lists what the library holds and :func:`kernels` binds one set explicitly.
 
 Build: ``cc -O3 -march=native -fopenmp -shared`` into a cache directory (``$FXQUANT_CACHE_DIR``,
 else ``$XDG_CACHE_HOME/fxquant`` or ``~/.cache/fxquant``; a private directory under the system temp
-dir when that one is not writable), keyed by the source, the flags, the compiler and this CPU, so a
-later process loads it in milliseconds.  OpenMP resolves to the
+dir when that one is not writable), keyed by the sources, the flags, the compiler and this CPU, so
+a later process loads it in milliseconds.  OpenMP resolves to the
 ``libgomp.so.1`` torch has already loaded: one thread pool for both.
 
 When the build fails (no compiler), the CPU has no AVX2/FMA, or ``FXQUANT_NATIVE=0`` is set,
@@ -24,6 +30,7 @@ import os
 import platform
 import subprocess
 import tempfile
+import types
 import warnings
 from pathlib import Path
 
@@ -31,7 +38,10 @@ import torch
 
 from ..formats.intx import SHARDS
 
-SOURCE = Path(__file__).with_name("native_cpu.c")
+#: compiled together into one library: the AVX2 kernels (fxq_*), their AVX-512 variants (fxq512_*,
+#: empty unless the compiler targets AVX-512) and the scalar helpers both include
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("native_cpu.c", "native_avx512.c"))
+HEADERS = (Path(__file__).with_name("native_common.h"),)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 
 _c_i64, _c_int, _c_float, _c_ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
@@ -73,7 +83,8 @@ def _compiler() -> str:
 def _build() -> Path:
     cc = _compiler()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_id()]).encode())
+    texts = [p.read_text() for p in (*SOURCES, *HEADERS)]
+    key = hashlib.sha256("\0".join([*texts, " ".join(FLAGS), version, _cpu_id()]).encode())
     name = f"fxquant_native_{key.hexdigest()[:16]}.so"
     out_dir = _cache_dir()
     if (out_dir / name).exists():
@@ -90,7 +101,7 @@ def _build() -> Path:
     lib = out_dir / name
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        proc = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[:2000]}")
         os.replace(tmp, lib)  # atomic: a concurrent process sees the whole library or none
@@ -101,8 +112,8 @@ def _build() -> Path:
 
 
 @functools.lru_cache(maxsize=None)
-def _lib():
-    """The loaded library, or None (reason in :func:`status`)."""
+def _library():
+    """The loaded shared library, or None (reason in :func:`status`)."""
     global _status
     if os.environ.get("FXQUANT_NATIVE", "1") == "0":
         _status = "disabled by FXQUANT_NATIVE=0"
@@ -115,16 +126,43 @@ def _lib():
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         _status = f"build failed: {e}"
         warnings.warn(f"fxquant native CPU kernels unavailable ({_status}); using the ATen paths",
-                      stacklevel=3)
+                      stacklevel=4)
         return None
     if not lib.fxq_simd():
         _status = "this CPU has no AVX2 + FMA"
         return None
-    for name, argtypes in _SIGNATURES.items():
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = list(argtypes), None
     _status = "loaded"
     return lib
+
+
+def isas() -> tuple[str, ...]:
+    """Instruction sets whose kernels run here, widest first: ``("avx512", "avx2")`` when the
+    compiler targets AVX-512 F/BW/VL/DQ on this CPU, ``("avx2",)``, or ``()`` when unavailable."""
+    lib = _library()
+    if lib is None:
+        return ()
+    return ("avx512", "avx2") if lib.fxq_avx512() else ("avx2",)
+
+
+@functools.lru_cache(maxsize=None)
+def kernels(isa: str) -> types.SimpleNamespace:
+    """The kernels of one instruction set of :func:`isas` (attributes named as in the C source)."""
+    if isa not in isas():
+        raise ValueError(f"native kernels for {isa!r} do not run here; available: {list(isas())}")
+    lib, ns = _library(), types.SimpleNamespace(isa=isa)
+    for name, argtypes in _SIGNATURES.items():
+        fn = getattr(lib, name.replace("fxq_", "fxq512_") if isa == "avx512" else name)
+        fn.argtypes, fn.restype = list(argtypes), None
+        setattr(ns, name, fn)
+    return ns
+
+
+def _lib() -> types.SimpleNamespace | None:
+    """The kernels the ops use: the widest of :func:`isas`, or AVX2 with ``FXQUANT_NATIVE_ISA=avx2``."""
+    here = isas()
+    if not here:
+        return None
+    return kernels("avx2" if os.environ.get("FXQUANT_NATIVE_ISA", "").lower() == "avx2" else here[0])
 
 
 def available() -> bool:
@@ -132,9 +170,15 @@ def available() -> bool:
     return _lib() is not None
 
 
+def isa() -> str | None:
+    """The instruction set of the kernels the ops use (see :func:`_lib`), or None when unavailable."""
+    lib = _lib()
+    return None if lib is None else lib.isa
+
+
 def status() -> str:
     """Why :func:`available` is what it is (``"loaded"`` when it is True)."""
-    _lib()
+    _library()
     return _status
 
 

@@ -36,6 +36,18 @@ def large_m_threshold() -> int:
     return 48 if dense_dtype() == torch.bfloat16 else 192
 
 
+#: ``torch._weight_int8pack_mm`` is only right when K is a multiple of this.  Measured (torch 2.13
+#: CPU builds): AVX-512 build, K = 8, 24, 130, 136, 200: inf / NaN / garbage at M = 1 and a crash at
+#: M >= 2, while K = 16, 48, 144, 176, 208, 4112 are right; AVX2 build: K % 8 != 0 misbehaves at
+#: M >= 2.  16 is safe on both.
+INT8PACK_K_MULTIPLE = 16
+
+
+def int8pack_k_ok(k: int) -> bool:
+    """Whether ``torch._weight_int8pack_mm`` computes a reduction of length ``k`` correctly."""
+    return k % INT8PACK_K_MULTIPLE == 0
+
+
 def rows(x: torch.Tensor) -> int:
     """Number of rows of ``x`` flattened to 2-D over its last dim."""
     return x.numel() // x.shape[-1] if x.shape[-1] else 0

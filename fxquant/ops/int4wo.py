@@ -65,7 +65,7 @@ def _block_decoder(qweight, scales_and_zeros, group_size, block_n, out_features)
         sz = scales_and_zeros[:, r0:r1].transpose(0, 1)  # [rows, K/g, 2]
         grouped = out.view(r1 - r0, groups, group_size)
         grouped.copy_(q.view(r1 - r0, groups, group_size))
-        grouped.sub_(8).mul_(sz[..., 0:1]).add_(sz[..., 1:2])
+        torch.addcmul(sz[..., 1:2], grouped.sub_(8), sz[..., 0:1], out=grouped)  # one rounding in bf16
     return decode, None, block_n
 
 

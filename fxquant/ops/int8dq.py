@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..formats import int8dq as fmt
+from . import _cpu
 from ._linear import LinearOpDef, define
 
 # -- the definitions -----------------------------------------------------------------------------
@@ -80,7 +81,7 @@ def cpu_int8_matmul(qx: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor
       accumulation, times the bf16 weight ``scale``, rounded to bf16 by the kernel: relative error
       ``<= 2^-9`` per output, well below the int8 error (~1e-2).  (fp16 codes would be exact to ``2^-12``
       but that kernel is 30x slower here: 110 ms vs 3.2 ms at M=1, 11008x4096.)  Needs
-      ``K % 8 == 0`` (the kernel misbehaves otherwise with M >= 2).
+      :func:`._cpu.int8pack_k_ok` (the kernel is wrong otherwise).
     - otherwise oneDNN's u8 x s8 -> s32 GEMM when :func:`onednn_mode` says it is exact here:
       results are the exact integers (``|acc| < 2^24``; fp32-rounded above).
     - else :func:`fxquant.formats.int8dq.int8_matmul` (exact, fp32 GEMMs over K-chunks).
@@ -93,7 +94,7 @@ def cpu_int8_matmul(qx: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor
 
 
 def _int8pack_applies(m: int, k: int) -> bool:
-    return m <= INT8PACK_MAX_M and k % 8 == 0
+    return m <= INT8PACK_MAX_M and _cpu.int8pack_k_ok(k)
 
 
 def _onednn_matmul(qx: torch.Tensor, packed: torch.Tensor, mode: str) -> torch.Tensor:

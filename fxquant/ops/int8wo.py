@@ -11,6 +11,7 @@ import torch
 
 from ..formats import int8 as fmt
 from ..kernels import native_cpu
+from . import _cpu
 from ._linear import LinearOpDef, define
 
 #: Largest M for the native GEMV (:func:`fxquant.kernels.native_cpu.int8_gemv`); above it
@@ -30,9 +31,7 @@ def _cpu_fast(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> t
         y = native_cpu.int8_gemv(x2, qweight, scale)
         if y is not None:
             return y
-    # _weight_int8pack_mm segfaults or returns garbage for K % 8 != 0 with M >= 2 (measured on the
-    # AVX2 build of torch 2.13; tests/ops/test_weight_only_ops.py covers odd K).
-    if x2.shape[1] % 8:
+    if not _cpu.int8pack_k_ok(x2.shape[1]):  # the kernel is wrong there (tests/ops/test_weight_only_ops.py)
         return None
     kd = torch.float16 if x2.dtype == torch.float16 else torch.bfloat16  # fp32 input is 10-50x slower
     return torch._weight_int8pack_mm(x2.to(kd).contiguous(), qweight, scale.to(kd))

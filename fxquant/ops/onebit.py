@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from ..formats import onebit as fmt
 from ..kernels import native_cpu
+from . import _cpu
 from ._linear import LinearOpDef, define
 
 #: Largest M for the native GEMV (:func:`fxquant.kernels.native_cpu.onebit_gemv`, fp32 throughout);
@@ -46,8 +47,13 @@ NATIVE_MAX_ROWS = 8
 #: 14336x4096 weight in one call.
 CHUNK_BYTES = 64 << 20
 #: extra int8 columns after the planes: three 1s meet the three bf16 parts of -sum(x ⊙ b), then
-#: zeros to keep K a multiple of 8 (``_weight_int8pack_mm`` misbehaves otherwise for M >= 2)
-_CORRECTION = (1, 1, 1, 0, 0, 0, 0, 0)
+#: zeros up to a reduction length ``_weight_int8pack_mm`` computes right (:func:`._cpu.int8pack_k_ok`)
+_CORRECTION_ONES = 3
+
+
+def _extra_cols(c: int) -> int:
+    """Correction columns after the ``8 c`` plane columns."""
+    return _CORRECTION_ONES + (-(8 * c + _CORRECTION_ONES)) % _cpu.INT8PACK_K_MULTIPLE
 #: activation factor of plane j: 2 / PLANE_VALUES[j] (a power of two: exact in any float dtype)
 _PLANE_X = torch.tensor([2.0 / v for v in fmt.PLANE_VALUES])
 
@@ -70,9 +76,9 @@ def dequantize_weight(sign_bits: torch.Tensor, a: torch.Tensor, b: torch.Tensor)
 
 
 def plane_activations(x2: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``x2`` ``[M, K]`` -> bf16 ``[M, 8 C + 8]``: the activations that, against
+    """``x2`` ``[M, K]`` -> bf16 ``[M, 8 C + _extra_cols(C)]``: the activations that, against
     :func:`fxquant.formats.onebit.bit_planes_into`'s planes (row-major ``[8, C]`` per output) and
-    the ``_CORRECTION`` columns, sum to ``Σ_k x'_k S_nk`` with ``x' = bf16(x ⊙ b)``.
+    the correction columns, sum to ``Σ_k x'_k S_nk`` with ``x' = bf16(x ⊙ b)``.
 
     ``S = 2 B - 1`` gives ``Σ_k x'_k S_nk = Σ_{j,c} (2 x'_{8c+j} / PLANE_VALUES[j]) planes[n, j, c]
     - Σ_k x'_k``: the plane factors are exact powers of two, and ``-Σ_k x'_k`` (summed in fp64)
@@ -90,28 +96,33 @@ def plane_activations(x2: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         parts.append(rest.to(torch.bfloat16))
         rest = rest - parts[-1].double()
     planes = (xb.float().view(m, c, 8).transpose(1, 2) * _PLANE_X.view(1, 8, 1)).to(torch.bfloat16)
-    pad = xb.new_zeros(m, len(_CORRECTION) - len(parts))
+    pad = xb.new_zeros(m, _extra_cols(c) - len(parts))
     return torch.cat([planes.reshape(m, 8 * c), *parts, pad], dim=1)
 
 
 _WORKSPACE = threading.local()
 
 
-def _workspace(rows: int, width: int) -> torch.Tensor:
-    """int8 ``[rows, width]`` scratch for the planes, its last columns holding ``_CORRECTION``.
+def _workspace(rows: int, c: int) -> torch.Tensor:
+    """int8 ``[rows, 8 c + _extra_cols(c)]`` scratch for the planes, its last columns holding the correction columns
+    (``_CORRECTION_ONES`` ones after the planes, then zeros).
 
     Kept per thread and reused: a fresh 45 MB tensor per call costs ~30 ms of page faults here
     (12 ms -> 45 ms per call at 11008x4096).  It grows to the largest layer run (at most
     ``CHUNK_BYTES``); :func:`clear_workspace` frees it.  It is scratch, not weight state."""
+    width = 8 * c + _extra_cols(c)
     need = rows * width
     buf = getattr(_WORKSPACE, "buf", None)
     if buf is None or buf.numel() < need:
         buf = _WORKSPACE.buf = torch.empty(need, dtype=torch.int8)
         _WORKSPACE.layout = None
     view = buf[:need].view(rows, width)
-    if _WORKSPACE.layout != (rows, width):  # planes of another layout overwrote these columns
-        view[:, width - len(_CORRECTION):] = torch.tensor(_CORRECTION, dtype=torch.int8)
-        _WORKSPACE.layout = (rows, width)
+    # planes of another layout overwrote these columns (keyed by c, not the width: with the padding
+    # two plane counts can share a width, e.g. c = 4 and 5 both give 48 columns)
+    if _WORKSPACE.layout != (rows, c):
+        view[:, 8 * c:] = 0
+        view[:, 8 * c:8 * c + _CORRECTION_ONES] = 1
+        _WORKSPACE.layout = (rows, c)
     return view
 
 
@@ -138,9 +149,9 @@ def _cpu_fast(x2: torch.Tensor, sign_bits: torch.Tensor, a: torch.Tensor, b: tor
     sign_bits = sign_bits.contiguous()
     xp = plane_activations(x2, b)
     scale = a.to(torch.bfloat16)
-    width = 8 * c + len(_CORRECTION)
+    width = 8 * c + _extra_cols(c)
     rows = min(n, max(1, CHUNK_BYTES // width))
-    buf = _workspace(rows, width)
+    buf = _workspace(rows, c)
     if rows == n:
         fmt.bit_planes_into(sign_bits, buf[:, : 8 * c].view(n, 8, c))
         return torch._weight_int8pack_mm(xp, buf, scale)

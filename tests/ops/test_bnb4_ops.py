@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.library import opcheck
 
-from helpers import FAST_PATH_TOL, rel
+from helpers import FAST_PATH_TOL, err_vs_magnitude, rel
 from fxquant.formats import bnb4 as fmt
 from fxquant.ops import _cpu
 from fxquant.ops import bnb4 as ops
@@ -32,13 +32,15 @@ def case(n: int, k: int, quant_type: str = "nf4", blocksize: int = 64, double_qu
        double_quant=st.booleans(), with_bias=st.booleans(), lead=st.sampled_from([(), (2,), (1, 3)]),
        seed=st.integers(0, 999))
 def test_op_matches_reference(m, n, k, dtype, quant_type, blocksize, double_quant, with_bias, lead, seed):
-    op, ref, *_ = case(n, k, quant_type, blocksize, double_quant, seed)
+    op, ref, *_, w = case(n, k, quant_type, blocksize, double_quant, seed)
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(*lead, m, k, generator=g).to(dtype)
     b = torch.randn(n, generator=g).to(dtype) if with_bias else None
     y, r = op(x, b), ref(x, b)
     assert y.shape == (*lead, m, n) and y.dtype == dtype
-    assert rel(y, r) < FAST_PATH_TOL[dtype]
+    # relative to the size of the summed terms: one output that cancels (N = 1, K = 9) is not a
+    # failure of a bf16 GEMM path
+    assert err_vs_magnitude(y, r, x, w, b) < FAST_PATH_TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -104,19 +106,25 @@ def test_compute_dtype_is_honoured(cd):
     assert rel(y, ref(x, None)) < {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}[cd]
 
 
-def test_matches_bitsandbytes_linear4bit():
-    """Same weight through bitsandbytes' Linear4bit on CPU: same function up to matmul rounding."""
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("m", [1, 5, 33])
+def test_matches_bitsandbytes_linear4bit(quant_type, m):
+    """Same weight through bitsandbytes' Linear4bit on CPU: same function up to fp32 matmul rounding.
+
+    K = 128 (whole blocks per row): bitsandbytes 0.50's AVX-512 CPU dequantize is wrong when a
+    block straddles two rows (measured: 48x96 at blocksize 64 differs from its own codes x absmax
+    from element 128 on; 48x128, 40x192 are exact), so that case is no oracle."""
     bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
-    w = torch.randn(48, 96, generator=torch.Generator().manual_seed(0))
-    layer = bnb.nn.Linear4bit(96, 48, bias=False, compute_dtype=torch.float32, quant_type="nf4")
-    layer.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type="nf4", blocksize=64,
+    w = torch.randn(48, 128, generator=torch.Generator().manual_seed(0))
+    layer = bnb.nn.Linear4bit(128, 48, bias=False, compute_dtype=torch.float32, quant_type=quant_type)
+    layer.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type=quant_type, blocksize=64,
                                      compress_statistics=True)
     layer = layer.to("cpu")
-    qw = NF4(blocksize=64, double_quant=True).quantize(w)
-    x = torch.randn(5, 96)
+    qw = (NF4 if quant_type == "nf4" else FP4)(blocksize=64, double_quant=True).quantize(w)
+    x = torch.randn(m, 128, generator=torch.Generator().manual_seed(m))
     with torch.no_grad():
         expected = layer(x)
-    y = torch.ops.fxquant.linear_bnb4_dq(x, *qw.tensors.values(), None, **qw.attrs)
+    y = torch.ops.fxquant.linear_bnb4_dq(x, *qw.tensors.values(), None, **qw.attrs, compute_dtype=torch.float32)
     torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
 
 

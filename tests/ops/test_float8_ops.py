@@ -55,7 +55,7 @@ def test_large_m_path_matches_reference(kind, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_fast_path_is_the_reference_to_fp32_rounding(kind, monkeypatch):
+def test_fast_path_is_the_reference_to_fp32_rounding(kind, monkeypatch, fp32_dense):
     """Blocks of 16 rows over N=50 (a ragged last block): still the reference up to summation order."""
     monkeypatch.setattr(_dequant_gemm, "BLOCK_BYTES", 16 * 40 * 4)
     fn, ref, _ = make(kind, 50, 40, 3)
@@ -120,7 +120,7 @@ def test_compute_dtype_is_honoured(kind, cd):
 
 
 @pytest.mark.parametrize("gran", ["tensor", "row"])
-def test_dq_reference_is_the_written_out_formula(gran):
+def test_dq_reference_is_the_written_out_formula(gran, fp32_dense):
     """linear_float8dq == F.linear(dequant(quant(x)), dequant(Wq)) with fbgemm-style activation scales."""
     q, s = float8.quantize_weight(torch.randn(24, 40), torch.float8_e4m3fn, gran)
     x = torch.randn(6, 40) * torch.tensor([1, 1, 1, 1, 1, 3000.0])[:, None]  # an outlier row above the bound
@@ -150,7 +150,7 @@ def test_bad_granularity_raises():
 
 
 @pytest.mark.parametrize("gran", ["tensor", "row"])
-def test_dq_matches_torchao_float8tensor(gran):
+def test_dq_matches_torchao_float8tensor(gran, fp32_dense):
     """Peer: torchao's Float8Tensor with dynamic float8 activations (built directly: its config
     refuses the CPU), fp32 weight and activations, no activation bound: the same codes and scales
     on both sides, so only the GEMM's summation order differs (measured 2.4e-7)."""
@@ -167,7 +167,7 @@ def test_dq_matches_torchao_float8tensor(gran):
     assert rel(y, torch.nn.functional.linear(x, t)) < 1e-5
 
 
-def test_wo_close_to_torchao_float8_weight_only():
+def test_wo_close_to_torchao_float8_weight_only(fp32_dense):
     tq = pytest.importorskip("torchao.quantization")
     w = torch.randn(64, 96, generator=torch.Generator().manual_seed(0))
     lin = torch.nn.Linear(96, 64, bias=False)

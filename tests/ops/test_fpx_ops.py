@@ -44,7 +44,7 @@ def test_op_matches_reference(name, m, n, k, dtype, with_bias, lead, seed):
 
 
 @pytest.mark.parametrize("name", FORMATS)
-def test_fast_path_is_the_reference_to_fp32_rounding(name, monkeypatch):
+def test_fast_path_is_the_reference_to_fp32_rounding(name, monkeypatch, fp32_dense):
     """Blocks of 16 rows over N=50 (a ragged last block), K=41 (padded to 48 codes)."""
     monkeypatch.setattr(_dequant_gemm, "BLOCK_BYTES", 16 * 41 * 4)
     fn, ref, _, _ = make(name, 50, 41, 3)

@@ -106,7 +106,7 @@ def test_rows_path_is_the_reference_in_fp32(scheme):
 
 
 @pytest.mark.parametrize("scheme", ["uint3wo-32", "uint4wo-32-axis0"])
-def test_large_m_uses_the_blocked_paths(scheme):
+def test_large_m_uses_the_blocked_paths(scheme, fp32_dense):
     """Every M goes through the format's own CPU paths (cpu_fast_any_m); M=300 takes the row blocks."""
     n, k = fit(scheme, 40, 64)
     fn, ref, _, _ = build(scheme, n, k, 2)
@@ -141,7 +141,7 @@ def test_uint4_axis1_equals_int4wo_op():
 
 
 @pytest.mark.skipif(NATIVE is None, reason="no int4 CPU kernel layout on this CPU")
-def test_foreign_block_n_uses_dequant_path(monkeypatch):
+def test_foreign_block_n_uses_dequant_path(monkeypatch, fp32_dense):
     monkeypatch.setattr(op, "_warned_layout", False)
     w = torch.randn(40, 64, generator=torch.Generator().manual_seed(4))
     stored = fmt.to_storage(w, 8, 32, False, 1, 64 if NATIVE != 64 else 32)

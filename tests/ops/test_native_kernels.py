@@ -19,6 +19,20 @@ from fxquant.ops import bnb4, fpx, int4wo, int8wo, intx, onebit
 from fxquant.schemes import parse_scheme
 
 needs_native = pytest.mark.skipif(not native_cpu.available(), reason=f"native kernels: {native_cpu.status()}")
+#: every instruction set whose kernels run here (AVX-512 and AVX2 on an AVX-512 CPU): the
+#: correctness tests run each, since a CPU without AVX-512 only ever runs the AVX2 ones
+each_isa = pytest.mark.parametrize("isa", native_cpu.isas() or ["none"])
+
+
+@contextmanager
+def using(isa: str):
+    """Route the ops to the kernels of ``isa`` (the ops look ``native_cpu._lib`` up at call time)."""
+    real = native_cpu._lib
+    native_cpu._lib = lambda: native_cpu.kernels(isa)
+    try:
+        yield
+    finally:
+        native_cpu._lib = real
 
 #: op name -> (its reference, the module whose NATIVE_MAX_ROWS applies, the native wrapper it calls)
 OPS = {
@@ -90,10 +104,11 @@ def check(scheme: str, n: int, k: int, m: int, dtype: torch.dtype, with_bias: bo
 
 
 @needs_native
+@each_isa
 @pytest.mark.parametrize("scheme", sorted(SCHEMES))
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(data=st.data())
-def test_op_matches_reference(scheme, data):
+def test_op_matches_reference(isa, scheme, data):
     """Every format with a native kernel, over M up to its limit, odd N, K at block edges, fp32/bf16."""
     mult = SCHEMES[scheme]
     _, module, _ = OPS[parse_scheme(scheme).quantize(torch.randn(2, mult * 64)).op]
@@ -101,7 +116,8 @@ def test_op_matches_reference(scheme, data):
     n = data.draw(st.integers(1, 80), label="N")
     k = mult * data.draw(st.integers(1, max(1, 320 // mult)), label="K / multiple")
     dtype = data.draw(st.sampled_from([torch.float32, torch.bfloat16]), label="dtype")
-    check(scheme, n, k, m, dtype, data.draw(st.booleans(), label="bias"), seed=data.draw(st.integers(0, 99)))
+    with using(isa):
+        check(scheme, n, k, m, dtype, data.draw(st.booleans(), label="bias"), seed=data.draw(st.integers(0, 99)))
 
 
 @needs_native
@@ -116,15 +132,18 @@ def test_op_matches_reference(scheme, data):
     ("fp3_e1m1", 9, 300),          # runs of the 1-bit plane with remainders
     ("onebit", 33, 77),            # K not a multiple of 8 (or 32): the byte tail
 ])
-def test_edge_shapes(scheme, n, k):
+@each_isa
+def test_edge_shapes(isa, scheme, n, k):
     qw, _ = quantized(scheme, 2, k, 0)
-    for m in sorted({1, min(3, OPS[qw.op][1].NATIVE_MAX_ROWS)}):
-        check(scheme, n, k, m, torch.float32, with_bias=True)
+    with using(isa):
+        for m in sorted({1, min(5, OPS[qw.op][1].NATIVE_MAX_ROWS)}):  # 5: a full 4-row tile + 1
+            check(scheme, n, k, m, torch.float32, with_bias=True)
 
 
 @needs_native
+@each_isa
 @pytest.mark.parametrize("bits", [1, 3, 4, 8])
-def test_intx_and_int4wo_read_foreign_tile_heights(bits):
+def test_intx_and_int4wo_read_foreign_tile_heights(isa, bits):
     """Weights packed for another CPU's tile height (64 here when the native one is 32, and the
     reverse) go through the native kernel at small M, not the warning path."""
     other = 64 if int4.native_cpu_block_n() != 64 else 32
@@ -133,14 +152,15 @@ def test_intx_and_int4wo_read_foreign_tile_heights(bits):
     stored = intx_fmt.to_storage(w, bits, 64, False, 1, other)
     attrs = dict(bits=bits, group_size=64, symmetric=False, axis=1, block_n=other, out_features=72)
     x = torch.randn(2, 256)
-    with spy("int4_tiled_gemv") as calls:
+    with spy("int4_tiled_gemv") as calls, using(isa):
         y = torch.ops.fxquant.linear_intx(x, *stored.values(), None, **attrs)
     assert calls
     r = intx.reference(x, *stored.values(), None, **attrs)
     assert_linear_close(y, r, x, intx.dequantize_weight(*stored.values(), **attrs), FP32_TOL)
     if bits == 4:
         st4 = int4.to_storage(w, 64, other)
-        y4 = torch.ops.fxquant.linear_int4wo(x, st4["qweight"], st4["scales_and_zeros"], None, 64, other, 72)
+        with using(isa):
+            y4 = torch.ops.fxquant.linear_int4wo(x, st4["qweight"], st4["scales_and_zeros"], None, 64, other, 72)
         assert_linear_close(y4, r, x, intx.dequantize_weight(*stored.values(), **attrs), FP32_TOL)
 
 
@@ -177,6 +197,17 @@ def test_compile_fullgraph_and_opcheck_at_m1():
     compiled = torch.compile(Layer(), fullgraph=True)(x)
     assert torch.equal(compiled, eager)  # same kernel, same inputs
     torch.library.opcheck(op.default, (torch.randn(1, 96), *args, torch.randn(40)), qw.attrs)
+
+
+@needs_native
+def test_isa_selection():
+    """The widest instruction set by default, AVX2 when FXQUANT_NATIVE_ISA=avx2 asks; asking
+    :func:`kernels` for one that does not run here names the ones that do."""
+    assert native_cpu.isa() == native_cpu.isas()[0] and "avx2" in native_cpu.isas()
+    with pytest.raises(ValueError, match="avx2"):
+        native_cpu.kernels("sse2")
+    out = _run("from fxquant.kernels import native_cpu; print(native_cpu.isa())", FXQUANT_NATIVE_ISA="avx2")
+    assert out.returncode == 0 and out.stdout.strip() == "avx2", out.stderr
 
 
 def _run(code: str, **env) -> subprocess.CompletedProcess:

@@ -38,7 +38,7 @@ def test_op_matches_reference(m, n, k, dtype, with_bias, lead, seed):
     assert rel(y, r) < FAST_PATH_TOL[dtype]
 
 
-@pytest.mark.parametrize("k", [1, 7, 8, 9, 15, 16, 17, 63, 64, 65, 4095])
+@pytest.mark.parametrize("k", [1, 7, 8, 9, 15, 16, 17, 63, 64, 65, 130, 136, 4095])
 @pytest.mark.parametrize("m", [1, 2, 5])
 def test_k_at_byte_edges(k, m):
     _, t = _stored(24, k, k)
@@ -67,8 +67,9 @@ def test_chunking_is_exact(chunk_bytes, monkeypatch):
 def test_workspace_reused_across_layouts():
     """The per-thread plane workspace is shared by layers of different K: its correction columns
     are rewritten whenever the layout changes, so alternating layers stay exact."""
-    layers = [_stored(40, k, k) for k in (64, 100, 9)]
-    xs = [_x((2, k)) for k in (64, 100, 9)]
+    ks = (64, 100, 9, 32, 40)  # 32 and 40: 4 and 5 packed columns, both padded to width 48
+    layers = [_stored(40, k, k) for k in ks]
+    xs = [_x((2, k)) for k in ks]
     op.clear_workspace()
     first = [op._cpu_fast(x, *t) for x, (_, t) in zip(xs, layers)]
     for _ in range(2):

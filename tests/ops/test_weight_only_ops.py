@@ -50,6 +50,19 @@ def test_op_matches_reference(name, m, n, k, dtype, with_bias, lead, seed):
     assert_linear_close(y, r, x, op.weight, FAST_PATH_TOL[dtype], b)
 
 
+@pytest.mark.parametrize("k", [8, 24, 130, 136, 200, 4112])
+@pytest.mark.parametrize("m", [1, 2, 9])
+def test_int8wo_aten_path_at_any_k(k, m, monkeypatch):
+    """With the native kernels off, small M runs ``_weight_int8pack_mm`` where it is right
+    (K % 16 == 0 on the AVX-512 build) and the dequantize path elsewhere: right at every K."""
+    monkeypatch.setattr(native_cpu, "_lib", lambda: None)
+    _, op, ref = int8_case(40, k, k + m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(torch.bfloat16)
+    y, r = op(x, None), ref(x, None)
+    assert torch.isfinite(y).all()
+    assert_linear_close(y, r, x, op.weight, FAST_PATH_TOL[torch.bfloat16])
+
+
 @pytest.mark.parametrize("name", CASES)
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float16])
 def test_large_m_path_matches_reference(name, dtype, monkeypatch):
@@ -62,7 +75,7 @@ def test_large_m_path_matches_reference(name, dtype, monkeypatch):
 
 @pytest.mark.parametrize("name", CASES)
 @pytest.mark.parametrize("n", [100, 129])
-def test_large_m_blocked_decode_is_the_reference_in_fp32(name, n, monkeypatch):
+def test_large_m_blocked_decode_is_the_reference_in_fp32(name, n, monkeypatch, fp32_dense):
     """Above the threshold the weight is decoded a block of rows at a time (tiny blocks here: many
     blocks, a partial last tile); in fp32 that is the reference up to summation order."""
     from fxquant.ops import _dequant_gemm
@@ -90,7 +103,7 @@ def test_int8wo_switches_kernels_at_its_own_crossover(monkeypatch):
         assert len(calls) == packed, m
 
 
-def test_int4_foreign_block_n_uses_dequant_path(monkeypatch):
+def test_int4_foreign_block_n_uses_dequant_path(monkeypatch, fp32_dense):
     """Weights packed for another CPU's tile height still compute the right thing: the native GEMV
     reads any tile height at small M; above it, the dequantize path (with a warning)."""
     monkeypatch.setattr(int4wo, "_warned_layout", False)

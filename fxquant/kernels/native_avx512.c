@@ -1,0 +1,418 @@
+/* fxquant native CPU GEMV kernels, AVX-512 (F/BW/VL/DQ) variants of those in native_cpu.c.
+ *
+ * Same exported arguments, same stored layouts (documented in native_cpu.c and in
+ * fxquant/formats/<format>.py), same fp32 accumulation; named fxq512_*.  What AVX-512 changes:
+ * 16 lanes per op, masked loads/stores for every tail (no scalar remainders), and vpermps, which
+ * looks up 16 fp32 values at once with the low 4 bits of each lane as the index, so a 4-bit code
+ * decodes exactly in one instruction: the table codes (NF4/FP4/fpX) cost what integer codes cost.
+ *
+ * Every kernel also tiles M: up to 4 rows of x are multiplied with one decoded piece of weight
+ * (the decode, not the FMA, dominates at M = 1), with more independent accumulator chains when M
+ * is small (FMA latency 4, two FMA pipes).  The tile functions are always_inline and called with
+ * constant tile sizes, so each size compiles to its own fully unrolled loop.
+ * Compiled without AVX-512, fxq_avx512() returns 0 and the Python side uses the AVX2 kernels.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "native_common.h"
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && \
+    defined(__FMA__)
+#include <immintrin.h>
+#define FXQ_AVX512 1
+#else
+#define FXQ_AVX512 0
+#endif
+
+int fxq_avx512(void) { return FXQ_AVX512; }
+
+#if FXQ_AVX512
+
+#define INLINE static inline __attribute__((always_inline))
+#define MT 4 /* rows of x per tile */
+
+INLINE __mmask16 tail16(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
+
+/* call F(..., mb) with a compile-time constant mb in 1..MT */
+#define DISPATCH_MB(mb, CALL) \
+    switch (mb) {             \
+    case 1: CALL(1); break;   \
+    case 2: CALL(2); break;   \
+    case 3: CALL(3); break;   \
+    default: CALL(4); break;  \
+    }
+
+/* ---------------------------------------------------------------------------------------------
+ * int8wo: w int8 [N, K], scale bf16 [N].  Four weight rows (a missing row repeats row 0 and is
+ * not stored) times mb rows of x; two chains per (row, m) when mb <= 2.
+ */
+INLINE __m512 i8x16(const int8_t *p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+
+INLINE void i8_tile(const float *x, int64_t K, const int8_t *const w[4], const int mb, float out[4][MT]) {
+    const int ch = mb <= 2 ? 2 : 1;
+    __m512 acc[4][MT][2];
+    for (int r = 0; r < 4; r++)
+        for (int i = 0; i < mb; i++) acc[r][i][0] = acc[r][i][1] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32)
+        for (int h = 0; h < 2; h++) {
+            __m512 wv[4];
+            for (int r = 0; r < 4; r++) wv[r] = i8x16(w[r] + k + 16 * h);
+            for (int i = 0; i < mb; i++) {
+                const __m512 xv = _mm512_loadu_ps(x + i * K + k + 16 * h);
+                for (int r = 0; r < 4; r++) acc[r][i][h % ch] = _mm512_fmadd_ps(wv[r], xv, acc[r][i][h % ch]);
+            }
+        }
+    for (; k < K; k += 16) {
+        const __mmask16 mk = tail16(K - k);
+        __m512 wv[4];
+        for (int r = 0; r < 4; r++)
+            wv[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, w[r] + k)));
+        for (int i = 0; i < mb; i++) {
+            const __m512 xv = _mm512_maskz_loadu_ps(mk, x + i * K + k);
+            for (int r = 0; r < 4; r++) acc[r][i][0] = _mm512_fmadd_ps(wv[r], xv, acc[r][i][0]);
+        }
+    }
+    for (int r = 0; r < 4; r++)
+        for (int i = 0; i < mb; i++) out[r][i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][i][0], acc[r][i][1]));
+}
+
+void fxq512_int8_gemv(const float *x, int64_t M, int64_t K, const int8_t *w, const uint16_t *scale,
+                      int64_t N, float *y, int64_t ldy, int nthreads) {
+    const int64_t nb = (N + 3) / 4;
+#pragma omp parallel for schedule(guided) num_threads(nthreads)
+    for (int64_t blk = 0; blk < nb; blk++) {
+        const int64_t r0 = blk * 4, nr = N - r0 < 4 ? N - r0 : 4;
+        const int8_t *rows[4];
+        for (int r = 0; r < 4; r++) rows[r] = w + (r0 + (r < nr ? r : 0)) * K;
+        for (int64_t m0 = 0; m0 < M; m0 += MT) {
+            const int mb = M - m0 < MT ? (int)(M - m0) : MT;
+            float out[4][MT];
+#define I8_CALL(c) i8_tile(x + m0 * K, K, rows, c, out)
+            DISPATCH_MB(mb, I8_CALL)
+#undef I8_CALL
+            for (int r = 0; r < nr; r++)
+                for (int i = 0; i < mb; i++) y[(m0 + i) * ldy + r0 + r] = out[r][i] * fxq_bf16(scale[r0 + r]);
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * 4-bit codes in int4pack's tile order (layout: native_cpu.c, fxq_int4t_gemv).  One work item is
+ * a 16-byte chunk of a tile column: 16 rows from the low nibbles, 16 from the high ones.  Per group
+ * j: acc = sum_k q x (fp32, exact integer codes), then y += s * acc + (z - mid*s) * sum_k x.
+ * Sub-4-bit planes are rebuilt into nibble-pair bytes from their shards (np16 below).
+ */
+struct np_src {      /* where the 16 nibble-pair bytes of one k come from */
+    const uint8_t *q0, *q1;  /* shard bytes at k = 0 of the group (q1 NULL: one shard) */
+    __m128i c0, c1, mk0, mk1, sh1;
+    int fast4;       /* the stored 4-bit bytes themselves */
+};
+
+INLINE __m128i np16(const struct np_src *s, int64_t off) {
+    const __m128i v0 = _mm_loadu_si128((const __m128i *)(s->q0 + off));
+    if (s->fast4) return v0;
+    __m128i v = _mm_and_si128(_mm_srl_epi16(v0, s->c0), s->mk0);
+    if (s->q1)
+        v = _mm_or_si128(v, _mm_sll_epi16(_mm_and_si128(_mm_srl_epi16(_mm_loadu_si128((const __m128i *)(s->q1 + off)),
+                                                                       s->c1), s->mk1), s->sh1));
+    return v;
+}
+
+/* 16 rows' scale and (zero - mid*scale) of group j from row r; rows >= N get 0 */
+INLINE void sz16(const uint16_t *scale, const uint16_t *zero, int64_t sz_row, int64_t sz_grp, int64_t j,
+                 int64_t r, int64_t N, __m512 vmid, __m512 *s, __m512 *zc) {
+    __m512 z = _mm512_setzero_ps();
+    if (r + 16 <= N && sz_row == 2 && zero == scale + 1) {
+        const __m512i v = _mm512_loadu_si512((const void *)(scale + j * sz_grp + r * 2));
+        *s = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+        z = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xFFFF0000u)));
+    } else if (r + 16 <= N && sz_row == 1) {
+#define BF16X16(P) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(P))), 16))
+        *s = BF16X16(scale + j * sz_grp + r);
+        if (zero) z = BF16X16(zero + j * sz_grp + r);
+#undef BF16X16
+    } else {
+        float sv[16], zv[16];
+        for (int i = 0; i < 16; i++) {
+            sv[i] = r + i < N ? fxq_bf16(scale[j * sz_grp + (r + i) * sz_row]) : 0.f;
+            zv[i] = r + i < N && zero ? fxq_bf16(zero[j * sz_grp + (r + i) * sz_row]) : 0.f;
+        }
+        *s = _mm512_loadu_ps(sv);
+        z = _mm512_loadu_ps(zv);
+    }
+    *zc = _mm512_fnmadd_ps(vmid, *s, z);
+}
+
+/* one group: acc[i][0 / 1] (+= over k) for the low / high nibble rows, mb rows of x at xj[i*K] */
+INLINE void i4_group(const struct np_src *src, int64_t half, int64_t gs, const float *xj, int64_t K, const int mb,
+                     __m512 acc[MT][2]) {
+    const __m512i m0f = _mm512_set1_epi32(0x0F);
+    const int ch = mb == 1 ? 2 : 1; /* M = 1: even and odd k in separate chains */
+    __m512 a[MT][2][2];
+    for (int i = 0; i < mb; i++) a[i][0][0] = a[i][0][1] = a[i][1][0] = a[i][1][1] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < gs; k++) {
+        const __m512i v = _mm512_cvtepu8_epi32(np16(src, k * half));
+        const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, m0f)), hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+        for (int i = 0; i < mb; i++) {
+            const __m512 xk = _mm512_set1_ps(xj[i * K + k]);
+            a[i][k % ch][0] = _mm512_fmadd_ps(lo, xk, a[i][k % ch][0]);
+            a[i][k % ch][1] = _mm512_fmadd_ps(hi, xk, a[i][k % ch][1]);
+        }
+    }
+    for (int i = 0; i < mb; i++) {
+        acc[i][0] = _mm512_add_ps(a[i][0][0], a[i][1][0]);
+        acc[i][1] = _mm512_add_ps(a[i][0][1], a[i][1][1]);
+    }
+}
+
+INLINE void i4_tile(const uint8_t *s0, int64_t w0, int64_t ch0, const uint8_t *s1, int64_t w1, int64_t ch1,
+                    int64_t pb0, int64_t half, int64_t K, int64_t gs, const float *x, const float *xs,
+                    const uint16_t *scale, const uint16_t *zero, int64_t sz_row, int64_t sz_grp, float mid,
+                    int64_t rlo, int64_t rhi, int64_t N, const int mb, float *y, int64_t ldy) {
+    const int64_t G = K / gs;
+    const __m512 vmid = _mm512_set1_ps(mid);
+    __m512 ylo[MT], yhi[MT];
+    for (int i = 0; i < mb; i++) ylo[i] = yhi[i] = _mm512_setzero_ps();
+    struct np_src src;
+    src.fast4 = w0 == 4 && s1 == NULL;
+    src.sh1 = _mm_cvtsi32_si128((int)w0);
+    src.mk0 = _mm_set1_epi8(w0 == 1 ? 0x11 : 0x33);
+    src.mk1 = _mm_set1_epi8(w1 == 1 ? 0x11 : 0x33);
+    for (int64_t j = 0; j < G; j++) {
+        __m512 acc[MT][2];
+        const int64_t pb = pb0 + j * gs * half, pe = pb + (gs - 1) * half; /* nibble-pair bytes, k = 0 / gs-1 */
+        const int64_t i0 = src.fast4 ? 0 : pb / ch0, i1 = s1 ? pb / ch1 : 0;
+        if (src.fast4 || (pe / ch0 == i0 && (!s1 || pe / ch1 == i1))) { /* shifts fixed over the group */
+            src.q0 = s0 + pb - i0 * ch0;
+            src.q1 = s1 ? s1 + pb - i1 * ch1 : NULL;
+            src.c0 = _mm_cvtsi32_si128((int)(w0 * i0));
+            src.c1 = _mm_cvtsi32_si128((int)(w1 * i1));
+            i4_group(&src, half, gs, x + j * gs, K, mb, acc);
+        } else { /* the group crosses a shard chunk boundary (a few groups per weight): k by k */
+            for (int i = 0; i < mb; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+            for (int64_t k = 0; k < gs; k++) {
+                struct np_src one = src;
+                const int64_t mk = pb + k * half, a0 = mk / ch0, a1 = s1 ? mk / ch1 : 0;
+                one.q0 = s0 + mk - a0 * ch0;
+                one.q1 = s1 ? s1 + mk - a1 * ch1 : NULL;
+                one.c0 = _mm_cvtsi32_si128((int)(w0 * a0));
+                one.c1 = _mm_cvtsi32_si128((int)(w1 * a1));
+                const __m512i v = _mm512_cvtepu8_epi32(np16(&one, 0));
+                const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0x0F)));
+                const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+                for (int i = 0; i < mb; i++) {
+                    const __m512 xk = _mm512_set1_ps(x[i * K + j * gs + k]);
+                    acc[i][0] = _mm512_fmadd_ps(lo, xk, acc[i][0]);
+                    acc[i][1] = _mm512_fmadd_ps(hi, xk, acc[i][1]);
+                }
+            }
+        }
+        __m512 slo, zlo, shi, zhi;
+        sz16(scale, zero, sz_row, sz_grp, j, rlo, N, vmid, &slo, &zlo);
+        sz16(scale, zero, sz_row, sz_grp, j, rhi, N, vmid, &shi, &zhi);
+        for (int i = 0; i < mb; i++) {
+            const __m512 xsum = _mm512_set1_ps(xs[i * G + j]);
+            ylo[i] = _mm512_fmadd_ps(zlo, xsum, _mm512_fmadd_ps(acc[i][0], slo, ylo[i]));
+            yhi[i] = _mm512_fmadd_ps(zhi, xsum, _mm512_fmadd_ps(acc[i][1], shi, yhi[i]));
+        }
+    }
+    const __mmask16 klo = rlo < N ? tail16(N - rlo) : 0, khi = rhi < N ? tail16(N - rhi) : 0;
+    for (int i = 0; i < mb; i++) {
+        _mm512_mask_storeu_ps(y + i * ldy + rlo, klo, ylo[i]);
+        _mm512_mask_storeu_ps(y + i * ldy + rhi, khi, yhi[i]);
+    }
+}
+
+void fxq512_int4t_gemv(const float *x, int64_t M, int64_t K, const uint8_t *s0, int64_t w0, int64_t ch0,
+                       const uint8_t *s1, int64_t w1, int64_t ch1, int64_t N, int64_t BN,
+                       int64_t gs, const uint16_t *scale, const uint16_t *zero, int64_t sz_row,
+                       int64_t sz_grp, float mid, float *y, int64_t ldy, int nthreads) {
+    const int64_t G = K / gs, T = (N + BN - 1) / BN, CH = BN / 32, half = BN / 2;
+    float *xs = (float *)malloc(sizeof(float) * (size_t)(M * G > 0 ? M * G : 1));
+    fxq_group_sums(x, M, G, gs, xs);
+#pragma omp parallel for collapse(2) schedule(guided) num_threads(nthreads)
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t c = 0; c < CH; c++) {
+            const int64_t rlo = t * BN + c * 16, rhi = t * BN + half + c * 16;
+            if (rlo >= N) continue;
+            for (int64_t m0 = 0; m0 < M; m0 += MT) {
+                const int mb = M - m0 < MT ? (int)(M - m0) : MT;
+#define I4_CALL(c_)                                                                                  \
+    i4_tile(s0, w0, ch0, s1, w1, ch1, t * K * half + c * 16, half, K, gs, x + m0 * K, xs + m0 * G, scale, \
+            zero, sz_row, sz_grp, mid, rlo, rhi, N, c_, y + m0 * ldy, ldy)
+                DISPATCH_MB(mb, I4_CALL)
+#undef I4_CALL
+            }
+        }
+    free(xs);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * 4-bit codes through a 16-entry table, two per byte (layout: native_cpu.c, fxq_lut4_gemv).
+ * Per block the table is multiplied by the block's scale (t[c] = table[c] * s: the dequantized
+ * value exactly as the reference computes it), then vpermps decodes 16 codes per instruction:
+ * a byte widened to a lane is its own index for the low nibble, shifted right by 4 for the high.
+ */
+INLINE void lut4_tile(const uint8_t *row, const float *xh, const float *xl, int64_t C, int64_t bb,
+                      const float *sbuf, __m512 table, const int mb, float *out) {
+    const int ch = mb == 1 ? 4 : mb == 2 ? 2 : 1;
+    __m512 acc[MT][4];
+    for (int i = 0; i < mb; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = _mm512_setzero_ps();
+    for (int64_t i0 = 0, blk = 0; i0 < C; i0 += bb, blk++) {
+        const __m512 t = _mm512_mul_ps(table, _mm512_set1_ps(sbuf[blk]));
+        int64_t i = i0;
+        for (; i + 32 <= i0 + bb; i += 32) {
+            const __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + i)));
+            const __m512i v1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + i + 16)));
+            const __m512 h0 = _mm512_permutexvar_ps(_mm512_srli_epi32(v0, 4), t), l0 = _mm512_permutexvar_ps(v0, t);
+            const __m512 h1 = _mm512_permutexvar_ps(_mm512_srli_epi32(v1, 4), t), l1 = _mm512_permutexvar_ps(v1, t);
+            for (int m = 0; m < mb; m++) {
+                const float *h = xh + m * C + i, *l = xl + m * C + i;
+                acc[m][0] = _mm512_fmadd_ps(h0, _mm512_loadu_ps(h), acc[m][0]);
+                acc[m][1 % ch] = _mm512_fmadd_ps(l0, _mm512_loadu_ps(l), acc[m][1 % ch]);
+                acc[m][2 % ch] = _mm512_fmadd_ps(h1, _mm512_loadu_ps(h + 16), acc[m][2 % ch]);
+                acc[m][3 % ch] = _mm512_fmadd_ps(l1, _mm512_loadu_ps(l + 16), acc[m][3 % ch]);
+            }
+        }
+        for (; i < i0 + bb; i += 16) { /* block tail: masked (x lanes past it are 0) */
+            const __mmask16 mk = tail16(i0 + bb - i);
+            const __m512i v = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mk, row + i));
+            const __m512 h0 = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), t), l0 = _mm512_permutexvar_ps(v, t);
+            for (int m = 0; m < mb; m++) {
+                acc[m][0] = _mm512_fmadd_ps(h0, _mm512_maskz_loadu_ps(mk, xh + m * C + i), acc[m][0]);
+                acc[m][1 % ch] = _mm512_fmadd_ps(l0, _mm512_maskz_loadu_ps(mk, xl + m * C + i), acc[m][1 % ch]);
+            }
+        }
+    }
+    for (int m = 0; m < mb; m++)
+        out[m] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]), _mm512_add_ps(acc[m][2], acc[m][3])));
+}
+
+void fxq512_lut4_gemv(const float *xh, const float *xl, int64_t M, int64_t C, const uint8_t *codes,
+                      int64_t row_stride, int64_t N, const float *table, int64_t bb, int mode,
+                      const void *sc, const float *dq_code, const float *dq_scale, float dq_offset,
+                      int64_t dq_block, float *y, int64_t ldy, int nthreads) {
+    const int64_t nblk = C / bb;
+    const __m512 tv = _mm512_loadu_ps(table);
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *sbuf = (float *)malloc(sizeof(float) * (size_t)(nblk > 0 ? nblk : 1));
+#pragma omp for schedule(guided)
+        for (int64_t n = 0; n < N; n++) {
+            fxq_row_scales(n, nblk, mode, sc, dq_code, dq_scale, dq_offset, dq_block, sbuf);
+            for (int64_t m0 = 0; m0 < M; m0 += MT) {
+                const int mb = M - m0 < MT ? (int)(M - m0) : MT;
+                float out[MT];
+#define LUT4_CALL(c_) lut4_tile(codes + n * row_stride, xh + m0 * C, xl + m0 * C, C, bb, sbuf, tv, c_, out)
+                DISPATCH_MB(mb, LUT4_CALL)
+#undef LUT4_CALL
+                for (int i = 0; i < mb; i++) y[(m0 + i) * ldy + n] = out[i];
+            }
+        }
+        free(sbuf);
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * fpX, X = 3 (layout: native_cpu.c, fxq_fpx_gemv; X = 4 goes through fxq512_lut4_gemv): the code
+ * of 16 columns is rebuilt in lanes from its 2-bit and 1-bit planes and looked up (vpermps) in the
+ * exact fp32 table table[c] * factor * scale[n].  Columns are walked in runs of the 1-bit plane's
+ * segment, over which both planes' shifts are fixed.
+ */
+INLINE void fpx3_tile(const uint8_t *row, const float *x, int64_t Kp, __m512 t, const int mb, float *out) {
+    const int64_t c2 = Kp / 4, c1 = Kp / 8; /* bytes of the 2-bit and the 1-bit plane */
+    const int ch = mb == 1 ? 2 : 1;
+    __m512 acc[MT][2];
+    for (int i = 0; i < mb; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    const __m512i three = _mm512_set1_epi32(3), one = _mm512_set1_epi32(1);
+    for (int64_t sg = 0; sg < 8; sg++) {
+        const int64_t c0 = sg * c1, i2 = c0 / c2; /* columns c0.. : 2-bit shard i2, 1-bit shard sg */
+        const uint8_t *p2 = row + (c0 - i2 * c2), *p1 = row + c2;
+        const __m128i sh2 = _mm_cvtsi32_si128((int)(2 * i2)), sh1 = _mm_cvtsi32_si128((int)sg);
+        for (int64_t j = 0; j < c1; j += 16) {
+            const __mmask16 mk = tail16(c1 - j);
+            const __m512i b2 = _mm512_and_si512(_mm512_srl_epi32(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mk, p2 + j)), sh2), three);
+            const __m512i b1 = _mm512_and_si512(_mm512_srl_epi32(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mk, p1 + j)), sh1), one);
+            const __m512 w = _mm512_permutexvar_ps(_mm512_or_si512(_mm512_add_epi32(b2, b2), b1), t);
+            for (int i = 0; i < mb; i++)
+                acc[i][(j / 16) % ch] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(mk, x + i * Kp + c0 + j), acc[i][(j / 16) % ch]);
+        }
+    }
+    for (int i = 0; i < mb; i++) out[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]));
+}
+
+void fxq512_fpx_gemv(const float *x, int64_t M, int64_t Kp, const uint8_t *codes, int64_t row_bytes,
+                     int64_t N, int bits, const int8_t *table, const uint16_t *scale, float factor,
+                     float *y, int64_t ldy, int nthreads) {
+    if (bits != 3) return; /* the Python side routes 4-bit fpX to the table kernel */
+    float tf[16];
+    for (int c = 0; c < 16; c++) tf[c] = (float)table[c & 7] * factor;
+    const __m512 tv = _mm512_loadu_ps(tf);
+#pragma omp parallel for schedule(guided) num_threads(nthreads)
+    for (int64_t n = 0; n < N; n++) {
+        const __m512 t = _mm512_mul_ps(tv, _mm512_set1_ps(fxq_bf16(scale[n])));
+        for (int64_t m0 = 0; m0 < M; m0 += MT) {
+            const int mb = M - m0 < MT ? (int)(M - m0) : MT;
+            float out[MT];
+#define FPX_CALL(c_) fpx3_tile(codes + n * row_bytes, x + m0 * Kp, Kp, t, c_, out)
+            DISPATCH_MB(mb, FPX_CALL)
+#undef FPX_CALL
+            for (int i = 0; i < mb; i++) y[(m0 + i) * ldy + n] = out[i];
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * OneBit (layout: native_cpu.c, fxq_onebit_gemv): 16 sign bits are a mask register, and
+ * sum over set bits of x' is one masked add per 16 elements.
+ */
+INLINE void onebit_tile(const uint8_t *row, const float *xb, int64_t CB, const int mb, float *out) {
+    const int ch = mb == 1 ? 4 : mb == 2 ? 2 : 1;
+    const int64_t K = 8 * CB;
+    __m512 acc[MT][4];
+    for (int i = 0; i < mb; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = _mm512_setzero_ps();
+    int64_t c = 0;
+    for (; c + 8 <= CB; c += 8) {
+        uint64_t word;
+        memcpy(&word, row + c, 8);
+        for (int q = 0; q < 4; q++) {
+            const __mmask16 mk = (__mmask16)(word >> (16 * q));
+            for (int i = 0; i < mb; i++)
+                acc[i][q % ch] = _mm512_mask_add_ps(acc[i][q % ch], mk, acc[i][q % ch], _mm512_loadu_ps(xb + i * K + 8 * c + 16 * q));
+        }
+    }
+    for (; c < CB; c += 2) { /* 1 or 2 bytes: 8 or 16 lanes (x is zero-padded to 8 * CB) */
+        const int64_t nb = CB - c < 2 ? 1 : 2;
+        uint16_t hw = row[c];
+        if (nb == 2) hw |= (uint16_t)(row[c + 1] << 8);
+        const __mmask16 lanes = tail16(8 * nb);
+        for (int i = 0; i < mb; i++)
+            acc[i][0] = _mm512_mask_add_ps(acc[i][0], (__mmask16)hw & lanes, acc[i][0], _mm512_maskz_loadu_ps(lanes, xb + i * K + 8 * c));
+    }
+    for (int i = 0; i < mb; i++)
+        out[i] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]), _mm512_add_ps(acc[i][2], acc[i][3])));
+}
+
+void fxq512_onebit_gemv(const float *xb, int64_t M, int64_t CB, const uint8_t *bits, int64_t N,
+                        const uint16_t *a, float *y, int64_t ldy, int nthreads) {
+    float *tot = (float *)malloc(sizeof(float) * (size_t)(M > 0 ? M : 1));
+    fxq_row_totals(xb, M, 8 * CB, tot);
+#pragma omp parallel for schedule(guided) num_threads(nthreads)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t m0 = 0; m0 < M; m0 += MT) {
+            const int mb = M - m0 < MT ? (int)(M - m0) : MT;
+            float out[MT];
+#define ONEBIT_CALL(c_) onebit_tile(bits + n * CB, xb + m0 * 8 * CB, CB, c_, out)
+            DISPATCH_MB(mb, ONEBIT_CALL)
+#undef ONEBIT_CALL
+            for (int i = 0; i < mb; i++) y[(m0 + i) * ldy + n] = fxq_bf16(a[n]) * (2.f * out[i] - tot[m0 + i]);
+        }
+    free(tot);
+}
+
+#endif /* FXQ_AVX512 */

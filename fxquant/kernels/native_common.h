@@ -1,0 +1,54 @@
+/* Scalar helpers shared by the native GEMV kernels of every instruction set (native_cpu.c: AVX2,
+ * native_avx512.c: AVX-512): bf16 decoding, per-group sums of x, per-row block scales. */
+#ifndef FXQ_NATIVE_COMMON_H
+#define FXQ_NATIVE_COMMON_H
+
+#include <stdint.h>
+#include <string.h>
+
+static inline float fxq_bf16(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* xs[m*G + j] = sum of x[m, j*gs : (j+1)*gs] (x fp32 [M, G*gs]) */
+static inline void fxq_group_sums(const float *x, int64_t M, int64_t G, int64_t gs, float *xs) {
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t j = 0; j < G; j++) {
+            float s = 0.f;
+            for (int64_t k = 0; k < gs; k++) s += x[(m * G + j) * gs + k];
+            xs[m * G + j] = s;
+        }
+}
+
+/* The nblk block scales of table-code row n (fxq_lut4_gemv): mode 0 fp32 sc[b], mode 1 bf16 sc[b],
+ * mode 2 bitsandbytes double quant dq_code[u8 sc[b]] * dq_scale[b / dq_block] + dq_offset. */
+static inline void fxq_row_scales(int64_t n, int64_t nblk, int mode, const void *sc, const float *dq_code,
+                                  const float *dq_scale, float dq_offset, int64_t dq_block, float *out) {
+    const int64_t b0 = n * nblk;
+    if (mode == 0) {
+        memcpy(out, (const float *)sc + b0, sizeof(float) * (size_t)nblk);
+    } else if (mode == 1) {
+        for (int64_t blk = 0; blk < nblk; blk++) out[blk] = fxq_bf16(((const uint16_t *)sc)[b0 + blk]);
+    } else {
+        const uint8_t *q = (const uint8_t *)sc + b0;
+        int64_t nested = b0 / dq_block, left = dq_block - b0 % dq_block;
+        for (int64_t blk = 0; blk < nblk; blk++) {
+            out[blk] = dq_code[q[blk]] * dq_scale[nested] + dq_offset;
+            if (--left == 0) { nested++; left = dq_block; }
+        }
+    }
+}
+
+/* the OneBit row total sum_k xb[m, k], per m */
+static inline void fxq_row_totals(const float *xb, int64_t M, int64_t K, float *tot) {
+    for (int64_t m = 0; m < M; m++) {
+        float s = 0.f;
+        for (int64_t k = 0; k < K; k++) s += xb[m * K + k];
+        tot[m] = s;
+    }
+}
+
+#endif
