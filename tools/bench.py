@@ -282,9 +282,11 @@ def _header(args: argparse.Namespace, load_before: float) -> list[str]:
         f"versions: {', '.join(versions)}",
         f"fxquant CPU policy: dense dtype {str(_cpu.dense_dtype()).removeprefix('torch.')}, packed kernels "
         f"below M={_cpu.large_m_threshold()} (int8wo {min(_cpu.large_m_threshold(), int8wo.OP.packed_max_rows)}, "
-        f"int4wo {min(_cpu.large_m_threshold(), int4wo.OP.packed_max_rows)}), "
+        f"int4wo {min(_cpu.large_m_threshold(), int4wo.PACKED_MAX_ROWS)}), "
         f"int4 native block_n {int4_fmt.native_cpu_block_n()}; fxquant native CPU GEMV kernels: "
-        f"{native_cpu.status()} (small M: int8wo ≤ {int8wo.NATIVE_MAX_ROWS}, int4wo ≤ {int4wo.NATIVE_MAX_ROWS} rows, "
+        f"{native_cpu.status()}, {native_cpu.isa()}{' + bf16 dot' if native_cpu.has_bf16_dot() else ''} "
+        f"(small M: int8wo ≤ {int8wo.NATIVE_MAX_ROWS}, int4wo ≤ {int4wo.NATIVE_MAX_ROWS} rows"
+        f"{f', ≤ {int4wo.NATIVE_MAX_ROWS_BF16DOT} with bf16 activations' if native_cpu.has_bf16_dot() else ''}, "
         "per-op limits in fxquant/ops/*.py)",
         f"timing: {'cold (cache flushed)' if args.cold else 'hot (same weight, untimed call first)'}, "
         f"interleaved, ≤{args.reps} reps / ≤{args.budget:g} s per case; "

@@ -28,6 +28,14 @@
 
 int fxq_avx512(void) { return FXQ_AVX512; }
 
+#if FXQ_AVX512 && defined(__AVX512BF16__) && defined(__AVX512VBMI__)
+#define FXQ_BF16DOT 1
+#else
+#define FXQ_BF16DOT 0
+#endif
+/* whether fxq512_int4t_bf16_gemv exists (AVX512-BF16 dot products and VBMI byte permutes) */
+int fxq512_bf16dot(void) { return FXQ_BF16DOT; }
+
 #if FXQ_AVX512
 
 #define INLINE static inline __attribute__((always_inline))
@@ -148,105 +156,136 @@ INLINE void sz16(const uint16_t *scale, const uint16_t *zero, int64_t sz_row, in
     *zc = _mm512_fnmadd_ps(vmid, *s, z);
 }
 
-/* one group: acc[i][0 / 1] (+= over k) for the low / high nibble rows, mb rows of x at xj[i*K] */
-INLINE void i4_group(const struct np_src *src, int64_t half, int64_t gs, const float *xj, int64_t K, const int mb,
-                     __m512 acc[MT][2]) {
-    const __m512i m0f = _mm512_set1_epi32(0x0F);
+/* the codes of one nibble-pair byte vector as fp32 lanes: vpermps reads the low 4 bits of each
+ * lane, so the identity table 0..15 turns a widened byte into its low nibble without a mask */
+#define I4_LO(v, ident) _mm512_permutexvar_ps((v), (ident))
+#define I4_HI(v, ident) _mm512_permutexvar_ps(_mm512_srli_epi32((v), 4), (ident))
+
+/* one group, nc (1 or 2) chunks of 16 nibble-pair bytes per k (contiguous): acc[i][2c + 0 / 1]
+ * (+= over k) for chunk c's low / high nibble rows, mb rows of x at xj[i*K] */
+INLINE void i4_group(const struct np_src *src, int64_t half, int64_t gs, const float *xj, int64_t K, const int nc,
+                     const int mb, __m512 acc[MT][4]) {
+    const __m512 ident = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const int ch = mb == 1 ? 2 : 1; /* M = 1: even and odd k in separate chains */
-    __m512 a[MT][2][2];
-    for (int i = 0; i < mb; i++) a[i][0][0] = a[i][0][1] = a[i][1][0] = a[i][1][1] = _mm512_setzero_ps();
+    __m512 a[MT][2][4];
+    for (int i = 0; i < mb; i++)
+        for (int h = 0; h < 2; h++)
+            for (int c = 0; c < 4; c++) a[i][h][c] = _mm512_setzero_ps();
     for (int64_t k = 0; k < gs; k++) {
-        const __m512i v = _mm512_cvtepu8_epi32(np16(src, k * half));
-        const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, m0f)), hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+        __m512 w[4];
+        for (int c = 0; c < nc; c++) {
+            const __m512i v = _mm512_cvtepu8_epi32(np16(src, k * half + 16 * c));
+            w[2 * c] = I4_LO(v, ident);
+            w[2 * c + 1] = I4_HI(v, ident);
+        }
         for (int i = 0; i < mb; i++) {
             const __m512 xk = _mm512_set1_ps(xj[i * K + k]);
-            a[i][k % ch][0] = _mm512_fmadd_ps(lo, xk, a[i][k % ch][0]);
-            a[i][k % ch][1] = _mm512_fmadd_ps(hi, xk, a[i][k % ch][1]);
+            for (int c = 0; c < 2 * nc; c++) a[i][k % ch][c] = _mm512_fmadd_ps(w[c], xk, a[i][k % ch][c]);
         }
     }
-    for (int i = 0; i < mb; i++) {
-        acc[i][0] = _mm512_add_ps(a[i][0][0], a[i][1][0]);
-        acc[i][1] = _mm512_add_ps(a[i][0][1], a[i][1][1]);
-    }
+    for (int i = 0; i < mb; i++)
+        for (int c = 0; c < 2 * nc; c++) acc[i][c] = _mm512_add_ps(a[i][0][c], a[i][1][c]);
 }
 
+/* nc chunks (16 nibble-pair bytes each, contiguous per k) of one tile: rows rlo + 16c (low
+ * nibbles) and rhi + 16c (high nibbles), c < nc */
 INLINE void i4_tile(const uint8_t *s0, int64_t w0, int64_t ch0, const uint8_t *s1, int64_t w1, int64_t ch1,
                     int64_t pb0, int64_t half, int64_t K, int64_t gs, const float *x, const float *xs,
                     const uint16_t *scale, const uint16_t *zero, int64_t sz_row, int64_t sz_grp, float mid,
-                    int64_t rlo, int64_t rhi, int64_t N, const int mb, float *y, int64_t ldy) {
+                    int64_t rlo, int64_t rhi, int64_t N, const int nc, const int mb, float *y, int64_t ldy) {
     const int64_t G = K / gs;
     const __m512 vmid = _mm512_set1_ps(mid);
-    __m512 ylo[MT], yhi[MT];
-    for (int i = 0; i < mb; i++) ylo[i] = yhi[i] = _mm512_setzero_ps();
+    __m512 yv[MT][4];
+    for (int i = 0; i < mb; i++)
+        for (int c = 0; c < 4; c++) yv[i][c] = _mm512_setzero_ps();
     struct np_src src;
     src.fast4 = w0 == 4 && s1 == NULL;
     src.sh1 = _mm_cvtsi32_si128((int)w0);
     src.mk0 = _mm_set1_epi8(w0 == 1 ? 0x11 : 0x33);
     src.mk1 = _mm_set1_epi8(w1 == 1 ? 0x11 : 0x33);
     for (int64_t j = 0; j < G; j++) {
-        __m512 acc[MT][2];
-        const int64_t pb = pb0 + j * gs * half, pe = pb + (gs - 1) * half; /* nibble-pair bytes, k = 0 / gs-1 */
+        __m512 acc[MT][4];
+        /* nibble-pair bytes of the group: first at k = 0, last at k = gs-1 */
+        const int64_t pb = pb0 + j * gs * half, pe = pb + (gs - 1) * half + 16 * nc - 1;
         const int64_t i0 = src.fast4 ? 0 : pb / ch0, i1 = s1 ? pb / ch1 : 0;
         if (src.fast4 || (pe / ch0 == i0 && (!s1 || pe / ch1 == i1))) { /* shifts fixed over the group */
             src.q0 = s0 + pb - i0 * ch0;
             src.q1 = s1 ? s1 + pb - i1 * ch1 : NULL;
             src.c0 = _mm_cvtsi32_si128((int)(w0 * i0));
             src.c1 = _mm_cvtsi32_si128((int)(w1 * i1));
-            i4_group(&src, half, gs, x + j * gs, K, mb, acc);
-        } else { /* the group crosses a shard chunk boundary (a few groups per weight): k by k */
-            for (int i = 0; i < mb; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
-            for (int64_t k = 0; k < gs; k++) {
-                struct np_src one = src;
-                const int64_t mk = pb + k * half, a0 = mk / ch0, a1 = s1 ? mk / ch1 : 0;
-                one.q0 = s0 + mk - a0 * ch0;
-                one.q1 = s1 ? s1 + mk - a1 * ch1 : NULL;
-                one.c0 = _mm_cvtsi32_si128((int)(w0 * a0));
-                one.c1 = _mm_cvtsi32_si128((int)(w1 * a1));
-                const __m512i v = _mm512_cvtepu8_epi32(np16(&one, 0));
-                const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0x0F)));
-                const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
-                for (int i = 0; i < mb; i++) {
-                    const __m512 xk = _mm512_set1_ps(x[i * K + j * gs + k]);
-                    acc[i][0] = _mm512_fmadd_ps(lo, xk, acc[i][0]);
-                    acc[i][1] = _mm512_fmadd_ps(hi, xk, acc[i][1]);
+            i4_group(&src, half, gs, x + j * gs, K, nc, mb, acc);
+        } else { /* the group crosses a shard chunk boundary (a few groups per weight): byte run by run */
+            const __m512 ident = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+            for (int i = 0; i < mb; i++)
+                for (int c = 0; c < 4; c++) acc[i][c] = _mm512_setzero_ps();
+            for (int64_t k = 0; k < gs; k++)
+                for (int c = 0; c < nc; c++) {
+                    struct np_src one = src;
+                    const int64_t mk = pb + k * half + 16 * c, a0 = mk / ch0, a1 = s1 ? mk / ch1 : 0;
+                    one.q0 = s0 + mk - a0 * ch0;
+                    one.q1 = s1 ? s1 + mk - a1 * ch1 : NULL;
+                    one.c0 = _mm_cvtsi32_si128((int)(w0 * a0));
+                    one.c1 = _mm_cvtsi32_si128((int)(w1 * a1));
+                    const __m512i v = _mm512_cvtepu8_epi32(np16(&one, 0));
+                    const __m512 lo = I4_LO(v, ident), hi = I4_HI(v, ident);
+                    for (int i = 0; i < mb; i++) {
+                        const __m512 xk = _mm512_set1_ps(x[i * K + j * gs + k]);
+                        acc[i][2 * c] = _mm512_fmadd_ps(lo, xk, acc[i][2 * c]);
+                        acc[i][2 * c + 1] = _mm512_fmadd_ps(hi, xk, acc[i][2 * c + 1]);
+                    }
                 }
+        }
+        for (int c = 0; c < nc; c++) {
+            __m512 slo, zlo, shi, zhi;
+            sz16(scale, zero, sz_row, sz_grp, j, rlo + 16 * c, N, vmid, &slo, &zlo);
+            sz16(scale, zero, sz_row, sz_grp, j, rhi + 16 * c, N, vmid, &shi, &zhi);
+            for (int i = 0; i < mb; i++) {
+                const __m512 xsum = _mm512_set1_ps(xs[i * G + j]);
+                yv[i][2 * c] = _mm512_fmadd_ps(zlo, xsum, _mm512_fmadd_ps(acc[i][2 * c], slo, yv[i][2 * c]));
+                yv[i][2 * c + 1] = _mm512_fmadd_ps(zhi, xsum, _mm512_fmadd_ps(acc[i][2 * c + 1], shi, yv[i][2 * c + 1]));
             }
         }
-        __m512 slo, zlo, shi, zhi;
-        sz16(scale, zero, sz_row, sz_grp, j, rlo, N, vmid, &slo, &zlo);
-        sz16(scale, zero, sz_row, sz_grp, j, rhi, N, vmid, &shi, &zhi);
-        for (int i = 0; i < mb; i++) {
-            const __m512 xsum = _mm512_set1_ps(xs[i * G + j]);
-            ylo[i] = _mm512_fmadd_ps(zlo, xsum, _mm512_fmadd_ps(acc[i][0], slo, ylo[i]));
-            yhi[i] = _mm512_fmadd_ps(zhi, xsum, _mm512_fmadd_ps(acc[i][1], shi, yhi[i]));
-        }
     }
-    const __mmask16 klo = rlo < N ? tail16(N - rlo) : 0, khi = rhi < N ? tail16(N - rhi) : 0;
-    for (int i = 0; i < mb; i++) {
-        _mm512_mask_storeu_ps(y + i * ldy + rlo, klo, ylo[i]);
-        _mm512_mask_storeu_ps(y + i * ldy + rhi, khi, yhi[i]);
+    for (int c = 0; c < nc; c++) {
+        const int64_t lo = rlo + 16 * c, hi = rhi + 16 * c;
+        const __mmask16 klo = lo < N ? tail16(N - lo) : 0, khi = hi < N ? tail16(N - hi) : 0;
+        for (int i = 0; i < mb; i++) {
+            _mm512_mask_storeu_ps(y + i * ldy + lo, klo, yv[i][2 * c]);
+            _mm512_mask_storeu_ps(y + i * ldy + hi, khi, yv[i][2 * c + 1]);
+        }
     }
 }
 
+/* Work items: pairs of 16-byte chunks of a tile (a whole 64-row tile, whose 32 bytes per k share
+ * cache lines: one thread reads each line once); a tile of 32 rows is one chunk. */
 void fxq512_int4t_gemv(const float *x, int64_t M, int64_t K, const uint8_t *s0, int64_t w0, int64_t ch0,
                        const uint8_t *s1, int64_t w1, int64_t ch1, int64_t N, int64_t BN,
                        int64_t gs, const uint16_t *scale, const uint16_t *zero, int64_t sz_row,
                        int64_t sz_grp, float mid, float *y, int64_t ldy, int nthreads) {
-    const int64_t G = K / gs, T = (N + BN - 1) / BN, CH = BN / 32, half = BN / 2;
+    const int64_t G = K / gs, T = (N + BN - 1) / BN, CH = BN / 32, half = BN / 2, P = (CH + 1) / 2;
     float *xs = (float *)malloc(sizeof(float) * (size_t)(M * G > 0 ? M * G : 1));
     fxq_group_sums(x, M, G, gs, xs);
 #pragma omp parallel for collapse(2) schedule(guided) num_threads(nthreads)
     for (int64_t t = 0; t < T; t++)
-        for (int64_t c = 0; c < CH; c++) {
+        for (int64_t p = 0; p < P; p++) {
+            const int64_t c = 2 * p, nc = CH - c < 2 ? CH - c : 2;
             const int64_t rlo = t * BN + c * 16, rhi = t * BN + half + c * 16;
             if (rlo >= N) continue;
             for (int64_t m0 = 0; m0 < M; m0 += MT) {
                 const int mb = M - m0 < MT ? (int)(M - m0) : MT;
-#define I4_CALL(c_)                                                                                  \
-    i4_tile(s0, w0, ch0, s1, w1, ch1, t * K * half + c * 16, half, K, gs, x + m0 * K, xs + m0 * G, scale, \
-            zero, sz_row, sz_grp, mid, rlo, rhi, N, c_, y + m0 * ldy, ldy)
-                DISPATCH_MB(mb, I4_CALL)
-#undef I4_CALL
+#define I4_ARGS(nc_, c_)                                                                                  \
+    s0, w0, ch0, s1, w1, ch1, t * K * half + c * 16, half, K, gs, x + m0 * K, xs + m0 * G, scale, zero,   \
+        sz_row, sz_grp, mid, rlo, rhi, N, nc_, c_, y + m0 * ldy, ldy
+#define I4_CALL1(c_) i4_tile(I4_ARGS(1, c_))
+#define I4_CALL2(c_) i4_tile(I4_ARGS(2, c_))
+                if (nc == 2) {
+                    DISPATCH_MB(mb, I4_CALL2)
+                } else {
+                    DISPATCH_MB(mb, I4_CALL1)
+                }
+#undef I4_CALL1
+#undef I4_CALL2
+#undef I4_ARGS
             }
         }
     free(xs);
@@ -414,5 +453,140 @@ void fxq512_onebit_gemv(const float *xb, int64_t M, int64_t CB, const uint8_t *b
         }
     free(tot);
 }
+
+#if FXQ_BF16DOT
+/* ---------------------------------------------------------------------------------------------
+ * int4 tile order, 64-row tiles, bf16 activations: vdpbf16ps multiplies 32 bf16 pairs per
+ * instruction, twice the MACs of an fp32 FMA, and the codes become bf16 without a lookup.
+ *
+ * A 64-byte load holds the 32 nibble-pair bytes of k and of k+1.  vpermb puts byte i of both into
+ * one 32-bit lane (bytes 0 and 2, the others zeroed): the lane's two 16-bit halves are one row at
+ * k and k+1, so one dot-product lane sums exactly that row's two products.  A nibble q becomes the
+ * bf16 bits of 16 + q (exponent of 16, q in the top 4 of the 7 mantissa bits: 0x4180 | q << 3),
+ * with one shift and one ternary-logic op; the 16 is taken back with the group sum of x:
+ *   sum_k ((q - mid) s + z) x = s sum_k (16 + q) x + (z - (mid + 16) s) sum_k x.
+ * Products of bf16 values are exact in fp32, so against the fp32 reference on the same bf16 x
+ * only the fp32 summation order differs.  Lanes: P0 rows 0..15 (low nibbles) / 32..47 (high),
+ * P1 rows 16..31 / 48..63.
+ */
+INLINE void i4b_tile(const uint8_t *tile, int64_t K, int64_t gs, const uint16_t *x, const float *xs,
+                     const uint16_t *scale, const uint16_t *zero, int64_t sz_row, int64_t sz_grp, float mid,
+                     int64_t r0, int64_t N, const int mb, float *y, int64_t ldy) {
+    const int64_t G = K / gs;
+    const __m512 vmid = _mm512_set1_ps(mid + 16.f);
+    const __m512i m78 = _mm512_set1_epi32(0x00780078), c41 = _mm512_set1_epi32(0x41804180);
+    uint8_t ix0[64], ix1[64];
+    for (int i = 0; i < 16; i++) {
+        ix0[4 * i] = (uint8_t)i, ix0[4 * i + 2] = (uint8_t)(32 + i);
+        ix1[4 * i] = (uint8_t)(16 + i), ix1[4 * i + 2] = (uint8_t)(48 + i);
+        ix0[4 * i + 1] = ix0[4 * i + 3] = ix1[4 * i + 1] = ix1[4 * i + 3] = 0;
+    }
+    const __m512i idx0 = _mm512_loadu_si512(ix0), idx1 = _mm512_loadu_si512(ix1);
+    const __mmask64 even = 0x5555555555555555ull;
+    const int ch = mb == 1 ? 2 : 1;
+    __m512 yv[MT][4];
+    for (int i = 0; i < mb; i++)
+        for (int c = 0; c < 4; c++) yv[i][c] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < G; j++) {
+        __m512 a[MT][2][4];
+        for (int i = 0; i < mb; i++)
+            for (int h = 0; h < 2; h++)
+                for (int c = 0; c < 4; c++) a[i][h][c] = _mm512_setzero_ps();
+        const uint8_t *wj = tile + j * gs * 32;
+        for (int64_t p = 0; p < gs / 2; p++) {
+            const __m512i v = _mm512_loadu_si512((const void *)(wj + p * 64));
+            const __m512i p0 = _mm512_maskz_permutexvar_epi8(even, idx0, v);
+            const __m512i p1 = _mm512_maskz_permutexvar_epi8(even, idx1, v);
+            __m512i w[4];
+            w[0] = _mm512_ternarylogic_epi32(_mm512_slli_epi32(p0, 3), m78, c41, 0xEA);
+            w[1] = _mm512_ternarylogic_epi32(_mm512_srli_epi32(p0, 1), m78, c41, 0xEA);
+            w[2] = _mm512_ternarylogic_epi32(_mm512_slli_epi32(p1, 3), m78, c41, 0xEA);
+            w[3] = _mm512_ternarylogic_epi32(_mm512_srli_epi32(p1, 1), m78, c41, 0xEA);
+            for (int i = 0; i < mb; i++) {
+                int32_t pair;
+                memcpy(&pair, x + i * K + j * gs + 2 * p, 4);
+                const __m512bh xp = (__m512bh)_mm512_set1_epi32(pair);
+                for (int c = 0; c < 4; c++)
+                    a[i][p % ch][c] = _mm512_dpbf16_ps(a[i][p % ch][c], (__m512bh)w[c], xp);
+            }
+        }
+        static const int rows_of[4] = {0, 32, 16, 48};
+        for (int c = 0; c < 4; c++) {
+            __m512 s, zc;
+            sz16(scale, zero, sz_row, sz_grp, j, r0 + rows_of[c], N, vmid, &s, &zc);
+            for (int i = 0; i < mb; i++) {
+                const __m512 xsum = _mm512_set1_ps(xs[i * G + j]);
+                const __m512 acc = _mm512_add_ps(a[i][0][c], a[i][1][c]);
+                yv[i][c] = _mm512_fmadd_ps(zc, xsum, _mm512_fmadd_ps(acc, s, yv[i][c]));
+            }
+        }
+    }
+    static const int rows_of[4] = {0, 32, 16, 48};
+    for (int c = 0; c < 4; c++) {
+        const int64_t r = r0 + rows_of[c];
+        const __mmask16 kr = r < N ? tail16(N - r) : 0;
+        for (int i = 0; i < mb; i++) _mm512_mask_storeu_ps(y + i * ldy + r, kr, yv[i][c]);
+    }
+}
+
+/* x bf16 [M, K]; w: the 4-bit int4pack tiles of 64 rows (K/2 * 64 bytes each); gs even */
+void fxq512_int4t_bf16_gemv(const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, int64_t gs,
+                            const uint16_t *scale, const uint16_t *zero, int64_t sz_row, int64_t sz_grp,
+                            float mid, float *y, int64_t ldy, int nthreads) {
+    const int64_t G = K / gs, T = (N + 63) / 64;
+    float *xs = (float *)malloc(sizeof(float) * (size_t)(M * G > 0 ? M * G : 1));
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t j = 0; j < G; j++) {
+            float s = 0.f;
+            for (int64_t k = 0; k < gs; k++) s += fxq_bf16(x[m * K + j * gs + k]);
+            xs[m * G + j] = s;
+        }
+#pragma omp parallel for schedule(guided) num_threads(nthreads)
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t m0 = 0; m0 < M; m0 += MT) {
+            const int mb = M - m0 < MT ? (int)(M - m0) : MT;
+#define I4B_CALL(c_) i4b_tile(w + t * K * 32, K, gs, x + m0 * K, xs + m0 * G, scale, zero, sz_row, sz_grp, \
+                              mid, t * 64, N, c_, y + m0 * ldy, ldy)
+            DISPATCH_MB(mb, I4B_CALL)
+#undef I4B_CALL
+        }
+    free(xs);
+}
+/* int4 tile order -> bf16 W^T: rows r0 .. r0 + 64*nt (whole tiles of 64) written transposed,
+ * out[k * ldo + (r - r0)] = bf16((q - mid) s + z) computed in fp32 and rounded once (the large-M
+ * path: a block of W^T in bf16 that oneDNN's GEMM reads while it is still in cache).  A tile's 32
+ * bytes of one k are its 64 rows at k: the low nibbles rows 0..31, the high ones 32..63, so each
+ * k writes 64 contiguous bf16.  Rows >= N are written as 0. */
+void fxq512_int4t_decode_bf16(const uint8_t *w, int64_t K, int64_t N, int64_t gs, const uint16_t *scale,
+                              const uint16_t *zero, int64_t sz_row, int64_t sz_grp, float mid, int64_t r0,
+                              int64_t nt, uint16_t *out, int64_t ldo, int nthreads) {
+    const int64_t G = K / gs;
+    const __m512 vmid = _mm512_set1_ps(mid);
+#pragma omp parallel for collapse(2) schedule(static) num_threads(nthreads)
+    for (int64_t t = 0; t < nt; t++)
+        for (int64_t j = 0; j < G; j++) {
+            const int64_t rt = r0 + 64 * t;
+            const uint8_t *tile = w + (rt / 64) * K * 32;
+            __m512 s[4], zc[4];
+            for (int c = 0; c < 4; c++) /* 16-row chunks: rows rt + 16c (c < 2: low nibbles) */
+                sz16(scale, zero, sz_row, sz_grp, j, rt + 16 * c, N, vmid, &s[c], &zc[c]);
+            for (int64_t k = j * gs; k < (j + 1) * gs; k++) {
+                const __m256i b = _mm256_loadu_si256((const __m256i *)(tile + k * 32));
+                const __m512i v0 = _mm512_cvtepu8_epi32(_mm256_castsi256_si128(b));
+                const __m512i v1 = _mm512_cvtepu8_epi32(_mm256_extracti128_si256(b, 1));
+                const __m512i m0f = _mm512_set1_epi32(0x0F);
+                const __m512 q[4] = {_mm512_cvtepi32_ps(_mm512_and_si512(v0, m0f)),
+                                     _mm512_cvtepi32_ps(_mm512_and_si512(v1, m0f)),
+                                     _mm512_cvtepi32_ps(_mm512_srli_epi32(v0, 4)),
+                                     _mm512_cvtepi32_ps(_mm512_srli_epi32(v1, 4))};
+                uint16_t *o = out + k * ldo + 64 * t;
+                for (int c = 0; c < 4; c++) {
+                    const __m512 f = _mm512_fmadd_ps(q[c], s[c], zc[c]);
+                    _mm256_storeu_si256((__m256i *)(o + 16 * c), (__m256i)_mm512_cvtneps_pbh(f));
+                }
+            }
+        }
+}
+#endif /* FXQ_BF16DOT */
 
 #endif /* FXQ_AVX512 */

@@ -56,6 +56,14 @@ _SIGNATURES = {
     "fxq_onebit_gemv": (_c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_int),
 }
 
+#: AVX-512 kernels with no AVX2 twin, bound only where the CPU has AVX512-BF16 and VBMI
+_BF16DOT_SIGNATURES = {
+    "fxq512_int4t_bf16_gemv": (_c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_i64,
+                               _c_float, _c_ptr, _c_i64, _c_int),
+    "fxq512_int4t_decode_bf16": (_c_ptr, _c_i64, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_i64, _c_float, _c_i64,
+                                 _c_i64, _c_ptr, _c_i64, _c_int),
+}
+
 _status = "not loaded yet"
 
 
@@ -154,6 +162,13 @@ def kernels(isa: str) -> types.SimpleNamespace:
         fn = getattr(lib, name.replace("fxq_", "fxq512_") if isa == "avx512" else name)
         fn.argtypes, fn.restype = list(argtypes), None
         setattr(ns, name, fn)
+    # kernels of one instruction set only (None elsewhere): bf16 dot products need AVX512-BF16
+    for name, argtypes in _BF16DOT_SIGNATURES.items():
+        fn = None
+        if isa == "avx512" and lib.fxq512_bf16dot():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = list(argtypes), None
+        setattr(ns, name, fn)
     return ns
 
 
@@ -174,6 +189,12 @@ def isa() -> str | None:
     """The instruction set of the kernels the ops use (see :func:`_lib`), or None when unavailable."""
     lib = _lib()
     return None if lib is None else lib.isa
+
+
+def has_bf16_dot() -> bool:
+    """Whether the kernels the ops use include the bf16 dot-product ones (AVX512-BF16 + VBMI)."""
+    lib = _lib()
+    return lib is not None and lib.fxq512_int4t_bf16_gemv is not None
 
 
 def status() -> str:
@@ -233,13 +254,48 @@ def int4_tiled_gemv(x2: torch.Tensor, qweight: torch.Tensor, *, block_n: int, gr
             shards.append((w[start:start + nbytes], sw, nbytes))
             start += nbytes
     (p0, w0, c0), (p1, w1, c1) = shards[0], (shards[1] if len(shards) > 1 else (None, 0, 1))
+    sg, sr = scale.stride()
+    if (x2.dtype == torch.bfloat16 and plane_bits == 4 and block_n == 64 and group_size % 2 == 0
+            and lib.fxq512_int4t_bf16_gemv is not None):
+        # bf16 activations: bf16 dot products (exact products; only the fp32 summation order differs)
+        x = x2.contiguous()
+        y = _out(x.shape[0], out_features)
+        lib.fxq512_int4t_bf16_gemv(_ptr(x), x.shape[0], k, _ptr(w), out_features, group_size, _ptr(scale),
+                                   _ptr(zero), sr, sg, float(mid), _ptr(y), out_features, torch.get_num_threads())
+        return y
     x = _fp32_rows(x2)
     y = _out(x.shape[0], out_features)
-    sg, sr = scale.stride()
     lib.fxq_int4t_gemv(_ptr(x), x.shape[0], k, _ptr(p0), w0, c0, _ptr(p1), w1, c1, out_features, block_n,
                        group_size, _ptr(scale), _ptr(zero), sr, sg, float(mid), _ptr(y), out_features,
                        torch.get_num_threads())
     return y
+
+
+def int4_tile_decoder(qweight: torch.Tensor, *, block_n: int, group_size: int, scale: torch.Tensor,
+                      zero: torch.Tensor | None, out_features: int, mid: float = 8.0):
+    """A transposed block decoder (:mod:`fxquant.ops._dequant_gemm`) of 4-bit int4pack tiles into
+    bf16 ``W.T``, ``W = (q - mid) * s + z`` rounded once, or None when no native decoder applies
+    (needs AVX512-BF16, 64-row tiles, bf16 ``scale``/``zero`` as in :func:`int4_tiled_gemv`)."""
+    lib = _lib()
+    if (lib is None or lib.fxq512_int4t_decode_bf16 is None or block_n != 64 or scale.dtype != torch.bfloat16
+            or (zero is not None and (zero.dtype != torch.bfloat16 or zero.stride() != scale.stride()))):
+        return None
+    w = qweight.contiguous()
+    k = w.numel() * 2 // int(-(-out_features // 64) * 64) if out_features else 0
+    if k == 0 or k % group_size:
+        return None
+    sg, sr = scale.stride()
+
+    def decode(r0: int, r1: int, out: torch.Tensor) -> None:
+        if r0 % 64 or out.dtype != torch.bfloat16 or out.shape[0] != k or out.stride(1) != 1:
+            raise ValueError("int4_tile_decoder: blocks start on a tile, out is bf16 [K, width] row-major")
+        nt = -(-(r1 - r0) // 64)
+        if out.shape[1] < 64 * nt:
+            raise ValueError(f"int4_tile_decoder: out has {out.shape[1]} columns, {64 * nt} needed")
+        lib.fxq512_int4t_decode_bf16(_ptr(w), k, out_features, group_size, _ptr(scale), _ptr(zero), sr, sg,
+                                     float(mid), r0, nt, _ptr(out), out.stride(0), torch.get_num_threads())
+    decode.transposed, decode.multiple = True, 64
+    return decode
 
 
 def lut4_gemv(xh: torch.Tensor, xl: torch.Tensor, codes: torch.Tensor, *, rows: int, row_bytes: int,

@@ -58,7 +58,8 @@ class LinearOpDef:
     #: this format's own crossover (rows) from ``cpu_fast`` to the dequantize path, when it is below
     #: :func:`._cpu.large_m_threshold` (measured per format; the smaller of the two is used)
     packed_max_rows: Optional[int] = None
-    #: ``block_decoder(**tensors, **scalars) -> (decode, row_scale | None, row_multiple)``: when set,
+    #: ``block_decoder(**tensors, **scalars, dtype) -> (decode, row_scale | None, row_multiple)``
+    #: (``dtype``: the GEMM's, which ``decode`` writes): when set,
     #: the CPU dequantize path decodes the weight a block of rows at a time into a reused buffer
     #: and multiplies each block while it is in cache (:func:`._dequant_gemm.blocked_linear`;
     #: block starts are multiples of ``row_multiple``) instead of dequantizing all of it first
@@ -124,7 +125,7 @@ class LinearOpDef:
         if y is None:
             dt = cd or _cpu.dense_dtype()
             if self.block_decoder is not None:
-                decode, row_scale, mult = self.block_decoder(**tensors, **plain)
+                decode, row_scale, mult = self.block_decoder(**tensors, **plain, dtype=dt)
                 rows = max(mult, block_rows(x2.shape[1], dt) // mult * mult)
                 y = blocked_linear(x2, n, x2.shape[1], decode, row_scale, dt, rows)
             else:

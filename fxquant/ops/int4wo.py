@@ -15,6 +15,7 @@ import torch
 
 from ..formats import int4 as fmt
 from ..kernels import native_cpu
+from . import _cpu
 from ._linear import LinearOpDef, define
 
 #: Largest M for the native GEMV (:func:`fxquant.kernels.native_cpu.int4_tiled_gemv`, any tile
@@ -33,14 +34,36 @@ def dequantize_weight(qweight: torch.Tensor, scales_and_zeros: torch.Tensor, gro
 _warned_layout = False
 
 
+#: Largest M for the native GEMV on bf16 activations where the CPU has AVX512-BF16 (bf16 dot
+#: products: twice the MACs per instruction).  Measured (11008x4096, g128, 2 threads, Zen 4, ms,
+#: median, native / int4pack / bf16 F.linear): M=1 0.76 / 1.25 / 4.9, M=16 4.8 / 10.5 / 7.1,
+#: M=32 8.4 / 19.8 / 10.2, M=48 13.1 / 28.9 / 13.7 (blocked decode + bf16 GEMM 15.4), M=64
+#: blocked decode 20.6, bf16 17.1.
+NATIVE_MAX_ROWS_BF16DOT = 56
+#: Largest M for ``_weight_int4pack_mm_for_cpu`` (below the CPU-wide large-M threshold, when lower);
+#: above, blocked decode + dense GEMM.  Measured (11008x4096, g128, 2 threads, AVX2, ms, int4pack /
+#: blocked decode + fp32 GEMM): M=64 97 / 128, M=96 151 / 141, M=128 209 / 152, M=192 245 / 205.
+PACKED_MAX_ROWS = 96
+
+
+def native_max_rows(x2: torch.Tensor) -> int:
+    """Rows up to which the native GEMV beats the other paths for these activations."""
+    if x2.dtype == torch.bfloat16 and native_cpu.has_bf16_dot():
+        return NATIVE_MAX_ROWS_BF16DOT
+    return NATIVE_MAX_ROWS
+
+
 def _cpu_fast(x2, qweight, scales_and_zeros, group_size, block_n, out_features):
     global _warned_layout
-    if x2.shape[0] <= NATIVE_MAX_ROWS:
+    m = x2.shape[0]
+    if m <= native_max_rows(x2):
         y = native_cpu.int4_tiled_gemv(x2, qweight, block_n=block_n, group_size=group_size,
                                        scale=scales_and_zeros.select(-1, 0), zero=scales_and_zeros.select(-1, 1),
                                        out_features=out_features)
         if y is not None:
             return y
+    if m >= min(_cpu.large_m_threshold(), PACKED_MAX_ROWS):
+        return None  # blocked decode + dense GEMM
     if block_n != fmt.native_cpu_block_n():
         if not _warned_layout:
             _warned_layout = True
@@ -53,11 +76,17 @@ def _cpu_fast(x2, qweight, scales_and_zeros, group_size, block_n, out_features):
                                                        scales_and_zeros.to(kd))
 
 
-def _block_decoder(qweight, scales_and_zeros, group_size, block_n, out_features):
+def _block_decoder(qweight, scales_and_zeros, group_size, block_n, out_features, dtype):
     """Large-M CPU path (and weights tiled for another CPU): whole tiles unpacked per block of rows,
     ``(q - 8) * scale + zero`` in the GEMM dtype, as :func:`fxquant.formats.int4.dequantize`."""
     n_pad, k = qweight.shape[0], qweight.shape[1] * 2
     groups = k // group_size
+    if dtype == torch.bfloat16:  # the native decoder writes bf16 W.T blocks (rounded once)
+        native = native_cpu.int4_tile_decoder(qweight, block_n=block_n, group_size=group_size,
+                                              scale=scales_and_zeros.select(-1, 0),
+                                              zero=scales_and_zeros.select(-1, 1), out_features=out_features)
+        if native is not None:
+            return native, None, block_n
 
     def decode(r0: int, r1: int, out: torch.Tensor) -> None:
         end = min(n_pad, -(-r1 // block_n) * block_n)
@@ -81,9 +110,7 @@ OP = LinearOpDef(
     scalars=(("group_size", "int"), ("block_n", "int"), ("out_features", "int")),
     dequantize=dequantize_weight, out_features=lambda out_features, **_: out_features,
     cpu_fast=_cpu_fast, cuda=_cuda, block_decoder=_block_decoder,
-    # int4pack vs blocked dequantize + fp32 GEMM (11008x4096, g128, 2 threads, AVX2, ms): M=64
-    # 97 / 128, M=96 151 / 141, M=128 209 / 152, M=192 245 / 205
-    packed_max_rows=96,
+    cpu_fast_any_m=True,  # _cpu_fast picks by M (native GEMV, int4pack) and returns None above
     doc="x [..., K]; qweight uint8 [Np, K/2] tiled by block_n; scales_and_zeros bf16 [K/g, Np, 2]; "
         "bias [out_features] -> [..., out_features]",
 )

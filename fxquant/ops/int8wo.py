@@ -37,7 +37,7 @@ def _cpu_fast(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> t
     return torch._weight_int8pack_mm(x2.to(kd).contiguous(), qweight, scale.to(kd))
 
 
-def _block_decoder(qweight: torch.Tensor, scale: torch.Tensor):
+def _block_decoder(qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
     """Large-M CPU path: rows of codes converted into the GEMM buffer; the scale goes on the output."""
     def decode(r0: int, r1: int, out: torch.Tensor) -> None:
         out.copy_(qweight[r0:r1])

@@ -52,6 +52,18 @@ TILED_MAX_ROWS = 96
 #: native / previous path): uint4 M=1 2.0 / 4.4, M=8 12.0 / 14.3, M=16 24.2 / 23.9; uint2 M=1
 #: 2.6 / 9.3, M=8 15.9 / 18.4; uint3 M=1 3.3 / 14.9, M=8 21.5 / 25.5, M=16 46 / 37.
 NATIVE_MAX_ROWS = 8
+#: Largest M for :func:`native_linear` on bf16 activations with the bf16 dot-product kernel
+#: (AVX512-BF16), by planes that are 4-bit: b = 4 (one plane) is int4wo's kernel and crossover
+#: (:data:`fxquant.ops.int4wo.NATIVE_MAX_ROWS_BF16DOT`); b = 8 runs it twice, so half the rows
+#: (derived, not measured separately).
+NATIVE_MAX_ROWS_BF16DOT = {4: 56, 8: 28}
+
+
+def native_max_rows(x2: torch.Tensor, bits: int) -> int:
+    """Rows up to which the native GEMV is used for these activations and this width."""
+    if x2.dtype == torch.bfloat16 and bits in NATIVE_MAX_ROWS_BF16DOT and native_cpu.has_bf16_dot():
+        return NATIVE_MAX_ROWS_BF16DOT[bits]
+    return NATIVE_MAX_ROWS
 
 
 def dequantize_weight(codes_lo: torch.Tensor, codes_hi: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
@@ -163,7 +175,7 @@ _warned_layout = False
 
 def _cpu_fast(x2, codes_lo, codes_hi, scale, offset, bits, group_size, symmetric, axis, block_n, out_features):
     global _warned_layout
-    if axis == 1 and x2.shape[0] <= NATIVE_MAX_ROWS:
+    if axis == 1 and x2.shape[0] <= native_max_rows(x2, bits):
         y = native_linear(x2, codes_lo, codes_hi, scale, offset, bits, group_size, block_n, out_features)
         if y is not None:
             return y

@@ -263,3 +263,63 @@ def test_unwritable_cache_dir_falls_back_to_a_private_temp_dir(tmp_path):
     out = _run(_OP_STILL_WORKS, FXQUANT_CACHE_DIR=str(blocker / "cache"), TMPDIR=str(tmp_path / "tmp"))
     assert out.returncode == 0 and out.stdout.strip() == "True | loaded", out.stderr
     assert list((tmp_path / "tmp").glob(f"fxquant-{os.getuid()}/fxquant_native_*.so"))
+
+
+needs_bf16_dot = pytest.mark.skipif(not native_cpu.has_bf16_dot(), reason="no AVX512-BF16 dot-product kernels here")
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize("scheme", ["int4wo-32", "int4wo-128", "uint4wo-64", "int4wo-256"])
+@pytest.mark.parametrize("m,n", [(1, 130), (3, 64), (5, 200), (17, 72), (int4wo.NATIVE_MAX_ROWS_BF16DOT, 40)])
+def test_int4_bf16_dot_kernel_is_the_reference_on_bf16_x(scheme, m, n):
+    """bf16 activations take the bf16 dot-product kernel: its products of bf16 codes and bf16 x are
+    exact, so against the fp32 reference on the same bf16 x only the fp32 summation order differs
+    (the fp32 bound, not the bf16 one), at M up to its limit and a partial last tile."""
+    qw, op = quantized(scheme, n, 256, m)
+    x = (torch.randn(m, 256, generator=torch.Generator().manual_seed(m)) + 0.3).to(torch.bfloat16)
+    args = tuple(qw.tensors.values())
+    real, outs = native_cpu.int4_tiled_gemv, []
+    native_cpu.int4_tiled_gemv = lambda *a, **kw: outs.append(real(*a, **kw)) or outs[-1]
+    try:
+        op(x, *args, None, **qw.attrs)
+    finally:
+        native_cpu.int4_tiled_gemv = real
+    assert outs and outs[0].dtype == torch.float32  # the kernel's fp32 result, before the op's bf16 cast
+    r = OPS[qw.op][0](x.float(), *args, None, **qw.attrs)  # fp32 result on the same bf16 x
+    w = OPS[qw.op][1].OP.dequantized(qw.tensors, {**qw.attrs, "compute_dtype": None})
+    assert_linear_close(outs[0], r, x, w, FP32_TOL)
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize("n,k,group", [(130, 256, 32), (64, 128, 128), (300, 512, 64)])
+def test_int4_tile_decoder_is_the_reference_dequant_in_bf16(n, k, group):
+    """The native large-M decoder writes bf16 W.T blocks: the reference's fp32 dequant rounded once,
+    bit for bit, for every block start (tiles) and a partial last block; padded rows are 0."""
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(n))
+    st_ = int4.to_storage(w, group, 64)
+    sz = st_["scales_and_zeros"]
+    decode = native_cpu.int4_tile_decoder(st_["qweight"], block_n=64, group_size=group, scale=sz[..., 0],
+                                          zero=sz[..., 1], out_features=n)
+    want = int4.from_storage(st_["qweight"], sz, group, 64, n).to(torch.bfloat16)
+    out = torch.full((k, 128), float("nan"), dtype=torch.bfloat16)
+    for r0 in range(0, n, 128):
+        r1 = min(n, r0 + 128)
+        decode(r0, r1, out)
+        assert torch.equal(out[:, : r1 - r0].t(), want[r0:r1])
+        assert not out[:, : -(-(r1 - r0) // 64) * 64].isnan().any()
+    with pytest.raises(ValueError, match="tile"):
+        decode(32, 64, out)
+
+
+@needs_bf16_dot
+def test_int4wo_large_m_takes_the_native_decoder():
+    """Above the GEMV's rows, int4wo decodes bf16 W.T blocks natively and multiplies in bf16."""
+    qw, op = quantized("int4wo-128", 200, 512, 0)
+    args = tuple(qw.tensors.values())
+    x = torch.randn(int4wo.NATIVE_MAX_ROWS_BF16DOT + 8, 512).to(torch.bfloat16)
+    with spy("int4_tile_decoder") as calls:
+        y = op(x, *args, None, **qw.attrs)
+    assert calls
+    r = int4wo.reference(x, *args, None, **qw.attrs)
+    w = int4wo.OP.dequantized(qw.tensors, {**qw.attrs, "compute_dtype": None})
+    assert_linear_close(y, r, x, w, BF16_TOL)
