@@ -587,6 +587,63 @@ void fxq512_int4t_decode_bf16(const uint8_t *w, int64_t K, int64_t N, int64_t gs
             }
         }
 }
+/* 4-bit table codes (layout as fxq512_lut4_gemv), bf16 activations: vdpbf16ps on the table in
+ * bf16.  32 bytes widen to 32 words; vpermw looks up 32 bf16 values per instruction with the low 5
+ * bits of each word as index, so with the 16-entry table stored twice the word itself indexes its
+ * low nibble and the word >> 4 its high one.  Word p of the high-nibble values meets xh[p] (= x at
+ * k = 2p), of the low ones xl[p], in natural order.  The block scale multiplies the block's
+ * partial sums (fp32), not the table.  Against the reference on the same bf16 x: the table
+ * rounded to bf16 (exact for FP4 and every fpX table, <= 2^-9 relative for NF4's values), exact
+ * products, fp32 sums. */
+INLINE void lut4b_tile(const uint8_t *row, const uint16_t *xh, const uint16_t *xl, int64_t C, int64_t bb,
+                       const float *sbuf, __m512i t32, const int mb, float *out) {
+    __m512 acc[MT][2];
+    for (int i = 0; i < mb; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    for (int64_t i0 = 0, blk = 0; i0 < C; i0 += bb, blk++) {
+        __m512 part[MT];
+        for (int i = 0; i < mb; i++) part[i] = _mm512_setzero_ps();
+        for (int64_t i = i0; i < i0 + bb; i += 32) {
+            const int64_t left = i0 + bb - i;
+            const __mmask32 mk = left >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << left) - 1);
+            const __m512i b = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(mk, row + i));
+            const __m512bh h = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(b, 4), t32);
+            const __m512bh l = (__m512bh)_mm512_permutexvar_epi16(b, t32);
+            for (int m = 0; m < mb; m++) {
+                part[m] = _mm512_dpbf16_ps(part[m], h, (__m512bh)_mm512_maskz_loadu_epi16(mk, xh + m * C + i));
+                part[m] = _mm512_dpbf16_ps(part[m], l, (__m512bh)_mm512_maskz_loadu_epi16(mk, xl + m * C + i));
+            }
+        }
+        const __m512 sv = _mm512_set1_ps(sbuf[blk]);
+        for (int m = 0; m < mb; m++) acc[m][blk & 1] = _mm512_fmadd_ps(part[m], sv, acc[m][blk & 1]);
+    }
+    for (int m = 0; m < mb; m++) out[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
+}
+
+void fxq512_lut4_bf16_gemv(const uint16_t *xh, const uint16_t *xl, int64_t M, int64_t C, const uint8_t *codes,
+                           int64_t row_stride, int64_t N, const float *table, int64_t bb, int mode,
+                           const void *sc, const float *dq_code, const float *dq_scale, float dq_offset,
+                           int64_t dq_block, float *y, int64_t ldy, int nthreads) {
+    const int64_t nblk = C / bb;
+    const __m256i t16 = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(table));
+    const __m512i t32 = _mm512_inserti64x4(_mm512_castsi256_si512(t16), t16, 1);
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *sbuf = (float *)malloc(sizeof(float) * (size_t)(nblk > 0 ? nblk : 1));
+#pragma omp for schedule(guided)
+        for (int64_t n = 0; n < N; n++) {
+            fxq_row_scales(n, nblk, mode, sc, dq_code, dq_scale, dq_offset, dq_block, sbuf);
+            for (int64_t m0 = 0; m0 < M; m0 += MT) {
+                const int mb = M - m0 < MT ? (int)(M - m0) : MT;
+                float out[MT];
+#define LUT4B_CALL(c_) lut4b_tile(codes + n * row_stride, xh + m0 * C, xl + m0 * C, C, bb, sbuf, t32, c_, out)
+                DISPATCH_MB(mb, LUT4B_CALL)
+#undef LUT4B_CALL
+                for (int i = 0; i < mb; i++) y[(m0 + i) * ldy + n] = out[i];
+            }
+        }
+        free(sbuf);
+    }
+}
 #endif /* FXQ_BF16DOT */
 
 #endif /* FXQ_AVX512 */

@@ -60,6 +60,7 @@ _SIGNATURES = {
 _BF16DOT_SIGNATURES = {
     "fxq512_int4t_bf16_gemv": (_c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_i64,
                                _c_float, _c_ptr, _c_i64, _c_int),
+    "fxq512_lut4_bf16_gemv": _SIGNATURES["fxq_lut4_gemv"],
     "fxq512_int4t_decode_bf16": (_c_ptr, _c_i64, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_i64, _c_float, _c_i64,
                                  _c_i64, _c_ptr, _c_i64, _c_int),
 }
@@ -191,6 +192,11 @@ def isa() -> str | None:
     return None if lib is None else lib.isa
 
 
+#: activation dtypes the bf16 dot-product kernels take (fp32 rounded to bf16 first); fp16 keeps the
+#: fp32 kernels (bf16 would drop 3 of its mantissa bits)
+BF16_DOT_DTYPES = (torch.bfloat16, torch.float32)
+
+
 def has_bf16_dot() -> bool:
     """Whether the kernels the ops use include the bf16 dot-product ones (AVX512-BF16 + VBMI)."""
     lib = _lib()
@@ -255,10 +261,11 @@ def int4_tiled_gemv(x2: torch.Tensor, qweight: torch.Tensor, *, block_n: int, gr
             start += nbytes
     (p0, w0, c0), (p1, w1, c1) = shards[0], (shards[1] if len(shards) > 1 else (None, 0, 1))
     sg, sr = scale.stride()
-    if (x2.dtype == torch.bfloat16 and plane_bits == 4 and block_n == 64 and group_size % 2 == 0
+    if (x2.dtype in BF16_DOT_DTYPES and plane_bits == 4 and block_n == 64 and group_size % 2 == 0
             and lib.fxq512_int4t_bf16_gemv is not None):
-        # bf16 activations: bf16 dot products (exact products; only the fp32 summation order differs)
-        x = x2.contiguous()
+        # bf16 dot products on bf16 activations (fp32 ones rounded to bf16, as the ATen packed
+        # kernels do): exact products, so only the fp32 summation order differs from the reference
+        x = x2.to(torch.bfloat16).contiguous()
         y = _out(x.shape[0], out_features)
         lib.fxq512_int4t_bf16_gemv(_ptr(x), x.shape[0], k, _ptr(w), out_features, group_size, _ptr(scale),
                                    _ptr(zero), sr, sg, float(mid), _ptr(y), out_features, torch.get_num_threads())
@@ -314,7 +321,14 @@ def lut4_gemv(xh: torch.Tensor, xl: torch.Tensor, codes: torch.Tensor, *, rows: 
     if dq is None and scale.dtype not in (torch.float32, torch.bfloat16):
         return None
     mode = 2 if dq is not None else (0 if scale.dtype == torch.float32 else 1)
-    xh, xl = _fp32_rows(xh), _fp32_rows(xl)
+    # bf16 activations: the bf16 dot-product kernel (the table in bf16: exact for FP4/fpX tables,
+    # within 2^-9 for NF4's values; exact products, fp32 sums)
+    fn = lib.fxq512_lut4_bf16_gemv if xh.dtype in BF16_DOT_DTYPES else None
+    if fn is None:
+        fn = lib.fxq_lut4_gemv
+        xh, xl = _fp32_rows(xh), _fp32_rows(xl)
+    else:
+        xh, xl = xh.to(torch.bfloat16).contiguous(), xl.to(torch.bfloat16).contiguous()
     t, sc, c = table.float().contiguous(), scale.contiguous(), codes.contiguous()
     dq_code = dq_scale = None
     offset, dq_block = 0.0, 1
@@ -322,7 +336,7 @@ def lut4_gemv(xh: torch.Tensor, xl: torch.Tensor, codes: torch.Tensor, *, rows: 
         dq_code, dq_scale = dq[0].float().contiguous(), dq[1].float().contiguous()
         offset, dq_block = float(dq[2]), int(dq[3])
     y = _out(xh.shape[0], rows)
-    lib.fxq_lut4_gemv(_ptr(xh), _ptr(xl), xh.shape[0], row_bytes, _ptr(c), row_bytes, rows, _ptr(t),
+    fn(_ptr(xh), _ptr(xl), xh.shape[0], row_bytes, _ptr(c), row_bytes, rows, _ptr(t),
                       block_bytes, mode, _ptr(sc), _ptr(dq_code), _ptr(dq_scale), offset, dq_block, _ptr(y), rows,
                       torch.get_num_threads())
     return y

@@ -48,7 +48,7 @@ PACKED_MAX_ROWS = 96
 
 def native_max_rows(x2: torch.Tensor) -> int:
     """Rows up to which the native GEMV beats the other paths for these activations."""
-    if x2.dtype == torch.bfloat16 and native_cpu.has_bf16_dot():
+    if x2.dtype in native_cpu.BF16_DOT_DTYPES and native_cpu.has_bf16_dot():
         return NATIVE_MAX_ROWS_BF16DOT
     return NATIVE_MAX_ROWS
 

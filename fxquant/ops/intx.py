@@ -61,7 +61,7 @@ NATIVE_MAX_ROWS_BF16DOT = {4: 56, 8: 28}
 
 def native_max_rows(x2: torch.Tensor, bits: int) -> int:
     """Rows up to which the native GEMV is used for these activations and this width."""
-    if x2.dtype == torch.bfloat16 and bits in NATIVE_MAX_ROWS_BF16DOT and native_cpu.has_bf16_dot():
+    if x2.dtype in native_cpu.BF16_DOT_DTYPES and bits in NATIVE_MAX_ROWS_BF16DOT and native_cpu.has_bf16_dot():
         return NATIVE_MAX_ROWS_BF16DOT[bits]
     return NATIVE_MAX_ROWS
 
