@@ -52,12 +52,10 @@ class LinearOpDef:
     #: give their own definition ``(x, **tensors, bias=..., **scalars incl. compute_dtype) -> y``;
     #: it is the reference and the CPU path when ``cpu_fast`` does not apply.
     reference_fn: Optional[Callable[..., torch.Tensor]] = None
-    #: ``cpu_fast`` is good at every M (e.g. a blocked dequantize + GEMM), not only below
-    #: :func:`._cpu.large_m_threshold` (the packed GEMV-style ATen kernels)
+    #: ``cpu_fast`` is called at every M, not only below :func:`._cpu.large_m_threshold`: it is
+    #: good at every M (e.g. a blocked dequantize + GEMM) or routes by M itself, returning None
+    #: where the dequantize path (``block_decoder``) wins (its own measured crossover)
     cpu_fast_any_m: bool = False
-    #: this format's own crossover (rows) from ``cpu_fast`` to the dequantize path, when it is below
-    #: :func:`._cpu.large_m_threshold` (measured per format; the smaller of the two is used)
-    packed_max_rows: Optional[int] = None
     #: ``block_decoder(**tensors, **scalars, dtype) -> (decode, row_scale | None, row_multiple)``
     #: (``dtype``: the GEMM's, which ``decode`` writes): when set,
     #: the CPU dequantize path decodes the weight a block of rows at a time into a reused buffer
@@ -114,10 +112,7 @@ class LinearOpDef:
         cd = scalars["compute_dtype"]
         plain = {k: v for k, v in scalars.items() if k != "compute_dtype"}  # what cpu_fast / block_decoder take
         y = None
-        limit = _cpu.large_m_threshold()
-        if self.packed_max_rows is not None:
-            limit = min(limit, self.packed_max_rows)
-        small = self.cpu_fast_any_m or _cpu.rows(x) < limit
+        small = self.cpu_fast_any_m or _cpu.rows(x) < _cpu.large_m_threshold()
         if self.cpu_fast is not None and small and cd in (None, torch.bfloat16):
             y = self.cpu_fast(x2, **tensors, **plain)
         if y is None and self.reference_fn is not None:

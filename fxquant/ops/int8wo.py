@@ -26,7 +26,19 @@ def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tenso
     return fmt.dequantize(qweight, scale)
 
 
+def packed_max_rows() -> int:
+    """Rows below which ``_weight_int8pack_mm`` beats blocked dequantize + dense GEMM here.
+
+    Measured (11008x4096, 2 threads, ms): AVX2 Zen 3, fp32 GEMM (int8pack / blocked): M=32 36 / 62,
+    M=64 94 / 91, M=96 137 / 86, M=128 151 / 104, M=192 273 / 137 -> 64.  Zen 4, bf16 GEMM
+    (int8pack / blocked / bf16 F.linear, median): M=8 6.1 / 12.7 / 7.7, M=12 8.9 / 9.2 / 7.4,
+    M=16 11.7 / 10.2 / 7.7, M=32 23.1 / 14.6 / 11.5 -> 12."""
+    return min(_cpu.large_m_threshold(), 12 if _cpu.dense_dtype() == torch.bfloat16 else 64)
+
+
 def _cpu_fast(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+    if x2.shape[0] >= packed_max_rows():
+        return None  # blocked dequantize + dense GEMM
     if x2.shape[0] <= NATIVE_MAX_ROWS:
         y = native_cpu.int8_gemv(x2, qweight, scale)
         if y is not None:
@@ -54,9 +66,7 @@ OP = LinearOpDef(
     name="linear_int8wo", tensors=("qweight", "scale"), scalars=(),
     dequantize=dequantize_weight, out_features=lambda qweight, **_: qweight.shape[0],
     cpu_fast=_cpu_fast, cuda=_cuda, block_decoder=_block_decoder,
-    # int8pack vs blocked dequantize + fp32 GEMM (11008x4096, 2 threads, AVX2, ms): M=32 36 / 62,
-    # M=64 94 / 91, M=96 137 / 86, M=128 151 / 104, M=192 273 / 137
-    packed_max_rows=64,
+    cpu_fast_any_m=True,  # _cpu_fast routes by M (packed_max_rows()) and returns None above
     doc="x [..., K]; qweight int8 [N, K]; scale bf16 [N]; bias [N] -> [..., N]",
 )
 linear_int8wo = define(OP)

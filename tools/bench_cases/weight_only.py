@@ -5,8 +5,9 @@ Same interface as :mod:`tools.bench_cases.float8` (``CASES``, ``TARGETS``), e.g.
 
 Rows: the ops (``torch.ops.fxquant.linear_int8wo`` / ``linear_int4wo``: fxquant's native GEMV up
 to ``NATIVE_MAX_ROWS`` rows (int4wo with bf16 activations on AVX512-BF16: ``NATIVE_MAX_ROWS_BF16DOT``),
-then the ATen packed kernels on bf16 activations below int8wo's ``packed_max_rows`` / int4wo's
-``PACKED_MAX_ROWS`` (64 / 96 rows on fp32-GEMM CPUs), blocked dequantize + dense GEMM above), their
+then the ATen packed kernels on bf16 activations below int8wo's ``packed_max_rows()`` (12 rows
+with bf16 GEMM, 64 with fp32) / int4wo's ``PACKED_MAX_ROWS`` (96; both capped by the CPU-wide
+threshold), blocked dequantize + dense GEMM above), their
 references, and the peers that have the format: torchao ``Int8WeightOnlyConfig`` (eager and
 ``torch.compile``), ``Int4WeightOnlyConfig`` (CPU layout) and ``IntxWeightOnlyConfig`` int4,
 optimum-quanto ``qint8`` / ``qint4`` (group 128), bitsandbytes ``Linear8bitLt`` (threshold 0: pure
