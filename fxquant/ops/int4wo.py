@@ -53,6 +53,11 @@ def native_max_rows(x2: torch.Tensor) -> int:
     return NATIVE_MAX_ROWS
 
 
+def packed_max_rows() -> int:
+    """Rows below which the packed kernels beat blocked decode + dense GEMM (capped CPU-wide)."""
+    return min(_cpu.large_m_threshold(), PACKED_MAX_ROWS)
+
+
 def _cpu_fast(x2, qweight, scales_and_zeros, group_size, block_n, out_features):
     global _warned_layout
     m = x2.shape[0]
@@ -62,7 +67,7 @@ def _cpu_fast(x2, qweight, scales_and_zeros, group_size, block_n, out_features):
                                        out_features=out_features)
         if y is not None:
             return y
-    if m >= min(_cpu.large_m_threshold(), PACKED_MAX_ROWS):
+    if m >= packed_max_rows():
         return None  # blocked decode + dense GEMM
     if block_n != fmt.native_cpu_block_n():
         if not _warned_layout:

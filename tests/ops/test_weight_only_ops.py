@@ -90,8 +90,8 @@ def test_large_m_blocked_decode_is_the_reference_in_fp32(name, n, monkeypatch, f
 
 
 def test_int8wo_switches_kernels_at_its_own_crossover(monkeypatch):
-    """Below ``packed_max_rows()`` rows (measured per dense GEMM dtype, capped by the CPU-wide threshold) int8wo calls the
-    packed kernel; from it on, the blocked dequantize path; both equal the reference."""
+    """Below ``packed_max_rows()`` rows (measured per dense GEMM dtype, capped by the CPU-wide
+    threshold) int8wo calls the packed kernel; from it on, the blocked dequantize path; both equal the reference."""
     real, calls = torch._weight_int8pack_mm, []
     monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: calls.append(1) or real(*a))
     limit = int8wo.packed_max_rows()
