@@ -595,8 +595,62 @@ void fxq512_int4t_decode_bf16(const uint8_t *w, int64_t K, int64_t N, int64_t gs
  * partial sums (fp32), not the table.  Against the reference on the same bf16 x: the table
  * rounded to bf16 (exact for FP4 and every fpX table, <= 2^-9 relative for NF4's values), exact
  * products, fp32 sums. */
+/* the partial sums of one block whose bb bytes are a multiple of 32: high- and low-nibble products
+ * in separate chains (ph, pl), unmasked loads */
+INLINE void lut4b_block(const uint8_t *p, const uint16_t *xh, const uint16_t *xl, int64_t C, int64_t bb,
+                        __m512i t32, const int mb, __m512 ph[MT], __m512 pl[MT]) {
+    for (int m = 0; m < mb; m++) ph[m] = pl[m] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < bb; i += 32) {
+        const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(p + i)));
+        const __m512bh h = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(b, 4), t32);
+        const __m512bh l = (__m512bh)_mm512_permutexvar_epi16(b, t32);
+        for (int m = 0; m < mb; m++) {
+            ph[m] = _mm512_dpbf16_ps(ph[m], h, (__m512bh)_mm512_loadu_si512((const void *)(xh + m * C + i)));
+            pl[m] = _mm512_dpbf16_ps(pl[m], l, (__m512bh)_mm512_loadu_si512((const void *)(xl + m * C + i)));
+        }
+    }
+}
+
+/* lut4b_tile for bb % 32 == 0: two blocks per step into four accumulator chains per row of x
+ * (each chain one FMA per two blocks: the FMA latency no longer bounds a block) */
+INLINE void lut4b_tile32(const uint8_t *row, const uint16_t *xh, const uint16_t *xl, int64_t C, int64_t bb,
+                         const float *sbuf, __m512i t32, const int mb, float *out) {
+    __m512 acc[MT][4];
+    for (int i = 0; i < mb; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = _mm512_setzero_ps();
+    const int64_t nblk = C / bb;
+    int64_t blk = 0;
+    for (; blk + 2 <= nblk; blk += 2) {
+        __m512 ph0[MT], pl0[MT], ph1[MT], pl1[MT];
+        lut4b_block(row + blk * bb, xh + blk * bb, xl + blk * bb, C, bb, t32, mb, ph0, pl0);
+        lut4b_block(row + (blk + 1) * bb, xh + (blk + 1) * bb, xl + (blk + 1) * bb, C, bb, t32, mb, ph1, pl1);
+        const __m512 s0 = _mm512_set1_ps(sbuf[blk]), s1 = _mm512_set1_ps(sbuf[blk + 1]);
+        for (int m = 0; m < mb; m++) {
+            acc[m][0] = _mm512_fmadd_ps(ph0[m], s0, acc[m][0]);
+            acc[m][1] = _mm512_fmadd_ps(pl0[m], s0, acc[m][1]);
+            acc[m][2] = _mm512_fmadd_ps(ph1[m], s1, acc[m][2]);
+            acc[m][3] = _mm512_fmadd_ps(pl1[m], s1, acc[m][3]);
+        }
+    }
+    if (blk < nblk) {
+        __m512 ph0[MT], pl0[MT];
+        lut4b_block(row + blk * bb, xh + blk * bb, xl + blk * bb, C, bb, t32, mb, ph0, pl0);
+        const __m512 s0 = _mm512_set1_ps(sbuf[blk]);
+        for (int m = 0; m < mb; m++) {
+            acc[m][0] = _mm512_fmadd_ps(ph0[m], s0, acc[m][0]);
+            acc[m][1] = _mm512_fmadd_ps(pl0[m], s0, acc[m][1]);
+        }
+    }
+    for (int m = 0; m < mb; m++)
+        out[m] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]),
+                                                    _mm512_add_ps(acc[m][2], acc[m][3])));
+}
+
 INLINE void lut4b_tile(const uint8_t *row, const uint16_t *xh, const uint16_t *xl, int64_t C, int64_t bb,
                        const float *sbuf, __m512i t32, const int mb, float *out) {
+    if (bb % 32 == 0) {
+        lut4b_tile32(row, xh, xl, C, bb, sbuf, t32, mb, out);
+        return;
+    }
     __m512 acc[MT][2];
     for (int i = 0; i < mb; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
     for (int64_t i0 = 0, blk = 0; i0 < C; i0 += bb, blk++) {
