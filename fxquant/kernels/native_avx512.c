@@ -292,6 +292,36 @@ void fxq512_int4t_gemv(const float *x, int64_t M, int64_t K, const uint8_t *s0, 
 }
 
 /* ---------------------------------------------------------------------------------------------
+ * fxq_row_scales with the double-quant mode vectorized: 16 block scales per step, the absmax codes
+ * gathered from dq_code (the scalar loop cost a quarter of the 4-bit GEMV's time at bs 64).  The
+ * nested scale changes at most once in 16 blocks when dq_block >= 16 (else the scalar helper).
+ */
+INLINE void row_scales512(int64_t n, int64_t nblk, int mode, const void *sc, const float *dq_code,
+                          const float *dq_scale, float dq_offset, int64_t dq_block, float *out) {
+    if (mode != 2 || dq_block < 16) {
+        fxq_row_scales(n, nblk, mode, sc, dq_code, dq_scale, dq_offset, dq_block, out);
+        return;
+    }
+    const int64_t b0 = n * nblk;
+    const uint8_t *q = (const uint8_t *)sc + b0;
+    const __m512 off = _mm512_set1_ps(dq_offset);
+    int64_t nested = b0 / dq_block, left = dq_block - b0 % dq_block; /* blocks left in `nested` */
+    for (int64_t blk = 0; blk < nblk; blk += 16) {
+        const __mmask16 mk = tail16(nblk - blk);
+        const __m512i qi = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mk, q + blk));
+        const __m512 c = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mk, qi, dq_code, 4);
+        __m512 s = _mm512_set1_ps(dq_scale[nested]);
+        if (left <= 16) { /* lanes from `left` on are in the next nested block */
+            if (left < 16 && left < nblk - blk)
+                s = _mm512_mask_blend_ps((__mmask16)((1u << left) - 1), _mm512_set1_ps(dq_scale[nested + 1]), s);
+            nested++, left += dq_block;
+        }
+        left -= 16;
+        _mm512_mask_storeu_ps(out + blk, mk, _mm512_fmadd_ps(c, s, off));
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
  * 4-bit codes through a 16-entry table, two per byte (layout: native_cpu.c, fxq_lut4_gemv).
  * Per block the table is multiplied by the block's scale (t[c] = table[c] * s: the dequantized
  * value exactly as the reference computes it), then vpermps decodes 16 codes per instruction:
@@ -343,7 +373,7 @@ void fxq512_lut4_gemv(const float *xh, const float *xl, int64_t M, int64_t C, co
         float *sbuf = (float *)malloc(sizeof(float) * (size_t)(nblk > 0 ? nblk : 1));
 #pragma omp for schedule(guided)
         for (int64_t n = 0; n < N; n++) {
-            fxq_row_scales(n, nblk, mode, sc, dq_code, dq_scale, dq_offset, dq_block, sbuf);
+            row_scales512(n, nblk, mode, sc, dq_code, dq_scale, dq_offset, dq_block, sbuf);
             for (int64_t m0 = 0; m0 < M; m0 += MT) {
                 const int mb = M - m0 < MT ? (int)(M - m0) : MT;
                 float out[MT];
@@ -685,7 +715,7 @@ void fxq512_lut4_bf16_gemv(const uint16_t *xh, const uint16_t *xl, int64_t M, in
         float *sbuf = (float *)malloc(sizeof(float) * (size_t)(nblk > 0 ? nblk : 1));
 #pragma omp for schedule(guided)
         for (int64_t n = 0; n < N; n++) {
-            fxq_row_scales(n, nblk, mode, sc, dq_code, dq_scale, dq_offset, dq_block, sbuf);
+            row_scales512(n, nblk, mode, sc, dq_code, dq_scale, dq_offset, dq_block, sbuf);
             for (int64_t m0 = 0; m0 < M; m0 += MT) {
                 const int mb = M - m0 < MT ? (int)(M - m0) : MT;
                 float out[MT];

@@ -173,8 +173,10 @@ def kernels(isa: str) -> types.SimpleNamespace:
     return ns
 
 
+@functools.lru_cache(maxsize=None)
 def _lib() -> types.SimpleNamespace | None:
-    """The kernels the ops use: the widest of :func:`isas`, or AVX2 with ``FXQUANT_NATIVE_ISA=avx2``."""
+    """The kernels the ops use: the widest of :func:`isas`, or AVX2 with ``FXQUANT_NATIVE_ISA=avx2``
+    (read once per process: every op call asks)."""
     here = isas()
     if not here:
         return None
@@ -209,8 +211,9 @@ def status() -> str:
     return _status
 
 
-def _ptr(t: torch.Tensor | None):
-    return None if t is None else ctypes.c_void_p(t.data_ptr())
+def _ptr(t: torch.Tensor | None) -> int | None:
+    """A tensor's address for a ``c_void_p`` argument (a plain int: no ctypes object per argument)."""
+    return None if t is None else t.data_ptr()
 
 
 def _fp32_rows(x2: torch.Tensor) -> torch.Tensor:
