@@ -403,14 +403,17 @@ INLINE void fpx3_tile(const uint8_t *row, const float *x, int64_t Kp, __m512 t, 
         const int64_t c0 = sg * c1, i2 = c0 / c2; /* columns c0.. : 2-bit shard i2, 1-bit shard sg */
         const uint8_t *p2 = row + (c0 - i2 * c2), *p1 = row + c2;
         const __m128i sh2 = _mm_cvtsi32_si128((int)(2 * i2)), sh1 = _mm_cvtsi32_si128((int)sg);
-        for (int64_t j = 0; j < c1; j += 16) {
-            const __mmask16 mk = tail16(c1 - j);
-            const __m512i b2 = _mm512_and_si512(_mm512_srl_epi32(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mk, p2 + j)), sh2), three);
-            const __m512i b1 = _mm512_and_si512(_mm512_srl_epi32(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mk, p1 + j)), sh1), one);
-            const __m512 w = _mm512_permutexvar_ps(_mm512_or_si512(_mm512_add_epi32(b2, b2), b1), t);
-            for (int i = 0; i < mb; i++)
-                acc[i][(j / 16) % ch] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(mk, x + i * Kp + c0 + j), acc[i][(j / 16) % ch]);
-        }
+        for (int64_t j = 0; j < c1; j += 32)
+            for (int h = 0; h < 2; h++) { /* h: a constant once unrolled, so acc stays in registers */
+                const int64_t jj = j + 16 * h;
+                if (jj >= c1) break;
+                const __mmask16 mk = tail16(c1 - jj);
+                const __m512i b2 = _mm512_and_si512(_mm512_srl_epi32(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mk, p2 + jj)), sh2), three);
+                const __m512i b1 = _mm512_and_si512(_mm512_srl_epi32(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mk, p1 + jj)), sh1), one);
+                const __m512 w = _mm512_permutexvar_ps(_mm512_or_si512(_mm512_add_epi32(b2, b2), b1), t);
+                for (int i = 0; i < mb; i++)
+                    acc[i][h % ch] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(mk, x + i * Kp + c0 + jj), acc[i][h % ch]);
+            }
     }
     for (int i = 0; i < mb; i++) out[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]));
 }
@@ -726,6 +729,62 @@ void fxq512_lut4_bf16_gemv(const uint16_t *xh, const uint16_t *xl, int64_t M, in
             }
         }
         free(sbuf);
+    }
+}
+/* fpX, X = 3 (layout: fxq512_fpx_gemv), bf16 activations: 32 codes per step.  The 3-bit index
+ * 2 * (2-bit plane bits) + (1-bit plane bit) is built on bytes (the epi16 shifts move a neighbour
+ * byte's bits only into bits the masks clear), widened to words and looked up with vpermw in the
+ * 8-entry table (stored four times) in bf16, exact: every fp3 value is a small integer times a
+ * power of two.  The row's scale multiplies the row's sum; products of bf16 values are exact in
+ * fp32, so only the fp32 summation order differs from the reference on the same bf16 x. */
+INLINE void fpx3b_tile(const uint8_t *row, const uint16_t *x, int64_t Kp, __m512i t32, const int mb,
+                       float *out) {
+    const int64_t c2 = Kp / 4, c1 = Kp / 8;
+    __m512 acc[MT][2];
+    for (int i = 0; i < mb; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    const __m256i three = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
+    for (int64_t sg = 0; sg < 8; sg++) {
+        const int64_t c0 = sg * c1, i2 = c0 / c2;
+        const uint8_t *p2 = row + (c0 - i2 * c2), *p1 = row + c2;
+        const __m128i sh2 = _mm_cvtsi32_si128((int)(2 * i2)), sh1 = _mm_cvtsi32_si128((int)sg);
+        for (int64_t j = 0; j < c1; j += 64)
+            for (int h = 0; h < 2; h++) {
+                const int64_t jj = j + 32 * h;
+                if (jj >= c1) break;
+                const int64_t left = c1 - jj;
+                const __mmask32 mk = left >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << left) - 1);
+                const __m256i b2 = _mm256_and_si256(_mm256_srl_epi16(_mm256_maskz_loadu_epi8(mk, p2 + jj), sh2), three);
+                const __m256i b1 = _mm256_and_si256(_mm256_srl_epi16(_mm256_maskz_loadu_epi8(mk, p1 + jj), sh1), one);
+                const __m512i idx = _mm512_cvtepu8_epi16(_mm256_or_si256(_mm256_add_epi8(b2, b2), b1));
+                const __m512bh w = (__m512bh)_mm512_permutexvar_epi16(idx, t32);
+                for (int i = 0; i < mb; i++)
+                    acc[i][h] = _mm512_dpbf16_ps(acc[i][h], w,
+                                                 (__m512bh)_mm512_maskz_loadu_epi16(mk, x + i * Kp + c0 + jj));
+            }
+    }
+    for (int i = 0; i < mb; i++) out[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]));
+}
+
+/* arguments as fxq512_fpx_gemv with x bf16 [M, Kp] */
+void fxq512_fpx3_bf16_gemv(const uint16_t *x, int64_t M, int64_t Kp, const uint8_t *codes, int64_t row_bytes,
+                           int64_t N, int bits, const int8_t *table, const uint16_t *scale, float factor,
+                           float *y, int64_t ldy, int nthreads) {
+    if (bits != 3) return;
+    float tf[16];
+    for (int c = 0; c < 16; c++) tf[c] = (float)table[c & 7] * factor;
+    const __m256i t16 = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(tf));
+    const __m512i t32 = _mm512_inserti64x4(_mm512_castsi256_si512(t16), t16, 1);
+#pragma omp parallel for schedule(guided) num_threads(nthreads)
+    for (int64_t n = 0; n < N; n++) {
+        const float s = fxq_bf16(scale[n]);
+        for (int64_t m0 = 0; m0 < M; m0 += MT) {
+            const int mb = M - m0 < MT ? (int)(M - m0) : MT;
+            float out[MT];
+#define FPX3B_CALL(c_) fpx3b_tile(codes + n * row_bytes, x + m0 * Kp, Kp, t32, c_, out)
+            DISPATCH_MB(mb, FPX3B_CALL)
+#undef FPX3B_CALL
+            for (int i = 0; i < mb; i++) y[(m0 + i) * ldy + n] = out[i] * s;
+        }
     }
 }
 #endif /* FXQ_BF16DOT */

@@ -61,6 +61,7 @@ _BF16DOT_SIGNATURES = {
     "fxq512_int4t_bf16_gemv": (_c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_i64,
                                _c_float, _c_ptr, _c_i64, _c_int),
     "fxq512_lut4_bf16_gemv": _SIGNATURES["fxq_lut4_gemv"],
+    "fxq512_fpx3_bf16_gemv": _SIGNATURES["fxq_fpx_gemv"],
     "fxq512_int4t_decode_bf16": (_c_ptr, _c_i64, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_i64, _c_float, _c_i64,
                                  _c_i64, _c_ptr, _c_i64, _c_int),
 }
@@ -387,11 +388,15 @@ def fpx_gemv(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, table
         return None
     n, row_bytes = qweight.shape
     kp = row_bytes * 8 // bits
-    x = _fp32_rows(x2)
+    # 3 bits on bf16 / fp32 activations: the bf16 dot-product kernel (fp32 x rounded to bf16)
+    fn = lib.fxq512_fpx3_bf16_gemv if bits == 3 and x2.dtype in BF16_DOT_DTYPES else None
+    x = x2.to(torch.bfloat16).contiguous() if fn is not None else _fp32_rows(x2)
+    if fn is None:
+        fn = lib.fxq_fpx_gemv
     if x.shape[1] != kp:
         x = torch.nn.functional.pad(x, (0, kp - x.shape[1]))
     w, s = qweight.contiguous(), scale.contiguous()
     y = _out(x.shape[0], n)
-    lib.fxq_fpx_gemv(_ptr(x), x.shape[0], kp, _ptr(w), row_bytes, n, bits, _ptr(exact[0]), _ptr(s),
-                     exact[1], _ptr(y), n, torch.get_num_threads())
+    fn(_ptr(x), x.shape[0], kp, _ptr(w), row_bytes, n, bits, _ptr(exact[0]), _ptr(s), exact[1], _ptr(y), n,
+       torch.get_num_threads())
     return y

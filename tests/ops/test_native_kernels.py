@@ -69,10 +69,8 @@ def takes_bf16_dot(qw) -> bool:
     lib = native_cpu._lib()
     if lib is None or getattr(lib, "fxq512_int4t_bf16_gemv", None) is None:
         return False
-    if qw.op in ("linear_bnb4", "linear_bnb4_dq"):
+    if qw.op in ("linear_bnb4", "linear_bnb4_dq", "linear_fpx"):  # fpx: 4-bit table and 3-bit plane kernels
         return True
-    if qw.op == "linear_fpx":
-        return wrapper_of(qw) == "lut4_gemv"
     if qw.op not in ("linear_int4wo", "linear_intx"):
         return False
     a = qw.attrs
