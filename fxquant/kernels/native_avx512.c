@@ -109,6 +109,24 @@ void fxq512_int8_gemv(const float *x, int64_t M, int64_t K, const int8_t *w, con
     }
 }
 
+/* int8wo's large-M decoder: n int8 codes -> bf16, exactly (|q| <= 128 has 8 significant bits, so
+ * its bf16 is the top half of its fp32), 64 per step; rows of W stay rows (oneDNN's bf16 GEMM reads
+ * x @ block.T faster than x @ (a W.T block), measured). */
+void fxq512_int8_to_bf16(const int8_t *src, int64_t n, uint16_t *dst, int nthreads) {
+    const int64_t steps = (n + 63) / 64;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t t = 0; t < steps; t++) {
+        const int64_t i0 = 64 * t, left = n - i0;
+        for (int c = 0; c < 4; c++) {
+            const int64_t i = i0 + 16 * c;
+            if (16 * c >= left) break;
+            const __mmask16 mk = tail16(left - 16 * c);
+            const __m512i f = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, src + i))));
+            _mm256_mask_storeu_epi16(dst + i, mk, _mm512_cvtepi32_epi16(_mm512_srli_epi32(f, 16)));
+        }
+    }
+}
+
 /* ---------------------------------------------------------------------------------------------
  * 4-bit codes in int4pack's tile order (layout: native_cpu.c, fxq_int4t_gemv).  One work item is
  * a 16-byte chunk of a tile column: 16 rows from the low nibbles, 16 from the high ones.  Per group

@@ -489,4 +489,27 @@ void fxq_onebit_gemv(const float *xb, int64_t M, int64_t CB, const uint8_t *bits
     free(tot);
 }
 
+/* ---------------------------------------------------------------------------------------------
+ * int8wo's large-M decoder: n int8 codes -> bf16, exactly (|q| <= 128 has 8 significant bits, so
+ * its bf16 is the top half of its fp32), 8 per step.
+ */
+void fxq_int8_to_bf16(const int8_t *src, int64_t n, uint16_t *dst, int nthreads) {
+    const int64_t steps = n / 8;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t t = 0; t < steps; t++) {
+        int64_t v8;
+        memcpy(&v8, src + 8 * t, 8);
+        const __m256i f = _mm256_castps_si256(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(v8))));
+        const __m256i h = _mm256_srli_epi32(f, 16);
+        const __m256i p = _mm256_permute4x64_epi64(_mm256_packus_epi32(h, h), 0x08);
+        _mm_storeu_si128((__m128i *)(dst + 8 * t), _mm256_castsi256_si128(p));
+    }
+    for (int64_t i = 8 * steps; i < n; i++) {
+        const float f = (float)src[i];
+        uint32_t u;
+        memcpy(&u, &f, 4);
+        dst[i] = (uint16_t)(u >> 16);
+    }
+}
+
 #endif /* FXQ_SIMD */

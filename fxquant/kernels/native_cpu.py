@@ -54,6 +54,7 @@ _SIGNATURES = {
     "fxq_fpx_gemv": (_c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_int, _c_ptr, _c_ptr, _c_float, _c_ptr,
                      _c_i64, _c_int),
     "fxq_onebit_gemv": (_c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_int),
+    "fxq_int8_to_bf16": (_c_ptr, _c_i64, _c_ptr, _c_int),
 }
 
 #: AVX-512 kernels with no AVX2 twin, bound only where the CPU has AVX512-BF16 and VBMI
@@ -306,6 +307,23 @@ def int4_tile_decoder(qweight: torch.Tensor, *, block_n: int, group_size: int, s
         lib.fxq512_int4t_decode_bf16(_ptr(w), k, out_features, group_size, _ptr(scale), _ptr(zero), sr, sg,
                                      float(mid), r0, nt, _ptr(out), out.stride(0), torch.get_num_threads())
     decode.transposed, decode.multiple = True, 64
+    return decode
+
+
+def int8_decoder(qweight: torch.Tensor):
+    """A block decoder (:mod:`fxquant.ops._dequant_gemm`) of int8 ``[N, K]`` codes into bf16 rows
+    (the codes themselves, exact; the row scale stays on the output), or None without the native
+    kernels."""
+    lib = _lib()
+    if lib is None or lib.fxq_int8_to_bf16 is None or qweight.dtype != torch.int8 or qweight.dim() != 2:
+        return None
+    w = qweight.contiguous()
+    k = w.shape[1]
+
+    def decode(r0: int, r1: int, out: torch.Tensor) -> None:
+        if out.dtype != torch.bfloat16 or not out.is_contiguous() or out.shape != (r1 - r0, k):
+            raise ValueError(f"int8_decoder: out must be contiguous bf16 [{r1 - r0}, {k}]")
+        lib.fxq_int8_to_bf16(_ptr(w) + r0 * k, (r1 - r0) * k, _ptr(out), torch.get_num_threads())
     return decode
 
 

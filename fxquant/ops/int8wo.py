@@ -50,7 +50,13 @@ def _cpu_fast(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> t
 
 
 def _block_decoder(qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
-    """Large-M CPU path: rows of codes converted into the GEMM buffer; the scale goes on the output."""
+    """Large-M CPU path: rows of codes converted into the GEMM buffer (exact in bf16 and fp32); the
+    scale goes on the output.  bf16: the native converter (:func:`native_cpu.int8_decoder`)."""
+    if dtype == torch.bfloat16:
+        native = native_cpu.int8_decoder(qweight)
+        if native is not None:
+            return native, scale, 1
+
     def decode(r0: int, r1: int, out: torch.Tensor) -> None:
         out.copy_(qweight[r0:r1])
     return decode, scale, 1

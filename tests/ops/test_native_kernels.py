@@ -343,3 +343,35 @@ def test_int4wo_large_m_takes_the_native_decoder():
     r = int4wo.reference(x, *args, None, **qw.attrs)
     w = int4wo.OP.dequantized(qw.tensors, {**qw.attrs, "compute_dtype": None})
     assert_linear_close(y, r, x, w, BF16_TOL)
+
+
+@needs_native
+@each_isa
+@pytest.mark.parametrize("n,k", [(1, 1), (3, 7), (70, 129), (130, 256)])
+def test_int8_decoder_is_exact_in_bf16(isa, n, k):
+    """int8wo's large-M decoder writes the codes as bf16 rows, bit for bit what torch's conversion
+    gives (every int8 is exact in bf16), for any block of rows, and rejects a wrong buffer."""
+    q = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=torch.Generator().manual_seed(n * k))
+    with using(isa):
+        decode = native_cpu.int8_decoder(q)
+        for r0, r1 in ((0, n), (n // 2, n), (0, max(1, n // 3))):
+            out = torch.full((r1 - r0, k), float("nan"), dtype=torch.bfloat16)
+            decode(r0, r1, out)
+            assert torch.equal(out, q[r0:r1].to(torch.bfloat16))
+        with pytest.raises(ValueError, match="contiguous bf16"):
+            decode(0, n, torch.empty(n, k, dtype=torch.float32))
+
+
+@needs_bf16_dot
+def test_int8wo_large_m_takes_the_native_decoder():
+    """Above the packed kernels' rows, int8wo converts rows of codes natively into the bf16 GEMM's
+    buffer; the result is the reference's within bf16 rounding."""
+    qw, op = quantized("int8wo", 150, 384, 0)
+    args = tuple(qw.tensors.values())
+    x = torch.randn(int8wo.packed_max_rows() + 5, 384)
+    with spy("int8_decoder") as calls:
+        y = op(x, *args, None, **qw.attrs)
+    assert calls
+    r = int8wo.reference(x, *args, None, **qw.attrs)
+    w = int8wo.OP.dequantized(qw.tensors, {**qw.attrs, "compute_dtype": None})
+    assert_linear_close(y, r, x, w, BF16_TOL)
