@@ -189,18 +189,21 @@ INLINE void i4_group(const struct np_src *src, int64_t half, int64_t gs, const f
     for (int i = 0; i < mb; i++)
         for (int h = 0; h < 2; h++)
             for (int c = 0; c < 4; c++) a[i][h][c] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < gs; k++) {
-        __m512 w[4];
-        for (int c = 0; c < nc; c++) {
-            const __m512i v = _mm512_cvtepu8_epi32(np16(src, k * half + 16 * c));
-            w[2 * c] = I4_LO(v, ident);
-            w[2 * c + 1] = I4_HI(v, ident);
+    for (int64_t k0 = 0; k0 < gs; k0 += 2)
+        for (int h = 0; h < 2; h++) { /* h a constant once unrolled: the chains stay in registers */
+            const int64_t k = k0 + h;
+            if (k >= gs) break;
+            __m512 w[4];
+            for (int c = 0; c < nc; c++) {
+                const __m512i v = _mm512_cvtepu8_epi32(np16(src, k * half + 16 * c));
+                w[2 * c] = I4_LO(v, ident);
+                w[2 * c + 1] = I4_HI(v, ident);
+            }
+            for (int i = 0; i < mb; i++) {
+                const __m512 xk = _mm512_set1_ps(xj[i * K + k]);
+                for (int c = 0; c < 2 * nc; c++) a[i][h % ch][c] = _mm512_fmadd_ps(w[c], xk, a[i][h % ch][c]);
+            }
         }
-        for (int i = 0; i < mb; i++) {
-            const __m512 xk = _mm512_set1_ps(xj[i * K + k]);
-            for (int c = 0; c < 2 * nc; c++) a[i][k % ch][c] = _mm512_fmadd_ps(w[c], xk, a[i][k % ch][c]);
-        }
-    }
     for (int i = 0; i < mb; i++)
         for (int c = 0; c < 2 * nc; c++) acc[i][c] = _mm512_add_ps(a[i][0][c], a[i][1][c]);
 }
@@ -337,6 +340,208 @@ INLINE void row_scales512(int64_t n, int64_t nblk, int mode, const void *sc, con
         left -= 16;
         _mm512_mask_storeu_ps(out + blk, mk, _mm512_fmadd_ps(c, s, off));
     }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * intx grouped along axis 0 (fxquant/formats/intx.py): codes in int4 tile order as above, but
+ * W[n, k] = (q - mid) s[n % R, k] + z[n % R, k] with s, z bf16 [R, K] (z NULL: 0), R = N / g.
+ * With A = s * x and c[r] = sum_k (z - mid s)[r, k] x[k] (both per row of x):
+ *   y[n] = sum_k q[n, k] A[n % R, k] + c[n % R].
+ * A is stored transposed and widened, AT[k * W + j] = A[j % R, k] for j < W = R + BN, so the BN rows
+ * of a tile starting at n0 read BN contiguous values at AT[k * W + n0 % R].  K is walked in chunks
+ * whose AT slice stays in L2 while every tile passes over it; the tiles' sums wait in y.
+ * ws: the caller's scratch of K * (R + BN) + R floats.
+ */
+INLINE __m128i np16_at(const uint8_t *s0, int64_t w0, int64_t ch0, const uint8_t *s1, int64_t w1, int64_t ch1,
+                       const struct np_src *tmpl, int64_t b) { /* nibble-pair bytes b .. b+15, any b */
+    struct np_src one = *tmpl;
+    const int64_t a0 = one.fast4 ? 0 : b / ch0, a1 = s1 ? b / ch1 : 0;
+    one.q0 = s0 + b - a0 * ch0;
+    one.q1 = s1 ? s1 + b - a1 * ch1 : NULL;
+    one.c0 = _mm_cvtsi32_si128((int)(w0 * a0));
+    one.c1 = _mm_cvtsi32_si128((int)(w1 * a1));
+    return np16(&one, 0);
+}
+
+/* kn k's of one work item (nc chunks of 16 nibble-pair bytes per k, from byte pb; AT from a0 with row
+ * stride W): acc[h][2cc + 0 / 1] for chunk cc's low / high nibble rows, h = k parity.  fixed: every
+ * byte of the range is in the same shard chunks (shifts fixed), else each load finds its own; mode
+ * (fixed only): 0 the stored 4-bit bytes, 1 one shard, 2 two shards.  All three are constants at
+ * each call, so the loop has no run-time branches and the accumulators stay in registers. */
+INLINE void ax0_chunk(const uint8_t *s0, int64_t w0, int64_t ch0, const uint8_t *s1, int64_t w1, int64_t ch1,
+                      const struct np_src *tmpl, int64_t pb, int64_t half, int64_t kn, const float *a0, int64_t W,
+                      const int nc, const int fixed, const int mode, __m512 acc[2][4]) {
+    const __m512 ident = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const uint8_t *q0 = NULL, *q1 = NULL;
+    __m128i c0 = _mm_setzero_si128(), c1 = c0;
+    if (fixed) {
+        const int64_t i0 = tmpl->fast4 ? 0 : pb / ch0, i1 = s1 ? pb / ch1 : 0;
+        q0 = s0 + pb - i0 * ch0;
+        q1 = s1 ? s1 + pb - i1 * ch1 : NULL;
+        c0 = _mm_cvtsi32_si128((int)(w0 * i0));
+        c1 = _mm_cvtsi32_si128((int)(w1 * i1));
+    }
+    const __m256i mk0 = _mm256_broadcastsi128_si256(tmpl->mk0), mk1 = _mm256_broadcastsi128_si256(tmpl->mk1);
+    for (int h = 0; h < 2; h++)
+        for (int q = 0; q < 4; q++) acc[h][q] = _mm512_setzero_ps();
+    for (int64_t k0 = 0; k0 < kn; k0 += 2)
+        for (int h = 0; h < 2; h++) {
+            const int64_t k = k0 + h;
+            if (k >= kn) break;
+            const float *a = a0 + k * W;
+            __m128i nb[2];
+            if (fixed) { /* nc * 16 nibble-pair bytes of this k, 32 at a time when nc = 2 */
+                const int64_t off = k * half;
+#ifndef AX0_PF
+#define AX0_PF 1024
+#endif
+                if ((k & 1) == 0) {
+                    _mm_prefetch((const char *)(q0 + off + AX0_PF), _MM_HINT_T0);
+                    if (mode == 2) _mm_prefetch((const char *)(q1 + off + AX0_PF), _MM_HINT_T0);
+                }
+                __m256i v;
+                if (nc == 2) v = _mm256_loadu_si256((const __m256i *)(q0 + off));
+                else v = _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(q0 + off)));
+                if (mode >= 1) v = _mm256_and_si256(_mm256_srl_epi16(v, c0), mk0);
+                if (mode == 2) {
+                    __m256i u;
+                    if (nc == 2) u = _mm256_loadu_si256((const __m256i *)(q1 + off));
+                    else u = _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(q1 + off)));
+                    v = _mm256_or_si256(v, _mm256_sll_epi16(_mm256_and_si256(_mm256_srl_epi16(u, c1), mk1), tmpl->sh1));
+                }
+                nb[0] = _mm256_castsi256_si128(v);
+                nb[1] = _mm256_extracti128_si256(v, 1);
+            } else {
+                for (int cc = 0; cc < nc; cc++) nb[cc] = np16_at(s0, w0, ch0, s1, w1, ch1, tmpl, pb + k * half + 16 * cc);
+            }
+            for (int cc = 0; cc < nc; cc++) {
+                const __m512i v = _mm512_cvtepu8_epi32(nb[cc]);
+                acc[h][2 * cc] = _mm512_fmadd_ps(I4_LO(v, ident), _mm512_loadu_ps(a + 16 * cc), acc[h][2 * cc]);
+                acc[h][2 * cc + 1] = _mm512_fmadd_ps(I4_HI(v, ident), _mm512_loadu_ps(a + half + 16 * cc),
+                                                     acc[h][2 * cc + 1]);
+            }
+        }
+}
+
+void fxq512_int4t_axis0_gemv(const float *x, int64_t M, int64_t K, const uint8_t *s0, int64_t w0, int64_t ch0,
+                             const uint8_t *s1, int64_t w1, int64_t ch1, int64_t N, int64_t BN,
+                             const uint16_t *scale, const uint16_t *zero, int64_t R, float mid, float *y,
+                             int64_t ldy, float *ws, int nthreads) {
+    const int64_t T = (N + BN - 1) / BN, half = BN / 2, CH = BN / 32, P = (CH + 1) / 2, W = R + BN;
+    /* Tiles t and t + PT read the same AT window ((t * BN) % R).  A work item is up to GT tiles of
+     * one such group, walked together along K in chunks of KC: the window's chunk (KC x BN floats)
+     * is read from L2 once and from L1 by the item's other tiles, and each tile's codes are one
+     * sequential stream (GT streams per thread, which the hardware prefetchers follow; a software
+     * prefetch runs AX0_PF bytes ahead).  Measured, 11008x4096 uint3 g128, M=1, 2 threads: see
+     * docs/formats/intx.md. */
+    const int64_t KC = 64, GT = 4;
+    int64_t gcd = BN, rr = R;
+    while (rr) { const int64_t t_ = gcd % rr; gcd = rr; rr = t_; }
+    const int64_t PT = R / gcd; /* tiles per period of the window */
+    int64_t *order = (int64_t *)malloc(sizeof(int64_t) * (size_t)(2 * T + 2));
+    int64_t *item = order + T, n_items = 0; /* item i: order[item[i] .. item[i + 1]) */
+    for (int64_t g = 0, i = 0; g < PT && g < T; g++) {
+        int64_t in_item = 0;
+        for (int64_t t = g; t < T; t += PT) {
+            if (in_item == 0) item[n_items++] = i;
+            order[i++] = t;
+            in_item = (in_item + 1) % GT;
+        }
+    }
+    item[n_items] = T;
+    /* ws: K * W + R floats from the caller, reused across calls (a fresh multi-MB allocation
+     * page-faults on every call: measured ~1 ms here for 11008x4096) */
+    float *AT = ws, *cr = ws + K * W;
+    struct np_src tmpl;
+    tmpl.fast4 = w0 == 4 && s1 == NULL;
+    tmpl.sh1 = _mm_cvtsi32_si128((int)w0);
+    tmpl.mk0 = _mm_set1_epi8(w0 == 1 ? 0x11 : 0x33);
+    tmpl.mk1 = _mm_set1_epi8(w1 == 1 ? 0x11 : 0x33);
+    for (int64_t m = 0; m < M; m++) {
+        const float *xm = x + m * K;
+        float *ym = y + m * ldy;
+#pragma omp parallel num_threads(nthreads)
+        {
+            /* AT in blocks of 16 k: each row r of s read 16 values at a time (reading a column of s
+             * strides by 2K bytes, which alias in L1: measured 1 ms for 11008x4096 g128 that way) */
+#pragma omp for schedule(static)
+            for (int64_t kb = 0; kb < K; kb += 16) {
+                const __mmask16 mk = tail16(K - kb);
+                const __m512 xv = _mm512_maskz_loadu_ps(mk, xm + kb);
+                const int64_t kn = K - kb < 16 ? K - kb : 16;
+                float v[16];
+                for (int64_t r = 0; r < R; r++) {
+                    const __m512 sv = _mm512_castsi512_ps(_mm512_slli_epi32(
+                        _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, scale + r * K + kb)), 16));
+                    _mm512_storeu_ps(v, _mm512_mul_ps(sv, xv));
+                    for (int64_t i = 0; i < kn; i++) AT[(kb + i) * W + r] = v[i];
+                }
+                for (int64_t i = 0; i < kn; i++) {
+                    float *a = AT + (kb + i) * W;
+                    for (int64_t j = R; j < W; j++) a[j] = a[j - R];
+                }
+            }
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < R; r++) {
+                __m512 acc = _mm512_setzero_ps();
+                const __m512 vmid = _mm512_set1_ps(mid);
+                for (int64_t k = 0; k < K; k += 16) {
+                    const __mmask16 mk = tail16(K - k);
+#define BF16X16M(P) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, (P))), 16))
+                    const __m512 sv = BF16X16M(scale + r * K + k);
+                    const __m512 zv = zero ? BF16X16M(zero + r * K + k) : _mm512_setzero_ps();
+#undef BF16X16M
+                    acc = _mm512_fmadd_ps(_mm512_fnmadd_ps(vmid, sv, zv), _mm512_maskz_loadu_ps(mk, xm + k), acc);
+                }
+                cr[r] = _mm512_reduce_add_ps(acc);
+            }
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t ii = 0; ii < n_items; ii++)
+                for (int64_t kc = 0; kc < K; kc += KC) {
+                    const int64_t ke = K - kc < KC ? K : kc + KC;
+                    for (int64_t it = item[ii]; it < item[ii + 1]; it++)
+                        for (int64_t p = 0; p < P; p++) {
+                            const int64_t t = order[it];
+                            const int64_t c = 2 * p, nc = CH - c < 2 ? CH - c : 2;
+                            const int64_t rlo = t * BN + 16 * c, rhi = t * BN + half + 16 * c;
+                            if (rlo >= N) continue;
+                            const int64_t ab = (t * BN) % R + 16 * c; /* AT column of row rlo */
+                            __m512 acc[2][4];
+                            const int64_t pb = t * K * half + kc * half + 16 * c;
+                            const int64_t pe = t * K * half + (ke - 1) * half + 16 * c + 16 * nc - 1;
+                            const int fixed = tmpl.fast4 || (pb / ch0 == pe / ch0 && (!s1 || pb / ch1 == pe / ch1));
+                            const float *a0 = AT + kc * W + ab;
+                            /* constant nc and shard mode per call: the accumulators stay in registers */
+#define AX0(nc_, fixed_, mode_) ax0_chunk(s0, w0, ch0, s1, w1, ch1, &tmpl, pb, half, ke - kc, a0, W, nc_, fixed_, mode_, acc)
+                            const int mode = tmpl.fast4 ? 0 : s1 ? 2 : 1;
+                            if (!fixed) {
+                                if (nc == 2) AX0(2, 0, 0); else AX0(1, 0, 0);
+                            } else if (nc == 2) {
+                                if (mode == 0) AX0(2, 1, 0); else if (mode == 1) AX0(2, 1, 1); else AX0(2, 1, 2);
+                            } else {
+                                if (mode == 0) AX0(1, 1, 0); else if (mode == 1) AX0(1, 1, 1); else AX0(1, 1, 2);
+                            }
+#undef AX0
+                            for (int cc = 0; cc < nc; cc++) {
+                                const int64_t lo = rlo + 16 * cc, hi = rhi + 16 * cc;
+                                const __mmask16 klo = lo < N ? tail16(N - lo) : 0, khi = hi < N ? tail16(N - hi) : 0;
+                                __m512 vlo = _mm512_add_ps(acc[0][2 * cc], acc[1][2 * cc]);
+                                __m512 vhi = _mm512_add_ps(acc[0][2 * cc + 1], acc[1][2 * cc + 1]);
+                                if (kc) {
+                                    vlo = _mm512_add_ps(vlo, _mm512_maskz_loadu_ps(klo, ym + lo));
+                                    vhi = _mm512_add_ps(vhi, _mm512_maskz_loadu_ps(khi, ym + hi));
+                                }
+                                _mm512_mask_storeu_ps(ym + lo, klo, vlo);
+                                _mm512_mask_storeu_ps(ym + hi, khi, vhi);
+                            }
+                        }
+                }
+#pragma omp barrier
+#pragma omp for schedule(static)
+            for (int64_t n = 0; n < N; n++) ym[n] += cr[n % R];
+        }
+    }
+    free(order);
 }
 
 /* ---------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ import os
 import platform
 import subprocess
 import tempfile
+import threading
 import types
 import warnings
 from pathlib import Path
@@ -55,6 +56,12 @@ _SIGNATURES = {
                      _c_i64, _c_int),
     "fxq_onebit_gemv": (_c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_int),
     "fxq_int8_to_bf16": (_c_ptr, _c_i64, _c_ptr, _c_int),
+}
+
+#: AVX-512 kernels with no AVX2 twin (None in the AVX2 set)
+_AVX512_SIGNATURES = {
+    "fxq512_int4t_axis0_gemv": (_c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_i64,
+                                _c_i64, _c_ptr, _c_ptr, _c_i64, _c_float, _c_ptr, _c_i64, _c_ptr, _c_int),
 }
 
 #: AVX-512 kernels with no AVX2 twin, bound only where the CPU has AVX512-BF16 and VBMI
@@ -165,6 +172,12 @@ def kernels(isa: str) -> types.SimpleNamespace:
         fn = getattr(lib, name.replace("fxq_", "fxq512_") if isa == "avx512" else name)
         fn.argtypes, fn.restype = list(argtypes), None
         setattr(ns, name, fn)
+    for name, argtypes in _AVX512_SIGNATURES.items():
+        fn = None
+        if isa == "avx512":
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = list(argtypes), None
+        setattr(ns, name, fn)
     # kernels of one instruction set only (None elsewhere): bf16 dot products need AVX512-BF16
     for name, argtypes in _BF16DOT_SIGNATURES.items():
         fn = None
@@ -253,18 +266,10 @@ def int4_tiled_gemv(x2: torch.Tensor, qweight: torch.Tensor, *, block_n: int, gr
             or (zero is not None and (zero.dtype != torch.bfloat16 or zero.stride() != scale.stride()))):
         return None
     w = qweight.contiguous()
-    if plane_bits == 4:
-        if w.numel() * 2 % k:
-            return None
-        shards = [(w, 4, w.numel())]
-    else:
-        length = w.numel() * 8 // plane_bits  # codes in the plane = Np * K
-        shards, start = [], 0
-        for sw in SHARDS[plane_bits]:
-            nbytes = length * sw // 8
-            shards.append((w[start:start + nbytes], sw, nbytes))
-            start += nbytes
-    (p0, w0, c0), (p1, w1, c1) = shards[0], (shards[1] if len(shards) > 1 else (None, 0, 1))
+    shards = _plane_shards(w, plane_bits, k)
+    if shards is None:
+        return None
+    (p0, w0, c0), (p1, w1, c1) = shards
     sg, sr = scale.stride()
     if (x2.dtype in BF16_DOT_DTYPES and plane_bits == 4 and block_n == 64 and group_size % 2 == 0
             and lib.fxq512_int4t_bf16_gemv is not None):
@@ -281,6 +286,66 @@ def int4_tiled_gemv(x2: torch.Tensor, qweight: torch.Tensor, *, block_n: int, gr
                        group_size, _ptr(scale), _ptr(zero), sr, sg, float(mid), _ptr(y), out_features,
                        torch.get_num_threads())
     return y
+
+
+def _plane_shards(w: torch.Tensor, plane_bits: int, k: int):
+    """A stored plane -> its (bytes, shard width, shard bytes) for the first and second shard
+    (``(None, 0, 1)`` when there is one), as the tiled kernels take them, or None when a 4-bit
+    plane's size does not match K."""
+    if plane_bits == 4:
+        if w.numel() * 2 % k:
+            return None
+        return (w, 4, w.numel()), (None, 0, 1)
+    length = w.numel() * 8 // plane_bits  # codes in the plane = Np * K
+    shards, start = [], 0
+    for sw in SHARDS[plane_bits]:
+        nbytes = length * sw // 8
+        shards.append((w[start:start + nbytes], sw, nbytes))
+        start += nbytes
+    return shards[0], (shards[1] if len(shards) > 1 else (None, 0, 1))
+
+
+def int4_tiled_axis0_gemv(x2: torch.Tensor, qweight: torch.Tensor, *, block_n: int, scale: torch.Tensor,
+                          zero: torch.Tensor | None, out_features: int, mid: float = 8.0,
+                          plane_bits: int = 4) -> torch.Tensor | None:
+    """b-bit codes in int4pack's tile order (planes as :func:`int4_tiled_gemv`) grouped along axis 0:
+    ``W[n, k] = (q - mid) * scale[n % R, k] + zero[n % R, k]``, ``scale`` / ``zero`` bf16 ``[R, K]``
+    with ``R = out_features / group_size`` -> fp32 ``[M, out_features]`` (fp32 activations and sums;
+    AVX-512 only)."""
+    lib = _lib()
+    k = x2.shape[1]
+    # sub-4-bit planes: 16-byte loads must not straddle a shard chunk (Np * K * w / 8 bytes), so K even
+    if (lib is None or lib.fxq512_int4t_axis0_gemv is None or block_n % 32 or scale.dtype != torch.bfloat16
+            or (plane_bits < 4 and k % 2)
+            or scale.dim() != 2 or scale.shape[1] != k or out_features % scale.shape[0]
+            or (zero is not None and (zero.dtype != torch.bfloat16 or zero.shape != scale.shape))):
+        return None
+    w = qweight.contiguous()
+    shards = _plane_shards(w, plane_bits, k)
+    if shards is None:
+        return None
+    (p0, w0, c0), (p1, w1, c1) = shards
+    x, s = _fp32_rows(x2), scale.contiguous()
+    z = None if zero is None else zero.contiguous()
+    y = _out(x.shape[0], out_features)
+    r = s.shape[0]
+    ws = _workspace(k * (r + block_n) + r)
+    lib.fxq512_int4t_axis0_gemv(_ptr(x), x.shape[0], k, _ptr(p0), w0, c0, _ptr(p1), w1, c1, out_features, block_n,
+                                _ptr(s), _ptr(z), r, float(mid), _ptr(y), out_features, _ptr(ws),
+                                torch.get_num_threads())
+    return y
+
+
+_WORKSPACE = threading.local()
+
+
+def _workspace(numel: int) -> torch.Tensor:
+    """A per-thread fp32 scratch buffer of at least ``numel`` elements, kept between calls (grows to
+    the largest layer's need: K * (N/g + 64) + N/g floats for axis-0 intx, 2.4 MB at 11008x4096 g128)."""
+    buf = getattr(_WORKSPACE, "buf", None)
+    if buf is None or buf.numel() < numel:
+        buf = _WORKSPACE.buf = torch.empty(max(numel, 1), dtype=torch.float32)
+    return buf
 
 
 def int4_tile_decoder(qweight: torch.Tensor, *, block_n: int, group_size: int, scale: torch.Tensor,

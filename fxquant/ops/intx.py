@@ -8,7 +8,9 @@ CPU (``compute_dtype`` None or bf16; otherwise the reference in that dtype):
 
 - native GEMV (:func:`native_linear`): axis 1, any b, ``M <= NATIVE_MAX_ROWS``: the stored planes
   and shards read in place by :func:`fxquant.kernels.native_cpu.int4_tiled_gemv` (any group size,
-  any tile height that is a multiple of 32), fp32 activations and accumulation.
+  any tile height that is a multiple of 32), fp32 activations and accumulation.  Axis 0 (AVX-512),
+  ``M <= NATIVE_MAX_ROWS_AXIS0``: :func:`fxquant.kernels.native_cpu.int4_tiled_axis0_gemv`, the
+  per-column scales folded into the activations (``A = scale * x`` per row class ``n % (N/g)``).
 - int4 kernel: ``aten._weight_int4pack_mm_for_cpu`` on bf16 activations, once per 4-bit plane, for
   axis 1, ``group_size`` in {32, 64, 128, 256}, weights packed with this CPU's tile height and
   ``M <= INT4_KERNEL_MAX_ROWS``.  b = 4 and b = 8 read the stored planes as they are; other widths
@@ -52,6 +54,8 @@ TILED_MAX_ROWS = 96
 #: native / previous path): uint4 M=1 2.0 / 4.4, M=8 12.0 / 14.3, M=16 24.2 / 23.9; uint2 M=1
 #: 2.6 / 9.3, M=8 15.9 / 18.4; uint3 M=1 3.3 / 14.9, M=8 21.5 / 25.5, M=16 46 / 37.
 NATIVE_MAX_ROWS = 8
+#: Largest M for :func:`native_linear` on axis-0 weights (one pass over the weight per row of x).
+NATIVE_MAX_ROWS_AXIS0 = 8
 #: Largest M for :func:`native_linear` on bf16 activations with the bf16 dot-product kernel
 #: (AVX512-BF16), by planes that are 4-bit: b = 4 (one plane) is int4wo's kernel and crossover
 #: (:data:`fxquant.ops.int4wo.NATIVE_MAX_ROWS_BF16DOT`); b = 8 runs it twice, so half the rows
@@ -115,18 +119,23 @@ def int4_kernel_linear(x2: torch.Tensor, codes_lo: torch.Tensor, codes_hi: torch
 
 def native_linear(x2: torch.Tensor, codes_lo: torch.Tensor, codes_hi: torch.Tensor, scale: torch.Tensor,
                   offset: torch.Tensor, bits: int, group_size: int, block_n: int,
-                  out_features: int) -> torch.Tensor | None:
-    """``x2`` ``[M, K]`` -> fp32 ``[M, out_features]`` with the native GEMV (axis 1), or None when it
-    does not apply.  The low plane (``min(b, 4)`` bits) is read in place, shards and all; b > 4 adds
+                  out_features: int, axis: int = 1) -> torch.Tensor | None:
+    """``x2`` ``[M, K]`` -> fp32 ``[M, out_features]`` with the native GEMV (axis 1:
+    :func:`native_cpu.int4_tiled_gemv`; axis 0: :func:`native_cpu.int4_tiled_axis0_gemv`), or None
+    when it does not apply.  The low plane (``min(b, 4)`` bits) is read in place, shards and all; b > 4 adds
     a pass over the high plane, ``q = lo + 16 hi``:
     ``(q - mid) s + offset = [(lo - mid) s + offset] + 16 [hi s]``."""
     lo_bits, hi_bits = fmt.plane_bits(bits)
-    kw = dict(block_n=block_n, group_size=group_size, scale=scale, out_features=out_features)
-    y = native_cpu.int4_tiled_gemv(x2, codes_lo, zero=offset if offset.numel() else None,
-                                   mid=2.0 ** (bits - 1), plane_bits=lo_bits, **kw)
+    if axis == 1:
+        kernel, kw = native_cpu.int4_tiled_gemv, dict(group_size=group_size)
+    else:
+        kernel, kw = native_cpu.int4_tiled_axis0_gemv, {}
+    kw.update(block_n=block_n, scale=scale, out_features=out_features)
+    y = kernel(x2, codes_lo, zero=offset if offset.numel() else None, mid=2.0 ** (bits - 1), plane_bits=lo_bits,
+               **kw)
     if y is None or not hi_bits:
         return y
-    hi = native_cpu.int4_tiled_gemv(x2, codes_hi, zero=None, mid=0.0, plane_bits=hi_bits, **kw)
+    hi = kernel(x2, codes_hi, zero=None, mid=0.0, plane_bits=hi_bits, **kw)
     return None if hi is None else y.add_(hi, alpha=16)
 
 
@@ -175,8 +184,8 @@ _warned_layout = False
 
 def _cpu_fast(x2, codes_lo, codes_hi, scale, offset, bits, group_size, symmetric, axis, block_n, out_features):
     global _warned_layout
-    if axis == 1 and x2.shape[0] <= native_max_rows(x2, bits):
-        y = native_linear(x2, codes_lo, codes_hi, scale, offset, bits, group_size, block_n, out_features)
+    if x2.shape[0] <= (native_max_rows(x2, bits) if axis == 1 else NATIVE_MAX_ROWS_AXIS0):
+        y = native_linear(x2, codes_lo, codes_hi, scale, offset, bits, group_size, block_n, out_features, axis)
         if y is not None:
             return y
     if x2.shape[0] <= INT4_KERNEL_MAX_ROWS[bits > 4]:

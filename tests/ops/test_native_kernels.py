@@ -375,3 +375,56 @@ def test_int8wo_large_m_takes_the_native_decoder():
     r = int8wo.reference(x, *args, None, **qw.attrs)
     w = int8wo.OP.dequantized(qw.tensors, {**qw.attrs, "compute_dtype": None})
     assert_linear_close(y, r, x, w, BF16_TOL)
+
+
+needs_avx512 = pytest.mark.skipif("avx512" not in native_cpu.isas(), reason="no AVX-512 kernels here")
+
+
+@needs_avx512
+@pytest.mark.parametrize("scheme", ["uint3wo-128-axis0", "uint1wo-16-axis0", "uint2wo-32-axis0", "int3wo-32-axis0",
+                                    "uint4wo-64-axis0", "int4wo-16-axis0", "uint5wo-16-axis0", "uint8wo-32-axis0"])
+@settings(max_examples=8, deadline=None)
+@given(data=st.data())
+def test_intx_axis0_kernel_matches_reference(scheme, data):
+    """Axis-0 intx (groups of rows n % (N/g), a scale per column) at small M takes the AVX-512 axis-0
+    GEMV: fp32 products and sums, so within the fp32 bound of the reference, for periods N/g that
+    do and do not divide the tile height, partial last tiles, K at 2 (mod 16) edges, fp32/bf16 x."""
+    g = int(scheme.split("-")[1])
+    n = g * data.draw(st.integers(1, 7), label="N / g")
+    bits = int(scheme.split("wo")[0][-1])
+    # odd K only where every plane is 4-bit (sub-4-bit planes with odd K keep the dequantize path)
+    k = data.draw(st.integers(1, 300), label="K") if bits in (4, 8) else 2 * data.draw(st.integers(1, 150), label="K/2")
+    m = data.draw(st.integers(1, intx.NATIVE_MAX_ROWS_AXIS0), label="M")
+    dtype = data.draw(st.sampled_from([torch.float32, torch.bfloat16]), label="dtype")
+    qw, op = quantized(scheme, n, k, data.draw(st.integers(0, 99), label="seed"))
+    x = (torch.randn(m, k, generator=torch.Generator().manual_seed(m + k)) + 0.3).to(dtype)
+    args = tuple(qw.tensors.values())
+    with using("avx512"), spy("int4_tiled_axis0_gemv") as calls:
+        y = op(x, *args, None, **qw.attrs)
+    assert calls
+    r = intx.reference(x, *args, None, **qw.attrs)
+    w = intx.OP.dequantized(qw.tensors, {**qw.attrs, "compute_dtype": None})
+    assert y.dtype == dtype
+    assert_linear_close(y, r, x, w, FP32_TOL if dtype == torch.float32 else BF16_TOL)
+
+
+@needs_avx512
+def test_intx_axis0_kernel_large_shape_and_shard_boundaries():
+    """A shape where the 3-bit planes' shard chunks end inside a tile's column range (the per-load
+    path), against the reference: 11 tiles of 64 rows, K = 200; odd K with sub-4-bit codes keeps the
+    dequantize path (still the reference's result)."""
+    qw, op = quantized("uint3wo-64-axis0", 64 * 11, 200, 3)
+    x = torch.randn(2, 200, generator=torch.Generator().manual_seed(5))
+    args = tuple(qw.tensors.values())
+    with using("avx512"), spy("int4_tiled_axis0_gemv") as calls:
+        y = op(x, *args, None, **qw.attrs)
+    assert calls
+    r = intx.reference(x, *args, None, **qw.attrs)
+    w = intx.OP.dequantized(qw.tensors, {**qw.attrs, "compute_dtype": None})
+    assert_linear_close(y, r, x, w, FP32_TOL)
+    qw, op = quantized("uint3wo-16-axis0", 48, 33, 1)
+    x = torch.randn(1, 33, generator=torch.Generator().manual_seed(6))
+    args = tuple(qw.tensors.values())
+    with using("avx512"), spy("int4_tiled_axis0_gemv") as calls:
+        y = op(x, *args, None, **qw.attrs)
+    torch.testing.assert_close(y, intx.reference(x, *args, None, **qw.attrs), rtol=2**-7, atol=2**-7)
