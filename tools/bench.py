@@ -285,7 +285,7 @@ def _header(args: argparse.Namespace, load_before: float) -> list[str]:
         f"int4wo {int4wo.packed_max_rows()}), "
         f"int4 native block_n {int4_fmt.native_cpu_block_n()}; fxquant native CPU GEMV kernels: "
         f"{native_cpu.status()}, {native_cpu.isa()}{' + bf16 dot' if native_cpu.has_bf16_dot() else ''} "
-        f"(small M: int8wo ≤ {int8wo.NATIVE_MAX_ROWS}, int4wo ≤ {int4wo.NATIVE_MAX_ROWS} rows"
+        f"(small M: int8wo ≤ {int8wo.native_max_rows()}, int4wo ≤ {int4wo.NATIVE_MAX_ROWS} rows"
         f"{f', ≤ {int4wo.NATIVE_MAX_ROWS_BF16DOT} with bf16 activations' if native_cpu.has_bf16_dot() else ''}, "
         "per-op limits in fxquant/ops/*.py)",
         f"timing: {'cold (cache flushed)' if args.cold else 'hot (same weight, untimed call first)'}, "

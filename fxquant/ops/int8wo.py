@@ -1,7 +1,7 @@
 """``fxquant::linear_int8wo``: int8 per-channel weight-only linear.
 
 ``y = x @ (qweight * scale[:, None]).T + bias``; layout in :mod:`fxquant.formats.int8`.
-CPU fast path: at M <= ``NATIVE_MAX_ROWS`` the native GEMV (:mod:`fxquant.kernels.native_cpu`, fp32
+CPU fast path: at M <= :func:`native_max_rows` the native GEMV (:mod:`fxquant.kernels.native_cpu`, fp32
 activations and accumulation), else ``torch._weight_int8pack_mm`` with bf16 activations.  CUDA: the Triton kernel in
 :mod:`fxquant.kernels.int8wo`.
 """
@@ -14,11 +14,21 @@ from ..kernels import native_cpu
 from . import _cpu
 from ._linear import LinearOpDef, define
 
-#: Largest M for the native GEMV (:func:`fxquant.kernels.native_cpu.int8_gemv`); above it
-#: ``_weight_int8pack_mm``.  Measured (11008x4096, 2 threads, AVX2, ms, native / int8pack):
-#: M=1 1.89 / 2.81, M=2 2.75 / 2.98, M=4 5.68 / 4.40; through the op (native library on / off):
-#: M=1 2.5 / 3.8, M=2 3.8 / 4.3, M=4 7.9 / 7.1.
+#: Largest M for the native GEMV (:func:`fxquant.kernels.native_cpu.int8_gemv`) with the AVX2
+#: kernels; above it ``_weight_int8pack_mm``.  Measured (11008x4096, 2 threads, AVX2, ms, native /
+#: int8pack): M=1 1.89 / 2.81, M=2 2.75 / 2.98, M=4 5.68 / 4.40; through the op (native library on /
+#: off): M=1 2.5 / 3.8, M=2 3.8 / 4.3, M=4 7.9 / 7.1.
 NATIVE_MAX_ROWS = 2
+#: The same with the AVX-512 kernel (prefetching, 46 GB/s at M=1), which routes before the
+#: int8pack / blocked paths.  Measured (Zen 4, 11008x4096, 2 threads, medians, ms, native / op
+#: without it / bf16 F.linear): M=4 2.76 / 3.68 / 6.3, M=8 5.01 / 6.78 / 6.85, M=12 7.53 / 9.31 /
+#: 7.84, M=16 9.27 / 9.03 / 8.16, M=24 15.2 / 12.9 / 10.7.
+NATIVE_MAX_ROWS_AVX512 = 12
+
+
+def native_max_rows() -> int:
+    """Rows up to which the native GEMV runs with the kernels loaded here."""
+    return NATIVE_MAX_ROWS_AVX512 if native_cpu.isa() == "avx512" else NATIVE_MAX_ROWS
 
 
 def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -37,12 +47,12 @@ def packed_max_rows() -> int:
 
 
 def _cpu_fast(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
-    if x2.shape[0] >= packed_max_rows():
-        return None  # blocked dequantize + dense GEMM
-    if x2.shape[0] <= NATIVE_MAX_ROWS:
+    if x2.shape[0] <= native_max_rows():
         y = native_cpu.int8_gemv(x2, qweight, scale)
         if y is not None:
             return y
+    if x2.shape[0] >= packed_max_rows():
+        return None  # blocked dequantize + dense GEMM
     if not _cpu.int8pack_k_ok(x2.shape[1]):  # the kernel is wrong there (tests/ops/test_weight_only_ops.py)
         return None
     kd = torch.float16 if x2.dtype == torch.float16 else torch.bfloat16  # fp32 input is 10-50x slower

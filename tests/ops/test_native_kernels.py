@@ -191,7 +191,8 @@ def test_routing_by_rows(scheme):
     args = tuple(qw.tensors.values())
     x1 = torch.randn(1, 128)
     limit = (module.native_max_rows(x1) if qw.op == "linear_int4wo" else
-             module.native_max_rows(x1, qw.attrs["bits"]) if qw.op == "linear_intx" else module.NATIVE_MAX_ROWS)
+             module.native_max_rows(x1, qw.attrs["bits"]) if qw.op == "linear_intx" else
+             module.native_max_rows() if qw.op == "linear_int8wo" else module.NATIVE_MAX_ROWS)
     native_tol = 2e-2 if takes_bf16_dot(qw) else 1e-5  # bf16 dot kernels round fp32 x to bf16
     for m, native in ((1, True), (limit, True), (limit + 1, False)):
         x = torch.randn(m, 128)
