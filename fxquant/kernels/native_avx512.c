@@ -149,6 +149,17 @@ struct np_src {      /* where the 16 nibble-pair bytes of one k come from */
     int fast4;       /* the stored 4-bit bytes themselves */
 };
 
+/* the shard-independent fields of an np_src: shard widths w0 (and w1 when s1 is set) */
+INLINE struct np_src np_src_init(int64_t w0, const uint8_t *s1, int64_t w1) {
+    struct np_src s;
+    memset(&s, 0, sizeof s);
+    s.fast4 = w0 == 4 && s1 == NULL;
+    s.sh1 = _mm_cvtsi32_si128((int)w0);
+    s.mk0 = _mm_set1_epi8(w0 == 1 ? 0x11 : 0x33);
+    s.mk1 = _mm_set1_epi8(w1 == 1 ? 0x11 : 0x33);
+    return s;
+}
+
 INLINE __m128i np16(const struct np_src *s, int64_t off) {
     const __m128i v0 = _mm_loadu_si128((const __m128i *)(s->q0 + off));
     if (s->fast4) return v0;
@@ -229,11 +240,7 @@ INLINE void i4_tile(const uint8_t *s0, int64_t w0, int64_t ch0, const uint8_t *s
     __m512 yv[MT][4];
     for (int i = 0; i < mb; i++)
         for (int c = 0; c < 4; c++) yv[i][c] = _mm512_setzero_ps();
-    struct np_src src;
-    src.fast4 = w0 == 4 && s1 == NULL;
-    src.sh1 = _mm_cvtsi32_si128((int)w0);
-    src.mk0 = _mm_set1_epi8(w0 == 1 ? 0x11 : 0x33);
-    src.mk1 = _mm_set1_epi8(w1 == 1 ? 0x11 : 0x33);
+    struct np_src src = np_src_init(w0, s1, w1);
     for (int64_t j = 0; j < G; j++) {
         __m512 acc[MT][4];
         /* nibble-pair bytes of the group: first at k = 0, last at k = gs-1 */
@@ -462,11 +469,7 @@ void fxq512_int4t_axis0_gemv(const float *x, int64_t M, int64_t K, const uint8_t
     /* ws: K * W + R floats from the caller, reused across calls (a fresh multi-MB allocation
      * page-faults on every call: measured ~1 ms here for 11008x4096) */
     float *AT = ws, *cr = ws + K * W;
-    struct np_src tmpl;
-    tmpl.fast4 = w0 == 4 && s1 == NULL;
-    tmpl.sh1 = _mm_cvtsi32_si128((int)w0);
-    tmpl.mk0 = _mm_set1_epi8(w0 == 1 ? 0x11 : 0x33);
-    tmpl.mk1 = _mm_set1_epi8(w1 == 1 ? 0x11 : 0x33);
+    const struct np_src tmpl = np_src_init(w0, s1, w1);
     for (int64_t m = 0; m < M; m++) {
         const float *xm = x + m * K;
         float *ym = y + m * ldy;
