@@ -72,7 +72,10 @@ _BF16DOT_SIGNATURES = {
     "fxq512_fpx3_bf16_gemv": _SIGNATURES["fxq_fpx_gemv"],
     "fxq512_int4t_decode_bf16": (_c_ptr, _c_i64, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_i64, _c_float, _c_i64,
                                  _c_i64, _c_ptr, _c_i64, _c_int),
+    "fxq512_int8_bf16_gemm": (_c_ptr, _c_i64, _c_i64, _c_i64, _c_ptr, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_int, _c_int),
 }
+#: kernels that return an int status (0 = done); the others return nothing
+_RESTYPES = {"fxq512_int8_bf16_gemm": ctypes.c_int}
 
 _status = "not loaded yet"
 
@@ -183,7 +186,7 @@ def kernels(isa: str) -> types.SimpleNamespace:
         fn = None
         if isa == "avx512" and lib.fxq512_bf16dot():
             fn = getattr(lib, name)
-            fn.argtypes, fn.restype = list(argtypes), None
+            fn.argtypes, fn.restype = list(argtypes), _RESTYPES.get(name)
         setattr(ns, name, fn)
     return ns
 
@@ -390,6 +393,32 @@ def int8_decoder(qweight: torch.Tensor):
             raise ValueError(f"int8_decoder: out must be contiguous bf16 [{r1 - r0}, {k}]")
         lib.fxq_int8_to_bf16(_ptr(w) + r0 * k, (r1 - r0) * k, _ptr(out), torch.get_num_threads())
     return decode
+
+
+#: Rows of x per call of the large-M GEMMs: x.T of that many rows (2 MB at K = 4096) stays in L2/L3
+#: while every weight panel passes over it; each further chunk decodes the weight again.
+GEMM_ROWS = 256
+
+
+def int8_gemm(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+    """int8wo at large M (AVX512-BF16): ``x2 [M, K]`` -> bf16 ``[M, N]`` ``= (x2 @ q.T) * scale``
+    with bf16 activations (x2 is cast) and fp32 accumulation; None where the kernel does not apply
+    (no AVX512-BF16, odd K)."""
+    lib = _lib()
+    n, k = qweight.shape
+    if lib is None or lib.fxq512_int8_bf16_gemm is None or k % 2 or qweight.dtype != torch.int8:
+        return None
+    x = x2.to(torch.bfloat16)
+    if x.stride(-1) != 1 or x.stride(0) % 2:
+        x = x.contiguous()
+    w, rs = qweight.contiguous(), scale.to(torch.float32).contiguous()
+    y = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
+    for r0 in range(0, x.shape[0], GEMM_ROWS):
+        r1 = min(x.shape[0], r0 + GEMM_ROWS)
+        if lib.fxq512_int8_bf16_gemm(_ptr(x) + 2 * r0 * x.stride(0), r1 - r0, k, x.stride(0), _ptr(w), n, _ptr(rs),
+                                     _ptr(y) + 2 * r0 * n, n, 1, torch.get_num_threads()):
+            raise MemoryError(f"int8_gemm: no scratch for M={r1 - r0}, K={k}")
+    return y
 
 
 def lut4_gemv(xh: torch.Tensor, xl: torch.Tensor, codes: torch.Tensor, *, rows: int, row_bytes: int,

@@ -2,8 +2,10 @@
 
 ``y = x @ (qweight * scale[:, None]).T + bias``; layout in :mod:`fxquant.formats.int8`.
 CPU fast path: at M <= :func:`native_max_rows` the native GEMV (:mod:`fxquant.kernels.native_cpu`, fp32
-activations and accumulation), else ``torch._weight_int8pack_mm`` with bf16 activations.  CUDA: the Triton kernel in
-:mod:`fxquant.kernels.int8wo`.
+activations and accumulation); up to :func:`packed_max_rows` ``torch._weight_int8pack_mm`` with bf16
+activations; above, with AVX512-BF16, the native GEMM that decodes weight panels inside it
+(:func:`fxquant.kernels.native_cpu.int8_gemm`), else blocked dequantize + dense GEMM.  CUDA: the Triton
+kernel in :mod:`fxquant.kernels.int8wo`.
 """
 from __future__ import annotations
 
@@ -52,6 +54,10 @@ def _cpu_fast(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> t
         if y is not None:
             return y
     if x2.shape[0] >= packed_max_rows():
+        if x2.dtype != torch.float16 and _cpu.dense_dtype() == torch.bfloat16:
+            y = native_cpu.int8_gemm(x2, qweight, scale)  # decodes panels inside the GEMM (AVX512-BF16)
+            if y is not None:
+                return y
         return None  # blocked dequantize + dense GEMM
     if not _cpu.int8pack_k_ok(x2.shape[1]):  # the kernel is wrong there (tests/ops/test_weight_only_ops.py)
         return None

@@ -364,13 +364,41 @@ def test_int8_decoder_is_exact_in_bf16(isa, n, k):
 
 
 @needs_bf16_dot
-def test_int8wo_large_m_takes_the_native_decoder():
-    """Above the packed kernels' rows, int8wo converts rows of codes natively into the bf16 GEMM's
-    buffer; the result is the reference's within bf16 rounding."""
-    qw, op = quantized("int8wo", 150, 384, 0)
+@pytest.mark.parametrize("m,n,k", [(1, 1, 2), (31, 15, 66), (33, 29, 1026), (70, 14, 2050), (64, 43, 4096),
+                                   (native_cpu.GEMM_ROWS + 44, 45, 130)])
+def test_int8_gemm_kernel_against_exact_products(m, n, k):
+    """The large-M int8 GEMM (weight panels decoded inside it) against float64 products of the same
+    bf16 x and codes: its fp32 output is off only by fp32 summation, its bf16 output by one more
+    rounding; across weight-panel edges (14 rows), x-block edges (32 rows), k-chunk edges (1024)
+    and the wrapper's row chunks, with strided and fp32 x."""
+    gen = torch.Generator().manual_seed(m * n + k)
+    q = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=gen)
+    scale = (torch.rand(n, generator=gen) * 0.01 + 1e-3).to(torch.bfloat16)
+    x = torch.randn(m, 2 * k, generator=gen)[:, ::2]  # strided rows: the wrapper makes them contiguous
+    xb = x.to(torch.bfloat16)
+    exact = (xb.double() @ q.double().t()) * scale.double()
+    size = (xb.double().abs() @ q.double().abs().t()) * scale.double()
+    y = native_cpu.int8_gemm(x, q, scale)
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    assert ((y.double() - exact).abs() <= 2**-8 * exact.abs() + 1e-5 * size).all()
+    xc, rs = xb.contiguous(), scale.float()
+    y32 = torch.full((m, n), float("nan"))
+    assert native_cpu._lib().fxq512_int8_bf16_gemm(xc.data_ptr(), m, k, k, q.data_ptr(), n, rs.data_ptr(),
+                                                   y32.data_ptr(), n, 0, 1) == 0
+    assert ((y32.double() - exact).abs() <= 1e-5 * size).all()
+    assert native_cpu.int8_gemm(x[:, :-1] if k > 2 else x[:, :1], q[:, :-1].contiguous(), scale) is None  # odd K
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize("k,wrapper", [(384, "int8_gemm"), (385, "int8_decoder")])
+def test_int8wo_large_m_takes_the_native_gemm(k, wrapper):
+    """Above the packed kernels' rows, int8wo runs the native GEMM that decodes weight panels inside
+    it (even K) or converts rows of codes natively into the bf16 GEMM's buffer (odd K); either is
+    the reference within bf16 rounding."""
+    qw, op = quantized("int8wo", 150, k, 0)
     args = tuple(qw.tensors.values())
-    x = torch.randn(int8wo.packed_max_rows() + 5, 384)
-    with spy("int8_decoder") as calls:
+    x = torch.randn(int8wo.packed_max_rows() + 5, k)
+    with spy(wrapper) as calls:
         y = op(x, *args, None, **qw.attrs)
     assert calls
     r = int8wo.reference(x, *args, None, **qw.attrs)
