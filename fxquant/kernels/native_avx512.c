@@ -821,41 +821,6 @@ void fxq512_int4t_bf16_gemv(const uint16_t *x, int64_t M, int64_t K, const uint8
         }
     free(xs);
 }
-/* int4 tile order -> bf16 W^T: rows r0 .. r0 + 64*nt (whole tiles of 64) written transposed,
- * out[k * ldo + (r - r0)] = bf16((q - mid) s + z) computed in fp32 and rounded once (the large-M
- * path: a block of W^T in bf16 that oneDNN's GEMM reads while it is still in cache).  A tile's 32
- * bytes of one k are its 64 rows at k: the low nibbles rows 0..31, the high ones 32..63, so each
- * k writes 64 contiguous bf16.  Rows >= N are written as 0. */
-void fxq512_int4t_decode_bf16(const uint8_t *w, int64_t K, int64_t N, int64_t gs, const uint16_t *scale,
-                              const uint16_t *zero, int64_t sz_row, int64_t sz_grp, float mid, int64_t r0,
-                              int64_t nt, uint16_t *out, int64_t ldo, int nthreads) {
-    const int64_t G = K / gs;
-    const __m512 vmid = _mm512_set1_ps(mid);
-#pragma omp parallel for collapse(2) schedule(static) num_threads(nthreads)
-    for (int64_t t = 0; t < nt; t++)
-        for (int64_t j = 0; j < G; j++) {
-            const int64_t rt = r0 + 64 * t;
-            const uint8_t *tile = w + (rt / 64) * K * 32;
-            __m512 s[4], zc[4];
-            for (int c = 0; c < 4; c++) /* 16-row chunks: rows rt + 16c (c < 2: low nibbles) */
-                sz16(scale, zero, sz_row, sz_grp, j, rt + 16 * c, N, vmid, &s[c], &zc[c]);
-            for (int64_t k = j * gs; k < (j + 1) * gs; k++) {
-                const __m256i b = _mm256_loadu_si256((const __m256i *)(tile + k * 32));
-                const __m512i v0 = _mm512_cvtepu8_epi32(_mm256_castsi256_si128(b));
-                const __m512i v1 = _mm512_cvtepu8_epi32(_mm256_extracti128_si256(b, 1));
-                const __m512i m0f = _mm512_set1_epi32(0x0F);
-                const __m512 q[4] = {_mm512_cvtepi32_ps(_mm512_and_si512(v0, m0f)),
-                                     _mm512_cvtepi32_ps(_mm512_and_si512(v1, m0f)),
-                                     _mm512_cvtepi32_ps(_mm512_srli_epi32(v0, 4)),
-                                     _mm512_cvtepi32_ps(_mm512_srli_epi32(v1, 4))};
-                uint16_t *o = out + k * ldo + 64 * t;
-                for (int c = 0; c < 4; c++) {
-                    const __m512 f = _mm512_fmadd_ps(q[c], s[c], zc[c]);
-                    _mm256_storeu_si256((__m256i *)(o + 16 * c), (__m256i)_mm512_cvtneps_pbh(f));
-                }
-            }
-        }
-}
 /* 4-bit table codes (layout as fxq512_lut4_gemv), bf16 activations: vdpbf16ps on the table in
  * bf16.  32 bytes widen to 32 words; vpermw looks up 32 bf16 values per instruction with the low 5
  * bits of each word as index, so with the 16-entry table stored twice the word itself indexes its
@@ -1049,19 +1014,24 @@ typedef void (*gm_decode_t)(const void *ctx, int64_t n0, int nr, int64_t k0, int
 /* prefetch part `part` of `parts` of the codes of that panel into L2 */
 typedef void (*gm_prefetch_t)(const void *ctx, int64_t n0, int nr, int64_t k0, int64_t kc, int64_t part, int64_t parts);
 
-#define GM_UKR(NR)                                                                                              \
-    static void gm_ukr##NR(const uint16_t *w, const uint32_t *xt, int64_t np, float *ct, int64_t ldct, int first) { \
+/* The microkernel: NR broadcast rows x two vectors of 16 lanes, 2*NR fp32 accumulators over np
+ * pairs of k; ct += (row i) x (lanes), stored at ct[i * ldct + lane].  Broadcast row i at pair p is
+ * the dword bc[i * BI + p * BP], the lane vectors at vec + VP * p (+ 16).  Two families: int8 (the
+ * decoded weight rows broadcast, x.T pairs in the lanes) and int4 tiles (x broadcast, the weight's
+ * columns in the lanes). */
+#define GM_UKR(NAME, NR, BI, BP, VP)                                                                            \
+    static void NAME##NR(const uint32_t *bc, const uint32_t *vec, int64_t np, float *ct, int64_t ldct, int first) { \
+        enum { nr_ = NR }; /* what BP may name */                                                              \
         __m512 acc0[NR], acc1[NR];                                                                              \
         _Pragma("GCC unroll 16") for (int i = 0; i < NR; i++) {                                                 \
             acc0[i] = first ? _mm512_setzero_ps() : _mm512_load_ps(ct + i * ldct);                              \
             acc1[i] = first ? _mm512_setzero_ps() : _mm512_load_ps(ct + i * ldct + 16);                         \
         }                                                                                                       \
-        const uint32_t *wd = (const uint32_t *)w;                                                               \
         for (int64_t p = 0; p < np; p++) {                                                                      \
-            const __m512bh a0 = (__m512bh)_mm512_load_si512(xt + 32 * p);                                       \
-            const __m512bh a1 = (__m512bh)_mm512_load_si512(xt + 32 * p + 16);                                  \
+            const __m512bh a0 = (__m512bh)_mm512_load_si512(vec + (VP) * p);                                    \
+            const __m512bh a1 = (__m512bh)_mm512_load_si512(vec + (VP) * p + 16);                               \
             _Pragma("GCC unroll 16") for (int i = 0; i < NR; i++) {                                             \
-                const __m512bh b = (__m512bh)_mm512_set1_epi32((int)wd[i * (GM_WS / 2) + p]);                 \
+                const __m512bh b = (__m512bh)_mm512_set1_epi32((int)bc[i * (BI) + p * (BP)]);                   \
                 acc0[i] = _mm512_dpbf16_ps(acc0[i], b, a0);                                                     \
                 acc1[i] = _mm512_dpbf16_ps(acc1[i], b, a1);                                                     \
             }                                                                                                   \
@@ -1071,11 +1041,20 @@ typedef void (*gm_prefetch_t)(const void *ctx, int64_t n0, int nr, int64_t k0, i
             _mm512_store_ps(ct + i * ldct + 16, acc1[i]);                                                       \
         }                                                                                                       \
     }
-GM_UKR(1) GM_UKR(2) GM_UKR(3) GM_UKR(4) GM_UKR(5) GM_UKR(6) GM_UKR(7)
-GM_UKR(8) GM_UKR(9) GM_UKR(10) GM_UKR(11) GM_UKR(12) GM_UKR(13) GM_UKR(14)
-typedef void (*gm_ukr_t)(const uint16_t *, const uint32_t *, int64_t, float *, int64_t, int);
-static const gm_ukr_t GM_UKRS[GM_NR + 1] = {0, gm_ukr1, gm_ukr2, gm_ukr3, gm_ukr4, gm_ukr5, gm_ukr6, gm_ukr7,
-                                            gm_ukr8, gm_ukr9, gm_ukr10, gm_ukr11, gm_ukr12, gm_ukr13, gm_ukr14};
+#define GM_FAMILY(NAME, BI, BP, VP)                                                                             \
+    GM_UKR(NAME, 1, BI, BP, VP) GM_UKR(NAME, 2, BI, BP, VP) GM_UKR(NAME, 3, BI, BP, VP)                        \
+    GM_UKR(NAME, 4, BI, BP, VP) GM_UKR(NAME, 5, BI, BP, VP) GM_UKR(NAME, 6, BI, BP, VP)                        \
+    GM_UKR(NAME, 7, BI, BP, VP) GM_UKR(NAME, 8, BI, BP, VP) GM_UKR(NAME, 9, BI, BP, VP)                        \
+    GM_UKR(NAME, 10, BI, BP, VP) GM_UKR(NAME, 11, BI, BP, VP) GM_UKR(NAME, 12, BI, BP, VP)                     \
+    GM_UKR(NAME, 13, BI, BP, VP) GM_UKR(NAME, 14, BI, BP, VP)                                                  \
+    static const gm_ukr_t NAME##S[GM_NR + 1] = {0, NAME##1, NAME##2, NAME##3, NAME##4, NAME##5, NAME##6,       \
+                                                NAME##7, NAME##8, NAME##9, NAME##10, NAME##11, NAME##12,       \
+                                                NAME##13, NAME##14};
+typedef void (*gm_ukr_t)(const uint32_t *, const uint32_t *, int64_t, float *, int64_t, int);
+/* int8: decoded weight rows broadcast (row stride GM_WS bf16), x.T pairs xt[p][32] in the lanes */
+GM_FAMILY(gm_ukr, GM_WS / 2, 1, 32)
+/* int4 tiles: x pairs broadcast from a block of nr rows packed [p][nr], weight pairs bp[p][64] */
+GM_FAMILY(gm4_ukr, 1, nr_, 64)
 
 static const int32_t LANE16[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 
@@ -1128,7 +1107,7 @@ static int gm_run(const uint16_t *x, int64_t M, int64_t K, int64_t lda, int64_t 
                     const int64_t pkc = K - pk0 < GM_KC ? K - pk0 : GM_KC;
                     for (int64_t mb = 0; mb < MB; mb++) {
                         if (pnr && prefetch) prefetch(ctx, pn0, pnr, pk0, pkc, mb, MB);
-                        GM_UKRS[nr](wb, xt + mb * NPAIR * 32 + (k0 / 2) * 32, kc / 2, ct + mb * 32, ldct, k0 == 0);
+                        gm_ukrS[nr]((const uint32_t *)wb, xt + mb * NPAIR * 32 + (k0 / 2) * 32, kc / 2, ct + mb * 32, ldct, k0 == 0);
                     }
                 }
                 const __mmask16 mk = tail16(nr);
@@ -1178,6 +1157,105 @@ int fxq512_int8_bf16_gemm(const uint16_t *x, int64_t M, int64_t K, int64_t lda, 
                           const float *rs, void *y, int64_t ldc, int out_bf16, int nthreads) {
     const struct gm_i8 c = {q, K};
     return gm_run(x, M, K, lda, N, rs, gm_decode_i8, gm_prefetch_i8, &c, y, ldc, out_bf16, nthreads);
+}
+
+/* int4 tiles (layout: fxq512_int4t_gemv), M large: y [M, N] bf16 = x @ W.T with
+ * W = bf16((q - mid) * s + zc) per group, rounded once (the reference's fp32 dequant).  The
+ * weight's natural unit is a 64-row tile whose k-th 32 bytes hold all 64 rows, so here the weight
+ * is the lane side: per tile and chunk of GM4_KC columns, the decoded pairs bp[p][64] (lane c =
+ * rows c of k = 2p, 2p + 1), multiplied by x pairs broadcast from blocks of 14 rows packed once per
+ * call ap[block][p][rows]; the tile's accumulators ct [Mp][64] stay in a per-thread buffer. */
+#ifndef GM4_KC
+#define GM4_KC 512
+#endif
+
+static void gm4_decode(const uint8_t *tile, int64_t K, int64_t N, int64_t gs, const uint16_t *scale,
+                       const uint16_t *zero, int64_t sz_row, int64_t sz_grp, __m512 vmid, int64_t rt, int64_t k0,
+                       int64_t kc, const __m512i ilv, uint32_t *bp) {
+    const __m512i m0f = _mm512_set1_epi32(0x0F);
+    for (int64_t k = k0; k < k0 + kc;) {
+        const int64_t j = k / gs, kend = (j + 1) * gs < k0 + kc ? (j + 1) * gs : k0 + kc;
+        __m512 sc[4], zc[4];
+        for (int c = 0; c < 4; c++) sz16(scale, zero, sz_row, sz_grp, j, rt + 16 * c, N, vmid, &sc[c], &zc[c]);
+        for (; k < kend; k += 2) {
+            __m256i h[2][4];
+            for (int e = 0; e < 2; e++) {
+                const __m256i b = _mm256_loadu_si256((const __m256i *)(tile + (k + e) * 32));
+                const __m512i v0 = _mm512_cvtepu8_epi32(_mm256_castsi256_si128(b));
+                const __m512i v1 = _mm512_cvtepu8_epi32(_mm256_extracti128_si256(b, 1));
+                const __m512i qi[4] = {_mm512_and_si512(v0, m0f), _mm512_and_si512(v1, m0f), _mm512_srli_epi32(v0, 4),
+                                       _mm512_srli_epi32(v1, 4)};
+                for (int c = 0; c < 4; c++)
+                    h[e][c] = (__m256i)_mm512_cvtneps_pbh(_mm512_fmadd_ps(_mm512_cvtepi32_ps(qi[c]), sc[c], zc[c]));
+            }
+            uint32_t *o = bp + ((k - k0) / 2) * 64;
+            for (int c = 0; c < 4; c++)
+                _mm512_store_si512(o + 16 * c, _mm512_permutex2var_epi16(_mm512_castsi256_si512(h[0][c]), ilv,
+                                                                         _mm512_castsi256_si512(h[1][c])));
+        }
+    }
+}
+
+/* returns 0, or -1 (out of memory: nothing written); K and gs even */
+int fxq512_int4t_bf16_gemm(const uint16_t *x, int64_t M, int64_t K, int64_t lda, const uint8_t *w, int64_t N,
+                           int64_t gs, const uint16_t *scale, const uint16_t *zero, int64_t sz_row, int64_t sz_grp,
+                           float mid, uint16_t *y, int64_t ldc, int nthreads) {
+    const int64_t MB = (M + GM_NR - 1) / GM_NR, NPAIR = K / 2, NT = (N + 63) / 64;
+    uint32_t *ap = aligned_alloc(64, (size_t)((MB * GM_NR * NPAIR * 4 + 63) / 64 * 64));
+    if (!ap) return -1;
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t mb = 0; mb < MB; mb++) { /* x pairs of 14-row blocks: ap[mb][p][mr] */
+            const int mr = M - mb * GM_NR < GM_NR ? (int)(M - mb * GM_NR) : GM_NR;
+            uint32_t *dst = ap + mb * GM_NR * NPAIR;
+            for (int i = 0; i < mr; i++) {
+                const uint32_t *src = (const uint32_t *)(x + (mb * GM_NR + i) * lda);
+                for (int64_t p = 0; p < NPAIR; p++) dst[p * mr + i] = src[p];
+            }
+        }
+        uint32_t *bp = aligned_alloc(64, GM4_KC / 2 * 64 * 4);
+        float *ct = aligned_alloc(64, (size_t)(MB * GM_NR * 64 * 4));
+        if (!bp || !ct) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        if (!failed) {
+            const __m512 vmid = _mm512_set1_ps(mid);
+            int16_t il[32];
+            for (int i = 0; i < 16; i++) il[2 * i] = (int16_t)i, il[2 * i + 1] = (int16_t)(32 + i);
+            const __m512i ilv = _mm512_loadu_si512(il);
+#pragma omp for schedule(static)
+            for (int64_t t = 0; t < NT; t++) {
+                const uint8_t *tile = w + t * K * 32;
+                for (int64_t k0 = 0; k0 < K; k0 += GM4_KC) {
+                    const int64_t kc = K - k0 < GM4_KC ? K - k0 : GM4_KC;
+                    gm4_decode(tile, K, N, gs, scale, zero, sz_row, sz_grp, vmid, 64 * t, k0, kc, ilv, bp);
+                    if (k0 + GM4_KC >= K && t + 1 < NT) /* the next tile's first chunk into L2 */
+                        for (int64_t b = 0; b < (K < GM4_KC ? K : GM4_KC) * 32; b += 64)
+                            _mm_prefetch((const char *)(tile + K * 32 + b), _MM_HINT_T1);
+                    for (int64_t mb = 0; mb < MB; mb++) {
+                        const int mr = M - mb * GM_NR < GM_NR ? (int)(M - mb * GM_NR) : GM_NR;
+                        const uint32_t *a = ap + mb * GM_NR * NPAIR + (k0 / 2) * mr;
+                        for (int h = 0; h < 2; h++)
+                            gm4_ukrS[mr](a, bp + 32 * h, kc / 2, ct + mb * GM_NR * 64 + 32 * h, 64, k0 == 0);
+                    }
+                }
+                const int64_t nc = N - 64 * t < 64 ? N - 64 * t : 64;
+                for (int64_t m = 0; m < M; m++)
+                    for (int c = 0; c < 4; c++)
+                        if (16 * c < nc)
+                            _mm256_mask_storeu_epi16(y + m * ldc + 64 * t + 16 * c, tail16(nc - 16 * c),
+                                                     (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(ct + m * 64 + 16 * c)));
+            }
+        }
+        free(bp);
+        free(ct);
+    }
+    free(ap);
+    return failed ? -1 : 0;
 }
 
 #endif /* FXQ_BF16DOT */

@@ -70,12 +70,12 @@ _BF16DOT_SIGNATURES = {
                                _c_float, _c_ptr, _c_i64, _c_int),
     "fxq512_lut4_bf16_gemv": _SIGNATURES["fxq_lut4_gemv"],
     "fxq512_fpx3_bf16_gemv": _SIGNATURES["fxq_fpx_gemv"],
-    "fxq512_int4t_decode_bf16": (_c_ptr, _c_i64, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_i64, _c_float, _c_i64,
-                                 _c_i64, _c_ptr, _c_i64, _c_int),
     "fxq512_int8_bf16_gemm": (_c_ptr, _c_i64, _c_i64, _c_i64, _c_ptr, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_int, _c_int),
+    "fxq512_int4t_bf16_gemm": (_c_ptr, _c_i64, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_i64,
+                               _c_float, _c_ptr, _c_i64, _c_int),
 }
 #: kernels that return an int status (0 = done); the others return nothing
-_RESTYPES = {"fxq512_int8_bf16_gemm": ctypes.c_int}
+_RESTYPES = {"fxq512_int8_bf16_gemm": ctypes.c_int, "fxq512_int4t_bf16_gemm": ctypes.c_int}
 
 _status = "not loaded yet"
 
@@ -351,33 +351,6 @@ def _workspace(numel: int) -> torch.Tensor:
     return buf
 
 
-def int4_tile_decoder(qweight: torch.Tensor, *, block_n: int, group_size: int, scale: torch.Tensor,
-                      zero: torch.Tensor | None, out_features: int, mid: float = 8.0):
-    """A transposed block decoder (:mod:`fxquant.ops._dequant_gemm`) of 4-bit int4pack tiles into
-    bf16 ``W.T``, ``W = (q - mid) * s + z`` rounded once, or None when no native decoder applies
-    (needs AVX512-BF16, 64-row tiles, bf16 ``scale``/``zero`` as in :func:`int4_tiled_gemv`)."""
-    lib = _lib()
-    if (lib is None or lib.fxq512_int4t_decode_bf16 is None or block_n != 64 or scale.dtype != torch.bfloat16
-            or (zero is not None and (zero.dtype != torch.bfloat16 or zero.stride() != scale.stride()))):
-        return None
-    w = qweight.contiguous()
-    k = w.numel() * 2 // int(-(-out_features // 64) * 64) if out_features else 0
-    if k == 0 or k % group_size:
-        return None
-    sg, sr = scale.stride()
-
-    def decode(r0: int, r1: int, out: torch.Tensor) -> None:
-        if r0 % 64 or out.dtype != torch.bfloat16 or out.shape[0] != k or out.stride(1) != 1:
-            raise ValueError("int4_tile_decoder: blocks start on a tile, out is bf16 [K, width] row-major")
-        nt = -(-(r1 - r0) // 64)
-        if out.shape[1] < 64 * nt:
-            raise ValueError(f"int4_tile_decoder: out has {out.shape[1]} columns, {64 * nt} needed")
-        lib.fxq512_int4t_decode_bf16(_ptr(w), k, out_features, group_size, _ptr(scale), _ptr(zero), sr, sg,
-                                     float(mid), r0, nt, _ptr(out), out.stride(0), torch.get_num_threads())
-    decode.transposed, decode.multiple = True, 64
-    return decode
-
-
 def int8_decoder(qweight: torch.Tensor):
     """A block decoder (:mod:`fxquant.ops._dequant_gemm`) of int8 ``[N, K]`` codes into bf16 rows
     (the codes themselves, exact; the row scale stays on the output), or None without the native
@@ -400,6 +373,20 @@ def int8_decoder(qweight: torch.Tensor):
 GEMM_ROWS = 256
 
 
+def _gemm_rows(x2: torch.Tensor, n: int, run) -> torch.Tensor:
+    """bf16 ``[M, N]`` from ``run(x_ptr, rows, lda, y_ptr)`` over chunks of :data:`GEMM_ROWS` rows of
+    ``x2`` cast to bf16 (rows contiguous)."""
+    x = x2.to(torch.bfloat16)
+    if x.stride(-1) != 1 or x.stride(0) % 2:
+        x = x.contiguous()
+    y = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
+    for r0 in range(0, x.shape[0], GEMM_ROWS):
+        r1 = min(x.shape[0], r0 + GEMM_ROWS)
+        if run(_ptr(x) + 2 * r0 * x.stride(0), r1 - r0, x.stride(0), _ptr(y) + 2 * r0 * n):
+            raise MemoryError(f"native GEMM: no scratch for M={r1 - r0}, K={x.shape[1]}")
+    return y
+
+
 def int8_gemm(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
     """int8wo at large M (AVX512-BF16): ``x2 [M, K]`` -> bf16 ``[M, N]`` ``= (x2 @ q.T) * scale``
     with bf16 activations (x2 is cast) and fp32 accumulation; None where the kernel does not apply
@@ -408,17 +395,31 @@ def int8_gemm(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> t
     n, k = qweight.shape
     if lib is None or lib.fxq512_int8_bf16_gemm is None or k % 2 or qweight.dtype != torch.int8:
         return None
-    x = x2.to(torch.bfloat16)
-    if x.stride(-1) != 1 or x.stride(0) % 2:
-        x = x.contiguous()
-    w, rs = qweight.contiguous(), scale.to(torch.float32).contiguous()
-    y = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
-    for r0 in range(0, x.shape[0], GEMM_ROWS):
-        r1 = min(x.shape[0], r0 + GEMM_ROWS)
-        if lib.fxq512_int8_bf16_gemm(_ptr(x) + 2 * r0 * x.stride(0), r1 - r0, k, x.stride(0), _ptr(w), n, _ptr(rs),
-                                     _ptr(y) + 2 * r0 * n, n, 1, torch.get_num_threads()):
-            raise MemoryError(f"int8_gemm: no scratch for M={r1 - r0}, K={k}")
-    return y
+    w, rs, nt = qweight.contiguous(), scale.to(torch.float32).contiguous(), torch.get_num_threads()
+    return _gemm_rows(x2, n, lambda xp, rows, lda, yp: lib.fxq512_int8_bf16_gemm(
+        xp, rows, k, lda, _ptr(w), n, _ptr(rs), yp, n, 1, nt))
+
+
+def int4_gemm(x2: torch.Tensor, qweight: torch.Tensor, *, block_n: int, group_size: int, scale: torch.Tensor,
+              zero: torch.Tensor | None, out_features: int, mid: float = 8.0) -> torch.Tensor | None:
+    """4-bit int4pack tiles at large M (AVX512-BF16): ``x2 [M, K]`` -> bf16 ``[M, N]`` ``= x2 @ W.T``
+    with ``W = (q - mid) * s + z`` rounded once to bf16, bf16
+    activations, fp32 accumulation; None where it does not apply (no AVX512-BF16, tiles other than
+    64 rows, non-bf16 scale / zero, odd group size)."""
+    lib = _lib()
+    if (lib is None or lib.fxq512_int4t_bf16_gemm is None or block_n != 64 or scale.dtype != torch.bfloat16
+            or group_size % 2
+            or (zero is not None and (zero.dtype != torch.bfloat16 or zero.stride() != scale.stride()))):
+        return None
+    w = qweight.contiguous()
+    n = out_features
+    k = w.numel() * 2 // int(-(-n // 64) * 64) if n else 0
+    if k == 0 or k % group_size or x2.shape[1] != k:
+        return None
+    sg, sr = scale.stride()
+    nt = torch.get_num_threads()
+    return _gemm_rows(x2, n, lambda xp, rows, lda, yp: lib.fxq512_int4t_bf16_gemm(
+        xp, rows, k, lda, _ptr(w), n, group_size, _ptr(scale), _ptr(zero), sr, sg, float(mid), yp, n, nt))
 
 
 def lut4_gemv(xh: torch.Tensor, xl: torch.Tensor, codes: torch.Tensor, *, rows: int, row_bytes: int,

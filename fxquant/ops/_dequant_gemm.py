@@ -20,9 +20,7 @@ import torch
 #: for a descheduled worker thread: see docs/formats/float8.md, "CPU speed").
 BLOCK_BYTES = 4 << 20
 
-#: ``decode(r0, r1, out)`` writes rows ``r0:r1`` of the unscaled weight into ``out`` ``[r1 - r0, K]``;
-#: a decoder with ``transposed = True`` and ``multiple = m`` writes them transposed into the first
-#: columns of ``out`` ``[K, width]`` (``width`` a multiple of ``m``, whole multiples written).
+#: ``decode(r0, r1, out)`` writes rows ``r0:r1`` of the unscaled weight into ``out`` ``[r1 - r0, K]``.
 Decoder = Callable[[int, int, torch.Tensor], None]
 
 
@@ -38,14 +36,6 @@ def blocked_linear(x2: torch.Tensor, n: int, k: int, decode: Decoder, row_scale:
     rows = min(n, rows or block_rows(k, dtype))
     xd = x2.to(dtype)
     y = torch.empty(x2.shape[0], n, dtype=dtype, device=x2.device)
-    if getattr(decode, "transposed", False):  # decode writes W.T rows r0:r1 into out [K, >= r1 - r0]
-        width = -(-rows // decode.multiple) * decode.multiple
-        buf_t = torch.empty(k, width, dtype=dtype, device=x2.device)
-        for r0 in range(0, n, rows):
-            r1 = min(n, r0 + rows)
-            decode(r0, r1, buf_t)
-            torch.mm(xd, buf_t[:, : r1 - r0], out=y[:, r0:r1])
-        return y if row_scale is None else y.mul_(row_scale.to(dtype))
     buf = torch.empty(rows, k, dtype=dtype, device=x2.device)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)

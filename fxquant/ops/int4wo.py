@@ -5,7 +5,8 @@ rows padded to 64, ``scales_and_zeros [K/g, Np, 2]`` bf16) in :mod:`fxquant.form
 CPU fast path: at M <= ``NATIVE_MAX_ROWS`` the native GEMV (:mod:`fxquant.kernels.native_cpu`, reads
 the tiles in place, fp32 accumulation); above, ``aten._weight_int4pack_mm_for_cpu`` with bf16
 activations when the stored tile height equals this CPU's native one (weights packed on another CPU take the dequantize path, with a
-warning).  CUDA: Triton kernel in :mod:`fxquant.kernels.int4wo`.
+warning); from ``PACKED_MAX_ROWS`` on, with AVX512-BF16, the native GEMM that decodes tile chunks inside
+it (:func:`fxquant.kernels.native_cpu.int4_gemm`), else blocked decode + dense GEMM.  CUDA: Triton kernel in :mod:`fxquant.kernels.int4wo`.
 """
 from __future__ import annotations
 
@@ -68,6 +69,12 @@ def _cpu_fast(x2, qweight, scales_and_zeros, group_size, block_n, out_features):
         if y is not None:
             return y
     if m >= packed_max_rows():
+        if x2.dtype != torch.float16 and _cpu.dense_dtype() == torch.bfloat16:
+            y = native_cpu.int4_gemm(x2, qweight, block_n=block_n, group_size=group_size,
+                                     scale=scales_and_zeros.select(-1, 0), zero=scales_and_zeros.select(-1, 1),
+                                     out_features=out_features)  # decodes tile chunks inside the GEMM
+            if y is not None:
+                return y
         return None  # blocked decode + dense GEMM
     if block_n != fmt.native_cpu_block_n():
         if not _warned_layout:
@@ -86,13 +93,6 @@ def _block_decoder(qweight, scales_and_zeros, group_size, block_n, out_features,
     ``(q - 8) * scale + zero`` in the GEMM dtype, as :func:`fxquant.formats.int4.dequantize`."""
     n_pad, k = qweight.shape[0], qweight.shape[1] * 2
     groups = k // group_size
-    if dtype == torch.bfloat16:  # the native decoder writes bf16 W.T blocks (rounded once)
-        native = native_cpu.int4_tile_decoder(qweight, block_n=block_n, group_size=group_size,
-                                              scale=scales_and_zeros.select(-1, 0),
-                                              zero=scales_and_zeros.select(-1, 1), out_features=out_features)
-        if native is not None:
-            return native, None, block_n
-
     def decode(r0: int, r1: int, out: torch.Tensor) -> None:
         end = min(n_pad, -(-r1 // block_n) * block_n)
         q = fmt.unpack(qweight[r0:end], block_n)[: r1 - r0]

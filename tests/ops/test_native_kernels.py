@@ -312,33 +312,35 @@ def test_int4_bf16_dot_kernel_is_the_reference_on_bf16_x(scheme, m, n):
 
 
 @needs_bf16_dot
-@pytest.mark.parametrize("n,k,group", [(130, 256, 32), (64, 128, 128), (300, 512, 64)])
-def test_int4_tile_decoder_is_the_reference_dequant_in_bf16(n, k, group):
-    """The native large-M decoder writes bf16 W.T blocks: the reference's fp32 dequant rounded once,
-    bit for bit, for every block start (tiles) and a partial last block; padded rows are 0."""
-    w = torch.randn(n, k, generator=torch.Generator().manual_seed(n))
-    st_ = int4.to_storage(w, group, 64)
+@pytest.mark.parametrize("m,n,k,group", [(5, 130, 256, 32), (40, 64, 128, 128), (33, 300, 512, 64),
+                                         (29, 70, 1536, 256), (native_cpu.GEMM_ROWS + 17, 100, 1024, 128)])
+def test_int4_gemm_kernel_against_exact_products(m, n, k, group):
+    """The large-M int4 GEMM (tile chunks decoded inside it) against float64 products of the same
+    bf16 x and the reference's dequant rounded once to bf16, across partial tiles, x blocks of 14
+    rows, k chunks (512) and the wrapper's row chunks; x = identity rows returns W.T bit for bit
+    (each output one exact product)."""
+    gen = torch.Generator().manual_seed(m + n + k)
+    st_ = int4.to_storage(torch.randn(n, k, generator=gen), group, 64)
     sz = st_["scales_and_zeros"]
-    decode = native_cpu.int4_tile_decoder(st_["qweight"], block_n=64, group_size=group, scale=sz[..., 0],
-                                          zero=sz[..., 1], out_features=n)
+    kw = dict(block_n=64, group_size=group, scale=sz[..., 0], zero=sz[..., 1], out_features=n)
     want = int4.from_storage(st_["qweight"], sz, group, 64, n).to(torch.bfloat16)
-    out = torch.full((k, 128), float("nan"), dtype=torch.bfloat16)
-    for r0 in range(0, n, 128):
-        r1 = min(n, r0 + 128)
-        decode(r0, r1, out)
-        assert torch.equal(out[:, : r1 - r0].t(), want[r0:r1])
-        assert not out[:, : -(-(r1 - r0) // 64) * 64].isnan().any()
-    with pytest.raises(ValueError, match="tile"):
-        decode(32, 64, out)
+    x = torch.randn(m, k, generator=gen)
+    y = native_cpu.int4_gemm(x, st_["qweight"], **kw)
+    xb = x.to(torch.bfloat16).double()
+    exact, size = xb @ want.double().t(), xb.abs() @ want.double().abs().t()
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    assert ((y.double() - exact).abs() <= 2**-8 * exact.abs() + 1e-5 * size).all()
+    eye = torch.eye(k, dtype=torch.bfloat16)[: min(k, 300)]
+    assert torch.equal(native_cpu.int4_gemm(eye, st_["qweight"], **kw), want.t()[: eye.shape[0]])
 
 
 @needs_bf16_dot
-def test_int4wo_large_m_takes_the_native_decoder():
-    """Above the GEMV's rows, int4wo decodes bf16 W.T blocks natively and multiplies in bf16."""
+def test_int4wo_large_m_takes_the_native_gemm():
+    """Above the packed kernels' rows, int4wo runs the native GEMM that decodes tiles inside it."""
     qw, op = quantized("int4wo-128", 200, 512, 0)
     args = tuple(qw.tensors.values())
-    x = torch.randn(int4wo.NATIVE_MAX_ROWS_BF16DOT + 8, 512).to(torch.bfloat16)
-    with spy("int4_tile_decoder") as calls:
+    x = torch.randn(max(int4wo.packed_max_rows(), int4wo.NATIVE_MAX_ROWS_BF16DOT) + 8, 512).to(torch.bfloat16)
+    with spy("int4_gemm") as calls:
         y = op(x, *args, None, **qw.attrs)
     assert calls
     r = int4wo.reference(x, *args, None, **qw.attrs)
@@ -386,7 +388,9 @@ def test_int8_gemm_kernel_against_exact_products(m, n, k):
     assert native_cpu._lib().fxq512_int8_bf16_gemm(xc.data_ptr(), m, k, k, q.data_ptr(), n, rs.data_ptr(),
                                                    y32.data_ptr(), n, 0, 1) == 0
     assert ((y32.double() - exact).abs() <= 1e-5 * size).all()
-    assert native_cpu.int8_gemm(x[:, :-1] if k > 2 else x[:, :1], q[:, :-1].contiguous(), scale) is None  # odd K
+    eye = torch.eye(k, dtype=torch.bfloat16)[: min(k, 300)]  # each output one exact product, rounded once
+    assert torch.equal(native_cpu.int8_gemm(eye, q, scale), (q.float() * scale.float()[:, None]).t()[: eye.shape[0]].bfloat16())
+    assert native_cpu.int8_gemm(x[:, :-1], q[:, :-1].contiguous(), scale) is None  # odd K
 
 
 @needs_bf16_dot
