@@ -1166,7 +1166,7 @@ int fxq512_int8_bf16_gemm(const uint16_t *x, int64_t M, int64_t K, int64_t lda, 
  * rows c of k = 2p, 2p + 1), multiplied by x pairs broadcast from blocks of 14 rows packed once per
  * call ap[block][p][rows]; the tile's accumulators ct [Mp][64] stay in a per-thread buffer. */
 #ifndef GM4_KC
-#define GM4_KC 512
+#define GM4_KC 1024
 #endif
 
 static void gm4_decode(const uint8_t *tile, int64_t K, int64_t N, int64_t gs, const uint16_t *scale,

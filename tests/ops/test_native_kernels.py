@@ -317,7 +317,7 @@ def test_int4_bf16_dot_kernel_is_the_reference_on_bf16_x(scheme, m, n):
 def test_int4_gemm_kernel_against_exact_products(m, n, k, group):
     """The large-M int4 GEMM (tile chunks decoded inside it) against float64 products of the same
     bf16 x and the reference's dequant rounded once to bf16, across partial tiles, x blocks of 14
-    rows, k chunks (512) and the wrapper's row chunks; x = identity rows returns W.T bit for bit
+    rows, k chunks (1024) and the wrapper's row chunks; x = identity rows returns W.T bit for bit
     (each output one exact product)."""
     gen = torch.Generator().manual_seed(m + n + k)
     st_ = int4.to_storage(torch.randn(n, k, generator=gen), group, 64)
