@@ -1014,47 +1014,45 @@ typedef void (*gm_decode_t)(const void *ctx, int64_t n0, int nr, int64_t k0, int
 /* prefetch part `part` of `parts` of the codes of that panel into L2 */
 typedef void (*gm_prefetch_t)(const void *ctx, int64_t n0, int nr, int64_t k0, int64_t kc, int64_t part, int64_t parts);
 
-/* The microkernel: NR broadcast rows x two vectors of 16 lanes, 2*NR fp32 accumulators over np
+/* The microkernel: NR broadcast rows x NV (1 or 2) vectors of 16 lanes, NV*NR fp32 accumulators over np
  * pairs of k; ct += (row i) x (lanes), stored at ct[i * ldct + lane].  Broadcast row i at pair p is
- * the dword bc[i * BI + p * BP], the lane vectors at vec + VP * p (+ 16).  Two families: int8 (the
+ * the dword bc[i * BI + p * BP], the lane vectors at vec + VP * p (+ 16 v).  Two families: int8 (the
  * decoded weight rows broadcast, x.T pairs in the lanes) and int4 tiles (x broadcast, the weight's
  * columns in the lanes). */
-#define GM_UKR(NAME, NR, BI, BP, VP)                                                                            \
+#define GM_UKR(NAME, NR, BI, BP, VP, NV)                                                                        \
     static void NAME##NR(const uint32_t *bc, const uint32_t *vec, int64_t np, float *ct, int64_t ldct, int first) { \
         enum { nr_ = NR }; /* what BP may name */                                                              \
-        __m512 acc0[NR], acc1[NR];                                                                              \
-        _Pragma("GCC unroll 16") for (int i = 0; i < NR; i++) {                                                 \
-            acc0[i] = first ? _mm512_setzero_ps() : _mm512_load_ps(ct + i * ldct);                              \
-            acc1[i] = first ? _mm512_setzero_ps() : _mm512_load_ps(ct + i * ldct + 16);                         \
-        }                                                                                                       \
+        __m512 acc[NR][NV];                                                                                     \
+        _Pragma("GCC unroll 16") for (int i = 0; i < NR; i++) _Pragma("GCC unroll 2") for (int v = 0; v < NV; v++) \
+            acc[i][v] = first ? _mm512_setzero_ps() : _mm512_load_ps(ct + i * ldct + 16 * v);                   \
         for (int64_t p = 0; p < np; p++) {                                                                      \
-            const __m512bh a0 = (__m512bh)_mm512_load_si512(vec + (VP) * p);                                    \
-            const __m512bh a1 = (__m512bh)_mm512_load_si512(vec + (VP) * p + 16);                               \
+            __m512bh a[NV];                                                                                     \
+            _Pragma("GCC unroll 2") for (int v = 0; v < NV; v++)                                                \
+                a[v] = (__m512bh)_mm512_load_si512(vec + (VP) * p + 16 * v);                                    \
             _Pragma("GCC unroll 16") for (int i = 0; i < NR; i++) {                                             \
                 const __m512bh b = (__m512bh)_mm512_set1_epi32((int)bc[i * (BI) + p * (BP)]);                   \
-                acc0[i] = _mm512_dpbf16_ps(acc0[i], b, a0);                                                     \
-                acc1[i] = _mm512_dpbf16_ps(acc1[i], b, a1);                                                     \
+                _Pragma("GCC unroll 2") for (int v = 0; v < NV; v++) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], b, a[v]); \
             }                                                                                                   \
         }                                                                                                       \
-        _Pragma("GCC unroll 16") for (int i = 0; i < NR; i++) {                                                 \
-            _mm512_store_ps(ct + i * ldct, acc0[i]);                                                            \
-            _mm512_store_ps(ct + i * ldct + 16, acc1[i]);                                                       \
-        }                                                                                                       \
+        _Pragma("GCC unroll 16") for (int i = 0; i < NR; i++) _Pragma("GCC unroll 2") for (int v = 0; v < NV; v++) \
+            _mm512_store_ps(ct + i * ldct + 16 * v, acc[i][v]);                                                 \
     }
-#define GM_FAMILY(NAME, BI, BP, VP)                                                                             \
-    GM_UKR(NAME, 1, BI, BP, VP) GM_UKR(NAME, 2, BI, BP, VP) GM_UKR(NAME, 3, BI, BP, VP)                        \
-    GM_UKR(NAME, 4, BI, BP, VP) GM_UKR(NAME, 5, BI, BP, VP) GM_UKR(NAME, 6, BI, BP, VP)                        \
-    GM_UKR(NAME, 7, BI, BP, VP) GM_UKR(NAME, 8, BI, BP, VP) GM_UKR(NAME, 9, BI, BP, VP)                        \
-    GM_UKR(NAME, 10, BI, BP, VP) GM_UKR(NAME, 11, BI, BP, VP) GM_UKR(NAME, 12, BI, BP, VP)                     \
-    GM_UKR(NAME, 13, BI, BP, VP) GM_UKR(NAME, 14, BI, BP, VP)                                                  \
+#define GM_FAMILY(NAME, BI, BP, VP, NV)                                                                         \
+    GM_UKR(NAME, 1, BI, BP, VP, NV) GM_UKR(NAME, 2, BI, BP, VP, NV) GM_UKR(NAME, 3, BI, BP, VP, NV)            \
+    GM_UKR(NAME, 4, BI, BP, VP, NV) GM_UKR(NAME, 5, BI, BP, VP, NV) GM_UKR(NAME, 6, BI, BP, VP, NV)            \
+    GM_UKR(NAME, 7, BI, BP, VP, NV) GM_UKR(NAME, 8, BI, BP, VP, NV) GM_UKR(NAME, 9, BI, BP, VP, NV)            \
+    GM_UKR(NAME, 10, BI, BP, VP, NV) GM_UKR(NAME, 11, BI, BP, VP, NV) GM_UKR(NAME, 12, BI, BP, VP, NV)         \
+    GM_UKR(NAME, 13, BI, BP, VP, NV) GM_UKR(NAME, 14, BI, BP, VP, NV)                                          \
     static const gm_ukr_t NAME##S[GM_NR + 1] = {0, NAME##1, NAME##2, NAME##3, NAME##4, NAME##5, NAME##6,       \
                                                 NAME##7, NAME##8, NAME##9, NAME##10, NAME##11, NAME##12,       \
                                                 NAME##13, NAME##14};
 typedef void (*gm_ukr_t)(const uint32_t *, const uint32_t *, int64_t, float *, int64_t, int);
-/* int8: decoded weight rows broadcast (row stride GM_WS bf16), x.T pairs xt[p][32] in the lanes */
-GM_FAMILY(gm_ukr, GM_WS / 2, 1, 32)
+/* int8: decoded weight rows broadcast (row stride GM_WS bf16), x.T pairs xt[p][32] in the lanes;
+ * a last block of <= 16 rows of x is packed xt[p][16] and takes one vector */
+GM_FAMILY(gm_ukr, GM_WS / 2, 1, 32, 2)
+GM_FAMILY(gm_ukrh, GM_WS / 2, 1, 16, 1)
 /* int4 tiles: x pairs broadcast from a block of nr rows packed [p][nr], weight pairs bp[p][64] */
-GM_FAMILY(gm4_ukr, 1, nr_, 64)
+GM_FAMILY(gm4_ukr, 1, nr_, 64, 2)
 
 static const int32_t LANE16[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 
@@ -1074,12 +1072,13 @@ static int gm_run(const uint16_t *x, int64_t M, int64_t K, int64_t lda, int64_t 
         for (int64_t mb = 0; mb < MB; mb++) { /* x.T pairs, rows past M zero */
             uint32_t *dst = xt + mb * NPAIR * 32;
             const __m512i gi = _mm512_mullo_epi32(lane, _mm512_set1_epi32((int)(lda / 2)));
-            for (int v = 0; v < 2; v++) {
+            const int wid = M - 32 * mb <= 16 ? 16 : 32;
+            for (int v = 0; v < wid / 16; v++) {
                 const int64_t r = 32 * mb + 16 * v, rows = M - r <= 0 ? 0 : M - r;
                 const __mmask16 g = tail16(rows);
                 const int32_t *src = (const int32_t *)(x + (rows ? r : 0) * lda);
                 for (int64_t p = 0; p < NPAIR; p++)
-                    _mm512_store_si512(dst + 32 * p + 16 * v,
+                    _mm512_store_si512(dst + wid * p + 16 * v,
                                        _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), g, gi, src + p, 4));
             }
         }
@@ -1093,7 +1092,8 @@ static int gm_run(const uint16_t *x, int64_t M, int64_t K, int64_t lda, int64_t 
         if (!failed) {
             const int64_t ldct = MB * 32;
             const __m512i gct = _mm512_mullo_epi32(lane, _mm512_set1_epi32((int)ldct));
-#pragma omp for schedule(static)
+            /* dynamic: on a shared machine a descheduled thread otherwise leaves the other one waiting */
+#pragma omp for schedule(dynamic, 8)
             for (int64_t pn = 0; pn < NP; pn++) {
                 const int64_t n0 = pn * GM_NR;
                 const int nr = N - n0 < GM_NR ? (int)(N - n0) : GM_NR;
@@ -1107,7 +1107,9 @@ static int gm_run(const uint16_t *x, int64_t M, int64_t K, int64_t lda, int64_t 
                     const int64_t pkc = K - pk0 < GM_KC ? K - pk0 : GM_KC;
                     for (int64_t mb = 0; mb < MB; mb++) {
                         if (pnr && prefetch) prefetch(ctx, pn0, pnr, pk0, pkc, mb, MB);
-                        gm_ukrS[nr]((const uint32_t *)wb, xt + mb * NPAIR * 32 + (k0 / 2) * 32, kc / 2, ct + mb * 32, ldct, k0 == 0);
+                        const int wid = M - 32 * mb <= 16 ? 16 : 32;
+                        (wid == 16 ? gm_ukrhS : gm_ukrS)[nr]((const uint32_t *)wb, xt + mb * NPAIR * 32 + (k0 / 2) * wid,
+                                                             kc / 2, ct + mb * 32, ldct, k0 == 0);
                     }
                 }
                 const __mmask16 mk = tail16(nr);
@@ -1147,9 +1149,13 @@ static void gm_decode_i8(const void *ctx, int64_t n0, int nr, int64_t k0, int64_
 
 static void gm_prefetch_i8(const void *ctx, int64_t n0, int nr, int64_t k0, int64_t kc, int64_t part, int64_t parts) {
     const struct gm_i8 *c = ctx;
-    const int64_t lines = (kc + 63) / 64, total = nr * lines;
-    for (int64_t j = total * part / parts; j < total * (part + 1) / parts; j++)
-        _mm_prefetch((const char *)(c->q + (n0 + j / lines) * c->K + k0 + 64 * (j % lines)), _MM_HINT_T1);
+    const int64_t lines = (kc + 63) / 64, total = nr * lines, j0 = total * part / parts, j1 = total * (part + 1) / parts;
+    int64_t r = j0 / lines, l = j0 % lines;
+    const int8_t *row = c->q + (n0 + r) * c->K + k0;
+    for (int64_t j = j0; j < j1; j++) {
+        _mm_prefetch((const char *)(row + 64 * l), _MM_HINT_T1);
+        if (++l == lines) l = 0, row += c->K;
+    }
 }
 
 /* int8wo, M large: y = (x @ q.T) * rs; returns 0, or -1 (out of memory: nothing written) */
@@ -1227,7 +1233,7 @@ int fxq512_int4t_bf16_gemm(const uint16_t *x, int64_t M, int64_t K, int64_t lda,
             int16_t il[32];
             for (int i = 0; i < 16; i++) il[2 * i] = (int16_t)i, il[2 * i + 1] = (int16_t)(32 + i);
             const __m512i ilv = _mm512_loadu_si512(il);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 4) /* as in gm_run */
             for (int64_t t = 0; t < NT; t++) {
                 const uint8_t *tile = w + t * K * 32;
                 for (int64_t k0 = 0; k0 < K; k0 += GM4_KC) {
