@@ -932,6 +932,40 @@ void fxq512_lut4_bf16_gemv(const uint16_t *xh, const uint16_t *xl, int64_t M, in
         free(sbuf);
     }
 }
+/* The same with x [M, 2C] (fp32, or bf16 with x_bf16) as the op receives it: split into the high-
+ * and low-nibble halves (even / odd k) and rounded to bf16 here, one pass, instead of two strided
+ * torch conversions per call (~40 us of a ~1 ms GEMV at 11008x4096). */
+void fxq512_lut4_bf16_gemv_x(const void *x, int x_bf16, int64_t M, int64_t C, const uint8_t *codes,
+                             int64_t row_stride, int64_t N, const float *table, int64_t bb, int mode,
+                             const void *sc, const float *dq_code, const float *dq_scale, float dq_offset,
+                             int64_t dq_block, float *y, int64_t ldy, int nthreads) {
+    /* 64-byte aligned halves: every row of codes reloads all of x (unaligned: a split line per load) */
+    const int64_t half = (M * C + 31) / 32 * 32;
+    uint16_t *xh = (uint16_t *)aligned_alloc(64, sizeof(uint16_t) * (size_t)(2 * half)), *xl = xh + half;
+    if (!xh) return;
+    int16_t ev[32];
+    for (int i = 0; i < 16; i++) ev[i] = (int16_t)(2 * i), ev[16 + i] = (int16_t)(2 * i + 1);
+    const __m512i perm = _mm512_loadu_si512(ev);
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t j = 0; j < C; j += 16) { /* 32 values of x -> 16 even (xh) + 16 odd (xl) */
+            const __mmask16 mk = tail16(C - j);
+            const __mmask32 m32 = (__mmask32)(C - j >= 16 ? 0xFFFFFFFFu : ((1u << (2 * (C - j))) - 1));
+            __m512i v;
+            if (x_bf16) {
+                v = _mm512_maskz_loadu_epi16(m32, (const uint16_t *)x + m * 2 * C + 2 * j);
+            } else {
+                const float *xf = (const float *)x + m * 2 * C + 2 * j;
+                const __mmask16 a = (__mmask16)m32, b = (__mmask16)(m32 >> 16);
+                v = (__m512i)_mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(b, xf + 16), _mm512_maskz_loadu_ps(a, xf));
+            }
+            v = _mm512_permutexvar_epi16(perm, v);
+            _mm256_mask_storeu_epi16(xh + m * C + j, mk, _mm512_castsi512_si256(v));
+            _mm256_mask_storeu_epi16(xl + m * C + j, mk, _mm512_extracti64x4_epi64(v, 1));
+        }
+    fxq512_lut4_bf16_gemv(xh, xl, M, C, codes, row_stride, N, table, bb, mode, sc, dq_code, dq_scale, dq_offset,
+                          dq_block, y, ldy, nthreads);
+    free(xh);
+}
 /* fpX, X = 3 (layout: fxq512_fpx_gemv), bf16 activations: 32 codes per step.  The 3-bit index
  * 2 * (2-bit plane bits) + (1-bit plane bit) is built on bytes (the epi16 shifts move a neighbour
  * byte's bits only into bits the masks clear), widened to words and looked up with vpermw in the

@@ -69,6 +69,7 @@ _BF16DOT_SIGNATURES = {
     "fxq512_int4t_bf16_gemv": (_c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_i64,
                                _c_float, _c_ptr, _c_i64, _c_int),
     "fxq512_lut4_bf16_gemv": _SIGNATURES["fxq_lut4_gemv"],
+    "fxq512_lut4_bf16_gemv_x": (_c_ptr, _c_int) + _SIGNATURES["fxq_lut4_gemv"][2:],
     "fxq512_fpx3_bf16_gemv": _SIGNATURES["fxq_fpx_gemv"],
     "fxq512_int8_bf16_gemm": (_c_ptr, _c_i64, _c_i64, _c_i64, _c_ptr, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_int, _c_int),
     "fxq512_int4t_bf16_gemm": (_c_ptr, _c_i64, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_i64,
@@ -432,12 +433,9 @@ def lut4_gemv(xh: torch.Tensor, xl: torch.Tensor, codes: torch.Tensor, *, rows: 
     absmax_blocksize)`` uint8 indices into ``absmax_code`` (bitsandbytes double quant:
     ``absmax_code[q[b]] * absmax_scale[b // absmax_blocksize] + absmax_offset``).
     -> fp32 ``[M, rows]``."""
-    lib = _lib()
-    if lib is None or block_bytes < 1 or row_bytes % block_bytes or table.numel() != 16:
+    lib, args = _lib(), _lut4_args(codes, rows, row_bytes, table, block_bytes, scale, dq)
+    if lib is None or args is None:
         return None
-    if dq is None and scale.dtype not in (torch.float32, torch.bfloat16):
-        return None
-    mode = 2 if dq is not None else (0 if scale.dtype == torch.float32 else 1)
     # bf16 activations: the bf16 dot-product kernel (the table in bf16: exact for FP4/fpX tables,
     # within 2^-9 for NF4's values; exact products, fp32 sums)
     fn = lib.fxq512_lut4_bf16_gemv if xh.dtype in BF16_DOT_DTYPES else None
@@ -446,17 +444,49 @@ def lut4_gemv(xh: torch.Tensor, xl: torch.Tensor, codes: torch.Tensor, *, rows: 
         xh, xl = _fp32_rows(xh), _fp32_rows(xl)
     else:
         xh, xl = xh.to(torch.bfloat16).contiguous(), xl.to(torch.bfloat16).contiguous()
+    y = _out(xh.shape[0], rows)
+    fn(_ptr(xh), _ptr(xl), xh.shape[0], row_bytes, *args[0], _ptr(y), rows, torch.get_num_threads())
+    return y
+
+
+def lut4_gemv_x(x2: torch.Tensor, codes: torch.Tensor, *, rows: int, row_bytes: int, table: torch.Tensor,
+                block_bytes: int, scale: torch.Tensor,
+                dq: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor | None:
+    """:func:`lut4_gemv` with ``x2 [M, 2 * row_bytes]`` whole: even columns meet the high nibbles, odd
+    ones the low nibbles (bitsandbytes' order).  With the bf16 dot-product kernel the split and the
+    bf16 rounding happen in C (two strided torch conversions cost ~40 us per call); otherwise
+    :func:`lut4_gemv` on the two strided halves."""
+    lib = _lib()
+    fn = None if lib is None else lib.fxq512_lut4_bf16_gemv_x
+    if fn is None or x2.dtype not in BF16_DOT_DTYPES or not x2.is_contiguous():
+        return lut4_gemv(x2[:, 0::2], x2[:, 1::2], codes, rows=rows, row_bytes=row_bytes, table=table,
+                         block_bytes=block_bytes, scale=scale, dq=dq)
+    args = _lut4_args(codes, rows, row_bytes, table, block_bytes, scale, dq)
+    if args is None:
+        return None
+    y = _out(x2.shape[0], rows)
+    fn(_ptr(x2), int(x2.dtype == torch.bfloat16), x2.shape[0], row_bytes, *args[0], _ptr(y), rows,
+       torch.get_num_threads())
+    return y
+
+
+def _lut4_args(codes, rows, row_bytes, table, block_bytes, scale, dq):
+    """The kernel arguments after x's (``codes`` .. ``dq_block``) and the tensors they point into
+    (kept alive by the caller for the call), or None when the layout does not apply."""
+    if block_bytes < 1 or row_bytes % block_bytes or table.numel() != 16:
+        return None
+    if dq is None and scale.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    mode = 2 if dq is not None else (0 if scale.dtype == torch.float32 else 1)
     t, sc, c = table.float().contiguous(), scale.contiguous(), codes.contiguous()
     dq_code = dq_scale = None
     offset, dq_block = 0.0, 1
     if dq is not None:
         dq_code, dq_scale = dq[0].float().contiguous(), dq[1].float().contiguous()
         offset, dq_block = float(dq[2]), int(dq[3])
-    y = _out(xh.shape[0], rows)
-    fn(_ptr(xh), _ptr(xl), xh.shape[0], row_bytes, _ptr(c), row_bytes, rows, _ptr(t),
-                      block_bytes, mode, _ptr(sc), _ptr(dq_code), _ptr(dq_scale), offset, dq_block, _ptr(y), rows,
-                      torch.get_num_threads())
-    return y
+    args = (_ptr(c), row_bytes, rows, _ptr(t), block_bytes, mode, _ptr(sc), _ptr(dq_code), _ptr(dq_scale), offset,
+            dq_block)
+    return args, (t, sc, c, dq_code, dq_scale)
 
 
 def onebit_gemv(xb: torch.Tensor, sign_bits: torch.Tensor, a: torch.Tensor) -> torch.Tensor | None:

@@ -13,7 +13,7 @@ row chunks: each chunk of about ``CHUNK_ELEMENTS`` weights is decoded with one g
 *byte pair* (:func:`fxquant.formats.bnb4.dequantize_span`, bit-identical to the reference) into a
 cache-sized buffer and multiplied at once, so the full dequantized weight never exists.  At
 M <= ``NATIVE_MAX_ROWS``, when blocks do not straddle rows (``K % blocksize == 0``), the native
-GEMV (:func:`fxquant.kernels.native_cpu.lut4_gemv`) reads the codes in place instead.
+GEMV (:func:`fxquant.kernels.native_cpu.lut4_gemv_x`) reads the codes in place instead.
 CUDA: the Triton kernel in :mod:`fxquant.kernels.bnb4`.
 """
 from __future__ import annotations
@@ -98,7 +98,7 @@ def _native(x2, codes, code_table, blocksize, out_features, in_features, scale, 
     """The native GEMV when it applies (small M, whole blocks per row), else None."""
     if x2.shape[0] > NATIVE_MAX_ROWS or in_features % blocksize or in_features % 2:
         return None
-    return native_cpu.lut4_gemv(x2[:, 0::2], x2[:, 1::2], codes, rows=out_features, row_bytes=in_features // 2,
+    return native_cpu.lut4_gemv_x(x2, codes, rows=out_features, row_bytes=in_features // 2,
                                 table=code_table, block_bytes=blocksize // 2, scale=scale, dq=dq)
 
 

@@ -39,8 +39,8 @@ OPS = {
     "linear_int8wo": (int8wo.reference, int8wo, "int8_gemv"),
     "linear_int4wo": (int4wo.reference, int4wo, "int4_tiled_gemv"),
     "linear_intx": (intx.reference, intx, "int4_tiled_gemv"),
-    "linear_bnb4": (bnb4.reference, bnb4, "lut4_gemv"),
-    "linear_bnb4_dq": (bnb4.reference_dq, bnb4, "lut4_gemv"),
+    "linear_bnb4": (bnb4.reference, bnb4, "lut4_gemv_x"),
+    "linear_bnb4_dq": (bnb4.reference_dq, bnb4, "lut4_gemv_x"),
     "linear_fpx": (fpx.reference, fpx, "lut4_gemv"),  # 3-bit codes: fpx_gemv (see wrapper_of)
     "linear_onebit": (onebit.reference, onebit, "onebit_gemv"),
 }
@@ -363,6 +363,28 @@ def test_int8_decoder_is_exact_in_bf16(isa, n, k):
             assert torch.equal(out, q[r0:r1].to(torch.bfloat16))
         with pytest.raises(ValueError, match="contiguous bf16"):
             decode(0, n, torch.empty(n, k, dtype=torch.float32))
+
+
+@needs_native
+@each_isa
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,cols,block", [(1, 24, 8), (3, 40, 8), (5, 64, 32), (2, 1000, 8)])
+def test_lut4_whole_x_is_the_split_halves(isa, dtype, m, cols, block):
+    """lut4_gemv_x (x whole; with the bf16 dot-product kernel split and rounded in C) gives bit for
+    bit what lut4_gemv gives on the two strided halves torch makes, for widths that leave partial
+    16-lane tails, contiguous or not."""
+    gen = torch.Generator().manual_seed(m * cols)
+    codes = torch.randint(0, 256, (7 * cols,), dtype=torch.uint8, generator=gen)
+    table = torch.randn(16, generator=gen)
+    scale = torch.rand(7 * cols // block, generator=gen) + 0.5
+    kw = dict(rows=7, row_bytes=cols, table=table, block_bytes=block, scale=scale)
+    x = torch.randn(m, 2 * cols, generator=gen).to(dtype)
+    with using(isa):
+        want = native_cpu.lut4_gemv(x[:, 0::2], x[:, 1::2], codes, **kw)
+        assert torch.equal(native_cpu.lut4_gemv_x(x, codes, **kw), want)
+        wide = torch.randn(m, 4 * cols, generator=gen).to(dtype)[:, : 2 * cols]  # rows not contiguous
+        assert torch.equal(native_cpu.lut4_gemv_x(wide, codes, **kw),
+                           native_cpu.lut4_gemv(wide[:, 0::2], wide[:, 1::2], codes, **kw))
 
 
 @needs_bf16_dot
