@@ -1199,7 +1199,7 @@ int fxq512_int8_bf16_gemm(const uint16_t *x, int64_t M, int64_t K, int64_t lda, 
     return gm_run(x, M, K, lda, N, rs, gm_decode_i8, gm_prefetch_i8, &c, y, ldc, out_bf16, nthreads);
 }
 
-/* int4 tiles (layout: fxq512_int4t_gemv), M large: y [M, N] bf16 = x @ W.T with
+/* int4 tiles (layout: fxq512_int4t_gemv), M large: y [M, N] = x @ W.T (bf16, or fp32 when !out_bf16) with
  * W = bf16((q - mid) * s + zc) per group, rounded once (the reference's fp32 dequant).  The
  * weight's natural unit is a 64-row tile whose k-th 32 bytes hold all 64 rows, so here the weight
  * is the lane side: per tile and chunk of GM4_KC columns, the decoded pairs bp[p][64] (lane c =
@@ -1239,7 +1239,7 @@ static void gm4_decode(const uint8_t *tile, int64_t K, int64_t N, int64_t gs, co
 /* returns 0, or -1 (out of memory: nothing written); K and gs even */
 int fxq512_int4t_bf16_gemm(const uint16_t *x, int64_t M, int64_t K, int64_t lda, const uint8_t *w, int64_t N,
                            int64_t gs, const uint16_t *scale, const uint16_t *zero, int64_t sz_row, int64_t sz_grp,
-                           float mid, uint16_t *y, int64_t ldc, int nthreads) {
+                           float mid, void *y, int64_t ldc, int out_bf16, int nthreads) {
     const int64_t MB = (M + GM_NR - 1) / GM_NR, NPAIR = K / 2, NT = (N + 63) / 64;
     uint32_t *ap = aligned_alloc(64, (size_t)((MB * GM_NR * NPAIR * 4 + 63) / 64 * 64));
     if (!ap) return -1;
@@ -1285,10 +1285,15 @@ int fxq512_int4t_bf16_gemm(const uint16_t *x, int64_t M, int64_t K, int64_t lda,
                 }
                 const int64_t nc = N - 64 * t < 64 ? N - 64 * t : 64;
                 for (int64_t m = 0; m < M; m++)
-                    for (int c = 0; c < 4; c++)
-                        if (16 * c < nc)
-                            _mm256_mask_storeu_epi16(y + m * ldc + 64 * t + 16 * c, tail16(nc - 16 * c),
-                                                     (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(ct + m * 64 + 16 * c)));
+                    for (int c = 0; c < 4; c++) {
+                        if (16 * c >= nc) break;
+                        const __m512 v = _mm512_load_ps(ct + m * 64 + 16 * c);
+                        const int64_t o = m * ldc + 64 * t + 16 * c;
+                        if (out_bf16)
+                            _mm256_mask_storeu_epi16((uint16_t *)y + o, tail16(nc - 16 * c), (__m256i)_mm512_cvtneps_pbh(v));
+                        else
+                            _mm512_mask_storeu_ps((float *)y + o, tail16(nc - 16 * c), v);
+                    }
             }
         }
         free(bp);

@@ -73,7 +73,7 @@ _BF16DOT_SIGNATURES = {
     "fxq512_fpx3_bf16_gemv": _SIGNATURES["fxq_fpx_gemv"],
     "fxq512_int8_bf16_gemm": (_c_ptr, _c_i64, _c_i64, _c_i64, _c_ptr, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_int, _c_int),
     "fxq512_int4t_bf16_gemm": (_c_ptr, _c_i64, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_i64,
-                               _c_float, _c_ptr, _c_i64, _c_int),
+                               _c_float, _c_ptr, _c_i64, _c_int, _c_int),
 }
 #: kernels that return an int status (0 = done); the others return nothing
 _RESTYPES = {"fxq512_int8_bf16_gemm": ctypes.c_int, "fxq512_int4t_bf16_gemm": ctypes.c_int}
@@ -375,21 +375,24 @@ GEMM_ROWS = 256
 
 
 def _gemm_rows(x2: torch.Tensor, n: int, run) -> torch.Tensor:
-    """bf16 ``[M, N]`` from ``run(x_ptr, rows, lda, y_ptr)`` over chunks of :data:`GEMM_ROWS` rows of
-    ``x2`` cast to bf16 (rows contiguous)."""
+    """``[M, N]`` from ``run(x_ptr, rows, lda, y_ptr, out_bf16)`` over chunks of :data:`GEMM_ROWS`
+    rows of ``x2`` cast to bf16 (rows contiguous); fp32 when ``x2`` is fp32 (written by the kernel:
+    converting a bf16 result costs ~3 ms at 256x11008), else bf16."""
     x = x2.to(torch.bfloat16)
     if x.stride(-1) != 1 or x.stride(0) % 2:
         x = x.contiguous()
-    y = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
+    out_bf16 = x2.dtype != torch.float32
+    y = torch.empty(x.shape[0], n, dtype=torch.bfloat16 if out_bf16 else torch.float32)
     for r0 in range(0, x.shape[0], GEMM_ROWS):
         r1 = min(x.shape[0], r0 + GEMM_ROWS)
-        if run(_ptr(x) + 2 * r0 * x.stride(0), r1 - r0, x.stride(0), _ptr(y) + 2 * r0 * n):
+        if run(_ptr(x) + 2 * r0 * x.stride(0), r1 - r0, x.stride(0), _ptr(y) + y.element_size() * r0 * n,
+               int(out_bf16)):
             raise MemoryError(f"native GEMM: no scratch for M={r1 - r0}, K={x.shape[1]}")
     return y
 
 
 def int8_gemm(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
-    """int8wo at large M (AVX512-BF16): ``x2 [M, K]`` -> bf16 ``[M, N]`` ``= (x2 @ q.T) * scale``
+    """int8wo at large M (AVX512-BF16): ``x2 [M, K]`` -> ``[M, N]`` ``= (x2 @ q.T) * scale``
     with bf16 activations (x2 is cast) and fp32 accumulation; None where the kernel does not apply
     (no AVX512-BF16, odd K)."""
     lib = _lib()
@@ -397,13 +400,13 @@ def int8_gemm(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> t
     if lib is None or lib.fxq512_int8_bf16_gemm is None or k % 2 or qweight.dtype != torch.int8:
         return None
     w, rs, nt = qweight.contiguous(), scale.to(torch.float32).contiguous(), torch.get_num_threads()
-    return _gemm_rows(x2, n, lambda xp, rows, lda, yp: lib.fxq512_int8_bf16_gemm(
-        xp, rows, k, lda, _ptr(w), n, _ptr(rs), yp, n, 1, nt))
+    return _gemm_rows(x2, n, lambda xp, rows, lda, yp, ob: lib.fxq512_int8_bf16_gemm(
+        xp, rows, k, lda, _ptr(w), n, _ptr(rs), yp, n, ob, nt))
 
 
 def int4_gemm(x2: torch.Tensor, qweight: torch.Tensor, *, block_n: int, group_size: int, scale: torch.Tensor,
               zero: torch.Tensor | None, out_features: int, mid: float = 8.0) -> torch.Tensor | None:
-    """4-bit int4pack tiles at large M (AVX512-BF16): ``x2 [M, K]`` -> bf16 ``[M, N]`` ``= x2 @ W.T``
+    """4-bit int4pack tiles at large M (AVX512-BF16): ``x2 [M, K]`` -> ``[M, N]`` ``= x2 @ W.T``
     with ``W = (q - mid) * s + z`` rounded once to bf16, bf16
     activations, fp32 accumulation; None where it does not apply (no AVX512-BF16, tiles other than
     64 rows, non-bf16 scale / zero, odd group size)."""
@@ -419,8 +422,8 @@ def int4_gemm(x2: torch.Tensor, qweight: torch.Tensor, *, block_n: int, group_si
         return None
     sg, sr = scale.stride()
     nt = torch.get_num_threads()
-    return _gemm_rows(x2, n, lambda xp, rows, lda, yp: lib.fxq512_int4t_bf16_gemm(
-        xp, rows, k, lda, _ptr(w), n, group_size, _ptr(scale), _ptr(zero), sr, sg, float(mid), yp, n, nt))
+    return _gemm_rows(x2, n, lambda xp, rows, lda, yp, ob: lib.fxq512_int4t_bf16_gemm(
+        xp, rows, k, lda, _ptr(w), n, group_size, _ptr(scale), _ptr(zero), sr, sg, float(mid), yp, n, ob, nt))
 
 
 def lut4_gemv(xh: torch.Tensor, xl: torch.Tensor, codes: torch.Tensor, *, rows: int, row_bytes: int,

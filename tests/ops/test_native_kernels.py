@@ -325,11 +325,13 @@ def test_int4_gemm_kernel_against_exact_products(m, n, k, group):
     kw = dict(block_n=64, group_size=group, scale=sz[..., 0], zero=sz[..., 1], out_features=n)
     want = int4.from_storage(st_["qweight"], sz, group, 64, n).to(torch.bfloat16)
     x = torch.randn(m, k, generator=gen)
-    y = native_cpu.int4_gemm(x, st_["qweight"], **kw)
+    y = native_cpu.int4_gemm(x, st_["qweight"], **kw)  # fp32 x: the fp32 result
     xb = x.to(torch.bfloat16).double()
     exact, size = xb @ want.double().t(), xb.abs() @ want.double().abs().t()
-    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
-    assert ((y.double() - exact).abs() <= 2**-8 * exact.abs() + 1e-5 * size).all()
+    assert y.dtype == torch.float32 and y.shape == (m, n)
+    assert ((y.double() - exact).abs() <= 1e-5 * size).all()
+    yb = native_cpu.int4_gemm(x.to(torch.bfloat16), st_["qweight"], **kw)  # bf16 x: rounded to bf16
+    assert yb.dtype == torch.bfloat16 and torch.equal(yb, y.to(torch.bfloat16))
     eye = torch.eye(k, dtype=torch.bfloat16)[: min(k, 300)]
     assert torch.equal(native_cpu.int4_gemm(eye, st_["qweight"], **kw), want.t()[: eye.shape[0]])
 
@@ -393,7 +395,7 @@ def test_lut4_whole_x_is_the_split_halves(isa, dtype, m, cols, block):
 def test_int8_gemm_kernel_against_exact_products(m, n, k):
     """The large-M int8 GEMM (weight panels decoded inside it) against float64 products of the same
     bf16 x and codes: its fp32 output is off only by fp32 summation, its bf16 output by one more
-    rounding; across weight-panel edges (14 rows), x-block edges (32 rows), k-chunk edges (1024)
+    rounding (bf16 x: bf16 out); across weight-panel edges (14 rows), x-block edges (32 rows), k-chunk edges (1024)
     and the wrapper's row chunks, with strided and fp32 x."""
     gen = torch.Generator().manual_seed(m * n + k)
     q = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=gen)
@@ -402,9 +404,11 @@ def test_int8_gemm_kernel_against_exact_products(m, n, k):
     xb = x.to(torch.bfloat16)
     exact = (xb.double() @ q.double().t()) * scale.double()
     size = (xb.double().abs() @ q.double().abs().t()) * scale.double()
-    y = native_cpu.int8_gemm(x, q, scale)
-    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
-    assert ((y.double() - exact).abs() <= 2**-8 * exact.abs() + 1e-5 * size).all()
+    y = native_cpu.int8_gemm(x, q, scale)  # fp32 x: the fp32 result
+    assert y.dtype == torch.float32 and y.shape == (m, n)
+    assert ((y.double() - exact).abs() <= 1e-5 * size).all()
+    yb = native_cpu.int8_gemm(xb, q, scale)  # bf16 x: rounded once more, to bf16
+    assert yb.dtype == torch.bfloat16 and torch.equal(yb, y.to(torch.bfloat16))
     xc, rs = xb.contiguous(), scale.float()
     y32 = torch.full((m, n), float("nan"))
     assert native_cpu._lib().fxq512_int8_bf16_gemm(xc.data_ptr(), m, k, k, q.data_ptr(), n, rs.data_ptr(),
