@@ -1088,6 +1088,16 @@ GM_FAMILY(gm_ukrh, GM_WS / 2, 1, 16, 1)
 /* int4 tiles: x pairs broadcast from a block of nr rows packed [p][nr], weight pairs bp[p][64] */
 GM_FAMILY(gm4_ukr, 1, nr_, 64, 2)
 
+/* two per-thread scratch buffers (sizes multiples of 64); sets the shared *failed when one is missing */
+INLINE void gm_scratch(size_t a_bytes, size_t b_bytes, void **a, void **b, int *failed) {
+    *a = aligned_alloc(64, a_bytes);
+    *b = aligned_alloc(64, b_bytes);
+    if (!*a || !*b) {
+#pragma omp atomic write
+        *failed = 1;
+    }
+}
+
 static const int32_t LANE16[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 
 /* K even, x rows at stride lda (bf16 elements); y fp32 or (out_bf16) bf16 at stride ldc.  Returns
@@ -1116,12 +1126,9 @@ static int gm_run(const uint16_t *x, int64_t M, int64_t K, int64_t lda, int64_t 
                                        _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), g, gi, src + p, 4));
             }
         }
-        uint16_t *wb = aligned_alloc(64, GM_NR * GM_WS * 2);
-        float *ct = aligned_alloc(64, (size_t)(GM_NR * MB * 32 * 4));
-        if (!wb || !ct) {
-#pragma omp atomic write
-            failed = 1;
-        }
+        uint16_t *wb;
+        float *ct;
+        gm_scratch(GM_NR * GM_WS * 2, (size_t)(GM_NR * MB * 32 * 4), (void **)&wb, (void **)&ct, &failed);
 #pragma omp barrier
         if (!failed) {
             const int64_t ldct = MB * 32;
@@ -1255,12 +1262,9 @@ int fxq512_int4t_bf16_gemm(const uint16_t *x, int64_t M, int64_t K, int64_t lda,
                 for (int64_t p = 0; p < NPAIR; p++) dst[p * mr + i] = src[p];
             }
         }
-        uint32_t *bp = aligned_alloc(64, GM4_KC / 2 * 64 * 4);
-        float *ct = aligned_alloc(64, (size_t)(MB * GM_NR * 64 * 4));
-        if (!bp || !ct) {
-#pragma omp atomic write
-            failed = 1;
-        }
+        uint32_t *bp;
+        float *ct;
+        gm_scratch(GM4_KC / 2 * 64 * 4, (size_t)(MB * GM_NR * 64 * 4), (void **)&bp, (void **)&ct, &failed);
 #pragma omp barrier
         if (!failed) {
             const __m512 vmid = _mm512_set1_ps(mid);
