@@ -350,6 +350,23 @@ def test_int4wo_large_m_takes_the_native_gemm():
     assert_linear_close(y, r, x, w, BF16_TOL)
 
 
+@needs_bf16_dot
+@pytest.mark.parametrize("scheme", ["uint4wo-64", "int4wo-48-axis1", "uint4wo-16"])
+def test_intx_4bit_large_m_takes_the_native_gemm(scheme):
+    """4-bit intx along axis 1 stores int4wo's tiles: above the GEMV's rows it runs the same native
+    GEMM (zero point or none, groups that straddle its k chunks), the reference within bf16."""
+    k = 1152
+    qw, op = quantized(scheme, 130, k, 3)
+    args = tuple(qw.tensors.values())
+    x = torch.randn(intx.native_max_rows(torch.empty(1, k), 4) + 9, k)
+    with spy("int4_gemm") as calls:
+        y = op(x, *args, None, **qw.attrs)
+    assert calls
+    r = intx.reference(x, *args, None, **qw.attrs)
+    w = intx.OP.dequantized(qw.tensors, {**qw.attrs, "compute_dtype": None})
+    assert_linear_close(y, r, x, w, BF16_TOL)
+
+
 @needs_native
 @each_isa
 @pytest.mark.parametrize("n,k", [(1, 1), (3, 7), (70, 129), (130, 256)])
