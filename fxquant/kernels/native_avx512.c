@@ -821,6 +821,35 @@ void fxq512_int4t_bf16_gemv(const uint16_t *x, int64_t M, int64_t K, const uint8
         }
     free(xs);
 }
+/* x [M, K] fp32 (or bf16 with x_bf16) -> y [M, N] fp32 (or bf16 with y_bf16, rounded once), the
+ * conversions done here instead of two torch ops per call (a small layer at M = 1 feels each). */
+void fxq512_int4t_bf16_gemv_x(const void *x, int x_bf16, int64_t M, int64_t K, const uint8_t *w, int64_t N,
+                              int64_t gs, const uint16_t *scale, const uint16_t *zero, int64_t sz_row,
+                              int64_t sz_grp, float mid, void *y, int y_bf16, int64_t ldy, int nthreads) {
+    uint16_t *xb = x_bf16 ? NULL : (uint16_t *)aligned_alloc(64, (size_t)((M * K * 2 + 63) / 64 * 64));
+    float *yf = y_bf16 ? (float *)malloc(sizeof(float) * (size_t)(M * N > 0 ? M * N : 1)) : (float *)y;
+    if ((!x_bf16 && !xb) || !yf) {
+        free(xb);
+        if (y_bf16) free(yf);
+        return;
+    }
+    if (!x_bf16)
+        for (int64_t i = 0; i < M * K; i += 16) {
+            const __mmask16 mk = tail16(M * K - i);
+            _mm256_mask_storeu_epi16(xb + i, mk, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mk, (const float *)x + i)));
+        }
+    fxq512_int4t_bf16_gemv(x_bf16 ? (const uint16_t *)x : xb, M, K, w, N, gs, scale, zero, sz_row, sz_grp, mid,
+                           yf, y_bf16 ? N : ldy, nthreads);
+    if (y_bf16)
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t n = 0; n < N; n += 16) {
+                const __mmask16 mk = tail16(N - n);
+                _mm256_mask_storeu_epi16((uint16_t *)y + m * ldy + n, mk,
+                                         (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mk, yf + m * N + n)));
+            }
+    free(xb);
+    if (y_bf16) free(yf);
+}
 /* 4-bit table codes (layout as fxq512_lut4_gemv), bf16 activations: vdpbf16ps on the table in
  * bf16.  32 bytes widen to 32 words; vpermw looks up 32 bf16 values per instruction with the low 5
  * bits of each word as index, so with the 16-entry table stored twice the word itself indexes its

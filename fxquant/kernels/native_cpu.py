@@ -68,6 +68,8 @@ _AVX512_SIGNATURES = {
 _BF16DOT_SIGNATURES = {
     "fxq512_int4t_bf16_gemv": (_c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_i64,
                                _c_float, _c_ptr, _c_i64, _c_int),
+    "fxq512_int4t_bf16_gemv_x": (_c_ptr, _c_int, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_i64,
+                                 _c_i64, _c_float, _c_ptr, _c_int, _c_i64, _c_int),
     "fxq512_lut4_bf16_gemv": _SIGNATURES["fxq_lut4_gemv"],
     "fxq512_lut4_bf16_gemv_x": (_c_ptr, _c_int) + _SIGNATURES["fxq_lut4_gemv"][2:],
     "fxq512_fpx3_bf16_gemv": _SIGNATURES["fxq_fpx_gemv"],
@@ -257,13 +259,14 @@ def int8_gemv(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> t
 
 def int4_tiled_gemv(x2: torch.Tensor, qweight: torch.Tensor, *, block_n: int, group_size: int,
                     scale: torch.Tensor, zero: torch.Tensor | None, out_features: int,
-                    mid: float = 8.0, plane_bits: int = 4) -> torch.Tensor | None:
+                    mid: float = 8.0, plane_bits: int = 4, bf16_out: bool = False) -> torch.Tensor | None:
     """b-bit codes in int4pack's tile order, ``W = (q - mid) * s + z`` per group of ``group_size``
     columns.  ``plane_bits`` 4: ``qweight`` uint8 ``[Np, K/2]``, the tiled nibble-pair bytes, read in
     place.  1..3: ``qweight`` is the flat plane of :mod:`fxquant.formats.intx` (its shards of 2 and/or
     1 bits, ``Np * K * plane_bits / 8`` bytes) and ``x2.shape[1]`` gives K.  ``scale`` / ``zero`` are
     bf16 views indexed ``[group, row]`` with the same strides (int4wo passes ``scales_and_zeros[..., 0]``
-    and ``[..., 1]``)."""
+    and ``[..., 1]``).  -> fp32 ``[M, out_features]``; bf16 with ``bf16_out`` where the bf16
+    dot-product kernel runs (it converts x and y itself), else still fp32."""
     lib = _lib()
     k = x2.shape[1]
     if (lib is None or block_n % 32 or k % group_size or k % 2 or scale.dtype != torch.bfloat16
@@ -279,10 +282,11 @@ def int4_tiled_gemv(x2: torch.Tensor, qweight: torch.Tensor, *, block_n: int, gr
             and lib.fxq512_int4t_bf16_gemv is not None):
         # bf16 dot products on bf16 activations (fp32 ones rounded to bf16, as the ATen packed
         # kernels do): exact products, so only the fp32 summation order differs from the reference
-        x = x2.to(torch.bfloat16).contiguous()
-        y = _out(x.shape[0], out_features)
-        lib.fxq512_int4t_bf16_gemv(_ptr(x), x.shape[0], k, _ptr(w), out_features, group_size, _ptr(scale),
-                                   _ptr(zero), sr, sg, float(mid), _ptr(y), out_features, torch.get_num_threads())
+        x = x2.contiguous()
+        y = torch.empty(x.shape[0], out_features, dtype=torch.bfloat16 if bf16_out else torch.float32)
+        lib.fxq512_int4t_bf16_gemv_x(_ptr(x), int(x.dtype == torch.bfloat16), x.shape[0], k, _ptr(w), out_features,
+                                     group_size, _ptr(scale), _ptr(zero), sr, sg, float(mid), _ptr(y),
+                                     int(bf16_out), out_features, torch.get_num_threads())
         return y
     x = _fp32_rows(x2)
     y = _out(x.shape[0], out_features)

@@ -65,7 +65,7 @@ def _cpu_fast(x2, qweight, scales_and_zeros, group_size, block_n, out_features):
     if m <= native_max_rows(x2):
         y = native_cpu.int4_tiled_gemv(x2, qweight, block_n=block_n, group_size=group_size,
                                        scale=scales_and_zeros.select(-1, 0), zero=scales_and_zeros.select(-1, 1),
-                                       out_features=out_features)
+                                       out_features=out_features, bf16_out=x2.dtype == torch.bfloat16)
         if y is not None:
             return y
     if m >= packed_max_rows():

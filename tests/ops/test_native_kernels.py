@@ -299,16 +299,22 @@ def test_int4_bf16_dot_kernel_is_the_reference_on_bf16_x(scheme, m, n):
     qw, op = quantized(scheme, n, 256, m)
     x = (torch.randn(m, 256, generator=torch.Generator().manual_seed(m)) + 0.3).to(torch.bfloat16)
     args = tuple(qw.tensors.values())
-    real, outs = native_cpu.int4_tiled_gemv, []
-    native_cpu.int4_tiled_gemv = lambda *a, **kw: outs.append(real(*a, **kw)) or outs[-1]
-    try:
-        op(x, *args, None, **qw.attrs)
-    finally:
-        native_cpu.int4_tiled_gemv = real
-    assert outs and outs[0].dtype == torch.float32  # the kernel's fp32 result, before the op's bf16 cast
+    with spy("int4_tiled_gemv") as calls:
+        y = op(x, *args, None, **qw.attrs)
+    assert calls and y.dtype == torch.bfloat16
+    t = qw.tensors
+    kw = dict(block_n=qw.attrs["block_n"], group_size=qw.attrs["group_size"], out_features=qw.attrs["out_features"])
+    if qw.op == "linear_int4wo":
+        kw.update(scale=t["scales_and_zeros"][..., 0], zero=t["scales_and_zeros"][..., 1])
+        y32 = native_cpu.int4_tiled_gemv(x, t["qweight"], **kw)
+    else:
+        kw.update(scale=t["scale"], zero=t["offset"] if t["offset"].numel() else None, mid=8.0)
+        y32 = native_cpu.int4_tiled_gemv(x, t["codes_lo"], **kw)
+    assert y32.dtype == torch.float32  # the kernel's fp32 result; the op's is it rounded once
+    assert torch.equal(y, y32.to(torch.bfloat16))
     r = OPS[qw.op][0](x.float(), *args, None, **qw.attrs)  # fp32 result on the same bf16 x
     w = OPS[qw.op][1].OP.dequantized(qw.tensors, {**qw.attrs, "compute_dtype": None})
-    assert_linear_close(outs[0], r, x, w, FP32_TOL)
+    assert_linear_close(y32, r, x, w, FP32_TOL)
 
 
 @needs_bf16_dot
