@@ -334,6 +334,21 @@ void fxq512_int4t_gemv(const float *x, int64_t M, int64_t K, const uint8_t *s0, 
  * gathered from dq_code (the scalar loop cost a quarter of the 4-bit GEMV's time at bs 64).  The
  * nested scale changes at most once in 16 blocks when dq_block >= 16 (else the scalar helper).
  */
+/* table[q] for 16 indices q in 0..255 from a 256-entry fp32 table held in 16 registers: eight
+ * 32-entry two-register permutes, then a select tree on index bits 5..7.  Replaces a 16-lane
+ * gather per 16 double-quant blocks: measured nf4-64+dq 11008x4096 M=1 raw kernel, interleaved
+ * medians, 1324 -> 1095 us (bit-identical results). */
+INLINE __m512 code256(__m512i q, const __m512 tab[16]) {
+    __m512 r[8];
+    for (int j = 0; j < 8; j++) r[j] = _mm512_permutex2var_ps(tab[2 * j], q, tab[2 * j + 1]);
+    const __mmask16 b5 = _mm512_test_epi32_mask(q, _mm512_set1_epi32(32));
+    const __mmask16 b6 = _mm512_test_epi32_mask(q, _mm512_set1_epi32(64));
+    const __mmask16 b7 = _mm512_test_epi32_mask(q, _mm512_set1_epi32(128));
+    const __m512 a0 = _mm512_mask_blend_ps(b5, r[0], r[1]), a1 = _mm512_mask_blend_ps(b5, r[2], r[3]);
+    const __m512 a2 = _mm512_mask_blend_ps(b5, r[4], r[5]), a3 = _mm512_mask_blend_ps(b5, r[6], r[7]);
+    return _mm512_mask_blend_ps(b7, _mm512_mask_blend_ps(b6, a0, a1), _mm512_mask_blend_ps(b6, a2, a3));
+}
+
 INLINE void row_scales512(int64_t n, int64_t nblk, int mode, const void *sc, const float *dq_code,
                           const float *dq_scale, float dq_offset, int64_t dq_block, float *out) {
     if (mode != 2 || dq_block < 16) {
@@ -343,11 +358,12 @@ INLINE void row_scales512(int64_t n, int64_t nblk, int mode, const void *sc, con
     const int64_t b0 = n * nblk;
     const uint8_t *q = (const uint8_t *)sc + b0;
     const __m512 off = _mm512_set1_ps(dq_offset);
+    __m512 tab[16]; /* dq_code has 256 entries (native_cpu pads it) */
+    for (int i = 0; i < 16; i++) tab[i] = _mm512_loadu_ps(dq_code + 16 * i);
     int64_t nested = b0 / dq_block, left = dq_block - b0 % dq_block; /* blocks left in `nested` */
     for (int64_t blk = 0; blk < nblk; blk += 16) {
         const __mmask16 mk = tail16(nblk - blk);
-        const __m512i qi = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mk, q + blk));
-        const __m512 c = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mk, qi, dq_code, 4);
+        const __m512 c = code256(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mk, q + blk)), tab);
         __m512 s = _mm512_set1_ps(dq_scale[nested]);
         if (left <= 16) { /* lanes from `left` on are in the next nested block */
             if (left < 16 && left < nblk - blk)

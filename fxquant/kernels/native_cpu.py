@@ -490,6 +490,8 @@ def _lut4_args(codes, rows, row_bytes, table, block_bytes, scale, dq):
     offset, dq_block = 0.0, 1
     if dq is not None:
         dq_code, dq_scale = dq[0].float().contiguous(), dq[1].float().contiguous()
+        if dq_code.numel() < 256:  # the AVX-512 kernels hold all 256 entries a uint8 index reaches
+            dq_code = torch.cat([dq_code, dq_code.new_zeros(256 - dq_code.numel())])
         offset, dq_block = float(dq[2]), int(dq[3])
     args = (_ptr(c), row_bytes, rows, _ptr(t), block_bytes, mode, _ptr(sc), _ptr(dq_code), _ptr(dq_scale), offset,
             dq_block)
