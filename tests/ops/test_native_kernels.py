@@ -342,18 +342,24 @@ def test_int4_gemm_kernel_against_exact_products(m, n, k, group):
     assert torch.equal(native_cpu.int4_gemm(eye, st_["qweight"], **kw), want.t()[: eye.shape[0]])
 
 
+def check_route(scheme: str, n: int, k: int, m: int, wrapper: str, dtype: torch.dtype = torch.float32) -> None:
+    """The op at ``m`` rows runs ``native_cpu.<wrapper>`` and gives the reference within bf16 rounding."""
+    qw, op = quantized(scheme, n, k, 3)
+    reference, module, _ = OPS[qw.op]
+    args = tuple(qw.tensors.values())
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
+    with spy(wrapper) as calls:
+        y = op(x, *args, None, **qw.attrs)
+    assert calls
+    w = module.OP.dequantized(qw.tensors, {**qw.attrs, "compute_dtype": None})
+    assert_linear_close(y, reference(x, *args, None, **qw.attrs), x, w, BF16_TOL)
+
+
 @needs_bf16_dot
 def test_int4wo_large_m_takes_the_native_gemm():
     """Above the packed kernels' rows, int4wo runs the native GEMM that decodes tiles inside it."""
-    qw, op = quantized("int4wo-128", 200, 512, 0)
-    args = tuple(qw.tensors.values())
-    x = torch.randn(max(int4wo.packed_max_rows(), int4wo.NATIVE_MAX_ROWS_BF16DOT) + 8, 512).to(torch.bfloat16)
-    with spy("int4_gemm") as calls:
-        y = op(x, *args, None, **qw.attrs)
-    assert calls
-    r = int4wo.reference(x, *args, None, **qw.attrs)
-    w = int4wo.OP.dequantized(qw.tensors, {**qw.attrs, "compute_dtype": None})
-    assert_linear_close(y, r, x, w, BF16_TOL)
+    m = max(int4wo.packed_max_rows(), int4wo.NATIVE_MAX_ROWS_BF16DOT) + 8
+    check_route("int4wo-128", 200, 512, m, "int4_gemm", torch.bfloat16)
 
 
 @needs_bf16_dot
@@ -361,16 +367,7 @@ def test_int4wo_large_m_takes_the_native_gemm():
 def test_intx_4bit_large_m_takes_the_native_gemm(scheme):
     """4-bit intx along axis 1 stores int4wo's tiles: above the GEMV's rows it runs the same native
     GEMM (zero point or none, groups that straddle its k chunks), the reference within bf16."""
-    k = 1152
-    qw, op = quantized(scheme, 130, k, 3)
-    args = tuple(qw.tensors.values())
-    x = torch.randn(intx.native_max_rows(torch.empty(1, k), 4) + 9, k)
-    with spy("int4_gemm") as calls:
-        y = op(x, *args, None, **qw.attrs)
-    assert calls
-    r = intx.reference(x, *args, None, **qw.attrs)
-    w = intx.OP.dequantized(qw.tensors, {**qw.attrs, "compute_dtype": None})
-    assert_linear_close(y, r, x, w, BF16_TOL)
+    check_route(scheme, 130, 1152, intx.native_max_rows(torch.empty(1, 1152), 4) + 9, "int4_gemm")
 
 
 @needs_native
@@ -448,15 +445,7 @@ def test_int8wo_large_m_takes_the_native_gemm(k, wrapper):
     """Above the packed kernels' rows, int8wo runs the native GEMM that decodes weight panels inside
     it (even K) or converts rows of codes natively into the bf16 GEMM's buffer (odd K); either is
     the reference within bf16 rounding."""
-    qw, op = quantized("int8wo", 150, k, 0)
-    args = tuple(qw.tensors.values())
-    x = torch.randn(int8wo.packed_max_rows() + 5, k)
-    with spy(wrapper) as calls:
-        y = op(x, *args, None, **qw.attrs)
-    assert calls
-    r = int8wo.reference(x, *args, None, **qw.attrs)
-    w = int8wo.OP.dequantized(qw.tensors, {**qw.attrs, "compute_dtype": None})
-    assert_linear_close(y, r, x, w, BF16_TOL)
+    check_route("int8wo", 150, k, int8wo.packed_max_rows() + 5, wrapper)
 
 
 needs_avx512 = pytest.mark.skipif("avx512" not in native_cpu.isas(), reason="no AVX-512 kernels here")
