@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from ..formats import int4 as int4_fmt
 from ..formats.intx import SHARDS
 
 #: compiled together into one library: the AVX2 kernels (fxq_*), their AVX-512 variants (fxq512_*,
@@ -269,8 +270,7 @@ def int4_tiled_gemv(x2: torch.Tensor, qweight: torch.Tensor, *, block_n: int, gr
     dot-product kernel runs (it converts x and y itself), else still fp32."""
     lib = _lib()
     k = x2.shape[1]
-    if (lib is None or block_n % 32 or k % group_size or k % 2 or scale.dtype != torch.bfloat16
-            or (zero is not None and (zero.dtype != torch.bfloat16 or zero.stride() != scale.stride()))):
+    if lib is None or block_n % 32 or k % group_size or k % 2 or not _tile_scales_ok(scale, zero):
         return None
     w = qweight.contiguous()
     shards = _plane_shards(w, plane_bits, k)
@@ -294,6 +294,13 @@ def int4_tiled_gemv(x2: torch.Tensor, qweight: torch.Tensor, *, block_n: int, gr
                        group_size, _ptr(scale), _ptr(zero), sr, sg, float(mid), _ptr(y), out_features,
                        torch.get_num_threads())
     return y
+
+
+def _tile_scales_ok(scale: torch.Tensor, zero: torch.Tensor | None) -> bool:
+    """Whether the tile kernels read these group scales / zeros: bf16 views indexed ``[group, row]``,
+    the zeros (if any) at the scales' strides."""
+    return scale.dtype == torch.bfloat16 and (
+        zero is None or (zero.dtype == torch.bfloat16 and zero.stride() == scale.stride()))
 
 
 def _plane_shards(w: torch.Tensor, plane_bits: int, k: int):
@@ -411,17 +418,16 @@ def int8_gemm(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> t
 def int4_gemm(x2: torch.Tensor, qweight: torch.Tensor, *, block_n: int, group_size: int, scale: torch.Tensor,
               zero: torch.Tensor | None, out_features: int, mid: float = 8.0) -> torch.Tensor | None:
     """4-bit int4pack tiles at large M (AVX512-BF16): ``x2 [M, K]`` -> ``[M, N]`` ``= x2 @ W.T``
-    with ``W = (q - mid) * s + z`` rounded once to bf16, bf16
-    activations, fp32 accumulation; None where it does not apply (no AVX512-BF16, tiles other than
+    with ``W = (q - mid) * s + z`` rounded once to bf16, bf16 activations, fp32 accumulation; None
+    where it does not apply (no AVX512-BF16, tiles other than
     64 rows, non-bf16 scale / zero, odd group size)."""
     lib = _lib()
-    if (lib is None or lib.fxq512_int4t_bf16_gemm is None or block_n != 64 or scale.dtype != torch.bfloat16
-            or group_size % 2
-            or (zero is not None and (zero.dtype != torch.bfloat16 or zero.stride() != scale.stride()))):
+    if (lib is None or lib.fxq512_int4t_bf16_gemm is None or block_n != 64 or group_size % 2
+            or not _tile_scales_ok(scale, zero)):
         return None
     w = qweight.contiguous()
     n = out_features
-    k = w.numel() * 2 // int(-(-n // 64) * 64) if n else 0
+    k = w.numel() * 2 // int4_fmt.padded_rows(n) if n else 0
     if k == 0 or k % group_size or x2.shape[1] != k:
         return None
     sg, sr = scale.stride()

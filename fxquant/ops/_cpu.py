@@ -48,6 +48,12 @@ def int8pack_k_ok(k: int) -> bool:
     return k % INT8PACK_K_MULTIPLE == 0
 
 
+def native_gemm_applies(x2: torch.Tensor) -> bool:
+    """Whether a large-M op may take a native bf16 GEMM (:func:`fxquant.kernels.native_cpu.int8_gemm`,
+    ``int4_gemm``): activations other than fp16 on a CPU whose dense large-M path is bf16 anyway."""
+    return x2.dtype != torch.float16 and dense_dtype() == torch.bfloat16
+
+
 def rows(x: torch.Tensor) -> int:
     """Number of rows of ``x`` flattened to 2-D over its last dim."""
     return x.numel() // x.shape[-1] if x.shape[-1] else 0

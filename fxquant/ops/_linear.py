@@ -172,9 +172,9 @@ def _register_autograd(op: LinearOpDef, qualname: str) -> None:
     Not ``torch.library.register_autograd``: its generic Python wrapper (keyset metadata,
     redispatch) runs on every call; measured with a trivial kernel, the op's overhead over its CPU
     impl is 16 us here against 29 us with it (medians, warm), which a model's many small layers at
-    M = 1 add up.  Here a plain CPU call with nothing requiring grad and no dispatch mode active goes straight to
-    the CPU impl; everything else (grad, fake / functional tensors of torch.compile and export,
-    tracing modes, CUDA) redispatches below autograd as usual."""
+    M = 1 add up.  Here a plain CPU call with nothing requiring grad and no dispatch mode active
+    goes straight to the CPU impl; everything else (grad, fake / functional tensors of
+    torch.compile and export, tracing modes, CUDA) redispatches below autograd as usual."""
     from torch.utils._python_dispatch import _get_current_dispatch_mode
 
     names = op.arg_names

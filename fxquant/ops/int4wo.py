@@ -69,7 +69,7 @@ def _cpu_fast(x2, qweight, scales_and_zeros, group_size, block_n, out_features):
         if y is not None:
             return y
     if m >= packed_max_rows():
-        if x2.dtype != torch.float16 and _cpu.dense_dtype() == torch.bfloat16:
+        if _cpu.native_gemm_applies(x2):
             y = native_cpu.int4_gemm(x2, qweight, block_n=block_n, group_size=group_size,
                                      scale=scales_and_zeros.select(-1, 0), zero=scales_and_zeros.select(-1, 1),
                                      out_features=out_features)  # decodes tile chunks inside the GEMM

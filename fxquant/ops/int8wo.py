@@ -54,7 +54,7 @@ def _cpu_fast(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> t
         if y is not None:
             return y
     if x2.shape[0] >= packed_max_rows():
-        if x2.dtype != torch.float16 and _cpu.dense_dtype() == torch.bfloat16:
+        if _cpu.native_gemm_applies(x2):
             y = native_cpu.int8_gemm(x2, qweight, scale)  # decodes panels inside the GEMM (AVX512-BF16)
             if y is not None:
                 return y
