@@ -390,11 +390,12 @@ def test_int8_decoder_is_exact_in_bf16(isa, n, k):
 @needs_native
 @each_isa
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("m,cols,block", [(1, 24, 8), (3, 40, 8), (5, 64, 32), (2, 1000, 8)])
+@pytest.mark.parametrize("m,cols,block", [(1, 24, 8), (3, 40, 8), (5, 96, 32), (2, 1000, 8)])
 def test_lut4_whole_x_is_the_split_halves(isa, dtype, m, cols, block):
     """lut4_gemv_x (x whole; with the bf16 dot-product kernel split and rounded in C) gives bit for
     bit what lut4_gemv gives on the two strided halves torch makes, for widths that leave partial
-    16-lane tails, contiguous or not."""
+    16-lane tails (not whole 64-byte chunks: those take the chunk kernel, tested below), contiguous
+    or not."""
     gen = torch.Generator().manual_seed(m * cols)
     codes = torch.randint(0, 256, (7 * cols,), dtype=torch.uint8, generator=gen)
     table = torch.randn(16, generator=gen)
@@ -407,6 +408,30 @@ def test_lut4_whole_x_is_the_split_halves(isa, dtype, m, cols, block):
         wide = torch.randn(m, 4 * cols, generator=gen).to(dtype)[:, : 2 * cols]  # rows not contiguous
         assert torch.equal(native_cpu.lut4_gemv_x(wide, codes, **kw),
                            native_cpu.lut4_gemv(wide[:, 0::2], wide[:, 1::2], codes, **kw))
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,rows,cols,block", [(1, 7, 64, 32), (3, 5, 128, 32), (5, 9, 192, 64), (4, 3, 256, 128),
+                                               (16, 11, 2048, 32), (2, 33, 512, 256)])
+def test_lut4_chunk_kernel_against_exact_products(dtype, m, rows, cols, block):
+    """The 64-byte-chunk table kernel (rows of whole chunks, 32-byte or 64-byte-multiple blocks)
+    against float64 products of the same bf16 x and the bf16-rounded table: bf16 products are exact
+    in fp32, so only the fp32 summation differs; every code value, both nibbles, each block's own
+    scale, several rows of x per tile and a partial last tile."""
+    gen = torch.Generator().manual_seed(m * rows + cols)
+    codes = torch.randint(0, 256, (rows * cols,), dtype=torch.uint8, generator=gen)
+    table = torch.randn(16, generator=gen)
+    scale = torch.rand(rows * cols // block, generator=gen) + 0.5
+    x = torch.randn(m, 2 * cols, generator=gen).to(dtype)
+    y = native_cpu.lut4_gemv_x(x, codes, rows=rows, row_bytes=cols, table=table, block_bytes=block, scale=scale)
+    hi, lo = (codes >> 4).long(), (codes & 15).long()
+    tb = table.to(torch.bfloat16).double()
+    w = torch.stack([tb[hi], tb[lo]], dim=1).reshape(rows, 2 * cols)  # first code in the high nibble
+    w = w * scale.double().repeat_interleave(2 * block).reshape(rows, 2 * cols)
+    xb = x.to(torch.bfloat16).double()
+    exact, size = xb @ w.t(), xb.abs() @ w.abs().t()
+    assert y.shape == (m, rows) and ((y.double() - exact).abs() <= 1e-6 * size + 1e-30).all()
 
 
 @needs_bf16_dot
