@@ -396,6 +396,63 @@ INLINE __m128i np16_at(const uint8_t *s0, int64_t w0, int64_t ch0, const uint8_t
     return np16(&one, 0);
 }
 
+/* where a work item's nibble-pair bytes come from: the shard pointers and shifts fixed for the whole
+ * item (fixed), or the template for np16_at to place each 16 */
+struct ax0_src {
+    const uint8_t *s0, *s1, *q0, *q1;
+    int64_t w0, ch0, w1, ch1, pb;
+    __m128i c0, c1;
+    __m256i mk0, mk1;
+    const struct np_src *tmpl;
+};
+
+INLINE struct ax0_src ax0_src_init(const uint8_t *s0, int64_t w0, int64_t ch0, const uint8_t *s1, int64_t w1,
+                                   int64_t ch1, const struct np_src *tmpl, int64_t pb, const int fixed) {
+    struct ax0_src r;
+    memset(&r, 0, sizeof r);
+    r.s0 = s0, r.s1 = s1, r.w0 = w0, r.ch0 = ch0, r.w1 = w1, r.ch1 = ch1, r.pb = pb, r.tmpl = tmpl;
+    if (fixed) {
+        const int64_t i0 = tmpl->fast4 ? 0 : pb / ch0, i1 = s1 ? pb / ch1 : 0;
+        r.q0 = s0 + pb - i0 * ch0;
+        r.q1 = s1 ? s1 + pb - i1 * ch1 : NULL;
+        r.c0 = _mm_cvtsi32_si128((int)(w0 * i0));
+        r.c1 = _mm_cvtsi32_si128((int)(w1 * i1));
+    }
+    r.mk0 = _mm256_broadcastsi128_si256(tmpl->mk0), r.mk1 = _mm256_broadcastsi128_si256(tmpl->mk1);
+    return r;
+}
+
+/* the nc * 16 nibble-pair bytes of k (chunk cc in 128-bit lane cc; lane 1 undefined when nc = 1);
+ * fixed: mode 0 the stored 4-bit bytes, 1 one shard, 2 two shards */
+INLINE __m256i ax0_bytes(const struct ax0_src *r, int64_t half, int64_t k, const int nc, const int fixed,
+                         const int mode) {
+    if (!fixed) {
+        const int64_t b = r->pb + k * half;
+        const __m128i lo = np16_at(r->s0, r->w0, r->ch0, r->s1, r->w1, r->ch1, r->tmpl, b);
+        const __m128i hi = nc == 2 ? np16_at(r->s0, r->w0, r->ch0, r->s1, r->w1, r->ch1, r->tmpl, b + 16) : lo;
+        return _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
+    }
+    const int64_t off = k * half;
+#ifndef AX0_PF
+#define AX0_PF 1024
+#endif
+    if ((k & 1) == 0) {
+        _mm_prefetch((const char *)(r->q0 + off + AX0_PF), _MM_HINT_T0);
+        if (mode == 2) _mm_prefetch((const char *)(r->q1 + off + AX0_PF), _MM_HINT_T0);
+    }
+    __m256i v;
+    if (nc == 2) v = _mm256_loadu_si256((const __m256i *)(r->q0 + off));
+    else v = _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(r->q0 + off)));
+    if (mode >= 1) v = _mm256_and_si256(_mm256_srl_epi16(v, r->c0), r->mk0);
+    if (mode == 2) {
+        __m256i u;
+        if (nc == 2) u = _mm256_loadu_si256((const __m256i *)(r->q1 + off));
+        else u = _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(r->q1 + off)));
+        v = _mm256_or_si256(v, _mm256_sll_epi16(_mm256_and_si256(_mm256_srl_epi16(u, r->c1), r->mk1), r->tmpl->sh1));
+    }
+    return v;
+}
+
 /* kn k's of one work item (nc chunks of 16 nibble-pair bytes per k, from byte pb; AT from a0 with row
  * stride W): acc[h][2cc + 0 / 1] for chunk cc's low / high nibble rows, h = k parity.  fixed: every
  * byte of the range is in the same shard chunks (shifts fixed), else each load finds its own; mode
@@ -405,16 +462,7 @@ INLINE void ax0_chunk(const uint8_t *s0, int64_t w0, int64_t ch0, const uint8_t 
                       const struct np_src *tmpl, int64_t pb, int64_t half, int64_t kn, const float *a0, int64_t W,
                       const int nc, const int fixed, const int mode, __m512 acc[2][4]) {
     const __m512 ident = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const uint8_t *q0 = NULL, *q1 = NULL;
-    __m128i c0 = _mm_setzero_si128(), c1 = c0;
-    if (fixed) {
-        const int64_t i0 = tmpl->fast4 ? 0 : pb / ch0, i1 = s1 ? pb / ch1 : 0;
-        q0 = s0 + pb - i0 * ch0;
-        q1 = s1 ? s1 + pb - i1 * ch1 : NULL;
-        c0 = _mm_cvtsi32_si128((int)(w0 * i0));
-        c1 = _mm_cvtsi32_si128((int)(w1 * i1));
-    }
-    const __m256i mk0 = _mm256_broadcastsi128_si256(tmpl->mk0), mk1 = _mm256_broadcastsi128_si256(tmpl->mk1);
+    struct ax0_src src = ax0_src_init(s0, w0, ch0, s1, w1, ch1, tmpl, pb, fixed);
     for (int h = 0; h < 2; h++)
         for (int q = 0; q < 4; q++) acc[h][q] = _mm512_setzero_ps();
     for (int64_t k0 = 0; k0 < kn; k0 += 2)
@@ -422,31 +470,8 @@ INLINE void ax0_chunk(const uint8_t *s0, int64_t w0, int64_t ch0, const uint8_t 
             const int64_t k = k0 + h;
             if (k >= kn) break;
             const float *a = a0 + k * W;
-            __m128i nb[2];
-            if (fixed) { /* nc * 16 nibble-pair bytes of this k, 32 at a time when nc = 2 */
-                const int64_t off = k * half;
-#ifndef AX0_PF
-#define AX0_PF 1024
-#endif
-                if ((k & 1) == 0) {
-                    _mm_prefetch((const char *)(q0 + off + AX0_PF), _MM_HINT_T0);
-                    if (mode == 2) _mm_prefetch((const char *)(q1 + off + AX0_PF), _MM_HINT_T0);
-                }
-                __m256i v;
-                if (nc == 2) v = _mm256_loadu_si256((const __m256i *)(q0 + off));
-                else v = _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(q0 + off)));
-                if (mode >= 1) v = _mm256_and_si256(_mm256_srl_epi16(v, c0), mk0);
-                if (mode == 2) {
-                    __m256i u;
-                    if (nc == 2) u = _mm256_loadu_si256((const __m256i *)(q1 + off));
-                    else u = _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(q1 + off)));
-                    v = _mm256_or_si256(v, _mm256_sll_epi16(_mm256_and_si256(_mm256_srl_epi16(u, c1), mk1), tmpl->sh1));
-                }
-                nb[0] = _mm256_castsi256_si128(v);
-                nb[1] = _mm256_extracti128_si256(v, 1);
-            } else {
-                for (int cc = 0; cc < nc; cc++) nb[cc] = np16_at(s0, w0, ch0, s1, w1, ch1, tmpl, pb + k * half + 16 * cc);
-            }
+            const __m256i v = ax0_bytes(&src, half, k, nc, fixed, mode);
+            const __m128i nb[2] = {_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)};
             for (int cc = 0; cc < nc; cc++) {
                 const __m512i v = _mm512_cvtepu8_epi32(nb[cc]);
                 acc[h][2 * cc] = _mm512_fmadd_ps(I4_LO(v, ident), _mm512_loadu_ps(a + 16 * cc), acc[h][2 * cc]);
@@ -455,6 +480,53 @@ INLINE void ax0_chunk(const uint8_t *s0, int64_t w0, int64_t ch0, const uint8_t 
             }
         }
 }
+
+#if FXQ_BF16DOT
+/* The bf16 dot-product form for 64-row tiles (BN = 64), K even: A rounded to bf16 and stored in k
+ * pairs, AT2[(k / 2) * W + j] = bf16 A[j % R, k] | bf16 A[j % R, k + 1] << 16; the bytes of k and
+ * k + 1 side by side in one register, then i4b_tile's decode (vpermb pairs byte i of both in one
+ * lane; code q as the bf16 value 16 + q) and one vdpbf16ps per 16 rows and two k's.  The 16 comes
+ * back through c[r] -= 16 sum_k bf16(A[r, k]).  Against the fp32 reference: A rounded to bf16
+ * (2^-9 relative, as the other bf16-dot kernels round x), exact products, fp32 sums.
+ * acc[h][c]: rows {0, 32, 16, 48}[c] + lane of the tile, h = parity of the pair. */
+#define AX0B_DP(h_, c_, sh_, off_)                                                                          \
+    acc[h_][c_] = _mm512_dpbf16_ps(acc[h_][c_], (__m512bh)_mm512_ternarylogic_epi32(sh_, m78, c41, 0xEA),     \
+                                   (__m512bh)_mm512_loadu_si512((const void *)(a + (off_))))
+#define AX0B_PAIR(h_, k_)                                                                                     \
+    do {                                                                                                      \
+        const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(ax0_bytes(src, 32, (k_), 2, fixed, mode)),  \
+                                             ax0_bytes(src, 32, (k_) + 1, 2, fixed, mode), 1);                \
+        const __m512i p0 = _mm512_maskz_permutexvar_epi8(even, idx0, v);                                      \
+        const __m512i p1 = _mm512_maskz_permutexvar_epi8(even, idx1, v);                                      \
+        const uint32_t *a = a0 + ((k_) >> 1) * W;                                                             \
+        AX0B_DP(h_, 0, _mm512_slli_epi32(p0, 3), 0);                                                      \
+        AX0B_DP(h_, 1, _mm512_srli_epi32(p0, 1), 32);                                                     \
+        AX0B_DP(h_, 2, _mm512_slli_epi32(p1, 3), 16);                                                     \
+        AX0B_DP(h_, 3, _mm512_srli_epi32(p1, 1), 48);                                                     \
+    } while (0)
+INLINE void ax0b_chunk(const struct ax0_src *src, int64_t kn, const uint32_t *a0, int64_t W, const int fixed,
+                       const int mode, __m512 acc[2][4]) {
+    uint8_t ix0[64], ix1[64];
+    for (int i = 0; i < 16; i++) {
+        ix0[4 * i] = (uint8_t)i, ix0[4 * i + 2] = (uint8_t)(32 + i);
+        ix1[4 * i] = (uint8_t)(16 + i), ix1[4 * i + 2] = (uint8_t)(48 + i);
+        ix0[4 * i + 1] = ix0[4 * i + 3] = ix1[4 * i + 1] = ix1[4 * i + 3] = 0;
+    }
+    const __m512i idx0 = _mm512_loadu_si512(ix0), idx1 = _mm512_loadu_si512(ix1);
+    const __mmask64 even = 0x5555555555555555ull;
+    const __m512i m78 = _mm512_set1_epi32(0x00780078), c41 = _mm512_set1_epi32(0x41804180);
+    for (int h = 0; h < 2; h++)
+        for (int c = 0; c < 4; c++) acc[h][c] = _mm512_setzero_ps();
+    /* two pairs per step into the two accumulator sets (constant indices: with a run-time set index
+     * the accumulators lived in memory; uint3 g128 11008x4096 M=1, interleaved medians 2504 -> 2231 us) */
+    for (int64_t k = 0; k < kn; k += 4) {
+        AX0B_PAIR(0, k);
+        if (k + 2 < kn) AX0B_PAIR(1, k + 2);
+    }
+}
+#undef AX0B_PAIR
+#undef AX0B_DP
+#endif
 
 void fxq512_int4t_axis0_gemv(const float *x, int64_t M, int64_t K, const uint8_t *s0, int64_t w0, int64_t ch0,
                              const uint8_t *s1, int64_t w1, int64_t ch1, int64_t N, int64_t BN,
@@ -468,6 +540,7 @@ void fxq512_int4t_axis0_gemv(const float *x, int64_t M, int64_t K, const uint8_t
      * prefetch runs AX0_PF bytes ahead).  Measured, 11008x4096 uint3 g128, M=1, 2 threads: see
      * docs/formats/intx.md. */
     const int64_t KC = 64, GT = 4;
+    const struct np_src tmpl = np_src_init(w0, s1, w1);
     int64_t gcd = BN, rr = R;
     while (rr) { const int64_t t_ = gcd % rr; gcd = rr; rr = t_; }
     const int64_t PT = R / gcd; /* tiles per period of the window */
@@ -485,7 +558,12 @@ void fxq512_int4t_axis0_gemv(const float *x, int64_t M, int64_t K, const uint8_t
     /* ws: K * W + R floats from the caller, reused across calls (a fresh multi-MB allocation
      * page-faults on every call: measured ~1 ms here for 11008x4096) */
     float *AT = ws, *cr = ws + K * W;
-    const struct np_src tmpl = np_src_init(w0, s1, w1);
+    uint32_t *AT2 = (uint32_t *)ws; /* the bf16 pairs (ax0b_chunk) in the same scratch: K / 2 * W */
+#if FXQ_BF16DOT
+    const int bdot = BN == 64 && K % 2 == 0;
+#else
+    const int bdot = 0;
+#endif
     for (int64_t m = 0; m < M; m++) {
         const float *xm = x + m * K;
         float *ym = y + m * ldy;
@@ -502,17 +580,29 @@ void fxq512_int4t_axis0_gemv(const float *x, int64_t M, int64_t K, const uint8_t
                 for (int64_t r = 0; r < R; r++) {
                     const __m512 sv = _mm512_castsi512_ps(_mm512_slli_epi32(
                         _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, scale + r * K + kb)), 16));
+                    if (bdot) {
+                        uint32_t u[8];
+                        _mm256_storeu_si256((__m256i *)u, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(sv, xv)));
+                        for (int64_t i = 0; i < kn / 2; i++) AT2[(kb / 2 + i) * W + r] = u[i];
+                        continue;
+                    }
                     _mm512_storeu_ps(v, _mm512_mul_ps(sv, xv));
                     for (int64_t i = 0; i < kn; i++) AT[(kb + i) * W + r] = v[i];
                 }
-                for (int64_t i = 0; i < kn; i++) {
-                    float *a = AT + (kb + i) * W;
-                    for (int64_t j = R; j < W; j++) a[j] = a[j - R];
-                }
+                if (bdot)
+                    for (int64_t i = 0; i < kn / 2; i++) {
+                        uint32_t *a = AT2 + (kb / 2 + i) * W;
+                        for (int64_t j = R; j < W; j++) a[j] = a[j - R];
+                    }
+                else
+                    for (int64_t i = 0; i < kn; i++) {
+                        float *a = AT + (kb + i) * W;
+                        for (int64_t j = R; j < W; j++) a[j] = a[j - R];
+                    }
             }
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < R; r++) {
-                __m512 acc = _mm512_setzero_ps();
+                __m512 acc = _mm512_setzero_ps(), asum = acc, afsum = acc; /* bdot: sums of bf16(A), A */
                 const __m512 vmid = _mm512_set1_ps(mid);
                 for (int64_t k = 0; k < K; k += 16) {
                     const __mmask16 mk = tail16(K - k);
@@ -520,9 +610,20 @@ void fxq512_int4t_axis0_gemv(const float *x, int64_t M, int64_t K, const uint8_t
                     const __m512 sv = BF16X16M(scale + r * K + k);
                     const __m512 zv = zero ? BF16X16M(zero + r * K + k) : _mm512_setzero_ps();
 #undef BF16X16M
-                    acc = _mm512_fmadd_ps(_mm512_fnmadd_ps(vmid, sv, zv), _mm512_maskz_loadu_ps(mk, xm + k), acc);
+                    const __m512 xv = _mm512_maskz_loadu_ps(mk, xm + k);
+                    acc = _mm512_fmadd_ps(_mm512_fnmadd_ps(vmid, sv, zv), xv, acc);
+                    if (bdot) { /* A, and A exactly as AT2 holds it */
+                        const __m512 av = _mm512_mul_ps(sv, xv);
+                        afsum = _mm512_add_ps(afsum, av);
+                        asum = _mm512_add_ps(asum, _mm512_castsi512_ps(_mm512_slli_epi32(
+                                                       _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(av)), 16)));
+                    }
                 }
-                cr[r] = _mm512_reduce_add_ps(acc);
+                /* bdot: sum_k q A = sum_k (16 + q) bf16(A) - (16 + mid) sum_k bf16(A) + mid sum_k A, so A's
+                 * rounding meets q - mid (the code part of the weight), not q: uint3 g128 11008x4096 rel.
+                 * error vs the reference 0.48% with q, 0.18% with q - mid (bf16 F.linear: 0.29%) */
+                cr[r] = _mm512_reduce_add_ps(acc) +
+                        (bdot ? mid * _mm512_reduce_add_ps(afsum) - (16.f + mid) * _mm512_reduce_add_ps(asum) : 0.f);
             }
 #pragma omp for schedule(dynamic, 1)
             for (int64_t ii = 0; ii < n_items; ii++)
@@ -531,6 +632,33 @@ void fxq512_int4t_axis0_gemv(const float *x, int64_t M, int64_t K, const uint8_t
                     for (int64_t it = item[ii]; it < item[ii + 1]; it++)
                         for (int64_t p = 0; p < P; p++) {
                             const int64_t t = order[it];
+#if FXQ_BF16DOT
+                            if (bdot) { /* P = 1: the whole 64-row tile */
+                                static const int rows_of[4] = {0, 32, 16, 48};
+                                const int64_t r0 = t * 64;
+                                if (r0 >= N) continue;
+                                const int64_t pb = t * K * 32 + kc * 32, pe = t * K * 32 + (ke - 1) * 32 + 31;
+                                const int fixed = tmpl.fast4 || (pb / ch0 == pe / ch0 && (!s1 || pb / ch1 == pe / ch1));
+                                const int mode = tmpl.fast4 ? 0 : s1 ? 2 : 1;
+                                const struct ax0_src src = ax0_src_init(s0, w0, ch0, s1, w1, ch1, &tmpl, pb, fixed);
+                                const uint32_t *a0 = AT2 + kc / 2 * W + (t * 64) % R;
+                                __m512 acc[2][4];
+#define AX0B(fixed_, mode_) ax0b_chunk(&src, ke - kc, a0, W, fixed_, mode_, acc)
+                                if (!fixed) AX0B(0, 0);
+                                else if (mode == 0) AX0B(1, 0);
+                                else if (mode == 1) AX0B(1, 1);
+                                else AX0B(1, 2);
+#undef AX0B
+                                for (int c = 0; c < 4; c++) {
+                                    const int64_t r = r0 + rows_of[c];
+                                    const __mmask16 kr = r < N ? tail16(N - r) : 0;
+                                    __m512 v = _mm512_add_ps(acc[0][c], acc[1][c]);
+                                    if (kc) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(kr, ym + r));
+                                    _mm512_mask_storeu_ps(ym + r, kr, v);
+                                }
+                                continue;
+                            }
+#endif
                             const int64_t c = 2 * p, nc = CH - c < 2 ? CH - c : 2;
                             const int64_t rlo = t * BN + 16 * c, rhi = t * BN + half + 16 * c;
                             if (rlo >= N) continue;

@@ -325,8 +325,9 @@ def int4_tiled_axis0_gemv(x2: torch.Tensor, qweight: torch.Tensor, *, block_n: i
                           plane_bits: int = 4) -> torch.Tensor | None:
     """b-bit codes in int4pack's tile order (planes as :func:`int4_tiled_gemv`) grouped along axis 0:
     ``W[n, k] = (q - mid) * scale[n % R, k] + zero[n % R, k]``, ``scale`` / ``zero`` bf16 ``[R, K]``
-    with ``R = out_features / group_size`` -> fp32 ``[M, out_features]`` (fp32 activations and sums;
-    AVX-512 only)."""
+    with ``R = out_features / group_size`` -> fp32 ``[M, out_features]`` (AVX-512 only; fp32 activations
+    and sums, or with AVX512-BF16, 64-row tiles and even K, ``scale * x`` rounded to bf16 and exact
+    products summed in fp32)."""
     lib = _lib()
     k = x2.shape[1]
     # sub-4-bit planes: 16-byte loads must not straddle a shard chunk (Np * K * w / 8 bytes), so K even
