@@ -9,7 +9,7 @@ CPU (``compute_dtype`` None or bf16; otherwise the reference in that dtype):
 - native GEMV (:func:`native_linear`): axis 1, any b, ``M <= NATIVE_MAX_ROWS``: the stored planes
   and shards read in place by :func:`fxquant.kernels.native_cpu.int4_tiled_gemv` (any group size,
   any tile height that is a multiple of 32), fp32 activations and accumulation.  Axis 0 (AVX-512),
-  ``M <= NATIVE_MAX_ROWS_AXIS0``: :func:`fxquant.kernels.native_cpu.int4_tiled_axis0_gemv`, the
+  ``M <= native_max_rows_axis0``: :func:`fxquant.kernels.native_cpu.int4_tiled_axis0_gemv`, the
   per-column scales folded into the activations (``A = scale * x`` per row class ``n % (N/g)``).
 - int4 kernel: ``aten._weight_int4pack_mm_for_cpu`` on bf16 activations, once per 4-bit plane, for
   axis 1, ``group_size`` in {32, 64, 128, 256}, weights packed with this CPU's tile height and
@@ -56,6 +56,11 @@ TILED_MAX_ROWS = 96
 NATIVE_MAX_ROWS = 8
 #: Largest M for :func:`native_linear` on axis-0 weights (one pass over the weight per row of x).
 NATIVE_MAX_ROWS_AXIS0 = 8
+#: The same when the axis-0 GEMV runs as bf16 dot products (AVX512-BF16, 64-row tiles, even K), for
+#: one plane (b <= 4; two planes run it twice: half the rows, derived).  Measured (uint3 g128
+#: 11008x4096, 2 threads, through the op, ms, native / dequantize path): M=4 6.3 / 81, M=8 22 / 104,
+#: M=16 44 / 95, M=24 68 / 86, M=32 91 / 96, M=48 143 / 119.
+NATIVE_MAX_ROWS_AXIS0_BF16DOT = 24
 #: Largest M for :func:`native_linear` on bf16 activations with the bf16 dot-product kernel
 #: (AVX512-BF16), by planes that are 4-bit: b = 4 (one plane) is int4wo's kernel and crossover
 #: (:data:`fxquant.ops.int4wo.NATIVE_MAX_ROWS_BF16DOT`); b = 8 runs it twice, so half the rows
@@ -68,6 +73,13 @@ def native_max_rows(x2: torch.Tensor, bits: int) -> int:
     if x2.dtype in native_cpu.BF16_DOT_DTYPES and bits in NATIVE_MAX_ROWS_BF16DOT and native_cpu.has_bf16_dot():
         return NATIVE_MAX_ROWS_BF16DOT[bits]
     return NATIVE_MAX_ROWS
+
+
+def native_max_rows_axis0(x2: torch.Tensor, block_n: int, bits: int) -> int:
+    """Rows up to which the native axis-0 GEMV is used for these activations, tiles and width."""
+    if block_n == 64 and x2.shape[-1] % 2 == 0 and native_cpu.has_bf16_dot():
+        return NATIVE_MAX_ROWS_AXIS0_BF16DOT // (2 if bits > 4 else 1)
+    return NATIVE_MAX_ROWS_AXIS0
 
 
 def dequantize_weight(codes_lo: torch.Tensor, codes_hi: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
@@ -184,7 +196,7 @@ _warned_layout = False
 
 def _cpu_fast(x2, codes_lo, codes_hi, scale, offset, bits, group_size, symmetric, axis, block_n, out_features):
     global _warned_layout
-    if x2.shape[0] <= (native_max_rows(x2, bits) if axis == 1 else NATIVE_MAX_ROWS_AXIS0):
+    if x2.shape[0] <= (native_max_rows(x2, bits) if axis == 1 else native_max_rows_axis0(x2, block_n, bits)):
         y = native_linear(x2, codes_lo, codes_hi, scale, offset, bits, group_size, block_n, out_features, axis)
         if y is not None:
             return y

@@ -494,9 +494,10 @@ def test_intx_axis0_kernel_matches_reference(scheme, data):
     bits = int(scheme.split("wo")[0][-1])
     # odd K only where every plane is 4-bit (sub-4-bit planes with odd K keep the dequantize path)
     k = data.draw(st.integers(1, 300), label="K") if bits in (4, 8) else 2 * data.draw(st.integers(1, 150), label="K/2")
-    m = data.draw(st.integers(1, intx.NATIVE_MAX_ROWS_AXIS0), label="M")
     dtype = data.draw(st.sampled_from([torch.float32, torch.bfloat16]), label="dtype")
     qw, op = quantized(scheme, n, k, data.draw(st.integers(0, 99), label="seed"))
+    limit = intx.native_max_rows_axis0(torch.empty(1, k), qw.attrs["block_n"], bits)
+    m = data.draw(st.one_of(st.integers(1, limit), st.just(limit)), label="M")  # up to the routing limit
     x = (torch.randn(m, k, generator=torch.Generator().manual_seed(m + k)) + 0.3).to(dtype)
     args = tuple(qw.tensors.values())
     with using("avx512"), spy("int4_tiled_axis0_gemv") as calls:
