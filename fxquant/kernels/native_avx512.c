@@ -482,39 +482,53 @@ INLINE void ax0_chunk(const uint8_t *s0, int64_t w0, int64_t ch0, const uint8_t 
 }
 
 #if FXQ_BF16DOT
-/* The bf16 dot-product form for 64-row tiles (BN = 64), K even: A rounded to bf16 and stored in k
- * pairs, AT2[(k / 2) * W + j] = bf16 A[j % R, k] | bf16 A[j % R, k + 1] << 16; the bytes of k and
- * k + 1 side by side in one register, then i4b_tile's decode (vpermb pairs byte i of both in one
- * lane; code q as the bf16 value 16 + q) and one vdpbf16ps per 16 rows and two k's.  The 16 comes
- * back through c[r] -= 16 sum_k bf16(A[r, k]).  Against the fp32 reference: A rounded to bf16
- * (2^-9 relative, as the other bf16-dot kernels round x), exact products, fp32 sums.
- * acc[h][c]: rows {0, 32, 16, 48}[c] + lane of the tile, h = parity of the pair. */
-#define AX0B_DP(h_, c_, sh_, off_)                                                                          \
-    acc[h_][c_] = _mm512_dpbf16_ps(acc[h_][c_], (__m512bh)_mm512_ternarylogic_epi32(sh_, m78, c41, 0xEA),     \
-                                   (__m512bh)_mm512_loadu_si512((const void *)(a + (off_))))
-#define AX0B_PAIR(h_, k_)                                                                                     \
-    do {                                                                                                      \
-        const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(ax0_bytes(src, 32, (k_), 2, fixed, mode)),  \
-                                             ax0_bytes(src, 32, (k_) + 1, 2, fixed, mode), 1);                \
-        const __m512i p0 = _mm512_maskz_permutexvar_epi8(even, idx0, v);                                      \
-        const __m512i p1 = _mm512_maskz_permutexvar_epi8(even, idx1, v);                                      \
-        const uint32_t *a = a0 + ((k_) >> 1) * W;                                                             \
-        AX0B_DP(h_, 0, _mm512_slli_epi32(p0, 3), 0);                                                      \
-        AX0B_DP(h_, 1, _mm512_srli_epi32(p0, 1), 32);                                                     \
-        AX0B_DP(h_, 2, _mm512_slli_epi32(p1, 3), 16);                                                     \
-        AX0B_DP(h_, 3, _mm512_srli_epi32(p1, 1), 48);                                                     \
-    } while (0)
-INLINE void ax0b_chunk(const struct ax0_src *src, int64_t kn, const uint32_t *a0, int64_t W, const int fixed,
-                       const int mode, __m512 acc[2][4]) {
+/* The int4 bf16-dot decode (i4b_tile's comment): a 64-byte load holds the 32 nibble-pair bytes of k
+ * and of k+1; the indices put byte i of both halves into bytes 0 and 2 of lane i (P0: bytes 0..15,
+ * P1: 16..31), and each nibble becomes the bf16 bits of 16 + q.  w[c] holds rows {0, 32, 16, 48}[c]
+ * + lane of the 64 rows, (k, k+1) in each lane's two halves. */
+INLINE void i4pair_idx(__m512i *idx0, __m512i *idx1) {
     uint8_t ix0[64], ix1[64];
     for (int i = 0; i < 16; i++) {
         ix0[4 * i] = (uint8_t)i, ix0[4 * i + 2] = (uint8_t)(32 + i);
         ix1[4 * i] = (uint8_t)(16 + i), ix1[4 * i + 2] = (uint8_t)(48 + i);
         ix0[4 * i + 1] = ix0[4 * i + 3] = ix1[4 * i + 1] = ix1[4 * i + 3] = 0;
     }
-    const __m512i idx0 = _mm512_loadu_si512(ix0), idx1 = _mm512_loadu_si512(ix1);
+    *idx0 = _mm512_loadu_si512(ix0), *idx1 = _mm512_loadu_si512(ix1);
+}
+
+INLINE void i4pair_words(__m512i v, __m512i idx0, __m512i idx1, __m512i w[4]) {
     const __mmask64 even = 0x5555555555555555ull;
     const __m512i m78 = _mm512_set1_epi32(0x00780078), c41 = _mm512_set1_epi32(0x41804180);
+    const __m512i p0 = _mm512_maskz_permutexvar_epi8(even, idx0, v);
+    const __m512i p1 = _mm512_maskz_permutexvar_epi8(even, idx1, v);
+    w[0] = _mm512_ternarylogic_epi32(_mm512_slli_epi32(p0, 3), m78, c41, 0xEA);
+    w[1] = _mm512_ternarylogic_epi32(_mm512_srli_epi32(p0, 1), m78, c41, 0xEA);
+    w[2] = _mm512_ternarylogic_epi32(_mm512_slli_epi32(p1, 3), m78, c41, 0xEA);
+    w[3] = _mm512_ternarylogic_epi32(_mm512_srli_epi32(p1, 1), m78, c41, 0xEA);
+}
+
+/* The bf16 dot-product form for 64-row tiles (BN = 64), K even: A rounded to bf16 and stored in k
+ * pairs, AT2[(k / 2) * W + j] = bf16 A[j % R, k] | bf16 A[j % R, k + 1] << 16; the bytes of k and
+ * k + 1 side by side in one register, then i4b_tile's decode (vpermb pairs byte i of both in one
+ * lane; code q as the bf16 value 16 + q) and one vdpbf16ps per 16 rows and two k's.  The 16 (and
+ * mid) come back through c[r] (fxq512_int4t_axis0_gemv).  Against the fp32 reference: A rounded to bf16
+ * (2^-9 relative, as the other bf16-dot kernels round x), exact products, fp32 sums.
+ * acc[h][c]: rows {0, 32, 16, 48}[c] + lane of the tile, h = parity of the pair. */
+#define AX0B_PAIR(h_, k_)                                                                                     \
+    do {                                                                                                      \
+        __m512i w[4];                                                                                         \
+        i4pair_words(_mm512_inserti64x4(_mm512_castsi256_si512(ax0_bytes(src, 32, (k_), 2, fixed, mode)),     \
+                                        ax0_bytes(src, 32, (k_) + 1, 2, fixed, mode), 1), idx0, idx1, w);     \
+        const uint32_t *a = a0 + ((k_) >> 1) * W;                                                             \
+        for (int c = 0; c < 4; c++)                                                                           \
+            acc[h_][c] = _mm512_dpbf16_ps(acc[h_][c], (__m512bh)w[c],                                         \
+                                          (__m512bh)_mm512_loadu_si512((const void *)(a + rows_of[c])));      \
+    } while (0)
+INLINE void ax0b_chunk(const struct ax0_src *src, int64_t kn, const uint32_t *a0, int64_t W, const int fixed,
+                       const int mode, __m512 acc[2][4]) {
+    static const int rows_of[4] = {0, 32, 16, 48};
+    __m512i idx0, idx1;
+    i4pair_idx(&idx0, &idx1);
     for (int h = 0; h < 2; h++)
         for (int c = 0; c < 4; c++) acc[h][c] = _mm512_setzero_ps();
     /* two pairs per step into the two accumulator sets (constant indices: with a run-time set index
@@ -525,7 +539,6 @@ INLINE void ax0b_chunk(const struct ax0_src *src, int64_t kn, const uint32_t *a0
     }
 }
 #undef AX0B_PAIR
-#undef AX0B_DP
 #endif
 
 void fxq512_int4t_axis0_gemv(const float *x, int64_t M, int64_t K, const uint8_t *s0, int64_t w0, int64_t ch0,
@@ -889,15 +902,8 @@ INLINE void i4b_tile(const uint8_t *tile, int64_t K, int64_t gs, const uint16_t 
                      int64_t r0, int64_t N, const int mb, float *y, int64_t ldy) {
     const int64_t G = K / gs;
     const __m512 vmid = _mm512_set1_ps(mid + 16.f);
-    const __m512i m78 = _mm512_set1_epi32(0x00780078), c41 = _mm512_set1_epi32(0x41804180);
-    uint8_t ix0[64], ix1[64];
-    for (int i = 0; i < 16; i++) {
-        ix0[4 * i] = (uint8_t)i, ix0[4 * i + 2] = (uint8_t)(32 + i);
-        ix1[4 * i] = (uint8_t)(16 + i), ix1[4 * i + 2] = (uint8_t)(48 + i);
-        ix0[4 * i + 1] = ix0[4 * i + 3] = ix1[4 * i + 1] = ix1[4 * i + 3] = 0;
-    }
-    const __m512i idx0 = _mm512_loadu_si512(ix0), idx1 = _mm512_loadu_si512(ix1);
-    const __mmask64 even = 0x5555555555555555ull;
+    __m512i idx0, idx1;
+    i4pair_idx(&idx0, &idx1);
     const int ch = mb == 1 ? 2 : 1;
     __m512 yv[MT][4];
     for (int i = 0; i < mb; i++)
@@ -910,14 +916,8 @@ INLINE void i4b_tile(const uint8_t *tile, int64_t K, int64_t gs, const uint16_t 
         const uint8_t *wj = tile + j * gs * 32;
         for (int64_t p = 0; p < gs / 2; p++) {
             _mm_prefetch((const char *)(wj + p * 64 + I4B_PF_AHEAD), _MM_HINT_T1);
-            const __m512i v = _mm512_loadu_si512((const void *)(wj + p * 64));
-            const __m512i p0 = _mm512_maskz_permutexvar_epi8(even, idx0, v);
-            const __m512i p1 = _mm512_maskz_permutexvar_epi8(even, idx1, v);
             __m512i w[4];
-            w[0] = _mm512_ternarylogic_epi32(_mm512_slli_epi32(p0, 3), m78, c41, 0xEA);
-            w[1] = _mm512_ternarylogic_epi32(_mm512_srli_epi32(p0, 1), m78, c41, 0xEA);
-            w[2] = _mm512_ternarylogic_epi32(_mm512_slli_epi32(p1, 3), m78, c41, 0xEA);
-            w[3] = _mm512_ternarylogic_epi32(_mm512_srli_epi32(p1, 1), m78, c41, 0xEA);
+            i4pair_words(_mm512_loadu_si512((const void *)(wj + p * 64)), idx0, idx1, w);
             for (int i = 0; i < mb; i++) {
                 int32_t pair;
                 memcpy(&pair, x + i * K + j * gs + 2 * p, 4);
