@@ -714,6 +714,23 @@ void fxq512_int4t_axis0_gemv(const float *x, int64_t M, int64_t K, const uint8_t
     free(order);
 }
 
+/* the row loop of the 4-bit table GEMVs: per row of codes its block scales (sbuf), then tiles of up
+ * to MT rows of x through CALL(mb), which writes out[] */
+#define LUT4_ROWS(CALL)                                                                                 \
+    _Pragma("omp parallel num_threads(nthreads)") {                                                    \
+        float *sbuf = (float *)malloc(sizeof(float) * (size_t)(nblk > 0 ? nblk : 1));                  \
+        _Pragma("omp for schedule(guided)") for (int64_t n = 0; n < N; n++) {                          \
+            row_scales512(n, nblk, mode, sc, dq_code, dq_scale, dq_offset, dq_block, sbuf);             \
+            for (int64_t m0 = 0; m0 < M; m0 += MT) {                                                    \
+                const int mb = M - m0 < MT ? (int)(M - m0) : MT;                                        \
+                float out[MT];                                                                          \
+                DISPATCH_MB(mb, CALL)                                                                   \
+                for (int i = 0; i < mb; i++) y[(m0 + i) * ldy + n] = out[i];                            \
+            }                                                                                           \
+        }                                                                                               \
+        free(sbuf);                                                                                     \
+    }
+
 /* ---------------------------------------------------------------------------------------------
  * 4-bit codes through a 16-entry table, two per byte (layout: native_cpu.c, fxq_lut4_gemv).
  * Per block the table is multiplied by the block's scale (t[c] = table[c] * s: the dequantized
@@ -761,23 +778,9 @@ void fxq512_lut4_gemv(const float *xh, const float *xl, int64_t M, int64_t C, co
                       int64_t dq_block, float *y, int64_t ldy, int nthreads) {
     const int64_t nblk = C / bb;
     const __m512 tv = _mm512_loadu_ps(table);
-#pragma omp parallel num_threads(nthreads)
-    {
-        float *sbuf = (float *)malloc(sizeof(float) * (size_t)(nblk > 0 ? nblk : 1));
-#pragma omp for schedule(guided)
-        for (int64_t n = 0; n < N; n++) {
-            row_scales512(n, nblk, mode, sc, dq_code, dq_scale, dq_offset, dq_block, sbuf);
-            for (int64_t m0 = 0; m0 < M; m0 += MT) {
-                const int mb = M - m0 < MT ? (int)(M - m0) : MT;
-                float out[MT];
 #define LUT4_CALL(c_) lut4_tile(codes + n * row_stride, xh + m0 * C, xl + m0 * C, C, bb, sbuf, tv, c_, out)
-                DISPATCH_MB(mb, LUT4_CALL)
+    LUT4_ROWS(LUT4_CALL)
 #undef LUT4_CALL
-                for (int i = 0; i < mb; i++) y[(m0 + i) * ldy + n] = out[i];
-            }
-        }
-        free(sbuf);
-    }
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -1090,23 +1093,9 @@ void fxq512_lut4_bf16_gemv(const uint16_t *xh, const uint16_t *xl, int64_t M, in
     const int64_t nblk = C / bb;
     const __m256i t16 = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(table));
     const __m512i t32 = _mm512_inserti64x4(_mm512_castsi256_si512(t16), t16, 1);
-#pragma omp parallel num_threads(nthreads)
-    {
-        float *sbuf = (float *)malloc(sizeof(float) * (size_t)(nblk > 0 ? nblk : 1));
-#pragma omp for schedule(guided)
-        for (int64_t n = 0; n < N; n++) {
-            row_scales512(n, nblk, mode, sc, dq_code, dq_scale, dq_offset, dq_block, sbuf);
-            for (int64_t m0 = 0; m0 < M; m0 += MT) {
-                const int mb = M - m0 < MT ? (int)(M - m0) : MT;
-                float out[MT];
 #define LUT4B_CALL(c_) lut4b_tile(codes + n * row_stride, xh + m0 * C, xl + m0 * C, C, bb, sbuf, t32, c_, out)
-                DISPATCH_MB(mb, LUT4B_CALL)
+    LUT4_ROWS(LUT4B_CALL)
 #undef LUT4B_CALL
-                for (int i = 0; i < mb; i++) y[(m0 + i) * ldy + n] = out[i];
-            }
-        }
-        free(sbuf);
-    }
 }
 /* 4-bit table codes, rows of whole 64-byte chunks (C % 64 == 0) and blocks of 32 bytes or a multiple
  * of 64: one 64-byte load per 128 codes, no widening.  The load read as 32 words: word j holds
@@ -1184,23 +1173,9 @@ static void lut4q_gemv_x(const void *x, int x_bf16, int64_t M, int64_t C, const 
     lut4q_x(x, x_bf16, M, K, x4);
     const __m256i t16 = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(table));
     const __m512i t32 = _mm512_inserti64x4(_mm512_castsi256_si512(t16), t16, 1);
-#pragma omp parallel num_threads(nthreads)
-    {
-        float *sbuf = (float *)malloc(sizeof(float) * (size_t)nblk);
-#pragma omp for schedule(guided)
-        for (int64_t n = 0; n < N; n++) {
-            row_scales512(n, nblk, mode, sc, dq_code, dq_scale, dq_offset, dq_block, sbuf);
-            for (int64_t m0 = 0; m0 < M; m0 += MT) {
-                const int mb = M - m0 < MT ? (int)(M - m0) : MT;
-                float out[MT];
 #define LUT4Q_CALL(c_) lut4q_tile(codes + n * row_stride, x4 + m0 * K, C, bb, sbuf, t32, c_, out)
-                DISPATCH_MB(mb, LUT4Q_CALL)
+    LUT4_ROWS(LUT4Q_CALL)
 #undef LUT4Q_CALL
-                for (int i = 0; i < mb; i++) y[(m0 + i) * ldy + n] = out[i];
-            }
-        }
-        free(sbuf);
-    }
     free(x4);
 }
 
