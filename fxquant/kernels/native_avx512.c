@@ -385,23 +385,30 @@ INLINE void row_scales512(int64_t n, int64_t nblk, int mode, const void *sc, con
  * whose AT slice stays in L2 while every tile passes over it; the tiles' sums wait in y.
  * ws: the caller's scratch of K * (R + BN) + R floats.
  */
-INLINE __m128i np16_at(const uint8_t *s0, int64_t w0, int64_t ch0, const uint8_t *s1, int64_t w1, int64_t ch1,
-                       const struct np_src *tmpl, int64_t b) { /* nibble-pair bytes b .. b+15, any b */
+/* tmpl placed at nibble-pair byte b (any b): the shard chunks b falls in, their bytes and shifts */
+INLINE struct np_src np_src_at(const uint8_t *s0, int64_t w0, int64_t ch0, const uint8_t *s1, int64_t w1,
+                               int64_t ch1, const struct np_src *tmpl, int64_t b) {
     struct np_src one = *tmpl;
     const int64_t a0 = one.fast4 ? 0 : b / ch0, a1 = s1 ? b / ch1 : 0;
     one.q0 = s0 + b - a0 * ch0;
     one.q1 = s1 ? s1 + b - a1 * ch1 : NULL;
     one.c0 = _mm_cvtsi32_si128((int)(w0 * a0));
     one.c1 = _mm_cvtsi32_si128((int)(w1 * a1));
+    return one;
+}
+
+INLINE __m128i np16_at(const uint8_t *s0, int64_t w0, int64_t ch0, const uint8_t *s1, int64_t w1, int64_t ch1,
+                       const struct np_src *tmpl, int64_t b) { /* nibble-pair bytes b .. b+15, any b */
+    const struct np_src one = np_src_at(s0, w0, ch0, s1, w1, ch1, tmpl, b);
     return np16(&one, 0);
 }
 
-/* where a work item's nibble-pair bytes come from: the shard pointers and shifts fixed for the whole
- * item (fixed), or the template for np16_at to place each 16 */
+/* where a work item's nibble-pair bytes come from: the template placed once at the item's first
+ * byte pb (fixed: every byte of the item in the same shard chunks), or placed per 16 bytes */
 struct ax0_src {
-    const uint8_t *s0, *s1, *q0, *q1;
+    const uint8_t *s0, *s1;
     int64_t w0, ch0, w1, ch1, pb;
-    __m128i c0, c1;
+    struct np_src at; /* fixed: tmpl at pb */
     __m256i mk0, mk1;
     const struct np_src *tmpl;
 };
@@ -411,13 +418,7 @@ INLINE struct ax0_src ax0_src_init(const uint8_t *s0, int64_t w0, int64_t ch0, c
     struct ax0_src r;
     memset(&r, 0, sizeof r);
     r.s0 = s0, r.s1 = s1, r.w0 = w0, r.ch0 = ch0, r.w1 = w1, r.ch1 = ch1, r.pb = pb, r.tmpl = tmpl;
-    if (fixed) {
-        const int64_t i0 = tmpl->fast4 ? 0 : pb / ch0, i1 = s1 ? pb / ch1 : 0;
-        r.q0 = s0 + pb - i0 * ch0;
-        r.q1 = s1 ? s1 + pb - i1 * ch1 : NULL;
-        r.c0 = _mm_cvtsi32_si128((int)(w0 * i0));
-        r.c1 = _mm_cvtsi32_si128((int)(w1 * i1));
-    }
+    if (fixed) r.at = np_src_at(s0, w0, ch0, s1, w1, ch1, tmpl, pb);
     r.mk0 = _mm256_broadcastsi128_si256(tmpl->mk0), r.mk1 = _mm256_broadcastsi128_si256(tmpl->mk1);
     return r;
 }
@@ -437,18 +438,18 @@ INLINE __m256i ax0_bytes(const struct ax0_src *r, int64_t half, int64_t k, const
 #define AX0_PF 1024
 #endif
     if ((k & 1) == 0) {
-        _mm_prefetch((const char *)(r->q0 + off + AX0_PF), _MM_HINT_T0);
-        if (mode == 2) _mm_prefetch((const char *)(r->q1 + off + AX0_PF), _MM_HINT_T0);
+        _mm_prefetch((const char *)(r->at.q0 + off + AX0_PF), _MM_HINT_T0);
+        if (mode == 2) _mm_prefetch((const char *)(r->at.q1 + off + AX0_PF), _MM_HINT_T0);
     }
     __m256i v;
-    if (nc == 2) v = _mm256_loadu_si256((const __m256i *)(r->q0 + off));
-    else v = _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(r->q0 + off)));
-    if (mode >= 1) v = _mm256_and_si256(_mm256_srl_epi16(v, r->c0), r->mk0);
+    if (nc == 2) v = _mm256_loadu_si256((const __m256i *)(r->at.q0 + off));
+    else v = _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(r->at.q0 + off)));
+    if (mode >= 1) v = _mm256_and_si256(_mm256_srl_epi16(v, r->at.c0), r->mk0);
     if (mode == 2) {
         __m256i u;
-        if (nc == 2) u = _mm256_loadu_si256((const __m256i *)(r->q1 + off));
-        else u = _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(r->q1 + off)));
-        v = _mm256_or_si256(v, _mm256_sll_epi16(_mm256_and_si256(_mm256_srl_epi16(u, r->c1), r->mk1), r->tmpl->sh1));
+        if (nc == 2) u = _mm256_loadu_si256((const __m256i *)(r->at.q1 + off));
+        else u = _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(r->at.q1 + off)));
+        v = _mm256_or_si256(v, _mm256_sll_epi16(_mm256_and_si256(_mm256_srl_epi16(u, r->at.c1), r->mk1), r->tmpl->sh1));
     }
     return v;
 }
@@ -496,6 +497,8 @@ INLINE void i4pair_idx(__m512i *idx0, __m512i *idx1) {
     *idx0 = _mm512_loadu_si512(ix0), *idx1 = _mm512_loadu_si512(ix1);
 }
 
+static const int I4PAIR_ROWS[4] = {0, 32, 16, 48}; /* w[c]'s first row in the 64-row tile */
+
 INLINE void i4pair_words(__m512i v, __m512i idx0, __m512i idx1, __m512i w[4]) {
     const __mmask64 even = 0x5555555555555555ull;
     const __m512i m78 = _mm512_set1_epi32(0x00780078), c41 = _mm512_set1_epi32(0x41804180);
@@ -522,11 +525,10 @@ INLINE void i4pair_words(__m512i v, __m512i idx0, __m512i idx1, __m512i w[4]) {
         const uint32_t *a = a0 + ((k_) >> 1) * W;                                                             \
         for (int c = 0; c < 4; c++)                                                                           \
             acc[h_][c] = _mm512_dpbf16_ps(acc[h_][c], (__m512bh)w[c],                                         \
-                                          (__m512bh)_mm512_loadu_si512((const void *)(a + rows_of[c])));      \
+                                          (__m512bh)_mm512_loadu_si512((const void *)(a + I4PAIR_ROWS[c])));  \
     } while (0)
 INLINE void ax0b_chunk(const struct ax0_src *src, int64_t kn, const uint32_t *a0, int64_t W, const int fixed,
                        const int mode, __m512 acc[2][4]) {
-    static const int rows_of[4] = {0, 32, 16, 48};
     __m512i idx0, idx1;
     i4pair_idx(&idx0, &idx1);
     for (int h = 0; h < 2; h++)
@@ -602,16 +604,12 @@ void fxq512_int4t_axis0_gemv(const float *x, int64_t M, int64_t K, const uint8_t
                     _mm512_storeu_ps(v, _mm512_mul_ps(sv, xv));
                     for (int64_t i = 0; i < kn; i++) AT[(kb + i) * W + r] = v[i];
                 }
-                if (bdot)
-                    for (int64_t i = 0; i < kn / 2; i++) {
-                        uint32_t *a = AT2 + (kb / 2 + i) * W;
-                        for (int64_t j = R; j < W; j++) a[j] = a[j - R];
-                    }
-                else
-                    for (int64_t i = 0; i < kn; i++) {
-                        float *a = AT + (kb + i) * W;
-                        for (int64_t j = R; j < W; j++) a[j] = a[j - R];
-                    }
+                /* the window's wrap: columns R .. W repeat 0 .. W - R (4-byte values either way) */
+                uint32_t *const wrap = bdot ? AT2 + kb / 2 * W : (uint32_t *)(AT + kb * W);
+                for (int64_t i = 0; i < (bdot ? kn / 2 : kn); i++) {
+                    uint32_t *a = wrap + i * W;
+                    for (int64_t j = R; j < W; j++) a[j] = a[j - R];
+                }
             }
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < R; r++) {
@@ -647,7 +645,6 @@ void fxq512_int4t_axis0_gemv(const float *x, int64_t M, int64_t K, const uint8_t
                             const int64_t t = order[it];
 #if FXQ_BF16DOT
                             if (bdot) { /* P = 1: the whole 64-row tile */
-                                static const int rows_of[4] = {0, 32, 16, 48};
                                 const int64_t r0 = t * 64;
                                 if (r0 >= N) continue;
                                 const int64_t pb = t * K * 32 + kc * 32, pe = t * K * 32 + (ke - 1) * 32 + 31;
@@ -663,7 +660,7 @@ void fxq512_int4t_axis0_gemv(const float *x, int64_t M, int64_t K, const uint8_t
                                 else AX0B(1, 2);
 #undef AX0B
                                 for (int c = 0; c < 4; c++) {
-                                    const int64_t r = r0 + rows_of[c];
+                                    const int64_t r = r0 + I4PAIR_ROWS[c];
                                     const __mmask16 kr = r < N ? tail16(N - r) : 0;
                                     __m512 v = _mm512_add_ps(acc[0][c], acc[1][c]);
                                     if (kc) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(kr, ym + r));
@@ -929,10 +926,9 @@ INLINE void i4b_tile(const uint8_t *tile, int64_t K, int64_t gs, const uint16_t 
                     a[i][p % ch][c] = _mm512_dpbf16_ps(a[i][p % ch][c], (__m512bh)w[c], xp);
             }
         }
-        static const int rows_of[4] = {0, 32, 16, 48};
         for (int c = 0; c < 4; c++) {
             __m512 s, zc;
-            sz16(scale, zero, sz_row, sz_grp, j, r0 + rows_of[c], N, vmid, &s, &zc);
+            sz16(scale, zero, sz_row, sz_grp, j, r0 + I4PAIR_ROWS[c], N, vmid, &s, &zc);
             for (int i = 0; i < mb; i++) {
                 const __m512 xsum = _mm512_set1_ps(xs[i * G + j]);
                 const __m512 acc = _mm512_add_ps(a[i][0][c], a[i][1][c]);
@@ -940,9 +936,8 @@ INLINE void i4b_tile(const uint8_t *tile, int64_t K, int64_t gs, const uint16_t 
             }
         }
     }
-    static const int rows_of[4] = {0, 32, 16, 48};
     for (int c = 0; c < 4; c++) {
-        const int64_t r = r0 + rows_of[c];
+        const int64_t r = r0 + I4PAIR_ROWS[c];
         const __mmask16 kr = r < N ? tail16(N - r) : 0;
         for (int i = 0; i < mb; i++) _mm512_mask_storeu_ps(y + i * ldy + r, kr, yv[i][c]);
     }
