@@ -487,8 +487,8 @@ def test_intx_axis0_kernel_matches_reference(scheme, data):
     """Axis-0 intx (groups of rows n % (N/g), a scale per column) at small M takes the AVX-512 axis-0
     GEMV: with AVX512-BF16, 64-row tiles and even K its bf16 dot-product form (scale * x rounded to
     bf16, exact products, fp32 sums: the bf16 bound), otherwise fp32 products and sums (the fp32
-    bound), for periods N/g that do and do not divide the tile height, tile counts that do and do
-    not divide by the shards' chunk count, partial last tiles, K at 2 (mod 16) edges, fp32/bf16 x."""
+    bound), for periods N/g that do and do not divide the tile height, partial last tiles, K at 2
+    (mod 16) edges, M up to the routing limit, fp32/bf16 x."""
     g = int(scheme.split("-")[1])
     n = g * data.draw(st.integers(1, 7), label="N / g")
     bits = int(scheme.split("wo")[0][-1])
