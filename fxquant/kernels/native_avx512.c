@@ -1283,18 +1283,16 @@ void fxq512_fpx3_bf16_gemv(const uint16_t *x, int64_t M, int64_t Kp, const uint8
  * [GM_NR][Mp]; stored transposed into y at the end.  Measured (11008x4096, M=256, 2 threads,
  * interleaved medians): 57.5 ms vs bf16 F.linear 57.4 ms (the blocked decode + dense GEMM it
  * replaces: 72-77 ms); x.T rows at the weight stride and gathers for the transposed weight were
- * slower (95 ms, 70 ms).
+ * slower (95 ms, 70 ms).  Then (same-process medians, M=256, ms, before / after): each panel's decode
+ * moved into the microkernel calls of the panel before it (perf: the separate decode was 5-7% of the
+ * microkernel time, mostly stalled on its loads), 11008x4096 61.9 / 58.0; the x.T packing and the
+ * output by 16 x 16 register transposes instead of gathers, 4096x4096 24.2 / 24.6 (min 21.4 / 20.7).
  */
 #define GM_NR 14
 #ifndef GM_KC
 #define GM_KC 1024
 #endif
 #define GM_WS (GM_KC + 32) /* bf16 row stride of the decoded panel */
-
-/* rows n0 .. n0+nr of W, columns k0 .. k0+kc, as bf16 into wb (row stride GM_WS) */
-typedef void (*gm_decode_t)(const void *ctx, int64_t n0, int nr, int64_t k0, int64_t kc, uint16_t *wb);
-/* prefetch part `part` of `parts` of the codes of that panel into L2 */
-typedef void (*gm_prefetch_t)(const void *ctx, int64_t n0, int nr, int64_t k0, int64_t kc, int64_t part, int64_t parts);
 
 /* The microkernel: NR broadcast rows x NV (1 or 2) vectors of 16 lanes, NV*NR fp32 accumulators over np
  * pairs of k; ct += (row i) x (lanes), stored at ct[i * ldct + lane].  Broadcast row i at pair p is
@@ -1346,69 +1344,211 @@ INLINE void gm_scratch(size_t a_bytes, size_t b_bytes, void **a, void **b, int *
     }
 }
 
-static const int32_t LANE16[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+/* Transposes 16 vectors of 16 floats in place: r[j] lane i <- r[i] lane j. */
+INLINE void tr16_ps(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) { /* r[4i + j], 128-bit lane L: rows 4i .. 4i + 3 at column 4L + j */
+        r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+        r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+        r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+        r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+    }
+    for (int j = 0; j < 4; j++) {
+        const __m512 u0 = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x88), u1 = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xDD);
+        const __m512 u2 = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x88), u3 = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xDD);
+        t[j] = _mm512_shuffle_f32x4(u0, u2, 0x88);
+        t[8 + j] = _mm512_shuffle_f32x4(u0, u2, 0xDD);
+        t[4 + j] = _mm512_shuffle_f32x4(u1, u3, 0x88);
+        t[12 + j] = _mm512_shuffle_f32x4(u1, u3, 0xDD);
+    }
+    for (int j = 0; j < 16; j++) r[j] = t[j];
+}
 
-/* K even, x rows at stride lda (bf16 elements); y fp32 or (out_bf16) bf16 at stride ldc.  Returns
- * -1 when the scratch cannot be allocated (nothing written), else 0. */
-static int gm_run(const uint16_t *x, int64_t M, int64_t K, int64_t lda, int64_t N, const float *rs,
-                  gm_decode_t decode, gm_prefetch_t prefetch, const void *ctx, void *y, int64_t ldc, int out_bf16,
-                  int nthreads) {
+/* y[m][i] = ct[i * ldct + m] * rs[i] (rs NULL: 1) for i < nr <= 16, m < M; y fp32 or bf16 at row stride
+ * ldc; ct holds at least M rounded up to 16 columns per row */
+static void gm_store_t(const float *ct, int64_t ldct, int nr, int64_t M, const float *rs, void *y, int64_t ldc,
+                       int out_bf16) {
+    const __mmask16 mk = tail16(nr);
+    const __m512 sv = rs ? _mm512_maskz_loadu_ps(mk, rs) : _mm512_set1_ps(1.f);
+    for (int64_t m0 = 0; m0 < M; m0 += 16) {
+        __m512 r[16];
+        for (int i = 0; i < 16; i++) r[i] = i < nr ? _mm512_load_ps(ct + i * ldct + m0) : _mm512_setzero_ps();
+        tr16_ps(r);
+        for (int j = 0; j < 16 && m0 + j < M; j++) {
+            const __m512 v = _mm512_mul_ps(sv, r[j]);
+            if (out_bf16)
+                _mm256_mask_storeu_epi16((uint16_t *)y + (m0 + j) * ldc, mk, (__m256i)_mm512_cvtneps_pbh(v));
+            else
+                _mm512_mask_storeu_ps((float *)y + (m0 + j) * ldc, mk, v);
+        }
+    }
+}
+
+/* The decode of int8 codes (exact in bf16) in units of 32 codes along a panel's rows: a cursor over rows
+ * of kc codes at stride K (src) written as bf16 rows at stride GM_WS (dst).  The GEMM runs it beside the
+ * microkernel's dot products (the conversions issue on other pipes than vdpbf16ps: measured free when
+ * interleaved), decoding the next panel while the current one is multiplied. */
+struct gm_cur { const int8_t *src; uint16_t *dst; int64_t K, kc, col, left; };
+
+INLINE void gm_i8_unit(const int8_t **src, uint16_t **dst, int64_t *col, int64_t K, int64_t kc) {
+    const int8_t *s = *src + *col;
+    const int64_t rest = kc - *col, ahead = *col + 128; /* four units ahead, into the next row at its end */
+    _mm_prefetch((const char *)(ahead < kc ? s + 128 : *src + K + (ahead - kc)), _MM_HINT_T0);
+    __m128i c0, c1;
+    if (rest >= 32) {
+        c0 = _mm_loadu_si128((const __m128i *)s);
+        c1 = _mm_loadu_si128((const __m128i *)(s + 16));
+    } else {
+        c0 = _mm_maskz_loadu_epi8(tail16(rest), s);
+        c1 = _mm_maskz_loadu_epi8(tail16(rest > 16 ? rest - 16 : 0), s + 16);
+    }
+    const __m512 f0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(c0)), f1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(c1));
+    _mm512_store_si512(*dst + *col, (__m512i)_mm512_cvtne2ps_pbh(f1, f0));
+    if ((*col += 32) >= kc) *col = 0, *src += K, *dst += GM_WS;
+}
+
+/* runs n units of the cursor (at most what is left) */
+INLINE void gm_i8_units(struct gm_cur *c, int64_t n) {
+    const int8_t *src = c->src;
+    uint16_t *dst = c->dst;
+    int64_t col = c->col;
+    if (n > c->left) n = c->left;
+    for (int64_t u = 0; u < n; u++) gm_i8_unit(&src, &dst, &col, c->K, c->kc);
+    c->src = src, c->dst = dst, c->col = col, c->left -= n;
+}
+
+/* The 14-row int8 microkernel of gm_ukr (NV vectors of x rows) that also runs `quota` units of the
+ * cursor, one every np / quota pairs of k. */
+#define GM_UKR_SIDE(NAME, VP, NV)                                                                               \
+    static void NAME(const uint32_t *bc, const uint32_t *vec, int64_t np, float *ct, int64_t ldct, int first,    \
+                     struct gm_cur *cur, int64_t quota) {                                                        \
+        __m512 acc[GM_NR][NV];                                                                                  \
+        _Pragma("GCC unroll 16") for (int i = 0; i < GM_NR; i++) _Pragma("GCC unroll 2") for (int v = 0; v < NV; v++) \
+            acc[i][v] = first ? _mm512_setzero_ps() : _mm512_load_ps(ct + i * ldct + 16 * v);                   \
+        if (quota > cur->left) quota = cur->left;                                                               \
+        const int8_t *src = cur->src;                                                                           \
+        uint16_t *dst = cur->dst;                                                                               \
+        int64_t col = cur->col, done = 0;                                                                       \
+        const int64_t K = cur->K, kc = cur->kc, every = quota && np / quota > 0 ? np / quota : 1;               \
+        int64_t cd = every;                                                                                     \
+        for (int64_t p = 0; p < np; p++) {                                                                      \
+            if (--cd == 0) {                                                                                    \
+                cd = every;                                                                                     \
+                if (done < quota) gm_i8_unit(&src, &dst, &col, K, kc), done++;                                  \
+            }                                                                                                   \
+            __m512bh a[NV];                                                                                     \
+            _Pragma("GCC unroll 2") for (int v = 0; v < NV; v++)                                                \
+                a[v] = (__m512bh)_mm512_load_si512(vec + (VP) * p + 16 * v);                                    \
+            _Pragma("GCC unroll 16") for (int i = 0; i < GM_NR; i++) {                                          \
+                const __m512bh b = (__m512bh)_mm512_set1_epi32((int)bc[i * (GM_WS / 2) + p]);                  \
+                _Pragma("GCC unroll 2") for (int v = 0; v < NV; v++) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], b, a[v]); \
+            }                                                                                                   \
+        }                                                                                                       \
+        for (; done < quota; done++) gm_i8_unit(&src, &dst, &col, K, kc);                                       \
+        cur->src = src, cur->dst = dst, cur->col = col, cur->left -= done;                                      \
+        _Pragma("GCC unroll 16") for (int i = 0; i < GM_NR; i++) _Pragma("GCC unroll 2") for (int v = 0; v < NV; v++) \
+            _mm512_store_ps(ct + i * ldct + 16 * v, acc[i][v]);                                                 \
+    }
+GM_UKR_SIDE(gm_ukr_side, 32, 2)
+GM_UKR_SIDE(gm_ukrh_side, 16, 1)
+
+/* panels [b, b + n) of GM_NR weight rows; a block taken from *next: guided, shrinking to one panel at the end
+ * so that on a shared machine a descheduled thread does not leave the other one waiting long */
+INLINE int64_t gm_take(int64_t *next, int64_t NP, int nthreads, int64_t *n) {
+    int64_t cur = __atomic_load_n(next, __ATOMIC_RELAXED), sz;
+    do {
+        if (cur >= NP) return NP;
+        sz = (NP - cur) / (4 * nthreads);
+        sz = sz < 1 ? 1 : sz > 8 ? 8 : sz;
+    } while (!__atomic_compare_exchange_n(next, &cur, cur + sz, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
+    *n = sz;
+    return cur;
+}
+
+/* Block mb of x.T pairs: dst[p][wid] = dword p (bf16 k = 2p, 2p + 1) of row 32 mb + lane, wid 32, or 16 for a
+ * last block of <= 16 rows; rows past M zero.  16 x 16 dword blocks transposed in registers (gathers at the
+ * row stride were ~8x slower). */
+static void gm_pack_xt(const uint16_t *x, int64_t M, int64_t NPAIR, int64_t lda, int64_t mb, uint32_t *dst) {
+    const int wid = M - 32 * mb <= 16 ? 16 : 32;
+    for (int v = 0; v < wid / 16; v++) {
+        const int64_t r0 = 32 * mb + 16 * v;
+        for (int64_t p0 = 0; p0 < NPAIR; p0 += 16) {
+            const __mmask16 mk = tail16(NPAIR - p0);
+            __m512 r[16];
+            for (int i = 0; i < 16; i++)
+                r[i] = r0 + i < M ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi32(mk, (const uint32_t *)(x + (r0 + i) * lda) + p0))
+                                  : _mm512_setzero_ps();
+            tr16_ps(r);
+            for (int j = 0; j < 16 && p0 + j < NPAIR; j++)
+                _mm512_store_si512(dst + wid * (p0 + j) + 16 * v, _mm512_castps_si512(r[j]));
+        }
+    }
+}
+
+/* int8wo, M large: y [M, N] = (x [M, K] bf16 @ q.T) * rs[N], K even, x rows at stride lda (bf16 elements),
+ * y fp32 or (out_bf16) bf16 at stride ldc.  Per thread a block of panels; per panel chunks of GM_KC
+ * columns; the chunk after the current one (in the block) is decoded into the other of two buffers by
+ * the microkernel calls of the current one.  Returns 0, or -1 (out of memory: nothing written). */
+int fxq512_int8_bf16_gemm(const uint16_t *x, int64_t M, int64_t K, int64_t lda, const int8_t *q, int64_t N,
+                          const float *rs, void *y, int64_t ldc, int out_bf16, int nthreads) {
     const int64_t MB = (M + 31) / 32, NPAIR = K / 2, NP = (N + GM_NR - 1) / GM_NR;
     uint32_t *xt = aligned_alloc(64, (size_t)(MB * NPAIR * 32 * 4 + 64));
     if (!xt) return -1;
     int failed = 0;
+    int64_t next = 0;
 #pragma omp parallel num_threads(nthreads)
     {
-        const __m512i lane = _mm512_loadu_si512(LANE16);
 #pragma omp for schedule(static)
-        for (int64_t mb = 0; mb < MB; mb++) { /* x.T pairs, rows past M zero */
-            uint32_t *dst = xt + mb * NPAIR * 32;
-            const __m512i gi = _mm512_mullo_epi32(lane, _mm512_set1_epi32((int)(lda / 2)));
-            const int wid = M - 32 * mb <= 16 ? 16 : 32;
-            for (int v = 0; v < wid / 16; v++) {
-                const int64_t r = 32 * mb + 16 * v, rows = M - r <= 0 ? 0 : M - r;
-                const __mmask16 g = tail16(rows);
-                const int32_t *src = (const int32_t *)(x + (rows ? r : 0) * lda);
-                for (int64_t p = 0; p < NPAIR; p++)
-                    _mm512_store_si512(dst + wid * p + 16 * v,
-                                       _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), g, gi, src + p, 4));
-            }
-        }
+        for (int64_t mb = 0; mb < MB; mb++) /* x.T pairs, rows past M zero */
+            gm_pack_xt(x, M, NPAIR, lda, mb, xt + mb * NPAIR * 32);
         uint16_t *wb;
         float *ct;
-        gm_scratch(GM_NR * GM_WS * 2, (size_t)(GM_NR * MB * 32 * 4), (void **)&wb, (void **)&ct, &failed);
+        gm_scratch(2 * GM_NR * GM_WS * 2, (size_t)(GM_NR * MB * 32 * 4), (void **)&wb, (void **)&ct, &failed);
 #pragma omp barrier
         if (!failed) {
             const int64_t ldct = MB * 32;
-            const __m512i gct = _mm512_mullo_epi32(lane, _mm512_set1_epi32((int)ldct));
-            /* dynamic: on a shared machine a descheduled thread otherwise leaves the other one waiting */
-#pragma omp for schedule(dynamic, 8)
-            for (int64_t pn = 0; pn < NP; pn++) {
-                const int64_t n0 = pn * GM_NR;
-                const int nr = N - n0 < GM_NR ? (int)(N - n0) : GM_NR;
-                for (int64_t k0 = 0; k0 < K; k0 += GM_KC) {
-                    const int64_t kc = K - k0 < GM_KC ? K - k0 : GM_KC;
-                    decode(ctx, n0, nr, k0, kc, wb);
-                    /* the next panel's codes go to L2 while this one is multiplied */
-                    const int last = k0 + GM_KC >= K;
-                    const int64_t pn0 = last ? n0 + GM_NR : n0, pk0 = last ? 0 : k0 + GM_KC;
-                    const int pnr = pn0 >= N ? 0 : N - pn0 < GM_NR ? (int)(N - pn0) : GM_NR;
-                    const int64_t pkc = K - pk0 < GM_KC ? K - pk0 : GM_KC;
-                    for (int64_t mb = 0; mb < MB; mb++) {
-                        if (pnr && prefetch) prefetch(ctx, pn0, pnr, pk0, pkc, mb, MB);
-                        const int wid = M - 32 * mb <= 16 ? 16 : 32;
-                        (wid == 16 ? gm_ukrhS : gm_ukrS)[nr]((const uint32_t *)wb, xt + mb * NPAIR * 32 + (k0 / 2) * wid,
-                                                             kc / 2, ct + mb * 32, ldct, k0 == 0);
+            int64_t nb = 0;
+            for (int64_t b0; (b0 = gm_take(&next, NP, nthreads, &nb)) < NP;) {
+                int buf = 0, ready = 0; /* ready: the chunk's panel is already in wb[buf] */
+                for (int64_t pn = b0; pn < b0 + nb; pn++) {
+                    const int64_t n0 = pn * GM_NR;
+                    const int nr = N - n0 < GM_NR ? (int)(N - n0) : GM_NR;
+                    for (int64_t k0 = 0; k0 < K; k0 += GM_KC) {
+                        const int64_t kc = K - k0 < GM_KC ? K - k0 : GM_KC;
+                        uint16_t *cur_wb = wb + buf * GM_NR * GM_WS;
+                        if (!ready) {
+                            struct gm_cur now = {q + n0 * K + k0, cur_wb, K, kc, 0, nr * ((kc + 31) / 32)};
+                            gm_i8_units(&now, now.left);
+                        }
+                        /* the next chunk of this block */
+                        const int last = k0 + GM_KC >= K, more = !last || pn + 1 < b0 + nb;
+                        const int64_t pn0 = last ? n0 + GM_NR : n0, pk0 = last ? 0 : k0 + GM_KC;
+                        const int pnr = !more ? 0 : N - pn0 < GM_NR ? (int)(N - pn0) : GM_NR;
+                        const int64_t pkc = K - pk0 < GM_KC ? K - pk0 : GM_KC;
+                        struct gm_cur side = {q + pn0 * K + pk0, wb + (buf ^ 1) * GM_NR * GM_WS, K, pkc, 0,
+                                              pnr * ((pkc + 31) / 32)};
+                        const int64_t units = side.left;
+                        for (int64_t mb = 0; mb < MB; mb++) {
+                            const int wid = M - 32 * mb <= 16 ? 16 : 32;
+                            const uint32_t *xv = xt + mb * NPAIR * 32 + (k0 / 2) * wid;
+                            float *cm = ct + mb * 32;
+                            const int64_t quota = units * (mb + 1) / MB - units * mb / MB;
+                            if (nr == GM_NR && quota)
+                                (wid == 16 ? gm_ukrh_side : gm_ukr_side)((const uint32_t *)cur_wb, xv, kc / 2, cm, ldct,
+                                                                        k0 == 0, &side, quota);
+                            else
+                                (wid == 16 ? gm_ukrhS : gm_ukrS)[nr]((const uint32_t *)cur_wb, xv, kc / 2, cm, ldct, k0 == 0);
+                        }
+                        gm_i8_units(&side, side.left);
+                        ready = more;
+                        buf ^= 1;
                     }
-                }
-                const __mmask16 mk = tail16(nr);
-                const __m512 sv = rs ? _mm512_maskz_loadu_ps(mk, rs + n0) : _mm512_set1_ps(1.f);
-                for (int64_t m = 0; m < M; m++) {
-                    const __m512 v = _mm512_mul_ps(sv, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mk, gct, ct + m, 4));
-                    if (out_bf16)
-                        _mm256_mask_storeu_epi16((uint16_t *)y + m * ldc + n0, mk, (__m256i)_mm512_cvtneps_pbh(v));
-                    else
-                        _mm512_mask_storeu_ps((float *)y + m * ldc + n0, mk, v);
+                    gm_store_t(ct, ldct, nr, M, rs ? rs + n0 : NULL, out_bf16 ? (void *)((uint16_t *)y + n0)
+                                                                                 : (void *)((float *)y + n0), ldc, out_bf16);
                 }
             }
         }
@@ -1417,41 +1557,6 @@ static int gm_run(const uint16_t *x, int64_t M, int64_t K, int64_t lda, int64_t 
     }
     free(xt);
     return failed ? -1 : 0;
-}
-
-/* int8 codes [N, K] (row stride K): the codes themselves, exact in bf16 */
-struct gm_i8 { const int8_t *q; int64_t K; };
-
-static void gm_decode_i8(const void *ctx, int64_t n0, int nr, int64_t k0, int64_t kc, uint16_t *wb) {
-    const struct gm_i8 *c = ctx;
-    for (int i = 0; i < nr; i++) {
-        const int8_t *src = c->q + (n0 + i) * c->K + k0;
-        uint16_t *dst = wb + i * GM_WS;
-        for (int64_t k = 0; k < kc; k += 32) {
-            const __mmask16 m0 = tail16(kc - k), m1 = tail16(kc - k - 16 > 0 ? kc - k - 16 : 0);
-            const __m512 f0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m0, src + k)));
-            const __m512 f1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m1, src + k + 16)));
-            _mm512_store_si512(dst + k, (__m512i)_mm512_cvtne2ps_pbh(f1, f0));
-        }
-    }
-}
-
-static void gm_prefetch_i8(const void *ctx, int64_t n0, int nr, int64_t k0, int64_t kc, int64_t part, int64_t parts) {
-    const struct gm_i8 *c = ctx;
-    const int64_t lines = (kc + 63) / 64, total = nr * lines, j0 = total * part / parts, j1 = total * (part + 1) / parts;
-    int64_t r = j0 / lines, l = j0 % lines;
-    const int8_t *row = c->q + (n0 + r) * c->K + k0;
-    for (int64_t j = j0; j < j1; j++) {
-        _mm_prefetch((const char *)(row + 64 * l), _MM_HINT_T1);
-        if (++l == lines) l = 0, row += c->K;
-    }
-}
-
-/* int8wo, M large: y = (x @ q.T) * rs; returns 0, or -1 (out of memory: nothing written) */
-int fxq512_int8_bf16_gemm(const uint16_t *x, int64_t M, int64_t K, int64_t lda, const int8_t *q, int64_t N,
-                          const float *rs, void *y, int64_t ldc, int out_bf16, int nthreads) {
-    const struct gm_i8 c = {q, K};
-    return gm_run(x, M, K, lda, N, rs, gm_decode_i8, gm_prefetch_i8, &c, y, ldc, out_bf16, nthreads);
 }
 
 /* int4 tiles (layout: fxq512_int4t_gemv), M large: y [M, N] = x @ W.T (bf16, or fp32 when !out_bf16) with

@@ -438,12 +438,13 @@ def test_lut4_chunk_kernel_against_exact_products(dtype, m, rows, cols, block):
 
 @needs_bf16_dot
 @pytest.mark.parametrize("m,n,k", [(1, 1, 2), (31, 15, 66), (33, 29, 1026), (70, 14, 2050), (64, 43, 4096),
-                                   (native_cpu.GEMM_ROWS + 44, 45, 130)])
+                                   (native_cpu.GEMM_ROWS + 44, 45, 130), (40, 1009, 1090)])
 def test_int8_gemm_kernel_against_exact_products(m, n, k):
     """The large-M int8 GEMM (weight panels decoded inside it) against float64 products of the same
     bf16 x and codes: its fp32 output is off only by fp32 summation, its bf16 output by one more
     rounding (bf16 x: bf16 out); across weight-panel edges (14 rows), x-block edges (32 rows), k-chunk edges (1024)
-    and the wrapper's row chunks, with strided and fp32 x."""
+    and the wrapper's row chunks, with strided and fp32 x; (40, 1009, 1090): blocks of several panels, each
+    chunk decoded during the previous one's products (a last panel of one row, chunks ending in 2 codes)."""
     gen = torch.Generator().manual_seed(m * n + k)
     q = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=gen)
     scale = (torch.rand(n, generator=gen) * 0.01 + 1e-3).to(torch.bfloat16)
