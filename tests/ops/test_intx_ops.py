@@ -31,10 +31,18 @@ def build(scheme: str, n: int, k: int, seed: int = 0):
 def assert_close_to_reference(y: torch.Tensor, r: torch.Tensor, x: torch.Tensor, args, attrs):
     """The fast paths run bf16 activations (and bf16 kernel outputs): elementwise
     ``|y - r| <= 2^-6 * (|x| @ |W|.T) + 2^-7 * |r|`` (a few bf16 roundings of every product and of
-    the result), which, unlike a norm ratio, also holds when the sum cancels to a small output."""
-    w = op.dequantize_weight(*args, **{k: v for k, v in attrs.items() if k != "compute_dtype"})
+    the result), which, unlike a norm ratio, also holds when the sum cancels to a small output.
+    Axis-0 weights: |W| + |(q - mid) * scale|, as the axis-0 kernel's bf16 form rounds A = scale * x,
+    which meets the code part of the weight even where the group's offset cancels it in W (hypothesis
+    found uint2wo-4-axis0, K = 2, over the W-only bound; docs/formats/intx.md)."""
+    kw = {k: v for k, v in attrs.items() if k != "compute_dtype"}
+    w = op.dequantize_weight(*args, **kw).abs()
+    if kw["axis"] == 0 and not kw["symmetric"]:
+        names = list(op.OP.tensors)
+        no_offset = [torch.zeros_like(a) if n == "offset" else a for n, a in zip(names, args)]
+        w = w + op.dequantize_weight(*no_offset, **kw).abs()
     x2, y2, r2 = x.float().reshape(-1, x.shape[-1]), y.float().reshape(-1, w.shape[0]), r.float().reshape(-1, w.shape[0])
-    bound = 2**-6 * (x2.abs() @ w.abs().t()) + 2**-7 * r2.abs() + 1e-5
+    bound = 2**-6 * (x2.abs() @ w.t()) + 2**-7 * r2.abs() + 1e-5
     excess = ((y2 - r2).abs() - bound).max().item()
     assert excess <= 0, f"|y - reference| exceeds the bf16 bound by {excess:.3g}"
 
