@@ -1334,10 +1334,28 @@ GM_FAMILY(gm_ukrh, GM_WS / 2, 1, 16, 1)
 /* int4 tiles: x pairs broadcast from a block of nr rows packed [p][nr], weight pairs bp[p][64] */
 GM_FAMILY(gm4_ukr, 1, nr_, 64, 2)
 
-/* two per-thread scratch buffers (sizes multiples of 64); sets the shared *failed when one is missing */
+/* A grow-only scratch buffer of the calling thread, kept between calls (slot: one of GM_SLOTS uses).
+ * Freshly allocated buffers of a few MB are mmapped by malloc and cost page faults and zeroing at every
+ * call (measured 26 faults per int8 GEMM call at 4096x4096 M=256 before).  Kept: the largest size asked
+ * per slot and thread (the OpenMP pool's threads persist). */
+#define GM_SLOTS 3
+static void *gm_tls(int slot, size_t bytes) {
+    static __thread void *buf[GM_SLOTS];
+    static __thread size_t cap[GM_SLOTS];
+    bytes = (bytes + 63) / 64 * 64;
+    if (cap[slot] < bytes) {
+        free(buf[slot]);
+        buf[slot] = aligned_alloc(64, bytes);
+        cap[slot] = buf[slot] ? bytes : 0;
+    }
+    return buf[slot];
+}
+
+/* the two per-thread scratch buffers of a GEMM's worker (slots 1, 2; slot 0 is the caller's packed x);
+ * sets the shared *failed when one is missing */
 INLINE void gm_scratch(size_t a_bytes, size_t b_bytes, void **a, void **b, int *failed) {
-    *a = aligned_alloc(64, a_bytes);
-    *b = aligned_alloc(64, b_bytes);
+    *a = gm_tls(1, a_bytes);
+    *b = gm_tls(2, b_bytes);
     if (!*a || !*b) {
 #pragma omp atomic write
         *failed = 1;
@@ -1469,19 +1487,33 @@ INLINE int64_t gm_take(int64_t *next, int64_t NP, int nthreads, int64_t *n) {
     return cur;
 }
 
+/* The `io` argument of the large-M GEMMs: bf16 output (else fp32), fp32 x rounded to bf16 while it is
+ * packed (else bf16 x; lda counts elements of x's type).  Rounding here instead of a torch cast first
+ * saves a pass over x and an allocation per call. */
+#define GM_OUT_BF16 1
+#define GM_X_FP32 2
+
+/* dwords p0 .. p0 + 15 (bf16 pairs, zero past NPAIR) of row r of x */
+INLINE __m512 gm_xpairs(const void *x, int io, int64_t lda, int64_t r, int64_t p0, int64_t NPAIR) {
+    if (io & GM_X_FP32) {
+        const float *row = (const float *)x + r * lda + 2 * p0;
+        const int64_t n = 2 * (NPAIR - p0); /* floats left in the row, >= 2 */
+        const __m512 lo = _mm512_maskz_loadu_ps(tail16(n), row), hi = _mm512_maskz_loadu_ps(tail16(n > 16 ? n - 16 : 0), row + 16);
+        return _mm512_castsi512_ps((__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+    return _mm512_castsi512_ps(_mm512_maskz_loadu_epi32(tail16(NPAIR - p0), (const uint32_t *)((const uint16_t *)x + r * lda) + p0));
+}
+
 /* Block mb of x.T pairs: dst[p][wid] = dword p (bf16 k = 2p, 2p + 1) of row 32 mb + lane, wid 32, or 16 for a
  * last block of <= 16 rows; rows past M zero.  16 x 16 dword blocks transposed in registers (gathers at the
  * row stride were ~8x slower). */
-static void gm_pack_xt(const uint16_t *x, int64_t M, int64_t NPAIR, int64_t lda, int64_t mb, uint32_t *dst) {
+static void gm_pack_xt(const void *x, int io, int64_t M, int64_t NPAIR, int64_t lda, int64_t mb, uint32_t *dst) {
     const int wid = M - 32 * mb <= 16 ? 16 : 32;
     for (int v = 0; v < wid / 16; v++) {
         const int64_t r0 = 32 * mb + 16 * v;
         for (int64_t p0 = 0; p0 < NPAIR; p0 += 16) {
-            const __mmask16 mk = tail16(NPAIR - p0);
             __m512 r[16];
-            for (int i = 0; i < 16; i++)
-                r[i] = r0 + i < M ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi32(mk, (const uint32_t *)(x + (r0 + i) * lda) + p0))
-                                  : _mm512_setzero_ps();
+            for (int i = 0; i < 16; i++) r[i] = r0 + i < M ? gm_xpairs(x, io, lda, r0 + i, p0, NPAIR) : _mm512_setzero_ps();
             tr16_ps(r);
             for (int j = 0; j < 16 && p0 + j < NPAIR; j++)
                 _mm512_store_si512(dst + wid * (p0 + j) + 16 * v, _mm512_castps_si512(r[j]));
@@ -1489,14 +1521,15 @@ static void gm_pack_xt(const uint16_t *x, int64_t M, int64_t NPAIR, int64_t lda,
     }
 }
 
-/* int8wo, M large: y [M, N] = (x [M, K] bf16 @ q.T) * rs[N], K even, x rows at stride lda (bf16 elements),
- * y fp32 or (out_bf16) bf16 at stride ldc.  Per thread a block of panels; per panel chunks of GM_KC
+/* int8wo, M large: y [M, N] = (x [M, K] @ q.T) * rs[N] (x as bf16), K even, x rows at stride lda, y at
+ * stride ldc, types per io (GM_OUT_BF16, GM_X_FP32).  Per thread a block of panels; per panel chunks of GM_KC
  * columns; the chunk after the current one (in the block) is decoded into the other of two buffers by
  * the microkernel calls of the current one.  Returns 0, or -1 (out of memory: nothing written). */
-int fxq512_int8_bf16_gemm(const uint16_t *x, int64_t M, int64_t K, int64_t lda, const int8_t *q, int64_t N,
-                          const float *rs, void *y, int64_t ldc, int out_bf16, int nthreads) {
+int fxq512_int8_bf16_gemm(const void *x, int64_t M, int64_t K, int64_t lda, const int8_t *q, int64_t N,
+                          const float *rs, void *y, int64_t ldc, int io, int nthreads) {
+    const int out_bf16 = io & GM_OUT_BF16;
     const int64_t MB = (M + 31) / 32, NPAIR = K / 2, NP = (N + GM_NR - 1) / GM_NR;
-    uint32_t *xt = aligned_alloc(64, (size_t)(MB * NPAIR * 32 * 4 + 64));
+    uint32_t *xt = gm_tls(0, (size_t)(MB * NPAIR * 32 * 4 + 64));
     if (!xt) return -1;
     int failed = 0;
     int64_t next = 0;
@@ -1504,7 +1537,7 @@ int fxq512_int8_bf16_gemm(const uint16_t *x, int64_t M, int64_t K, int64_t lda, 
     {
 #pragma omp for schedule(static)
         for (int64_t mb = 0; mb < MB; mb++) /* x.T pairs, rows past M zero */
-            gm_pack_xt(x, M, NPAIR, lda, mb, xt + mb * NPAIR * 32);
+            gm_pack_xt(x, io, M, NPAIR, lda, mb, xt + mb * NPAIR * 32);
         uint16_t *wb;
         float *ct;
         gm_scratch(2 * GM_NR * GM_WS * 2, (size_t)(GM_NR * MB * 32 * 4), (void **)&wb, (void **)&ct, &failed);
@@ -1552,10 +1585,7 @@ int fxq512_int8_bf16_gemm(const uint16_t *x, int64_t M, int64_t K, int64_t lda, 
                 }
             }
         }
-        free(wb);
-        free(ct);
     }
-    free(xt);
     return failed ? -1 : 0;
 }
 
@@ -1655,13 +1685,15 @@ static void gm4_ukr_side(const uint32_t *bc, const uint32_t *vec, int64_t np, fl
         _mm512_store_ps(ct + i * ldct + 16 * v, acc[i][v]);
 }
 
-/* returns 0, or -1 (out of memory: nothing written); K and gs even.  Per thread a block of tiles (as in
+/* returns 0, or -1 (out of memory: nothing written); K and gs even; x, y and lda as in
+ * fxq512_int8_bf16_gemm.  Per thread a block of tiles (as in
  * fxq512_int8_bf16_gemm); the chunk after the current one in the block is decoded by its microkernel calls. */
-int fxq512_int4t_bf16_gemm(const uint16_t *x, int64_t M, int64_t K, int64_t lda, const uint8_t *w, int64_t N,
+int fxq512_int4t_bf16_gemm(const void *x, int64_t M, int64_t K, int64_t lda, const uint8_t *w, int64_t N,
                            int64_t gs, const uint16_t *scale, const uint16_t *zero, int64_t sz_row, int64_t sz_grp,
-                           float mid, void *y, int64_t ldc, int out_bf16, int nthreads) {
+                           float mid, void *y, int64_t ldc, int io, int nthreads) {
+    const int out_bf16 = io & GM_OUT_BF16;
     const int64_t MB = (M + GM_NR - 1) / GM_NR, NPAIR = K / 2, NT = (N + 63) / 64;
-    uint32_t *ap = aligned_alloc(64, (size_t)((MB * GM_NR * NPAIR * 4 + 63) / 64 * 64));
+    uint32_t *ap = gm_tls(0, (size_t)(MB * GM_NR * NPAIR * 4));
     if (!ap) return -1;
     int failed = 0;
     int64_t next = 0;
@@ -1672,11 +1704,9 @@ int fxq512_int4t_bf16_gemm(const uint16_t *x, int64_t M, int64_t K, int64_t lda,
             const int mr = M - mb * GM_NR < GM_NR ? (int)(M - mb * GM_NR) : GM_NR;
             uint32_t *dst = ap + mb * GM_NR * NPAIR;
             for (int64_t p0 = 0; p0 < NPAIR; p0 += 16) {
-                const __mmask16 mk = tail16(NPAIR - p0);
                 __m512 r[16];
                 for (int i = 0; i < 16; i++)
-                    r[i] = i < mr ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi32(mk, (const uint32_t *)(x + (mb * GM_NR + i) * lda) + p0))
-                                  : _mm512_setzero_ps();
+                    r[i] = i < mr ? gm_xpairs(x, io, lda, mb * GM_NR + i, p0, NPAIR) : _mm512_setzero_ps();
                 tr16_ps(r);
                 for (int j = 0; j < 16 && p0 + j < NPAIR; j++) _mm512_mask_storeu_ps(dst + (p0 + j) * mr, tail16(mr), r[j]);
             }
@@ -1744,10 +1774,7 @@ int fxq512_int4t_bf16_gemm(const uint16_t *x, int64_t M, int64_t K, int64_t lda,
             }
         }
         free(cur);
-        free(bp);
-        free(ct);
     }
-    free(ap);
     return failed ? -1 : 0;
 }
 

@@ -387,18 +387,20 @@ GEMM_ROWS = 256
 
 
 def _gemm_rows(x2: torch.Tensor, n: int, run) -> torch.Tensor:
-    """``[M, N]`` from ``run(x_ptr, rows, lda, y_ptr, out_bf16)`` over chunks of :data:`GEMM_ROWS`
-    rows of ``x2`` cast to bf16 (rows contiguous); fp32 when ``x2`` is fp32 (written by the kernel:
-    converting a bf16 result costs ~3 ms at 256x11008), else bf16."""
-    x = x2.to(torch.bfloat16)
-    if x.stride(-1) != 1 or x.stride(0) % 2:
+    """``[M, N]`` from ``run(x_ptr, rows, lda, y_ptr, io)`` over chunks of :data:`GEMM_ROWS` rows of
+    ``x2``: fp32 rows go in as they are and are rounded to bf16 while the kernel packs them (``io``
+    bit 2), other dtypes are cast to bf16 first; the result is fp32 when ``x2`` is fp32 (written by the
+    kernel: converting a bf16 result costs ~3 ms at 256x11008), else bf16 (``io`` bit 1)."""
+    fp32 = x2.dtype == torch.float32
+    x = x2 if fp32 else x2.to(torch.bfloat16)
+    if x.stride(-1) != 1 or (not fp32 and x.stride(0) % 2):
         x = x.contiguous()
-    out_bf16 = x2.dtype != torch.float32
-    y = torch.empty(x.shape[0], n, dtype=torch.bfloat16 if out_bf16 else torch.float32)
+    io = 2 if fp32 else 1
+    y = torch.empty(x.shape[0], n, dtype=torch.float32 if fp32 else torch.bfloat16)
     for r0 in range(0, x.shape[0], GEMM_ROWS):
         r1 = min(x.shape[0], r0 + GEMM_ROWS)
-        if run(_ptr(x) + 2 * r0 * x.stride(0), r1 - r0, x.stride(0), _ptr(y) + y.element_size() * r0 * n,
-               int(out_bf16)):
+        if run(_ptr(x) + x.element_size() * r0 * x.stride(0), r1 - r0, x.stride(0), _ptr(y) + y.element_size() * r0 * n,
+               io):
             raise MemoryError(f"native GEMM: no scratch for M={r1 - r0}, K={x.shape[1]}")
     return y
 
@@ -412,8 +414,8 @@ def int8_gemm(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> t
     if lib is None or lib.fxq512_int8_bf16_gemm is None or k % 2 or qweight.dtype != torch.int8:
         return None
     w, rs, nt = qweight.contiguous(), scale.to(torch.float32).contiguous(), torch.get_num_threads()
-    return _gemm_rows(x2, n, lambda xp, rows, lda, yp, ob: lib.fxq512_int8_bf16_gemm(
-        xp, rows, k, lda, _ptr(w), n, _ptr(rs), yp, n, ob, nt))
+    return _gemm_rows(x2, n, lambda xp, rows, lda, yp, io: lib.fxq512_int8_bf16_gemm(
+        xp, rows, k, lda, _ptr(w), n, _ptr(rs), yp, n, io, nt))
 
 
 def int4_gemm(x2: torch.Tensor, qweight: torch.Tensor, *, block_n: int, group_size: int, scale: torch.Tensor,
@@ -433,8 +435,8 @@ def int4_gemm(x2: torch.Tensor, qweight: torch.Tensor, *, block_n: int, group_si
         return None
     sg, sr = scale.stride()
     nt = torch.get_num_threads()
-    return _gemm_rows(x2, n, lambda xp, rows, lda, yp, ob: lib.fxq512_int4t_bf16_gemm(
-        xp, rows, k, lda, _ptr(w), n, group_size, _ptr(scale), _ptr(zero), sr, sg, float(mid), yp, n, ob, nt))
+    return _gemm_rows(x2, n, lambda xp, rows, lda, yp, io: lib.fxq512_int4t_bf16_gemm(
+        xp, rows, k, lda, _ptr(w), n, group_size, _ptr(scale), _ptr(zero), sr, sg, float(mid), yp, n, io, nt))
 
 
 def lut4_gemv(xh: torch.Tensor, xl: torch.Tensor, codes: torch.Tensor, *, rows: int, row_bytes: int,
