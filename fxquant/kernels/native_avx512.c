@@ -1289,6 +1289,7 @@ void fxq512_fpx3_bf16_gemv(const uint16_t *x, int64_t M, int64_t Kp, const uint8
  * output by 16 x 16 register transposes instead of gathers, 4096x4096 24.2 / 24.6 (min 21.4 / 20.7).
  */
 #define GM_NR 14
+#define GM_BLK 8 /* most panels (tiles) a thread takes at once */
 #ifndef GM_KC
 #define GM_KC 1024
 #endif
@@ -1386,24 +1387,30 @@ INLINE void tr16_ps(__m512 r[16]) {
     for (int j = 0; j < 16; j++) r[j] = t[j];
 }
 
-/* y[m][i] = ct[i * ldct + m] * rs[i] (rs NULL: 1) for i < nr <= 16, m < M; y fp32 or bf16 at row stride
- * ldc; ct holds at least M rounded up to 16 columns per row */
-static void gm_store_t(const float *ct, int64_t ldct, int nr, int64_t M, const float *rs, void *y, int64_t ldc,
-                       int out_bf16) {
-    const __mmask16 mk = tail16(nr);
-    const __m512 sv = rs ? _mm512_maskz_loadu_ps(mk, rs) : _mm512_set1_ps(1.f);
-    for (int64_t m0 = 0; m0 < M; m0 += 16) {
-        __m512 r[16];
-        for (int i = 0; i < 16; i++) r[i] = i < nr ? _mm512_load_ps(ct + i * ldct + m0) : _mm512_setzero_ps();
-        tr16_ps(r);
-        for (int j = 0; j < 16 && m0 + j < M; j++) {
-            const __m512 v = _mm512_mul_ps(sv, r[j]);
-            if (out_bf16)
-                _mm256_mask_storeu_epi16((uint16_t *)y + (m0 + j) * ldc, mk, (__m256i)_mm512_cvtneps_pbh(v));
-            else
-                _mm512_mask_storeu_ps((float *)y + (m0 + j) * ldc, mk, v);
+/* The outputs of panels [n0 / GM_NR, + np) (columns n0 .. N): y[m][n0 + 14 p + i] = ct[(14 p + i) * ldct + m]
+ * * rs[n0 + 14 p + i] (rs NULL: 1), y fp32 or bf16 at row stride ldc; ct holds at least M rounded up to
+ * 16 columns per row.  By 16 x 16 register transposes, rows of y outer: each row gets the block's columns
+ * in one run (one panel at a time, 56-byte pieces 256 rows apart, was ~3% of the GEMM at M=256). */
+static void gm_store_t(const float *ct, int64_t ldct, int64_t np, int64_t n0, int64_t N, int64_t M, const float *rs,
+                       void *y, int64_t ldc, int out_bf16) {
+    for (int64_t m0 = 0; m0 < M; m0 += 16)
+        for (int64_t pi = 0; pi < np; pi++) {
+            const int64_t c0 = n0 + pi * GM_NR;
+            const int nr = N - c0 < GM_NR ? (int)(N - c0) : GM_NR;
+            const __mmask16 mk = tail16(nr);
+            const __m512 sv = rs ? _mm512_maskz_loadu_ps(mk, rs + c0) : _mm512_set1_ps(1.f);
+            const float *cp = ct + pi * GM_NR * ldct + m0;
+            __m512 r[16];
+            for (int i = 0; i < 16; i++) r[i] = i < nr ? _mm512_load_ps(cp + i * ldct) : _mm512_setzero_ps();
+            tr16_ps(r);
+            for (int j = 0; j < 16 && m0 + j < M; j++) {
+                const __m512 v = _mm512_mul_ps(sv, r[j]);
+                if (out_bf16)
+                    _mm256_mask_storeu_epi16((uint16_t *)y + (m0 + j) * ldc + c0, mk, (__m256i)_mm512_cvtneps_pbh(v));
+                else
+                    _mm512_mask_storeu_ps((float *)y + (m0 + j) * ldc + c0, mk, v);
+            }
         }
-    }
 }
 
 /* The decode of int8 codes (exact in bf16) in units of 32 codes along a panel's rows: a cursor over rows
@@ -1481,7 +1488,7 @@ INLINE int64_t gm_take(int64_t *next, int64_t NP, int nthreads, int64_t *n) {
     do {
         if (cur >= NP) return NP;
         sz = (NP - cur) / (4 * nthreads);
-        sz = sz < 1 ? 1 : sz > 8 ? 8 : sz;
+        sz = sz < 1 ? 1 : sz > GM_BLK ? GM_BLK : sz;
     } while (!__atomic_compare_exchange_n(next, &cur, cur + sz, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
     *n = sz;
     return cur;
@@ -1540,7 +1547,7 @@ int fxq512_int8_bf16_gemm(const void *x, int64_t M, int64_t K, int64_t lda, cons
             gm_pack_xt(x, io, M, NPAIR, lda, mb, xt + mb * NPAIR * 32);
         uint16_t *wb;
         float *ct;
-        gm_scratch(2 * GM_NR * GM_WS * 2, (size_t)(GM_NR * MB * 32 * 4), (void **)&wb, (void **)&ct, &failed);
+        gm_scratch(2 * GM_NR * GM_WS * 2, (size_t)(GM_BLK * GM_NR * MB * 32 * 4), (void **)&wb, (void **)&ct, &failed);
 #pragma omp barrier
         if (!failed) {
             const int64_t ldct = MB * 32;
@@ -1568,7 +1575,7 @@ int fxq512_int8_bf16_gemm(const void *x, int64_t M, int64_t K, int64_t lda, cons
                         for (int64_t mb = 0; mb < MB; mb++) {
                             const int wid = M - 32 * mb <= 16 ? 16 : 32;
                             const uint32_t *xv = xt + mb * NPAIR * 32 + (k0 / 2) * wid;
-                            float *cm = ct + mb * 32;
+                            float *cm = ct + (pn - b0) * GM_NR * ldct + mb * 32;
                             const int64_t quota = units * (mb + 1) / MB - units * mb / MB;
                             if (nr == GM_NR && quota)
                                 (wid == 16 ? gm_ukrh_side : gm_ukr_side)((const uint32_t *)cur_wb, xv, kc / 2, cm, ldct,
@@ -1580,9 +1587,8 @@ int fxq512_int8_bf16_gemm(const void *x, int64_t M, int64_t K, int64_t lda, cons
                         ready = more;
                         buf ^= 1;
                     }
-                    gm_store_t(ct, ldct, nr, M, rs ? rs + n0 : NULL, out_bf16 ? (void *)((uint16_t *)y + n0)
-                                                                                 : (void *)((float *)y + n0), ldc, out_bf16);
                 }
+                gm_store_t(ct, ldct, nb, b0 * GM_NR, N, M, rs, y, ldc, out_bf16);
             }
         }
     }
