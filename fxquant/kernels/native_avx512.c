@@ -1279,8 +1279,8 @@ void fxq512_fpx3_bf16_gemv(const uint16_t *x, int64_t M, int64_t Kp, const uint8
  * accumulators; per pair of k, two vectors of x pairs (x.T packed once per call: xt[mb][p][32])
  * and one broadcast dword (two bf16 of a weight row) per weight row, vdpbf16ps.  The broadcast
  * side reads decoded rows at a stride that is not a multiple of 4 KB (rows at 4 KB strides share
- * an L1 set).  Per weight panel the accumulators of all M rows stay in a per-thread buffer ct
- * [GM_NR][Mp]; stored transposed into y at the end.  Measured (11008x4096, M=256, 2 threads,
+ * an L1 set).  The accumulators of all M rows of a thread's block of panels stay in a per-thread
+ * buffer ct [panel][GM_NR][Mp]; stored transposed into y when the block ends.  Measured (11008x4096, M=256, 2 threads,
  * interleaved medians): 57.5 ms vs bf16 F.linear 57.4 ms (the blocked decode + dense GEMM it
  * replaces: 72-77 ms); x.T rows at the weight stride and gathers for the transposed weight were
  * slower (95 ms, 70 ms).  Then (same-process medians, M=256, ms, before / after): each panel's decode
