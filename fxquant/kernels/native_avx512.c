@@ -1335,10 +1335,11 @@ GM_FAMILY(gm_ukrh, GM_WS / 2, 1, 16, 1)
 /* int4 tiles: x pairs broadcast from a block of nr rows packed [p][nr], weight pairs bp[p][64] */
 GM_FAMILY(gm4_ukr, 1, nr_, 64, 2)
 
-/* A grow-only scratch buffer of the calling thread, kept between calls (slot: one of GM_SLOTS uses).
- * Freshly allocated buffers of a few MB are mmapped by malloc and cost page faults and zeroing at every
- * call (measured 26 faults per int8 GEMM call at 4096x4096 M=256 before).  Kept: the largest size asked
- * per slot and thread (the OpenMP pool's threads persist). */
+/* A grow-only scratch buffer of the calling thread, kept between calls (slot: one of GM_SLOTS uses), so
+ * that the few-MB packed x is not a fresh malloc (often a fresh mmap) per call.  Kept: the largest size
+ * asked per slot and thread (the OpenMP pool's threads persist); at most GEMM_ROWS * K * 2 bytes for x
+ * (the Python wrappers call with <= 256 rows).  No time change measured on its own: the page faults
+ * left per call (60-115 at 4096x4096 M=256, fp32 x) are those of the fp32 output torch allocates. */
 #define GM_SLOTS 3
 static void *gm_tls(int slot, size_t bytes) {
     static __thread void *buf[GM_SLOTS];
