@@ -1300,23 +1300,25 @@ void fxq512_fpx3_bf16_gemv(const uint16_t *x, int64_t M, int64_t Kp, const uint8
  * the dword bc[i * BI + p * BP], the lane vectors at vec + VP * p (+ 16 v).  Two families: int8 (the
  * decoded weight rows broadcast, x.T pairs in the lanes) and int4 tiles (x broadcast, the weight's
  * columns in the lanes). */
+#define GM_UKR_BODY(NR, BI, BP, VP, NV, STEP) /* STEP: side work before pair p's products */            \
+    __m512 acc[NR][NV];                                                                                         \
+    _Pragma("GCC unroll 16") for (int i = 0; i < NR; i++) _Pragma("GCC unroll 2") for (int v = 0; v < NV; v++)   \
+        acc[i][v] = first ? _mm512_setzero_ps() : _mm512_load_ps(ct + i * ldct + 16 * v);                       \
+    for (int64_t p = 0; p < np; p++) {                                                                          \
+        STEP;                                                                                                   \
+        __m512bh a[NV];                                                                                         \
+        _Pragma("GCC unroll 2") for (int v = 0; v < NV; v++) a[v] = (__m512bh)_mm512_load_si512(vec + (VP) * p + 16 * v); \
+        _Pragma("GCC unroll 16") for (int i = 0; i < NR; i++) {                                                 \
+            const __m512bh b = (__m512bh)_mm512_set1_epi32((int)bc[i * (BI) + p * (BP)]);                       \
+            _Pragma("GCC unroll 2") for (int v = 0; v < NV; v++) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], b, a[v]); \
+        }                                                                                                       \
+    }                                                                                                           \
+    _Pragma("GCC unroll 16") for (int i = 0; i < NR; i++) _Pragma("GCC unroll 2") for (int v = 0; v < NV; v++)   \
+        _mm512_store_ps(ct + i * ldct + 16 * v, acc[i][v]);
 #define GM_UKR(NAME, NR, BI, BP, VP, NV)                                                                        \
     static void NAME##NR(const uint32_t *bc, const uint32_t *vec, int64_t np, float *ct, int64_t ldct, int first) { \
         enum { nr_ = NR }; /* what BP may name */                                                              \
-        __m512 acc[NR][NV];                                                                                     \
-        _Pragma("GCC unroll 16") for (int i = 0; i < NR; i++) _Pragma("GCC unroll 2") for (int v = 0; v < NV; v++) \
-            acc[i][v] = first ? _mm512_setzero_ps() : _mm512_load_ps(ct + i * ldct + 16 * v);                   \
-        for (int64_t p = 0; p < np; p++) {                                                                      \
-            __m512bh a[NV];                                                                                     \
-            _Pragma("GCC unroll 2") for (int v = 0; v < NV; v++)                                                \
-                a[v] = (__m512bh)_mm512_load_si512(vec + (VP) * p + 16 * v);                                    \
-            _Pragma("GCC unroll 16") for (int i = 0; i < NR; i++) {                                             \
-                const __m512bh b = (__m512bh)_mm512_set1_epi32((int)bc[i * (BI) + p * (BP)]);                   \
-                _Pragma("GCC unroll 2") for (int v = 0; v < NV; v++) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], b, a[v]); \
-            }                                                                                                   \
-        }                                                                                                       \
-        _Pragma("GCC unroll 16") for (int i = 0; i < NR; i++) _Pragma("GCC unroll 2") for (int v = 0; v < NV; v++) \
-            _mm512_store_ps(ct + i * ldct + 16 * v, acc[i][v]);                                                 \
+        GM_UKR_BODY(NR, BI, BP, VP, NV, (void)0)                                                                \
     }
 #define GM_FAMILY(NAME, BI, BP, VP, NV)                                                                         \
     GM_UKR(NAME, 1, BI, BP, VP, NV) GM_UKR(NAME, 2, BI, BP, VP, NV) GM_UKR(NAME, 3, BI, BP, VP, NV)            \
@@ -1420,10 +1422,10 @@ static void gm_store_t(const float *ct, int64_t ldct, int64_t np, int64_t n0, in
  * interleaved), decoding the next panel while the current one is multiplied. */
 struct gm_cur { const int8_t *src; uint16_t *dst; int64_t K, kc, col, left; };
 
-INLINE void gm_i8_unit(const int8_t **src, uint16_t **dst, int64_t *col, int64_t K, int64_t kc) {
-    const int8_t *s = *src + *col;
-    const int64_t rest = kc - *col, ahead = *col + 128; /* four units ahead, into the next row at its end */
-    _mm_prefetch((const char *)(ahead < kc ? s + 128 : *src + K + (ahead - kc)), _MM_HINT_T0);
+INLINE void gm_i8_unit(struct gm_cur *c) {
+    const int8_t *s = c->src + c->col;
+    const int64_t rest = c->kc - c->col, ahead = c->col + 128; /* four units ahead, into the next row at its end */
+    _mm_prefetch((const char *)(ahead < c->kc ? s + 128 : c->src + c->K + (ahead - c->kc)), _MM_HINT_T0);
     __m128i c0, c1;
     if (rest >= 32) {
         c0 = _mm_loadu_si128((const __m128i *)s);
@@ -1433,54 +1435,33 @@ INLINE void gm_i8_unit(const int8_t **src, uint16_t **dst, int64_t *col, int64_t
         c1 = _mm_maskz_loadu_epi8(tail16(rest > 16 ? rest - 16 : 0), s + 16);
     }
     const __m512 f0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(c0)), f1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(c1));
-    _mm512_store_si512(*dst + *col, (__m512i)_mm512_cvtne2ps_pbh(f1, f0));
-    if ((*col += 32) >= kc) *col = 0, *src += K, *dst += GM_WS;
+    _mm512_store_si512(c->dst + c->col, (__m512i)_mm512_cvtne2ps_pbh(f1, f0));
+    if ((c->col += 32) >= c->kc) c->col = 0, c->src += c->K, c->dst += GM_WS;
+    c->left--;
 }
+#define GM_I8_LEFT(c) ((c)->left)
 
 /* runs n units of the cursor (at most what is left) */
 INLINE void gm_i8_units(struct gm_cur *c, int64_t n) {
-    const int8_t *src = c->src;
-    uint16_t *dst = c->dst;
-    int64_t col = c->col;
-    if (n > c->left) n = c->left;
-    for (int64_t u = 0; u < n; u++) gm_i8_unit(&src, &dst, &col, c->K, c->kc);
-    c->src = src, c->dst = dst, c->col = col, c->left -= n;
+    for (int64_t u = 0; u < n && c->left; u++) gm_i8_unit(c);
 }
 
-/* The 14-row int8 microkernel of gm_ukr (NV vectors of x rows) that also runs `quota` units of the
- * cursor, one every np / quota pairs of k. */
-#define GM_UKR_SIDE(NAME, VP, NV)                                                                               \
+/* A GM_NR-row microkernel (GM_UKR's) that also runs `quota` units of a decode cursor (type CUR, units
+ * left LEFT(cur), one unit UNIT(cur)), one every np / quota pairs of k. */
+#define GM_UKR_SIDE(NAME, CUR, LEFT, UNIT, BI, BP, VP, NV)                                                      \
     static void NAME(const uint32_t *bc, const uint32_t *vec, int64_t np, float *ct, int64_t ldct, int first,    \
-                     struct gm_cur *cur, int64_t quota) {                                                        \
-        __m512 acc[GM_NR][NV];                                                                                  \
-        _Pragma("GCC unroll 16") for (int i = 0; i < GM_NR; i++) _Pragma("GCC unroll 2") for (int v = 0; v < NV; v++) \
-            acc[i][v] = first ? _mm512_setzero_ps() : _mm512_load_ps(ct + i * ldct + 16 * v);                   \
-        if (quota > cur->left) quota = cur->left;                                                               \
-        const int8_t *src = cur->src;                                                                           \
-        uint16_t *dst = cur->dst;                                                                               \
-        int64_t col = cur->col, done = 0;                                                                       \
-        const int64_t K = cur->K, kc = cur->kc, every = quota && np / quota > 0 ? np / quota : 1;               \
-        int64_t cd = every;                                                                                     \
-        for (int64_t p = 0; p < np; p++) {                                                                      \
-            if (--cd == 0) {                                                                                    \
-                cd = every;                                                                                     \
-                if (done < quota) gm_i8_unit(&src, &dst, &col, K, kc), done++;                                  \
-            }                                                                                                   \
-            __m512bh a[NV];                                                                                     \
-            _Pragma("GCC unroll 2") for (int v = 0; v < NV; v++)                                                \
-                a[v] = (__m512bh)_mm512_load_si512(vec + (VP) * p + 16 * v);                                    \
-            _Pragma("GCC unroll 16") for (int i = 0; i < GM_NR; i++) {                                          \
-                const __m512bh b = (__m512bh)_mm512_set1_epi32((int)bc[i * (GM_WS / 2) + p]);                  \
-                _Pragma("GCC unroll 2") for (int v = 0; v < NV; v++) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], b, a[v]); \
-            }                                                                                                   \
-        }                                                                                                       \
-        for (; done < quota; done++) gm_i8_unit(&src, &dst, &col, K, kc);                                       \
-        cur->src = src, cur->dst = dst, cur->col = col, cur->left -= done;                                      \
-        _Pragma("GCC unroll 16") for (int i = 0; i < GM_NR; i++) _Pragma("GCC unroll 2") for (int v = 0; v < NV; v++) \
-            _mm512_store_ps(ct + i * ldct + 16 * v, acc[i][v]);                                                 \
+                     CUR *cur, int64_t quota) {                                                                  \
+        if (quota > LEFT(cur)) quota = LEFT(cur);                                                               \
+        const int64_t every = quota && np / quota > 0 ? np / quota : 1;                                         \
+        int64_t cd = every, done = 0;                                                                           \
+        GM_UKR_BODY(GM_NR, BI, BP, VP, NV, if (--cd == 0) {                                                     \
+            cd = every;                                                                                         \
+            if (done < quota) { UNIT(cur); done++; }                                                            \
+        })                                                                                                      \
+        for (; done < quota; done++) UNIT(cur);                                                                 \
     }
-GM_UKR_SIDE(gm_ukr_side, 32, 2)
-GM_UKR_SIDE(gm_ukrh_side, 16, 1)
+GM_UKR_SIDE(gm_ukr_side, struct gm_cur, GM_I8_LEFT, gm_i8_unit, GM_WS / 2, 1, 32, 2)
+GM_UKR_SIDE(gm_ukrh_side, struct gm_cur, GM_I8_LEFT, gm_i8_unit, GM_WS / 2, 1, 16, 1)
 
 /* panels [b, b + n) of GM_NR weight rows; a block taken from *next: guided, shrinking to one panel at the end
  * so that on a shared machine a descheduled thread does not leave the other one waiting long */
@@ -1630,7 +1611,7 @@ INLINE void gm4_pair(const uint8_t *tile, int64_t k, const float *sc, const floa
  * group's scale / offset vectors; the next group's scales are prefetched when a group starts (they lie
  * a stride of N rows apart: otherwise a miss at every group). */
 struct gm4_cur {
-    float sc[64], zc[64]; /* first: 64-byte aligned in an aligned struct */
+    float sc[64], zc[64]; /* first: 64-byte aligned in an aligned struct (_Alignas(64)) */
     const uint8_t *tile;
     const uint16_t *scale, *zero;
     int64_t N, gs, sz_row, sz_grp, rt, k, kend, k0, gend;
@@ -1661,36 +1642,13 @@ INLINE void gm4_unit(struct gm4_cur *c) {
     c->k += 2;
 }
 
+#define GM4_LEFT(c) (((c)->kend - (c)->k) / 2) /* pairs left */
+
 INLINE void gm4_units(struct gm4_cur *c, int64_t n) {
-    for (int64_t u = 0; u < n && c->k < c->kend; u++) gm4_unit(c);
+    for (int64_t u = 0; u < n && GM4_LEFT(c); u++) gm4_unit(c);
 }
 
-/* gm4_ukr14 that also runs `quota` pairs of the cursor, one every np / quota pairs of its own */
-static void gm4_ukr_side(const uint32_t *bc, const uint32_t *vec, int64_t np, float *ct, int64_t ldct, int first,
-                         struct gm4_cur *cur, int64_t quota) {
-    __m512 acc[GM_NR][2];
-    _Pragma("GCC unroll 16") for (int i = 0; i < GM_NR; i++) _Pragma("GCC unroll 2") for (int v = 0; v < 2; v++)
-        acc[i][v] = first ? _mm512_setzero_ps() : _mm512_load_ps(ct + i * ldct + 16 * v);
-    const int64_t left = (cur->kend - cur->k) / 2;
-    if (quota > left) quota = left;
-    const int64_t every = quota && np / quota > 0 ? np / quota : 1;
-    int64_t cd = every, done = 0;
-    for (int64_t p = 0; p < np; p++) {
-        if (--cd == 0) {
-            cd = every;
-            if (done < quota) gm4_unit(cur), done++;
-        }
-        __m512bh a[2];
-        _Pragma("GCC unroll 2") for (int v = 0; v < 2; v++) a[v] = (__m512bh)_mm512_load_si512(vec + 64 * p + 16 * v);
-        _Pragma("GCC unroll 16") for (int i = 0; i < GM_NR; i++) {
-            const __m512bh b = (__m512bh)_mm512_set1_epi32((int)bc[i + p * GM_NR]);
-            _Pragma("GCC unroll 2") for (int v = 0; v < 2; v++) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], b, a[v]);
-        }
-    }
-    for (; done < quota; done++) gm4_unit(cur);
-    _Pragma("GCC unroll 16") for (int i = 0; i < GM_NR; i++) _Pragma("GCC unroll 2") for (int v = 0; v < 2; v++)
-        _mm512_store_ps(ct + i * ldct + 16 * v, acc[i][v]);
-}
+GM_UKR_SIDE(gm4_ukr_side, struct gm4_cur, GM4_LEFT, gm4_unit, 1, GM_NR, 64, 2) /* gm4_ukr14 with the cursor */
 
 /* returns 0, or -1 (out of memory: nothing written); K and gs even; x, y and lda as in
  * fxq512_int8_bf16_gemm.  Per thread a block of tiles (as in
@@ -1721,11 +1679,7 @@ int fxq512_int4t_bf16_gemm(const void *x, int64_t M, int64_t K, int64_t lda, con
         uint32_t *bp;
         float *ct;
         gm_scratch(2 * GM4_KC / 2 * 64 * 4, (size_t)(MB * GM_NR * 64 * 4), (void **)&bp, (void **)&ct, &failed);
-        struct gm4_cur *cur = aligned_alloc(64, (sizeof(struct gm4_cur) + 63) / 64 * 64);
-        if (!cur) {
-#pragma omp atomic write
-            failed = 1;
-        }
+        _Alignas(64) struct gm4_cur cur_, *const cur = &cur_;
 #pragma omp barrier
         if (!failed) {
             for (int i = 0; i < 16; i++) cur->ilv[2 * i] = (int16_t)i, cur->ilv[2 * i + 1] = (int16_t)(32 + i);
@@ -1780,7 +1734,6 @@ int fxq512_int4t_bf16_gemm(const void *x, int64_t M, int64_t K, int64_t lda, con
                 }
             }
         }
-        free(cur);
     }
     return failed ? -1 : 0;
 }
