@@ -384,18 +384,21 @@ def int8_decoder(qweight: torch.Tensor):
 #: Rows of x per call of the large-M GEMMs: x.T of that many rows (2 MB at K = 4096) stays in L2/L3
 #: while every weight panel passes over it; each further chunk decodes the weight again.
 GEMM_ROWS = 256
+#: The ``io`` flags of the large-M GEMMs (``GM_OUT_BF16`` / ``GM_X_FP32`` in native_avx512.c).
+_GEMM_OUT_BF16, _GEMM_X_FP32 = 1, 2
 
 
 def _gemm_rows(x2: torch.Tensor, n: int, run) -> torch.Tensor:
     """``[M, N]`` from ``run(x_ptr, rows, lda, y_ptr, io)`` over chunks of :data:`GEMM_ROWS` rows of
-    ``x2``: fp32 rows go in as they are and are rounded to bf16 while the kernel packs them (``io``
-    bit 2), other dtypes are cast to bf16 first; the result is fp32 when ``x2`` is fp32 (written by the
-    kernel: converting a bf16 result costs ~3 ms at 256x11008), else bf16 (``io`` bit 1)."""
+    ``x2``: fp32 rows go in as they are and are rounded to bf16 while the kernel packs them
+    (``_GEMM_X_FP32``), other dtypes are cast to bf16 first; the result is fp32 when ``x2`` is fp32
+    (written by the kernel: converting a bf16 result costs ~3 ms at 256x11008), else bf16
+    (``_GEMM_OUT_BF16``)."""
     fp32 = x2.dtype == torch.float32
     x = x2 if fp32 else x2.to(torch.bfloat16)
     if x.stride(-1) != 1 or (not fp32 and x.stride(0) % 2):
         x = x.contiguous()
-    io = 2 if fp32 else 1
+    io = _GEMM_X_FP32 if fp32 else _GEMM_OUT_BF16
     y = torch.empty(x.shape[0], n, dtype=torch.float32 if fp32 else torch.bfloat16)
     for r0 in range(0, x.shape[0], GEMM_ROWS):
         r1 = min(x.shape[0], r0 + GEMM_ROWS)
