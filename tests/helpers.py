@@ -36,6 +36,16 @@ def err_vs_magnitude(y: torch.Tensor, r: torch.Tensor, x: torch.Tensor, w: torch
     return ((y.float() - r.float()).norm() / size.norm().clamp(min=1e-12)).item()
 
 
+def intx_code_part(tensors: dict, attrs: dict) -> torch.Tensor:
+    """The code part ``(q - mid) * scale`` of an intx weight (its offset left out), fp32 ``[N, K]``:
+    what the axis-0 kernel's bf16 form meets with its rounding of ``A = scale * x``, even where the
+    group's offset cancels it in W, so error bounds for that form are relative to it too."""
+    from fxquant.ops import intx
+
+    no_offset = {**tensors, "offset": torch.zeros_like(tensors["offset"])}
+    return intx.OP.dequantized(no_offset, {**attrs, "compute_dtype": None})
+
+
 def triton_kernel(name: str):
     """For a kernel test module: ``fxquant.kernels.<name>``, the device its kernels run on ("cpu"
     under the interpreter that tests/kernels/conftest.py turns on without a GPU, else "cuda") and

@@ -10,7 +10,7 @@ from fxquant.formats import int4, intx as fmt
 from fxquant.ops import _cpu
 from fxquant.ops import intx as op
 from fxquant.schemes import Int4WeightOnly, Int8WeightOnly, IntX, parse_scheme, scheme_from_json, scheme_to_json
-from helpers import FAST_PATH_TOL, rel
+from helpers import FAST_PATH_TOL, intx_code_part, rel
 
 DTYPES = [torch.float32, torch.bfloat16]
 NATIVE = int4.native_cpu_block_n()
@@ -38,9 +38,7 @@ def assert_close_to_reference(y: torch.Tensor, r: torch.Tensor, x: torch.Tensor,
     kw = {k: v for k, v in attrs.items() if k != "compute_dtype"}
     w = op.dequantize_weight(*args, **kw).abs()
     if kw["axis"] == 0 and not kw["symmetric"]:
-        names = list(op.OP.tensors)
-        no_offset = [torch.zeros_like(a) if n == "offset" else a for n, a in zip(names, args)]
-        w = w + op.dequantize_weight(*no_offset, **kw).abs()
+        w = w + intx_code_part(dict(zip(op.OP.tensors, args)), kw).abs()
     x2, y2, r2 = x.float().reshape(-1, x.shape[-1]), y.float().reshape(-1, w.shape[0]), r.float().reshape(-1, w.shape[0])
     bound = 2**-6 * (x2.abs() @ w.t()) + 2**-7 * r2.abs() + 1e-5
     excess = ((y2 - r2).abs() - bound).max().item()

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import assert_linear_close
+from helpers import assert_linear_close, intx_code_part
 from fxquant.formats import int4
 from fxquant.kernels import native_cpu
 from fxquant.ops import bnb4, fpx, int4wo, int8wo, intx, onebit
@@ -510,9 +510,7 @@ def test_intx_axis0_kernel_matches_reference(scheme, data):
     if takes_bf16_dot(qw):
         # what is rounded is A = scale * x, so the bound is relative to the code part (q - mid) * scale
         # of the weight too, not only to W (where an offset cancels it)
-        code_part = intx.OP.dequantized({**qw.tensors, "offset": torch.zeros_like(qw.tensors["offset"])},
-                                        {**qw.attrs, "compute_dtype": None})
-        w = w.abs() + code_part.abs()
+        w = w.abs() + intx_code_part(qw.tensors, qw.attrs).abs()
     assert_linear_close(y, r, x, w, FP32_TOL if dtype == torch.float32 and not takes_bf16_dot(qw) else BF16_TOL)
 
 
