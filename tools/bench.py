@@ -11,11 +11,16 @@ peers are new entries in a module of ``tools/bench_cases`` (one per format famil
 changes.  A case that cannot run here (peer not
 installed, no CPU kernel) raises, and its row shows ``n/a (reason)``.
 
-Timing: all cases of one (shape, M) are measured in the same run, interleaved round-robin so a
-noisy period hits every case alike; each sample is one call timed with ``perf_counter``, preceded
-by an untimed call of the same case ("hot": its weight is as cached as it can be) unless
-``--cold``.  Ratios are ``baseline median / case median`` (> 1 means the case is faster;
-``--ratio-stat min`` uses minimums, which resist preemption by other processes).
+Timing: all cases of one (shape, M) are measured in the same run, interleaved (a new random
+order each round, seeded) so a noisy period hits every case alike and no case always follows the
+same one; each sample is one call timed with ``perf_counter``, preceded by two untimed calls of the
+same case ("hot": its weight as cached as it gets), or with ``--cold`` by a read of 128 MB (the
+weight comes from memory, as in a model whose weights exceed the last-level cache).  Measured on
+a Zen 5 EPYC (32 MB L3): after another case's weight, one warm call leaves an 8-16 MB weight only
+partly in L3 (the same int4wo M=1 call 244 us after a switch, 202 us two calls later), so with a
+fixed order each case's time depended on which case came before it.  Ratios are ``baseline median
+/ case median`` (> 1 means the case is faster; ``--ratio-stat min`` uses minimums, which resist
+preemption by other processes).
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ import gc
 import importlib.metadata
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -140,7 +146,7 @@ def _prepare_all(cases: list[Case], w: torch.Tensor) -> dict[str, Any]:
 
 def _measure(cases: list[Case], states: dict[str, Any], w: torch.Tensor, m: int,
              args: argparse.Namespace) -> list[Row]:
-    """Time every case at one (shape, M), round-robin; returns rows in ``cases`` order."""
+    """Time every case at one (shape, M), interleaved; returns rows in ``cases`` order."""
     (n, k), x = w.shape, torch.randn(m, w.shape[1], generator=torch.Generator().manual_seed(m))
     y_ref = F.linear(x, w)
     rows, calls, reps, hot = [], {}, {}, {}
@@ -165,18 +171,22 @@ def _measure(cases: list[Case], states: dict[str, Any], w: torch.Tensor, m: int,
         calls[id(row)], hot[id(row)] = fn, est < HOT_WARM_LIMIT_S
         reps[id(row)] = max(args.min_reps, min(args.reps, int(args.budget / est)))
     live = [r for r in rows if id(r) in calls]
-    flush = torch.empty(FLUSH_BYTES // 4) if args.cold else None
+    # --cold: a read of 128 MB (clean lines: a write flush would add its dirty lines' write-back to the
+    # next call's traffic, which bandwidth-bound kernels feel most: int4wo M=1 4096x4096 ~1.6x slower)
+    flush = torch.ones(FLUSH_BYTES // 8, dtype=torch.int64) if args.cold else None
+    order = random.Random(m)
     gc.collect()
     gc.disable()
     try:
         for rnd in range(max(reps.values(), default=0)):
             todo = [r for r in live if reps[id(r)] > rnd]
-            shift = rnd % len(todo)
-            for r in todo[shift:] + todo[:shift]:
+            order.shuffle(todo)  # a new order each round: no case always follows the same one
+            for r in todo:
                 fn = calls[id(r)]
                 if flush is not None:
-                    flush.add_(1.0)
+                    flush.sum()
                 elif hot[id(r)]:
+                    fn()
                     fn()
                 r.times.append(_timed(fn))
     finally:
@@ -288,7 +298,7 @@ def _header(args: argparse.Namespace, load_before: float) -> list[str]:
         f"(small M: int8wo ≤ {int8wo.native_max_rows()}, int4wo ≤ {int4wo.NATIVE_MAX_ROWS} rows"
         f"{f', ≤ {int4wo.NATIVE_MAX_ROWS_BF16DOT} with bf16 activations' if native_cpu.has_bf16_dot() else ''}, "
         "per-op limits in fxquant/ops/*.py)",
-        f"timing: {'cold (cache flushed)' if args.cold else 'hot (same weight, untimed call first)'}, "
+        f"timing: {'cold (128 MB read before each call)' if args.cold else 'hot (two untimed calls of the same case first)'}, "
         f"interleaved, ≤{args.reps} reps / ≤{args.budget:g} s per case; "
         f"ratio = baseline {args.ratio_stat} / case {args.ratio_stat}",
     ]

@@ -896,7 +896,9 @@ void fxq512_onebit_gemv(const float *xb, int64_t M, int64_t CB, const uint8_t *b
  * P1 rows 16..31 / 48..63.  The tile 16 KB ahead is prefetched into L2 (int4wo-128 M=1 fp32 x through
  * the op, interleaved medians: 4096x4096 414 -> 386 us, 11008x4096 1518 -> 1213; 4 / 32 KB alike).
  */
+#ifndef I4B_PF_AHEAD
 #define I4B_PF_AHEAD 16384
+#endif
 INLINE void i4b_tile(const uint8_t *tile, int64_t K, int64_t gs, const uint16_t *x, const float *xs,
                      const uint16_t *scale, const uint16_t *zero, int64_t sz_row, int64_t sz_grp, float mid,
                      int64_t r0, int64_t N, const int mb, float *y, int64_t ldy) {
@@ -914,6 +916,14 @@ INLINE void i4b_tile(const uint8_t *tile, int64_t K, int64_t gs, const uint16_t 
             for (int h = 0; h < 2; h++)
                 for (int c = 0; c < 4; c++) a[i][h][c] = _mm512_setzero_ps();
         const uint8_t *wj = tile + j * gs * 32;
+        if (j + 1 < G) { /* the next group's 64 scales (and zeros): a stride of N rows away, not prefetched by the HW */
+            const char *sp = (const char *)(scale + (j + 1) * sz_grp + r0 * sz_row);
+            for (int b = 0; b < 128 * (int)sz_row; b += 64) _mm_prefetch(sp + b, _MM_HINT_T0);
+            if (zero && zero != scale + 1) {
+                const char *zp = (const char *)(zero + (j + 1) * sz_grp + r0 * sz_row);
+                for (int b = 0; b < 128 * (int)sz_row; b += 64) _mm_prefetch(zp + b, _MM_HINT_T0);
+            }
+        }
         for (int64_t p = 0; p < gs / 2; p++) {
             _mm_prefetch((const char *)(wj + p * 64 + I4B_PF_AHEAD), _MM_HINT_T1);
             __m512i w[4];
