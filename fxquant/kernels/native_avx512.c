@@ -1335,7 +1335,9 @@ void fxq512_fpx3_bf16_gemv(const uint16_t *x, int64_t M, int64_t Kp, const uint8
  * output by 16 x 16 register transposes instead of gathers, 4096x4096 24.2 / 24.6 (min 21.4 / 20.7).
  */
 #define GM_NR 14
+#ifndef GM_BLK
 #define GM_BLK 8 /* most panels (tiles) a thread takes at once */
+#endif
 #ifndef GM_KC
 #define GM_KC 1024
 #endif
