@@ -1645,9 +1645,12 @@ int fxq512_int8_bf16_gemm(const void *x, int64_t M, int64_t K, int64_t lda, cons
  * group's scale and offset vectors of the 64 rows, the offset for codes read as 16 + q: z - (mid + 16) s.
  * One 64-byte load holds both k's codes; i4pair_words makes each nibble the bf16 bits of 16 + q (exact)
  * in lane pairs (k, k + 1) of rows {0, 32, 16, 48}[c] + lane; as fp32 (the dword's halves moved up) they
- * take one FMA each, and are rounded to bf16 and paired again by one vcvtne2ps2bf16 and one vpermw.  The
- * zero-extend / mask / int-to-float decode of 16 codes at a time it replaces was 15% of the GEMM on a
- * Zen 5 (4096x4096, M=256, timed with the decode left out). */
+ * take one FMA each, and are rounded to bf16 and paired again by one vcvtne2ps2bf16 and one vpermw
+ * (fewer instructions than the zero-extend / int-to-float decode of 16 codes it replaced, but measured
+ * no faster on its own: Zen 5, 4096x4096 M=256, 10.72 / 10.70 ms).  Its constants are passed in memory
+ * (struct gm4_k in the cursor; the loop's stores keep GCC from hoisting their loads): held in registers
+ * across the microkernel loop, a constant took one of the 28 accumulators' registers, spilled and
+ * reloaded every pair (11.28 -> 9.90 ms without; `gcc -S`: no zmm stack access in the loop). */
 struct gm4_k { __m512i idx0, idx1, ilv, m78, c41, hi16; };
 INLINE void gm4_pair(const uint8_t *tile, int64_t k, const float *sc, const float *zc, const struct gm4_k *q, uint32_t *o) {
     __m512i w[4];
