@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from fxquant.formats import onebit as fmt
@@ -72,6 +72,7 @@ def test_bit_planes(n, c, seed):
 
 # ---- SVID ---------------------------------------------------------------------------------------------
 @given(n=st.integers(1, 60), k=st.integers(1, 60), seed=st.integers(0, 2**16))
+@example(n=55, k=22, seed=65535)  # error 0.00805: above the 2^-7 this test once assumed, within 3 * 2^-8
 def test_svid_exact_for_rank1_magnitudes(n, k, seed):
     g = _gen(seed)
     p, q = torch.rand(n, generator=g) + 0.05, torch.rand(k, generator=g) * 10 + 0.01
@@ -80,11 +81,14 @@ def test_svid_exact_for_rank1_magnitudes(n, k, seed):
     a, b = fmt.svid(w)
     assert (a >= 0).all() and (b >= 0).all()
     torch.testing.assert_close(a[:, None] * b[None, :], p[:, None] * q[None, :], rtol=2e-5, atol=0)
-    # stored: sign bits exact, a and b within bf16 rounding (2^-9 each, plus a's refit to b)
+    # stored: sign bits exact; |a_i b_j| within 3 u of |w_ij| (u = 2^-8, bf16's unit roundoff: 8
+    # significant bits).  b_j = q_j (1 + d_j) / c with |d_j| <= u; a refit to the rounded b is the
+    # least-squares p_i c (1 - dbar) for a weighted mean dbar of the d's (|dbar| <= u), so
+    # a_i b_j = p_i q_j (1 + d_j)(1 - dbar) (1 + e_i) with a's own rounding |e_i| <= u: <= 3 u, first order
     st_ = fmt.quantize(w)
     approx = fmt.dequantize(**st_)
     assert torch.equal(approx.sign(), w.sign())
-    assert ((approx - w).abs() <= 2**-7 * w.abs()).all()
+    assert ((approx - w).abs() <= 3.01 * 2**-8 * w.abs()).all()
 
 
 @given(n=st.integers(1, 50), k=st.integers(1, 50), seed=st.integers(0, 2**16))
