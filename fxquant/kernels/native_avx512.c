@@ -68,6 +68,10 @@ INLINE __mmask16 tail16(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mma
 INLINE __m512 i8x16(const int8_t *p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
 }
+/* the first n <= 16 of them (the rest 0) */
+INLINE __m512 i8x16_tail(const int8_t *p, int64_t n) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(tail16(n), p)));
+}
 
 INLINE void i8_tile(const float *x, int64_t K, const int8_t *const w[4], const int mb, float out[4][MT]) {
     const int ch = mb <= 2 ? 2 : 1;
@@ -91,7 +95,7 @@ INLINE void i8_tile(const float *x, int64_t K, const int8_t *const w[4], const i
         const __mmask16 mk = tail16(K - k);
         __m512 wv[4];
         for (int r = 0; r < 4; r++)
-            wv[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, w[r] + k)));
+            wv[r] = i8x16_tail(w[r] + k, K - k);
         for (int i = 0; i < mb; i++) {
             const __m512 xv = _mm512_maskz_loadu_ps(mk, x + i * K + k);
             for (int r = 0; r < 4; r++) acc[r][i][0] = _mm512_fmadd_ps(wv[r], xv, acc[r][i][0]);
@@ -118,8 +122,7 @@ INLINE float i8_row(const float *x, int64_t K, const int8_t *w) {
     }
     for (; k < K; k += 16) {
         const __mmask16 mk = tail16(K - k);
-        a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, w + k))),
-                             _mm512_maskz_loadu_ps(mk, x + k), a0);
+        a0 = _mm512_fmadd_ps(i8x16_tail(w + k, K - k), _mm512_maskz_loadu_ps(mk, x + k), a0);
     }
     return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
 }
@@ -198,6 +201,18 @@ INLINE __m128i np16(const struct np_src *s, int64_t off) {
         v = _mm_or_si128(v, _mm_sll_epi16(_mm_and_si128(_mm_srl_epi16(_mm_loadu_si128((const __m128i *)(s->q1 + off)),
                                                                        s->c1), s->mk1), s->sh1));
     return v;
+}
+
+/* prefetches the scales (and separate zeros) of 64 rows from row r of group j: they lie a stride of N
+ * rows from the previous group's, beyond the hardware prefetchers (a miss at every group otherwise) */
+INLINE void sz64_prefetch(const uint16_t *scale, const uint16_t *zero, int64_t sz_row, int64_t sz_grp, int64_t j,
+                          int64_t r) {
+    const char *sp = (const char *)(scale + j * sz_grp + r * sz_row);
+    const char *zp = zero && zero != scale + 1 ? (const char *)(zero + j * sz_grp + r * sz_row) : NULL;
+    for (int64_t b = 0; b < 128 * sz_row; b += 64) {
+        _mm_prefetch(sp + b, _MM_HINT_T0);
+        if (zp) _mm_prefetch(zp + b, _MM_HINT_T0);
+    }
 }
 
 /* 16 rows' scale and (zero - mid*scale) of group j from row r; rows >= N get 0 */
@@ -952,14 +967,7 @@ INLINE void i4b_tile(const uint8_t *tile, int64_t K, int64_t gs, const uint16_t 
             for (int h = 0; h < 2; h++)
                 for (int c = 0; c < 4; c++) a[i][h][c] = _mm512_setzero_ps();
         const uint8_t *wj = tile + j * gs * 32;
-        if (j + 1 < G) { /* the next group's 64 scales (and zeros): a stride of N rows away, not prefetched by the HW */
-            const char *sp = (const char *)(scale + (j + 1) * sz_grp + r0 * sz_row);
-            for (int b = 0; b < 128 * (int)sz_row; b += 64) _mm_prefetch(sp + b, _MM_HINT_T0);
-            if (zero && zero != scale + 1) {
-                const char *zp = (const char *)(zero + (j + 1) * sz_grp + r0 * sz_row);
-                for (int b = 0; b < 128 * (int)sz_row; b += 64) _mm_prefetch(zp + b, _MM_HINT_T0);
-            }
-        }
+        if (j + 1 < G) sz64_prefetch(scale, zero, sz_row, sz_grp, j + 1, r0); /* next group's */
         for (int64_t p = 0; p < gs / 2; p++) {
             _mm_prefetch((const char *)(wj + p * 64 + I4B_PF_AHEAD), _MM_HINT_T1);
             __m512i w[4];
@@ -1688,11 +1696,7 @@ INLINE void gm4_unit(struct gm4_cur *c) {
             _mm512_store_ps(c->sc + 16 * q, sv);
             _mm512_store_ps(c->zc + 16 * q, zv);
         }
-        for (int64_t b = 0; b < 64 * c->sz_row * 2; b += 64) {
-            _mm_prefetch((const char *)(c->scale + (j + 1) * c->sz_grp + c->rt * c->sz_row) + b, _MM_HINT_T0);
-            if (c->zero && c->zero != c->scale + 1)
-                _mm_prefetch((const char *)(c->zero + (j + 1) * c->sz_grp + c->rt * c->sz_row) + b, _MM_HINT_T0);
-        }
+        sz64_prefetch(c->scale, c->zero, c->sz_row, c->sz_grp, j + 1, c->rt);
         c->gend = (j + 1) * c->gs;
     }
     _mm_prefetch((const char *)(c->tile + (c->k + 32) * 32), _MM_HINT_T0);
