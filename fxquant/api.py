@@ -1,25 +1,53 @@
-"""``fxquant.compile``: trace, run the pass pipeline, attach the report."""
+"""``fxquant.compile`` and ``fxquant.quantize_``: trace, plan with the passes, emit.
+
+Both run the same front end and the same passes (:data:`fxquant.passes.PLAN` then
+:data:`~fxquant.passes.QUANTIZE`); they differ only in where the plan is applied: ``compile``
+rewrites the traced graph (:data:`~fxquant.passes.GRAPH_EMIT`), ``quantize_`` lowers each quantized
+site into the user's module tree (:mod:`fxquant.inplace`) as soon as it is packed.
+"""
 from __future__ import annotations
 
 import collections
+import gc
 import logging
 from typing import Any, Mapping
 
 import torch
 import torch.fx
 
+from . import inplace
 from . import ops  # noqa: F401  (registers torch.ops.fxquant.*)
-from .frontend import trace
-from .passes import PIPELINE, PassContext, run_passes
-from .report import REPORT_KEY, Report, Row, tensor_bytes
+from .frontend import TraceResult, trace
+from .passes import PIPELINE, PLAN, QUANTIZE, PassContext, run_passes
+from .passes.cleanup import note_kept_float_weights
+from .report import INPLACE_REPORT_ATTR, REPORT_KEY, build_report, tensor_bytes
 from .schemes import Scheme
 from .spec import Spec
 
 log = logging.getLogger(__name__)
 
+SpecLike = "Spec | str | Scheme | Mapping | None"
 
-def compile(model: torch.nn.Module, spec: "Spec | str | Scheme | Mapping | None",
-            example_inputs: Any = (), example_kwargs: Mapping[str, Any] | None = None, *,
+
+def _trace(model: torch.nn.Module, example_inputs: Any, example_kwargs: Mapping[str, Any] | None,
+           frontend: str, dynamic: bool) -> TraceResult:
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return trace(model, example_inputs, dict(example_kwargs or {}), frontend=frontend, dynamic=dynamic)
+    finally:
+        model.train(was_training)
+
+
+def _op_counts(gm: torch.fx.GraphModule) -> collections.Counter:
+    return collections.Counter(str(n.target) for n in gm.graph.nodes if n.op in ("call_function", "call_module"))
+
+
+def compile(model: torch.nn.Module, spec: SpecLike, example_inputs: Any = (),
+            example_kwargs: Mapping[str, Any] | None = None, *,
             frontend: str = "auto", dynamic: bool = True, passes=PIPELINE) -> torch.fx.GraphModule:
     """Quantize ``model``'s linear layers as ``spec`` says; return a runnable GraphModule.
 
@@ -30,27 +58,59 @@ def compile(model: torch.nn.Module, spec: "Spec | str | Scheme | Mapping | None"
     The user's model is not modified; ``fxquant.report(result)`` gives the per-layer report.
     """
     spec = Spec.coerce(spec)
+    if isinstance(model, torch.nn.Module):
+        inplace.check_not_quantized(model)
+    traced = _trace(model, example_inputs, example_kwargs, frontend, dynamic)
+    ctx = PassContext(spec=spec, model=model)
+    counts_before = _op_counts(traced.gm)
+    gm = run_passes(traced.gm, ctx, passes)
+    gm.meta[REPORT_KEY] = build_report(
+        ctx.sites, frontend=traced.frontend, export_error=traced.export_error, dynamic_dims=traced.dynamic_dims,
+        notes=ctx.notes, model_bytes_before=tensor_bytes(model), model_bytes_after=tensor_bytes(gm),
+        op_counts_before=counts_before)
+    return gm
+
+
+def quantize_(model: torch.nn.Module, spec: SpecLike, example_inputs: Any = (),
+              example_kwargs: Mapping[str, Any] | None = None, *, frontend: str = "auto",
+              dynamic: bool = True) -> torch.nn.Module:
+    """Quantize ``model`` in place, as :func:`compile` would, and return the same object.
+
+    Same front end, same passes, same decisions and report as ``compile(model, spec, ...)``; the plan
+    is lowered into the module tree instead of a graph, so the model keeps its own ``forward`` (and,
+    for a Hugging Face model, ``generate`` with any KV cache): a plain ``nn.Linear`` site becomes a
+    :class:`fxquant.inplace.QuantizedLinear`, any other site (``F.linear`` / ``x @ W.t()`` / ``addmm`` /
+    ``matmul`` on a parameter) has its parameter replaced by a :class:`fxquant.inplace.PackedWeight`
+    that routes those calls to the op.  Layers are quantized and swapped one at a time and each float
+    weight is released right after, so peak memory stays near the float model's size; a float weight
+    still used elsewhere (a tied embedding) is kept, once.
+
+    Errors (``ValueError`` for a bad spec / scheme / pattern / frontend, ``TypeError`` for a
+    non-module, ``ValueError`` for a model fxquant already quantized) are raised before the model is
+    touched.  ``fxquant.report(model)`` gives the per-layer report.
+    """
+    spec = Spec.coerce(spec)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            traced = trace(model, example_inputs, dict(example_kwargs or {}), frontend=frontend, dynamic=dynamic)
-    finally:
-        model.train(was_training)
+    inplace.check_not_quantized(model)
+    traced = _trace(model, example_inputs, inplace.planning_kwargs(model, example_kwargs), frontend, dynamic)
     ctx = PassContext(spec=spec, model=model)
-    counts_before = collections.Counter(str(n.target) for n in traced.gm.graph.nodes
-                                        if n.op in ("call_function", "call_module"))
-    gm = run_passes(traced.gm, ctx, passes)
-    rows = [Row(fqn=s.name, status=s.status, scheme=str(s.scheme) if s.scheme else None, reason=s.reason,
-                bytes_before=s.bytes_before,
-                bytes_after=s.bytes_after if s.status == "quantized" else s.bytes_before,  # float stays
-                rel_error=s.rel_error, rule=s.rule, kind=s.kind, shape=s.out_shape) for s in ctx.sites]
-    if not rows:
-        ctx.notes.append("no linear layer found in the traced graph")
-    gm.meta[REPORT_KEY] = Report(rows=rows, frontend=traced.frontend, export_error=traced.export_error,
-                                 notes=ctx.notes, dynamic_dims=traced.dynamic_dims,
-                                 model_bytes_before=tensor_bytes(model), model_bytes_after=tensor_bytes(gm),
-                                 op_counts_before=dict(counts_before))
-    return gm
+    counts_before = _op_counts(traced.gm)
+    bytes_before = tensor_bytes(model)
+    run_passes(traced.gm, ctx, PLAN)
+    info = dict(frontend=traced.frontend, export_error=traced.export_error, dynamic_dims=traced.dynamic_dims)
+    extra_uses = inplace.weights_used_outside_sites(traced.gm, ctx.sites)
+    for site in ctx.sites:  # the plan outlives the graph: release the trace (it references every weight)
+        site.graph = None
+    del traced
+    gc.collect()
+    lowering = inplace.Lowering(model, extra_uses, ctx.sites)
+    ctx.read_weight = lowering.read_weight
+    ctx.on_quantized = lowering.apply
+    run_passes(None, ctx, QUANTIZE)
+    lowering.finish(ctx.sites)
+    note_kept_float_weights(ctx.sites, model)
+    rep = build_report(ctx.sites, **info, notes=ctx.notes, model_bytes_before=bytes_before,
+                       model_bytes_after=tensor_bytes(model), op_counts_before=counts_before)
+    setattr(model, INPLACE_REPORT_ATTR, rep)
+    return model

@@ -91,23 +91,54 @@ def _mb(n: int) -> str:
     return f"{n / 2**20:.3f}" if n < 2**20 else f"{n / 2**20:.2f}"
 
 
+def _storages(t: torch.Tensor):
+    """The plain tensors behind ``t``: itself, or a tensor subclass's inner tensors (packed weights)."""
+    if type(t) in (torch.Tensor, torch.nn.Parameter) or not hasattr(t, "__tensor_flatten__"):
+        yield t
+        return
+    names, _ = t.__tensor_flatten__()
+    for name in names:
+        yield from _storages(getattr(t, name))
+
+
 def tensor_bytes(module: torch.nn.Module) -> int:
     """Bytes of every distinct tensor storage a module holds (tied tensors counted once)."""
     seen, total = set(), 0
-    for t in list(module.parameters()) + list(module.buffers()):
-        key = (t.untyped_storage().data_ptr(), t.device)
-        if key not in seen:
-            seen.add(key)
-            total += t.untyped_storage().nbytes()
+    for outer in list(module.parameters()) + list(module.buffers()):
+        for t in _storages(outer):
+            key = (t.untyped_storage().data_ptr(), t.device)
+            if key not in seen:
+                seen.add(key)
+                total += t.untyped_storage().nbytes()
     return total
 
 
 REPORT_KEY = "fxquant_report"
+#: attribute of a module ``fxquant.quantize_`` converted in place that holds its report
+INPLACE_REPORT_ATTR = "_fxquant_report"
+
+
+def build_report(sites, *, frontend: str, export_error: str | None, dynamic_dims: dict, notes: list[str],
+                 model_bytes_before: int, model_bytes_after: int, op_counts_before: dict) -> Report:
+    """The report of a plan (the passes' sites), the same for both emits."""
+    rows = [Row(fqn=s.name, status=s.status, scheme=str(s.scheme) if s.scheme else None, reason=s.reason,
+                bytes_before=s.bytes_before,
+                bytes_after=s.bytes_after if s.status == "quantized" else s.bytes_before,  # float stays
+                rel_error=s.rel_error, rule=s.rule, kind=s.kind, shape=s.out_shape) for s in sites]
+    notes = list(notes)
+    if not rows:
+        notes.append("no linear layer found in the traced graph")
+    return Report(rows=rows, frontend=frontend, export_error=export_error, notes=notes, dynamic_dims=dynamic_dims,
+                  model_bytes_before=model_bytes_before, model_bytes_after=model_bytes_after,
+                  op_counts_before=dict(op_counts_before))
 
 
 def report(qm: torch.nn.Module) -> Report:
-    """The :class:`Report` ``fxquant.compile`` attached to ``qm``."""
-    rep = getattr(qm, "meta", {}).get(REPORT_KEY)
+    """The :class:`Report` of a module ``fxquant.compile`` returned or ``fxquant.quantize_`` converted."""
+    rep = getattr(qm, "meta", {}).get(REPORT_KEY) if isinstance(getattr(qm, "meta", None), dict) else None
     if rep is None:
-        raise ValueError("this module has no fxquant report: pass the module fxquant.compile returned")
+        rep = getattr(qm, INPLACE_REPORT_ATTR, None) if isinstance(qm, torch.nn.Module) else None
+    if rep is None:
+        raise ValueError("this module has no fxquant report: pass the module fxquant.compile returned "
+                         "or the model fxquant.quantize_ converted")
     return rep

@@ -12,3 +12,18 @@ from . import onebit  # noqa: F401
 from . import bnb4  # noqa: F401
 
 __all__ = ["int4wo", "int8wo"]
+
+
+def op_def(name: str):
+    """The :class:`~fxquant.ops._linear.LinearOpDef` of ``torch.ops.fxquant.<name>`` (its reference,
+    dequantization and argument names), e.g. ``op_def("linear_int8wo")``."""
+    import sys
+
+    from ._linear import LinearOpDef
+
+    for mod in list(sys.modules.values()):
+        if getattr(mod, "__name__", "").startswith(__name__ + "."):
+            for value in vars(mod).values():
+                if isinstance(value, LinearOpDef) and value.name == name:
+                    return value
+    raise KeyError(f"no fxquant op named {name!r}")

@@ -4,6 +4,11 @@
 Passes share state only through :class:`PassContext` (the list of linear :class:`Site` records)
 and ``node.meta["fxquant"]``; the graph is linted after every pass.  A failing pass is re-raised
 as :class:`PassError` naming it and the passes that ran before it.
+
+The pipeline has three stages.  :data:`PLAN` decides (one :class:`Site` per linear: scheme, rule,
+reason), :data:`QUANTIZE` packs the chosen weights, and the emit stage applies the plan:
+``fxquant.compile`` runs :data:`GRAPH_EMIT` (rewrite the traced graph), ``fxquant.quantize_`` lowers
+the same sites into the user's module tree instead (:mod:`fxquant.inplace`).
 """
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from typing import Callable
 
 import torch.fx
 
-from ._base import PassContext, PassError, PassResult, Site
+from ._base import GraphRef, PassContext, PassError, PassResult, Site
 from .cleanup import remove_dead_weights
 from .match import match_linears
 from .quantize import quantize_weights
@@ -20,29 +25,41 @@ from .rewrite import rewrite_linears
 
 Pass = Callable[[torch.fx.GraphModule, PassContext], PassResult]
 
+#: decide what every linear site gets (graph unchanged)
+PLAN: tuple[Pass, ...] = (match_linears, resolve_spec)
+#: pack the chosen weights (graph unchanged; weights read through ``ctx.read_weight``)
+QUANTIZE: tuple[Pass, ...] = (quantize_weights,)
+#: ``compile``'s emit: op calls in the graph, float weights dropped
+GRAPH_EMIT: tuple[Pass, ...] = (rewrite_linears, remove_dead_weights)
 #: the pipeline, in order
-PIPELINE: tuple[Pass, ...] = (match_linears, resolve_spec, quantize_weights, rewrite_linears, remove_dead_weights)
+PIPELINE: tuple[Pass, ...] = PLAN + QUANTIZE + GRAPH_EMIT
 
 
-def run_passes(gm: torch.fx.GraphModule, ctx: PassContext, passes: tuple[Pass, ...] = PIPELINE) -> torch.fx.GraphModule:
-    """Run ``passes`` in order, linting the graph after each; wrap failures in :class:`PassError`."""
+def run_passes(gm: torch.fx.GraphModule | None, ctx: PassContext,
+               passes: tuple[Pass, ...] = PIPELINE) -> torch.fx.GraphModule | None:
+    """Run ``passes`` in order, linting the graph after each; wrap failures in :class:`PassError`.
+
+    ``gm`` is ``None`` for passes that work on the plan alone (the quantize pass of ``quantize_``,
+    which runs after the traced graph is released)."""
     done: list[str] = []
     for p in passes:
         try:
             result = p(gm, ctx)
             gm = result.gm
-            gm.graph.lint()
+            if gm is not None:
+                gm.graph.lint()
         except PassError:
             raise
         except Exception as e:
             before = ", ".join(done) or "none"
             raise PassError(f"fxquant pass {p.__name__!r} failed (passes run before it: {before}): "
                             f"{type(e).__name__}: {e}") from e
-        if result.modified:
+        if result.modified and gm is not None:
             gm.recompile()
         done.append(p.__name__)
     return gm
 
 
-__all__ = ["PIPELINE", "PassContext", "PassError", "PassResult", "Site", "run_passes",
-           "match_linears", "resolve_spec", "quantize_weights", "rewrite_linears", "remove_dead_weights"]
+__all__ = ["PIPELINE", "PLAN", "QUANTIZE", "GRAPH_EMIT", "PassContext", "PassError", "PassResult", "Site",
+           "GraphRef", "run_passes", "match_linears", "resolve_spec", "quantize_weights", "rewrite_linears",
+           "remove_dead_weights"]

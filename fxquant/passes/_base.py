@@ -1,8 +1,14 @@
-"""Types shared by the passes: the context, the result, and the per-site record."""
+"""Types shared by the passes: the context, the result, and the per-site record.
+
+A :class:`Site` is one decision of the *plan*: which linear, which scheme and why, and (after the
+quantize pass) the packed weight.  It holds no reference into the traced graph except its
+:class:`GraphRef`, which the graph emit (``compile``'s rewrite pass) uses and the in-place emit
+(``quantize_``) drops before any weight is quantized, so the plan outlives the graph.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx
@@ -16,20 +22,28 @@ class PassError(RuntimeError):
 
 
 @dataclass
+class GraphRef:
+    """Where a site is in the traced graph: the node and where its ``x`` / bias arguments are."""
+
+    node: torch.fx.Node
+    x_arg: int = 0  # index of x in node.args (read at rewrite time: earlier rewrites replace nodes)
+    bias: Any = None  # arg index / kwarg name of the bias on node, dotted attr path (call_module), or None
+
+
+@dataclass
 class Site:
     """One linear site: ``y = x @ W.T + b`` with ``W = param`` or ``param.T`` (``transposed``).
 
-    Filled in by the passes in order: match (name ... bias), resolve (scheme, rule),
-    quantize (qweight, status, reason, rel_error, bytes), rewrite (op node).
+    Filled in by the passes in order: match (name ... weight_kind), resolve (scheme, rule),
+    quantize (qweight, status, reason, rel_error, bytes), rewrite (``graph.node`` becomes the op call).
     """
 
     name: str
     kind: str  # pattern that matched: "aten.linear", "addmm", "mm", "matmul", "F.linear", "call_module"
-    node: torch.fx.Node | None
-    x_arg: int = 0  # index of x in node.args (read at rewrite time: earlier rewrites replace nodes)
-    weight_attr: str | None = None  # dotted attribute path of the weight tensor on the GraphModule
+    graph: GraphRef | None = None
+    weight_attr: str | None = None  # dotted path of the weight tensor (same on the model and its trace)
     transposed: bool = False
-    bias: Any = None  # arg index / kwarg name of the bias on node, dotted attr path (call_module), or None
+    weight_kind: str = "parameter"  # "parameter" | "buffer" (a buffer or constant tensor: rules opt it in)
     out_shape: tuple[int, int] | None = None  # (N, K) of W
     weight_dtype: torch.dtype | None = None
     weight_storage: tuple | None = None  # (device, data_ptr) of the float weight's storage
@@ -43,20 +57,32 @@ class Site:
     bytes_after: int = 0
     shared_with: str | None = None  # another site whose quantized buffers this one reuses
 
+    @property
+    def node(self) -> torch.fx.Node | None:
+        return self.graph.node if self.graph is not None else None
+
 
 @dataclass
 class PassContext:
-    """State the pipeline threads through the passes."""
+    """State the pipeline threads through the passes.
+
+    ``read_weight(site)``: the float weight tensor of a site as stored (``[N, K]``, or ``[K, N]`` when
+    ``site.transposed``); ``None`` reads it from the traced GraphModule.  ``on_quantized(site)``: called
+    by the quantize pass right after each site is quantized (``quantize_`` lowers it into the module
+    tree there, so float weights are freed layer by layer); ``None`` for ``compile``.
+    """
 
     spec: Spec
     model: torch.nn.Module | None = None  # the user's model (read only), to resolve module types
     sites: list[Site] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    read_weight: Callable[[Site], torch.Tensor] | None = None
+    on_quantized: Callable[[Site], None] | None = None
 
 
 @dataclass
 class PassResult:
-    gm: torch.fx.GraphModule
+    gm: torch.fx.GraphModule | None
     modified: bool = False
 
 

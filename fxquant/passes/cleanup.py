@@ -15,10 +15,11 @@ def _delete(gm: torch.fx.GraphModule, path: str) -> None:
 
 
 def remove_dead_weights(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-    """Erase unused get_attr nodes and delete the float weights of quantized sites no node reads."""
+    """Erase dead weight reads (get_attr, and transposes of one) and delete the float weights of
+    quantized sites no node reads."""
     modified = False
-    for node in list(gm.graph.nodes):
-        if node.op == "get_attr" and not node.users:
+    for node in reversed(list(gm.graph.nodes)):  # users before their inputs: a dead transpose, then its get_attr
+        if not node.users and (node.op == "get_attr" or _is_weight_transpose(node)):
             gm.graph.erase_node(node)
             modified = True
     read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
@@ -31,14 +32,32 @@ def remove_dead_weights(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResul
         if path not in read and not any(m == owner or owner.startswith(m + ".") for m in modules):
             _delete(gm, path)
             modified = True
+    note_kept_float_weights(ctx.sites, gm)
+    return PassResult(gm, modified)
+
+
+def _is_weight_transpose(node: torch.fx.Node) -> bool:
+    """A transpose of a get_attr tensor (what the match pass accepts as ``param.T``): pure, so
+    erasable once the site that read it is rewritten."""
+    from .match import _param
+
+    base = node.args[0] if node.args else None
+    return (node.op in ("call_function", "call_method") and isinstance(base, torch.fx.Node)
+            and base.op == "get_attr" and _param(node.graph.owning_module, node) is not None)
+
+
+def note_kept_float_weights(sites, module: torch.nn.Module) -> None:
+    """Give every quantized site whose float weight ``module`` still holds (a tied embedding) that
+    reason; shared by both emits, so ``compile`` and ``quantize_`` report it alike."""
     alive = {}
-    for name, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
-        alive.setdefault(_storage_of(t), name)
-    for site in ctx.sites:
+    named = list(module.named_parameters(remove_duplicate=False)) + list(module.named_buffers(remove_duplicate=False))
+    for name, t in named:
+        if type(t) in (torch.Tensor, torch.nn.Parameter):  # packed weights (subclasses) are not float
+            alive.setdefault(_storage_of(t), name)
+    for site in sites:
         key = site.weight_storage
         if site.status == "quantized" and not site.shared_with and key in alive:
             site.reason = f"float weight kept: the same tensor is still used as {alive[key]!r} (tied weights)"
-    return PassResult(gm, modified)
 
 
 def _storage_of(t: torch.Tensor) -> tuple:

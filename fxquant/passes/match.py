@@ -9,7 +9,9 @@ transpose of it: ``aten.t``, ``permute(1, 0)``, ``transpose(0, 1)``, ``.t()``, `
 - ``call_module`` of an ``nn.Linear`` (FX graphs).
 A site is named by the FQN of the ``nn.Linear`` whose forward calls it (``nn_module_stack``), so a
 tied ``lm_head`` is ``lm_head``; other sites are named by their weight's attribute path.  A linear
-whose weight is not a parameter/buffer is recorded as skipped with the reason.
+whose weight is not a parameter/buffer is recorded as skipped with the reason.  A weight that is a
+buffer or a constant tensor rather than an ``nn.Parameter`` (a fixed projection, a lookup matrix)
+is recorded with ``weight_kind="buffer"``: the resolve pass quantizes it only when a rule names it.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from ._base import PassContext, PassResult, Site, get_attr_path, meta, node_arg
+from ._base import GraphRef, PassContext, PassResult, Site, get_attr_path, meta, node_arg
 
 aten = torch.ops.aten
 
@@ -111,9 +113,8 @@ def _site_for(gm: torch.fx.GraphModule, node: torch.fx.Node, model) -> Site | No
         found = (p[0], not p[1])
     elif node.op == "call_module" and isinstance(gm.get_submodule(node.target), torch.nn.Linear):
         mod = gm.get_submodule(node.target)
-        site = Site(name=node.target, kind="call_module", node=node, x_arg=0,
-                    weight_attr=f"{node.target}.weight", transposed=False,
-                    bias=f"{node.target}.bias" if mod.bias is not None else None)
+        ref = GraphRef(node, 0, f"{node.target}.bias" if mod.bias is not None else None)
+        site = Site(name=node.target, kind="call_module", graph=ref, weight_attr=f"{node.target}.weight")
         return _finish(gm, site)
     else:
         return None
@@ -121,13 +122,13 @@ def _site_for(gm: torch.fx.GraphModule, node: torch.fx.Node, model) -> Site | No
     if found is None:
         if kind not in ("aten.linear", "F.linear"):
             return None
-        return Site(name=name or node.name, kind=kind, node=node, status="skipped",
+        return Site(name=name or node.name, kind=kind, graph=GraphRef(node), status="skipped",
                     reason="weight is computed in the graph, not a parameter or buffer")
     b = node_arg(node, bias)
     if isinstance(b, torch.fx.Node) and "val" in b.meta and getattr(b.meta["val"], "dim", lambda: 1)() != 1:
         return None  # addmm with a 2-D "bias" is not a linear layer
-    site = Site(name=name or found[0], kind=kind, node=node, x_arg=x_arg, weight_attr=found[0],
-                transposed=found[1], bias=bias)
+    site = Site(name=name or found[0], kind=kind, graph=GraphRef(node, x_arg, bias), weight_attr=found[0],
+                transposed=found[1])
     return _finish(gm, site)
 
 
@@ -138,6 +139,8 @@ def _finish(gm: torch.fx.GraphModule, site: Site) -> Site:
     site.weight_dtype = w.dtype
     site.weight_storage = (w.device, w.untyped_storage().data_ptr())
     site.bytes_before = w.numel() * w.element_size()
+    if not isinstance(w, torch.nn.Parameter):
+        site.weight_kind = "buffer"
     return site
 
 

@@ -7,9 +7,13 @@ import torch.fx
 
 from ._base import PassContext, PassResult, meta
 
+#: why a buffer-backed site keeps its float weight under the default scheme
+BUFFER_REASON = ("weight is a buffer, not a parameter: the default scheme applies to parameters only "
+                 "(name it in a rule to quantize it)")
+
 
 def resolve_spec(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-    """Set ``site.scheme``/``site.rule`` by the spec's precedence; note unused skip entries and rules."""
+    """Set ``site.scheme``/``site.rule`` by the spec's precedence (buffers only by a rule); note unused entries."""
     for site in ctx.sites:
         if site.reason:  # the match pass already knows it cannot be quantized
             continue
@@ -17,7 +21,10 @@ def resolve_spec(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         site.scheme, site.rule = choice.scheme, choice.source
         if choice.scheme is None:
             site.reason = f"left in float by {choice.source}" if choice.source != "default" else "no default scheme"
-        meta(site.node).update(scheme=str(choice.scheme) if choice.scheme else None, rule=choice.source)
+        elif site.weight_kind == "buffer" and choice.source == "default":
+            site.scheme, site.reason = None, BUFFER_REASON
+        if site.node is not None:
+            meta(site.node).update(scheme=str(site.scheme) if site.scheme else None, rule=choice.source)
     for entry in ctx.spec.unused([s.name for s in ctx.sites]):
         msg = f"spec entry {entry} matched no linear layer"
         ctx.notes.append(msg)

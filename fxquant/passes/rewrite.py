@@ -44,7 +44,7 @@ def _register(gm: torch.fx.GraphModule, module_path: str, attr: str, t: torch.Te
 
 def _rewrite(gm: torch.fx.GraphModule, site: Site, owners: dict[int, str]) -> None:
     qw = site.qweight
-    node = site.node
+    node, ref = site.node, site.graph
     key = id(qw)
     if key not in owners:
         owners[key] = site.name
@@ -53,16 +53,16 @@ def _rewrite(gm: torch.fx.GraphModule, site: Site, owners: dict[int, str]) -> No
     with graph.inserting_before(node):
         tensor_nodes = [graph.get_attr(_register(gm, module_path, prefix + k, t)) for k, t in qw.tensors.items()]
         if site.kind == "call_module":  # the bias now lives on the holder module
-            bias = graph.get_attr(f"{site.name}.bias") if site.bias else None
+            bias = graph.get_attr(f"{site.name}.bias") if ref.bias else None
         else:
-            bias = node_arg(node, site.bias)
+            bias = node_arg(node, ref.bias)
         op = getattr(torch.ops.fxquant, qw.op).default
-        new = graph.call_function(op, (node_arg(node, site.x_arg), *tensor_nodes, bias), dict(qw.attrs))
+        new = graph.call_function(op, (node_arg(node, ref.x_arg), *tensor_nodes, bias), dict(qw.attrs))
     new.meta.update({k: v for k, v in node.meta.items() if k != "fxquant"})
     meta(new).update(site=site.name, scheme=str(site.scheme), rule=site.rule, replaced=str(node.target))
     node.replace_all_uses_with(new)
     graph.erase_node(node)
-    site.node = new
+    ref.node = new
 
 
 def rewrite_linears(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:

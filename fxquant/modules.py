@@ -1,0 +1,239 @@
+"""What ``fxquant.quantize_`` puts into a model: :class:`QuantizedLinear` and :class:`PackedWeight`.
+
+Both call the same ``torch.ops.fxquant.<op>`` with the same packed tensors and scalar arguments
+the graph emit (``fxquant.compile``) bakes into its op calls, so the two emits compute the same.
+
+- :class:`QuantizedLinear` replaces a plain ``nn.Linear`` (the common case: every projection of a
+  transformer).  Its ``forward`` is one op call on its buffers: the least Python per call, which a
+  decode step of a small model feels, and nothing for ``torch.compile`` to trace but the op.
+- :class:`PackedWeight` replaces the *parameter* of any other site (``F.linear(x, self.w)``,
+  ``x @ self.w.t()``, ``torch.addmm(b, x, self.w)``, ``x @ self.w_kn``, or an ``nn.Linear`` subclass
+  with its own ``forward``): a tensor subclass whose ``__torch_function__`` routes those calls to the
+  op, so the model's code runs unchanged.  Any other use of it computes on the float weight: the
+  kept float tensor when the plan saw another use (a tied embedding), else the dequantized weight.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from .ops import op_def
+from .schemes import QuantizedWeight
+
+__all__ = ["QuantizedLinear", "PackedWeight"]
+
+
+def _op(name: str):
+    return getattr(torch.ops.fxquant, name).default
+
+
+class QuantizedLinear(nn.Module):
+    """``y = x @ W.T + bias`` with ``W`` stored packed (buffers named as the op's tensor arguments).
+
+    ``in_features`` / ``out_features`` as ``nn.Linear``; ``scheme`` names the format.  Moving the
+    module (``.to(device)``) moves the packed buffers; a dtype cast (``.to(torch.bfloat16)``,
+    ``.half()``) changes the bias only: the packed layout fixes the buffers' dtypes, and the op
+    computes in the activations' dtype (or the scheme's ``compute_dtype``)."""
+
+    def __init__(self, qweight: QuantizedWeight, bias: torch.Tensor | None, scheme: str = ""):
+        super().__init__()
+        self.in_features, self.out_features = qweight.in_features, qweight.out_features
+        self.scheme = scheme
+        self.op_name = qweight.op
+        self.op_attrs = dict(qweight.attrs)
+        self.tensor_names = tuple(qweight.tensors)
+        for name, t in qweight.tensors.items():
+            self.register_buffer(name, t)
+        if isinstance(bias, nn.Parameter) or bias is None:
+            self.register_parameter("bias", bias)
+        else:
+            self.register_buffer("bias", bias)
+        self._fn = _op(qweight.op)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tensors = [getattr(self, n) for n in self.tensor_names]
+        return self._fn(x, *tensors, self.bias, **self.op_attrs)
+
+    def packed(self) -> QuantizedWeight:
+        """The packed weight as the quantize pass produced it (the module's own buffers)."""
+        return QuantizedWeight(self.op_name, {n: getattr(self, n) for n in self.tensor_names}, dict(self.op_attrs),
+                               self.out_features, self.in_features)
+
+    def dequantize(self) -> torch.Tensor:
+        """Float32 ``[out_features, in_features]``: the weight the op multiplies by."""
+        return _dequantize(self.packed())
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, scheme={self.scheme or self.op_name}")
+
+    def _apply(self, fn, recurse=True):
+        packed = {n: self._buffers.pop(n) for n in self.tensor_names}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for n, t in packed.items():
+                moved = fn(t)
+                self._buffers[n] = moved if moved.dtype == t.dtype else t.to(device=moved.device)
+        return self
+
+
+def _dequantize(qw: QuantizedWeight) -> torch.Tensor:
+    d = op_def(qw.op)
+    return d.dequantized(dict(qw.tensors), {**qw.attrs, "compute_dtype": qw.attrs.get("compute_dtype")})
+
+
+# ---- the tensor subclass --------------------------------------------------------------------------------
+_LINEAR = {F.linear, torch._C._nn.linear}
+_MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm}
+_ADDMM = {torch.addmm, torch.Tensor.addmm}
+_TRANSPOSE = {torch.t, torch.Tensor.t, torch.transpose, torch.Tensor.transpose, torch.permute,
+              torch.Tensor.permute}
+_PROPS = (torch.Tensor.T, torch.Tensor.mT)
+_warned: set[str] = set()
+_INNER = "packed_"
+
+
+def _is_swap(func, args) -> bool:
+    """Whether ``func(*args)`` swaps the two dims of a 2-D tensor (``.t()``, ``.T``, ``.mT``,
+    ``transpose(0, 1)``, ``permute(1, 0)``)."""
+    if func in (torch.t, torch.Tensor.t) or getattr(func, "__self__", None) in _PROPS:
+        return True
+    if func in (torch.transpose, torch.Tensor.transpose):
+        return len(args) == 3 and sorted(int(d) % 2 for d in args[1:]) == [0, 1]
+    dims = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
+    return [int(d) % 2 for d in dims] == [1, 0]
+
+
+class PackedWeight(torch.Tensor):
+    """A packed weight standing in for a ``[N, K]`` parameter (``[K, N]`` when ``transposed``, as a
+    GPT-2 ``Conv1D`` stores it): ``F.linear(x, w, b)``, ``x @ w.t()``, ``torch.addmm(b, x, w.t())``
+    and their transposed forms run ``torch.ops.fxquant.<op>`` on the packed tensors.
+
+    Shape, dtype and device are the float parameter's; ``float_data`` is that tensor when the plan
+    found uses other than linear ones (a tied embedding), else ``None``.  Other operations run on
+    ``float_data`` or, without it, on the dequantized weight (correct, slower, warned once)."""
+
+    @staticmethod
+    def __new__(cls, qweight: QuantizedWeight, transposed: bool, dtype: torch.dtype,
+                float_data: torch.Tensor | None = None):
+        n, k = qweight.out_features, qweight.in_features
+        device = next(iter(qweight.tensors.values())).device
+        return torch.Tensor._make_wrapper_subclass(cls, (k, n) if transposed else (n, k), dtype=dtype,
+                                                   device=device, requires_grad=False)
+
+    def __init__(self, qweight: QuantizedWeight, transposed: bool, dtype: torch.dtype,
+                 float_data: torch.Tensor | None = None):
+        self.packed, self.transposed, self.float_data = qweight, transposed, float_data
+        for name, t in qweight.tensors.items():  # flattened under a prefix: no clash with attribute names
+            setattr(self, _INNER + name, t)
+        self._fn = _op(qweight.op)
+
+    def __repr__(self) -> str:
+        return (f"PackedWeight(shape={tuple(self.shape)}, dtype={self.dtype}, op={self.packed.op}, "
+                f"transposed={self.transposed})")
+
+    # -- torch.compile / export: flatten into the packed tensors -------------------------------------
+    def __tensor_flatten__(self):
+        names = [_INNER + n for n in self.packed.tensors] + (["float_data"] if self.float_data is not None else [])
+        q = self.packed
+        return names, (q.op, tuple(q.attrs.items()), q.out_features, q.in_features, self.transposed, self.dtype)
+
+    @classmethod
+    def __tensor_unflatten__(cls, inner: dict, ctx, outer_size, outer_stride):
+        op, attrs, n, k, transposed, dtype = ctx
+        tensors = {name[len(_INNER):]: t for name, t in inner.items() if name != "float_data"}
+        return cls(QuantizedWeight(op, tensors, dict(attrs), n, k), transposed, dtype, inner.get("float_data"))
+
+    def _stable_hash_for_caching(self) -> str:
+        q = self.packed
+        return f"PackedWeight:{q.op}:{sorted(q.attrs.items())}:{q.out_features}x{q.in_features}:{self.transposed}"
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self._fn(x, *self.packed.tensors.values(), bias, **self.packed.attrs)
+
+    def _flipped(self) -> "PackedWeight":
+        fd = None if self.float_data is None else self.float_data.t()
+        return PackedWeight(self.packed, not self.transposed, self.dtype, fd)
+
+    def dense(self) -> torch.Tensor:
+        """The float tensor this stands for: ``float_data``, or the dequantized weight in ``dtype``."""
+        if self.float_data is not None:
+            return self.float_data
+        w = _dequantize(self.packed).to(self.dtype)
+        return w.t() if self.transposed else w
+
+    def _moved(self, device, dtype) -> "PackedWeight":
+        tensors = {k: t.to(device) for k, t in self.packed.tensors.items()} if device is not None else None
+        q = self.packed if tensors is None else QuantizedWeight(self.packed.op, tensors, dict(self.packed.attrs),
+                                                                 self.packed.out_features, self.packed.in_features)
+        fd = self.float_data
+        if fd is not None:
+            fd = fd.to(device=device if device is not None else fd.device, dtype=dtype or fd.dtype)
+        return PackedWeight(q, self.transposed, dtype or self.dtype, fd)
+
+    # -- routing ----------------------------------------------------------------------------------
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _LINEAR:
+            x, w = args[0], (args[1] if len(args) > 1 else kwargs.get("weight"))
+            b = args[2] if len(args) > 2 else kwargs.get("bias")
+            if type(w) is cls and not w.transposed and type(x) is not cls:
+                return w._linear(x, b)
+        elif func in _MATMUL:
+            x, w = args[0], args[1]
+            if type(w) is cls and w.transposed and type(x) is not cls and not kwargs:
+                return w._linear(x, None)
+        elif func in _ADDMM:
+            b, x, w = args[0], args[1], args[2]
+            if (type(w) is cls and w.transposed and type(x) is not cls and kwargs.get("beta", 1) == 1
+                    and kwargs.get("alpha", 1) == 1 and not kwargs.keys() - {"beta", "alpha"}):
+                return w._linear(x, b)
+        elif (func in _TRANSPOSE or getattr(func, "__self__", None) in _PROPS) and type(args[0]) is cls:
+            if args[0].dim() == 2 and _is_swap(func, args):
+                return args[0]._flipped()
+        elif func in (torch.Tensor.to, torch.Tensor.cpu, torch.Tensor.cuda) and type(args[0]) is cls:
+            return _to(args[0], func, args[1:], kwargs)
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        aten = torch.ops.aten
+        if func in (aten.detach.default, aten.alias.default):
+            w = args[0]
+            return PackedWeight(w.packed, w.transposed, w.dtype, w.float_data)
+        if func is aten._to_copy.default and type(args[0]) is cls:
+            return args[0]._moved(kwargs.get("device"), kwargs.get("dtype"))
+        if func is aten.t.default and type(args[0]) is cls:
+            return args[0]._flipped()
+        for a in args:
+            if type(a) is cls and a.float_data is None and str(func) not in _warned:
+                _warned.add(str(func))
+                warnings.warn(f"fxquant PackedWeight: {func} is not a linear use of a packed weight; it runs on "
+                              "the dequantized weight (correct, but it rebuilds the float tensor each call)",
+                              stacklevel=2)
+        unwrap = lambda a: a.dense() if type(a) is cls else a  # noqa: E731
+        return func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
+
+
+def _to(w: PackedWeight, func, args: tuple, kwargs: dict[str, Any]) -> PackedWeight:
+    if func is torch.Tensor.cpu:
+        return w._moved(torch.device("cpu"), None)
+    if func is torch.Tensor.cuda:
+        return w._moved(torch.device("cuda", *args[:1]) if args else torch.device("cuda"), None)
+    if args and isinstance(args[0], torch.Tensor):
+        device, dtype = args[0].device, args[0].dtype
+    else:
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+    if dtype is not None and not dtype.is_floating_point:
+        raise TypeError(f"fxquant PackedWeight: cannot convert a packed weight to {dtype}")
+    return w._moved(device, dtype)
