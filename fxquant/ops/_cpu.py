@@ -32,7 +32,8 @@ def large_m_threshold() -> int:
 
     Measured with tools/bench.py (11008x4096, 2 threads): on the AVX2 machine int8pack takes
     23.6 ms at M=16 and 377 ms at M=256 while dequantize (76 ms) + fp32 GEMM (224 ms) takes 300 ms:
-    crossover near M=192.  With fast bf16 GEMM the crossover is lower (~48, from the field notes)."""
+    crossover near M=192.  With fast bf16 GEMM the crossover is lower: the packed kernels fall to
+    0.3-0.5x bf16 F.linear from M ~ 64, hence 48 (docs/reference-numbers.md)."""
     return 48 if dense_dtype() == torch.bfloat16 else 192
 
 

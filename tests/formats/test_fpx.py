@@ -172,7 +172,8 @@ def test_codes_match_torchao_fpx_weight_only_for_the_same_scale():
 
 def test_error_on_random_normal_weights():
     """Relative error on N(0, 1) rows (K = 4096): the fp6 formats sit between int4 and int8
-    (FIELD_NOTES: int8 per channel 0.0088, int4 g128 0.0998), e3m2 worse than e2m3 on Gaussians."""
+    (docs/reference-numbers.md: int8 per channel 0.0088, int4 g128 0.0998), e3m2 worse than e2m3 on
+    Gaussians."""
     w = torch.randn(256, 4096, generator=torch.Generator().manual_seed(0))
     err = {}
     for name in ("fp6_e3m2", "fp6_e2m3", "fp5_e2m2", "fp4_e2m1"):

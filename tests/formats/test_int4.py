@@ -53,7 +53,7 @@ def test_storage_roundtrip_equals_dequantize(n, group, seed):
 
 
 def test_error_matches_published_minmax_int4():
-    # FIELD_NOTES: int4 g128 min/max on random normal: relative error 0.0998; g64: 0.0897
+    # docs/reference-numbers.md: int4 g128 min/max on random normal: relative error 0.0998; g64: 0.0897
     w = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0))
     for group, expected in ((128, 0.0998), (64, 0.0897)):
         q, s, z = int4.quantize(w, group)

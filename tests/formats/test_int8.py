@@ -31,7 +31,7 @@ def test_nbytes_matches_tensors():
 
 
 def test_error_matches_published_per_channel_int8():
-    # FIELD_NOTES: int8 per-channel relative error on random normal 4096^2 is 0.0088 (peers);
+    # docs/reference-numbers.md: int8 per-channel relative error on random normal 4096^2 is 0.0088;
     # symmetric [-127, 127] per-row rounding gives the same order on a smaller matrix.
     w = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0))
     q, s = int8.quantize(w)

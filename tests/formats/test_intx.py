@@ -203,7 +203,7 @@ def test_symmetric_matches_torchao(bits):
 
 
 def test_published_error_int4_g128():
-    # FIELD_NOTES: int4 g128 min/max on random normal: relative error 0.0998; g64: 0.0897
+    # docs/reference-numbers.md: int4 g128 min/max on random normal: relative error 0.0998; g64: 0.0897
     w = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0))
     for group, expected in ((128, 0.0998), (64, 0.0897)):
         deq = intx.dequantize(*intx.quantize(w, 4, group, False, 1), 4, group, 1)
