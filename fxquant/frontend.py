@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 
 FRONTENDS = ("auto", "export", "fx")
 EXAMPLE_KEY = "fxquant_example_inputs"  # gm.meta key: (args, kwargs) the model was traced with
+GUARDS_KEY = "fxquant_input_guards"  # gm.meta key: the input guards the module checks
 
 
 @dataclass
@@ -94,18 +96,52 @@ def _strip_hops(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgra
     return ep
 
 
-def module_of(ep: torch.export.ExportedProgram) -> torch.fx.GraphModule:
-    """``ep.module()`` keeping the input guards except the size-oblivious ``!=`` exclusions.
+def framework_exclusions(ep: torch.export.ExportedProgram) -> list[str]:
+    """The input guards of ``ep`` that size-oblivious tracing added inside PyTorch itself: ``s != 1``
+    style exclusions (``Ne`` guards) whose source location is in the ``torch`` package, e.g. a
+    reshape-of-transpose contiguity check.  The traced general path computes the same values at size
+    1 there, so these may be dropped.  An exclusion raised by the model's own code (``if x.shape[0]
+    == 1:`` in the model, or in transformers) is a real branch and is not listed: dropping it would
+    run the wrong path at size 1.  Empty when the program carries no shape environment (a loaded file)."""
+    from torch.export.exported_program import _get_shape_env
+    from torch.fx.experimental.symbolic_shapes import ShapeGuardPythonPrinter
+    import sympy
 
-    Tracing with ``backed_size_oblivious`` records the general (size >= 2) path and then guards
-    against size 1 (``s != 1`` from reshape-of-transpose contiguity checks and the like).  The
-    general path computes the same values at size 1 (a decode step with one token must work),
-    so those exclusions are dropped; equality guards (a dim pinned by the model) are kept.
-    """
+    shape_env = _get_shape_env(ep.graph_module)
+    if shape_env is None:
+        return []
+    printer = ShapeGuardPythonPrinter(shape_env.var_to_sources, lambda s: s.name, shape_env.var_to_sources)
+    torch_dir = os.path.dirname(torch.__file__) + os.sep
+    out = []
+    for guard in shape_env.guards:
+        loc = guard.sloc.framework_loc
+        filename = loc if isinstance(loc, str) else getattr(loc, "filename", "")
+        internal = guard.sloc.maybe_user_loc is None and str(filename).startswith(torch_dir)
+        if internal and isinstance(guard.expr, sympy.Ne):
+            try:
+                out.append(printer.doprint(guard.expr))
+            except Exception:  # noqa: BLE001 - a guard the printer cannot render is kept
+                continue
+    return out
+
+
+def module_of(ep: torch.export.ExportedProgram, droppable: list[str] | None = None) -> torch.fx.GraphModule:
+    """``ep.module()`` keeping every input guard except the size-oblivious exclusions PyTorch itself
+    added (:func:`framework_exclusions`, or ``droppable`` when given, e.g. as recorded in a saved file).
+
+    Tracing with ``backed_size_oblivious`` records the general (size >= 2) path and guards it against
+    size 1; where the guard comes from PyTorch's own reasoning the general path is right at size 1 (a
+    decode step with one token must work) and the guard goes; where it comes from the model's code
+    (a branch on a size of 1) it stays, so calling at size 1 fails loudly instead of running the
+    other branch's graph."""
     codes = getattr(ep, "_guards_code", None)
-    if codes:
-        ep._guards_code = [g for g in codes if "!=" not in g]
-    return ep.module()
+    drop = set(framework_exclusions(ep) if droppable is None else droppable)
+    if codes and drop:
+        ep._guards_code = [g for g in codes if g not in drop]
+    gm = ep.module()
+    # what the module enforces (a re-export for fxquant.save sees these as PyTorch's own guards)
+    gm.meta[GUARDS_KEY] = list(getattr(ep, "_guards_code", None) or [])
+    return gm
 
 
 def _export(model, args, kwargs, dynamic_shapes):

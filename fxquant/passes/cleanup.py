@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from ._base import PassContext, PassResult
+from ._base import PassContext, PassResult, get_attr_path
 
 
 def _delete(gm: torch.fx.GraphModule, path: str) -> None:
@@ -24,16 +24,28 @@ def remove_dead_weights(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResul
             modified = True
     read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     modules = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    paths: dict[int, list[str]] = {}  # a tensor at several paths (a module registered twice, tied weights)
+    for name, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+        paths.setdefault(id(t), []).append(name)
     for site in ctx.sites:
         if site.status != "quantized" or site.shared_with:
             continue
-        path = site.weight_attr
-        owner = path.rsplit(".", 1)[0] if "." in path else ""
-        if path not in read and not any(m == owner or owner.startswith(m + ".") for m in modules):
-            _delete(gm, path)
+        try:
+            tensor = get_attr_path(gm, site.weight_attr)
+        except AttributeError:
+            continue  # deleted for an earlier site
+        where = paths.get(id(tensor), [site.weight_attr])
+        if not any(_in_use(path, read, modules) for path in where):
+            for path in where:
+                _delete(gm, path)
             modified = True
     note_kept_float_weights(ctx.sites, gm)
     return PassResult(gm, modified)
+
+
+def _in_use(path: str, read: set[str], modules: set[str]) -> bool:
+    owner = path.rsplit(".", 1)[0] if "." in path else ""
+    return path in read or any(m == owner or owner.startswith(m + ".") for m in modules)
 
 
 def _is_weight_transpose(node: torch.fx.Node) -> bool:
@@ -52,7 +64,8 @@ def note_kept_float_weights(sites, module: torch.nn.Module) -> None:
     alive = {}
     named = list(module.named_parameters(remove_duplicate=False)) + list(module.named_buffers(remove_duplicate=False))
     for name, t in named:
-        if type(t) in (torch.Tensor, torch.nn.Parameter):  # packed weights (subclasses) are not float
+        t = getattr(t, "float_data", t)  # a packed weight (quantize_) may hold its float tensor for other uses
+        if t is not None and type(t) in (torch.Tensor, torch.nn.Parameter):
             alive.setdefault(_storage_of(t), name)
     for site in sites:
         key = site.weight_storage

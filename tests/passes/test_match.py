@@ -89,3 +89,35 @@ def test_computed_weight_is_reported_not_quantized():
     qm = fxquant.compile(Computed(), "int8wo", (torch.randn(2, 32),))
     (row,) = fxquant.report(qm).rows
     assert row.status == "skipped" and "computed in the graph" in row.reason
+
+
+class FixedProjection(nn.Module):
+    """A linear against a buffer (a fixed projection) next to a parameter linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(64, 64)
+        self.register_buffer("proj", torch.randn(64, 32) / 8)  # x @ proj: W = proj.T, a buffer
+
+    def forward(self, x):
+        return self.lin(x) @ self.proj
+
+
+@pytest.mark.parametrize("emit", ["compile", "quantize_"])
+def test_buffer_weight_needs_a_rule(emit):
+    """The default scheme quantizes parameters only; a buffer-backed site stays float with a reason,
+    unless a rule names it."""
+    import copy
+
+    run = fxquant.compile if emit == "compile" else fxquant.quantize_
+    x = torch.randn(3, 64)
+    m = FixedProjection()
+    out = run(copy.deepcopy(m), "int8wo", (x,))
+    rows = {r.fqn: r for r in fxquant.report(out).rows}
+    assert rows["lin"].status == "quantized"
+    assert rows["proj"].status == "skipped" and "buffer, not a parameter" in rows["proj"].reason
+    assert "name it in a rule" in rows["proj"].reason
+    opted = run(copy.deepcopy(m), fxquant.Spec(default="int8wo", rules={"proj": "int8wo"}), (x,))
+    row = fxquant.report(opted).row("proj")
+    assert row.status == "quantized" and row.rule == "rules['proj']"
+    assert ((opted(x) - m(x)).norm() / m(x).norm()).item() < 0.03

@@ -1,0 +1,235 @@
+"""``fxquant.quantize_``: the same plan as ``fxquant.compile``, lowered into the user's module tree.
+
+Oracle: ``compile`` on a copy of the same model with the same spec and example (same report, same
+outputs bit for bit: both emits call the same op on the same packed tensors)."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxquant
+from fxquant.modules import PackedWeight, QuantizedLinear
+from helpers import rel
+from passes.test_match import Patterns
+from test_compile import EVERY_FAMILY, ISSUE_SPEC
+
+
+@pytest.fixture
+def ids():
+    return torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+def both(model, spec, args=(), kwargs=None, **kw):
+    """``(compile(copy), quantize_(model))``: the graph emit of an untouched copy, and the model itself."""
+    qm = fxquant.compile(copy.deepcopy(model), spec, args, kwargs, **kw)
+    out = fxquant.quantize_(model, spec, args, kwargs, **kw)
+    assert out is model
+    return qm, model
+
+
+def state(model):
+    """Everything a user could see change: tensor objects, values, dtypes and module types."""
+    sd = model.state_dict(keep_vars=True)
+    return ({k: id(v) for k, v in sd.items()}, {k: v.detach().clone() for k, v in sd.items()},
+            [(n, type(m)) for n, m in model.named_modules()], set(vars(model)))
+
+
+def assert_state_equal(a, b):
+    assert a[0] == b[0] and a[2] == b[2] and a[3] == b[3]
+    assert all(torch.equal(a[1][k], b[1][k]) for k in a[1])
+
+
+def test_same_report_and_outputs_as_compile(tiny_llama_model, ids):
+    qm, m = both(tiny_llama_model, ISSUE_SPEC, (ids,))
+    assert fxquant.report(m) == fxquant.report(qm)
+    assert "TOTAL (13/15 quantized)" in str(fxquant.report(m))
+    with torch.no_grad():
+        for shape in [(2, 16), (1, 1), (3, 7)]:
+            x = torch.randint(0, 512, shape)
+            assert torch.equal(m(x), qm(x)), shape
+    assert isinstance(m.model.layers[1].mlp.up_proj, QuantizedLinear)
+    assert type(m.model.layers[1].mlp.down_proj) is nn.Linear  # skipped by its rule
+
+
+@pytest.mark.parametrize("frontend", ["export", "fx"])
+@pytest.mark.parametrize("scheme", ["int8wo", "int4wo-32", "nf4"])
+def test_every_site_kind(frontend, scheme):
+    """nn.Linear -> QuantizedLinear; F.linear, x @ W.t(), addmm(b, x, W_kn), addmm(b, x, W.t()) ->
+    PackedWeight parameters routing to the op; outputs equal compile's bit for bit."""
+    torch.manual_seed(0)
+    m = Patterns()
+    x = torch.randn(2, 5, 32)
+    qm, m = both(m, scheme, (x,), frontend=frontend)
+    assert fxquant.report(m) == fxquant.report(qm)
+    assert all(r.status == "quantized" for r in fxquant.report(m).rows)
+    assert isinstance(m.lin, QuantizedLinear)
+    for name in ("w_fn", "w_t", "w_kn", "w_addmm"):
+        p = getattr(m, name)
+        assert isinstance(p, nn.Parameter) and isinstance(p, PackedWeight) and p.float_data is None, name
+    assert m.w_kn.shape == (32, 64) and m.w_kn.transposed  # stored [in, out], as the float one was
+    x2 = torch.randn(3, 4, 32)
+    with torch.no_grad():
+        assert torch.equal(m(x2), qm(x2))
+
+
+def test_float_weights_are_released(tiny_llama_model, ids):
+    """No quantized site's float storage is left in the model, except the tied embedding's (once)."""
+    storages = {n: p.untyped_storage().data_ptr() for n, p in tiny_llama_model.named_parameters()}
+    embed = tiny_llama_model.model.embed_tokens.weight
+    fxquant.quantize_(tiny_llama_model, "int8wo", (ids,))
+    left = {p.untyped_storage().data_ptr() for p in tiny_llama_model.parameters() if type(p) is nn.Parameter}
+    quantized = {f"{r.fqn}.weight" for r in fxquant.report(tiny_llama_model).quantized} - {"lm_head.weight"}
+    assert not {storages[n] for n in quantized} & left
+    assert tiny_llama_model.model.embed_tokens.weight is embed  # the tied float weight, kept once
+    assert isinstance(tiny_llama_model.lm_head, QuantizedLinear)
+    assert "float weight kept" in fxquant.report(tiny_llama_model).row("lm_head").reason
+
+
+def test_functional_tied_weight_keeps_float_for_other_uses():
+    """A parameter used by F.embedding and by F.linear: the linear runs packed, the embedding on the
+    kept float tensor, as compile's graph does."""
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(100, 64) / 8)
+
+        def forward(self, ids):
+            return F.linear(F.embedding(ids, self.w), self.w)
+
+    m = Tied()
+    ids = torch.randint(0, 100, (2, 7))
+    qm, m = both(m, "int8wo", (ids,))
+    assert fxquant.report(m) == fxquant.report(qm)
+    assert isinstance(m.w, PackedWeight) and m.w.float_data is not None
+    with torch.no_grad():
+        assert torch.equal(m(ids), qm(ids))
+
+
+def test_linear_subclass_keeps_its_forward():
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    m = nn.Sequential(Scaled(64, 32), nn.ReLU(), nn.Linear(32, 16))
+    x = torch.randn(3, 64)
+    qm, m = both(m, "int8wo", (x,))
+    assert type(m[0]) is Scaled and isinstance(m[0].weight, PackedWeight)  # the subclass's forward still runs
+    assert isinstance(m[2], QuantizedLinear)
+    assert torch.equal(m(x), qm(x))
+
+
+def test_module_called_twice_and_shared_module():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(64, 64)
+            self.alias = self.l  # the same module at two paths
+
+        def forward(self, x):
+            return self.alias(torch.relu(self.l(x)))
+
+    m = Twice()
+    x = torch.randn(2, 64)
+    qm, m = both(m, "int8wo", (x,))
+    assert fxquant.report(m) == fxquant.report(qm)
+    assert m.l is m.alias and isinstance(m.l, QuantizedLinear)
+    assert torch.equal(m(x), qm(x))
+
+
+def test_every_format_family_in_place(tiny_llama_model, ids):
+    spec = fxquant.Spec(skip=["lm_head"], rules=EVERY_FAMILY)
+    qm, m = both(tiny_llama_model, spec, (ids,))
+    assert fxquant.report(m) == fxquant.report(qm)
+    with torch.no_grad():
+        assert torch.equal(m(ids), qm(ids))
+
+
+@pytest.mark.parametrize("bad, exc, match", [
+    ("int5wo-7x", ValueError, "unknown scheme 'int5wo-7x'"),
+    ({"default": "int8wo", "skip": ["re:("]}, ValueError, "invalid regular expression"),
+    ({"default": "int8wo", "rules": {"layers.*": "nope"}}, ValueError, r"Spec.rules\['layers.\*'\]: unknown scheme"),
+    ({"default": "int8wo", "colour": 1}, ValueError, "unknown keys"),
+])
+def test_bad_spec_leaves_model_untouched(tiny_llama_model, ids, bad, exc, match):
+    before = state(tiny_llama_model)
+    with pytest.raises(exc, match=match):
+        fxquant.quantize_(tiny_llama_model, bad, (ids,))
+    assert_state_equal(before, state(tiny_llama_model))
+
+
+def test_bad_frontend_and_bad_example_leave_model_untouched(tiny_llama_model, ids):
+    before = state(tiny_llama_model)
+    with pytest.raises(ValueError, match="frontend='onnx' is not valid"):
+        fxquant.quantize_(tiny_llama_model, "int8wo", (ids,), frontend="onnx")
+    with pytest.raises(Exception):
+        fxquant.quantize_(tiny_llama_model, "int8wo", (torch.randn(2, 3, 4),), frontend="export")
+    assert_state_equal(before, state(tiny_llama_model))
+
+
+def test_not_a_module_and_already_quantized(tiny_llama_model, ids):
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got function"):
+        fxquant.quantize_(lambda x: x, "int8wo", (ids,))
+    fxquant.quantize_(tiny_llama_model, "int8wo", (ids,))
+    with pytest.raises(ValueError, match="already quantized by fxquant.quantize_"):
+        fxquant.quantize_(tiny_llama_model, "int4wo-64", (ids,))
+    with pytest.raises(ValueError, match="already quantized"):
+        fxquant.compile(tiny_llama_model, "int4wo-64", (ids,))
+    qm = fxquant.compile(copy.deepcopy(Patterns()), "int8wo", (torch.randn(2, 5, 32),))
+    with pytest.raises(ValueError, match="GraphModule fxquant.compile returned"):
+        fxquant.quantize_(qm, "int8wo", (torch.randn(2, 5, 32),))
+
+
+def test_report_of_unquantized_model_says_how():
+    with pytest.raises(ValueError, match="fxquant.quantize_ converted"):
+        fxquant.report(nn.Linear(4, 4))
+
+
+@pytest.mark.parametrize("model_name", ["llama", "patterns"])
+def test_torch_compile_fullgraph_no_graph_break(tiny_llama_model, ids, model_name):
+    torch._dynamo.reset()
+    if model_name == "llama":
+        m, x, spec = tiny_llama_model, ids, fxquant.Spec(default="int4wo-64", rules={"re:.*self_attn.*": "int8wo"})
+    else:
+        torch.manual_seed(0)
+        m, x, spec = Patterns(), torch.randn(2, 5, 32), "int8wo"
+    fxquant.quantize_(m, spec, (x,))
+    explained = torch._dynamo.explain(m)(x)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    cm = torch.compile(m, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(cm(x), m(x), rtol=1e-5, atol=1e-5)
+
+
+def test_dtype_and_device_moves_keep_the_packed_layout(tiny_llama_model, ids):
+    torch.manual_seed(0)
+    m = Patterns()
+    x = torch.randn(2, 5, 32)
+    fxquant.quantize_(m, "int4wo-32", (x,))
+    fxquant.quantize_(tiny_llama_model, "nf4", (ids,))
+    packed_before = {k: v.dtype for k, v in m.lin.named_buffers()}
+    y32 = m(x)
+    m.to(torch.bfloat16)
+    assert {k: v.dtype for k, v in m.lin.named_buffers()} == packed_before
+    assert m.lin.bias.dtype == torch.bfloat16 and m.w_fn.dtype == torch.bfloat16
+    assert isinstance(m.w_fn, PackedWeight)
+    y16 = m(x.bfloat16())
+    assert y16.dtype == torch.bfloat16 and rel(y16.float(), y32) < 0.02
+    m.to("cpu")
+    tiny_llama_model.to(torch.bfloat16)
+    assert tiny_llama_model(ids).dtype == torch.bfloat16
+
+
+def test_packed_weight_other_uses_run_on_dequantized_weight():
+    """An operation the plan did not see (not a linear) still computes right, on the dequantized
+    weight, with a warning; the op's own dequantization is the oracle."""
+    torch.manual_seed(0)
+    m = Patterns()
+    x = torch.randn(2, 5, 32)
+    fxquant.quantize_(m, "int8wo", (x,))
+    from fxquant.modules import _dequantize
+
+    with pytest.warns(UserWarning, match="not a linear use of a packed weight"):
+        s = m.w_fn.sum()
+    assert torch.allclose(s, _dequantize(m.w_fn.packed).sum(), atol=1e-4)
