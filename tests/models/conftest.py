@@ -50,3 +50,22 @@ def smollm2():
         pytest.importorskip("gguf", reason="reading SmolLM2's GGUF file needs the gguf package: "
                                            "pip install -e '.[models]'")
     return load_smollm2()
+
+
+#: the example both emits of the SmolLM2 tests trace: a right-padded batch of 2 prompts
+EXAMPLE = ["The quick brown fox jumps over the lazy dog.", "Hello"]
+INT8WO_SPEC = {"default": "int8wo", "skip": ["lm_head"]}
+
+
+def smollm2_example(tokenizer) -> dict:
+    enc = tokenizer(EXAMPLE, padding=True, return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "use_cache": False}
+
+
+@pytest.fixture(scope="session")
+def smollm2_int8wo_compiled(smollm2):
+    """``fxquant.compile`` of SmolLM2 (float32) under int8wo, lm_head skipped, traced on the example."""
+    import fxquant
+
+    model, tokenizer = smollm2
+    return fxquant.compile(model, fxquant.Spec.from_dict(INT8WO_SPEC), (), smollm2_example(tokenizer))

@@ -17,7 +17,6 @@ import fxquant
 
 pytestmark = pytest.mark.models
 
-EXAMPLE = ["The quick brown fox jumps over the lazy dog.", "Hello"]
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 NUM_LAYERS = 30
@@ -32,11 +31,8 @@ def call(module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = 
 
 
 @pytest.fixture(scope="module")
-def int8wo(smollm2):
-    model, tokenizer = smollm2
-    enc = tokenizer(EXAMPLE, padding=True, return_tensors="pt")
-    example = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "use_cache": False}
-    return fxquant.compile(model, fxquant.Spec(default="int8wo", skip=["lm_head"]), (), example)
+def int8wo(smollm2_int8wo_compiled):
+    return smollm2_int8wo_compiled
 
 
 def test_decoder_linears_quantized_lm_head_skipped(smollm2, int8wo):
