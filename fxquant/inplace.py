@@ -17,6 +17,8 @@ How each site is lowered (docs/design.md, "Two emits"):
 from __future__ import annotations
 
 import collections
+import ctypes
+import functools
 import inspect
 
 import torch
@@ -43,6 +45,26 @@ def check_not_quantized(model: nn.Module) -> None:
         where = f" ({len(packed)} packed layers, e.g. {packed[0]!r})" if packed else ""
         raise ValueError(f"this model was already quantized by fxquant.quantize_{where}; quantize the original "
                          "float model (fxquant.report(model) shows what was done)")
+
+
+@functools.lru_cache(maxsize=None)
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc; absent elsewhere
+    except (OSError, AttributeError):
+        return None
+
+
+def trim_heap() -> None:
+    """Give the C heap's free pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    A freed float weight is returned at once (its own mapping), but the quantize temporaries of
+    mid-sized layers come from the heap once glibc's mmap threshold has grown, and the long-lived
+    packed weights allocated between them keep those pages resident: measured on the 1.1B Llama
+    (int4wo-128), RSS after ``quantize_`` 1.25 GB for 0.65 GB of tensors without it."""
+    fn = _malloc_trim()
+    if fn is not None:
+        fn(0)
 
 
 def planning_kwargs(model: nn.Module, example_kwargs) -> dict:
@@ -128,6 +150,7 @@ class Lowering:
         elif id(site.qweight) not in self.done:
             self._swap_tensor(site, weight)
         del weight
+        trim_heap()
 
     def finish(self, sites: list[Site]) -> None:
         """Drop every reference to the model's old modules and tensors."""
@@ -158,6 +181,9 @@ class Lowering:
         for parent, name in self.module_paths.pop(id(module), []):
             setattr(parent, name, new)
             self.module_paths[id(new)].append((parent, name))
+        for t in list(module._parameters.values()) + list(module._buffers.values()):  # forget the old module
+            if t is not None and id(t) in self.tensor_paths:
+                self.tensor_paths[id(t)] = [e for e in self.tensor_paths[id(t)] if e[0] is not module]
         self.done[id(site.qweight)] = new
 
     def _swap_tensor(self, site: Site, weight: torch.Tensor) -> None:

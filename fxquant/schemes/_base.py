@@ -49,6 +49,11 @@ class Scheme:
     #: dtype of the matmul (``None``: the fastest path of the device, fp32 in the reference);
     #: passed to the op as ``compute_dtype`` (as bitsandbytes' ``bnb_4bit_compute_dtype``)
     compute_dtype: torch.dtype | None = None
+    #: how the quantized row blocks of a weight join into the quantized weight: for each stored
+    #: tensor, the dim its rows run along (``None``: the same tensor in every block, e.g. a code
+    #: table); ``None`` when the format cannot quantize row blocks independently to the same bits
+    #: (a statistic over the whole weight).  Used to quantize large weights in bounded memory.
+    row_split: ClassVar[dict[str, int | None] | None] = None
 
     def __post_init__(self):
         if self.compute_dtype not in COMPUTE_DTYPES:
@@ -86,6 +91,36 @@ class Scheme:
 
     def rel_error(self, weight: torch.Tensor, qw: QuantizedWeight) -> float:
         return _common.rel_error(weight, self.dequantize(qw))
+
+    def row_multiple(self, n: int, k: int) -> int | None:
+        """Row blocks of an ``[n, k]`` weight quantize exactly as the whole when their heights are
+        multiples of this (``None``: this scheme cannot split rows, see :attr:`row_split`)."""
+        return 1 if self.row_split is not None else None
+
+    def quantize_in_blocks(self, weight: torch.Tensor, max_elements: int) -> tuple[QuantizedWeight, float]:
+        """``(quantize(weight), rel_error)`` computed on row blocks of at most ``max_elements``
+        (rounded to :meth:`row_multiple`), so the float temporaries of a large weight (an lm_head of
+        65M parameters) stay bounded; the same bits as :meth:`quantize` on the whole weight."""
+        n, k = weight.shape
+        mult = self.row_multiple(n, k)
+        if mult is None or n * k <= max_elements:
+            qw = self.quantize(weight.contiguous())
+            return qw, self.rel_error(weight, qw)
+        rows = max(mult, (max_elements // max(k, 1)) // mult * mult)
+        parts, err, norm = [], 0.0, 0.0
+        for r0 in range(0, n, rows):
+            block = weight[r0:r0 + rows].contiguous()
+            qw = self.quantize(block)
+            wf = block.float()
+            err += (wf - self.dequantize(qw).float()).pow(2).sum().item()
+            norm += wf.pow(2).sum().item()
+            parts.append(qw)
+            del block, wf
+        first = parts[0]
+        tensors = {name: (first.tensors[name] if dim is None else torch.cat([p.tensors[name] for p in parts], dim))
+                   for name, dim in self.row_split.items()}
+        attrs = {**first.attrs, **({"out_features": n} if "out_features" in first.attrs else {})}
+        return QuantizedWeight(first.op, tensors, attrs, n, k), (err / norm) ** 0.5 if norm > 0 else 0.0
 
 
 def valid_scheme_names() -> list[str]:

@@ -24,6 +24,7 @@ class Float8WeightOnly(Scheme):
     op: ClassVar[str] = "linear_float8wo"
     forms: ClassVar[tuple[str, ...]] = ('float8wo[-e4m3fn|-e5m2]',)
     examples: ClassVar[tuple[str, ...]] = ("float8wo", "float8wo-e5m2")
+    row_split: ClassVar[dict] = {"qweight": 0, "scale": 0}
     dtype: torch.dtype = torch.float8_e4m3fn
 
     def __post_init__(self):
@@ -71,6 +72,7 @@ class Float8DynamicActivation(Scheme):
     forms: ClassVar[tuple[str, ...]] = ('float8dq[-row][-ub<bound>]',)
     examples: ClassVar[tuple[str, ...]] = ("float8dq", "float8dq-row", "float8dq-row-ub600.0")
     granularity: str = "tensor"
+    row_split: ClassVar[dict] = {"qweight": 0, "scale": 0}
     activation_scale_ub: float = fmt.DEFAULT_ACTIVATION_SCALE_UB
 
     def __post_init__(self):
@@ -107,6 +109,9 @@ class Float8DynamicActivation(Scheme):
         except ValueError:
             raise ValueError(f"activation_scale_ub {ub!r} is not a number (e.g. float8dq-row-ub600.0)") from None
         return cls(granularity=gran, activation_scale_ub=bound)
+
+    def row_multiple(self, n: int, k: int) -> int | None:
+        return 1 if self.granularity == "row" else None  # a tensor-wise scale is a statistic of the whole
 
     def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
         q, scale = fmt.quantize_weight(weight, self.dtype, self.granularity)

@@ -21,6 +21,8 @@ __all__ = ["Int8DynamicActivation", "LLMInt8"]
 class _Int8Weights(Scheme):
     """Weight side shared by both schemes: symmetric per-output-channel int8."""
 
+    row_split: ClassVar[dict] = {"qweight": 0, "scale": 0}
+
     def _quantize(self, weight: torch.Tensor, **scalars) -> QuantizedWeight:
         q, scale = fmt.quantize_weight(weight)
         return QuantizedWeight(self.op, {"qweight": q, "scale": scale}, self.op_attrs(**scalars), *weight.shape)

@@ -22,6 +22,7 @@ class Int8WeightOnly(Scheme):
     op: ClassVar[str] = "linear_int8wo"
     forms: ClassVar[tuple[str, ...]] = ('int8wo',)
     examples: ClassVar[tuple[str, ...]] = ("int8wo",)
+    row_split: ClassVar[dict] = {"qweight": 0, "scale": 0}
 
     def __str__(self) -> str:
         return "int8wo"
@@ -46,6 +47,7 @@ class Int4WeightOnly(Scheme):
     op: ClassVar[str] = "linear_int4wo"
     forms: ClassVar[tuple[str, ...]] = ('int4wo-<g> (g in 32, 64, 128, 256)',)
     examples: ClassVar[tuple[str, ...]] = tuple(f"int4wo-{g}" for g in int4_fmt.GROUP_SIZES)
+    row_split: ClassVar[dict] = {"qweight": 0, "scales_and_zeros": 1}
     group_size: int = 128
 
     def __post_init__(self):
@@ -73,6 +75,9 @@ class Int4WeightOnly(Scheme):
         tensors = int4_fmt.to_storage(weight, self.group_size, block_n)
         attrs = self.op_attrs(group_size=self.group_size, block_n=block_n, out_features=weight.shape[0])
         return QuantizedWeight(self.op, tensors, attrs, *weight.shape)
+
+    def row_multiple(self, n: int, k: int) -> int:
+        return int4_fmt.ROW_ALIGN  # whole tiles: only the last block is padded
 
     def dequantize(self, qw: QuantizedWeight) -> torch.Tensor:
         return int4_fmt.from_storage(qw.tensors["qweight"], qw.tensors["scales_and_zeros"], self.group_size,
