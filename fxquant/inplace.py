@@ -187,7 +187,7 @@ class Lowering:
         self.done[id(site.qweight)] = new
 
     def _swap_tensor(self, site: Site, weight: torch.Tensor) -> None:
-        keep = weight.detach() if site.weight_attr in self.extra_uses else None
+        keep = weight if site.weight_attr in self.extra_uses else None  # the same tensor: still the model's
         packed = PackedWeight(site.qweight, site.transposed, weight.dtype, keep)
         is_param = isinstance(weight, nn.Parameter)
         new = nn.Parameter(packed, requires_grad=False) if is_param else packed

@@ -47,6 +47,8 @@ class Site:
     out_shape: tuple[int, int] | None = None  # (N, K) of W
     weight_dtype: torch.dtype | None = None
     weight_storage: tuple | None = None  # (device, data_ptr) of the float weight's storage
+    #: the float weight, weakly: its storage address means the same tensor only while it is alive
+    weight_ref: Any = field(default=None, repr=False, compare=False)
     scheme: Scheme | None = None
     rule: str = ""
     status: str = "skipped"

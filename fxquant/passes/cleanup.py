@@ -68,7 +68,8 @@ def note_kept_float_weights(sites, module: torch.nn.Module) -> None:
         if t is not None and type(t) in (torch.Tensor, torch.nn.Parameter):
             alive.setdefault(_storage_of(t), name)
     for site in sites:
-        key = site.weight_storage
+        # a freed weight's address may hold a new tensor (quantize_ frees as it goes): alive ones only
+        key = site.weight_storage if site.weight_ref is not None and site.weight_ref() is not None else None
         if site.status == "quantized" and not site.shared_with and key in alive:
             site.reason = f"float weight kept: the same tensor is still used as {alive[key]!r} (tied weights)"
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import operator
 import re
+import weakref
 
 import torch
 import torch.fx
@@ -138,6 +139,7 @@ def _finish(gm: torch.fx.GraphModule, site: Site) -> Site:
     site.out_shape = (int(n), int(k))
     site.weight_dtype = w.dtype
     site.weight_storage = (w.device, w.untyped_storage().data_ptr())
+    site.weight_ref = weakref.ref(w)
     site.bytes_before = w.numel() * w.element_size()
     if not isinstance(w, torch.nn.Parameter):
         site.weight_kind = "buffer"
