@@ -18,9 +18,9 @@ from fxquant.modules import QuantizedLinear
 pytestmark = pytest.mark.models
 
 #: prompts whose float greedy continuation has no near tie in its first 16 tokens (measured: int8wo
-#: agrees with float for 19, 24, 24, 24, 24 tokens of 24, float32)
+#: agrees with float for 19, 24, 24, 24 tokens of 24, float32; "The sun rises in the" too, 24)
 CLEAR_PROMPTS = ["The capital of France is", "def fibonacci(n):", "The largest planet in the solar system is",
-                 "The sun rises in the", "The best way to learn a new language is"]
+                 "The best way to learn a new language is"]
 #: prompts whose float continuation has a near tie early (measured: int8wo diverges at token 3, 4, 1
 #: and 16, where float's top-2 logits are 0.065, 0.036, 0.068, 0.012 apart)
 TIED_PROMPTS = ["Once upon a time, there was a little girl who", "To make a cup of tea, first",
@@ -146,8 +146,9 @@ def test_torch_compile_adds_no_graph_break(smollm2, bf16_pair):
 
 
 def test_static_cache_decode_under_compile_does_not_recompile_per_token(smollm2, bf16_pair):
-    """``model.forward = torch.compile(model.forward)`` + static cache: as many graphs for 12 new tokens
-    as the float model needs (prefill + decode), and none more on a second call."""
+    """``model.forward = torch.compile(model.forward, fullgraph=True)`` + static cache: as many graphs
+    for 12 new tokens as the float model needs (prefill + decode), none more on a second call, and the
+    tokens of eager decode."""
     from torch._dynamo.utils import counters
 
     _, tokenizer = smollm2
@@ -156,7 +157,8 @@ def test_static_cache_decode_under_compile_does_not_recompile_per_token(smollm2,
     for m in bf16_pair:
         torch._dynamo.reset()
         counters.clear()
-        m.forward = torch.compile(m.forward, backend="eager")  # Dynamo's graphs; Inductor is not under test
+        # Dynamo's graphs (Inductor is not under test here; tools/bench_e2e.py times it), fullgraph as for float
+        m.forward = torch.compile(m.forward, backend="eager", fullgraph=True)
         try:
             outputs.append(new_tokens(m, enc, 12, cache_implementation="static"))
             first = counters["stats"]["unique_graphs"]
