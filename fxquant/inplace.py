@@ -28,9 +28,9 @@ from torch import nn
 from .modules import PackedWeight, QuantizedLinear
 from .passes import Site
 from .passes._base import get_attr_path
+from .passes.match import _param
 from .report import INPLACE_REPORT_ATTR, REPORT_KEY
 
-_TRANSPOSE_TARGETS = {"t", "transpose", "permute", "T", "mT", "t.default", "transpose.int", "permute.default"}
 
 
 def check_not_quantized(model: nn.Module) -> None:
@@ -82,13 +82,6 @@ def planning_kwargs(model: nn.Module, example_kwargs) -> dict:
     return kwargs
 
 
-def _is_transpose(node: torch.fx.Node) -> bool:
-    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
-    return (node.op in ("call_method", "call_function") and str(target).split(".")[-1] in _TRANSPOSE_TARGETS) or (
-        node.op == "call_function" and str(node.target).startswith("aten.") and str(node.target).split(".")[1] in
-        {"t", "transpose", "permute"}) or (node.op == "call_function" and node.args[1:] and node.args[1] in ("T", "mT"))
-
-
 def weights_used_outside_sites(gm: torch.fx.GraphModule, sites: list[Site]) -> set[str]:
     """Weight paths of the planned sites that the graph also reads elsewhere than in a linear site
     (directly or through a transpose feeding one): their float tensor must be kept."""
@@ -101,7 +94,8 @@ def weights_used_outside_sites(gm: torch.fx.GraphModule, sites: list[Site]) -> s
         for user in node.users:
             if user in site_nodes:
                 continue
-            if _is_transpose(user) and user.users and all(u in site_nodes for u in user.users):
+            transpose = user.op != "get_attr" and _param(gm, user) is not None  # param.T feeding sites
+            if transpose and user.users and all(u in site_nodes for u in user.users):
                 continue
             out.add(node.target)
     return out
