@@ -11,7 +11,9 @@
  * is small (FMA latency 4, two FMA pipes).  The tile functions are always_inline and called with
  * constant tile sizes, so each size compiles to its own fully unrolled loop.
  * Compiled without AVX-512, fxq_avx512() returns 0 and the Python side uses the AVX2 kernels.
+ * Every exported kernel returns a status, as the AVX2 ones (native_common.h).
  */
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -127,12 +129,12 @@ INLINE float i8_row(const float *x, int64_t K, const int8_t *w) {
     return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
 }
 
-void fxq512_int8_gemv(const float *x, int64_t M, int64_t K, const int8_t *w, const uint16_t *scale,
-                      int64_t N, float *y, int64_t ldy, int nthreads) {
+int fxq512_int8_gemv(const float *x, int64_t M, int64_t K, const int8_t *w, const uint16_t *scale,
+                     int64_t N, float *y, int64_t ldy, int nthreads) {
     if (M == 1) {
 #pragma omp parallel for schedule(guided, 16) num_threads(nthreads)
         for (int64_t r = 0; r < N; r++) y[r] = i8_row(x, K, w + r * K) * fxq_bf16(scale[r]);
-        return;
+        return FXQ_OK;
     }
     const int64_t nb = (N + 3) / 4;
 #pragma omp parallel for schedule(guided) num_threads(nthreads)
@@ -150,12 +152,13 @@ void fxq512_int8_gemv(const float *x, int64_t M, int64_t K, const int8_t *w, con
                 for (int i = 0; i < mb; i++) y[(m0 + i) * ldy + r0 + r] = out[r][i] * fxq_bf16(scale[r0 + r]);
         }
     }
+    return FXQ_OK;
 }
 
 /* int8wo's large-M decoder: n int8 codes -> bf16, exactly (|q| <= 128 has 8 significant bits, so
  * its bf16 is the top half of its fp32), 64 per step; rows of W stay rows (oneDNN's bf16 GEMM reads
  * x @ block.T faster than x @ (a W.T block), measured). */
-void fxq512_int8_to_bf16(const int8_t *src, int64_t n, uint16_t *dst, int nthreads) {
+int fxq512_int8_to_bf16(const int8_t *src, int64_t n, uint16_t *dst, int nthreads) {
     const int64_t steps = (n + 63) / 64;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t t = 0; t < steps; t++) {
@@ -168,6 +171,7 @@ void fxq512_int8_to_bf16(const int8_t *src, int64_t n, uint16_t *dst, int nthrea
             _mm256_mask_storeu_epi16(dst + i, mk, _mm512_cvtepi32_epi16(_mm512_srli_epi32(f, 16)));
         }
     }
+    return FXQ_OK;
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -341,12 +345,13 @@ INLINE void i4_tile(const uint8_t *s0, int64_t w0, int64_t ch0, const uint8_t *s
 
 /* Work items: pairs of 16-byte chunks of a tile (a whole 64-row tile, whose 32 bytes per k share
  * cache lines: one thread reads each line once); a tile of 32 rows is one chunk. */
-void fxq512_int4t_gemv(const float *x, int64_t M, int64_t K, const uint8_t *s0, int64_t w0, int64_t ch0,
-                       const uint8_t *s1, int64_t w1, int64_t ch1, int64_t N, int64_t BN,
-                       int64_t gs, const uint16_t *scale, const uint16_t *zero, int64_t sz_row,
-                       int64_t sz_grp, float mid, float *y, int64_t ldy, int nthreads) {
+int fxq512_int4t_gemv(const float *x, int64_t M, int64_t K, const uint8_t *s0, int64_t w0, int64_t ch0,
+                      const uint8_t *s1, int64_t w1, int64_t ch1, int64_t N, int64_t BN,
+                      int64_t gs, const uint16_t *scale, const uint16_t *zero, int64_t sz_row,
+                      int64_t sz_grp, float mid, float *y, int64_t ldy, int nthreads) {
     const int64_t G = K / gs, T = (N + BN - 1) / BN, CH = BN / 32, half = BN / 2, P = (CH + 1) / 2;
-    float *xs = (float *)malloc(sizeof(float) * (size_t)(M * G > 0 ? M * G : 1));
+    float *xs = (float *)fxq_malloc(sizeof(float) * (size_t)(M * G));
+    if (!xs) return FXQ_ENOMEM;
     fxq_group_sums(x, M, G, gs, xs);
 #pragma omp parallel for collapse(2) schedule(guided) num_threads(nthreads)
     for (int64_t t = 0; t < T; t++)
@@ -372,6 +377,7 @@ void fxq512_int4t_gemv(const float *x, int64_t M, int64_t K, const uint8_t *s0, 
             }
         }
     free(xs);
+    return FXQ_OK;
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -594,10 +600,10 @@ INLINE void ax0b_chunk(const struct ax0_src *src, int64_t kn, const uint32_t *a0
 #undef AX0B_PAIR
 #endif
 
-void fxq512_int4t_axis0_gemv(const float *x, int64_t M, int64_t K, const uint8_t *s0, int64_t w0, int64_t ch0,
-                             const uint8_t *s1, int64_t w1, int64_t ch1, int64_t N, int64_t BN,
-                             const uint16_t *scale, const uint16_t *zero, int64_t R, float mid, float *y,
-                             int64_t ldy, float *ws, int nthreads) {
+int fxq512_int4t_axis0_gemv(const float *x, int64_t M, int64_t K, const uint8_t *s0, int64_t w0, int64_t ch0,
+                            const uint8_t *s1, int64_t w1, int64_t ch1, int64_t N, int64_t BN,
+                            const uint16_t *scale, const uint16_t *zero, int64_t R, float mid, float *y,
+                            int64_t ldy, float *ws, int nthreads) {
     const int64_t T = (N + BN - 1) / BN, half = BN / 2, CH = BN / 32, P = (CH + 1) / 2, W = R + BN;
     /* Tiles t and t + PT read the same AT window ((t * BN) % R).  A work item is up to GT tiles of
      * one such group, walked together along K in chunks of KC: the window's chunk (KC x BN floats)
@@ -610,7 +616,8 @@ void fxq512_int4t_axis0_gemv(const float *x, int64_t M, int64_t K, const uint8_t
     int64_t gcd = BN, rr = R;
     while (rr) { const int64_t t_ = gcd % rr; gcd = rr; rr = t_; }
     const int64_t PT = R / gcd; /* tiles per period of the window */
-    int64_t *order = (int64_t *)malloc(sizeof(int64_t) * (size_t)(2 * T + 2));
+    int64_t *order = (int64_t *)fxq_malloc(sizeof(int64_t) * (size_t)(2 * T + 2));
+    if (!order) return FXQ_ENOMEM;
     int64_t *item = order + T, n_items = 0; /* item i: order[item[i] .. item[i + 1]) */
     for (int64_t g = 0, i = 0; g < PT && g < T; g++) {
         int64_t in_item = 0;
@@ -760,13 +767,15 @@ void fxq512_int4t_axis0_gemv(const float *x, int64_t M, int64_t K, const uint8_t
         }
     }
     free(order);
+    return FXQ_OK;
 }
 
-/* the row loop of the 4-bit table GEMVs: per row of codes its block scales (sbuf), then tiles of up
- * to MT rows of x through CALL(mb), which writes out[] */
-#define LUT4_ROWS(CALL)                                                                                 \
+/* the row loop of the 4-bit table GEMVs: per row of codes its block scales (sbuf: the thread's nblk
+ * floats of SB, which holds nthreads * nblk), then tiles of up to MT rows of x through CALL(mb),
+ * which writes out[] */
+#define LUT4_ROWS(CALL, SB)                                                                             \
     _Pragma("omp parallel num_threads(nthreads)") {                                                    \
-        float *sbuf = (float *)malloc(sizeof(float) * (size_t)(nblk > 0 ? nblk : 1));                  \
+        float *sbuf = (SB) + omp_get_thread_num() * nblk;                                              \
         _Pragma("omp for schedule(guided)") for (int64_t n = 0; n < N; n++) {                          \
             row_scales512(n, nblk, mode, sc, dq_code, dq_scale, dq_offset, dq_block, sbuf);             \
             for (int64_t m0 = 0; m0 < M; m0 += MT) {                                                    \
@@ -776,7 +785,6 @@ void fxq512_int4t_axis0_gemv(const float *x, int64_t M, int64_t K, const uint8_t
                 for (int i = 0; i < mb; i++) y[(m0 + i) * ldy + n] = out[i];                            \
             }                                                                                           \
         }                                                                                               \
-        free(sbuf);                                                                                     \
     }
 
 /* ---------------------------------------------------------------------------------------------
@@ -820,15 +828,19 @@ INLINE void lut4_tile(const uint8_t *row, const float *xh, const float *xl, int6
         out[m] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]), _mm512_add_ps(acc[m][2], acc[m][3])));
 }
 
-void fxq512_lut4_gemv(const float *xh, const float *xl, int64_t M, int64_t C, const uint8_t *codes,
-                      int64_t row_stride, int64_t N, const float *table, int64_t bb, int mode,
-                      const void *sc, const float *dq_code, const float *dq_scale, float dq_offset,
-                      int64_t dq_block, float *y, int64_t ldy, int nthreads) {
+int fxq512_lut4_gemv(const float *xh, const float *xl, int64_t M, int64_t C, const uint8_t *codes,
+                     int64_t row_stride, int64_t N, const float *table, int64_t bb, int mode,
+                     const void *sc, const float *dq_code, const float *dq_scale, float dq_offset,
+                     int64_t dq_block, float *y, int64_t ldy, int nthreads) {
     const int64_t nblk = C / bb;
+    float *sb = (float *)fxq_malloc(sizeof(float) * (size_t)(nthreads * nblk));
+    if (!sb) return FXQ_ENOMEM;
     const __m512 tv = _mm512_loadu_ps(table);
 #define LUT4_CALL(c_) lut4_tile(codes + n * row_stride, xh + m0 * C, xl + m0 * C, C, bb, sbuf, tv, c_, out)
-    LUT4_ROWS(LUT4_CALL)
+    LUT4_ROWS(LUT4_CALL, sb)
 #undef LUT4_CALL
+    free(sb);
+    return FXQ_OK;
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -862,10 +874,10 @@ INLINE void fpx3_tile(const uint8_t *row, const float *x, int64_t Kp, __m512 t, 
     for (int i = 0; i < mb; i++) out[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]));
 }
 
-void fxq512_fpx_gemv(const float *x, int64_t M, int64_t Kp, const uint8_t *codes, int64_t row_bytes,
-                     int64_t N, int bits, const int8_t *table, const uint16_t *scale, float factor,
-                     float *y, int64_t ldy, int nthreads) {
-    if (bits != 3) return; /* the Python side routes 4-bit fpX to the table kernel */
+int fxq512_fpx_gemv(const float *x, int64_t M, int64_t Kp, const uint8_t *codes, int64_t row_bytes,
+                    int64_t N, int bits, const int8_t *table, const uint16_t *scale, float factor,
+                    float *y, int64_t ldy, int nthreads) {
+    if (bits != 3) return FXQ_EARG; /* the Python side routes 4-bit fpX to the table kernel */
     float tf[16];
     for (int c = 0; c < 16; c++) tf[c] = (float)table[c & 7] * factor;
     const __m512 tv = _mm512_loadu_ps(tf);
@@ -881,6 +893,7 @@ void fxq512_fpx_gemv(const float *x, int64_t M, int64_t Kp, const uint8_t *codes
             for (int i = 0; i < mb; i++) y[(m0 + i) * ldy + n] = out[i];
         }
     }
+    return FXQ_OK;
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -914,9 +927,10 @@ INLINE void onebit_tile(const uint8_t *row, const float *xb, int64_t CB, const i
         out[i] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]), _mm512_add_ps(acc[i][2], acc[i][3])));
 }
 
-void fxq512_onebit_gemv(const float *xb, int64_t M, int64_t CB, const uint8_t *bits, int64_t N,
-                        const uint16_t *a, float *y, int64_t ldy, int nthreads) {
-    float *tot = (float *)malloc(sizeof(float) * (size_t)(M > 0 ? M : 1));
+int fxq512_onebit_gemv(const float *xb, int64_t M, int64_t CB, const uint8_t *bits, int64_t N,
+                       const uint16_t *a, float *y, int64_t ldy, int nthreads) {
+    float *tot = (float *)fxq_malloc(sizeof(float) * (size_t)M);
+    if (!tot) return FXQ_ENOMEM;
     fxq_row_totals(xb, M, 8 * CB, tot);
 #pragma omp parallel for schedule(guided) num_threads(nthreads)
     for (int64_t n = 0; n < N; n++)
@@ -929,6 +943,7 @@ void fxq512_onebit_gemv(const float *xb, int64_t M, int64_t CB, const uint8_t *b
             for (int i = 0; i < mb; i++) y[(m0 + i) * ldy + n] = fxq_bf16(a[n]) * (2.f * out[i] - tot[m0 + i]);
         }
     free(tot);
+    return FXQ_OK;
 }
 
 #if FXQ_BF16DOT
@@ -998,11 +1013,12 @@ INLINE void i4b_tile(const uint8_t *tile, int64_t K, int64_t gs, const uint16_t 
 }
 
 /* x bf16 [M, K]; w: the 4-bit int4pack tiles of 64 rows (K/2 * 64 bytes each); gs even */
-void fxq512_int4t_bf16_gemv(const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, int64_t gs,
-                            const uint16_t *scale, const uint16_t *zero, int64_t sz_row, int64_t sz_grp,
-                            float mid, float *y, int64_t ldy, int nthreads) {
+int fxq512_int4t_bf16_gemv(const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, int64_t gs,
+                           const uint16_t *scale, const uint16_t *zero, int64_t sz_row, int64_t sz_grp,
+                           float mid, float *y, int64_t ldy, int nthreads) {
     const int64_t G = K / gs, T = (N + 63) / 64;
-    float *xs = (float *)malloc(sizeof(float) * (size_t)(M * G > 0 ? M * G : 1));
+    float *xs = (float *)fxq_malloc(sizeof(float) * (size_t)(M * G));
+    if (!xs) return FXQ_ENOMEM;
     for (int64_t m = 0; m < M; m++)
         for (int64_t j = 0; j < G; j++) {
             float s = 0.f;
@@ -1019,27 +1035,28 @@ void fxq512_int4t_bf16_gemv(const uint16_t *x, int64_t M, int64_t K, const uint8
 #undef I4B_CALL
         }
     free(xs);
+    return FXQ_OK;
 }
 /* x [M, K] fp32 (or bf16 with x_bf16) -> y [M, N] fp32 (or bf16 with y_bf16, rounded once), the
  * conversions done here instead of two torch ops per call (a small layer at M = 1 feels each). */
-void fxq512_int4t_bf16_gemv_x(const void *x, int x_bf16, int64_t M, int64_t K, const uint8_t *w, int64_t N,
-                              int64_t gs, const uint16_t *scale, const uint16_t *zero, int64_t sz_row,
-                              int64_t sz_grp, float mid, void *y, int y_bf16, int64_t ldy, int nthreads) {
-    uint16_t *xb = x_bf16 ? NULL : (uint16_t *)aligned_alloc(64, (size_t)((M * K * 2 + 63) / 64 * 64));
-    float *yf = y_bf16 ? (float *)malloc(sizeof(float) * (size_t)(M * N > 0 ? M * N : 1)) : (float *)y;
+int fxq512_int4t_bf16_gemv_x(const void *x, int x_bf16, int64_t M, int64_t K, const uint8_t *w, int64_t N,
+                             int64_t gs, const uint16_t *scale, const uint16_t *zero, int64_t sz_row,
+                             int64_t sz_grp, float mid, void *y, int y_bf16, int64_t ldy, int nthreads) {
+    uint16_t *xb = x_bf16 ? NULL : (uint16_t *)fxq_aligned64((size_t)(M * K * 2));
+    float *yf = y_bf16 ? (float *)fxq_malloc(sizeof(float) * (size_t)(M * N)) : (float *)y;
     if ((!x_bf16 && !xb) || !yf) {
         free(xb);
         if (y_bf16) free(yf);
-        return;
+        return FXQ_ENOMEM;
     }
     if (!x_bf16)
         for (int64_t i = 0; i < M * K; i += 16) {
             const __mmask16 mk = tail16(M * K - i);
             _mm256_mask_storeu_epi16(xb + i, mk, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mk, (const float *)x + i)));
         }
-    fxq512_int4t_bf16_gemv(x_bf16 ? (const uint16_t *)x : xb, M, K, w, N, gs, scale, zero, sz_row, sz_grp, mid,
-                           yf, y_bf16 ? N : ldy, nthreads);
-    if (y_bf16)
+    const int st = fxq512_int4t_bf16_gemv(x_bf16 ? (const uint16_t *)x : xb, M, K, w, N, gs, scale, zero, sz_row,
+                                          sz_grp, mid, yf, y_bf16 ? N : ldy, nthreads);
+    if (y_bf16 && st == FXQ_OK)
         for (int64_t m = 0; m < M; m++)
             for (int64_t n = 0; n < N; n += 16) {
                 const __mmask16 mk = tail16(N - n);
@@ -1048,6 +1065,7 @@ void fxq512_int4t_bf16_gemv_x(const void *x, int x_bf16, int64_t M, int64_t K, c
             }
     free(xb);
     if (y_bf16) free(yf);
+    return st;
 }
 /* 4-bit table codes (layout as fxq512_lut4_gemv), bf16 activations: vdpbf16ps on the table in
  * bf16.  32 bytes widen to 32 words; vpermw looks up 32 bf16 values per instruction with the low 5
@@ -1135,16 +1153,20 @@ INLINE void lut4b_tile(const uint8_t *row, const uint16_t *xh, const uint16_t *x
     for (int m = 0; m < mb; m++) out[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
 }
 
-void fxq512_lut4_bf16_gemv(const uint16_t *xh, const uint16_t *xl, int64_t M, int64_t C, const uint8_t *codes,
-                           int64_t row_stride, int64_t N, const float *table, int64_t bb, int mode,
-                           const void *sc, const float *dq_code, const float *dq_scale, float dq_offset,
-                           int64_t dq_block, float *y, int64_t ldy, int nthreads) {
+int fxq512_lut4_bf16_gemv(const uint16_t *xh, const uint16_t *xl, int64_t M, int64_t C, const uint8_t *codes,
+                          int64_t row_stride, int64_t N, const float *table, int64_t bb, int mode,
+                          const void *sc, const float *dq_code, const float *dq_scale, float dq_offset,
+                          int64_t dq_block, float *y, int64_t ldy, int nthreads) {
     const int64_t nblk = C / bb;
+    float *sb = (float *)fxq_malloc(sizeof(float) * (size_t)(nthreads * nblk));
+    if (!sb) return FXQ_ENOMEM;
     const __m256i t16 = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(table));
     const __m512i t32 = _mm512_inserti64x4(_mm512_castsi256_si512(t16), t16, 1);
 #define LUT4B_CALL(c_) lut4b_tile(codes + n * row_stride, xh + m0 * C, xl + m0 * C, C, bb, sbuf, t32, c_, out)
-    LUT4_ROWS(LUT4B_CALL)
+    LUT4_ROWS(LUT4B_CALL, sb)
 #undef LUT4B_CALL
+    free(sb);
+    return FXQ_OK;
 }
 /* 4-bit table codes, rows of whole 64-byte chunks (C % 64 == 0) and blocks of 32 bytes or a multiple
  * of 64: one 64-byte load per 128 codes, no widening.  The load read as 32 words: word j holds
@@ -1212,39 +1234,45 @@ static void lut4q_x(const void *x, int x_bf16, int64_t M, int64_t K, uint16_t *x
     }
 }
 
-static void lut4q_gemv_x(const void *x, int x_bf16, int64_t M, int64_t C, const uint8_t *codes, int64_t row_stride,
-                         int64_t N, const float *table, int64_t bb, int mode, const void *sc, const float *dq_code,
-                         const float *dq_scale, float dq_offset, int64_t dq_block, float *y, int64_t ldy,
-                         int nthreads) {
+static int lut4q_gemv_x(const void *x, int x_bf16, int64_t M, int64_t C, const uint8_t *codes, int64_t row_stride,
+                        int64_t N, const float *table, int64_t bb, int mode, const void *sc, const float *dq_code,
+                        const float *dq_scale, float dq_offset, int64_t dq_block, float *y, int64_t ldy,
+                        int nthreads) {
     const int64_t K = 2 * C, nblk = C / bb;
-    uint16_t *x4 = (uint16_t *)aligned_alloc(64, sizeof(uint16_t) * (size_t)(M * K));
-    if (!x4) return;
+    uint16_t *x4 = (uint16_t *)fxq_aligned64(sizeof(uint16_t) * (size_t)(M * K));
+    float *sb = (float *)fxq_malloc(sizeof(float) * (size_t)(nthreads * nblk));
+    if (!x4 || !sb) {
+        free(x4);
+        free(sb);
+        return FXQ_ENOMEM;
+    }
     lut4q_x(x, x_bf16, M, K, x4);
     const __m256i t16 = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(table));
     const __m512i t32 = _mm512_inserti64x4(_mm512_castsi256_si512(t16), t16, 1);
 #define LUT4Q_CALL(c_) lut4q_tile(codes + n * row_stride, x4 + m0 * K, C, bb, sbuf, t32, c_, out)
-    LUT4_ROWS(LUT4Q_CALL)
+    LUT4_ROWS(LUT4Q_CALL, sb)
 #undef LUT4Q_CALL
     free(x4);
+    free(sb);
+    return FXQ_OK;
 }
 
 /* The same with x [M, 2C] (fp32, or bf16 with x_bf16) as the op receives it: rows of whole 64-byte
  * chunks with 32-byte or 64-byte-multiple blocks take lut4q_gemv_x; otherwise x is split into the
  * high- and low-nibble halves (even / odd k) and rounded to bf16 here, one pass, instead of two
  * strided torch conversions per call (~40 us of a ~1 ms GEMV at 11008x4096). */
-void fxq512_lut4_bf16_gemv_x(const void *x, int x_bf16, int64_t M, int64_t C, const uint8_t *codes,
-                             int64_t row_stride, int64_t N, const float *table, int64_t bb, int mode,
-                             const void *sc, const float *dq_code, const float *dq_scale, float dq_offset,
-                             int64_t dq_block, float *y, int64_t ldy, int nthreads) {
-    if (C > 0 && C % 64 == 0 && (bb == 32 || bb % 64 == 0)) {
-        lut4q_gemv_x(x, x_bf16, M, C, codes, row_stride, N, table, bb, mode, sc, dq_code, dq_scale, dq_offset,
-                     dq_block, y, ldy, nthreads);
-        return;
-    }
+int fxq512_lut4_bf16_gemv_x(const void *x, int x_bf16, int64_t M, int64_t C, const uint8_t *codes,
+                            int64_t row_stride, int64_t N, const float *table, int64_t bb, int mode,
+                            const void *sc, const float *dq_code, const float *dq_scale, float dq_offset,
+                            int64_t dq_block, float *y, int64_t ldy, int nthreads) {
+    if (C > 0 && C % 64 == 0 && (bb == 32 || bb % 64 == 0))
+        return lut4q_gemv_x(x, x_bf16, M, C, codes, row_stride, N, table, bb, mode, sc, dq_code, dq_scale,
+                            dq_offset, dq_block, y, ldy, nthreads);
     /* 64-byte aligned halves: every row of codes reloads all of x (unaligned: a split line per load) */
     const int64_t half = (M * C + 31) / 32 * 32;
-    uint16_t *xh = (uint16_t *)aligned_alloc(64, sizeof(uint16_t) * (size_t)(2 * half)), *xl = xh + half;
-    if (!xh) return;
+    uint16_t *xh = (uint16_t *)fxq_aligned64(sizeof(uint16_t) * (size_t)(2 * half));
+    if (!xh) return FXQ_ENOMEM;
+    uint16_t *xl = xh + half;
     int16_t ev[32];
     for (int i = 0; i < 16; i++) ev[i] = (int16_t)(2 * i), ev[16 + i] = (int16_t)(2 * i + 1);
     const __m512i perm = _mm512_loadu_si512(ev);
@@ -1264,9 +1292,10 @@ void fxq512_lut4_bf16_gemv_x(const void *x, int x_bf16, int64_t M, int64_t C, co
             _mm256_mask_storeu_epi16(xh + m * C + j, mk, _mm512_castsi512_si256(v));
             _mm256_mask_storeu_epi16(xl + m * C + j, mk, _mm512_extracti64x4_epi64(v, 1));
         }
-    fxq512_lut4_bf16_gemv(xh, xl, M, C, codes, row_stride, N, table, bb, mode, sc, dq_code, dq_scale, dq_offset,
-                          dq_block, y, ldy, nthreads);
+    const int st = fxq512_lut4_bf16_gemv(xh, xl, M, C, codes, row_stride, N, table, bb, mode, sc, dq_code, dq_scale,
+                                         dq_offset, dq_block, y, ldy, nthreads);
     free(xh);
+    return st;
 }
 /* fpX, X = 3 (layout: fxq512_fpx_gemv), bf16 activations: 32 codes per step.  The 3-bit index
  * 2 * (2-bit plane bits) + (1-bit plane bit) is built on bytes (the epi16 shifts move a neighbour
@@ -1303,10 +1332,10 @@ INLINE void fpx3b_tile(const uint8_t *row, const uint16_t *x, int64_t Kp, __m512
 }
 
 /* arguments as fxq512_fpx_gemv with x bf16 [M, Kp] */
-void fxq512_fpx3_bf16_gemv(const uint16_t *x, int64_t M, int64_t Kp, const uint8_t *codes, int64_t row_bytes,
-                           int64_t N, int bits, const int8_t *table, const uint16_t *scale, float factor,
-                           float *y, int64_t ldy, int nthreads) {
-    if (bits != 3) return;
+int fxq512_fpx3_bf16_gemv(const uint16_t *x, int64_t M, int64_t Kp, const uint8_t *codes, int64_t row_bytes,
+                          int64_t N, int bits, const int8_t *table, const uint16_t *scale, float factor,
+                          float *y, int64_t ldy, int nthreads) {
+    if (bits != 3) return FXQ_EARG;
     float tf[16];
     for (int c = 0; c < 16; c++) tf[c] = (float)table[c & 7] * factor;
     const __m256i t16 = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(tf));
@@ -1323,6 +1352,7 @@ void fxq512_fpx3_bf16_gemv(const uint16_t *x, int64_t M, int64_t Kp, const uint8
             for (int i = 0; i < mb; i++) y[(m0 + i) * ldy + n] = out[i] * s;
         }
     }
+    return FXQ_OK;
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -1402,6 +1432,7 @@ GM_FAMILY(gm4_ukr, 1, nr_, 64, 2)
 static void *gm_tls(int slot, size_t bytes) {
     static __thread void *buf[GM_SLOTS];
     static __thread size_t cap[GM_SLOTS];
+    if (FXQ_FAULT()) return NULL; /* test builds: every request counts, cached or not */
     bytes = (bytes + 63) / 64 * 64;
     if (cap[slot] < bytes) {
         free(buf[slot]);
@@ -1577,7 +1608,7 @@ int fxq512_int8_bf16_gemm(const void *x, int64_t M, int64_t K, int64_t lda, cons
     const int out_bf16 = io & GM_OUT_BF16;
     const int64_t MB = (M + 31) / 32, NPAIR = K / 2, NP = (N + GM_NR - 1) / GM_NR;
     uint32_t *xt = gm_tls(0, (size_t)(MB * NPAIR * 32 * 4 + 64));
-    if (!xt) return -1;
+    if (!xt) return FXQ_ENOMEM;
     int failed = 0;
     int64_t next = 0;
 #pragma omp parallel num_threads(nthreads)
@@ -1632,7 +1663,7 @@ int fxq512_int8_bf16_gemm(const void *x, int64_t M, int64_t K, int64_t lda, cons
             }
         }
     }
-    return failed ? -1 : 0;
+    return failed ? FXQ_ENOMEM : FXQ_OK;
 }
 
 /* int4 tiles (layout: fxq512_int4t_gemv), M large: y [M, N] = x @ W.T (bf16, or fp32 when !out_bf16) with
@@ -1721,7 +1752,7 @@ int fxq512_int4t_bf16_gemm(const void *x, int64_t M, int64_t K, int64_t lda, con
     const int out_bf16 = io & GM_OUT_BF16;
     const int64_t MB = (M + GM_NR - 1) / GM_NR, NPAIR = K / 2, NT = (N + 63) / 64;
     uint32_t *ap = gm_tls(0, (size_t)(MB * GM_NR * NPAIR * 4));
-    if (!ap) return -1;
+    if (!ap) return FXQ_ENOMEM;
     int failed = 0;
     int64_t next = 0;
 #pragma omp parallel num_threads(nthreads)
@@ -1802,7 +1833,7 @@ int fxq512_int4t_bf16_gemm(const void *x, int64_t M, int64_t K, int64_t lda, con
             }
         }
     }
-    return failed ? -1 : 0;
+    return failed ? FXQ_ENOMEM : FXQ_OK;
 }
 
 #endif /* FXQ_BF16DOT */

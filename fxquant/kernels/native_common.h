@@ -4,7 +4,38 @@
 #define FXQ_NATIVE_COMMON_H
 
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+
+/* Status of the kernels that allocate (every exported kernel returns one): 0 done; FXQ_ENOMEM an
+ * allocation failed and nothing was written (native_cpu.py raises MemoryError); FXQ_EARG the
+ * arguments name a layout the kernel does not compute (ValueError). */
+#define FXQ_OK 0
+#define FXQ_ENOMEM (-1)
+#define FXQ_EARG (-2)
+
+#ifdef FXQ_FAULT_INJECT
+/* Test builds only (-DFXQ_FAULT_INJECT, tests/ops/test_native_alloc.py): fxq_fail_alloc(n) makes the
+ * n-th allocation request from now fail (1: the next one), then requests succeed again.  Defined in
+ * native_cpu.c; production builds have neither the counter nor its check. */
+extern int fxq_fault_countdown;
+static inline int fxq_fault_now(void) {
+    if (__atomic_load_n(&fxq_fault_countdown, __ATOMIC_RELAXED) <= 0) return 0;
+    return __atomic_sub_fetch(&fxq_fault_countdown, 1, __ATOMIC_RELAXED) == 0;
+}
+#define FXQ_FAULT() fxq_fault_now()
+#else
+#define FXQ_FAULT() 0
+#endif
+
+/* Every allocation of the kernels goes through these (NULL on failure, which the caller checks);
+ * at least one byte, so that an empty request is not mistaken for a failure. */
+static inline void *fxq_malloc(size_t bytes) {
+    return FXQ_FAULT() ? NULL : malloc(bytes ? bytes : 1);
+}
+static inline void *fxq_aligned64(size_t bytes) {
+    return FXQ_FAULT() ? NULL : aligned_alloc(64, bytes ? (bytes + 63) / 64 * 64 : 64);
+}
 
 static inline float fxq_bf16(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;

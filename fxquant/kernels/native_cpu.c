@@ -2,13 +2,15 @@
  * (native_avx512.c holds the AVX-512 versions of the same kernels, same arguments).
  *
  * Every kernel reads the format's *stored* bytes as they are (no repacking, no decoded copy of the
- * weight) and accumulates in fp32: x is fp32 [M, K] row-major, y is fp32 [M, ldy].  The math of
+ * weight) and accumulates in fp32: x is fp32 [M, K] row-major, y is fp32 [M, ldy].  Every kernel
+ * returns a status (FXQ_OK, or FXQ_ENOMEM / FXQ_EARG before writing anything: native_common.h).  The math of
  * each layout is documented once, in fxquant/formats/<format>.py; the comments here only say how
  * the bytes are walked.  Threads: OpenMP over output rows (or tiles of rows), guided schedule (a thread that wakes up
  * late takes less work: measured a few % lower medians than static here).
  * Compiled without AVX2/FMA (another CPU), fxq_simd() returns 0 and the Python side never calls
  * the kernels: the ops keep their ATen paths.
  */
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -23,6 +25,14 @@
 #endif
 
 int fxq_simd(void) { return FXQ_SIMD; }
+
+#ifdef FXQ_FAULT_INJECT
+int fxq_fault_countdown = 0;
+/* the n-th allocation request from now fails (n <= 0: none); see native_common.h */
+void fxq_fail_alloc(int n) { __atomic_store_n(&fxq_fault_countdown, n, __ATOMIC_RELAXED); }
+/* requests left before the failure (0 once it happened or when none is armed) */
+int fxq_fail_alloc_pending(void) { return __atomic_load_n(&fxq_fault_countdown, __ATOMIC_RELAXED); }
+#endif
 
 #if FXQ_SIMD
 
@@ -56,8 +66,8 @@ static float dot_i8(const int8_t *w, const float *x, int64_t K) {
     return s;
 }
 
-void fxq_int8_gemv(const float *x, int64_t M, int64_t K, const int8_t *w, const uint16_t *scale,
-                   int64_t N, float *y, int64_t ldy, int nthreads) {
+int fxq_int8_gemv(const float *x, int64_t M, int64_t K, const int8_t *w, const uint16_t *scale,
+                  int64_t N, float *y, int64_t ldy, int nthreads) {
     int64_t nb = (N + 3) / 4;
 #pragma omp parallel for schedule(guided) num_threads(nthreads)
     for (int64_t blk = 0; blk < nb; blk++) {
@@ -98,6 +108,7 @@ void fxq_int8_gemv(const float *x, int64_t M, int64_t K, const int8_t *w, const 
             }
         }
     }
+    return FXQ_OK;
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -180,14 +191,15 @@ static inline __m128i shard16(const uint8_t *s, int64_t w, int64_t ch, int64_t m
 
 /* s0 (and s1, or NULL): the plane's shards of widths w0 (w1), ch0 (ch1) bytes each; a 4-bit plane
  * is one shard of width 4, the stored bytes themselves (read in place: the fast path). */
-void fxq_int4t_gemv(const float *x, int64_t M, int64_t K, const uint8_t *s0, int64_t w0, int64_t ch0,
-                    const uint8_t *s1, int64_t w1, int64_t ch1, int64_t N, int64_t BN,
-                    int64_t gs, const uint16_t *scale, const uint16_t *zero, int64_t sz_row,
-                    int64_t sz_grp, float mid, float *y, int64_t ldy, int nthreads) {
+int fxq_int4t_gemv(const float *x, int64_t M, int64_t K, const uint8_t *s0, int64_t w0, int64_t ch0,
+                   const uint8_t *s1, int64_t w1, int64_t ch1, int64_t N, int64_t BN,
+                   int64_t gs, const uint16_t *scale, const uint16_t *zero, int64_t sz_row,
+                   int64_t sz_grp, float mid, float *y, int64_t ldy, int nthreads) {
     const uint8_t *w = s0;
     const int fast4 = (w0 == 4 && s1 == NULL);
     const int64_t G = K / gs, T = (N + BN - 1) / BN, CH = BN / 32, half = BN / 2;
-    float *xs = (float *)malloc(sizeof(float) * (size_t)(M * G > 0 ? M * G : 1));
+    float *xs = (float *)fxq_malloc(sizeof(float) * (size_t)(M * G));
+    if (!xs) return FXQ_ENOMEM;
     fxq_group_sums(x, M, G, gs, xs);
     const __m256i m0f = _mm256_set1_epi32(0x0F);
 #pragma omp parallel for collapse(2) schedule(guided) num_threads(nthreads)
@@ -276,6 +288,7 @@ void fxq_int4t_gemv(const float *x, int64_t M, int64_t K, const uint8_t *s0, int
         }
     }
     free(xs);
+    return FXQ_OK;
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -311,13 +324,15 @@ void fxq_int4t_gemv(const float *x, int64_t M, int64_t K, const uint8_t *s0, int
         a3 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(w01h, w23h)), _mm256_loadu_ps(xi + 24), a3); \
     }
 
-void fxq_lut4_gemv(const float *xh, const float *xl, int64_t M, int64_t C, const uint8_t *codes,
-                   int64_t row_stride, int64_t N, const float *table, int64_t bb, int mode,
-                   const void *sc, const float *dq_code, const float *dq_scale, float dq_offset,
-                   int64_t dq_block, float *y, int64_t ldy, int nthreads) {
+int fxq_lut4_gemv(const float *xh, const float *xl, int64_t M, int64_t C, const uint8_t *codes,
+                  int64_t row_stride, int64_t N, const float *table, int64_t bb, int mode,
+                  const void *sc, const float *dq_code, const float *dq_scale, float dq_offset,
+                  int64_t dq_block, float *y, int64_t ldy, int nthreads) {
     const int64_t nblk = C / bb, full = bb / 16 * 16;
-    /* x rearranged: for each block, each full 16-byte chunk at byte i -> 32 floats at xa + 2 i */
-    float *xa = (float *)malloc(sizeof(float) * (size_t)(2 * C * M > 0 ? 2 * C * M : 1));
+    /* x rearranged: for each block, each full 16-byte chunk at byte i -> 32 floats at xa + 2 i;
+     * then the threads' block-scale buffers (nblk floats each) */
+    float *xa = (float *)fxq_malloc(sizeof(float) * (size_t)(2 * C * M + nthreads * nblk));
+    if (!xa) return FXQ_ENOMEM;
     for (int64_t m = 0; m < M; m++)
         for (int64_t blk = 0; blk < nblk; blk++)
             for (int64_t i = blk * bb; i < blk * bb + full; i += 16) {
@@ -344,7 +359,7 @@ void fxq_lut4_gemv(const float *xh, const float *xl, int64_t M, int64_t C, const
     for (int c = 0; c < 16; c++) bf16_table &= planes[0][c] == 0 && planes[1][c] == 0;
 #pragma omp parallel num_threads(nthreads)
     {
-        float *sbuf = (float *)malloc(sizeof(float) * (size_t)nblk);
+        float *sbuf = xa + 2 * C * M + omp_get_thread_num() * nblk;
 #pragma omp for schedule(guided)
         for (int64_t n = 0; n < N; n++) {
             const uint8_t *row = codes + n * row_stride;
@@ -372,9 +387,9 @@ void fxq_lut4_gemv(const float *xh, const float *xl, int64_t M, int64_t C, const
                 y[m * ldy + n] = hsum8(yv) + ytail;
             }
         }
-        free(sbuf);
     }
     free(xa);
+    return FXQ_OK;
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -388,9 +403,10 @@ void fxq_lut4_gemv(const float *xh, const float *xl, int64_t M, int64_t C, const
  * 32 codes at a time against 32 contiguous x; a run's remainder one code at a time.
  * W[n, k] = table[code] * factor * scale[n] (scale bf16).
  */
-void fxq_fpx_gemv(const float *x, int64_t M, int64_t Kp, const uint8_t *codes, int64_t row_bytes,
-                  int64_t N, int bits, const int8_t *table, const uint16_t *scale, float factor,
-                  float *y, int64_t ldy, int nthreads) {
+int fxq_fpx_gemv(const float *x, int64_t M, int64_t Kp, const uint8_t *codes, int64_t row_bytes,
+                 int64_t N, int bits, const int8_t *table, const uint16_t *scale, float factor,
+                 float *y, int64_t ldy, int nthreads) {
+    if (bits != 3 && bits != 4) return FXQ_EARG;
     int np, pw[2], psh[2];
     int64_t pcols[2], poff[2];
     if (bits == 4) {
@@ -447,6 +463,7 @@ void fxq_fpx_gemv(const float *x, int64_t M, int64_t Kp, const uint8_t *codes, i
             y[m * ldy + n] = acc * factor * bf16_to_f32(scale[n]);
         }
     }
+    return FXQ_OK;
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -454,9 +471,10 @@ void fxq_fpx_gemv(const float *x, int64_t M, int64_t Kp, const uint8_t *codes, i
  * xb fp32 [M, 8*CB] = x * b, zero-padded.  sum_k S x'_k = 2 * (sum over set bits of x'_k) - sum x'.
  * Four bytes (32 elements) per step: the word broadcast to 8 lanes, lane j of byte c tests bit 8c+j.
  */
-void fxq_onebit_gemv(const float *xb, int64_t M, int64_t CB, const uint8_t *bits, int64_t N,
-                     const uint16_t *a, float *y, int64_t ldy, int nthreads) {
-    float *tot = (float *)malloc(sizeof(float) * (size_t)(M > 0 ? M : 1));
+int fxq_onebit_gemv(const float *xb, int64_t M, int64_t CB, const uint8_t *bits, int64_t N,
+                    const uint16_t *a, float *y, int64_t ldy, int nthreads) {
+    float *tot = (float *)fxq_malloc(sizeof(float) * (size_t)M);
+    if (!tot) return FXQ_ENOMEM;
     fxq_row_totals(xb, M, 8 * CB, tot);
     __m256i masks[4];
     for (int c = 0; c < 4; c++)
@@ -487,13 +505,14 @@ void fxq_onebit_gemv(const float *xb, int64_t M, int64_t CB, const uint8_t *bits
         }
     }
     free(tot);
+    return FXQ_OK;
 }
 
 /* ---------------------------------------------------------------------------------------------
  * int8wo's large-M decoder: n int8 codes -> bf16, exactly (|q| <= 128 has 8 significant bits, so
  * its bf16 is the top half of its fp32), 8 per step.
  */
-void fxq_int8_to_bf16(const int8_t *src, int64_t n, uint16_t *dst, int nthreads) {
+int fxq_int8_to_bf16(const int8_t *src, int64_t n, uint16_t *dst, int nthreads) {
     const int64_t steps = n / 8;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t t = 0; t < steps; t++) {
@@ -510,6 +529,7 @@ void fxq_int8_to_bf16(const int8_t *src, int64_t n, uint16_t *dst, int nthreads)
         memcpy(&u, &f, 4);
         dst[i] = (uint16_t)(u >> 16);
     }
+    return FXQ_OK;
 }
 
 #endif /* FXQ_SIMD */

@@ -19,7 +19,11 @@ a later process loads it in milliseconds.  OpenMP resolves to the
 
 When the build fails (no compiler), the CPU has no AVX2/FMA, or ``FXQUANT_NATIVE=0`` is set,
 :func:`available` is False and every op keeps its ATen path; the reason is in :func:`status`.
-Each wrapper returns fp32 ``[M, N]`` or ``None`` when its layout preconditions do not hold.
+Each wrapper returns fp32 ``[M, N]`` or ``None`` when its layout preconditions do not hold.  Every
+kernel returns a status: a failed allocation (nothing written) raises ``MemoryError`` naming the
+kernel and the sizes, never a result left unwritten.  :func:`fault_injection_kernels` builds the
+library with ``-DFXQ_FAULT_INJECT`` (tests only), whose ``fail_alloc(n)`` makes the n-th allocation
+from then on fail.
 """
 from __future__ import annotations
 
@@ -78,8 +82,12 @@ _BF16DOT_SIGNATURES = {
     "fxq512_int4t_bf16_gemm": (_c_ptr, _c_i64, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_i64,
                                _c_float, _c_ptr, _c_i64, _c_int, _c_int),
 }
-#: kernels that return an int status (0 = done); the others return nothing
-_RESTYPES = {"fxq512_int8_bf16_gemm": ctypes.c_int, "fxq512_int4t_bf16_gemm": ctypes.c_int}
+#: the kernels' status codes (native_common.h): FXQ_ENOMEM, FXQ_EARG
+_ENOMEM, _EARG = -1, -2
+#: the build flags of the fault-injection library (tests only; see native_common.h): -O1 after -O3,
+#: since it is built once per source version for tests that run small shapes (measured here: 3.4 s
+#: at -O1, 24 s at -O3, on the loaded 2-core machine)
+FAULT_FLAGS = ("-DFXQ_FAULT_INJECT", "-O1")
 
 _status = "not loaded yet"
 
@@ -105,11 +113,12 @@ def _compiler() -> str:
     return os.environ.get("CC", "cc")
 
 
-def _build() -> Path:
+def _build(extra_flags: tuple[str, ...] = ()) -> Path:
     cc = _compiler()
+    flags = (*FLAGS, *extra_flags)
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
     texts = [p.read_text() for p in (*SOURCES, *HEADERS)]
-    key = hashlib.sha256("\0".join([*texts, " ".join(FLAGS), version, _cpu_id()]).encode())
+    key = hashlib.sha256("\0".join([*texts, " ".join(flags), version, _cpu_id()]).encode())
     name = f"fxquant_native_{key.hexdigest()[:16]}.so"
     out_dir = _cache_dir()
     if (out_dir / name).exists():
@@ -126,7 +135,7 @@ def _build() -> Path:
     lib = out_dir / name
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True)
+        proc = subprocess.run([cc, *flags, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[:2000]}")
         os.replace(tmp, lib)  # atomic: a concurrent process sees the whole library or none
@@ -174,25 +183,55 @@ def kernels(isa: str) -> types.SimpleNamespace:
     """The kernels of one instruction set of :func:`isas` (attributes named as in the C source)."""
     if isa not in isas():
         raise ValueError(f"native kernels for {isa!r} do not run here; available: {list(isas())}")
-    lib, ns = _library(), types.SimpleNamespace(isa=isa)
+    return _bind(_library(), isa)
+
+
+def _bind(lib: ctypes.CDLL, isa: str) -> types.SimpleNamespace:
+    """``lib``'s kernels of ``isa`` as attributes named as in the C source (every one returns an int
+    status), None for kernels this CPU or instruction set lacks."""
+    ns = types.SimpleNamespace(isa=isa)
     for name, argtypes in _SIGNATURES.items():
         fn = getattr(lib, name.replace("fxq_", "fxq512_") if isa == "avx512" else name)
-        fn.argtypes, fn.restype = list(argtypes), None
+        fn.argtypes, fn.restype = list(argtypes), ctypes.c_int
         setattr(ns, name, fn)
     for name, argtypes in _AVX512_SIGNATURES.items():
         fn = None
         if isa == "avx512":
             fn = getattr(lib, name)
-            fn.argtypes, fn.restype = list(argtypes), None
+            fn.argtypes, fn.restype = list(argtypes), ctypes.c_int
         setattr(ns, name, fn)
     # kernels of one instruction set only (None elsewhere): bf16 dot products need AVX512-BF16
     for name, argtypes in _BF16DOT_SIGNATURES.items():
         fn = None
         if isa == "avx512" and lib.fxq512_bf16dot():
             fn = getattr(lib, name)
-            fn.argtypes, fn.restype = list(argtypes), _RESTYPES.get(name)
+            fn.argtypes, fn.restype = list(argtypes), ctypes.c_int
         setattr(ns, name, fn)
     return ns
+
+
+@functools.lru_cache(maxsize=None)
+def fault_injection_kernels(isa: str) -> types.SimpleNamespace:
+    """Tests only: the kernels of ``isa`` from a separate build with :data:`FAULT_FLAGS`, plus
+    ``fail_alloc(n)`` (the n-th allocation request of any kernel from now fails; 0 disarms) and
+    ``fail_alloc_pending()`` (requests left before it; 0 once it fired).  Production builds have
+    neither the hook nor its check."""
+    if isa not in isas():
+        raise ValueError(f"native kernels for {isa!r} do not run here; available: {list(isas())}")
+    lib = ctypes.CDLL(str(_build(FAULT_FLAGS)))
+    ns = _bind(lib, isa)
+    ns.fail_alloc, ns.fail_alloc_pending = lib.fxq_fail_alloc, lib.fxq_fail_alloc_pending
+    ns.fail_alloc.argtypes, ns.fail_alloc.restype = [ctypes.c_int], None
+    ns.fail_alloc_pending.argtypes, ns.fail_alloc_pending.restype = [], ctypes.c_int
+    return ns
+
+
+def _raise(status: int, fn, **sizes) -> None:
+    """A kernel's non-zero status as an exception naming the C kernel and the sizes it was given."""
+    what = ", ".join(f"{k}={v}" for k, v in sizes.items())
+    if status == _ENOMEM:
+        raise MemoryError(f"native kernel {fn.__name__}: allocation failed ({what}); nothing was computed")
+    raise ValueError(f"native kernel {fn.__name__}: status {status} for {what} (a layout it does not compute)")
 
 
 @functools.lru_cache(maxsize=None)
@@ -254,7 +293,9 @@ def int8_gemv(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> t
     n, k = qweight.shape
     x, w, s = _fp32_rows(x2), qweight.contiguous(), scale.contiguous()
     y = _out(x.shape[0], n)
-    lib.fxq_int8_gemv(_ptr(x), x.shape[0], k, _ptr(w), _ptr(s), n, _ptr(y), n, torch.get_num_threads())
+    st = lib.fxq_int8_gemv(_ptr(x), x.shape[0], k, _ptr(w), _ptr(s), n, _ptr(y), n, torch.get_num_threads())
+    if st:
+        _raise(st, lib.fxq_int8_gemv, M=x.shape[0], K=k, N=n)
     return y
 
 
@@ -284,15 +325,19 @@ def int4_tiled_gemv(x2: torch.Tensor, qweight: torch.Tensor, *, block_n: int, gr
         # kernels do): exact products, so only the fp32 summation order differs from the reference
         x = x2.contiguous()
         y = torch.empty(x.shape[0], out_features, dtype=torch.bfloat16 if bf16_out else torch.float32)
-        lib.fxq512_int4t_bf16_gemv_x(_ptr(x), int(x.dtype == torch.bfloat16), x.shape[0], k, _ptr(w), out_features,
-                                     group_size, _ptr(scale), _ptr(zero), sr, sg, float(mid), _ptr(y),
-                                     int(bf16_out), out_features, torch.get_num_threads())
+        st = lib.fxq512_int4t_bf16_gemv_x(_ptr(x), int(x.dtype == torch.bfloat16), x.shape[0], k, _ptr(w),
+                                          out_features, group_size, _ptr(scale), _ptr(zero), sr, sg, float(mid),
+                                          _ptr(y), int(bf16_out), out_features, torch.get_num_threads())
+        if st:
+            _raise(st, lib.fxq512_int4t_bf16_gemv_x, M=x.shape[0], K=k, N=out_features, group_size=group_size)
         return y
     x = _fp32_rows(x2)
     y = _out(x.shape[0], out_features)
-    lib.fxq_int4t_gemv(_ptr(x), x.shape[0], k, _ptr(p0), w0, c0, _ptr(p1), w1, c1, out_features, block_n,
-                       group_size, _ptr(scale), _ptr(zero), sr, sg, float(mid), _ptr(y), out_features,
-                       torch.get_num_threads())
+    st = lib.fxq_int4t_gemv(_ptr(x), x.shape[0], k, _ptr(p0), w0, c0, _ptr(p1), w1, c1, out_features, block_n,
+                            group_size, _ptr(scale), _ptr(zero), sr, sg, float(mid), _ptr(y), out_features,
+                            torch.get_num_threads())
+    if st:
+        _raise(st, lib.fxq_int4t_gemv, M=x.shape[0], K=k, N=out_features, group_size=group_size)
     return y
 
 
@@ -346,9 +391,11 @@ def int4_tiled_axis0_gemv(x2: torch.Tensor, qweight: torch.Tensor, *, block_n: i
     y = _out(x.shape[0], out_features)
     r = s.shape[0]
     ws = _workspace(k * (r + block_n) + r)
-    lib.fxq512_int4t_axis0_gemv(_ptr(x), x.shape[0], k, _ptr(p0), w0, c0, _ptr(p1), w1, c1, out_features, block_n,
-                                _ptr(s), _ptr(z), r, float(mid), _ptr(y), out_features, _ptr(ws),
-                                torch.get_num_threads())
+    st = lib.fxq512_int4t_axis0_gemv(_ptr(x), x.shape[0], k, _ptr(p0), w0, c0, _ptr(p1), w1, c1, out_features,
+                                     block_n, _ptr(s), _ptr(z), r, float(mid), _ptr(y), out_features, _ptr(ws),
+                                     torch.get_num_threads())
+    if st:
+        _raise(st, lib.fxq512_int4t_axis0_gemv, M=x.shape[0], K=k, N=out_features)
     return y
 
 
@@ -377,7 +424,9 @@ def int8_decoder(qweight: torch.Tensor):
     def decode(r0: int, r1: int, out: torch.Tensor) -> None:
         if out.dtype != torch.bfloat16 or not out.is_contiguous() or out.shape != (r1 - r0, k):
             raise ValueError(f"int8_decoder: out must be contiguous bf16 [{r1 - r0}, {k}]")
-        lib.fxq_int8_to_bf16(_ptr(w) + r0 * k, (r1 - r0) * k, _ptr(out), torch.get_num_threads())
+        st = lib.fxq_int8_to_bf16(_ptr(w) + r0 * k, (r1 - r0) * k, _ptr(out), torch.get_num_threads())
+        if st:
+            _raise(st, lib.fxq_int8_to_bf16, rows=r1 - r0, K=k)
     return decode
 
 
@@ -388,8 +437,9 @@ GEMM_ROWS = 256
 _GEMM_OUT_BF16, _GEMM_X_FP32 = 1, 2
 
 
-def _gemm_rows(x2: torch.Tensor, n: int, run) -> torch.Tensor:
-    """``[M, N]`` from ``run(x_ptr, rows, lda, y_ptr, io)`` over chunks of :data:`GEMM_ROWS` rows of
+def _gemm_rows(x2: torch.Tensor, n: int, fn, run) -> torch.Tensor:
+    """``[M, N]`` from ``run(x_ptr, rows, lda, y_ptr, io)`` (a call of kernel ``fn``, returning its
+    status) over chunks of :data:`GEMM_ROWS` rows of
     ``x2``: fp32 rows go in as they are and are rounded to bf16 while the kernel packs them
     (``_GEMM_X_FP32``), other dtypes are cast to bf16 first; the result is fp32 when ``x2`` is fp32
     (written by the kernel: converting a bf16 result costs ~3 ms at 256x11008), else bf16
@@ -402,9 +452,10 @@ def _gemm_rows(x2: torch.Tensor, n: int, run) -> torch.Tensor:
     y = torch.empty(x.shape[0], n, dtype=torch.float32 if fp32 else torch.bfloat16)
     for r0 in range(0, x.shape[0], GEMM_ROWS):
         r1 = min(x.shape[0], r0 + GEMM_ROWS)
-        if run(_ptr(x) + x.element_size() * r0 * x.stride(0), r1 - r0, x.stride(0), _ptr(y) + y.element_size() * r0 * n,
-               io):
-            raise MemoryError(f"native GEMM: no scratch for M={r1 - r0}, K={x.shape[1]}")
+        st = run(_ptr(x) + x.element_size() * r0 * x.stride(0), r1 - r0, x.stride(0),
+                 _ptr(y) + y.element_size() * r0 * n, io)
+        if st:
+            _raise(st, fn, M=r1 - r0, K=x.shape[1], N=n)
     return y
 
 
@@ -417,7 +468,7 @@ def int8_gemm(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> t
     if lib is None or lib.fxq512_int8_bf16_gemm is None or k % 2 or qweight.dtype != torch.int8:
         return None
     w, rs, nt = qweight.contiguous(), scale.to(torch.float32).contiguous(), torch.get_num_threads()
-    return _gemm_rows(x2, n, lambda xp, rows, lda, yp, io: lib.fxq512_int8_bf16_gemm(
+    return _gemm_rows(x2, n, lib.fxq512_int8_bf16_gemm, lambda xp, rows, lda, yp, io: lib.fxq512_int8_bf16_gemm(
         xp, rows, k, lda, _ptr(w), n, _ptr(rs), yp, n, io, nt))
 
 
@@ -438,7 +489,7 @@ def int4_gemm(x2: torch.Tensor, qweight: torch.Tensor, *, block_n: int, group_si
         return None
     sg, sr = scale.stride()
     nt = torch.get_num_threads()
-    return _gemm_rows(x2, n, lambda xp, rows, lda, yp, io: lib.fxq512_int4t_bf16_gemm(
+    return _gemm_rows(x2, n, lib.fxq512_int4t_bf16_gemm, lambda xp, rows, lda, yp, io: lib.fxq512_int4t_bf16_gemm(
         xp, rows, k, lda, _ptr(w), n, group_size, _ptr(scale), _ptr(zero), sr, sg, float(mid), yp, n, io, nt))
 
 
@@ -464,7 +515,9 @@ def lut4_gemv(xh: torch.Tensor, xl: torch.Tensor, codes: torch.Tensor, *, rows: 
     else:
         xh, xl = xh.to(torch.bfloat16).contiguous(), xl.to(torch.bfloat16).contiguous()
     y = _out(xh.shape[0], rows)
-    fn(_ptr(xh), _ptr(xl), xh.shape[0], row_bytes, *args[0], _ptr(y), rows, torch.get_num_threads())
+    st = fn(_ptr(xh), _ptr(xl), xh.shape[0], row_bytes, *args[0], _ptr(y), rows, torch.get_num_threads())
+    if st:
+        _raise(st, fn, M=xh.shape[0], K=2 * row_bytes, N=rows, block_bytes=block_bytes)
     return y
 
 
@@ -484,8 +537,10 @@ def lut4_gemv_x(x2: torch.Tensor, codes: torch.Tensor, *, rows: int, row_bytes: 
     if args is None:
         return None
     y = _out(x2.shape[0], rows)
-    fn(_ptr(x2), int(x2.dtype == torch.bfloat16), x2.shape[0], row_bytes, *args[0], _ptr(y), rows,
-       torch.get_num_threads())
+    st = fn(_ptr(x2), int(x2.dtype == torch.bfloat16), x2.shape[0], row_bytes, *args[0], _ptr(y), rows,
+            torch.get_num_threads())
+    if st:
+        _raise(st, fn, M=x2.shape[0], K=2 * row_bytes, N=rows, block_bytes=block_bytes)
     return y
 
 
@@ -522,7 +577,9 @@ def onebit_gemv(xb: torch.Tensor, sign_bits: torch.Tensor, a: torch.Tensor) -> t
         x = torch.nn.functional.pad(x, (0, 8 * cb - x.shape[1]))
     bits, av = sign_bits.contiguous(), a.contiguous()
     y = _out(x.shape[0], n)
-    lib.fxq_onebit_gemv(_ptr(x), x.shape[0], cb, _ptr(bits), n, _ptr(av), _ptr(y), n, torch.get_num_threads())
+    st = lib.fxq_onebit_gemv(_ptr(x), x.shape[0], cb, _ptr(bits), n, _ptr(av), _ptr(y), n, torch.get_num_threads())
+    if st:
+        _raise(st, lib.fxq_onebit_gemv, M=x.shape[0], K=8 * cb, N=n)
     return y
 
 
@@ -561,6 +618,8 @@ def fpx_gemv(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, table
         x = torch.nn.functional.pad(x, (0, kp - x.shape[1]))
     w, s = qweight.contiguous(), scale.contiguous()
     y = _out(x.shape[0], n)
-    fn(_ptr(x), x.shape[0], kp, _ptr(w), row_bytes, n, bits, _ptr(exact[0]), _ptr(s), exact[1], _ptr(y), n,
-       torch.get_num_threads())
+    st = fn(_ptr(x), x.shape[0], kp, _ptr(w), row_bytes, n, bits, _ptr(exact[0]), _ptr(s), exact[1], _ptr(y), n,
+            torch.get_num_threads())
+    if st:
+        _raise(st, fn, M=x.shape[0], K=kp, N=n, bits=bits)
     return y
