@@ -5,7 +5,10 @@ The weight is decoded a block of output rows at a time into one reused buffer in
 compute dtype and multiplied right away, so the decoded block is still in cache when the GEMM
 reads it: the decoded weight never makes a round trip through DRAM, and no page is allocated
 per block.  The per-row scale is applied to the ``[M, N]`` output instead of the ``[N, K]``
-weight (``x @ (v * s).T == (x @ v.T) * s``).
+weight (``x @ (v * s).T == (x @ v.T) * s``), except in float16: there unscaled codes (int8 up to
+127) times large activations overflow the GEMM's fp16 output where the reference's scaled weight
+keeps it finite, so each decoded block is scaled first (fp32 product rounded once to fp16: the
+reference's fp16 weight).
 """
 from __future__ import annotations
 
@@ -37,9 +40,15 @@ def blocked_linear(x2: torch.Tensor, n: int, k: int, decode: Decoder, row_scale:
     xd = x2.to(dtype)
     y = torch.empty(x2.shape[0], n, dtype=dtype, device=x2.device)
     buf = torch.empty(rows, k, dtype=dtype, device=x2.device)
+    in_weight = row_scale is not None and dtype == torch.float16  # scale each block, not the output
+    if in_weight:
+        col = row_scale.float().reshape(-1, 1)
+        scaled = torch.empty(rows, k, device=x2.device)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         block = buf[: r1 - r0]
         decode(r0, r1, block)
+        if in_weight:
+            block.copy_(torch.mul(block, col[r0:r1], out=scaled[: r1 - r0]))
         torch.mm(xd, block.t(), out=y[:, r0:r1])
-    return y if row_scale is None else y.mul_(row_scale.to(dtype))
+    return y if row_scale is None or in_weight else y.mul_(row_scale.to(dtype))
