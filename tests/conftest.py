@@ -26,12 +26,10 @@ def tiny_llama_model():
 
 @pytest.fixture
 def fp32_dense(monkeypatch):
-    """The CPU dequantize-then-GEMM paths and native kernels in fp32, as on a CPU without native bf16 GEMM (with it
-    they run bf16: ``fxquant.ops._cpu.dense_dtype``).  Tests that a decode is the reference up to
-    fp32 summation order pin this; the bf16 paths are checked at bf16 tolerances elsewhere."""
-    from fxquant.kernels import native_cpu
+    """The CPU policy of a CPU without native bf16 GEMM (``fxquant.ops._cpu.dense_dtype`` fp32): fp32
+    activations are never rounded to bf16 on any path under ``compute_dtype=None``.  Tests that a
+    decode is the reference up to fp32 summation order pin this; the bf16 paths are checked at bf16
+    tolerances elsewhere."""
     from fxquant.ops import _cpu
 
     monkeypatch.setattr(_cpu, "dense_dtype", lambda: torch.float32)
-    # and fp32 activations stay fp32 in the native kernels (the bf16 dot-product ones round them)
-    monkeypatch.setattr(native_cpu, "BF16_DOT_DTYPES", (torch.bfloat16,))

@@ -130,10 +130,13 @@ INLINE float i8_row(const float *x, int64_t K, const int8_t *w) {
 }
 
 int fxq512_int8_gemv(const float *x, int64_t M, int64_t K, const int8_t *w, const uint16_t *scale,
-                     int64_t N, float *y, int64_t ldy, int nthreads) {
+                     int64_t N, float *y, int64_t ldy, int round_x, int nthreads) {
+    float *xr;
+    if (!(x = fxq_x_rounded(x, M * K, round_x, &xr))) return FXQ_ENOMEM;
     if (M == 1) {
 #pragma omp parallel for schedule(guided, 16) num_threads(nthreads)
         for (int64_t r = 0; r < N; r++) y[r] = i8_row(x, K, w + r * K) * fxq_bf16(scale[r]);
+        free(xr);
         return FXQ_OK;
     }
     const int64_t nb = (N + 3) / 4;
@@ -152,6 +155,7 @@ int fxq512_int8_gemv(const float *x, int64_t M, int64_t K, const int8_t *w, cons
                 for (int i = 0; i < mb; i++) y[(m0 + i) * ldy + r0 + r] = out[r][i] * fxq_bf16(scale[r0 + r]);
         }
     }
+    free(xr);
     return FXQ_OK;
 }
 
@@ -348,10 +352,13 @@ INLINE void i4_tile(const uint8_t *s0, int64_t w0, int64_t ch0, const uint8_t *s
 int fxq512_int4t_gemv(const float *x, int64_t M, int64_t K, const uint8_t *s0, int64_t w0, int64_t ch0,
                       const uint8_t *s1, int64_t w1, int64_t ch1, int64_t N, int64_t BN,
                       int64_t gs, const uint16_t *scale, const uint16_t *zero, int64_t sz_row,
-                      int64_t sz_grp, float mid, float *y, int64_t ldy, int nthreads) {
+                      int64_t sz_grp, float mid, float *y, int64_t ldy, int round_x, int nthreads) {
     const int64_t G = K / gs, T = (N + BN - 1) / BN, CH = BN / 32, half = BN / 2, P = (CH + 1) / 2;
-    float *xs = (float *)fxq_malloc(sizeof(float) * (size_t)(M * G));
-    if (!xs) return FXQ_ENOMEM;
+    float *xr, *xs = (float *)fxq_malloc(sizeof(float) * (size_t)(M * G));
+    if (!xs || !(x = fxq_x_rounded(x, M * K, round_x, &xr))) {
+        free(xs);
+        return FXQ_ENOMEM;
+    }
     fxq_group_sums(x, M, G, gs, xs);
 #pragma omp parallel for collapse(2) schedule(guided) num_threads(nthreads)
     for (int64_t t = 0; t < T; t++)
@@ -377,6 +384,7 @@ int fxq512_int4t_gemv(const float *x, int64_t M, int64_t K, const uint8_t *s0, i
             }
         }
     free(xs);
+    free(xr);
     return FXQ_OK;
 }
 
@@ -603,7 +611,7 @@ INLINE void ax0b_chunk(const struct ax0_src *src, int64_t kn, const uint32_t *a0
 int fxq512_int4t_axis0_gemv(const float *x, int64_t M, int64_t K, const uint8_t *s0, int64_t w0, int64_t ch0,
                             const uint8_t *s1, int64_t w1, int64_t ch1, int64_t N, int64_t BN,
                             const uint16_t *scale, const uint16_t *zero, int64_t R, float mid, float *y,
-                            int64_t ldy, float *ws, int nthreads) {
+                            int64_t ldy, float *ws, int round_x, int exact, int nthreads) {
     const int64_t T = (N + BN - 1) / BN, half = BN / 2, CH = BN / 32, P = (CH + 1) / 2, W = R + BN;
     /* Tiles t and t + PT read the same AT window ((t * BN) % R).  A work item is up to GT tiles of
      * one such group, walked together along K in chunks of KC: the window's chunk (KC x BN floats)
@@ -617,7 +625,11 @@ int fxq512_int4t_axis0_gemv(const float *x, int64_t M, int64_t K, const uint8_t 
     while (rr) { const int64_t t_ = gcd % rr; gcd = rr; rr = t_; }
     const int64_t PT = R / gcd; /* tiles per period of the window */
     int64_t *order = (int64_t *)fxq_malloc(sizeof(int64_t) * (size_t)(2 * T + 2));
-    if (!order) return FXQ_ENOMEM;
+    float *xr;
+    if (!order || !(x = fxq_x_rounded(x, M * K, round_x, &xr))) {
+        free(order);
+        return FXQ_ENOMEM;
+    }
     int64_t *item = order + T, n_items = 0; /* item i: order[item[i] .. item[i + 1]) */
     for (int64_t g = 0, i = 0; g < PT && g < T; g++) {
         int64_t in_item = 0;
@@ -633,7 +645,7 @@ int fxq512_int4t_axis0_gemv(const float *x, int64_t M, int64_t K, const uint8_t 
     float *AT = ws, *cr = ws + K * W;
     uint32_t *AT2 = (uint32_t *)ws; /* the bf16 pairs (ax0b_chunk) in the same scratch: K / 2 * W */
 #if FXQ_BF16DOT
-    const int bdot = BN == 64 && K % 2 == 0;
+    const int bdot = !exact && BN == 64 && K % 2 == 0; /* exact: A = scale * x is not rounded to bf16 */
 #else
     const int bdot = 0;
 #endif
@@ -767,6 +779,7 @@ int fxq512_int4t_axis0_gemv(const float *x, int64_t M, int64_t K, const uint8_t 
         }
     }
     free(order);
+    free(xr);
     return FXQ_OK;
 }
 
@@ -831,10 +844,17 @@ INLINE void lut4_tile(const uint8_t *row, const float *xh, const float *xl, int6
 int fxq512_lut4_gemv(const float *xh, const float *xl, int64_t M, int64_t C, const uint8_t *codes,
                      int64_t row_stride, int64_t N, const float *table, int64_t bb, int mode,
                      const void *sc, const float *dq_code, const float *dq_scale, float dq_offset,
-                     int64_t dq_block, float *y, int64_t ldy, int nthreads) {
+                     int64_t dq_block, float *y, int64_t ldy, int round_x, int nthreads) {
     const int64_t nblk = C / bb;
-    float *sb = (float *)fxq_malloc(sizeof(float) * (size_t)(nthreads * nblk));
+    /* the threads' block scales (nblk floats each), then xh and xl rounded (round_x) */
+    float *sb = (float *)fxq_malloc(sizeof(float) * (size_t)(nthreads * nblk + (round_x ? 2 * M * C : 0)));
     if (!sb) return FXQ_ENOMEM;
+    if (round_x) {
+        float *r = sb + nthreads * nblk;
+        fxq_round_bf16_into(xh, M * C, r);
+        fxq_round_bf16_into(xl, M * C, r + M * C);
+        xh = r, xl = r + M * C;
+    }
     const __m512 tv = _mm512_loadu_ps(table);
 #define LUT4_CALL(c_) lut4_tile(codes + n * row_stride, xh + m0 * C, xl + m0 * C, C, bb, sbuf, tv, c_, out)
     LUT4_ROWS(LUT4_CALL, sb)
@@ -876,8 +896,10 @@ INLINE void fpx3_tile(const uint8_t *row, const float *x, int64_t Kp, __m512 t, 
 
 int fxq512_fpx_gemv(const float *x, int64_t M, int64_t Kp, const uint8_t *codes, int64_t row_bytes,
                     int64_t N, int bits, const int8_t *table, const uint16_t *scale, float factor,
-                    float *y, int64_t ldy, int nthreads) {
+                    float *y, int64_t ldy, int round_x, int nthreads) {
     if (bits != 3) return FXQ_EARG; /* the Python side routes 4-bit fpX to the table kernel */
+    float *xr;
+    if (!(x = fxq_x_rounded(x, M * Kp, round_x, &xr))) return FXQ_ENOMEM;
     float tf[16];
     for (int c = 0; c < 16; c++) tf[c] = (float)table[c & 7] * factor;
     const __m512 tv = _mm512_loadu_ps(tf);
@@ -893,6 +915,7 @@ int fxq512_fpx_gemv(const float *x, int64_t M, int64_t Kp, const uint8_t *codes,
             for (int i = 0; i < mb; i++) y[(m0 + i) * ldy + n] = out[i];
         }
     }
+    free(xr);
     return FXQ_OK;
 }
 
@@ -927,10 +950,12 @@ INLINE void onebit_tile(const uint8_t *row, const float *xb, int64_t CB, const i
         out[i] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]), _mm512_add_ps(acc[i][2], acc[i][3])));
 }
 
-int fxq512_onebit_gemv(const float *xb, int64_t M, int64_t CB, const uint8_t *bits, int64_t N,
-                       const uint16_t *a, float *y, int64_t ldy, int nthreads) {
-    float *tot = (float *)fxq_malloc(sizeof(float) * (size_t)M);
-    if (!tot) return FXQ_ENOMEM;
+int fxq512_onebit_gemv(const float *x, int64_t M, int64_t K, const uint16_t *b, int64_t CB, const uint8_t *bits,
+                       int64_t N, const uint16_t *a, float *y, int64_t ldy, int round_x, int nthreads) {
+    float *xb = (float *)fxq_malloc(sizeof(float) * (size_t)(M * 8 * CB + M));
+    if (!xb) return FXQ_ENOMEM;
+    float *tot = xb + M * 8 * CB;
+    fxq_onebit_xb(x, M, K, b, 8 * CB, round_x, xb);
     fxq_row_totals(xb, M, 8 * CB, tot);
 #pragma omp parallel for schedule(guided) num_threads(nthreads)
     for (int64_t n = 0; n < N; n++)
@@ -942,7 +967,7 @@ int fxq512_onebit_gemv(const float *xb, int64_t M, int64_t CB, const uint8_t *bi
 #undef ONEBIT_CALL
             for (int i = 0; i < mb; i++) y[(m0 + i) * ldy + n] = fxq_bf16(a[n]) * (2.f * out[i] - tot[m0 + i]);
         }
-    free(tot);
+    free(xb);
     return FXQ_OK;
 }
 
@@ -1073,7 +1098,7 @@ int fxq512_int4t_bf16_gemv_x(const void *x, int x_bf16, int64_t M, int64_t K, co
  * low nibble and the word >> 4 its high one.  Word p of the high-nibble values meets xh[p] (= x at
  * k = 2p), of the low ones xl[p], in natural order.  The block scale multiplies the block's
  * partial sums (fp32), not the table.  Against the reference on the same bf16 x: the table
- * rounded to bf16 (exact for FP4 and every fpX table, <= 2^-9 relative for NF4's values), exact
+ * rounded to bf16 (exact for every fpX table, <= 2^-9 relative for bitsandbytes' NF4 and FP4 values), exact
  * products, fp32 sums. */
 /* the partial sums of one block whose bb bytes are a multiple of 32: high- and low-nibble products
  * in separate chains (ph, pl), unmasked loads */
@@ -1428,7 +1453,7 @@ GM_FAMILY(gm4_ukr, 1, nr_, 64, 2)
  * asked per slot and thread (the OpenMP pool's threads persist); at most GEMM_ROWS * K * 2 bytes for x
  * (the Python wrappers call with <= 256 rows).  No time change measured on its own: the page faults
  * left per call (60-115 at 4096x4096 M=256, fp32 x) are those of the fp32 output torch allocates. */
-#define GM_SLOTS 3
+#define GM_SLOTS 4 /* 0: packed x, 1 and 2: a worker's scratch, 3: the grouped int4 GEMM's group sums */
 static void *gm_tls(int slot, size_t bytes) {
     static __thread void *buf[GM_SLOTS];
     static __thread size_t cap[GM_SLOTS];
@@ -1568,6 +1593,7 @@ INLINE int64_t gm_take(int64_t *next, int64_t NP, int nthreads, int64_t *n) {
  * saves a pass over x and an allocation per call. */
 #define GM_OUT_BF16 1
 #define GM_X_FP32 2
+#define GM_EXACT 4 /* int4 GEMM only: codes exact in bf16, group scales applied in fp32 (int4_gemm_grouped) */
 
 /* dwords p0 .. p0 + 15 (bf16 pairs, zero past NPAIR) of row r of x */
 INLINE __m512 gm_xpairs(const void *x, int io, int64_t lda, int64_t r, int64_t p0, int64_t NPAIR) {
@@ -1743,12 +1769,188 @@ INLINE void gm4_units(struct gm4_cur *c, int64_t n) {
 
 GM_UKR_SIDE(gm4_ukr_side, struct gm4_cur, GM4_LEFT, gm4_unit, 1, GM_NR, 64, 2) /* gm4_ukr14 with the cursor */
 
+/* x pairs of the 14-row block mb: dst[p][mr] (mr rows of the block), by register transposes */
+INLINE void gm4_pack_x(const void *x, int io, int64_t M, int64_t NPAIR, int64_t lda, int64_t mb, uint32_t *dst) {
+    const int mr = M - mb * GM_NR < GM_NR ? (int)(M - mb * GM_NR) : GM_NR;
+    for (int64_t p0 = 0; p0 < NPAIR; p0 += 16) {
+        __m512 r[16];
+        for (int i = 0; i < 16; i++)
+            r[i] = i < mr ? gm_xpairs(x, io, lda, mb * GM_NR + i, p0, NPAIR) : _mm512_setzero_ps();
+        tr16_ps(r);
+        for (int j = 0; j < 16 && p0 + j < NPAIR; j++) _mm512_mask_storeu_ps(dst + (p0 + j) * mr, tail16(mr), r[j]);
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * The grouped (exact) int4 GEMM (io & GM_EXACT): the GEMV's numerics at large M.  The codes are decoded as
+ * the bf16 integers 16 + q (exact, i4pair_words: no scale, no rounding), each segment of a chunk that lies
+ * in one group g is multiplied on its own (exact products, fp32 sums) into a 14 x 32 tile, and the segment
+ * enters the output in fp32: c += s_g * acc (+ (z_g - (mid + 16) s_g) * sum_g(x) once per group), as
+ *   sum_k ((q - mid) s + z) x = s sum_k (16 + q) x + (z - (mid + 16) s) sum_k x
+ * per group, so no weight is rounded to bf16 (the W-rounding GEMM above rounds (q - mid) s + z).  The
+ * group sums of x come from the packed bf16 pairs (xs[mb][g][16], the block's rows in lanes). */
+INLINE void gm4e_unit(struct gm4_cur *c) {
+    _mm_prefetch((const char *)(c->tile + (c->k + 32) * 32), _MM_HINT_T0);
+    __m512i w[4];
+    i4pair_words_k(_mm512_loadu_si512((const void *)(c->tile + c->k * 32)), c->q.idx0, c->q.idx1, c->q.m78, c->q.c41, w);
+    uint32_t *o = c->bp + ((c->k - c->k0) / 2) * 64;
+    for (int i = 0; i < 4; i++) _mm512_store_si512(o + I4PAIR_ROWS[i], w[i]);
+    c->k += 2;
+}
+
+INLINE void gm4e_units(struct gm4_cur *c, int64_t n) {
+    for (int64_t u = 0; u < n && GM4_LEFT(c); u++) gm4e_unit(c);
+}
+
+GM_UKR_SIDE(gm4e_ukr_side, struct gm4_cur, GM4_LEFT, gm4e_unit, 1, GM_NR, 64, 2)
+
+/* xs[g * 16 + i] = sum of the bf16 x of row i (< mr) of a packed block a[p][mr] over group g (k in order) */
+INLINE void gm4_group_sums(const uint32_t *a, int mr, int64_t NPAIR, int64_t gs, float *xs) {
+    const __mmask16 mk = tail16(mr);
+    const __m512i hi16 = _mm512_set1_epi32((int)0xFFFF0000u);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t p = 0, left = gs / 2, g = 0; p < NPAIR; p++) {
+        const __m512i v = _mm512_maskz_loadu_epi32(mk, a + p * mr);
+        acc = _mm512_add_ps(acc, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
+        acc = _mm512_add_ps(acc, _mm512_castsi512_ps(_mm512_and_si512(v, hi16)));
+        if (--left == 0) {
+            _mm512_store_ps(xs + 16 * g++, acc);
+            acc = _mm512_setzero_ps();
+            left = gs / 2;
+        }
+    }
+}
+
+/* a segment's 14 x 32 products (tmp, rows at a stride of 32) into the tile's accumulators (cm, stride 64):
+ * cm = (first ? 0 : cm) + tmp * s (+ zc * xs[i] at the group's first segment) */
+INLINE void gm4e_flush(float *cm, const float *tmp, int mr, const float *s, const float *zc, const float *xs,
+                       int group_start, int first) {
+    const __m512 s0 = _mm512_load_ps(s), s1 = _mm512_load_ps(s + 16);
+    const __m512 z0 = _mm512_load_ps(zc), z1 = _mm512_load_ps(zc + 16);
+    for (int i = 0; i < mr; i++) {
+        __m512 c0 = first ? _mm512_setzero_ps() : _mm512_load_ps(cm + i * 64);
+        __m512 c1 = first ? _mm512_setzero_ps() : _mm512_load_ps(cm + i * 64 + 16);
+        c0 = _mm512_fmadd_ps(_mm512_load_ps(tmp + i * 32), s0, c0);
+        c1 = _mm512_fmadd_ps(_mm512_load_ps(tmp + i * 32 + 16), s1, c1);
+        if (group_start) {
+            const __m512 xv = _mm512_set1_ps(xs[i]);
+            c0 = _mm512_fmadd_ps(z0, xv, c0);
+            c1 = _mm512_fmadd_ps(z1, xv, c1);
+        }
+        _mm512_store_ps(cm + i * 64, c0);
+        _mm512_store_ps(cm + i * 64 + 16, c1);
+    }
+}
+
+/* the tile's accumulators ct [M][64] into y (columns 64 t ..), fp32 or bf16 */
+INLINE void gm4_store(const float *ct, int64_t M, int64_t N, int64_t t, void *y, int64_t ldc, int out_bf16) {
+    const int64_t nc = N - 64 * t < 64 ? N - 64 * t : 64;
+    for (int64_t m = 0; m < M; m++)
+        for (int c = 0; c < 4; c++) {
+            if (16 * c >= nc) break;
+            const __m512 v = _mm512_load_ps(ct + m * 64 + 16 * c);
+            const int64_t o = m * ldc + 64 * t + 16 * c;
+            if (out_bf16)
+                _mm256_mask_storeu_epi16((uint16_t *)y + o, tail16(nc - 16 * c), (__m256i)_mm512_cvtneps_pbh(v));
+            else
+                _mm512_mask_storeu_ps((float *)y + o, tail16(nc - 16 * c), v);
+        }
+}
+
+static int int4_gemm_grouped(const void *x, int64_t M, int64_t K, int64_t lda, const uint8_t *w, int64_t N,
+                             int64_t gs, const uint16_t *scale, const uint16_t *zero, int64_t sz_row, int64_t sz_grp,
+                             float mid, void *y, int64_t ldc, int io, int nthreads) {
+    const int out_bf16 = io & GM_OUT_BF16;
+    const int64_t MB = (M + GM_NR - 1) / GM_NR, NPAIR = K / 2, NT = (N + 63) / 64, G = K / gs;
+    uint32_t *ap = gm_tls(0, (size_t)(MB * GM_NR * NPAIR * 4));
+    float *xs = gm_tls(3, (size_t)(MB * G * 16 * 4));
+    if (!ap || !xs) return FXQ_ENOMEM;
+    int failed = 0;
+    int64_t next = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t mb = 0; mb < MB; mb++) {
+            const int mr = M - mb * GM_NR < GM_NR ? (int)(M - mb * GM_NR) : GM_NR;
+            gm4_pack_x(x, io, M, NPAIR, lda, mb, ap + mb * GM_NR * NPAIR);
+            gm4_group_sums(ap + mb * GM_NR * NPAIR, mr, NPAIR, gs, xs + mb * G * 16);
+        }
+        uint32_t *bp;
+        float *ct;
+        gm_scratch(2 * GM4_KC / 2 * 64 * 4, (size_t)(MB * GM_NR * 64 * 4), (void **)&bp, (void **)&ct, &failed);
+        _Alignas(64) struct gm4_cur cur_, *const cur = &cur_;
+        _Alignas(64) float tmp[GM_NR * 32], sg[64], zg[64];
+#pragma omp barrier
+        if (!failed) {
+            i4pair_idx(&cur->q.idx0, &cur->q.idx1);
+            cur->q.m78 = _mm512_set1_epi32(I4PAIR_M78), cur->q.c41 = _mm512_set1_epi32(I4PAIR_C41);
+            const __m512 vmid = _mm512_set1_ps(mid + 16.f); /* codes decode as 16 + q */
+            int64_t nb = 0;
+            for (int64_t b0; (b0 = gm_take(&next, NT, nthreads, &nb)) < NT;) {
+                int buf = 0, ready = 0;
+                for (int64_t t = b0; t < b0 + nb; t++) {
+                    for (int64_t k0 = 0; k0 < K; k0 += GM4_KC) {
+                        const int64_t kc = K - k0 < GM4_KC ? K - k0 : GM4_KC;
+                        uint32_t *cbp = bp + buf * (GM4_KC / 2 * 64);
+                        if (!ready) { /* this chunk, now */
+                            cur->tile = w + t * K * 32, cur->k = cur->k0 = k0, cur->kend = k0 + kc, cur->bp = cbp;
+                            gm4e_units(cur, kc / 2);
+                        }
+                        const int last = k0 + GM4_KC >= K, more = !last || t + 1 < b0 + nb;
+                        const int64_t nt = last ? t + 1 : t, nk0 = last ? 0 : k0 + GM4_KC;
+                        /* the next chunk, during this one's products */
+                        cur->tile = w + nt * K * 32, cur->k = cur->k0 = nk0;
+                        cur->kend = more ? nk0 + (K - nk0 < GM4_KC ? K - nk0 : GM4_KC) : nk0;
+                        cur->bp = bp + (buf ^ 1) * (GM4_KC / 2 * 64);
+                        const int64_t units = (cur->kend - cur->k) / 2;
+                        const int64_t calls = 2 * MB * ((k0 + kc - 1) / gs - k0 / gs + 1);
+                        int64_t call = 0;
+                        for (int64_t ka = k0, kb; ka < k0 + kc; ka = kb) { /* segments: the chunk cut at group edges */
+                            const int64_t g = ka / gs, gend = (g + 1) * gs;
+                            kb = gend < k0 + kc ? gend : k0 + kc;
+                            for (int q = 0; q < 4; q++) {
+                                __m512 sv, zv;
+                                sz16(scale, zero, sz_row, sz_grp, g, 64 * t + 16 * q, N, vmid, &sv, &zv);
+                                _mm512_store_ps(sg + 16 * q, sv);
+                                _mm512_store_ps(zg + 16 * q, zv);
+                            }
+                            if (g + 1 < G) sz64_prefetch(scale, zero, sz_row, sz_grp, g + 1, 64 * t);
+                            const int gstart = ka == g * gs, first = ka == 0;
+                            for (int64_t mb = 0; mb < MB; mb++) {
+                                const int mr = M - mb * GM_NR < GM_NR ? (int)(M - mb * GM_NR) : GM_NR;
+                                const uint32_t *a = ap + mb * GM_NR * NPAIR + (ka / 2) * mr;
+                                for (int h = 0; h < 2; h++, call++) {
+                                    const int64_t quota = units * (call + 1) / calls - units * call / calls;
+                                    const uint32_t *bv = cbp + ((ka - k0) / 2) * 64 + 32 * h;
+                                    if (mr == GM_NR && quota)
+                                        gm4e_ukr_side(a, bv, (kb - ka) / 2, tmp, 32, 1, cur, quota);
+                                    else
+                                        gm4_ukrS[mr](a, bv, (kb - ka) / 2, tmp, 32, 1);
+                                    gm4e_flush(ct + mb * GM_NR * 64 + 32 * h, tmp, mr, sg + 32 * h, zg + 32 * h,
+                                               xs + (mb * G + g) * 16, gstart, first);
+                                }
+                            }
+                        }
+                        gm4e_units(cur, units);
+                        ready = more;
+                        buf ^= 1;
+                    }
+                    gm4_store(ct, M, N, t, y, ldc, out_bf16);
+                }
+            }
+        }
+    }
+    return failed ? FXQ_ENOMEM : FXQ_OK;
+}
+
 /* returns 0, or -1 (out of memory: nothing written); K and gs even; x, y and lda as in
  * fxq512_int8_bf16_gemm.  Per thread a block of tiles (as in
  * fxq512_int8_bf16_gemm); the chunk after the current one in the block is decoded by its microkernel calls. */
 int fxq512_int4t_bf16_gemm(const void *x, int64_t M, int64_t K, int64_t lda, const uint8_t *w, int64_t N,
                            int64_t gs, const uint16_t *scale, const uint16_t *zero, int64_t sz_row, int64_t sz_grp,
                            float mid, void *y, int64_t ldc, int io, int nthreads) {
+    if (io & GM_EXACT)
+        return int4_gemm_grouped(x, M, K, lda, w, N, gs, scale, zero, sz_row, sz_grp, mid, y, ldc, io, nthreads);
     const int out_bf16 = io & GM_OUT_BF16;
     const int64_t MB = (M + GM_NR - 1) / GM_NR, NPAIR = K / 2, NT = (N + 63) / 64;
     uint32_t *ap = gm_tls(0, (size_t)(MB * GM_NR * NPAIR * 4));
@@ -1758,17 +1960,7 @@ int fxq512_int4t_bf16_gemm(const void *x, int64_t M, int64_t K, int64_t lda, con
 #pragma omp parallel num_threads(nthreads)
     {
 #pragma omp for schedule(static)
-        for (int64_t mb = 0; mb < MB; mb++) { /* x pairs of 14-row blocks: ap[mb][p][mr], by register transposes */
-            const int mr = M - mb * GM_NR < GM_NR ? (int)(M - mb * GM_NR) : GM_NR;
-            uint32_t *dst = ap + mb * GM_NR * NPAIR;
-            for (int64_t p0 = 0; p0 < NPAIR; p0 += 16) {
-                __m512 r[16];
-                for (int i = 0; i < 16; i++)
-                    r[i] = i < mr ? gm_xpairs(x, io, lda, mb * GM_NR + i, p0, NPAIR) : _mm512_setzero_ps();
-                tr16_ps(r);
-                for (int j = 0; j < 16 && p0 + j < NPAIR; j++) _mm512_mask_storeu_ps(dst + (p0 + j) * mr, tail16(mr), r[j]);
-            }
-        }
+        for (int64_t mb = 0; mb < MB; mb++) gm4_pack_x(x, io, M, NPAIR, lda, mb, ap + mb * GM_NR * NPAIR);
         uint32_t *bp;
         float *ct;
         gm_scratch(2 * GM4_KC / 2 * 64 * 4, (size_t)(MB * GM_NR * 64 * 4), (void **)&bp, (void **)&ct, &failed);
@@ -1818,17 +2010,7 @@ int fxq512_int4t_bf16_gemm(const void *x, int64_t M, int64_t K, int64_t lda, con
                         ready = more;
                         buf ^= 1;
                     }
-                    const int64_t nc = N - 64 * t < 64 ? N - 64 * t : 64;
-                    for (int64_t m = 0; m < M; m++)
-                        for (int c = 0; c < 4; c++) {
-                            if (16 * c >= nc) break;
-                            const __m512 v = _mm512_load_ps(ct + m * 64 + 16 * c);
-                            const int64_t o = m * ldc + 64 * t + 16 * c;
-                            if (out_bf16)
-                                _mm256_mask_storeu_epi16((uint16_t *)y + o, tail16(nc - 16 * c), (__m256i)_mm512_cvtneps_pbh(v));
-                            else
-                                _mm512_mask_storeu_ps((float *)y + o, tail16(nc - 16 * c), v);
-                        }
+                    gm4_store(ct, M, N, t, y, ldc, out_bf16);
                 }
             }
         }

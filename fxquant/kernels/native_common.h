@@ -44,6 +44,41 @@ static inline float fxq_bf16(uint16_t h) {
     return f;
 }
 
+/* out[i] = x[i] rounded to the nearest bf16 (ties to even; NaN stays NaN), as fp32: torch's fp32 -> bf16
+ * conversion, for the fp32 kernels' round_x (the compute_dtype policy rounds fp32 activations once) */
+static inline void fxq_round_bf16_into(const float *x, int64_t n, float *out) {
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, x + i, 4);
+        const uint32_t r = (u & 0x7FFFFFFFu) > 0x7F800000u ? (u | 0x00400000u) & 0xFFFF0000u
+                                                            : (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+        memcpy(out + i, &r, 4);
+    }
+}
+
+/* x rounded as fxq_round_bf16_into into a new buffer (*buf, freed by the caller) when round_x, else x
+ * itself (*buf NULL); NULL when that allocation fails */
+static inline const float *fxq_x_rounded(const float *x, int64_t n, int round_x, float **buf) {
+    *buf = NULL;
+    if (!round_x) return x;
+    if (!(*buf = (float *)fxq_malloc(sizeof(float) * (size_t)n))) return NULL;
+    fxq_round_bf16_into(x, n, *buf);
+    return *buf;
+}
+
+/* xb[m, k] = x'[m, k] * b[k] for k < K (x' = x, or x rounded to bf16 with round_x; b bf16), 0 up to KP:
+ * OneBit's x ⊙ b (one fp32 rounding, exact when x' is bf16), zero-padded to whole bytes of signs */
+static inline void fxq_onebit_xb(const float *x, int64_t M, int64_t K, const uint16_t *b, int64_t KP, int round_x,
+                                 float *xb) {
+    for (int64_t m = 0; m < M; m++) {
+        float *d = xb + m * KP;
+        if (round_x) fxq_round_bf16_into(x + m * K, K, d);
+        else memcpy(d, x + m * K, sizeof(float) * (size_t)K);
+        for (int64_t k = 0; k < K; k++) d[k] *= fxq_bf16(b[k]);
+        for (int64_t k = K; k < KP; k++) d[k] = 0.f;
+    }
+}
+
 /* xs[m*G + j] = sum of x[m, j*gs : (j+1)*gs] (x fp32 [M, G*gs]) */
 static inline void fxq_group_sums(const float *x, int64_t M, int64_t G, int64_t gs, float *xs) {
     for (int64_t m = 0; m < M; m++)

@@ -2,8 +2,10 @@
  * (native_avx512.c holds the AVX-512 versions of the same kernels, same arguments).
  *
  * Every kernel reads the format's *stored* bytes as they are (no repacking, no decoded copy of the
- * weight) and accumulates in fp32: x is fp32 [M, K] row-major, y is fp32 [M, ldy].  Every kernel
- * returns a status (FXQ_OK, or FXQ_ENOMEM / FXQ_EARG before writing anything: native_common.h).  The math of
+ * weight) and accumulates in fp32: x is fp32 [M, K] row-major, y is fp32 [M, ldy]; with round_x the
+ * kernel works on x rounded to bf16 (a rounded copy made first: the compute_dtype policy rounds fp32
+ * activations once, in C instead of two torch conversions per call).  Every kernel returns a status
+ * (FXQ_OK, or FXQ_ENOMEM / FXQ_EARG before writing anything: native_common.h).  The math of
  * each layout is documented once, in fxquant/formats/<format>.py; the comments here only say how
  * the bytes are walked.  Threads: OpenMP over output rows (or tiles of rows), guided schedule (a thread that wakes up
  * late takes less work: measured a few % lower medians than static here).
@@ -67,7 +69,9 @@ static float dot_i8(const int8_t *w, const float *x, int64_t K) {
 }
 
 int fxq_int8_gemv(const float *x, int64_t M, int64_t K, const int8_t *w, const uint16_t *scale,
-                  int64_t N, float *y, int64_t ldy, int nthreads) {
+                  int64_t N, float *y, int64_t ldy, int round_x, int nthreads) {
+    float *xr;
+    if (!(x = fxq_x_rounded(x, M * K, round_x, &xr))) return FXQ_ENOMEM;
     int64_t nb = (N + 3) / 4;
 #pragma omp parallel for schedule(guided) num_threads(nthreads)
     for (int64_t blk = 0; blk < nb; blk++) {
@@ -108,6 +112,7 @@ int fxq_int8_gemv(const float *x, int64_t M, int64_t K, const int8_t *w, const u
             }
         }
     }
+    free(xr);
     return FXQ_OK;
 }
 
@@ -194,12 +199,15 @@ static inline __m128i shard16(const uint8_t *s, int64_t w, int64_t ch, int64_t m
 int fxq_int4t_gemv(const float *x, int64_t M, int64_t K, const uint8_t *s0, int64_t w0, int64_t ch0,
                    const uint8_t *s1, int64_t w1, int64_t ch1, int64_t N, int64_t BN,
                    int64_t gs, const uint16_t *scale, const uint16_t *zero, int64_t sz_row,
-                   int64_t sz_grp, float mid, float *y, int64_t ldy, int nthreads) {
+                   int64_t sz_grp, float mid, float *y, int64_t ldy, int round_x, int nthreads) {
     const uint8_t *w = s0;
     const int fast4 = (w0 == 4 && s1 == NULL);
     const int64_t G = K / gs, T = (N + BN - 1) / BN, CH = BN / 32, half = BN / 2;
-    float *xs = (float *)fxq_malloc(sizeof(float) * (size_t)(M * G));
-    if (!xs) return FXQ_ENOMEM;
+    float *xr, *xs = (float *)fxq_malloc(sizeof(float) * (size_t)(M * G));
+    if (!xs || !(x = fxq_x_rounded(x, M * K, round_x, &xr))) {
+        free(xs);
+        return FXQ_ENOMEM;
+    }
     fxq_group_sums(x, M, G, gs, xs);
     const __m256i m0f = _mm256_set1_epi32(0x0F);
 #pragma omp parallel for collapse(2) schedule(guided) num_threads(nthreads)
@@ -288,6 +296,7 @@ int fxq_int4t_gemv(const float *x, int64_t M, int64_t K, const uint8_t *s0, int6
         }
     }
     free(xs);
+    free(xr);
     return FXQ_OK;
 }
 
@@ -327,12 +336,18 @@ int fxq_int4t_gemv(const float *x, int64_t M, int64_t K, const uint8_t *s0, int6
 int fxq_lut4_gemv(const float *xh, const float *xl, int64_t M, int64_t C, const uint8_t *codes,
                   int64_t row_stride, int64_t N, const float *table, int64_t bb, int mode,
                   const void *sc, const float *dq_code, const float *dq_scale, float dq_offset,
-                  int64_t dq_block, float *y, int64_t ldy, int nthreads) {
+                  int64_t dq_block, float *y, int64_t ldy, int round_x, int nthreads) {
     const int64_t nblk = C / bb, full = bb / 16 * 16;
     /* x rearranged: for each block, each full 16-byte chunk at byte i -> 32 floats at xa + 2 i;
-     * then the threads' block-scale buffers (nblk floats each) */
-    float *xa = (float *)fxq_malloc(sizeof(float) * (size_t)(2 * C * M + nthreads * nblk));
+     * then the threads' block-scale buffers (nblk floats each), then xh and xl rounded (round_x) */
+    float *xa = (float *)fxq_malloc(sizeof(float) * (size_t)(2 * C * M + nthreads * nblk + (round_x ? 2 * C * M : 0)));
     if (!xa) return FXQ_ENOMEM;
+    if (round_x) {
+        float *r = xa + 2 * C * M + nthreads * nblk;
+        fxq_round_bf16_into(xh, M * C, r);
+        fxq_round_bf16_into(xl, M * C, r + M * C);
+        xh = r, xl = r + M * C;
+    }
     for (int64_t m = 0; m < M; m++)
         for (int64_t blk = 0; blk < nblk; blk++)
             for (int64_t i = blk * bb; i < blk * bb + full; i += 16) {
@@ -405,8 +420,10 @@ int fxq_lut4_gemv(const float *xh, const float *xl, int64_t M, int64_t C, const 
  */
 int fxq_fpx_gemv(const float *x, int64_t M, int64_t Kp, const uint8_t *codes, int64_t row_bytes,
                  int64_t N, int bits, const int8_t *table, const uint16_t *scale, float factor,
-                 float *y, int64_t ldy, int nthreads) {
+                 float *y, int64_t ldy, int round_x, int nthreads) {
     if (bits != 3 && bits != 4) return FXQ_EARG;
+    float *xr;
+    if (!(x = fxq_x_rounded(x, M * Kp, round_x, &xr))) return FXQ_ENOMEM;
     int np, pw[2], psh[2];
     int64_t pcols[2], poff[2];
     if (bits == 4) {
@@ -463,18 +480,22 @@ int fxq_fpx_gemv(const float *x, int64_t M, int64_t Kp, const uint8_t *codes, in
             y[m * ldy + n] = acc * factor * bf16_to_f32(scale[n]);
         }
     }
+    free(xr);
     return FXQ_OK;
 }
 
 /* ---------------------------------------------------------------------------------------------
  * OneBit: bits uint8 [N, CB], bit j of byte c is the sign of element 8c + j (1 = +1, 0 = -1);
- * xb fp32 [M, 8*CB] = x * b, zero-padded.  sum_k S x'_k = 2 * (sum over set bits of x'_k) - sum x'.
+ * x fp32 [M, K], b bf16 [K]: xb fp32 [M, 8*CB] = x * b, zero-padded, made here (fxq_onebit_xb).
+ * sum_k S x'_k = 2 * (sum over set bits of x'_k) - sum x'.
  * Four bytes (32 elements) per step: the word broadcast to 8 lanes, lane j of byte c tests bit 8c+j.
  */
-int fxq_onebit_gemv(const float *xb, int64_t M, int64_t CB, const uint8_t *bits, int64_t N,
-                    const uint16_t *a, float *y, int64_t ldy, int nthreads) {
-    float *tot = (float *)fxq_malloc(sizeof(float) * (size_t)M);
-    if (!tot) return FXQ_ENOMEM;
+int fxq_onebit_gemv(const float *x, int64_t M, int64_t K, const uint16_t *b, int64_t CB, const uint8_t *bits,
+                    int64_t N, const uint16_t *a, float *y, int64_t ldy, int round_x, int nthreads) {
+    float *xb = (float *)fxq_malloc(sizeof(float) * (size_t)(M * 8 * CB + M));
+    if (!xb) return FXQ_ENOMEM;
+    float *tot = xb + M * 8 * CB;
+    fxq_onebit_xb(x, M, K, b, 8 * CB, round_x, xb);
     fxq_row_totals(xb, M, 8 * CB, tot);
     __m256i masks[4];
     for (int c = 0; c < 4; c++)
@@ -504,7 +525,7 @@ int fxq_onebit_gemv(const float *xb, int64_t M, int64_t CB, const uint8_t *bits,
             y[m * ldy + n] = bf16_to_f32(a[n]) * (2.f * pos - tot[m]);
         }
     }
-    free(tot);
+    free(xb);
     return FXQ_OK;
 }
 

@@ -51,22 +51,26 @@ HEADERS = (Path(__file__).with_name("native_common.h"),)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 
 _c_i64, _c_int, _c_float, _c_ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+#: the fp32 kernels (AVX2 fxq_*, AVX-512 fxq512_*): every one takes ``round_x`` before the thread count
+#: (x rounded to bf16 in C first: the compute_dtype policy, :func:`fxquant.ops._cpu.numerics`)
+_LUT4_ARGS = (_c_ptr, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_int, _c_ptr, _c_ptr, _c_ptr,
+              _c_float, _c_i64, _c_ptr, _c_i64)  # xh, xl, M, C, codes, .., y, ldy
+_FPX_ARGS = (_c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_int, _c_ptr, _c_ptr, _c_float, _c_ptr, _c_i64)
 _SIGNATURES = {
-    "fxq_int8_gemv": (_c_ptr, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_ptr, _c_i64, _c_int),
+    "fxq_int8_gemv": (_c_ptr, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_ptr, _c_i64, _c_int, _c_int),
     "fxq_int4t_gemv": (_c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_i64, _c_i64,
-                       _c_i64, _c_ptr, _c_ptr, _c_i64, _c_i64, _c_float, _c_ptr, _c_i64, _c_int),
-    "fxq_lut4_gemv": (_c_ptr, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_int,
-                      _c_ptr, _c_ptr, _c_ptr, _c_float, _c_i64, _c_ptr, _c_i64, _c_int),
-    "fxq_fpx_gemv": (_c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_int, _c_ptr, _c_ptr, _c_float, _c_ptr,
-                     _c_i64, _c_int),
-    "fxq_onebit_gemv": (_c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_int),
+                       _c_i64, _c_ptr, _c_ptr, _c_i64, _c_i64, _c_float, _c_ptr, _c_i64, _c_int, _c_int),
+    "fxq_lut4_gemv": _LUT4_ARGS + (_c_int, _c_int),
+    "fxq_fpx_gemv": _FPX_ARGS + (_c_int, _c_int),
+    "fxq_onebit_gemv": (_c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_ptr, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_int, _c_int),
     "fxq_int8_to_bf16": (_c_ptr, _c_i64, _c_ptr, _c_int),
 }
 
 #: AVX-512 kernels with no AVX2 twin (None in the AVX2 set)
 _AVX512_SIGNATURES = {
     "fxq512_int4t_axis0_gemv": (_c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_i64,
-                                _c_i64, _c_ptr, _c_ptr, _c_i64, _c_float, _c_ptr, _c_i64, _c_ptr, _c_int),
+                                _c_i64, _c_ptr, _c_ptr, _c_i64, _c_float, _c_ptr, _c_i64, _c_ptr, _c_int, _c_int,
+                                _c_int),
 }
 
 #: AVX-512 kernels with no AVX2 twin, bound only where the CPU has AVX512-BF16 and VBMI
@@ -75,9 +79,9 @@ _BF16DOT_SIGNATURES = {
                                _c_float, _c_ptr, _c_i64, _c_int),
     "fxq512_int4t_bf16_gemv_x": (_c_ptr, _c_int, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_i64,
                                  _c_i64, _c_float, _c_ptr, _c_int, _c_i64, _c_int),
-    "fxq512_lut4_bf16_gemv": _SIGNATURES["fxq_lut4_gemv"],
-    "fxq512_lut4_bf16_gemv_x": (_c_ptr, _c_int) + _SIGNATURES["fxq_lut4_gemv"][2:],
-    "fxq512_fpx3_bf16_gemv": _SIGNATURES["fxq_fpx_gemv"],
+    "fxq512_lut4_bf16_gemv": _LUT4_ARGS + (_c_int,),
+    "fxq512_lut4_bf16_gemv_x": (_c_ptr, _c_int) + _LUT4_ARGS[2:] + (_c_int,),
+    "fxq512_fpx3_bf16_gemv": _FPX_ARGS + (_c_int,),
     "fxq512_int8_bf16_gemm": (_c_ptr, _c_i64, _c_i64, _c_i64, _c_ptr, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_int, _c_int),
     "fxq512_int4t_bf16_gemm": (_c_ptr, _c_i64, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_i64,
                                _c_float, _c_ptr, _c_i64, _c_int, _c_int),
@@ -255,11 +259,6 @@ def isa() -> str | None:
     return None if lib is None else lib.isa
 
 
-#: activation dtypes the bf16 dot-product kernels take (fp32 rounded to bf16 first); fp16 keeps the
-#: fp32 kernels (bf16 would drop 3 of its mantissa bits)
-BF16_DOT_DTYPES = (torch.bfloat16, torch.float32)
-
-
 def has_bf16_dot() -> bool:
     """Whether the kernels the ops use include the bf16 dot-product ones (AVX512-BF16 + VBMI)."""
     lib = _lib()
@@ -281,19 +280,28 @@ def _fp32_rows(x2: torch.Tensor) -> torch.Tensor:
     return x2.to(torch.float32).contiguous()
 
 
+def _round_in_c(x2: torch.Tensor, round_x: bool) -> int:
+    """The ``round_x`` argument of an fp32 kernel: 1 when x's values are to be rounded to bf16 and are
+    not bf16 already (the wrappers' ``round_x``: the compute_dtype policy of the op's call)."""
+    return int(round_x and x2.dtype != torch.bfloat16)
+
+
 def _out(m: int, n: int) -> torch.Tensor:
     return torch.empty(m, n, dtype=torch.float32)
 
 
-def int8_gemv(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
-    """int8wo: ``x2 [M, K]``, ``qweight`` int8 ``[N, K]``, ``scale`` bf16 ``[N]`` -> fp32 ``[M, N]``."""
+def int8_gemv(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, *,
+              round_x: bool = False) -> torch.Tensor | None:
+    """int8wo: ``x2 [M, K]``, ``qweight`` int8 ``[N, K]``, ``scale`` bf16 ``[N]`` -> fp32 ``[M, N]``
+    (fp32 products and sums; ``round_x``: x rounded to bf16 first, in the kernel)."""
     lib = _lib()
     if lib is None or scale.dtype != torch.bfloat16:
         return None
     n, k = qweight.shape
     x, w, s = _fp32_rows(x2), qweight.contiguous(), scale.contiguous()
     y = _out(x.shape[0], n)
-    st = lib.fxq_int8_gemv(_ptr(x), x.shape[0], k, _ptr(w), _ptr(s), n, _ptr(y), n, torch.get_num_threads())
+    st = lib.fxq_int8_gemv(_ptr(x), x.shape[0], k, _ptr(w), _ptr(s), n, _ptr(y), n, _round_in_c(x2, round_x),
+                           torch.get_num_threads())
     if st:
         _raise(st, lib.fxq_int8_gemv, M=x.shape[0], K=k, N=n)
     return y
@@ -301,14 +309,17 @@ def int8_gemv(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> t
 
 def int4_tiled_gemv(x2: torch.Tensor, qweight: torch.Tensor, *, block_n: int, group_size: int,
                     scale: torch.Tensor, zero: torch.Tensor | None, out_features: int,
-                    mid: float = 8.0, plane_bits: int = 4, bf16_out: bool = False) -> torch.Tensor | None:
+                    mid: float = 8.0, plane_bits: int = 4, bf16_out: bool = False,
+                    round_x: bool = False) -> torch.Tensor | None:
     """b-bit codes in int4pack's tile order, ``W = (q - mid) * s + z`` per group of ``group_size``
     columns.  ``plane_bits`` 4: ``qweight`` uint8 ``[Np, K/2]``, the tiled nibble-pair bytes, read in
     place.  1..3: ``qweight`` is the flat plane of :mod:`fxquant.formats.intx` (its shards of 2 and/or
     1 bits, ``Np * K * plane_bits / 8`` bytes) and ``x2.shape[1]`` gives K.  ``scale`` / ``zero`` are
     bf16 views indexed ``[group, row]`` with the same strides (int4wo passes ``scales_and_zeros[..., 0]``
     and ``[..., 1]``).  -> fp32 ``[M, out_features]``; bf16 with ``bf16_out`` where the bf16
-    dot-product kernel runs (it converts x and y itself), else still fp32."""
+    dot-product kernel runs (it converts x and y itself), else still fp32.  ``round_x``: x's values
+    are to be rounded to bf16 (done in the kernel); the bf16 dot-product kernel runs on bf16 values
+    only (bf16 x, or ``round_x``), the fp32 one otherwise: products exact either way."""
     lib = _lib()
     k = x2.shape[1]
     if lib is None or block_n % 32 or k % group_size or k % 2 or not _tile_scales_ok(scale, zero):
@@ -319,11 +330,11 @@ def int4_tiled_gemv(x2: torch.Tensor, qweight: torch.Tensor, *, block_n: int, gr
         return None
     (p0, w0, c0), (p1, w1, c1) = shards
     sg, sr = scale.stride()
-    if (x2.dtype in BF16_DOT_DTYPES and plane_bits == 4 and block_n == 64 and group_size % 2 == 0
+    if ((round_x or x2.dtype == torch.bfloat16) and plane_bits == 4 and block_n == 64 and group_size % 2 == 0
             and lib.fxq512_int4t_bf16_gemv is not None):
-        # bf16 dot products on bf16 activations (fp32 ones rounded to bf16, as the ATen packed
-        # kernels do): exact products, so only the fp32 summation order differs from the reference
-        x = x2.contiguous()
+        # bf16 dot products on bf16 values (fp32 x rounded to bf16 in the kernel): exact products,
+        # so only the fp32 summation order differs from the reference on the same values
+        x = (x2 if x2.dtype in (torch.bfloat16, torch.float32) else x2.float()).contiguous()
         y = torch.empty(x.shape[0], out_features, dtype=torch.bfloat16 if bf16_out else torch.float32)
         st = lib.fxq512_int4t_bf16_gemv_x(_ptr(x), int(x.dtype == torch.bfloat16), x.shape[0], k, _ptr(w),
                                           out_features, group_size, _ptr(scale), _ptr(zero), sr, sg, float(mid),
@@ -335,7 +346,7 @@ def int4_tiled_gemv(x2: torch.Tensor, qweight: torch.Tensor, *, block_n: int, gr
     y = _out(x.shape[0], out_features)
     st = lib.fxq_int4t_gemv(_ptr(x), x.shape[0], k, _ptr(p0), w0, c0, _ptr(p1), w1, c1, out_features, block_n,
                             group_size, _ptr(scale), _ptr(zero), sr, sg, float(mid), _ptr(y), out_features,
-                            torch.get_num_threads())
+                            _round_in_c(x2, round_x), torch.get_num_threads())
     if st:
         _raise(st, lib.fxq_int4t_gemv, M=x.shape[0], K=k, N=out_features, group_size=group_size)
     return y
@@ -367,12 +378,12 @@ def _plane_shards(w: torch.Tensor, plane_bits: int, k: int):
 
 def int4_tiled_axis0_gemv(x2: torch.Tensor, qweight: torch.Tensor, *, block_n: int, scale: torch.Tensor,
                           zero: torch.Tensor | None, out_features: int, mid: float = 8.0,
-                          plane_bits: int = 4) -> torch.Tensor | None:
+                          plane_bits: int = 4, round_x: bool = False, exact: bool = False) -> torch.Tensor | None:
     """b-bit codes in int4pack's tile order (planes as :func:`int4_tiled_gemv`) grouped along axis 0:
     ``W[n, k] = (q - mid) * scale[n % R, k] + zero[n % R, k]``, ``scale`` / ``zero`` bf16 ``[R, K]``
     with ``R = out_features / group_size`` -> fp32 ``[M, out_features]`` (AVX-512 only; fp32 activations
-    and sums, or with AVX512-BF16, 64-row tiles and even K, ``scale * x`` rounded to bf16 and exact
-    products summed in fp32)."""
+    and sums, or with AVX512-BF16, 64-row tiles, even K and not ``exact``, ``scale * x`` rounded to
+    bf16 and exact products summed in fp32).  ``round_x``: x rounded to bf16 first (in the kernel)."""
     lib = _lib()
     k = x2.shape[1]
     # sub-4-bit planes: 16-byte loads must not straddle a shard chunk (Np * K * w / 8 bytes), so K even
@@ -393,7 +404,7 @@ def int4_tiled_axis0_gemv(x2: torch.Tensor, qweight: torch.Tensor, *, block_n: i
     ws = _workspace(k * (r + block_n) + r)
     st = lib.fxq512_int4t_axis0_gemv(_ptr(x), x.shape[0], k, _ptr(p0), w0, c0, _ptr(p1), w1, c1, out_features,
                                      block_n, _ptr(s), _ptr(z), r, float(mid), _ptr(y), out_features, _ptr(ws),
-                                     torch.get_num_threads())
+                                     _round_in_c(x2, round_x), int(exact), torch.get_num_threads())
     if st:
         _raise(st, lib.fxq512_int4t_axis0_gemv, M=x.shape[0], K=k, N=out_features)
     return y
@@ -433,23 +444,24 @@ def int8_decoder(qweight: torch.Tensor):
 #: Rows of x per call of the large-M GEMMs: x.T of that many rows (2 MB at K = 4096) stays in L2/L3
 #: while every weight panel passes over it; each further chunk decodes the weight again.
 GEMM_ROWS = 256
-#: The ``io`` flags of the large-M GEMMs (``GM_OUT_BF16`` / ``GM_X_FP32`` in native_avx512.c).
-_GEMM_OUT_BF16, _GEMM_X_FP32 = 1, 2
+#: The ``io`` flags of the large-M GEMMs (``GM_OUT_BF16`` / ``GM_X_FP32`` / ``GM_EXACT`` in native_avx512.c).
+_GEMM_OUT_BF16, _GEMM_X_FP32, _GEMM_EXACT = 1, 2, 4
 
 
-def _gemm_rows(x2: torch.Tensor, n: int, fn, run) -> torch.Tensor:
+def _gemm_rows(x2: torch.Tensor, n: int, fn, run, flags: int = 0, fp32_out: bool = False) -> torch.Tensor:
     """``[M, N]`` from ``run(x_ptr, rows, lda, y_ptr, io)`` (a call of kernel ``fn``, returning its
     status) over chunks of :data:`GEMM_ROWS` rows of
     ``x2``: fp32 rows go in as they are and are rounded to bf16 while the kernel packs them
     (``_GEMM_X_FP32``), other dtypes are cast to bf16 first; the result is fp32 when ``x2`` is fp32
-    (written by the kernel: converting a bf16 result costs ~3 ms at 256x11008), else bf16
-    (``_GEMM_OUT_BF16``)."""
+    or ``fp32_out`` (written by the kernel: converting a bf16 result costs ~3 ms at 256x11008), else
+    bf16 (``_GEMM_OUT_BF16``)."""
     fp32 = x2.dtype == torch.float32
     x = x2 if fp32 else x2.to(torch.bfloat16)
     if x.stride(-1) != 1 or (not fp32 and x.stride(0) % 2):
         x = x.contiguous()
-    io = _GEMM_X_FP32 if fp32 else _GEMM_OUT_BF16
-    y = torch.empty(x.shape[0], n, dtype=torch.float32 if fp32 else torch.bfloat16)
+    out32 = fp32 or fp32_out
+    io = (_GEMM_X_FP32 if fp32 else 0) | (0 if out32 else _GEMM_OUT_BF16) | flags
+    y = torch.empty(x.shape[0], n, dtype=torch.float32 if out32 else torch.bfloat16)
     for r0 in range(0, x.shape[0], GEMM_ROWS):
         r1 = min(x.shape[0], r0 + GEMM_ROWS)
         st = run(_ptr(x) + x.element_size() * r0 * x.stride(0), r1 - r0, x.stride(0),
@@ -459,25 +471,29 @@ def _gemm_rows(x2: torch.Tensor, n: int, fn, run) -> torch.Tensor:
     return y
 
 
-def int8_gemm(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+def int8_gemm(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, *,
+              fp32_out: bool = False) -> torch.Tensor | None:
     """int8wo at large M (AVX512-BF16): ``x2 [M, K]`` -> ``[M, N]`` ``= (x2 @ q.T) * scale``
-    with bf16 activations (x2 is cast) and fp32 accumulation; None where the kernel does not apply
-    (no AVX512-BF16, odd K)."""
+    with bf16 activations (fp32 ones rounded in the kernel, others cast), exact products and fp32
+    accumulation; fp32 for fp32 ``x2`` or ``fp32_out``, else bf16; None where the kernel does not
+    apply (no AVX512-BF16, odd K)."""
     lib = _lib()
     n, k = qweight.shape
     if lib is None or lib.fxq512_int8_bf16_gemm is None or k % 2 or qweight.dtype != torch.int8:
         return None
     w, rs, nt = qweight.contiguous(), scale.to(torch.float32).contiguous(), torch.get_num_threads()
     return _gemm_rows(x2, n, lib.fxq512_int8_bf16_gemm, lambda xp, rows, lda, yp, io: lib.fxq512_int8_bf16_gemm(
-        xp, rows, k, lda, _ptr(w), n, _ptr(rs), yp, n, io, nt))
+        xp, rows, k, lda, _ptr(w), n, _ptr(rs), yp, n, io, nt), fp32_out=fp32_out)
 
 
 def int4_gemm(x2: torch.Tensor, qweight: torch.Tensor, *, block_n: int, group_size: int, scale: torch.Tensor,
-              zero: torch.Tensor | None, out_features: int, mid: float = 8.0) -> torch.Tensor | None:
+              zero: torch.Tensor | None, out_features: int, mid: float = 8.0, exact: bool = True) -> torch.Tensor | None:
     """4-bit int4pack tiles at large M (AVX512-BF16): ``x2 [M, K]`` -> ``[M, N]`` ``= x2 @ W.T``
-    with ``W = (q - mid) * s + z`` rounded once to bf16, bf16 activations, fp32 accumulation; None
-    where it does not apply (no AVX512-BF16, tiles other than
-    64 rows, non-bf16 scale / zero, odd group size)."""
+    with ``W = (q - mid) * s + z``, bf16 activations (fp32 ones rounded once, in the kernel), fp32
+    accumulation, fp32 result for fp32 ``x2`` (else bf16).  ``exact``: the codes multiplied as exact
+    bf16 integers per group and the group's scale and offset applied in fp32 (the GEMV's numerics:
+    products exact, sums fp32); otherwise ``W`` rounded once to bf16 first.  None where it does not
+    apply (no AVX512-BF16, tiles other than 64 rows, non-bf16 scale / zero, odd group size)."""
     lib = _lib()
     if (lib is None or lib.fxq512_int4t_bf16_gemm is None or block_n != 64 or group_size % 2
             or not _tile_scales_ok(scale, zero)):
@@ -490,32 +506,35 @@ def int4_gemm(x2: torch.Tensor, qweight: torch.Tensor, *, block_n: int, group_si
     sg, sr = scale.stride()
     nt = torch.get_num_threads()
     return _gemm_rows(x2, n, lib.fxq512_int4t_bf16_gemm, lambda xp, rows, lda, yp, io: lib.fxq512_int4t_bf16_gemm(
-        xp, rows, k, lda, _ptr(w), n, group_size, _ptr(scale), _ptr(zero), sr, sg, float(mid), yp, n, io, nt))
+        xp, rows, k, lda, _ptr(w), n, group_size, _ptr(scale), _ptr(zero), sr, sg, float(mid), yp, n, io, nt),
+        _GEMM_EXACT if exact else 0)
 
 
 def lut4_gemv(xh: torch.Tensor, xl: torch.Tensor, codes: torch.Tensor, *, rows: int, row_bytes: int,
               table: torch.Tensor, block_bytes: int, scale: torch.Tensor,
-              dq: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor | None:
+              dq: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None,
+              round_x: bool = False, table_to_bf16: bool = True) -> torch.Tensor | None:
     """4-bit table codes, two per byte: row ``n`` is ``codes[n * row_bytes : (n + 1) * row_bytes]``
     (``codes`` flat uint8); a byte's high nibble meets ``xh [M, row_bytes]``, its low nibble ``xl``.
     ``W = table[code] * scale[block]`` with blocks of ``block_bytes`` bytes numbered row-major;
     ``scale`` fp32 or bf16 per block, or with ``dq = (absmax_code, absmax_scale, absmax_offset,
     absmax_blocksize)`` uint8 indices into ``absmax_code`` (bitsandbytes double quant:
     ``absmax_code[q[b]] * absmax_scale[b // absmax_blocksize] + absmax_offset``).
-    -> fp32 ``[M, rows]``."""
+    ``round_x``: x's values rounded to bf16 (in C).  -> fp32 ``[M, rows]``."""
     lib, args = _lib(), _lut4_args(codes, rows, row_bytes, table, block_bytes, scale, dq)
     if lib is None or args is None:
         return None
-    # bf16 activations: the bf16 dot-product kernel (the table in bf16: exact for FP4/fpX tables,
-    # within 2^-9 for NF4's values; exact products, fp32 sums)
-    fn = lib.fxq512_lut4_bf16_gemv if xh.dtype in BF16_DOT_DTYPES else None
+    # bf16 values of x: the bf16 dot-product kernel (the table in bf16: exact for fpX tables, within
+    # 2^-9 for bitsandbytes' NF4 / FP4 values (FP4's are sixths), which ``table_to_bf16=False`` keeps
+    # out; exact products, fp32 sums)
+    fn = lib.fxq512_lut4_bf16_gemv if (round_x or xh.dtype == torch.bfloat16) and table_to_bf16 else None
     if fn is None:
-        fn = lib.fxq_lut4_gemv
+        fn, extra = lib.fxq_lut4_gemv, (_round_in_c(xh, round_x),)
         xh, xl = _fp32_rows(xh), _fp32_rows(xl)
     else:
-        xh, xl = xh.to(torch.bfloat16).contiguous(), xl.to(torch.bfloat16).contiguous()
+        xh, xl, extra = xh.to(torch.bfloat16).contiguous(), xl.to(torch.bfloat16).contiguous(), ()
     y = _out(xh.shape[0], rows)
-    st = fn(_ptr(xh), _ptr(xl), xh.shape[0], row_bytes, *args[0], _ptr(y), rows, torch.get_num_threads())
+    st = fn(_ptr(xh), _ptr(xl), xh.shape[0], row_bytes, *args[0], _ptr(y), rows, *extra, torch.get_num_threads())
     if st:
         _raise(st, fn, M=xh.shape[0], K=2 * row_bytes, N=rows, block_bytes=block_bytes)
     return y
@@ -523,16 +542,18 @@ def lut4_gemv(xh: torch.Tensor, xl: torch.Tensor, codes: torch.Tensor, *, rows: 
 
 def lut4_gemv_x(x2: torch.Tensor, codes: torch.Tensor, *, rows: int, row_bytes: int, table: torch.Tensor,
                 block_bytes: int, scale: torch.Tensor,
-                dq: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor | None:
+                dq: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None,
+                round_x: bool = False, table_to_bf16: bool = True) -> torch.Tensor | None:
     """:func:`lut4_gemv` with ``x2 [M, 2 * row_bytes]`` whole: even columns meet the high nibbles, odd
     ones the low nibbles (bitsandbytes' order).  With the bf16 dot-product kernel the split and the
     bf16 rounding happen in C (two strided torch conversions cost ~40 us per call); otherwise
     :func:`lut4_gemv` on the two strided halves."""
     lib = _lib()
     fn = None if lib is None else lib.fxq512_lut4_bf16_gemv_x
-    if fn is None or x2.dtype not in BF16_DOT_DTYPES or not x2.is_contiguous():
+    if (fn is None or not (round_x or x2.dtype == torch.bfloat16) or not table_to_bf16
+            or x2.dtype not in (torch.bfloat16, torch.float32) or not x2.is_contiguous()):
         return lut4_gemv(x2[:, 0::2], x2[:, 1::2], codes, rows=rows, row_bytes=row_bytes, table=table,
-                         block_bytes=block_bytes, scale=scale, dq=dq)
+                         block_bytes=block_bytes, scale=scale, dq=dq, round_x=round_x, table_to_bf16=table_to_bf16)
     args = _lut4_args(codes, rows, row_bytes, table, block_bytes, scale, dq)
     if args is None:
         return None
@@ -565,21 +586,23 @@ def _lut4_args(codes, rows, row_bytes, table, block_bytes, scale, dq):
     return args, (t, sc, c, dq_code, dq_scale)
 
 
-def onebit_gemv(xb: torch.Tensor, sign_bits: torch.Tensor, a: torch.Tensor) -> torch.Tensor | None:
-    """OneBit: ``xb = x ⊙ b`` ``[M, K]``, ``sign_bits`` uint8 ``[N, ceil(K/8)]``, ``a`` bf16 ``[N]``
-    -> fp32 ``[M, N]`` = ``(xb · Sᵀ) ⊙ a``."""
+def onebit_gemv(x2: torch.Tensor, sign_bits: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *,
+                round_x: bool = False) -> torch.Tensor | None:
+    """OneBit: ``x2 [M, K]``, ``sign_bits`` uint8 ``[N, ceil(K/8)]``, ``a`` bf16 ``[N]``, ``b`` bf16
+    ``[K]`` -> fp32 ``[M, N]`` = ``((x ⊙ b) · Sᵀ) ⊙ a``, ``x ⊙ b`` made in the kernel in fp32 (x
+    rounded to bf16 first with ``round_x``: then exact)."""
     lib = _lib()
-    if lib is None or a.dtype != torch.bfloat16:
-        return None
     n, cb = sign_bits.shape
-    x = _fp32_rows(xb)
-    if x.shape[1] != 8 * cb:
-        x = torch.nn.functional.pad(x, (0, 8 * cb - x.shape[1]))
-    bits, av = sign_bits.contiguous(), a.contiguous()
+    if lib is None or a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16 or b.shape[0] != x2.shape[1] \
+            or x2.shape[1] > 8 * cb:
+        return None
+    x = _fp32_rows(x2)
+    bits, av, bv = sign_bits.contiguous(), a.contiguous(), b.contiguous()
     y = _out(x.shape[0], n)
-    st = lib.fxq_onebit_gemv(_ptr(x), x.shape[0], cb, _ptr(bits), n, _ptr(av), _ptr(y), n, torch.get_num_threads())
+    st = lib.fxq_onebit_gemv(_ptr(x), x.shape[0], x.shape[1], _ptr(bv), cb, _ptr(bits), n, _ptr(av), _ptr(y), n,
+                             _round_in_c(x2, round_x), torch.get_num_threads())
     if st:
-        _raise(st, lib.fxq_onebit_gemv, M=x.shape[0], K=8 * cb, N=n)
+        _raise(st, lib.fxq_onebit_gemv, M=x.shape[0], K=x.shape[1], N=n)
     return y
 
 
@@ -598,9 +621,10 @@ def integer_table(table: torch.Tensor) -> tuple[torch.Tensor, float] | None:
 
 
 def fpx_gemv(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, table: torch.Tensor,
-             bits: int) -> torch.Tensor | None:
+             bits: int, *, round_x: bool = False) -> torch.Tensor | None:
     """fpX, X = 3 or 4 (:mod:`fxquant.formats.fpx` planes, ``qweight`` uint8 ``[N, Kp * X / 8]``),
-    ``table`` the format's fp32 decode table, ``scale`` bf16 ``[N]`` -> fp32 ``[M, N]``."""
+    ``table`` the format's fp32 decode table, ``scale`` bf16 ``[N]`` -> fp32 ``[M, N]``; exact
+    products (every fpX value is a bf16 number), fp32 sums; ``round_x``: x's values rounded to bf16."""
     lib = _lib()
     if lib is None or bits not in (3, 4) or scale.dtype != torch.bfloat16:
         return None
@@ -609,9 +633,10 @@ def fpx_gemv(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, table
         return None
     n, row_bytes = qweight.shape
     kp = row_bytes * 8 // bits
-    # 3 bits on bf16 / fp32 activations: the bf16 dot-product kernel (fp32 x rounded to bf16)
-    fn = lib.fxq512_fpx3_bf16_gemv if bits == 3 and x2.dtype in BF16_DOT_DTYPES else None
+    # 3 bits on bf16 values (bf16 x, or round_x): the bf16 dot-product kernel
+    fn = lib.fxq512_fpx3_bf16_gemv if bits == 3 and (round_x or x2.dtype == torch.bfloat16) else None
     x = x2.to(torch.bfloat16).contiguous() if fn is not None else _fp32_rows(x2)
+    extra = () if fn is not None else (_round_in_c(x2, round_x),)
     if fn is None:
         fn = lib.fxq_fpx_gemv
     if x.shape[1] != kp:
@@ -619,7 +644,7 @@ def fpx_gemv(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, table
     w, s = qweight.contiguous(), scale.contiguous()
     y = _out(x.shape[0], n)
     st = fn(_ptr(x), x.shape[0], kp, _ptr(w), row_bytes, n, bits, _ptr(exact[0]), _ptr(s), exact[1], _ptr(y), n,
-            torch.get_num_threads())
+            *extra, torch.get_num_threads())
     if st:
         _raise(st, fn, M=x.shape[0], K=kp, N=n, bits=bits)
     return y

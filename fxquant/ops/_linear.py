@@ -9,8 +9,16 @@ registers, from one :class:`LinearOpDef`:
 - the fake impl (shape ``x.shape[:-1] + (N,)``, dtype of ``x``);
 - the reference, registered for every backend: dequantize, then ``F.linear`` in
   ``compute_dtype`` (fp32 when ``None``), cast to ``x.dtype``; it *defines* the op;
-- the CPU impl: the format's fast kernel at small M (when it has one and ``compute_dtype`` allows
-  bf16), else dequantize + dense GEMM in this CPU's fastest dense dtype (see :mod:`._cpu`);
+- the CPU impl: the format's fast kernels (routed by M), else dequantize + dense GEMM, every path
+  under one ``compute_dtype`` policy (:func:`._cpu.numerics`).  ``None``: fp32 activations are
+  rounded to bf16 once, on every path and at every M, on a CPU whose dense path is bf16
+  (``_cpu.dense_dtype()``: AVX512-BF16 / AMX), and never elsewhere; products exact, sums and
+  result fp32 (no weight or output rounded to bf16).  bf16 activations are used as they are (the
+  result rounded to bf16 once); fp16 ones are never rounded to bf16 (fp32 arithmetic, the result
+  rounded to fp16).  ``torch.float32``: never rounded, fp32 everywhere; ``torch.bfloat16``: rounded
+  on every path (weights and outputs may be too: the bf16 reference); ``torch.float16``: the fp16
+  reference.  Ops that quantize their activations themselves (``dynamic_activations``) never round
+  them to bf16 under ``None``;
 - the CUDA impl: the format's Triton launcher (falls back to the reference without one);
 - autograd for ``x`` and ``bias`` (the quantized weight is frozen, as in QLoRA).
 """
@@ -35,8 +43,9 @@ class LinearOpDef:
 
     ``scalars``: ``(name, schema type)`` pairs, e.g. ``("group_size", "int")``.
     ``out_features(**tensors, **scalars) -> int``.
-    ``cpu_fast(x2d, **tensors, **scalars) -> y2d | None``: the fast kernel, returning ``[M, >= N]``
-    in any float dtype, or ``None`` when it does not apply to these inputs.
+    ``cpu_fast(x2d, **tensors, **scalars, nm) -> y2d | None``: the fast kernel, returning ``[M, >= N]``
+    in any float dtype, or ``None`` when it does not apply to these inputs; ``nm``
+    (:class:`._cpu.Numerics`) says what it may round (not called with ``compute_dtype=float16``).
     ``cuda(x2d, **tensors, bias=..., **scalars) -> y2d``: the Triton launcher.
     """
 
@@ -63,6 +72,9 @@ class LinearOpDef:
     #: block starts are multiples of ``row_multiple``) instead of dequantizing all of it first
     #: (measured, int8wo 11008x4096 M=256: whole-weight dequantize alone 140 ms, fp32 GEMM 168 ms).
     block_decoder: Optional[Callable[..., tuple]] = None
+    #: the op quantizes x itself (int8dq, LLM.int8, float8dq): ``compute_dtype=None`` never rounds
+    #: its activations to bf16 (:func:`._cpu.numerics`)
+    dynamic_activations: bool = False
 
     @property
     def schema(self) -> str:
@@ -111,20 +123,25 @@ class LinearOpDef:
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         cd = scalars["compute_dtype"]
         plain = {k: v for k, v in scalars.items() if k != "compute_dtype"}  # what cpu_fast / block_decoder take
+        # the compute_dtype policy of this call (module docstring); float16: the fp16 reference below
+        nm = None if cd == torch.float16 else _cpu.numerics(x.dtype, cd, self.dynamic_activations)
         y = None
         small = self.cpu_fast_any_m or _cpu.rows(x) < _cpu.large_m_threshold()
-        if self.cpu_fast is not None and small and cd in (None, torch.bfloat16):
-            y = self.cpu_fast(x2, **tensors, **plain)
+        if self.cpu_fast is not None and small and nm is not None:
+            y = self.cpu_fast(x2, **tensors, **plain, nm=nm)
         if y is None and self.reference_fn is not None:
+            if nm is not None and nm.round_x and not self.dynamic_activations:  # x rounded once, then the definition
+                return self.reference_fn(nm.rounded(x).to(x.dtype), **tensors, bias=bias, **scalars)
             return self.reference(*args, **kwargs)
         if y is None:
-            dt = cd or _cpu.dense_dtype()
+            dt = cd if nm is None else nm.gemm_dtype(x2)
+            xg = x2 if nm is None else nm.rounded(x2)
             if self.block_decoder is not None:
                 decode, row_scale, mult = self.block_decoder(**tensors, **plain, dtype=dt)
                 rows = max(mult, block_rows(x2.shape[1], dt) // mult * mult)
-                y = blocked_linear(x2, n, x2.shape[1], decode, row_scale, dt, rows)
+                y = blocked_linear(xg, n, x2.shape[1], decode, row_scale, dt, rows)
             else:
-                y = F.linear(x2.to(dt), self.dequantized(tensors, scalars).to(dt))
+                y = F.linear(xg.to(dt), self.dequantized(tensors, scalars).to(dt))
         # the common case (a [M, N] result in x's dtype, 2-D x) returns y itself: every torch call
         # here costs microseconds, which a small layer at M = 1 feels
         if y.shape[1] != n:

@@ -11,15 +11,19 @@ CPU: PyTorch has no kernel that looks up a 16-entry table inside a matmul (the p
 docs/formats/bnb4.md for what was measured), so the fast path is dequantize + dense GEMM done in
 row chunks: each chunk of about ``CHUNK_ELEMENTS`` weights is decoded with one gather per code
 *byte pair* (:func:`fxquant.formats.bnb4.dequantize_span`, bit-identical to the reference) into a
-cache-sized buffer and multiplied at once, so the full dequantized weight never exists.  At
-M <= ``NATIVE_MAX_ROWS``, when blocks do not straddle rows (``K % blocksize == 0``), the native
-GEMV (:func:`fxquant.kernels.native_cpu.lut4_gemv_x`) reads the codes in place instead.
+cache-sized buffer and multiplied at once, so the full dequantized weight never exists (in bf16
+only where a bf16 output is allowed, :meth:`._cpu.Numerics.gemm_dtype`).  At M <= ``NATIVE_MAX_ROWS``,
+when blocks do not straddle rows (``K % blocksize == 0``), the native GEMV
+(:func:`fxquant.kernels.native_cpu.lut4_gemv_x`) reads the codes in place instead: on bf16 values its
+bf16 dot-product form, which multiplies the table rounded to bf16 (NF4's values and FP4's, which are
+sixths, move by up to 2^-9, so fp32-exact results take the fp32 form: :func:`table_in_bf16`).
 CUDA: the Triton kernel in :mod:`fxquant.kernels.bnb4`.
 """
 from __future__ import annotations
 
 import math
 import threading
+import weakref
 from typing import Callable
 
 import torch
@@ -62,15 +66,15 @@ def _chunk_rows(k: int, blocksize: int) -> int:
 
 
 def _chunked_linear(x2: torch.Tensor, codes: torch.Tensor, code_table: torch.Tensor, blocksize: int,
-                    out_features: int, span_absmax: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
-    """``x2 @ W.T`` decoding ``W`` chunk by chunk, in this CPU's dense dtype -> ``[M, N]``.
+                    out_features: int, span_absmax: Callable[[int, int], torch.Tensor],
+                    dt: torch.dtype) -> torch.Tensor:
+    """``x2 @ W.T`` decoding ``W`` chunk by chunk, in ``dt`` -> ``[M, N]``.
 
     ``span_absmax(first_block, stop_block)`` gives the fp32 absmax of those blocks.  Scratch
     buffers are reused across chunks and calls: allocating them fresh costs more than the decode
     on the VM this was measured on (a fresh 1 MB tensor: up to 20 ms, the munmap waiting for the
     other vCPU)."""
     n, k = out_features, x2.shape[1]
-    dt = _cpu.dense_dtype()
     if n == 0 or k == 0:
         return x2.new_zeros((x2.shape[0], n), dtype=dt)
     ws = _WORKSPACE.__dict__.setdefault("buffers", {})
@@ -94,24 +98,45 @@ def _chunked_linear(x2: torch.Tensor, codes: torch.Tensor, code_table: torch.Ten
 NATIVE_MAX_ROWS = 16
 
 
-def _native(x2, codes, code_table, blocksize, out_features, in_features, scale, dq=None):
+_TABLE_IN_BF16: dict[int, tuple[tuple, bool]] = {}  # id(table) -> ((data_ptr, version), exact in bf16)
+
+
+def table_in_bf16(table: torch.Tensor) -> bool:
+    """Whether every entry of ``table`` is a bf16 number (not NF4's or bitsandbytes' FP4), remembered per table
+    tensor while it lives (the op asks on every call)."""
+    key, stamp = id(table), (table.data_ptr(), table._version)
+    hit = _TABLE_IN_BF16.get(key)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    if hit is None:
+        weakref.finalize(table, _TABLE_IN_BF16.pop, key, None)
+    t = table.float()
+    exact = bool(torch.equal(t.to(torch.bfloat16).float(), t))
+    _TABLE_IN_BF16[key] = (stamp, exact)
+    return exact
+
+
+def _native(x2, codes, code_table, blocksize, out_features, in_features, scale, nm, dq=None):
     """The native GEMV when it applies (small M, whole blocks per row), else None."""
     if x2.shape[0] > NATIVE_MAX_ROWS or in_features % blocksize or in_features % 2:
         return None
+    bf16_table = not nm.exact or not nm.bf16_values(x2) or table_in_bf16(code_table)
     return native_cpu.lut4_gemv_x(x2, codes, rows=out_features, row_bytes=in_features // 2,
-                                table=code_table, block_bytes=blocksize // 2, scale=scale, dq=dq)
+                                  table=code_table, block_bytes=blocksize // 2, scale=scale, dq=dq,
+                                  round_x=nm.round_x, table_to_bf16=bf16_table)
 
 
-def _cpu_fast(x2, codes, absmax, code_table, blocksize, out_features, in_features):
-    y = _native(x2, codes, code_table, blocksize, out_features, in_features, absmax)
+def _cpu_fast(x2, codes, absmax, code_table, blocksize, out_features, in_features, *, nm: _cpu.Numerics):
+    y = _native(x2, codes, code_table, blocksize, out_features, in_features, absmax, nm)
     if y is not None:
         return y
-    return _chunked_linear(x2, codes, code_table, blocksize, out_features, lambda b0, b1: absmax[b0:b1])
+    return _chunked_linear(nm.rounded(x2), codes, code_table, blocksize, out_features, lambda b0, b1: absmax[b0:b1],
+                           nm.gemm_dtype(x2))
 
 
 def _cpu_fast_dq(x2, codes, absmax_q, absmax_code, absmax_scale, absmax_offset, code_table, blocksize,
-                 absmax_blocksize, out_features, in_features):
-    y = _native(x2, codes, code_table, blocksize, out_features, in_features, absmax_q,
+                 absmax_blocksize, out_features, in_features, *, nm: _cpu.Numerics):
+    y = _native(x2, codes, code_table, blocksize, out_features, in_features, absmax_q, nm,
                 dq=(absmax_code, absmax_scale, absmax_offset, absmax_blocksize))
     if y is not None:
         return y
@@ -119,7 +144,7 @@ def _cpu_fast_dq(x2, codes, absmax_q, absmax_code, absmax_scale, absmax_offset, 
     def span_absmax(b0: int, b1: int) -> torch.Tensor:
         return fmt.double_dequantize_span(absmax_q, absmax_code, absmax_scale, absmax_offset, absmax_blocksize,
                                           b0, b1)
-    return _chunked_linear(x2, codes, code_table, blocksize, out_features, span_absmax)
+    return _chunked_linear(nm.rounded(x2), codes, code_table, blocksize, out_features, span_absmax, nm.gemm_dtype(x2))
 
 
 def _cuda(x2, codes, absmax, code_table, *, bias, blocksize, out_features, in_features):

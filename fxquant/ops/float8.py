@@ -9,9 +9,12 @@ Layouts and math: :mod:`fxquant.formats.float8`.
 CPU: no PyTorch CPU kernel reads float8 weights faster than dequantizing them (``torch._scaled_mm``
 works on the CPU but is slower than decoding: docs/formats/float8.md), so at every M both ops
 decode the weight a block of rows at a time (exact float16 bit moves) and multiply each block while
-it is in cache (:func:`._dequant_gemm.blocked_linear`, dense dtype from :mod:`._cpu`); measured
-11008x4096, 2 threads: M=128 131 ms vs 486 ms for the reference's whole-weight dequantize, M=256
-185 vs 558.  CUDA: Triton kernels in :mod:`fxquant.kernels.float8`.
+it is in cache (:func:`._dequant_gemm.blocked_linear`, in :meth:`._cpu.Numerics.gemm_dtype`: bf16
+where a bf16 output is allowed, else fp32 on x's values, rounded to bf16 first where the policy says);
+measured 11008x4096, 2 threads: M=128 131 ms vs 486 ms for the reference's whole-weight dequantize,
+M=256 185 vs 558.  ``linear_float8dq`` quantizes its activations itself: under ``compute_dtype=None``
+they are never rounded to bf16 (fp32 GEMM on the fake-quantized x).  CUDA: Triton kernels in
+:mod:`fxquant.kernels.float8`.
 """
 from __future__ import annotations
 
@@ -29,10 +32,10 @@ def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, **_) -> torch.
     return fmt.dequantize_weight(qweight, scale)
 
 
-def _cpu_fast_wo(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def _cpu_fast_wo(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, *, nm: _cpu.Numerics) -> torch.Tensor:
     """``x2 @ (decode(qweight) * scale).T``, decoded block by block (exact float16 bit moves, then
-    the dense CPU dtype); the float16 path's power-of-two factor joins the per-row scale."""
-    dt = _cpu.dense_dtype()
+    the GEMM's dtype); the float16 path's power-of-two factor joins the per-row scale."""
+    dt, x2 = nm.gemm_dtype(x2), nm.rounded(x2)
     n, k = qweight.shape
     rows = min(n, block_rows(k, dt))
     scratch = torch.empty(rows, k, dtype=torch.int16)
@@ -73,9 +76,9 @@ def dq_definition(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, *
     return y.to(x.dtype).reshape(*x.shape[:-1], qweight.shape[0])
 
 
-def _cpu_fast_dq(x2, qweight, scale, granularity, activation_scale_ub):
+def _cpu_fast_dq(x2, qweight, scale, granularity, activation_scale_ub, *, nm: _cpu.Numerics):
     xh = fmt.fake_quantize_activation(x2, qweight.dtype, granularity, activation_scale_ub)
-    return _cpu_fast_wo(xh, qweight, scale)
+    return _cpu_fast_wo(xh, qweight, scale, nm=nm)  # xh fp32, as the definition multiplies it
 
 
 def _cuda_dq(x2, qweight, scale, *, bias, granularity, activation_scale_ub):
@@ -90,6 +93,7 @@ OP_DQ = LinearOpDef(
     scalars=(("granularity", "str"), ("activation_scale_ub", "float")),
     dequantize=dequantize_weight, out_features=lambda qweight, **_: qweight.shape[0],
     cpu_fast=_cpu_fast_dq, cuda=_cuda_dq, reference_fn=dq_definition, cpu_fast_any_m=True,
+    dynamic_activations=True,
     doc="x [..., K]; qweight float8_e4m3fn [N, K]; scale fp32 [N] (granularity 'row') or [1] ('tensor'); "
         "bias [N] -> [..., N]; activations quantized to float8 per call",
 )

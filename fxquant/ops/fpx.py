@@ -4,9 +4,11 @@
 scales in :mod:`fxquant.formats.fpx`.  CPU: no PyTorch kernel reads these codes, so at every M
 the op unpacks and decodes the weight a block of rows at a time (byte ops, then exact float16 bit
 moves for ``A <= 4`` or the ``2^X``-entry table) and multiplies each block while it is in cache
-(:func:`._dequant_gemm.blocked_linear`); fp6_e3m2, 11008x4096, 2 threads, M=256: 228 ms vs
-654 ms for the reference.  3- and 4-bit formats at M <= ``NATIVE_MAX_ROWS``: the native GEMV
-(:func:`fxquant.kernels.native_cpu.fpx_gemv`) reads the planes in place.  CUDA: Triton kernel in :mod:`fxquant.kernels.fpx`.
+(:func:`._dequant_gemm.blocked_linear`, in :meth:`._cpu.Numerics.gemm_dtype`); fp6_e3m2, 11008x4096,
+2 threads, M=256: 228 ms vs 654 ms for the reference.  3- and 4-bit formats at M <= ``NATIVE_MAX_ROWS``:
+the native GEMV (:func:`fxquant.kernels.native_cpu.fpx_gemv`) reads the planes in place (every fpX value
+is a bf16 number, so its bf16 dot-product form is exact on bf16 values).  CUDA: Triton kernel in
+:mod:`fxquant.kernels.fpx`.
 """
 from __future__ import annotations
 
@@ -30,28 +32,29 @@ def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, ebits: int, mb
     return fmt.from_storage(qweight, scale, ebits, mbits, in_features)
 
 
-def _native(x2, qweight, scale, ebits, mbits, in_features, bits):
+def _native(x2, qweight, scale, ebits, mbits, in_features, bits, nm):
     """3- and 4-bit codes read in place by a native GEMV (fp32), or None.  4 bits: one plane of
     nibbles through the exact 16-entry table lookup (:func:`native_cpu.lut4_gemv`: the low nibble
     of byte ``j`` is code ``j``, the high one code ``Kp/2 + j``), measured 10% faster here than the
     integer-table kernel; 3 bits: :func:`native_cpu.fpx_gemv` on the 2-bit and 1-bit planes."""
     table = fmt.decode_table(ebits, mbits)
     if bits == 3:
-        return native_cpu.fpx_gemv(x2, qweight, scale, table, bits)
+        return native_cpu.fpx_gemv(x2, qweight, scale, table, bits, round_x=nm.round_x)
     cols = fmt.packed_cols(in_features, bits)
     xp = torch.nn.functional.pad(x2, (0, 2 * cols - in_features))
     return native_cpu.lut4_gemv(xp[:, cols:], xp[:, :cols], qweight, rows=qweight.shape[0], row_bytes=cols,
-                                table=table, block_bytes=cols, scale=scale)
+                                table=table, block_bytes=cols, scale=scale, round_x=nm.round_x)
 
 
-def _cpu_fast(x2, qweight, scale, ebits, mbits, in_features):
+def _cpu_fast(x2, qweight, scale, ebits, mbits, in_features, *, nm: _cpu.Numerics):
     """Blocked unpack + decode + GEMM.  Decode: exact float16 bit moves for ``ebits <= 4``, else the
     table gather; the float16 path's power-of-two factor joins the per-row scale."""
-    dt, bits, n = _cpu.dense_dtype(), 1 + ebits + mbits, qweight.shape[0]
+    dt, bits, n = nm.gemm_dtype(x2), 1 + ebits + mbits, qweight.shape[0]
     if bits <= 4 and x2.shape[0] <= NATIVE_MAX_ROWS:
-        y = _native(x2, qweight, scale, ebits, mbits, in_features, bits)
+        y = _native(x2, qweight, scale, ebits, mbits, in_features, bits, nm)
         if y is not None:
             return y
+    x2 = nm.rounded(x2)
     rows = min(n, block_rows(in_features, dt))
     codes = torch.empty(rows, fmt.padded_k(in_features), dtype=torch.uint8)
     scratch = torch.empty(rows, in_features, dtype=torch.int16)

@@ -2,11 +2,15 @@
 
 ``y = x @ W.T + bias`` with ``W = (q - 8) * scale + zero`` per group; layout (tiled nibbles,
 rows padded to 64, ``scales_and_zeros [K/g, Np, 2]`` bf16) in :mod:`fxquant.formats.int4`.
-CPU fast path: at M <= ``NATIVE_MAX_ROWS`` the native GEMV (:mod:`fxquant.kernels.native_cpu`, reads
-the tiles in place, fp32 accumulation); above, ``aten._weight_int4pack_mm_for_cpu`` with bf16
-activations when the stored tile height equals this CPU's native one (weights packed on another CPU take the dequantize path, with a
-warning); from ``PACKED_MAX_ROWS`` on, with AVX512-BF16, the native GEMM that decodes tile chunks inside
-it (:func:`fxquant.kernels.native_cpu.int4_gemm`), else blocked decode + dense GEMM.  CUDA: Triton kernel in :mod:`fxquant.kernels.int4wo`.
+CPU fast path: at M <= :func:`native_max_rows` the native GEMV (:mod:`fxquant.kernels.native_cpu`, reads
+the tiles in place, fp32 accumulation; on bf16 values with AVX512-BF16 its bf16 dot-product form);
+above, ``aten._weight_int4pack_mm_for_cpu`` on bf16 values where a bf16 output is allowed (bf16
+activations or ``compute_dtype=bfloat16``; fp32-exact results keep the GEMV) when the stored tile
+height equals this CPU's native one (weights packed on another CPU take the dequantize path, with a
+warning); from ``PACKED_MAX_ROWS`` on, on bf16 values with AVX512-BF16, the native GEMM that decodes
+tile chunks inside it (:func:`fxquant.kernels.native_cpu.int4_gemm`: for fp32-exact results its grouped
+form, group scales applied in fp32), else blocked decode + dense GEMM.  CUDA: Triton kernel in
+:mod:`fxquant.kernels.int4wo`.
 """
 from __future__ import annotations
 
@@ -47,9 +51,10 @@ NATIVE_MAX_ROWS_BF16DOT = 56
 PACKED_MAX_ROWS = 96
 
 
-def native_max_rows(x2: torch.Tensor) -> int:
-    """Rows up to which the native GEMV beats the other paths for these activations."""
-    if x2.dtype in native_cpu.BF16_DOT_DTYPES and native_cpu.has_bf16_dot():
+def native_max_rows(x2: torch.Tensor, nm: _cpu.Numerics) -> int:
+    """Rows up to which the native GEMV beats the other paths for these activations (bf16 values:
+    the bf16 dot-product kernel where the CPU has it)."""
+    if nm.bf16_values(x2) and native_cpu.has_bf16_dot():
         return NATIVE_MAX_ROWS_BF16DOT
     return NATIVE_MAX_ROWS
 
@@ -59,23 +64,28 @@ def packed_max_rows() -> int:
     return min(_cpu.large_m_threshold(), PACKED_MAX_ROWS)
 
 
-def _cpu_fast(x2, qweight, scales_and_zeros, group_size, block_n, out_features):
+def _cpu_fast(x2, qweight, scales_and_zeros, group_size, block_n, out_features, *, nm: _cpu.Numerics):
     global _warned_layout
-    m = x2.shape[0]
-    if m <= native_max_rows(x2):
+    m, packed = x2.shape[0], packed_max_rows()
+    # the native GEMV; where the result must be fp32-exact it also takes int4pack's rows (bf16 output):
+    # per row it costs what int4pack does (AVX2 numbers above: M=16 23 / 27 ms)
+    if m <= native_max_rows(x2, nm) or (nm.exact and m < packed):
         y = native_cpu.int4_tiled_gemv(x2, qweight, block_n=block_n, group_size=group_size,
                                        scale=scales_and_zeros.select(-1, 0), zero=scales_and_zeros.select(-1, 1),
-                                       out_features=out_features, bf16_out=x2.dtype == torch.bfloat16)
+                                       out_features=out_features, bf16_out=x2.dtype == torch.bfloat16,
+                                       round_x=nm.round_x)
         if y is not None:
             return y
-    if m >= packed_max_rows():
-        if _cpu.native_gemm_applies(x2):
+    if m >= packed:
+        if nm.bf16_values(x2):  # decodes tile chunks inside the GEMM; grouped (exact) for fp32-exact results
             y = native_cpu.int4_gemm(x2, qweight, block_n=block_n, group_size=group_size,
                                      scale=scales_and_zeros.select(-1, 0), zero=scales_and_zeros.select(-1, 1),
-                                     out_features=out_features)  # decodes tile chunks inside the GEMM
+                                     out_features=out_features, exact=nm.exact)
             if y is not None:
                 return y
         return None  # blocked decode + dense GEMM
+    if not nm.bf16_gemm(x2):
+        return None
     if block_n != fmt.native_cpu_block_n():
         if not _warned_layout:
             _warned_layout = True
@@ -83,9 +93,8 @@ def _cpu_fast(x2, qweight, scales_and_zeros, group_size, block_n, out_features):
                           f"{fmt.native_cpu_block_n()}: using the slower dequantize path. Re-run "
                           "fxquant.compile on this machine for the fast path.", stacklevel=2)
         return None
-    kd = torch.bfloat16 if x2.dtype != torch.float16 else torch.float16
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(kd).contiguous(), qweight, group_size,
-                                                       scales_and_zeros.to(kd))
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), qweight, group_size,
+                                                       scales_and_zeros)
 
 
 def _block_decoder(qweight, scales_and_zeros, group_size, block_n, out_features, dtype):

@@ -9,13 +9,16 @@ They are not "dequantize W, then a float GEMM", so each gives its own definition
     linear_llm_int8: the same on the non-outlier columns
                      + where(outlier_col, x, 0) @ (qweight * scale).T    (float)
 
-The float parts (rescale, outlier matmul, bias) run in ``compute_dtype`` (fp32 when ``None``).
+The float parts (rescale, outlier matmul, bias) run in ``compute_dtype`` (fp32 when ``None``).  The
+ops quantize their activations themselves, so ``compute_dtype=None`` rounds nothing to bf16 on any CPU
+(:func:`._cpu.numerics`): integer products exact, everything else fp32.
 
-CPU fast path (``compute_dtype`` None or bf16; at every M: ``cpu_fast_any_m``): the integer product goes to
-``torch._weight_int8pack_mm`` fed the codes as bf16 at small M, and to oneDNN's int8 GEMM
-(``onednn::qlinear_pointwise``, the kernel Inductor's x86 int8 path uses) at larger M, see
-:func:`cpu_int8_matmul`; LLM.int8 gathers the outlier columns (eager, inside the op: the graph
-still sees a static output shape) and multiplies only those in fp32.
+CPU fast path (``compute_dtype`` None, fp32 or bf16; at every M: ``cpu_fast_any_m``): the integer product,
+see :func:`cpu_int8_matmul`: at small M the native int8 GEMV / GEMM on the codes (exact, fp32 result)
+or, where a bf16 result is allowed, ``torch._weight_int8pack_mm`` fed the codes as bf16; at larger M
+oneDNN's int8 GEMM (``onednn::qlinear_pointwise``, the kernel Inductor's x86 int8 path uses);
+LLM.int8 gathers the outlier columns (eager, inside the op: the graph still sees a static output
+shape) and multiplies only those in fp32.
 CUDA: :mod:`fxquant.kernels.int8dq`.
 """
 from __future__ import annotations
@@ -27,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from ..formats import int8dq as fmt
-from . import _cpu
+from ..kernels import native_cpu
+from . import _cpu, int8wo
 from ._linear import LinearOpDef, define
 
 # -- the definitions -----------------------------------------------------------------------------
@@ -73,11 +77,15 @@ INT8PACK_MAX_M = 16
 _PACKED: dict[int, tuple[tuple, torch.Tensor]] = {}  # id(qweight) -> ((data_ptr, version), packed)
 
 
-def cpu_int8_matmul(qx: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+def cpu_int8_matmul(qx: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor | None = None,
+                    exact: bool = True) -> torch.Tensor:
     """``(qx @ qweight.T) * scale`` for int8 ``[M, K]`` x ``[N, K]`` -> fp32 ``[M, N]`` on the CPU
     (``scale`` ``[N]``: the weight scale, or ``None`` for the bare integer product).
 
-    - ``M <= INT8PACK_MAX_M``: ``_weight_int8pack_mm`` on the codes as bf16 (exact), fp32
+    - ``M <= INT8PACK_MAX_M`` with the native kernels: int8wo's native GEMV up to its rows, then its
+      native GEMM (AVX512-BF16), on the codes (exact in fp32 and bf16): exact products, fp32 sums,
+      times the weight scale in fp32.
+    - else, ``M <= INT8PACK_MAX_M`` and not ``exact``: ``_weight_int8pack_mm`` on the codes as bf16 (exact), fp32
       accumulation, times the bf16 weight ``scale``, rounded to bf16 by the kernel: relative error
       ``<= 2^-9`` per output, well below the int8 error (~1e-2).  (fp16 codes would be exact to ``2^-12``
       but that kernel is 30x slower here: 110 ms vs 3.2 ms at M=1, 11008x4096.)  Needs
@@ -86,8 +94,16 @@ def cpu_int8_matmul(qx: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor
       results are the exact integers (``|acc| < 2^24``; fp32-rounded above).
     - else :func:`fxquant.formats.int8dq.int8_matmul` (exact, fp32 GEMMs over K-chunks).
     """
-    if scale is not None and _int8pack_applies(*qx.shape):
-        return torch._weight_int8pack_mm(qx.to(torch.bfloat16), qweight, scale.to(torch.bfloat16)).float()
+    if scale is not None and qx.shape[0] <= INT8PACK_MAX_M:
+        y = None
+        if qx.shape[0] <= int8wo.native_max_rows():
+            y = native_cpu.int8_gemv(qx, qweight, scale)
+        if y is None:
+            y = native_cpu.int8_gemm(qx, qweight, scale, fp32_out=True)
+        if y is not None:
+            return y
+        if not exact and _int8pack_applies(*qx.shape):
+            return torch._weight_int8pack_mm(qx.to(torch.bfloat16), qweight, scale.to(torch.bfloat16)).float()
     mode = onednn_mode()
     acc = _onednn_matmul(qx, _packed(qweight), mode) if mode else fmt.int8_matmul(qx, qweight).float()
     return acc if scale is None else acc.mul_(scale.float())
@@ -165,15 +181,15 @@ def onednn_mode() -> str | None:
 
 
 # -- CPU fast paths ---------------------------------------------------------------------------------
-def _cpu_int8dq(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def _cpu_int8dq(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, *, nm: _cpu.Numerics) -> torch.Tensor:
     qx, sx = fmt.quantize_activations(x2)
-    return cpu_int8_matmul(qx, qweight, scale).mul_(sx)
+    return cpu_int8_matmul(qx, qweight, scale, exact=nm.exact).mul_(sx)
 
 
 def _cpu_llm_int8(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
-                  threshold: float) -> torch.Tensor:
+                  threshold: float, *, nm: _cpu.Numerics) -> torch.Tensor:
     qx, sx, cols = fmt.quantize_activations_llm(x2, threshold)
-    y = cpu_int8_matmul(qx, qweight, scale).mul_(sx)
+    y = cpu_int8_matmul(qx, qweight, scale, exact=nm.exact).mul_(sx)
     if not cols.any():
         return y
     # The outlier columns only: data-dependent sizes, but inside this eager kernel.  Rows of W.T
@@ -181,7 +197,7 @@ def _cpu_llm_int8(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     # extra bf16 rows of the int8 GEMV instead was slower from M=2 (measured 25 vs 18 ms).
     idx = cols.nonzero().squeeze(1)
     w_sub_t = qweight.t()[idx].float().mul_(scale.float())  # [outliers, N]
-    return y.addmm_(x2[:, idx].float(), w_sub_t)
+    return y.addmm_(nm.rounded(x2[:, idx]).float(), w_sub_t)  # rounded only with compute_dtype=bf16
 
 
 # -- CUDA ---------------------------------------------------------------------------------------------
@@ -210,13 +226,13 @@ def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, **_) -> torch.
 OP_INT8DQ = LinearOpDef(
     name="linear_int8dq", tensors=("qweight", "scale"), scalars=(),
     dequantize=dequantize_weight, out_features=_n_out, reference_fn=reference_int8dq,
-    cpu_fast=_cpu_int8dq, cpu_fast_any_m=True, cuda=_cuda_int8dq,
+    cpu_fast=_cpu_int8dq, cpu_fast_any_m=True, cuda=_cuda_int8dq, dynamic_activations=True,
     doc="x [..., K] quantized per token to int8; qweight int8 [N, K]; scale bf16 [N]; bias [N] -> [..., N]",
 )
 OP_LLM_INT8 = LinearOpDef(
     name="linear_llm_int8", tensors=("qweight", "scale"), scalars=(("threshold", "float"),),
     dequantize=dequantize_weight, out_features=_n_out, reference_fn=reference_llm_int8,
-    cpu_fast=_cpu_llm_int8, cpu_fast_any_m=True, cuda=_cuda_llm_int8,
+    cpu_fast=_cpu_llm_int8, cpu_fast_any_m=True, cuda=_cuda_llm_int8, dynamic_activations=True,
     doc="LLM.int8: columns of x with |x| >= threshold in float, the rest as linear_int8dq; "
         "qweight int8 [N, K]; scale bf16 [N]; bias [N] -> [..., N]",
 )

@@ -2,10 +2,14 @@
 
 ``y = x @ (qweight * scale[:, None]).T + bias``; layout in :mod:`fxquant.formats.int8`.
 CPU fast path: at M <= :func:`native_max_rows` the native GEMV (:mod:`fxquant.kernels.native_cpu`, fp32
-activations and accumulation); up to :func:`packed_max_rows` ``torch._weight_int8pack_mm`` with bf16
-activations; above, with AVX512-BF16, the native GEMM that decodes weight panels inside it
-(:func:`fxquant.kernels.native_cpu.int8_gemm`), else blocked dequantize + dense GEMM.  CUDA: the Triton
-kernel in :mod:`fxquant.kernels.int8wo`.
+products and sums, x rounded to bf16 in C when the ``compute_dtype`` policy rounds it); up to
+:func:`packed_max_rows` ``torch._weight_int8pack_mm`` on bf16 values where a bf16 output is allowed
+(bf16 activations or ``compute_dtype=bfloat16``; for fp32 / fp16 ones the native GEMV instead); above,
+on bf16 values with AVX512-BF16, the native GEMM that decodes weight panels inside it
+(:func:`fxquant.kernels.native_cpu.int8_gemm`: exact products, fp32 sums and an fp32 result for fp32
+x), else blocked dequantize + dense GEMM (:func:`._cpu.Numerics.gemm_dtype`).  Every path: the codes
+are exact in bf16 and the scale multiplies the fp32 sums, so only x's rounding (the policy's) and the
+summation order separate them.  CUDA: the Triton kernel in :mod:`fxquant.kernels.int8wo`.
 """
 from __future__ import annotations
 
@@ -48,21 +52,25 @@ def packed_max_rows() -> int:
     return min(_cpu.large_m_threshold(), 12 if _cpu.dense_dtype() == torch.bfloat16 else 64)
 
 
-def _cpu_fast(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
-    if x2.shape[0] <= native_max_rows():
-        y = native_cpu.int8_gemv(x2, qweight, scale)
+def _cpu_fast(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, *, nm: _cpu.Numerics) -> torch.Tensor | None:
+    m, packed = x2.shape[0], packed_max_rows()
+    # the native GEMV; where the result must be fp32-exact it also takes int8pack's rows (int8pack's
+    # output is bf16).  Cost there, from the AVX2 numbers above (not measured again): the GEMV is linear
+    # in M, ~1.4 ms per row against int8pack's ~1.1 and the blocked path's 62 ms at M=32
+    if m <= native_max_rows() or (nm.exact and m < packed):
+        y = native_cpu.int8_gemv(x2, qweight, scale, round_x=nm.round_x)
         if y is not None:
             return y
-    if x2.shape[0] >= packed_max_rows():
-        if _cpu.native_gemm_applies(x2):
+    if m >= packed:
+        if nm.bf16_values(x2):
             y = native_cpu.int8_gemm(x2, qweight, scale)  # decodes panels inside the GEMM (AVX512-BF16)
             if y is not None:
                 return y
         return None  # blocked dequantize + dense GEMM
-    if not _cpu.int8pack_k_ok(x2.shape[1]):  # the kernel is wrong there (tests/ops/test_weight_only_ops.py)
+    # int8pack: fp32 input is 10-50x slower, and its bf16 output is allowed only where nm says so
+    if not nm.bf16_gemm(x2) or not _cpu.int8pack_k_ok(x2.shape[1]):  # (wrong there: test_weight_only_ops.py)
         return None
-    kd = torch.float16 if x2.dtype == torch.float16 else torch.bfloat16  # fp32 input is 10-50x slower
-    return torch._weight_int8pack_mm(x2.to(kd).contiguous(), qweight, scale.to(kd))
+    return torch._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), qweight, scale.to(torch.bfloat16))
 
 
 def _block_decoder(qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):

@@ -4,21 +4,27 @@
 when ``symmetric``); bit-packed layout (planes of folded shards, int4 tile order, rows padded to 64)
 and the grouping of ``axis`` 0 / 1 in :mod:`fxquant.formats.intx`.
 
-CPU (``compute_dtype`` None or bf16; otherwise the reference in that dtype):
+CPU (``compute_dtype`` None, fp32 or bf16, under the policy of :func:`._cpu.numerics`; float16: the
+reference in fp16):
 
 - native GEMV (:func:`native_linear`): axis 1, any b, ``M <= NATIVE_MAX_ROWS``: the stored planes
   and shards read in place by :func:`fxquant.kernels.native_cpu.int4_tiled_gemv` (any group size,
-  any tile height that is a multiple of 32), fp32 activations and accumulation.  Axis 0 (AVX-512),
+  any tile height that is a multiple of 32), fp32 products and sums (x rounded to bf16 in C when the
+  policy rounds it; b = 4, 8 on bf16 values: the bf16 dot-product form).  Axis 0 (AVX-512),
   ``M <= native_max_rows_axis0``: :func:`fxquant.kernels.native_cpu.int4_tiled_axis0_gemv`, the
-  per-column scales folded into the activations (``A = scale * x`` per row class ``n % (N/g)``).
+  per-column scales folded into the activations (``A = scale * x`` per row class ``n % (N/g)``; its
+  bf16 form rounds A, so fp32-exact results take the fp32 form).
+- b = 4, axis 1, large M, bf16 values: int4wo's native GEMM (grouped form for fp32-exact results).
 - int4 kernel: ``aten._weight_int4pack_mm_for_cpu`` on bf16 activations, once per 4-bit plane, for
   axis 1, ``group_size`` in {32, 64, 128, 256}, weights packed with this CPU's tile height and
-  ``M <= INT4_KERNEL_MAX_ROWS``.  b = 4 and b = 8 read the stored planes as they are; other widths
+  ``M <= INT4_KERNEL_MAX_ROWS``, where a bf16 output is allowed (bf16 activations or
+  ``compute_dtype=bfloat16``).  b = 4 and b = 8 read the stored planes as they are; other widths
   widen their 1..3-bit planes to nibbles per call, a piece of rows at a time (transient, never
   kept).  The rounding of the kernel's zeros is added back in fp32 (``x`` group sums times the
   residual), so only the bf16 activations and outputs differ from the reference.
 - otherwise, at any M: :func:`tiled_dequant_linear` (axis 1, ``M <= TILED_MAX_ROWS``: dequantize a
-  few tiles in tile order and multiply at once) or :func:`rows_dequant_linear` (row blocks).
+  few tiles in tile order and multiply at once) or :func:`rows_dequant_linear` (row blocks), in
+  :meth:`._cpu.Numerics.gemm_dtype` (bf16 only where a bf16 output is allowed).
 CUDA: Triton kernel in :mod:`fxquant.kernels.intx`.  Measurements: docs/formats/intx.md.
 """
 from __future__ import annotations
@@ -68,16 +74,18 @@ NATIVE_MAX_ROWS_AXIS0_BF16DOT = 24
 NATIVE_MAX_ROWS_BF16DOT = {4: 56, 8: 28}
 
 
-def native_max_rows(x2: torch.Tensor, bits: int) -> int:
-    """Rows up to which the native GEMV is used for these activations and this width."""
-    if x2.dtype in native_cpu.BF16_DOT_DTYPES and bits in NATIVE_MAX_ROWS_BF16DOT and native_cpu.has_bf16_dot():
+def native_max_rows(x2: torch.Tensor, bits: int, nm: _cpu.Numerics) -> int:
+    """Rows up to which the native GEMV is used for these activations and this width (bf16 values,
+    b = 4 or 8: the bf16 dot-product kernel where the CPU has it)."""
+    if nm.bf16_values(x2) and bits in NATIVE_MAX_ROWS_BF16DOT and native_cpu.has_bf16_dot():
         return NATIVE_MAX_ROWS_BF16DOT[bits]
     return NATIVE_MAX_ROWS
 
 
-def native_max_rows_axis0(x2: torch.Tensor, block_n: int, bits: int) -> int:
-    """Rows up to which the native axis-0 GEMV is used for these activations, tiles and width."""
-    if block_n == 64 and x2.shape[-1] % 2 == 0 and native_cpu.has_bf16_dot():
+def native_max_rows_axis0(x2: torch.Tensor, block_n: int, bits: int, nm: _cpu.Numerics) -> int:
+    """Rows up to which the native axis-0 GEMV is used for these activations, tiles and width (its bf16
+    form, which rounds ``A = scale * x``, only where the result need not be fp32-exact)."""
+    if not nm.exact and block_n == 64 and x2.shape[-1] % 2 == 0 and native_cpu.has_bf16_dot():
         return NATIVE_MAX_ROWS_AXIS0_BF16DOT // (2 if bits > 4 else 1)
     return NATIVE_MAX_ROWS_AXIS0
 
@@ -131,18 +139,19 @@ def int4_kernel_linear(x2: torch.Tensor, codes_lo: torch.Tensor, codes_hi: torch
 
 def native_linear(x2: torch.Tensor, codes_lo: torch.Tensor, codes_hi: torch.Tensor, scale: torch.Tensor,
                   offset: torch.Tensor, bits: int, group_size: int, block_n: int,
-                  out_features: int, axis: int = 1) -> torch.Tensor | None:
+                  out_features: int, axis: int = 1, nm: _cpu.Numerics = _cpu.Numerics(False, True)) -> torch.Tensor | None:
     """``x2`` ``[M, K]`` -> fp32 ``[M, out_features]`` with the native GEMV (axis 1:
     :func:`native_cpu.int4_tiled_gemv`; axis 0: :func:`native_cpu.int4_tiled_axis0_gemv`), or None
     when it does not apply.  The low plane (``min(b, 4)`` bits) is read in place, shards and all; b > 4 adds
     a pass over the high plane, ``q = lo + 16 hi``:
-    ``(q - mid) s + offset = [(lo - mid) s + offset] + 16 [hi s]``."""
+    ``(q - mid) s + offset = [(lo - mid) s + offset] + 16 [hi s]``.  ``nm``: the call's rounding
+    policy (default: fp32, exact)."""
     lo_bits, hi_bits = fmt.plane_bits(bits)
     if axis == 1:
         kernel, kw = native_cpu.int4_tiled_gemv, dict(group_size=group_size)
     else:
-        kernel, kw = native_cpu.int4_tiled_axis0_gemv, {}
-    kw.update(block_n=block_n, scale=scale, out_features=out_features)
+        kernel, kw = native_cpu.int4_tiled_axis0_gemv, dict(exact=nm.exact)
+    kw.update(block_n=block_n, scale=scale, out_features=out_features, round_x=nm.round_x)
     y = kernel(x2, codes_lo, zero=offset if offset.numel() else None, mid=2.0 ** (bits - 1), plane_bits=lo_bits,
                **kw)
     if y is None or not hi_bits:
@@ -194,21 +203,24 @@ def rows_dequant_linear(x2: torch.Tensor, codes_lo: torch.Tensor, codes_hi: torc
 _warned_layout = False
 
 
-def _cpu_fast(x2, codes_lo, codes_hi, scale, offset, bits, group_size, symmetric, axis, block_n, out_features):
+def _cpu_fast(x2, codes_lo, codes_hi, scale, offset, bits, group_size, symmetric, axis, block_n, out_features, *,
+              nm: _cpu.Numerics):
     global _warned_layout
-    if x2.shape[0] <= (native_max_rows(x2, bits) if axis == 1 else native_max_rows_axis0(x2, block_n, bits)):
-        y = native_linear(x2, codes_lo, codes_hi, scale, offset, bits, group_size, block_n, out_features, axis)
+    if x2.shape[0] <= (native_max_rows(x2, bits, nm) if axis == 1 else native_max_rows_axis0(x2, block_n, bits, nm)):
+        y = native_linear(x2, codes_lo, codes_hi, scale, offset, bits, group_size, block_n, out_features, axis, nm)
         if y is not None:
             return y
-    elif bits == 4 and axis == 1 and _cpu.native_gemm_applies(x2):
+    elif bits == 4 and axis == 1 and nm.bf16_values(x2):
         # the 4-bit plane is int4wo's tile layout: the native GEMM that decodes tiles inside it
         y = native_cpu.int4_gemm(x2, codes_lo, block_n=block_n, group_size=group_size, scale=scale,
-                                 zero=offset if offset.numel() else None, out_features=out_features, mid=8.0)
+                                 zero=offset if offset.numel() else None, out_features=out_features, mid=8.0,
+                                 exact=nm.exact)
         if y is not None:
             return y
-    if x2.shape[0] <= INT4_KERNEL_MAX_ROWS[bits > 4]:
+    if x2.shape[0] <= INT4_KERNEL_MAX_ROWS[bits > 4] and nm.bf16_gemm(x2):
         if int4_kernel_applies(bits, group_size, axis, block_n):
-            return int4_kernel_linear(x2, codes_lo, codes_hi, scale, offset, bits, group_size, block_n, out_features)
+            return int4_kernel_linear(nm.rounded(x2), codes_lo, codes_hi, scale, offset, bits, group_size, block_n,
+                                      out_features)
         native = int4.native_cpu_block_n()
         if not _warned_layout and native is not None and int4_kernel_applies(bits, group_size, axis, native):
             _warned_layout = True
@@ -216,8 +228,8 @@ def _cpu_fast(x2, codes_lo, codes_hi, scale, offset, bits, group_size, symmetric
                           f"{native}: using the slower dequantize path. Re-run "
                           "fxquant.compile on this machine for the fast path.", stacklevel=2)
     path = tiled_dequant_linear if axis == 1 and x2.shape[0] <= TILED_MAX_ROWS else rows_dequant_linear
-    return path(x2, codes_lo, codes_hi, scale, offset, bits, group_size, axis, block_n, out_features,
-                _cpu.dense_dtype())
+    return path(nm.rounded(x2), codes_lo, codes_hi, scale, offset, bits, group_size, axis, block_n, out_features,
+                nm.gemm_dtype(x2))
 
 
 def _cuda(x2, codes_lo, codes_hi, scale, offset, *, bias, bits, group_size, symmetric, axis, block_n, out_features):

@@ -11,14 +11,19 @@ an ``N x K`` weight), and the fast paths (CPU and Triton) compute the paper's fo
 one they are held to.  It also never builds the float ``N x K`` product ``a bᵀ``.
 tests/ops/test_onebit.py checks that both forms agree.
 
-CPU fast path (rows < :func:`fxquant.ops._cpu.large_m_threshold`, ``compute_dtype`` None or
-bf16): at M <= ``NATIVE_MAX_ROWS`` the native GEMV (:mod:`fxquant.kernels.native_cpu`) reads the sign
-bits in place, in fp32; above, the sign bits become int8 *scaled bit planes* (one vectorised AND per element,
-:func:`fxquant.formats.onebit.bit_planes_into`) in a reused per-thread workspace, and go to
-``torch._weight_int8pack_mm`` against matching bf16 activations (:func:`plane_activations`).
-Only the packed bits are kept; the planes are scratch.  docs/formats/onebit.md has the measured
-alternatives (a cached int8 or int4 copy, table unpack, unpack-then-dense).  Large M: the
-reference (unpack, dense GEMM in ``compute_dtype``).
+CPU fast path (the ``compute_dtype`` policy of :func:`fxquant.ops._cpu.numerics`): at M <=
+``NATIVE_MAX_ROWS`` the native GEMV (:mod:`fxquant.kernels.native_cpu`) reads the sign bits in place,
+in fp32 (``x ⊙ b`` made in the kernel, x rounded to bf16 first where the policy says); above, the
+sign bits become int8 *scaled bit planes* (one vectorised AND per element,
+:func:`fxquant.formats.onebit.bit_planes_into`) in a reused per-thread workspace, multiplied with
+matching bf16 activations (:func:`plane_activations`): with AVX512-BF16 by the native int8 GEMM at
+every M, ``x ⊙ b`` split into bf16 parts whose sum is it (two parts when x's values are bf16: exact;
+three for fp32 values), fp32 result: the reference up to fp32 sums; elsewhere by
+``torch._weight_int8pack_mm`` (``x ⊙ b`` and the output rounded to bf16) below
+:func:`fxquant.ops._cpu.large_m_threshold` where a bf16 result is allowed, the native GEMV there
+where the result must be fp32-exact, and the reference (unpack, dense GEMM) above.  Only the packed
+bits are kept; the planes are scratch.  docs/formats/onebit.md has the measured alternatives (a
+cached int8 or int4 copy, table unpack, unpack-then-dense).
 CUDA: Triton kernel in :mod:`fxquant.kernels.onebit`.
 """
 from __future__ import annotations
@@ -76,18 +81,23 @@ def dequantize_weight(sign_bits: torch.Tensor, a: torch.Tensor, b: torch.Tensor)
 
 
 def plane_activations(x2: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``x2`` ``[M, K]`` -> bf16 ``[M, 8 C + _extra_cols(C)]``: the activations that, against
+    """``x2`` ``[M, K]`` -> bf16 ``[M, 8 C + _extra_cols(C)]``: :func:`plane_activations_of` ``x' =
+    bf16(x ⊙ b)``."""
+    return plane_activations_of((x2.float() * b.float()).to(torch.bfloat16))
+
+
+def plane_activations_of(xb: torch.Tensor) -> torch.Tensor:
+    """bf16 ``x'`` ``[M, K]`` -> bf16 ``[M, 8 C + _extra_cols(C)]``: the activations that, against
     :func:`fxquant.formats.onebit.bit_planes_into`'s planes (row-major ``[8, C]`` per output) and
-    the correction columns, sum to ``Σ_k x'_k S_nk`` with ``x' = bf16(x ⊙ b)``.
+    the correction columns, sum to ``Σ_k x'_k S_nk``.
 
     ``S = 2 B - 1`` gives ``Σ_k x'_k S_nk = Σ_{j,c} (2 x'_{8c+j} / PLANE_VALUES[j]) planes[n, j, c]
     - Σ_k x'_k``: the plane factors are exact powers of two, and ``-Σ_k x'_k`` (summed in fp64)
     rides in three bf16 parts whose sum carries ~24 bits, so the cancellation between the two
     terms happens inside the kernel's fp32 accumulator, never in a bf16 output (a separate
     ``- sum(x)`` after the GEMV would lose ``2^-9 Σ|x|`` — all of ``y`` for non-negative inputs)."""
-    m, k = x2.shape
+    m, k = xb.shape
     c = fmt.packed_cols(k)
-    xb = (x2.float() * b.float()).to(torch.bfloat16)
     if 8 * c != k:
         xb = F.pad(xb, (0, 8 * c - k))
     rest = -xb.sum(dim=1, keepdim=True, dtype=torch.float64)
@@ -131,36 +141,70 @@ def clear_workspace() -> None:
     _WORKSPACE.buf = _WORKSPACE.layout = None
 
 
-def _cpu_fast(x2: torch.Tensor, sign_bits: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``[M, K]`` -> ``[M, N]`` bf16: scaled bit planes of up to ``CHUNK_BYTES`` rows at a time (one
-    AND per element) into the workspace, then ``torch._weight_int8pack_mm(activations, planes, a)``.
+def _native_gemm() -> bool:
+    """Whether the native int8 GEMM (AVX512-BF16) runs here: the planes' exact path at every M."""
+    lib = native_cpu._lib()
+    return lib is not None and lib.fxq512_int8_bf16_gemm is not None
 
-    Only the packed bits are kept: the planes are scratch.  bf16 activations (the int8 kernel is
-    10-50x slower with fp32 input) with fp32 accumulation; ``a`` is the stored bf16 scale.
-    Versus the fp32 reference: ``x ⊙ b`` and the output each rounded once to bf16."""
+
+def _cpu_fast(x2: torch.Tensor, sign_bits: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *,
+              nm: _cpu.Numerics | None = None) -> torch.Tensor | None:
+    """``[M, K]`` -> ``[M, N]`` (module docstring) or None (the reference); ``nm``: the call's policy
+    (default: ``compute_dtype=None``'s for ``x2``)."""
+    nm = nm or _cpu.numerics(x2.dtype, None)
     n, c = sign_bits.shape
     m = x2.shape[0]
     if m == 0 or n == 0:
         return x2.new_zeros(m, n)
-    if m <= NATIVE_MAX_ROWS:
-        y = native_cpu.onebit_gemv(x2.float() * b.float(), sign_bits, a)
+    gemm = _native_gemm()
+    large = m >= _cpu.large_m_threshold()
+    # the GEMV; where the result must be fp32-exact and no native GEMM runs, up to the large-M threshold
+    # (its per-row cost is the planes path's at M <= 8, measured above; linear in M)
+    if m <= NATIVE_MAX_ROWS or (nm.exact and not gemm and not large):
+        y = native_cpu.onebit_gemv(x2, sign_bits, a, b, round_x=nm.round_x)
         if y is not None:
             return y
+    if gemm:
+        # x ⊙ b (x's values per the policy) as bf16 parts: two when x's values are bf16 numbers (their
+        # 16-bit products with b split exactly), three for fp32 values (24 bits); one GEMM on all parts
+        xb = nm.rounded(x2).float() * b.float()
+        parts = []
+        for _ in range(2 if nm.bf16_values(x2) else 3):
+            parts.append(xb.to(torch.bfloat16))
+            xb = xb - parts[-1].float()
+        y = _planes_linear(plane_activations_of(torch.cat(parts)), sign_bits, a, gemm=True)
+        return y.view(len(parts), m, n).sum(0)
+    if large or not nm.bf16_gemm(x2):
+        return None  # the reference
+    return _planes_linear(plane_activations(x2, b), sign_bits, a, gemm=False)
+
+
+def _planes_linear(xp: torch.Tensor, sign_bits: torch.Tensor, a: torch.Tensor, *, gemm: bool) -> torch.Tensor:
+    """Plane activations ``xp`` ``[R, 8 C + extra]`` -> ``[R, N]``: scaled bit planes of up to
+    ``CHUNK_BYTES`` rows at a time (one AND per element) into the workspace, then
+    ``(xp @ planes.T) * a``: the native int8 GEMM (``gemm``: exact products, fp32 sums, fp32 result)
+    or ``torch._weight_int8pack_mm`` (bf16 result; fp32 input is 10-50x slower).  Only the packed
+    bits are kept: the planes are scratch; ``a`` is the stored bf16 scale."""
+    n, c = sign_bits.shape
     sign_bits = sign_bits.contiguous()
-    xp = plane_activations(x2, b)
     scale = a.to(torch.bfloat16)
     width = 8 * c + _extra_cols(c)
     rows = min(n, max(1, CHUNK_BYTES // width))
     buf = _workspace(rows, c)
+
+    def mm(planes: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        if gemm:
+            return native_cpu.int8_gemm(xp, planes, s, fp32_out=True)
+        return torch._weight_int8pack_mm(xp, planes, s)
     if rows == n:
         fmt.bit_planes_into(sign_bits, buf[:, : 8 * c].view(n, 8, c))
-        return torch._weight_int8pack_mm(xp, buf, scale)
-    out = torch.empty(m, n, dtype=torch.bfloat16)
+        return mm(buf, scale)
+    out = torch.empty(xp.shape[0], n, dtype=torch.float32 if gemm else torch.bfloat16)
     for r0 in range(0, n, rows):
         r1 = min(r0 + rows, n)
         chunk = buf[: r1 - r0]
         fmt.bit_planes_into(sign_bits[r0:r1], chunk[:, : 8 * c].view(r1 - r0, 8, c))
-        out[:, r0:r1] = torch._weight_int8pack_mm(xp, chunk, scale[r0:r1])
+        out[:, r0:r1] = mm(chunk, scale[r0:r1])
     return out
 
 
@@ -174,6 +218,7 @@ OP = LinearOpDef(
     name="linear_onebit", tensors=("sign_bits", "a", "b"), scalars=(),
     dequantize=dequantize_weight, out_features=lambda a, **_: a.shape[0],
     cpu_fast=_cpu_fast, cuda=_cuda, reference_fn=reference_onebit,
+    cpu_fast_any_m=True,  # the native GEMM's planes path at every M; _cpu_fast returns None for the reference
     doc="x [..., K]; sign_bits uint8 [N, ceil(K/8)] (bit j of byte c = sign of column 8c+j, 1 = +1); "
         "a bf16 [N]; b bf16 [K]; bias [N] -> ((x * b) @ sign.T) * a + bias [..., N]",
 )

@@ -1,4 +1,6 @@
 """linear_intx op and IntX scheme: CPU paths vs the reference, opcheck, autograd, parsing, end to end."""
+import warnings
+
 import pytest
 import torch
 from hypothesis import given
@@ -148,14 +150,22 @@ def test_uint4_axis1_equals_int4wo_op():
 
 @pytest.mark.skipif(NATIVE is None, reason="no int4 CPU kernel layout on this CPU")
 def test_foreign_block_n_uses_dequant_path(monkeypatch, fp32_dense):
+    """Between the native GEMV's rows and the int4 kernel's limit, bf16 activations (the int4
+    kernel's bf16 output allowed) of weights packed for another tile height take the dequantize path
+    with a warning; fp32 ones never take the int4 kernel (compute_dtype policy), so no warning."""
     monkeypatch.setattr(op, "_warned_layout", False)
     w = torch.randn(40, 64, generator=torch.Generator().manual_seed(4))
-    stored = fmt.to_storage(w, 8, 32, False, 1, 64 if NATIVE != 64 else 32)
-    attrs = dict(bits=8, group_size=32, symmetric=False, axis=1, block_n=64 if NATIVE != 64 else 32, out_features=40)
+    stored = fmt.to_storage(w, 2, 32, False, 1, 64 if NATIVE != 64 else 32)
+    attrs = dict(bits=2, group_size=32, symmetric=False, axis=1, block_n=64 if NATIVE != 64 else 32, out_features=40)
     x = torch.randn(op.NATIVE_MAX_ROWS + 1, 64)  # above the native GEMV, which reads any tile height
-    with pytest.warns(UserWarning, match="block_n"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         y = torch.ops.fxquant.linear_intx(x, *stored.values(), None, **attrs)
     assert rel(y, op.reference(x, *stored.values(), None, **attrs)) < 1e-5
+    xb = x.to(torch.bfloat16)
+    with pytest.warns(UserWarning, match="block_n"):
+        y = torch.ops.fxquant.linear_intx(xb, *stored.values(), None, **attrs)
+    assert rel(y, op.reference(xb, *stored.values(), None, **attrs)) < 2**-8
 
 
 @pytest.mark.parametrize("scheme,dtype,with_bias", [

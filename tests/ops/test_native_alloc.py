@@ -62,7 +62,7 @@ def _every_allocation_fails_once(isa: str, scheme: str, n: int, k: int, m: int, 
     ref = _linear_reference(qw)(x, *args, None, **qw.attrs)
     dq = {**qw.attrs, "compute_dtype": None}
     w = next(d for d in _linear_defs() if d.name == qw.op).dequantized(qw.tensors, dq)
-    assert_linear_close(y, ref, x, w, 2**-7)
+    assert_linear_close(y, ref, x, w, 2**-7)  # the completed call's result (the fp32 bound: test_compute_dtype_policy)
     return failures
 
 
@@ -82,7 +82,8 @@ GEMV_CASES = {
              ("nf4", 33, 128, 2, "fxq_lut4_gemv"), ("nf4-64+dq", 9, 256, 1, "fxq_lut4_gemv"),
              ("onebit", 17, 77, 2, "fxq_onebit_gemv")],
     "avx512": [("uint3wo-32", 40, 96, 3, "fxq512_int4t_gemv"), ("uint3wo-64-axis0", 128, 64, 1, "fxq512_int4t_axis0_gemv"),
-               ("onebit", 17, 77, 5, "fxq512_onebit_gemv")],
+               ("onebit", 17, 77, 5, "fxq512_onebit_gemv"),
+               ("nf4", 33, 128, 2, "fxq512_lut4_gemv")],  # fp32 x, NF4's table: the fp32 kernel (x rounded in C)
 }
 
 
@@ -95,15 +96,16 @@ def test_gemv_allocation_failure_raises(isa, case):
 
 
 @needs_bf16_dot
-@pytest.mark.parametrize("scheme,n,k,m,kernel", [
-    ("int4wo-64", 70, 256, 3, "fxq512_int4t_bf16_gemv_x"),   # fp32 x rounded in C, both buffers
-    ("nf4", 33, 128, 2, "fxq512_lut4_bf16_gemv_x"),          # 64-byte chunk kernel
-    ("nf4-32+dq", 9, 96, 1, "fxq512_lut4_bf16_gemv_x"),      # split halves
-    ("int4wo-64", 70, 256, 130, "fxq512_int4t_bf16_gemm"),   # the large-M GEMMs: packed x, per-thread scratch
-    ("int8wo", 50, 384, 70, "fxq512_int8_bf16_gemm"),
+@pytest.mark.parametrize("scheme,n,k,m,kernel,dtype", [
+    ("int4wo-64", 70, 256, 3, "fxq512_int4t_bf16_gemv_x", torch.float32),   # fp32 x rounded in C, both buffers
+    ("nf4", 33, 128, 2, "fxq512_lut4_bf16_gemv_x", torch.bfloat16),         # 64-byte chunk kernel
+    ("nf4-32+dq", 9, 96, 1, "fxq512_lut4_bf16_gemv_x", torch.bfloat16),     # split halves
+    ("int4wo-64", 70, 256, 130, "fxq512_int4t_bf16_gemm", torch.float32),   # grouped GEMM: packed x, group sums,
+    ("int4wo-64", 70, 256, 130, "fxq512_int4t_bf16_gemm", torch.bfloat16),  # per-thread scratch; W-rounding one
+    ("int8wo", 50, 384, 70, "fxq512_int8_bf16_gemm", torch.float32),
 ])
-def test_bf16_kernel_allocation_failure_raises(scheme, n, k, m, kernel):
-    assert _every_allocation_fails_once("avx512", scheme, n, k, m, kernel) >= 1
+def test_bf16_kernel_allocation_failure_raises(scheme, n, k, m, kernel, dtype):
+    assert _every_allocation_fails_once("avx512", scheme, n, k, m, kernel, dtype) >= 1
 
 
 @needs_native
@@ -117,6 +119,6 @@ def test_status_of_a_layout_the_kernel_does_not_compute():
     x, codes, table, scale = torch.zeros(1, 8), torch.zeros(1, 4, dtype=torch.uint8), torch.zeros(16, dtype=torch.int8), \
         torch.ones(1, dtype=torch.bfloat16)
     st = lib.fxq_fpx_gemv(x.data_ptr(), 1, 8, codes.data_ptr(), 4, 1, 4, table.data_ptr(), scale.data_ptr(), 1.0,
-                          y.data_ptr(), 1, 1)
+                          y.data_ptr(), 1, 0, 1)
     with pytest.raises(ValueError, match="fxq512_fpx_gemv: status -2"):
         native_cpu._raise(st, lib.fxq_fpx_gemv, M=1, K=8, N=1, bits=4)

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from helpers import assert_linear_close, intx_code_part
 from fxquant.formats import int4
 from fxquant.kernels import native_cpu
-from fxquant.ops import bnb4, fpx, int4wo, int8wo, intx, onebit
+from fxquant.ops import _cpu, bnb4, fpx, int4wo, int8wo, intx, onebit
 from fxquant.schemes import parse_scheme
 
 needs_native = pytest.mark.skipif(not native_cpu.available(), reason=f"native kernels: {native_cpu.status()}")
@@ -51,10 +51,17 @@ SCHEMES = {
     "uint8wo-16": 16, "nf4": 64, "nf4-32+dq": 32, "fp4-128": 128, "fp4-64+dq": 64,
     "fp4_e2m1": 1, "fp4_e1m2": 1, "fp4_e3m0": 1, "fp3_e1m1": 1, "fp3_e2m0": 1, "onebit": 1,
 }
-#: fp32 activations: the kernels compute in fp32, so the only difference from the reference is the
-#: order of an fp32 sum (and int4/intx's per-group s·Σqx + (z - mid·s)·Σx): a dot-product rounding
-#: bound far below any bf16 path's
+#: fp32 activations: products exact (fp32, or bf16 values where the compute_dtype policy rounds x:
+#: :func:`policy_x`), so the only difference from the reference on those values is the order of an
+#: fp32 sum (and int4/intx's per-group s·Σqx + (z - mid·s)·Σx): a dot-product rounding bound far
+#: below any bf16 path's
 FP32_TOL, BF16_TOL = 2e-6, 2**-7
+
+
+def policy_x(x: torch.Tensor) -> torch.Tensor:
+    """The values the ops compute on under ``compute_dtype=None`` on this CPU: fp32 x rounded to bf16
+    where the dense path is bf16 (:func:`fxquant.ops._cpu.numerics`), else x."""
+    return x.to(torch.bfloat16).to(x.dtype) if _cpu.numerics(x.dtype, None).round_x else x
 
 
 def wrapper_of(qw) -> str:
@@ -64,8 +71,9 @@ def wrapper_of(qw) -> str:
 
 
 def takes_bf16_dot(qw) -> bool:
-    """Whether this weight's native kernel is a bf16 dot-product one here, which rounds fp32
-    activations to bf16 (4-bit int4 tiles of 64 rows, 4-bit table codes) under the active ISA."""
+    """Whether this weight's native kernel has a bf16 dot-product form here (4-bit int4 tiles of 64
+    rows, 4-bit table codes, axis-0 tiles of 64 rows and even K) under the active ISA: the form that
+    runs on bf16 values (bf16 x, or fp32 x the policy rounds)."""
     lib = native_cpu._lib()
     if lib is None or getattr(lib, "fxq512_int4t_bf16_gemv", None) is None:
         return False
@@ -113,12 +121,12 @@ def check(scheme: str, n: int, k: int, m: int, dtype: torch.dtype, with_bias: bo
     with spy(wrapper) as calls:
         y = op(x, *args, bias, **qw.attrs)
     assert calls, f"{scheme} M={m}: the native kernel was not called"
-    r = reference(x, *args, bias, **qw.attrs)
+    r = reference(policy_x(x), *args, bias, **qw.attrs)
     w = module.OP_DQ.dequantized(qw.tensors, {**qw.attrs, "compute_dtype": None}) if qw.op.endswith("_dq") \
         else module.OP.dequantized(qw.tensors, {**qw.attrs, "compute_dtype": None})
     assert y.shape == r.shape == (m, n) and y.dtype == dtype
-    exact = dtype == torch.float32 and not takes_bf16_dot(qw)
-    assert_linear_close(y, r, x, w, FP32_TOL if exact else BF16_TOL, bias)
+    # fp32 x: exact products on every kernel (the policy's rounding of x is in r); bf16 x: a bf16 output
+    assert_linear_close(y, r, x, w, FP32_TOL if dtype == torch.float32 else BF16_TOL, bias)
 
 
 @needs_native
@@ -173,7 +181,7 @@ def test_intx_and_int4wo_read_foreign_tile_heights(isa, bits):
     with spy("int4_tiled_gemv") as calls, using(isa):
         y = torch.ops.fxquant.linear_intx(x, *stored.values(), None, **attrs)
     assert calls
-    r = intx.reference(x, *stored.values(), None, **attrs)
+    r = intx.reference(policy_x(x), *stored.values(), None, **attrs)
     assert_linear_close(y, r, x, intx.dequantize_weight(*stored.values(), **attrs), FP32_TOL)
     if bits == 4:
         st4 = int4.to_storage(w, 64, other)
@@ -185,24 +193,24 @@ def test_intx_and_int4wo_read_foreign_tile_heights(isa, bits):
 @needs_native
 @pytest.mark.parametrize("scheme", ["int8wo", "int4wo-64", "uint2wo-32", "nf4", "fp3_e1m1", "onebit"])
 def test_routing_by_rows(scheme):
-    """The native kernel runs from 1 to NATIVE_MAX_ROWS rows and not above; both sides agree with
-    the reference (above, at the ATen paths' bf16 tolerance)."""
+    """The native kernel runs from 1 to its row limit and not above; both sides are the reference on
+    the policy's x (fp32 activations: exact products and fp32 sums on either side)."""
     qw, op = quantized(scheme, 48, 128, 0)
     reference, module, _ = OPS[qw.op]
     wrapper = wrapper_of(qw)
     args = tuple(qw.tensors.values())
     x1 = torch.randn(1, 128)
-    limit = (module.native_max_rows(x1) if qw.op == "linear_int4wo" else
-             module.native_max_rows(x1, qw.attrs["bits"]) if qw.op == "linear_intx" else
+    nm = _cpu.numerics(x1.dtype, None)
+    limit = (module.native_max_rows(x1, nm) if qw.op == "linear_int4wo" else
+             module.native_max_rows(x1, qw.attrs["bits"], nm) if qw.op == "linear_intx" else
              module.native_max_rows() if qw.op == "linear_int8wo" else module.NATIVE_MAX_ROWS)
-    native_tol = 2e-2 if takes_bf16_dot(qw) else 1e-5  # bf16 dot kernels round fp32 x to bf16
     for m, native in ((1, True), (limit, True), (limit + 1, False)):
         x = torch.randn(m, 128)
         with spy(wrapper) as calls:
             y = op(x, *args, None, **qw.attrs)
         assert bool(calls) == native, (scheme, m)
-        r = reference(x, *args, None, **qw.attrs)
-        assert ((y - r).norm() / r.norm()).item() < (native_tol if native else 2e-2), (scheme, m)
+        r = reference(policy_x(x), *args, None, **qw.attrs)
+        assert ((y - r).norm() / r.norm()).item() < 1e-5, (scheme, m)
 
 
 @needs_native
@@ -322,26 +330,35 @@ def test_int4_bf16_dot_kernel_is_the_reference_on_bf16_x(scheme, m, n):
 @needs_bf16_dot
 @pytest.mark.parametrize("m,n,k,group", [(5, 130, 256, 32), (40, 64, 128, 128), (33, 300, 512, 64),
                                          (29, 70, 1536, 256), (native_cpu.GEMM_ROWS + 17, 100, 1024, 128)])
-def test_int4_gemm_kernel_against_exact_products(m, n, k, group):
+@pytest.mark.parametrize("exact", [True, False])
+def test_int4_gemm_kernel_against_exact_products(m, n, k, group, exact):
     """The large-M int4 GEMM (tile chunks decoded inside it) against float64 products of the same
-    bf16 x and the reference's dequant rounded once to bf16, across partial tiles, x blocks of 14
-    rows, k chunks (1024) and the wrapper's row chunks; x = identity rows returns W.T bit for bit
-    (each output one exact product)."""
+    bf16 x and the reference's dequant (``exact``: the grouped form, codes exact and each group's
+    scale and offset applied in fp32; else the weight rounded once to bf16), across partial tiles, x
+    blocks of 14 rows, k chunks (1024), groups that straddle them and the wrapper's row chunks; x =
+    identity rows returns W.T (each output one product: bit for bit the bf16 weight, or W to fp32
+    rounding)."""
     gen = torch.Generator().manual_seed(m + n + k)
     st_ = int4.to_storage(torch.randn(n, k, generator=gen), group, 64)
     sz = st_["scales_and_zeros"]
-    kw = dict(block_n=64, group_size=group, scale=sz[..., 0], zero=sz[..., 1], out_features=n)
-    want = int4.from_storage(st_["qweight"], sz, group, 64, n).to(torch.bfloat16)
+    kw = dict(block_n=64, group_size=group, scale=sz[..., 0], zero=sz[..., 1], out_features=n, exact=exact)
+    w32 = int4.from_storage(st_["qweight"], sz, group, 64, n)
+    want = w32 if exact else w32.to(torch.bfloat16)
     x = torch.randn(m, k, generator=gen)
     y = native_cpu.int4_gemm(x, st_["qweight"], **kw)  # fp32 x: the fp32 result
     xb = x.to(torch.bfloat16).double()
-    exact, size = xb @ want.double().t(), xb.abs() @ want.double().abs().t()
+    products, size = xb @ want.double().t(), xb.abs() @ want.double().abs().t()
     assert y.dtype == torch.float32 and y.shape == (m, n)
-    assert ((y.double() - exact).abs() <= 1e-5 * size).all()
+    assert ((y.double() - products).abs() <= (2e-6 if exact else 1e-5) * size).all()
     yb = native_cpu.int4_gemm(x.to(torch.bfloat16), st_["qweight"], **kw)  # bf16 x: rounded to bf16
     assert yb.dtype == torch.bfloat16 and torch.equal(yb, y.to(torch.bfloat16))
     eye = torch.eye(k, dtype=torch.bfloat16)[: min(k, 300)]
-    assert torch.equal(native_cpu.int4_gemm(eye, st_["qweight"], **kw), want.t()[: eye.shape[0]])
+    got = native_cpu.int4_gemm(eye, st_["qweight"], **kw)
+    if exact:
+        torch.testing.assert_close(native_cpu.int4_gemm(eye.float(), st_["qweight"], **kw), w32.t()[: eye.shape[0]],
+                                   rtol=2**-20, atol=1e-6)
+    else:
+        assert torch.equal(got, want.t()[: eye.shape[0]])
 
 
 def check_route(scheme: str, n: int, k: int, m: int, wrapper: str, dtype: torch.dtype = torch.float32) -> None:
@@ -354,7 +371,9 @@ def check_route(scheme: str, n: int, k: int, m: int, wrapper: str, dtype: torch.
         y = op(x, *args, None, **qw.attrs)
     assert calls
     w = module.OP.dequantized(qw.tensors, {**qw.attrs, "compute_dtype": None})
-    assert_linear_close(y, reference(x, *args, None, **qw.attrs), x, w, BF16_TOL)
+    # fp32 x: exact products on the policy's values; bf16 x: a bf16 result (and weight, on the GEMMs)
+    tol = FP32_TOL if dtype == torch.float32 else BF16_TOL
+    assert_linear_close(y, reference(policy_x(x), *args, None, **qw.attrs), x, w, tol)
 
 
 @needs_bf16_dot
@@ -369,7 +388,8 @@ def test_int4wo_large_m_takes_the_native_gemm():
 def test_intx_4bit_large_m_takes_the_native_gemm(scheme):
     """4-bit intx along axis 1 stores int4wo's tiles: above the GEMV's rows it runs the same native
     GEMM (zero point or none, groups that straddle its k chunks), the reference within bf16."""
-    check_route(scheme, 130, 1152, intx.native_max_rows(torch.empty(1, 1152), 4) + 9, "int4_gemm")
+    x1 = torch.empty(1, 1152)
+    check_route(scheme, 130, 1152, intx.native_max_rows(x1, 4, _cpu.numerics(x1.dtype, None)) + 9, "int4_gemm")
 
 
 @needs_native
@@ -426,7 +446,8 @@ def test_lut4_chunk_kernel_against_exact_products(dtype, m, rows, cols, block):
     table = torch.randn(16, generator=gen)
     scale = torch.rand(rows * cols // block, generator=gen) + 0.5
     x = torch.randn(m, 2 * cols, generator=gen).to(dtype)
-    y = native_cpu.lut4_gemv_x(x, codes, rows=rows, row_bytes=cols, table=table, block_bytes=block, scale=scale)
+    y = native_cpu.lut4_gemv_x(x, codes, rows=rows, row_bytes=cols, table=table, block_bytes=block, scale=scale,
+                               round_x=True)  # fp32 x: rounded to bf16 in C
     hi, lo = (codes >> 4).long(), (codes & 15).long()
     tb = table.to(torch.bfloat16).double()
     w = torch.stack([tb[hi], tb[lo]], dim=1).reshape(rows, 2 * cols)  # first code in the high nibble
@@ -468,12 +489,13 @@ def test_int8_gemm_kernel_against_exact_products(m, n, k):
 
 
 @needs_bf16_dot
-@pytest.mark.parametrize("k,wrapper", [(384, "int8_gemm"), (385, "int8_decoder")])
-def test_int8wo_large_m_takes_the_native_gemm(k, wrapper):
+@pytest.mark.parametrize("k,wrapper,dtype", [(384, "int8_gemm", torch.float32), (384, "int8_gemm", torch.bfloat16),
+                                             (385, "int8_decoder", torch.bfloat16)])
+def test_int8wo_large_m_takes_the_native_gemm(k, wrapper, dtype):
     """Above the packed kernels' rows, int8wo runs the native GEMM that decodes weight panels inside
-    it (even K) or converts rows of codes natively into the bf16 GEMM's buffer (odd K); either is
-    the reference within bf16 rounding."""
-    check_route("int8wo", 150, k, int8wo.packed_max_rows() + 5, wrapper)
+    it (even K; fp32 x: exact products, fp32 result) or, for bf16 x, converts rows of codes natively
+    into the bf16 GEMM's buffer (odd K); either is the reference on the policy's x."""
+    check_route("int8wo", 150, k, int8wo.packed_max_rows() + 5, wrapper, dtype)
 
 
 needs_avx512 = pytest.mark.skipif("avx512" not in native_cpu.isas(), reason="no AVX-512 kernels here")
@@ -497,21 +519,22 @@ def test_intx_axis0_kernel_matches_reference(scheme, data):
     k = data.draw(st.integers(1, 300), label="K") if bits in (4, 8) else 2 * data.draw(st.integers(1, 150), label="K/2")
     dtype = data.draw(st.sampled_from([torch.float32, torch.bfloat16]), label="dtype")
     qw, op = quantized(scheme, n, k, data.draw(st.integers(0, 99), label="seed"))
-    limit = intx.native_max_rows_axis0(torch.empty(1, k), qw.attrs["block_n"], bits)
+    limit = intx.native_max_rows_axis0(torch.empty(1, k, dtype=dtype), qw.attrs["block_n"], bits,
+                                       _cpu.numerics(dtype, None))
     m = data.draw(st.one_of(st.integers(1, limit), st.just(limit)), label="M")  # up to the routing limit
     x = (torch.randn(m, k, generator=torch.Generator().manual_seed(m + k)) + 0.3).to(dtype)
     args = tuple(qw.tensors.values())
     with using("avx512"), spy("int4_tiled_axis0_gemv") as calls:
         y = op(x, *args, None, **qw.attrs)
     assert calls
-    r = intx.reference(x, *args, None, **qw.attrs)
+    r = intx.reference(policy_x(x), *args, None, **qw.attrs)
     w = intx.OP.dequantized(qw.tensors, {**qw.attrs, "compute_dtype": None})
     assert y.dtype == dtype
-    if takes_bf16_dot(qw):
-        # what is rounded is A = scale * x, so the bound is relative to the code part (q - mid) * scale
-        # of the weight too, not only to W (where an offset cancels it)
+    if dtype == torch.bfloat16 and takes_bf16_dot(qw):
+        # the bf16 form (bf16 x only: fp32-exact results take the fp32 form) rounds A = scale * x, so
+        # the bound is relative to the code part (q - mid) * scale of the weight too, not only to W
         w = w.abs() + intx_code_part(qw.tensors, qw.attrs).abs()
-    assert_linear_close(y, r, x, w, FP32_TOL if dtype == torch.float32 and not takes_bf16_dot(qw) else BF16_TOL)
+    assert_linear_close(y, r, x, w, FP32_TOL if dtype == torch.float32 else BF16_TOL)
 
 
 @needs_avx512
@@ -525,12 +548,12 @@ def test_intx_axis0_kernel_large_shape_and_shard_boundaries():
     with using("avx512"), spy("int4_tiled_axis0_gemv") as calls:
         y = op(x, *args, None, **qw.attrs)
     assert calls
-    r = intx.reference(x, *args, None, **qw.attrs)
+    r = intx.reference(policy_x(x), *args, None, **qw.attrs)
     w = intx.OP.dequantized(qw.tensors, {**qw.attrs, "compute_dtype": None})
-    assert_linear_close(y, r, x, w, BF16_TOL if takes_bf16_dot(qw) else FP32_TOL)
+    assert_linear_close(y, r, x, w, FP32_TOL)  # fp32 x: the fp32 form on the policy's x
     qw, op = quantized("uint3wo-16-axis0", 48, 33, 1)
     x = torch.randn(1, 33, generator=torch.Generator().manual_seed(6))
     args = tuple(qw.tensors.values())
     with using("avx512"), spy("int4_tiled_axis0_gemv") as calls:
         y = op(x, *args, None, **qw.attrs)
-    torch.testing.assert_close(y, intx.reference(x, *args, None, **qw.attrs), rtol=2**-7, atol=2**-7)
+    torch.testing.assert_close(y, intx.reference(policy_x(x), *args, None, **qw.attrs), rtol=1e-5, atol=1e-5)
