@@ -1532,12 +1532,12 @@ static void gm_store_t(const float *ct, int64_t ldct, int64_t np, int64_t n0, in
  * of kc codes at stride K (src) written as bf16 rows at stride GM_WS (dst).  The GEMM runs it beside the
  * microkernel's dot products (the conversions issue on other pipes than vdpbf16ps: measured free when
  * interleaved), decoding the next panel while the current one is multiplied. */
-struct gm_cur { const int8_t *src; uint16_t *dst; int64_t K, kc, col, left; };
+struct gm_cur { const void *src; uint16_t *dst; int64_t ld, kc, col, left; }; /* ld: src's row stride, elements */
 
 INLINE void gm_i8_unit(struct gm_cur *c) {
-    const int8_t *s = c->src + c->col;
+    const int8_t *row = (const int8_t *)c->src, *s = row + c->col;
     const int64_t rest = c->kc - c->col, ahead = c->col + 128; /* four units ahead, into the next row at its end */
-    _mm_prefetch((const char *)(ahead < c->kc ? s + 128 : c->src + c->K + (ahead - c->kc)), _MM_HINT_T0);
+    _mm_prefetch((const char *)(ahead < c->kc ? s + 128 : row + c->ld + (ahead - c->kc)), _MM_HINT_T0);
     __m128i c0, c1;
     if (rest >= 32) {
         c0 = _mm_loadu_si128((const __m128i *)s);
@@ -1548,7 +1548,7 @@ INLINE void gm_i8_unit(struct gm_cur *c) {
     }
     const __m512 f0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(c0)), f1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(c1));
     _mm512_store_si512(c->dst + c->col, (__m512i)_mm512_cvtne2ps_pbh(f1, f0));
-    if ((c->col += 32) >= c->kc) c->col = 0, c->src += c->K, c->dst += GM_WS;
+    if ((c->col += 32) >= c->kc) c->col = 0, c->src = row + c->ld, c->dst += GM_WS;
     c->left--;
 }
 #define GM_I8_LEFT(c) ((c)->left)
@@ -1556,6 +1556,21 @@ INLINE void gm_i8_unit(struct gm_cur *c) {
 /* runs n units of the cursor (at most what is left) */
 INLINE void gm_i8_units(struct gm_cur *c, int64_t n) {
     for (int64_t u = 0; u < n && c->left; u++) gm_i8_unit(c);
+}
+
+/* The same cursor over rows of bf16 values already decoded (fxq512_bf16_gemm): 32 copied per unit. */
+INLINE void gm_b16_unit(struct gm_cur *c) {
+    const uint16_t *row = (const uint16_t *)c->src, *s = row + c->col;
+    const int64_t rest = c->kc - c->col, ahead = c->col + 128;
+    _mm_prefetch((const char *)(ahead < c->kc ? s + 128 : row + c->ld + (ahead - c->kc)), _MM_HINT_T0);
+    const __mmask32 mk = rest >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << rest) - 1);
+    _mm512_store_si512(c->dst + c->col, _mm512_maskz_loadu_epi16(mk, s));
+    if ((c->col += 32) >= c->kc) c->col = 0, c->src = row + c->ld, c->dst += GM_WS;
+    c->left--;
+}
+
+INLINE void gm_b16_units(struct gm_cur *c, int64_t n) {
+    for (int64_t u = 0; u < n && c->left; u++) gm_b16_unit(c);
 }
 
 /* A GM_NR-row microkernel (GM_UKR's) that also runs `quota` units of a decode cursor (type CUR, units
@@ -1574,6 +1589,8 @@ INLINE void gm_i8_units(struct gm_cur *c, int64_t n) {
     }
 GM_UKR_SIDE(gm_ukr_side, struct gm_cur, GM_I8_LEFT, gm_i8_unit, GM_WS / 2, 1, 32, 2)
 GM_UKR_SIDE(gm_ukrh_side, struct gm_cur, GM_I8_LEFT, gm_i8_unit, GM_WS / 2, 1, 16, 1)
+GM_UKR_SIDE(gm_ukr_side_b, struct gm_cur, GM_I8_LEFT, gm_b16_unit, GM_WS / 2, 1, 32, 2)
+GM_UKR_SIDE(gm_ukrh_side_b, struct gm_cur, GM_I8_LEFT, gm_b16_unit, GM_WS / 2, 1, 16, 1)
 
 /* panels [b, b + n) of GM_NR weight rows; a block taken from *next: guided, shrinking to one panel at the end
  * so that on a shared machine a descheduled thread does not leave the other one waiting long */
@@ -1628,10 +1645,13 @@ static void gm_pack_xt(const void *x, int io, int64_t M, int64_t NPAIR, int64_t 
  * outer, the block's panels inner, so that x.T's chunk (256 rows: 512 KB) is read from L2 by every panel of
  * the block instead of all of x.T (2 MB, from L3) per panel (Zen 5, 4096x4096 M=256 same-process medians
  * 9.46 -> 9.25 ms, bit-identical); the next (panel, chunk) is decoded into the other of two buffers by the
- * microkernel calls of the current one.  Returns 0, or -1 (out of memory: nothing written). */
-int fxq512_int8_bf16_gemm(const void *x, int64_t M, int64_t K, int64_t lda, const int8_t *q, int64_t N,
-                          const float *rs, void *y, int64_t ldc, int io, int nthreads) {
+ * microkernel calls of the current one.  Returns 0, or -1 (out of memory: nothing written).
+ * gm8_gemm is the body for either weight source (wbf16, a constant: int8 codes q [N, K], or bf16 rows at
+ * stride ldw, fxq512_bf16_gemm), each compiled on its own. */
+INLINE int gm8_gemm(const void *x, int64_t M, int64_t K, int64_t lda, const void *q, int64_t ldw, const int wbf16,
+                    int64_t N, const float *rs, void *y, int64_t ldc, int io, int nthreads) {
     const int out_bf16 = io & GM_OUT_BF16;
+    const int64_t es = wbf16 ? 2 : 1; /* bytes per weight element */
     const int64_t MB = (M + 31) / 32, NPAIR = K / 2, NP = (N + GM_NR - 1) / GM_NR;
     uint32_t *xt = gm_tls(0, (size_t)(MB * NPAIR * 32 * 4 + 64));
     if (!xt) return FXQ_ENOMEM;
@@ -1658,29 +1678,35 @@ int fxq512_int8_bf16_gemm(const void *x, int64_t M, int64_t K, int64_t lda, cons
                         const int nr = N - n0 < GM_NR ? (int)(N - n0) : GM_NR;
                         uint16_t *cur_wb = wb + buf * GM_NR * GM_WS;
                         if (!ready) {
-                            struct gm_cur now = {q + n0 * K + k0, cur_wb, K, kc, 0, nr * ((kc + 31) / 32)};
-                            gm_i8_units(&now, now.left);
+                            struct gm_cur now = {(const char *)q + (n0 * ldw + k0) * es, cur_wb, ldw, kc, 0,
+                                                 nr * ((kc + 31) / 32)};
+                            if (wbf16) gm_b16_units(&now, now.left);
+                            else gm_i8_units(&now, now.left);
                         }
                         /* the next (panel, chunk) of this block: the next panel, or the first one's next chunk */
                         const int lastp = pn + 1 >= b0 + nb, more = !lastp || k0 + GM_KC < K;
                         const int64_t pn0 = (lastp ? b0 : pn + 1) * GM_NR, pk0 = lastp ? k0 + GM_KC : k0;
                         const int pnr = !more ? 0 : N - pn0 < GM_NR ? (int)(N - pn0) : GM_NR;
                         const int64_t pkc = !more ? 0 : K - pk0 < GM_KC ? K - pk0 : GM_KC;
-                        struct gm_cur side = {q + pn0 * K + pk0, wb + (buf ^ 1) * GM_NR * GM_WS, K, pkc, 0,
-                                              pnr * ((pkc + 31) / 32)};
+                        struct gm_cur side = {(const char *)q + (pn0 * ldw + pk0) * es, wb + (buf ^ 1) * GM_NR * GM_WS,
+                                              ldw, pkc, 0, pnr * ((pkc + 31) / 32)};
                         const int64_t units = side.left;
                         for (int64_t mb = 0; mb < MB; mb++) {
                             const int wid = M - 32 * mb <= 16 ? 16 : 32;
                             const uint32_t *xv = xt + mb * NPAIR * 32 + (k0 / 2) * wid;
                             float *cm = ct + (pn - b0) * GM_NR * ldct + mb * 32;
                             const int64_t quota = units * (mb + 1) / MB - units * mb / MB;
-                            if (nr == GM_NR && quota)
+                            if (nr == GM_NR && quota && wbf16)
+                                (wid == 16 ? gm_ukrh_side_b : gm_ukr_side_b)((const uint32_t *)cur_wb, xv, kc / 2, cm,
+                                                                            ldct, k0 == 0, &side, quota);
+                            else if (nr == GM_NR && quota)
                                 (wid == 16 ? gm_ukrh_side : gm_ukr_side)((const uint32_t *)cur_wb, xv, kc / 2, cm, ldct,
                                                                         k0 == 0, &side, quota);
                             else
                                 (wid == 16 ? gm_ukrhS : gm_ukrS)[nr]((const uint32_t *)cur_wb, xv, kc / 2, cm, ldct, k0 == 0);
                         }
-                        gm_i8_units(&side, side.left);
+                        if (wbf16) gm_b16_units(&side, side.left);
+                        else gm_i8_units(&side, side.left);
                         ready = more;
                         buf ^= 1;
                     }
@@ -1690,6 +1716,20 @@ int fxq512_int8_bf16_gemm(const void *x, int64_t M, int64_t K, int64_t lda, cons
         }
     }
     return failed ? FXQ_ENOMEM : FXQ_OK;
+}
+
+int fxq512_int8_bf16_gemm(const void *x, int64_t M, int64_t K, int64_t lda, const int8_t *q, int64_t N,
+                          const float *rs, void *y, int64_t ldc, int io, int nthreads) {
+    return gm8_gemm(x, M, K, lda, q, K, 0, N, rs, y, ldc, io, nthreads);
+}
+
+/* The same GEMM on a weight already decoded to bf16, w [N, K] at row stride ldw (K even): y = (x @ w.T) * rs
+ * (rs NULL: 1).  With bf16 x the products are exact and the sums fp32, so a weight whose values are bf16
+ * numbers (float8, fpX codes) times bf16 x gives the fp32 reference's result, fp32 out (io without
+ * GM_OUT_BF16): the blocked dequantize paths' fp32-exact GEMM (fxquant/ops/_dequant_gemm.py). */
+int fxq512_bf16_gemm(const void *x, int64_t M, int64_t K, int64_t lda, const uint16_t *w, int64_t ldw, int64_t N,
+                     const float *rs, void *y, int64_t ldc, int io, int nthreads) {
+    return gm8_gemm(x, M, K, lda, w, ldw, 1, N, rs, y, ldc, io, nthreads);
 }
 
 /* int4 tiles (layout: fxq512_int4t_gemv), M large: y [M, N] = x @ W.T (bf16, or fp32 when !out_bf16) with

@@ -85,6 +85,7 @@ _BF16DOT_SIGNATURES = {
     "fxq512_int8_bf16_gemm": (_c_ptr, _c_i64, _c_i64, _c_i64, _c_ptr, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_int, _c_int),
     "fxq512_int4t_bf16_gemm": (_c_ptr, _c_i64, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_i64,
                                _c_float, _c_ptr, _c_i64, _c_int, _c_int),
+    "fxq512_bf16_gemm": (_c_ptr, _c_i64, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_int, _c_int),
 }
 #: the kernels' status codes (native_common.h): FXQ_ENOMEM, FXQ_EARG
 _ENOMEM, _EARG = -1, -2
@@ -263,6 +264,12 @@ def has_bf16_dot() -> bool:
     """Whether the kernels the ops use include the bf16 dot-product ones (AVX512-BF16 + VBMI)."""
     lib = _lib()
     return lib is not None and lib.fxq512_int4t_bf16_gemv is not None
+
+
+def has_bf16_gemm() -> bool:
+    """Whether the kernels the ops use include the bf16-weight GEMM (:func:`bf16_gemm`, AVX512-BF16)."""
+    lib = _lib()
+    return lib is not None and lib.fxq512_bf16_gemm is not None
 
 
 def status() -> str:
@@ -448,24 +455,25 @@ GEMM_ROWS = 256
 _GEMM_OUT_BF16, _GEMM_X_FP32, _GEMM_EXACT = 1, 2, 4
 
 
-def _gemm_rows(x2: torch.Tensor, n: int, fn, run, flags: int = 0, fp32_out: bool = False) -> torch.Tensor:
-    """``[M, N]`` from ``run(x_ptr, rows, lda, y_ptr, io)`` (a call of kernel ``fn``, returning its
+def _gemm_rows(x2: torch.Tensor, n: int, fn, run, flags: int = 0, fp32_out: bool = False,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """``[M, N]`` from ``run(x_ptr, rows, lda, y_ptr, ldc, io)`` (a call of kernel ``fn``, returning its
     status) over chunks of :data:`GEMM_ROWS` rows of
     ``x2``: fp32 rows go in as they are and are rounded to bf16 while the kernel packs them
     (``_GEMM_X_FP32``), other dtypes are cast to bf16 first; the result is fp32 when ``x2`` is fp32
     or ``fp32_out`` (written by the kernel: converting a bf16 result costs ~3 ms at 256x11008), else
-    bf16 (``_GEMM_OUT_BF16``)."""
+    bf16 (``_GEMM_OUT_BF16``), written into ``out`` when given (unit column stride, any row stride)."""
     fp32 = x2.dtype == torch.float32
     x = x2 if fp32 else x2.to(torch.bfloat16)
     if x.stride(-1) != 1 or (not fp32 and x.stride(0) % 2):
         x = x.contiguous()
     out32 = fp32 or fp32_out
     io = (_GEMM_X_FP32 if fp32 else 0) | (0 if out32 else _GEMM_OUT_BF16) | flags
-    y = torch.empty(x.shape[0], n, dtype=torch.float32 if out32 else torch.bfloat16)
+    y = torch.empty(x.shape[0], n, dtype=torch.float32 if out32 else torch.bfloat16) if out is None else out
     for r0 in range(0, x.shape[0], GEMM_ROWS):
         r1 = min(x.shape[0], r0 + GEMM_ROWS)
         st = run(_ptr(x) + x.element_size() * r0 * x.stride(0), r1 - r0, x.stride(0),
-                 _ptr(y) + y.element_size() * r0 * n, io)
+                 _ptr(y) + y.element_size() * r0 * y.stride(0), y.stride(0), io)
         if st:
             _raise(st, fn, M=r1 - r0, K=x.shape[1], N=n)
     return y
@@ -482,8 +490,27 @@ def int8_gemm(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, *,
     if lib is None or lib.fxq512_int8_bf16_gemm is None or k % 2 or qweight.dtype != torch.int8:
         return None
     w, rs, nt = qweight.contiguous(), scale.to(torch.float32).contiguous(), torch.get_num_threads()
-    return _gemm_rows(x2, n, lib.fxq512_int8_bf16_gemm, lambda xp, rows, lda, yp, io: lib.fxq512_int8_bf16_gemm(
-        xp, rows, k, lda, _ptr(w), n, _ptr(rs), yp, n, io, nt), fp32_out=fp32_out)
+    return _gemm_rows(x2, n, lib.fxq512_int8_bf16_gemm, lambda xp, rows, lda, yp, ldc, io: lib.fxq512_int8_bf16_gemm(
+        xp, rows, k, lda, _ptr(w), n, _ptr(rs), yp, ldc, io, nt), fp32_out=fp32_out)
+
+
+def bf16_gemm(x2: torch.Tensor, w: torch.Tensor, rs: torch.Tensor | None = None, *,
+              out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``(x2 @ w.T) * rs`` -> fp32 ``[M, N]`` (into ``out`` when given: fp32, unit column stride) for a
+    bf16 weight ``w [N, K]`` (unit column stride, K even; AVX512-BF16): x2's values as bf16 (fp32 x
+    rounded in the kernel), exact products, fp32 sums and result, ``rs`` fp32 ``[N]`` (None: 1) applied
+    in fp32.  For weights whose values are bf16 numbers (float8, fpX) and bf16-valued x this is the
+    fp32 reference up to the summation order: the blocked dequantize paths' exact GEMM.  None where
+    it does not apply."""
+    lib = _lib()
+    n, k = w.shape
+    if (lib is None or lib.fxq512_bf16_gemm is None or k % 2 or w.dtype != torch.bfloat16 or w.stride(1) != 1
+            or (out is not None and (out.dtype != torch.float32 or out.stride(1) != 1 or out.shape != (x2.shape[0], n)))):
+        return None
+    r = None if rs is None else rs.to(torch.float32).contiguous()
+    nt = torch.get_num_threads()
+    return _gemm_rows(x2, n, lib.fxq512_bf16_gemm, lambda xp, rows, lda, yp, ldc, io: lib.fxq512_bf16_gemm(
+        xp, rows, k, lda, _ptr(w), w.stride(0), n, _ptr(r), yp, ldc, io, nt), fp32_out=True, out=out)
 
 
 def int4_gemm(x2: torch.Tensor, qweight: torch.Tensor, *, block_n: int, group_size: int, scale: torch.Tensor,
@@ -505,8 +532,8 @@ def int4_gemm(x2: torch.Tensor, qweight: torch.Tensor, *, block_n: int, group_si
         return None
     sg, sr = scale.stride()
     nt = torch.get_num_threads()
-    return _gemm_rows(x2, n, lib.fxq512_int4t_bf16_gemm, lambda xp, rows, lda, yp, io: lib.fxq512_int4t_bf16_gemm(
-        xp, rows, k, lda, _ptr(w), n, group_size, _ptr(scale), _ptr(zero), sr, sg, float(mid), yp, n, io, nt),
+    return _gemm_rows(x2, n, lib.fxq512_int4t_bf16_gemm, lambda xp, rows, lda, yp, ldc, io: lib.fxq512_int4t_bf16_gemm(
+        xp, rows, k, lda, _ptr(w), n, group_size, _ptr(scale), _ptr(zero), sr, sg, float(mid), yp, ldc, io, nt),
         _GEMM_EXACT if exact else 0)
 
 

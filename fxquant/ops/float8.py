@@ -13,7 +13,8 @@ it is in cache (:func:`._dequant_gemm.blocked_linear`, in :meth:`._cpu.Numerics.
 where a bf16 output is allowed, else fp32 on x's values, rounded to bf16 first where the policy says);
 measured 11008x4096, 2 threads: M=128 131 ms vs 486 ms for the reference's whole-weight dequantize,
 M=256 185 vs 558.  ``linear_float8dq`` quantizes its activations itself: under ``compute_dtype=None``
-they are never rounded to bf16 (fp32 GEMM on the fake-quantized x).  CUDA: Triton kernels in
+they are never rounded to bf16: the GEMM takes their float8 codes (bf16 numbers: exact products) and
+the activation scale multiplies its fp32 result.  CUDA: Triton kernels in
 :mod:`fxquant.kernels.float8`.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 
 from ..formats import float8 as fmt
 from . import _cpu
-from ._dequant_gemm import block_rows, blocked_linear
+from ._dequant_gemm import blocked_linear, plan_rows
 from ._linear import LinearOpDef, define
 
 
@@ -37,14 +38,15 @@ def _cpu_fast_wo(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, *
     the GEMM's dtype); the float16 path's power-of-two factor joins the per-row scale."""
     dt, x2 = nm.gemm_dtype(x2), nm.rounded(x2)
     n, k = qweight.shape
-    rows = min(n, block_rows(k, dt))
+    rows = min(n, plan_rows(x2, k, dt, exact_in_bf16=True))
     scratch = torch.empty(rows, k, dtype=torch.int16)
     offset = fmt.EXPONENT_OFFSET[qweight.dtype]
 
     def decode(r0: int, r1: int, out: torch.Tensor) -> None:
         out.copy_(fmt.decode_fp16_scaled(qweight[r0:r1], scratch=scratch[: r1 - r0])[0])
 
-    return blocked_linear(x2, n, k, decode, scale.float().expand(n) * 2.0**offset, dt, rows)
+    return blocked_linear(x2, n, k, decode, scale.float().expand(n) * 2.0**offset, dt, rows,
+                          exact_in_bf16=True)  # float8 values are bf16 numbers
 
 
 def _cuda_wo(x2, qweight, scale, *, bias):
@@ -77,8 +79,11 @@ def dq_definition(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, *
 
 
 def _cpu_fast_dq(x2, qweight, scale, granularity, activation_scale_ub, *, nm: _cpu.Numerics):
-    xh = fmt.fake_quantize_activation(x2, qweight.dtype, granularity, activation_scale_ub)
-    return _cpu_fast_wo(xh, qweight, scale, nm=nm)  # xh fp32, as the definition multiplies it
+    q, sx = fmt.quantize_activation(x2, qweight.dtype, granularity, activation_scale_ub)
+    if nm.round_x:  # compute_dtype=bfloat16: the definition rounds x̂ = q * s to bf16
+        return _cpu_fast_wo(fmt.decode(q) * sx, qweight, scale, nm=nm)
+    # x̂ = q * s, q's values bf16 numbers: the GEMM on q (exact products), s applied in fp32 after it
+    return _cpu_fast_wo(fmt.decode(q, torch.bfloat16), qweight, scale, nm=nm).float().mul_(sx)
 
 
 def _cuda_dq(x2, qweight, scale, *, bias, granularity, activation_scale_ub):

@@ -17,7 +17,7 @@ import torch
 from ..formats import fpx as fmt
 from ..kernels import native_cpu
 from . import _cpu
-from ._dequant_gemm import block_rows, blocked_linear
+from ._dequant_gemm import blocked_linear, plan_rows
 
 #: Largest M for the native GEMV of 3- and 4-bit formats (:func:`fxquant.kernels.native_cpu.fpx_gemv`).
 #: Measured (fp4_e2m1, 11008x4096, 2 threads, ms, native / blocked decode + GEMM): M=1 4.6 / 23,
@@ -55,7 +55,7 @@ def _cpu_fast(x2, qweight, scale, ebits, mbits, in_features, *, nm: _cpu.Numeric
         if y is not None:
             return y
     x2 = nm.rounded(x2)
-    rows = min(n, block_rows(in_features, dt))
+    rows = min(n, plan_rows(x2, in_features, dt, exact_in_bf16=True))
     codes = torch.empty(rows, fmt.padded_k(in_features), dtype=torch.uint8)
     scratch = torch.empty(rows, in_features, dtype=torch.int16)
     via_fp16 = ebits <= 4
@@ -68,7 +68,8 @@ def _cpu_fast(x2, qweight, scale, ebits, mbits, in_features, *, nm: _cpu.Numeric
             out.copy_(fmt.decode(c, ebits, mbits, out.dtype))
 
     factor = 2.0 ** fmt.fp16_exponent_offset(ebits) if via_fp16 else 1.0
-    return blocked_linear(x2, n, in_features, decode, scale.float() * factor, dt, rows)
+    return blocked_linear(x2, n, in_features, decode, scale.float() * factor, dt, rows,
+                          exact_in_bf16=True)  # fpX values (at most 5 mantissa bits) are bf16 numbers
 
 
 def _cuda(x2, qweight, scale, *, bias, ebits, mbits, in_features):
