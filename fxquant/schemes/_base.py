@@ -46,8 +46,17 @@ class Scheme:
     examples: ClassVar[tuple[str, ...]] = ()
     #: the grammar of this family's strings, e.g. ``"nf4[-<blocksize>][+dq]"`` (error messages, docs)
     forms: ClassVar[tuple[str, ...]] = ()
-    #: dtype of the matmul (``None``: the fastest path of the device, fp32 in the reference);
-    #: passed to the op as ``compute_dtype`` (as bitsandbytes' ``bnb_4bit_compute_dtype``)
+    #: dtype of the matmul, passed to the op as ``compute_dtype`` (as bitsandbytes'
+    #: ``bnb_4bit_compute_dtype``).  ``None`` on the CPU (every path, every batch size, so results do
+    #: not depend on M): fp32 activations are rounded to bf16 once where the CPU's dense path is
+    #: bf16 (AVX512-BF16 / AMX: ``fxquant.ops._cpu.dense_dtype()``) and never elsewhere; products
+    #: exact, sums fp32, the result fp32 (the fp32 reference on those values).  bf16 activations are
+    #: used as they are (result rounded to bf16); fp16 ones are never rounded to bf16 (fp32
+    #: arithmetic, result rounded to fp16).  Schemes that quantize activations (int8dq, LLM.int8,
+    #: float8dq) never round them to bf16 under ``None``.  ``torch.float32``: never rounded, fp32
+    #: everywhere; ``torch.bfloat16``: rounded on every path (weights and outputs may be too: the bf16
+    #: reference); ``torch.float16``: the fp16 reference.  The reference (and the CUDA kernels) take
+    #: ``None`` as fp32.
     compute_dtype: torch.dtype | None = None
     #: how the quantized row blocks of a weight join into the quantized weight: for each stored
     #: tensor, the dim its rows run along (``None``: the same tensor in every block, e.g. a code
