@@ -55,8 +55,8 @@ class Scheme:
     #: arithmetic, result rounded to fp16).  Schemes that quantize activations (int8dq, LLM.int8,
     #: float8dq) never round them to bf16 under ``None``.  ``torch.float32``: never rounded, fp32
     #: everywhere; ``torch.bfloat16``: rounded on every path (weights and outputs may be too: the bf16
-    #: reference); ``torch.float16``: the fp16 reference.  The reference (and the CUDA kernels) take
-    #: ``None`` as fp32.
+    #: reference); ``torch.float16``: the fp16 reference.  The reference takes ``None`` as fp32; the
+    #: CUDA kernels keep their own precision (``fxquant/kernels``), this policy is the CPU's.
     compute_dtype: torch.dtype | None = None
     #: how the quantized row blocks of a weight join into the quantized weight: for each stored
     #: tensor, the dim its rows run along (``None``: the same tensor in every block, e.g. a code
