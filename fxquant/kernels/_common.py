@@ -3,7 +3,7 @@ pruning, and the interpreter's bf16 workaround.  Each kernel module keeps its ow
 search space and launcher."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import triton
@@ -12,6 +12,7 @@ import triton.language as tl
 from . import interpreting
 
 INTERPRETED = interpreting()  # what every @triton.jit of the kernel modules saw at import
+X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # activation dtypes every kernel takes
 
 
 @triton.jit
@@ -58,6 +59,22 @@ def tuned(kernel, *, cuda: Sequence[triton.Config], interpreter: Sequence[triton
     not re-tune.  The GPU search spaces are not measured: no GPU was lent to this project."""
     return triton.autotune(configs=list(interpreter if INTERPRETED else cuda), key=key,
                            prune_configs_by={"early_config_prune": prune})(kernel)
+
+
+def check_launch(launcher: str, module: str, x2d: torch.Tensor, bias: Optional[torch.Tensor],
+                 tensors: dict[str, torch.Tensor], check: Callable[..., None], **scalars) -> None:
+    """What a launcher checks before it allocates: ``x2d`` a 2-D ``[M, K]`` tensor of
+    :data:`X_DTYPES`, then the op family's own argument check (``check``, from :mod:`fxquant.ops`: K,
+    the stored tensors' dtypes and shapes, bias; its ``ValueError`` re-raised with the launcher's
+    name), then one device for all (:func:`check_device`)."""
+    if x2d.dim() != 2 or x2d.dtype not in X_DTYPES:
+        raise ValueError(f"{launcher}: x2d must be a 2-D [M, K] tensor of dtype "
+                         f"{', '.join(map(str, X_DTYPES))}, got {x2d.dtype} of shape {tuple(x2d.shape)}")
+    try:
+        check(x2d, bias, **tensors, **scalars)
+    except ValueError as e:
+        raise ValueError(f"{launcher}: {e}") from None
+    check_device(launcher, module, {"x2d": x2d, **tensors, "bias": bias})
 
 
 def check_device(launcher: str, module: str, tensors: dict[str, torch.Tensor | None]) -> None:

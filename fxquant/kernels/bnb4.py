@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 from ..formats import bnb4 as fmt
-from ._common import check_device, bf16_via_fp32, config, grouped_tile, store_tile, tuned
-X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from ..ops import bnb4 as op
+from ._common import check_launch, bf16_via_fp32, config, grouped_tile, store_tile, tuned
 
 
 @triton.jit
@@ -91,34 +91,6 @@ _bnb4_tuned = tuned(_bnb4_kernel, cuda=_CUDA_CONFIGS, interpreter=_INTERPRETER_C
                     key=["M_BUCKET", "N", "K", "BLOCKSIZE", "DOUBLE_QUANT"])
 
 
-def _fail(msg: str) -> None:
-    raise ValueError(f"bnb4_linear: {msg}")
-
-
-def _check_common(x2d: torch.Tensor, codes: torch.Tensor, code_table: torch.Tensor, bias: Optional[torch.Tensor],
-                  blocksize: int, out_features: int) -> int:
-    """Validate what both ops share; returns the number of blocks ``ceil(N * K / blocksize)``."""
-    if x2d.dim() != 2:
-        _fail(f"x2d must be 2-D [M, K], got shape {tuple(x2d.shape)}")
-    if x2d.dtype not in X_DTYPES:
-        _fail(f"x2d dtype {x2d.dtype} is not supported; use one of {X_DTYPES}")
-    if blocksize not in fmt.BLOCKSIZES:
-        _fail(f"blocksize={blocksize} is not supported; valid: {fmt.BLOCKSIZES}")
-    if out_features < 0:
-        _fail(f"out_features={out_features} must be >= 0")
-    numel = out_features * x2d.shape[1]
-    if codes.dtype != torch.uint8 or tuple(codes.shape) != (-(-numel // 2),):
-        _fail(f"codes must be uint8 of shape ({-(-numel // 2)},) = ceil(out_features * K / 2) for "
-              f"out_features={out_features}, K={x2d.shape[1]}; got {codes.dtype} {tuple(codes.shape)} "
-              "(build it with fxquant.formats.bnb4.to_storage)")
-    if tuple(code_table.shape) != (16,) or not code_table.is_floating_point():
-        _fail(f"code_table must be a float tensor of shape (16,), got {code_table.dtype} {tuple(code_table.shape)}")
-    if bias is not None and (tuple(bias.shape) != (out_features,) or not bias.is_floating_point()):
-        _fail(f"bias must be None or a float tensor of shape ({out_features},), got {bias.dtype} {tuple(bias.shape)}")
-    return -(-numel // blocksize)
-
-
-
 def _launch(x2d, codes, absmax, aq, acode, ascale, aoff, code_table, bias, blocksize, absmax_blocksize,
             out_features) -> torch.Tensor:
     m, k = x2d.shape
@@ -145,19 +117,16 @@ def _launch(x2d, codes, absmax, aq, acode, ascale, aoff, code_table, bias, block
 
 
 def bnb4_linear(x2d: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, code_table: torch.Tensor,
-                bias: Optional[torch.Tensor], *, blocksize: int, out_features: int) -> torch.Tensor:
-    """``x2d`` ``[M, K]`` fp32/bf16/fp16; ``codes`` uint8 ``[ceil(N*K/2)]``; ``absmax`` float
-    ``[ceil(N*K/blocksize)]``; ``code_table`` float ``[16]``; ``bias`` ``[N]`` or None ->
+                bias: Optional[torch.Tensor], *, blocksize: int, out_features: int, in_features: int) -> torch.Tensor:
+    """``x2d`` ``[M, K]`` fp32/bf16/fp16 (``K = in_features``); ``codes`` uint8 ``[ceil(N*K/2)]``;
+    ``absmax`` fp32 ``[ceil(N*K/blocksize)]``; ``code_table`` fp32 ``[16]``; ``bias`` ``[N]`` or None ->
     ``y2d`` ``[M, N]`` in ``x2d.dtype`` (``N = out_features``), accumulated in fp32.
 
-    Raises ValueError naming the argument when shapes, dtypes, devices or layout parameters do not fit.
+    Raises ValueError naming the argument when shapes, dtypes, devices or layout parameters do not fit
+    (:func:`fxquant.ops.bnb4.check`).
     """
-    nblocks = _check_common(x2d, codes, code_table, bias, blocksize, out_features)
-    if tuple(absmax.shape) != (nblocks,) or not absmax.is_floating_point():
-        _fail(f"absmax must be a float tensor of shape ({nblocks},) = ceil(out_features * K / blocksize), "
-              f"got {absmax.dtype} {tuple(absmax.shape)}")
-    check_device("bnb4_linear", "bnb4",
-                 {"x2d": x2d, "codes": codes, "absmax": absmax, "code_table": code_table, "bias": bias})
+    check_launch("bnb4_linear", "bnb4", x2d, bias, {"codes": codes, "absmax": absmax, "code_table": code_table},
+                 op.check, blocksize=blocksize, out_features=out_features, in_features=in_features)
     return _launch(x2d, codes, absmax, None, None, None, None, code_table, bias, blocksize,
                    fmt.NESTED_BLOCKSIZE, out_features)
 
@@ -165,29 +134,13 @@ def bnb4_linear(x2d: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, co
 def bnb4_linear_dq(x2d: torch.Tensor, codes: torch.Tensor, absmax_q: torch.Tensor, absmax_code: torch.Tensor,
                    absmax_scale: torch.Tensor, absmax_offset: torch.Tensor, code_table: torch.Tensor,
                    bias: Optional[torch.Tensor], *, blocksize: int, absmax_blocksize: int,
-                   out_features: int) -> torch.Tensor:
+                   out_features: int, in_features: int) -> torch.Tensor:
     """As :func:`bnb4_linear` with the double-quantized absmax: ``absmax_q`` uint8 ``[nblocks]``,
-    ``absmax_code`` float ``[256]``, ``absmax_scale`` float ``[ceil(nblocks / absmax_blocksize)]``,
-    ``absmax_offset`` float with one element."""
-    nblocks = _check_common(x2d, codes, code_table, bias, blocksize, out_features)
-    if absmax_q.dtype != torch.uint8 or tuple(absmax_q.shape) != (nblocks,):
-        _fail(f"absmax_q must be uint8 of shape ({nblocks},) = ceil(out_features * K / blocksize), "
-              f"got {absmax_q.dtype} {tuple(absmax_q.shape)}")
-    if tuple(absmax_code.shape) != (256,) or not absmax_code.is_floating_point():
-        _fail(f"absmax_code must be a float tensor of shape (256,), got {absmax_code.dtype} "
-              f"{tuple(absmax_code.shape)}")
-    if absmax_blocksize <= 0:
-        _fail(f"absmax_blocksize={absmax_blocksize} must be positive")
-    nested = -(-nblocks // absmax_blocksize)
-    if tuple(absmax_scale.shape) != (nested,) or not absmax_scale.is_floating_point():
-        _fail(f"absmax_scale must be a float tensor of shape ({nested},) = ceil({nblocks} / absmax_blocksize), "
-              f"got {absmax_scale.dtype} {tuple(absmax_scale.shape)}")
-    if absmax_offset.numel() != 1 or not absmax_offset.is_floating_point():
-        _fail(f"absmax_offset must be a float tensor with one element, got {absmax_offset.dtype} "
-              f"{tuple(absmax_offset.shape)}")
-    check_device("bnb4_linear", "bnb4",
-                 {"x2d": x2d, "codes": codes, "absmax_q": absmax_q, "absmax_code": absmax_code,
-                  "absmax_scale": absmax_scale, "absmax_offset": absmax_offset, "code_table": code_table,
-                  "bias": bias})
+    ``absmax_code`` fp32 ``[256]``, ``absmax_scale`` fp32 ``[ceil(nblocks / absmax_blocksize)]``,
+    ``absmax_offset`` fp32 with one element (:func:`fxquant.ops.bnb4.check_dq`)."""
+    tensors = {"codes": codes, "absmax_q": absmax_q, "absmax_code": absmax_code, "absmax_scale": absmax_scale,
+               "absmax_offset": absmax_offset, "code_table": code_table}
+    check_launch("bnb4_linear_dq", "bnb4", x2d, bias, tensors, op.check_dq, blocksize=blocksize,
+                 absmax_blocksize=absmax_blocksize, out_features=out_features, in_features=in_features)
     return _launch(x2d, codes, None, absmax_q, absmax_code, absmax_scale, absmax_offset, code_table, bias,
                    blocksize, absmax_blocksize, out_features)

@@ -28,8 +28,8 @@ import triton
 import triton.language as tl
 
 from ..formats import float8 as fmt
-from ._common import check_device, bf16_via_fp32, config, grouped_tile, store_tile, tuned
-X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from ..ops import float8 as op
+from ._common import check_launch, bf16_via_fp32, config, grouped_tile, store_tile, tuned
 
 
 @triton.jit
@@ -111,26 +111,10 @@ def fp8_dot_supported(device: torch.device) -> bool:
 
 
 def _check(name: str, x2d: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
-           bias: Optional[torch.Tensor], float8_dtypes: tuple[torch.dtype, ...]) -> None:
-    if x2d.dim() != 2:
-        raise ValueError(f"{name}: x2d must be 2-D [M, K], got shape {tuple(x2d.shape)}")
-    if x2d.dtype not in X_DTYPES:
-        raise ValueError(f"{name}: x2d dtype {x2d.dtype} is not supported; use one of {X_DTYPES}")
-    if qweight.dtype not in float8_dtypes or qweight.dim() != 2:
-        raise ValueError(f"{name}: qweight must be a 2-D tensor of dtype {' or '.join(map(str, float8_dtypes))}, "
-                         f"got {qweight.dtype} {tuple(qweight.shape)} (build it with "
-                         "fxquant.formats.float8.quantize_weight)")
-    n, k = qweight.shape
-    if x2d.shape[1] != k:
-        raise ValueError(f"{name}: x2d has K={x2d.shape[1]} columns but qweight {tuple(qweight.shape)} expects K={k}")
-    if scale.dtype != torch.float32 or tuple(scale.shape) not in ((n,), (1,)):
-        raise ValueError(f"{name}: scale must be float32 of shape ({n},) (per row) or (1,) (per tensor), got "
-                         f"{scale.dtype} {tuple(scale.shape)}")
-    if bias is not None and (tuple(bias.shape) != (n,) or not bias.is_floating_point()):
-        raise ValueError(f"{name}: bias must be None or a float tensor of shape ({n},), got "
-                         f"{bias.dtype} {tuple(bias.shape)}")
-    tensors = {"x2d": x2d, "qweight": qweight, "scale": scale, "bias": bias}
-    check_device(name, "float8", tensors)
+           bias: Optional[torch.Tensor], **dq_scalars) -> None:
+    """``dq_scalars`` (granularity, activation_scale_ub): float8dq's check, else float8wo's."""
+    check_launch(name, "float8", x2d, bias, {"qweight": qweight, "scale": scale},
+                 op.check_dq if dq_scalars else op.check_wo, **dq_scalars)
 
 
 def _launch(x, xs, qweight, scale, bias, out_dtype, *, x_fp8: bool, x_row_scale: bool,
@@ -161,7 +145,7 @@ def float8wo_linear(x2d: torch.Tensor, qweight: torch.Tensor, scale: torch.Tenso
     ``[N]`` or ``[1]``; ``bias`` float ``[N]`` or None -> ``[M, N]`` in ``x2d.dtype`` (fp32 accumulation).
 
     Raises ValueError naming the argument when shapes, dtypes or devices do not fit."""
-    _check("float8wo_linear", x2d, qweight, scale, bias, tuple(fmt.DTYPES.values()))
+    _check("float8wo_linear", x2d, qweight, scale, bias)
     return _launch(x2d, scale, qweight, scale, bias, x2d.dtype, x_fp8=False, x_row_scale=False, dot_fp8=False)
 
 
@@ -174,15 +158,8 @@ def float8dq_linear(x2d: torch.Tensor, qweight: torch.Tensor, scale: torch.Tenso
     ``dot_fp8``: float8 ``tl.dot`` (default: when the device has it) or fp16 ``tl.dot``.
 
     Raises ValueError naming the argument when shapes, dtypes, devices or options do not fit."""
-    _check("float8dq_linear", x2d, qweight, scale, bias, (torch.float8_e4m3fn,))
-    if granularity not in fmt.GRANULARITIES:
-        raise ValueError(f"float8dq_linear: granularity={granularity!r} is not supported; valid: "
-                         f"{', '.join(fmt.GRANULARITIES)}")
-    n = qweight.shape[0]
-    want = (n,) if granularity == "row" and n != 1 else (1,)
-    if granularity == "row" and tuple(scale.shape) != (n,) or granularity == "tensor" and scale.numel() != 1:
-        raise ValueError(f"float8dq_linear: granularity={granularity!r} needs scale of shape {want}, got "
-                         f"{tuple(scale.shape)}")
+    _check("float8dq_linear", x2d, qweight, scale, bias, granularity=granularity,
+           activation_scale_ub=activation_scale_ub)
     xq, xs = fmt.quantize_activation(x2d, qweight.dtype, granularity, activation_scale_ub)
     dot = fp8_dot_supported(x2d.device) if dot_fp8 is None else dot_fp8
     return _launch(xq, xs.reshape(-1).contiguous(), qweight, scale, bias, x2d.dtype, x_fp8=True,

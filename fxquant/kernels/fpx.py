@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 
 from ..formats import fpx as fmt
-from ._common import check_device, bf16_via_fp32, config, grouped_tile, store_tile, tuned
-X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from ..ops import fpx as op
+from ._common import check_launch, bf16_via_fp32, config, grouped_tile, store_tile, tuned
 
 
 @triton.jit
@@ -109,41 +109,20 @@ _fpx_tuned = tuned(_fpx_kernel, cuda=_CUDA_CONFIGS, interpreter=_INTERPRETER_CON
 
 
 def _check(x2d: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
-           ebits: int, mbits: int) -> None:
-    try:
-        fmt.check_format(ebits, mbits)
-    except ValueError as e:
-        raise ValueError(f"fpx_linear: {e}") from None
-    bits = 1 + ebits + mbits
-    if x2d.dim() != 2:
-        raise ValueError(f"fpx_linear: x2d must be 2-D [M, K], got shape {tuple(x2d.shape)}")
-    if x2d.dtype not in X_DTYPES:
-        raise ValueError(f"fpx_linear: x2d dtype {x2d.dtype} is not supported; use one of {X_DTYPES}")
-    k = x2d.shape[1]
-    if qweight.dtype != torch.uint8 or qweight.dim() != 2 or qweight.shape[1] != fmt.packed_cols(k, bits):
-        raise ValueError(f"fpx_linear: qweight must be uint8 [N, {fmt.packed_cols(k, bits)}] (K={k} codes of {bits} "
-                         f"bits, padded to {fmt.padded_k(k)}), got {qweight.dtype} {tuple(qweight.shape)} "
-                         "(build it with fxquant.formats.fpx.to_storage)")
-    n = qweight.shape[0]
-    if tuple(scale.shape) != (n,) or not scale.is_floating_point():
-        raise ValueError(f"fpx_linear: scale must be a float tensor of shape ({n},), got {scale.dtype} "
-                         f"{tuple(scale.shape)}")
-    if bias is not None and (tuple(bias.shape) != (n,) or not bias.is_floating_point()):
-        raise ValueError(f"fpx_linear: bias must be None or a float tensor of shape ({n},), got "
-                         f"{bias.dtype} {tuple(bias.shape)}")
-    tensors = {"x2d": x2d, "qweight": qweight, "scale": scale, "bias": bias}
-    check_device("fpx_linear", "fpx", tensors)
+           ebits: int, mbits: int, in_features: int) -> None:
+    check_launch("fpx_linear", "fpx", x2d, bias, {"qweight": qweight, "scale": scale}, op.check, ebits=ebits,
+                 mbits=mbits, in_features=in_features)
 
 
 def fpx_linear(x2d: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor] = None,
-               *, ebits: int, mbits: int, fp16_bits: bool | None = None) -> torch.Tensor:
-    """``x2d`` ``[M, K]`` fp32/bf16/fp16; ``qweight`` uint8 ``[N, Kp * X / 8]`` (plane layout);
+               *, ebits: int, mbits: int, in_features: int, fp16_bits: bool | None = None) -> torch.Tensor:
+    """``x2d`` ``[M, K]`` fp32/bf16/fp16 (``K = in_features``); ``qweight`` uint8 ``[N, Kp * X / 8]`` (plane layout);
     ``scale`` float ``[N]``; ``bias`` float ``[N]`` or None -> ``[M, N]`` in ``x2d.dtype`` (fp32
     accumulation).  ``fp16_bits``: decode by float16 bit moves (default: when ``ebits <= 4``, the
     only formats it is exact for) or by table.
 
     Raises ValueError naming the argument when shapes, dtypes, devices or the format do not fit."""
-    _check(x2d, qweight, scale, bias, ebits, mbits)
+    _check(x2d, qweight, scale, bias, ebits, mbits, in_features)
     bits = 1 + ebits + mbits
     use_bits = ebits <= 4 if fp16_bits is None else fp16_bits
     if use_bits and ebits > 4:

@@ -21,9 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..formats import int4 as fmt
-from ._common import INTERPRETED, check_device, bf16_via_fp32, config, grouped_tile, store_tile, tuned
-X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from ..ops import int4wo as op
+from ._common import INTERPRETED, check_launch, bf16_via_fp32, config, grouped_tile, store_tile, tuned
 
 
 @triton.jit
@@ -113,34 +112,8 @@ _int4wo_tuned = tuned(_int4wo_kernel, cuda=_CUDA_CONFIGS, interpreter=_INTERPRET
 
 def _check(x2d: torch.Tensor, qweight: torch.Tensor, scales_and_zeros: torch.Tensor,
            bias: Optional[torch.Tensor], group_size: int, block_n: int, out_features: int) -> None:
-    if x2d.dim() != 2:
-        raise ValueError(f"int4wo_linear: x2d must be 2-D [M, K], got shape {tuple(x2d.shape)}")
-    if x2d.dtype not in X_DTYPES:
-        raise ValueError(f"int4wo_linear: x2d dtype {x2d.dtype} is not supported; use one of {X_DTYPES}")
-    if qweight.dtype != torch.uint8 or qweight.dim() != 2:
-        raise ValueError(f"int4wo_linear: qweight must be uint8 [Np, K/2], got {qweight.dtype} "
-                         f"{tuple(qweight.shape)} (build it with fxquant.formats.int4.to_storage)")
-    rows, k = qweight.shape[0], 2 * qweight.shape[1]
-    if x2d.shape[1] != k:
-        raise ValueError(f"int4wo_linear: x2d has K={x2d.shape[1]} columns but qweight {tuple(qweight.shape)} "
-                         f"packs K={k}")
-    if group_size not in fmt.GROUP_SIZES or k % group_size:
-        raise ValueError(f"int4wo_linear: group_size={group_size} must be one of {fmt.GROUP_SIZES} "
-                         f"and divide K={k}")
-    if block_n <= 0 or block_n % 2 or rows % block_n:
-        raise ValueError(f"int4wo_linear: block_n={block_n} must be a positive even divisor of the "
-                         f"stored rows Np={rows}")
-    if not 0 <= out_features <= rows:
-        raise ValueError(f"int4wo_linear: out_features={out_features} must be in [0, Np={rows}]")
-    expected = (k // group_size, rows, 2)
-    if tuple(scales_and_zeros.shape) != expected or not scales_and_zeros.is_floating_point():
-        raise ValueError(f"int4wo_linear: scales_and_zeros must be a float tensor of shape {expected} "
-                         f"[K/group_size, Np, 2], got {scales_and_zeros.dtype} {tuple(scales_and_zeros.shape)}")
-    if bias is not None and (tuple(bias.shape) != (out_features,) or not bias.is_floating_point()):
-        raise ValueError(f"int4wo_linear: bias must be None or a float tensor of shape ({out_features},), "
-                         f"got {bias.dtype} {tuple(bias.shape)}")
-    tensors = {"x2d": x2d, "qweight": qweight, "scales_and_zeros": scales_and_zeros, "bias": bias}
-    check_device("int4wo_linear", "int4wo", tensors)
+    check_launch("int4wo_linear", "int4wo", x2d, bias, {"qweight": qweight, "scales_and_zeros": scales_and_zeros},
+                 op.check, group_size=group_size, block_n=block_n, out_features=out_features)
 
 
 def int4wo_linear(x2d: torch.Tensor, qweight: torch.Tensor, scales_and_zeros: torch.Tensor,

@@ -26,8 +26,8 @@ import triton
 import triton.language as tl
 
 from ..formats import int8dq as fmt
-from ._common import INTERPRETED, check_device, bf16_via_fp32, config, grouped_tile, store_tile, tuned
-X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from ..ops import int8dq as op
+from ._common import INTERPRETED, check_launch, bf16_via_fp32, config, grouped_tile, store_tile, tuned
 _FLT_MIN = torch.finfo(torch.float32).tiny
 
 
@@ -151,27 +151,11 @@ _int8dq_gemm_tuned = tuned(_int8dq_gemm_kernel, cuda=_CUDA_CONFIGS, interpreter=
 
 def _check(x2d: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
            threshold: Optional[float]) -> None:
-    if x2d.dim() != 2:
-        raise ValueError(f"int8dq_linear: x2d must be 2-D [M, K], got shape {tuple(x2d.shape)}")
-    if x2d.dtype not in X_DTYPES:
-        raise ValueError(f"int8dq_linear: x2d dtype {x2d.dtype} is not supported; use one of {X_DTYPES}")
-    if qweight.dtype != torch.int8 or qweight.dim() != 2:
-        raise ValueError(f"int8dq_linear: qweight must be int8 [N, K], got {qweight.dtype} "
-                         f"{tuple(qweight.shape)} (build it with fxquant.formats.int8dq.quantize_weight)")
-    n, k = qweight.shape
-    if x2d.shape[1] != k:
-        raise ValueError(f"int8dq_linear: x2d has K={x2d.shape[1]} columns but qweight {tuple(qweight.shape)} "
-                         f"expects K={k}")
-    if tuple(scale.shape) != (n,) or not scale.is_floating_point():
-        raise ValueError(f"int8dq_linear: scale must be a float tensor of shape ({n},), got {scale.dtype} "
-                         f"{tuple(scale.shape)}")
-    if bias is not None and (tuple(bias.shape) != (n,) or not bias.is_floating_point()):
-        raise ValueError(f"int8dq_linear: bias must be None or a float tensor of shape ({n},), got "
-                         f"{bias.dtype} {tuple(bias.shape)}")
-    if threshold is not None and not threshold > 0:
-        raise ValueError(f"int8dq_linear: threshold={threshold!r} must be None (int8dq) or > 0 (LLM.int8)")
-    tensors = {"x2d": x2d, "qweight": qweight, "scale": scale, "bias": bias}
-    check_device("int8dq_linear", "int8dq", tensors)
+    tensors = {"qweight": qweight, "scale": scale}
+    if threshold is None:
+        check_launch("int8dq_linear", "int8dq", x2d, bias, tensors, op.check_int8dq)
+    else:
+        check_launch("int8dq_linear", "int8dq", x2d, bias, tensors, op.check_llm_int8, threshold=threshold)
 
 
 def quantize_activations(x2d: torch.Tensor, threshold: Optional[float] = None

@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_device, bf16_via_fp32, config, grouped_tile, store_tile, tuned
-X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from ..ops import int8wo as op
+from ._common import check_launch, bf16_via_fp32, config, grouped_tile, store_tile, tuned
 
 
 @triton.jit
@@ -76,25 +76,7 @@ _int8wo_tuned = tuned(_int8wo_kernel, cuda=_CUDA_CONFIGS, interpreter=_INTERPRET
 
 
 def _check(x2d: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
-    if x2d.dim() != 2:
-        raise ValueError(f"int8wo_linear: x2d must be 2-D [M, K], got shape {tuple(x2d.shape)}")
-    if x2d.dtype not in X_DTYPES:
-        raise ValueError(f"int8wo_linear: x2d dtype {x2d.dtype} is not supported; use one of {X_DTYPES}")
-    if qweight.dtype != torch.int8 or qweight.dim() != 2:
-        raise ValueError(f"int8wo_linear: qweight must be int8 [N, K], got {qweight.dtype} "
-                         f"{tuple(qweight.shape)} (build it with fxquant.formats.int8.quantize)")
-    n, k = qweight.shape
-    if x2d.shape[1] != k:
-        raise ValueError(f"int8wo_linear: x2d has K={x2d.shape[1]} columns but qweight {tuple(qweight.shape)} "
-                         f"expects K={k}")
-    if tuple(scale.shape) != (n,) or not scale.is_floating_point():
-        raise ValueError(f"int8wo_linear: scale must be a float tensor of shape ({n},), got {scale.dtype} "
-                         f"{tuple(scale.shape)}")
-    if bias is not None and (tuple(bias.shape) != (n,) or not bias.is_floating_point()):
-        raise ValueError(f"int8wo_linear: bias must be None or a float tensor of shape ({n},), got "
-                         f"{bias.dtype} {tuple(bias.shape)}")
-    tensors = {"x2d": x2d, "qweight": qweight, "scale": scale, "bias": bias}
-    check_device("int8wo_linear", "int8wo", tensors)
+    check_launch("int8wo_linear", "int8wo", x2d, bias, {"qweight": qweight, "scale": scale}, op.check)
 
 
 def int8wo_linear(x2d: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,

@@ -27,9 +27,8 @@ import triton
 import triton.language as tl
 
 from ..formats import int4
-from ..formats import intx as fmt
-from ._common import check_device, bf16_via_fp32, config, grouped_tile, store_tile, tuned
-X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from ..ops import intx as op
+from ._common import check_launch, bf16_via_fp32, config, grouped_tile, store_tile, tuned
 
 
 @triton.jit
@@ -146,43 +145,11 @@ _intx_tuned = tuned(_intx_kernel, cuda=_CUDA_CONFIGS, interpreter=_INTERPRETER_C
                     key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "AXIS"])
 
 
-def _fail(msg: str) -> None:
-    raise ValueError(f"intx_linear: {msg}")
-
-
 def _check(x2d, codes_lo, codes_hi, scale, offset, bias, bits, group_size, symmetric, axis, block_n,
            out_features) -> None:
-    if x2d.dim() != 2 or x2d.dtype not in X_DTYPES:
-        _fail(f"x2d must be a 2-D [M, K] tensor of dtype {X_DTYPES}, got {x2d.dtype} {tuple(x2d.shape)}")
-    if bits not in fmt.BITS:
-        _fail(f"bits={bits} must be in 1..8")
-    if axis not in fmt.AXES:
-        _fail(f"axis={axis} must be 0 or 1")
-    if group_size < 1:
-        _fail(f"group_size={group_size} must be >= 1")
-    if block_n <= 0 or block_n % 2 or int4.ROW_ALIGN % block_n:
-        _fail(f"block_n={block_n} must be a positive even divisor of {int4.ROW_ALIGN}")
-    k, rows = x2d.shape[1], int4.padded_rows(out_features)
-    if layout := fmt.layout_reason(out_features, k, group_size, axis):
-        _fail(layout)
-    params = (k // group_size, out_features) if axis == 1 else (out_features // group_size, k)
-    if tuple(scale.shape) != params or not scale.is_floating_point():
-        _fail(f"scale must be a float tensor of shape {params} for axis={axis}, K={k}, "
-              f"out_features={out_features}, group_size={group_size}; got {scale.dtype} {tuple(scale.shape)}")
-    want_offset = (0,) if symmetric else params
-    if tuple(offset.shape) != want_offset or not offset.is_floating_point():
-        _fail(f"offset must be a float tensor of shape {want_offset} (symmetric={symmetric}), got "
-              f"{offset.dtype} {tuple(offset.shape)}")
-    for name, t, plane in (("codes_lo", codes_lo, 0), ("codes_hi", codes_hi, 1)):
-        nbytes = rows * k * fmt.plane_bits(bits)[plane] // 8
-        if t.dtype != torch.uint8 or t.dim() != 1 or t.numel() != nbytes:
-            _fail(f"{name} must be a 1-D uint8 tensor of {nbytes} bytes for {bits}-bit codes of a "
-                  f"[{rows}, {k}] padded weight (x2d has K={k}); got {t.dtype} {tuple(t.shape)}")
-    if bias is not None and (tuple(bias.shape) != (out_features,) or not bias.is_floating_point()):
-        _fail(f"bias must be None or a float tensor of shape ({out_features},), got {bias.dtype} {tuple(bias.shape)}")
-    tensors = {"x2d": x2d, "codes_lo": codes_lo, "codes_hi": codes_hi, "scale": scale, "offset": offset,
-               "bias": bias}
-    check_device("intx_linear", "intx", tensors)
+    tensors = {"codes_lo": codes_lo, "codes_hi": codes_hi, "scale": scale, "offset": offset}
+    check_launch("intx_linear", "intx", x2d, bias, tensors, op.check, bits=bits, group_size=group_size,
+                 symmetric=symmetric, axis=axis, block_n=block_n, out_features=out_features)
 
 
 def intx_linear(x2d: torch.Tensor, codes_lo: torch.Tensor, codes_hi: torch.Tensor, scale: torch.Tensor,

@@ -19,8 +19,9 @@ a later process loads it in milliseconds.  OpenMP resolves to the
 
 When the build fails (no compiler), the CPU has no AVX2/FMA, or ``FXQUANT_NATIVE=0`` is set,
 :func:`available` is False and every op keeps its ATen path; the reason is in :func:`status`.
-Each wrapper returns fp32 ``[M, N]`` or ``None`` when its layout preconditions do not hold.  Every
-kernel returns a status: a failed allocation (nothing written) raises ``MemoryError`` naming the
+Each wrapper returns fp32 ``[M, N]``, or ``None`` when its layout preconditions do not hold (a
+kernel that does not apply), and raises ``ValueError`` when ``x``'s K does not match the stored
+weight (a kernel would read past the codes or compute garbage).  Every kernel returns a status: a failed allocation (nothing written) raises ``MemoryError`` naming the
 kernel and the sizes, never a result left unwritten.  :func:`fault_injection_kernels` builds the
 library with ``-DFXQ_FAULT_INJECT`` (tests only), whose ``fail_alloc(n)`` makes the n-th allocation
 from then on fail.
@@ -283,6 +284,10 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _refuse(wrapper: str, message: str) -> None:
+    raise ValueError(f"native_cpu.{wrapper}: {message}")
+
+
 def _fp32_rows(x2: torch.Tensor) -> torch.Tensor:
     return x2.to(torch.float32).contiguous()
 
@@ -301,10 +306,13 @@ def int8_gemv(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, *,
               round_x: bool = False) -> torch.Tensor | None:
     """int8wo: ``x2 [M, K]``, ``qweight`` int8 ``[N, K]``, ``scale`` bf16 ``[N]`` -> fp32 ``[M, N]``
     (fp32 products and sums; ``round_x``: x rounded to bf16 first, in the kernel)."""
+    n, k = qweight.shape
+    if x2.shape[1] != k or qweight.dtype != torch.int8 or scale.shape != (n,):
+        _refuse("int8_gemv", f"x2 {tuple(x2.shape)}, qweight {qweight.dtype} {tuple(qweight.shape)} and scale "
+                             f"{tuple(scale.shape)} do not fit x2 [M, K], int8 [N, K], [N]")
     lib = _lib()
     if lib is None or scale.dtype != torch.bfloat16:
         return None
-    n, k = qweight.shape
     x, w, s = _fp32_rows(x2), qweight.contiguous(), scale.contiguous()
     y = _out(x.shape[0], n)
     st = lib.fxq_int8_gemv(_ptr(x), x.shape[0], k, _ptr(w), _ptr(s), n, _ptr(y), n, _round_in_c(x2, round_x),
@@ -329,13 +337,14 @@ def int4_tiled_gemv(x2: torch.Tensor, qweight: torch.Tensor, *, block_n: int, gr
     only (bf16 x, or ``round_x``), the fp32 one otherwise: products exact either way."""
     lib = _lib()
     k = x2.shape[1]
-    if lib is None or block_n % 32 or k % group_size or k % 2 or not _tile_scales_ok(scale, zero):
+    _check_tiles("int4_tiled_gemv", qweight, plane_bits, k, out_features)
+    if k % group_size or scale.shape[0] != k // group_size or scale.shape[1] < out_features:
+        _refuse("int4_tiled_gemv", f"scale {tuple(scale.shape)} is not [K/group_size, >= N] for K={k}, "
+                                   f"group_size={group_size}, N={out_features}")
+    if lib is None or block_n % 32 or k % 2 or not _tile_scales_ok(scale, zero):
         return None
     w = qweight.contiguous()
-    shards = _plane_shards(w, plane_bits, k)
-    if shards is None:
-        return None
-    (p0, w0, c0), (p1, w1, c1) = shards
+    (p0, w0, c0), (p1, w1, c1) = _plane_shards(w, plane_bits)
     sg, sr = scale.stride()
     if ((round_x or x2.dtype == torch.bfloat16) and plane_bits == 4 and block_n == 64 and group_size % 2 == 0
             and lib.fxq512_int4t_bf16_gemv is not None):
@@ -366,13 +375,21 @@ def _tile_scales_ok(scale: torch.Tensor, zero: torch.Tensor | None) -> bool:
         zero is None or (zero.dtype == torch.bfloat16 and zero.stride() == scale.stride()))
 
 
-def _plane_shards(w: torch.Tensor, plane_bits: int, k: int):
-    """A stored plane -> its (bytes, shard width, shard bytes) for the first and second shard
-    (``(None, 0, 1)`` when there is one), as the tiled kernels take them, or None when a 4-bit
-    plane's size does not match K."""
+def _check_tiles(wrapper: str, qweight: torch.Tensor, plane_bits: int, k: int, out_features: int) -> None:
+    """Refuse a plane that is not the ``plane_bits`` bits of ``Np x K`` tiled codes (``Np`` =
+    ``out_features`` rounded up to 64): an ``x`` whose K is not the weight's would make the tile
+    kernels read every row at the wrong offsets."""
+    want = int4_fmt.padded_rows(out_features) * k * plane_bits // 8
+    if qweight.dtype != torch.uint8 or qweight.numel() != want:
+        _refuse(wrapper, f"qweight ({qweight.dtype}, {qweight.numel()} bytes) is not the {plane_bits}-bit plane of "
+                         f"{int4_fmt.padded_rows(out_features)} x {k} codes ({want} bytes): x2 has K={k} columns, "
+                         f"out_features={out_features}")
+
+
+def _plane_shards(w: torch.Tensor, plane_bits: int):
+    """A stored plane (checked by :func:`_check_tiles`) -> its (bytes, shard width, shard bytes) for
+    the first and second shard (``(None, 0, 1)`` when there is one), as the tiled kernels take them."""
     if plane_bits == 4:
-        if w.numel() * 2 % k:
-            return None
         return (w, 4, w.numel()), (None, 0, 1)
     length = w.numel() * 8 // plane_bits  # codes in the plane = Np * K
     shards, start = [], 0
@@ -393,17 +410,15 @@ def int4_tiled_axis0_gemv(x2: torch.Tensor, qweight: torch.Tensor, *, block_n: i
     bf16 and exact products summed in fp32).  ``round_x``: x rounded to bf16 first (in the kernel)."""
     lib = _lib()
     k = x2.shape[1]
+    _check_tiles("int4_tiled_axis0_gemv", qweight, plane_bits, k, out_features)
+    if scale.dim() != 2 or scale.shape[1] != k or (zero is not None and zero.shape != scale.shape):
+        _refuse("int4_tiled_axis0_gemv", f"scale {tuple(scale.shape)} / zero is not [R, K] for K={k}")
     # sub-4-bit planes: 16-byte loads must not straddle a shard chunk (Np * K * w / 8 bytes), so K even
     if (lib is None or lib.fxq512_int4t_axis0_gemv is None or block_n % 32 or scale.dtype != torch.bfloat16
-            or (plane_bits < 4 and k % 2)
-            or scale.dim() != 2 or scale.shape[1] != k or out_features % scale.shape[0]
-            or (zero is not None and (zero.dtype != torch.bfloat16 or zero.shape != scale.shape))):
+            or (plane_bits < 4 and k % 2) or (zero is not None and zero.dtype != torch.bfloat16)):
         return None
     w = qweight.contiguous()
-    shards = _plane_shards(w, plane_bits, k)
-    if shards is None:
-        return None
-    (p0, w0, c0), (p1, w1, c1) = shards
+    (p0, w0, c0), (p1, w1, c1) = _plane_shards(w, plane_bits)
     x, s = _fp32_rows(x2), scale.contiguous()
     z = None if zero is None else zero.contiguous()
     y = _out(x.shape[0], out_features)
@@ -487,7 +502,10 @@ def int8_gemm(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, *,
     apply (no AVX512-BF16, odd K)."""
     lib = _lib()
     n, k = qweight.shape
-    if lib is None or lib.fxq512_int8_bf16_gemm is None or k % 2 or qweight.dtype != torch.int8:
+    if x2.shape[1] != k or qweight.dtype != torch.int8:
+        _refuse("int8_gemm", f"x2 {tuple(x2.shape)} and qweight {qweight.dtype} {tuple(qweight.shape)} do not fit "
+                             "x2 [M, K], int8 [N, K]")
+    if lib is None or lib.fxq512_int8_bf16_gemm is None or k % 2:
         return None
     w, rs, nt = qweight.contiguous(), scale.to(torch.float32).contiguous(), torch.get_num_threads()
     return _gemm_rows(x2, n, lib.fxq512_int8_bf16_gemm, lambda xp, rows, lda, yp, ldc, io: lib.fxq512_int8_bf16_gemm(
@@ -525,11 +543,11 @@ def int4_gemm(x2: torch.Tensor, qweight: torch.Tensor, *, block_n: int, group_si
     if (lib is None or lib.fxq512_int4t_bf16_gemm is None or block_n != 64 or group_size % 2
             or not _tile_scales_ok(scale, zero)):
         return None
-    w = qweight.contiguous()
-    n = out_features
-    k = w.numel() * 2 // int4_fmt.padded_rows(n) if n else 0
-    if k == 0 or k % group_size or x2.shape[1] != k:
+    n, k = out_features, x2.shape[1]
+    _check_tiles("int4_gemm", qweight, 4, k, n)
+    if k == 0 or k % group_size:
         return None
+    w = qweight.contiguous()
     sg, sr = scale.stride()
     nt = torch.get_num_threads()
     return _gemm_rows(x2, n, lib.fxq512_int4t_bf16_gemm, lambda xp, rows, lda, yp, ldc, io: lib.fxq512_int4t_bf16_gemm(
@@ -548,6 +566,9 @@ def lut4_gemv(xh: torch.Tensor, xl: torch.Tensor, codes: torch.Tensor, *, rows: 
     absmax_blocksize)`` uint8 indices into ``absmax_code`` (bitsandbytes double quant:
     ``absmax_code[q[b]] * absmax_scale[b // absmax_blocksize] + absmax_offset``).
     ``round_x``: x's values rounded to bf16 (in C).  -> fp32 ``[M, rows]``."""
+    _check_lut4("lut4_gemv", xh.shape[1], codes, rows, row_bytes, block_bytes, scale)
+    if xl.shape != xh.shape:
+        _refuse("lut4_gemv", f"xh {tuple(xh.shape)} and xl {tuple(xl.shape)} differ")
     lib, args = _lib(), _lut4_args(codes, rows, row_bytes, table, block_bytes, scale, dq)
     if lib is None or args is None:
         return None
@@ -575,6 +596,8 @@ def lut4_gemv_x(x2: torch.Tensor, codes: torch.Tensor, *, rows: int, row_bytes: 
     ones the low nibbles (bitsandbytes' order).  With the bf16 dot-product kernel the split and the
     bf16 rounding happen in C (two strided torch conversions cost ~40 us per call); otherwise
     :func:`lut4_gemv` on the two strided halves."""
+    if x2.shape[1] != 2 * row_bytes:
+        _refuse("lut4_gemv_x", f"x2 has K={x2.shape[1]} columns but the codes hold {2 * row_bytes} per row")
     lib = _lib()
     fn = None if lib is None else lib.fxq512_lut4_bf16_gemv_x
     if (fn is None or not (round_x or x2.dtype == torch.bfloat16) or not table_to_bf16
@@ -590,6 +613,16 @@ def lut4_gemv_x(x2: torch.Tensor, codes: torch.Tensor, *, rows: int, row_bytes: 
     if st:
         _raise(st, fn, M=x2.shape[0], K=2 * row_bytes, N=rows, block_bytes=block_bytes)
     return y
+
+
+def _check_lut4(wrapper: str, x_cols: int, codes: torch.Tensor, rows: int, row_bytes: int, block_bytes: int,
+                scale: torch.Tensor) -> None:
+    """Refuse an ``x`` that is not ``row_bytes`` columns (per half) or codes / scales that do not hold
+    ``rows`` rows of ``row_bytes`` bytes in blocks of ``block_bytes``."""
+    blocks = rows * (row_bytes // block_bytes) if block_bytes > 0 and row_bytes % block_bytes == 0 else -1
+    if x_cols != row_bytes or codes.numel() < rows * row_bytes or scale.numel() < blocks:
+        _refuse(wrapper, f"x has {x_cols} columns per half, codes {codes.numel()} bytes, scale {scale.numel()} "
+                         f"values: not {rows} rows of {row_bytes} bytes in blocks of {block_bytes}")
 
 
 def _lut4_args(codes, rows, row_bytes, table, block_bytes, scale, dq):
@@ -618,10 +651,12 @@ def onebit_gemv(x2: torch.Tensor, sign_bits: torch.Tensor, a: torch.Tensor, b: t
     """OneBit: ``x2 [M, K]``, ``sign_bits`` uint8 ``[N, ceil(K/8)]``, ``a`` bf16 ``[N]``, ``b`` bf16
     ``[K]`` -> fp32 ``[M, N]`` = ``((x ⊙ b) · Sᵀ) ⊙ a``, ``x ⊙ b`` made in the kernel in fp32 (x
     rounded to bf16 first with ``round_x``: then exact)."""
-    lib = _lib()
     n, cb = sign_bits.shape
-    if lib is None or a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16 or b.shape[0] != x2.shape[1] \
-            or x2.shape[1] > 8 * cb:
+    if x2.shape[1] != b.shape[0] or cb != (b.shape[0] + 7) // 8 or a.shape != (n,):
+        _refuse("onebit_gemv", f"x2 {tuple(x2.shape)}, sign_bits {tuple(sign_bits.shape)}, a {tuple(a.shape)}, "
+                               f"b {tuple(b.shape)} do not fit x2 [M, K], [N, ceil(K/8)], [N], [K]")
+    lib = _lib()
+    if lib is None or a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16:
         return None
     x = _fp32_rows(x2)
     bits, av, bv = sign_bits.contiguous(), a.contiguous(), b.contiguous()
@@ -648,18 +683,22 @@ def integer_table(table: torch.Tensor) -> tuple[torch.Tensor, float] | None:
 
 
 def fpx_gemv(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, table: torch.Tensor,
-             bits: int, *, round_x: bool = False) -> torch.Tensor | None:
-    """fpX, X = 3 or 4 (:mod:`fxquant.formats.fpx` planes, ``qweight`` uint8 ``[N, Kp * X / 8]``),
-    ``table`` the format's fp32 decode table, ``scale`` bf16 ``[N]`` -> fp32 ``[M, N]``; exact
-    products (every fpX value is a bf16 number), fp32 sums; ``round_x``: x's values rounded to bf16."""
+             bits: int, in_features: int, *, round_x: bool = False) -> torch.Tensor | None:
+    """fpX, X = 3 or 4 (:mod:`fxquant.formats.fpx` planes, ``qweight`` uint8 ``[N, Kp * X / 8]`` for
+    ``K = in_features``), ``table`` the format's fp32 decode table, ``scale`` bf16 ``[N]`` -> fp32
+    ``[M, N]``; exact products (every fpX value is a bf16 number), fp32 sums; ``round_x``: x's values
+    rounded to bf16."""
+    n, row_bytes = qweight.shape
+    kp = -(-in_features // 8) * 8
+    if x2.shape[1] != in_features or row_bytes != kp * bits // 8:
+        _refuse("fpx_gemv", f"x2 has K={x2.shape[1]} columns, qweight {tuple(qweight.shape)}: not in_features="
+                            f"{in_features} of {bits}-bit codes ({kp * bits // 8} bytes per row)")
     lib = _lib()
     if lib is None or bits not in (3, 4) or scale.dtype != torch.bfloat16:
         return None
     exact = integer_table(table)
     if exact is None:
         return None
-    n, row_bytes = qweight.shape
-    kp = row_bytes * 8 // bits
     # 3 bits on bf16 values (bf16 x, or round_x): the bf16 dot-product kernel
     fn = lib.fxq512_fpx3_bf16_gemv if bits == 3 and (round_x or x2.dtype == torch.bfloat16) else None
     x = x2.to(torch.bfloat16).contiguous() if fn is not None else _fp32_rows(x2)

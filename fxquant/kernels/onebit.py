@@ -19,9 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..formats import onebit as fmt
-from ._common import check_device, bf16_via_fp32, config, grouped_tile, store_tile, tuned
-X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from ..ops import onebit as op
+from ._common import check_launch, bf16_via_fp32, config, grouped_tile, store_tile, tuned
 
 
 @triton.jit
@@ -88,26 +87,7 @@ _onebit_tuned = tuned(_onebit_kernel, cuda=_CUDA_CONFIGS, interpreter=_INTERPRET
 
 def _check(x2d: torch.Tensor, sign_bits: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
            bias: Optional[torch.Tensor]) -> None:
-    if x2d.dim() != 2:
-        raise ValueError(f"onebit_linear: x2d must be 2-D [M, K], got shape {tuple(x2d.shape)}")
-    if x2d.dtype not in X_DTYPES:
-        raise ValueError(f"onebit_linear: x2d dtype {x2d.dtype} is not supported; use one of {X_DTYPES}")
-    k = x2d.shape[1]
-    if tuple(b.shape) != (k,) or not b.is_floating_point():
-        raise ValueError(f"onebit_linear: b must be a float tensor of shape ({k},) (x2d has K={k} columns), "
-                         f"got {b.dtype} {tuple(b.shape)}")
-    if sign_bits.dtype != torch.uint8 or sign_bits.dim() != 2 or sign_bits.shape[1] != fmt.packed_cols(k):
-        raise ValueError(f"onebit_linear: sign_bits must be uint8 [N, ceil(K/8)] = [N, {fmt.packed_cols(k)}], "
-                         f"got {sign_bits.dtype} {tuple(sign_bits.shape)} "
-                         "(build it with fxquant.formats.onebit.quantize)")
-    n = sign_bits.shape[0]
-    if tuple(a.shape) != (n,) or not a.is_floating_point():
-        raise ValueError(f"onebit_linear: a must be a float tensor of shape ({n},), got {a.dtype} {tuple(a.shape)}")
-    if bias is not None and (tuple(bias.shape) != (n,) or not bias.is_floating_point()):
-        raise ValueError(f"onebit_linear: bias must be None or a float tensor of shape ({n},), "
-                         f"got {bias.dtype} {tuple(bias.shape)}")
-    tensors = {"x2d": x2d, "sign_bits": sign_bits, "a": a, "b": b, "bias": bias}
-    check_device("onebit_linear", "onebit", tensors)
+    check_launch("onebit_linear", "onebit", x2d, bias, {"sign_bits": sign_bits, "a": a, "b": b}, op.check)
 
 
 def onebit_linear(x2d: torch.Tensor, sign_bits: torch.Tensor, a: torch.Tensor, b: torch.Tensor,

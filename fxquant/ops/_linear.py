@@ -6,6 +6,7 @@ format's ``dequantize(**tensors, **scalars)`` returns (float32 ``[N, K]``).  :fu
 registers, from one :class:`LinearOpDef`:
 
 - the schema (explicit: named tensors and named scalars, no positional lists of magic ints);
+- the argument check (``LinearOpDef.check``, helpers in :mod:`._validate`), run by every impl below;
 - the fake impl (shape ``x.shape[:-1] + (N,)``, dtype of ``x``);
 - the reference, registered for every backend: dequantize, then ``F.linear`` in
   ``compute_dtype`` (fp32 when ``None``), cast to ``x.dtype``; it *defines* the op;
@@ -43,6 +44,9 @@ class LinearOpDef:
 
     ``scalars``: ``(name, schema type)`` pairs, e.g. ``("group_size", "int")``.
     ``out_features(**tensors, **scalars) -> int``.
+    ``check(x, bias, **tensors, **scalars)``: raises ``ValueError`` unless ``x``'s last dim is the
+    weight's in_features, every stored tensor has the dtype and shape the layout implies and ``bias``
+    is ``[N]`` (:mod:`._validate`); the fake impl, the reference, the CPU and the CUDA impl run it.
     ``cpu_fast(x2d, **tensors, **scalars, nm) -> y2d | None``: the fast kernel, returning ``[M, >= N]``
     in any float dtype, or ``None`` when it does not apply to these inputs; ``nm``
     (:class:`._cpu.Numerics`) says what it may round (not called with ``compute_dtype=float16``).
@@ -54,6 +58,7 @@ class LinearOpDef:
     scalars: tuple[tuple[str, str], ...]
     dequantize: Callable[..., torch.Tensor]
     out_features: Callable[..., int]
+    check: Callable[..., None]
     cpu_fast: Optional[Callable[..., Optional[torch.Tensor]]] = None
     cuda: Optional[Callable[..., torch.Tensor]] = None
     doc: str = ""
@@ -104,9 +109,18 @@ class LinearOpDef:
         return self.out_features(**tensors, **{k: v for k, v in scalars.items() if k != "compute_dtype"})
 
     # -- the implementations -----------------------------------------------------------------
+    def checked(self, x: torch.Tensor, tensors: dict, bias: torch.Tensor | None, scalars: dict) -> None:
+        """Run :attr:`check` on split arguments (``compute_dtype`` is not its business)."""
+        self.check(x, bias, **tensors, **{k: v for k, v in scalars.items() if k != "compute_dtype"})
+
     def reference(self, *args, **kwargs) -> torch.Tensor:
         """The op's definition (plain torch): dequantize, then ``F.linear`` in ``compute_dtype``."""
         x, tensors, bias, scalars = self.split(args, kwargs)
+        self.checked(x, tensors, bias, scalars)
+        return self.definition(x, tensors, bias, scalars)
+
+    def definition(self, x: torch.Tensor, tensors: dict, bias: torch.Tensor | None, scalars: dict) -> torch.Tensor:
+        """:meth:`reference` on split, already checked arguments."""
         if self.reference_fn is not None:
             return self.reference_fn(x, **tensors, bias=bias, **scalars)
         w = self.dequantized(tensors, scalars)
@@ -116,13 +130,14 @@ class LinearOpDef:
 
     def cpu(self, *args, **kwargs) -> torch.Tensor:
         x, tensors, bias, scalars = self.split(args, kwargs)
+        plain = {k: v for k, v in scalars.items() if k != "compute_dtype"}  # what check / cpu_fast / block_decoder take
+        self.check(x, bias, **tensors, **plain)
         n = self.n_out(tensors, scalars)
         if x.shape[-1] == 0 or x.numel() == 0:  # empty reduction or no rows: nothing to compute
             y = x.new_zeros((*x.shape[:-1], n))
             return y + bias.to(x.dtype) if bias is not None else y
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         cd = scalars["compute_dtype"]
-        plain = {k: v for k, v in scalars.items() if k != "compute_dtype"}  # what cpu_fast / block_decoder take
         # the compute_dtype policy of this call (module docstring); float16: the fp16 reference below
         nm = None if cd == torch.float16 else _cpu.numerics(x.dtype, cd, self.dynamic_activations)
         y = None
@@ -132,7 +147,7 @@ class LinearOpDef:
         if y is None and self.reference_fn is not None:
             if nm is not None and nm.round_x and not self.dynamic_activations:  # x rounded once, then the definition
                 return self.reference_fn(nm.rounded(x).to(x.dtype), **tensors, bias=bias, **scalars)
-            return self.reference(*args, **kwargs)
+            return self.definition(x, tensors, bias, scalars)
         if y is None:
             dt = cd if nm is None else nm.gemm_dtype(x2)
             xg = x2 if nm is None else nm.rounded(x2)
@@ -155,9 +170,10 @@ class LinearOpDef:
         return y.contiguous().reshape(*x.shape[:-1], n)
 
     def cuda_impl(self, *args, **kwargs) -> torch.Tensor:
-        if self.cuda is None:
-            return self.reference(*args, **kwargs)
         x, tensors, bias, scalars = self.split(args, kwargs)
+        self.checked(x, tensors, bias, scalars)
+        if self.cuda is None:
+            return self.definition(x, tensors, bias, scalars)
         n = self.n_out(tensors, scalars)
         cd = scalars.pop("compute_dtype")
         x2 = x.reshape(-1, x.shape[-1])
@@ -165,7 +181,8 @@ class LinearOpDef:
         return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
     def fake(self, *args, **kwargs) -> torch.Tensor:
-        x, tensors, _, scalars = self.split(args, kwargs)
+        x, tensors, bias, scalars = self.split(args, kwargs)
+        self.checked(x, tensors, bias, scalars)
         return x.new_empty((*x.shape[:-1], self.n_out(tensors, scalars)))
 
 

@@ -31,6 +31,7 @@ import torch
 from ..formats import bnb4 as fmt
 from ..kernels import native_cpu
 from . import _cpu
+from . import _validate as v
 from ._linear import LinearOpDef, define
 
 #: Weights decoded per chunk of the CPU path (scratch: 5 bytes per weight of a chunk, 7 with bf16
@@ -54,6 +55,48 @@ def dequantize_weight_dq(codes: torch.Tensor, absmax_q: torch.Tensor, absmax_cod
     """Double-quant buffers -> float32 ``[out_features, in_features]``."""
     absmax = fmt.double_dequantize(absmax_q, absmax_code, absmax_scale, absmax_offset, absmax_blocksize)
     return fmt.dequantize_4bit(codes, absmax, code_table, blocksize, (out_features, in_features))
+
+
+def _check_common(op: str, x: torch.Tensor, bias: torch.Tensor | None, codes: torch.Tensor,
+                  code_table: torch.Tensor, blocksize: int, out_features: int, in_features: int) -> int:
+    """What both ops check: sizes, ``codes``, ``code_table``, ``x``, ``bias`` -> number of blocks."""
+    if blocksize not in fmt.BLOCKSIZES:
+        v.fail(op, f"blocksize={blocksize!r} is not supported; valid: {', '.join(map(str, fmt.BLOCKSIZES))}")
+    v.size(op, "out_features", out_features)
+    v.size(op, "in_features", in_features)
+    numel = out_features * in_features
+    v.stored(op, "codes", codes, torch.uint8, ((numel + 1) // 2,), "[ceil(N*K/2)]")
+    v.stored(op, "code_table", code_table, torch.float32, (16,))
+    v.activations(op, x, in_features)
+    v.bias(op, bias, out_features)
+    return -(-numel // blocksize)
+
+
+def check(x: torch.Tensor, bias: torch.Tensor | None, codes: torch.Tensor, absmax: torch.Tensor,
+          code_table: torch.Tensor, blocksize: int, out_features: int, in_features: int) -> None:
+    """``codes`` uint8 ``[ceil(N*K/2)]``, ``absmax`` fp32 ``[ceil(N*K/blocksize)]``, ``code_table``
+    fp32 ``[16]``, ``x`` ``[..., in_features]``, ``bias`` ``[out_features]``."""
+    op = "linear_bnb4"
+    blocks = _check_common(op, x, bias, codes, code_table, blocksize, out_features, in_features)
+    v.stored(op, "absmax", absmax, torch.float32, (blocks,), "[ceil(N*K/blocksize)]")
+
+
+def check_dq(x: torch.Tensor, bias: torch.Tensor | None, codes: torch.Tensor, absmax_q: torch.Tensor,
+             absmax_code: torch.Tensor, absmax_scale: torch.Tensor, absmax_offset: torch.Tensor,
+             code_table: torch.Tensor, blocksize: int, absmax_blocksize: int, out_features: int,
+             in_features: int) -> None:
+    """As :func:`check`, the absmax double-quantized: ``absmax_q`` uint8 ``[blocks]``, ``absmax_code``
+    fp32 ``[256]``, ``absmax_scale`` fp32 ``[ceil(blocks/absmax_blocksize)]``, ``absmax_offset`` fp32
+    with one element."""
+    op = "linear_bnb4_dq"
+    blocks = _check_common(op, x, bias, codes, code_table, blocksize, out_features, in_features)
+    if type(absmax_blocksize) is not int or absmax_blocksize < 1:
+        v.fail(op, f"absmax_blocksize={absmax_blocksize!r} is not supported; valid: an integer >= 1")
+    v.stored(op, "absmax_q", absmax_q, torch.uint8, (blocks,), "[ceil(N*K/blocksize)]")
+    v.stored(op, "absmax_code", absmax_code, torch.float32, (256,))
+    v.stored(op, "absmax_scale", absmax_scale, torch.float32, (-(-blocks // absmax_blocksize),),
+             "[ceil(blocks/absmax_blocksize)]")
+    v.stored_any(op, "absmax_offset", absmax_offset, (torch.float32,), ((), (1,)))
 
 
 _WORKSPACE = threading.local()  # per-thread scratch buffers of the CPU path (10 MB per thread)
@@ -150,7 +193,8 @@ def _cpu_fast_dq(x2, codes, absmax_q, absmax_code, absmax_scale, absmax_offset, 
 def _cuda(x2, codes, absmax, code_table, *, bias, blocksize, out_features, in_features):
     from ..kernels.bnb4 import bnb4_linear
 
-    return bnb4_linear(x2, codes, absmax, code_table, bias, blocksize=blocksize, out_features=out_features)
+    return bnb4_linear(x2, codes, absmax, code_table, bias, blocksize=blocksize, out_features=out_features,
+                       in_features=in_features)
 
 
 def _cuda_dq(x2, codes, absmax_q, absmax_code, absmax_scale, absmax_offset, code_table, *, bias, blocksize,
@@ -158,14 +202,15 @@ def _cuda_dq(x2, codes, absmax_q, absmax_code, absmax_scale, absmax_offset, code
     from ..kernels.bnb4 import bnb4_linear_dq
 
     return bnb4_linear_dq(x2, codes, absmax_q, absmax_code, absmax_scale, absmax_offset, code_table, bias,
-                          blocksize=blocksize, absmax_blocksize=absmax_blocksize, out_features=out_features)
+                          blocksize=blocksize, absmax_blocksize=absmax_blocksize, out_features=out_features,
+                          in_features=in_features)
 
 
 _SHAPES = (("out_features", "int"), ("in_features", "int"))
 OP = LinearOpDef(
     name="linear_bnb4", tensors=("codes", "absmax", "code_table"),
     scalars=(("blocksize", "int"), *_SHAPES),
-    dequantize=dequantize_weight, out_features=lambda out_features, **_: out_features,
+    dequantize=dequantize_weight, out_features=lambda out_features, **_: out_features, check=check,
     cpu_fast=_cpu_fast, cuda=_cuda, cpu_fast_any_m=True,  # chunked decode + GEMM beats the reference at every M
     doc="x [..., K]; codes uint8 [ceil(N*K/2)] (flattened row-major, first code in the high nibble); "
         "absmax fp32 [ceil(N*K/blocksize)]; code_table fp32 [16]; bias [N] -> [..., N]",
@@ -174,7 +219,7 @@ OP_DQ = LinearOpDef(
     name="linear_bnb4_dq",
     tensors=("codes", "absmax_q", "absmax_code", "absmax_scale", "absmax_offset", "code_table"),
     scalars=(("blocksize", "int"), ("absmax_blocksize", "int"), *_SHAPES),
-    dequantize=dequantize_weight_dq, out_features=lambda out_features, **_: out_features,
+    dequantize=dequantize_weight_dq, out_features=lambda out_features, **_: out_features, check=check_dq,
     cpu_fast=_cpu_fast_dq, cuda=_cuda_dq, cpu_fast_any_m=True,
     doc="as linear_bnb4 with the block absmax double-quantized: absmax_code[absmax_q] * "
         "absmax_scale[block // absmax_blocksize] + absmax_offset (absmax_q uint8, absmax_code fp32 [256], "

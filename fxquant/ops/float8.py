@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from ..formats import float8 as fmt
 from . import _cpu
+from . import _validate as v
 from ._dequant_gemm import blocked_linear, plan_rows
 from ._linear import LinearOpDef, define
 
@@ -31,6 +32,36 @@ from ._linear import LinearOpDef, define
 def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, **_) -> torch.Tensor:
     """Stored buffers -> float32 ``[N, K]``."""
     return fmt.dequantize_weight(qweight, scale)
+
+
+_FLOAT8 = tuple(fmt.DTYPES.values())
+
+
+def _check_weight(op: str, x, bias, qweight, scale, granularity: str | None, dtypes: tuple) -> None:
+    """``granularity`` "row" / "tensor" fixes the scale's shape; ``None`` takes either."""
+    n, k = v.matrix(op, "qweight", qweight, dtypes)
+    shapes = ((n,), (1,)) if granularity is None else ((n,),) if granularity == "row" else ((1,),)
+    v.stored_any(op, "scale", scale, (torch.float32,), shapes, "([N] per row, [1] per tensor)")
+    v.activations(op, x, k)
+    v.bias(op, bias, n)
+
+
+def check_wo(x: torch.Tensor, bias: torch.Tensor | None, qweight: torch.Tensor, scale: torch.Tensor) -> None:
+    """``qweight`` float8 (e4m3fn / e5m2) ``[N, K]``, ``scale`` fp32 ``[N]`` or ``[1]``, ``x``
+    ``[..., K]``, ``bias`` ``[N]``."""
+    _check_weight("linear_float8wo", x, bias, qweight, scale, None, _FLOAT8)
+
+
+def check_dq(x: torch.Tensor, bias: torch.Tensor | None, qweight: torch.Tensor, scale: torch.Tensor,
+             granularity: str, activation_scale_ub: float) -> None:
+    """As :func:`check_wo` with ``qweight`` float8_e4m3fn (the activations are quantized to it), ``scale``
+    ``[N]`` for granularity "row", ``[1]`` for "tensor"."""
+    op = "linear_float8dq"
+    if granularity not in fmt.GRANULARITIES:
+        v.fail(op, f"granularity={granularity!r} is not supported; valid: {', '.join(fmt.GRANULARITIES)}")
+    if not activation_scale_ub > 0:
+        v.fail(op, f"activation_scale_ub={activation_scale_ub!r} is not supported; valid: a float > 0")
+    _check_weight(op, x, bias, qweight, scale, granularity, (torch.float8_e4m3fn,))
 
 
 def _cpu_fast_wo(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, *, nm: _cpu.Numerics) -> torch.Tensor:
@@ -57,7 +88,7 @@ def _cuda_wo(x2, qweight, scale, *, bias):
 
 OP_WO = LinearOpDef(
     name="linear_float8wo", tensors=("qweight", "scale"), scalars=(),
-    dequantize=dequantize_weight, out_features=lambda qweight, **_: qweight.shape[0],
+    dequantize=dequantize_weight, out_features=lambda qweight, **_: qweight.shape[0], check=check_wo,
     cpu_fast=_cpu_fast_wo, cuda=_cuda_wo, cpu_fast_any_m=True,
     doc="x [..., K]; qweight float8_e4m3fn/e5m2 [N, K]; scale fp32 [N]; bias [N] -> [..., N]",
 )
@@ -96,7 +127,7 @@ def _cuda_dq(x2, qweight, scale, *, bias, granularity, activation_scale_ub):
 OP_DQ = LinearOpDef(
     name="linear_float8dq", tensors=("qweight", "scale"),
     scalars=(("granularity", "str"), ("activation_scale_ub", "float")),
-    dequantize=dequantize_weight, out_features=lambda qweight, **_: qweight.shape[0],
+    dequantize=dequantize_weight, out_features=lambda qweight, **_: qweight.shape[0], check=check_dq,
     cpu_fast=_cpu_fast_dq, cuda=_cuda_dq, reference_fn=dq_definition, cpu_fast_any_m=True,
     dynamic_activations=True,
     doc="x [..., K]; qweight float8_e4m3fn [N, K]; scale fp32 [N] (granularity 'row') or [1] ('tensor'); "

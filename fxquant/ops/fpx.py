@@ -17,6 +17,7 @@ import torch
 from ..formats import fpx as fmt
 from ..kernels import native_cpu
 from . import _cpu
+from . import _validate as v
 from ._dequant_gemm import blocked_linear, plan_rows
 
 #: Largest M for the native GEMV of 3- and 4-bit formats (:func:`fxquant.kernels.native_cpu.fpx_gemv`).
@@ -32,6 +33,23 @@ def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, ebits: int, mb
     return fmt.from_storage(qweight, scale, ebits, mbits, in_features)
 
 
+def check(x: torch.Tensor, bias: torch.Tensor | None, qweight: torch.Tensor, scale: torch.Tensor, ebits: int,
+          mbits: int, in_features: int) -> None:
+    """``qweight`` uint8 ``[N, ceil(K/8) * X]`` (``X = 1 + ebits + mbits`` in 3..7), ``scale`` bf16
+    ``[N]``, ``x`` ``[..., in_features]``, ``bias`` ``[N]``."""
+    op = "linear_fpx"
+    bits = 1 + ebits + mbits
+    if type(ebits) is not int or type(mbits) is not int or ebits < 1 or mbits < 0 or not 3 <= bits <= 7:
+        v.fail(op, f"ebits={ebits!r}, mbits={mbits!r} is not supported; valid: ebits >= 1, mbits >= 0, "
+                   f"1 + ebits + mbits in 3..7")
+    v.size(op, "in_features", in_features)
+    n, _ = v.matrix(op, "qweight", qweight, (torch.uint8,))
+    v.stored(op, "qweight", qweight, torch.uint8, (n, fmt.packed_cols(in_features, bits)), "[N, ceil(K/8) * X]")
+    v.stored(op, "scale", scale, torch.bfloat16, (n,), "[N]")
+    v.activations(op, x, in_features)
+    v.bias(op, bias, n)
+
+
 def _native(x2, qweight, scale, ebits, mbits, in_features, bits, nm):
     """3- and 4-bit codes read in place by a native GEMV (fp32), or None.  4 bits: one plane of
     nibbles through the exact 16-entry table lookup (:func:`native_cpu.lut4_gemv`: the low nibble
@@ -39,7 +57,7 @@ def _native(x2, qweight, scale, ebits, mbits, in_features, bits, nm):
     integer-table kernel; 3 bits: :func:`native_cpu.fpx_gemv` on the 2-bit and 1-bit planes."""
     table = fmt.decode_table(ebits, mbits)
     if bits == 3:
-        return native_cpu.fpx_gemv(x2, qweight, scale, table, bits, round_x=nm.round_x)
+        return native_cpu.fpx_gemv(x2, qweight, scale, table, bits, in_features, round_x=nm.round_x)
     cols = fmt.packed_cols(in_features, bits)
     xp = torch.nn.functional.pad(x2, (0, 2 * cols - in_features))
     return native_cpu.lut4_gemv(xp[:, cols:], xp[:, :cols], qweight, rows=qweight.shape[0], row_bytes=cols,
@@ -75,13 +93,13 @@ def _cpu_fast(x2, qweight, scale, ebits, mbits, in_features, *, nm: _cpu.Numeric
 def _cuda(x2, qweight, scale, *, bias, ebits, mbits, in_features):
     from ..kernels.fpx import fpx_linear
 
-    return fpx_linear(x2, qweight, scale, bias, ebits=ebits, mbits=mbits)
+    return fpx_linear(x2, qweight, scale, bias, ebits=ebits, mbits=mbits, in_features=in_features)
 
 
 OP = LinearOpDef(
     name="linear_fpx", tensors=("qweight", "scale"),
     scalars=(("ebits", "int"), ("mbits", "int"), ("in_features", "int")),
-    dequantize=dequantize_weight, out_features=lambda qweight, **_: qweight.shape[0],
+    dequantize=dequantize_weight, out_features=lambda qweight, **_: qweight.shape[0], check=check,
     cpu_fast=_cpu_fast, cuda=_cuda, cpu_fast_any_m=True,
     doc="x [..., K]; qweight uint8 [N, ceil(K/8) * X] (X = 1 + ebits + mbits, little-endian bit stream per "
         "row); scale bf16 [N]; bias [N] -> [..., N]",

@@ -21,6 +21,7 @@ import torch
 from ..formats import int4 as fmt
 from ..kernels import native_cpu
 from . import _cpu
+from . import _validate as v
 from ._linear import LinearOpDef, define
 
 #: Largest M for the native GEMV (:func:`fxquant.kernels.native_cpu.int4_tiled_gemv`, any tile
@@ -34,6 +35,27 @@ def dequantize_weight(qweight: torch.Tensor, scales_and_zeros: torch.Tensor, gro
                       block_n: int, out_features: int) -> torch.Tensor:
     """Stored buffers -> float32 ``[out_features, K]``."""
     return fmt.from_storage(qweight, scales_and_zeros, group_size, block_n, out_features)
+
+
+def check(x: torch.Tensor, bias: torch.Tensor | None, qweight: torch.Tensor, scales_and_zeros: torch.Tensor,
+          group_size: int, block_n: int, out_features: int) -> None:
+    """``qweight`` uint8 ``[Np, K/2]`` (``Np`` = out_features rounded up to 64), ``scales_and_zeros``
+    bf16 ``[K/g, Np, 2]``, ``x`` ``[..., K]``, ``bias`` ``[out_features]``."""
+    op = "linear_int4wo"
+    if group_size not in fmt.GROUP_SIZES:
+        v.fail(op, f"group_size={group_size!r} is not supported; valid: {', '.join(map(str, fmt.GROUP_SIZES))}")
+    if type(block_n) is not int or block_n <= 0 or block_n % 2 or fmt.ROW_ALIGN % block_n:
+        v.fail(op, f"block_n={block_n!r} is not supported; valid: an even divisor of {fmt.ROW_ALIGN}")
+    v.size(op, "out_features", out_features)
+    rows = fmt.padded_rows(out_features)
+    _, half_k = v.matrix(op, "qweight", qweight, (torch.uint8,))
+    k = 2 * half_k
+    if k % group_size:
+        v.fail(op, f"qweight packs K={k} columns, not a multiple of group_size={group_size}")
+    v.stored(op, "qweight", qweight, torch.uint8, (rows, half_k), "[Np, K/2]")
+    v.stored(op, "scales_and_zeros", scales_and_zeros, torch.bfloat16, (k // group_size, rows, 2), "[K/g, Np, 2]")
+    v.activations(op, x, k)
+    v.bias(op, bias, out_features)
 
 
 _warned_layout = False
@@ -122,7 +144,7 @@ def _cuda(x2, qweight, scales_and_zeros, *, bias, group_size, block_n, out_featu
 OP = LinearOpDef(
     name="linear_int4wo", tensors=("qweight", "scales_and_zeros"),
     scalars=(("group_size", "int"), ("block_n", "int"), ("out_features", "int")),
-    dequantize=dequantize_weight, out_features=lambda out_features, **_: out_features,
+    dequantize=dequantize_weight, out_features=lambda out_features, **_: out_features, check=check,
     cpu_fast=_cpu_fast, cuda=_cuda, block_decoder=_block_decoder,
     cpu_fast_any_m=True,  # _cpu_fast picks by M (native GEMV, int4pack) and returns None above
     doc="x [..., K]; qweight uint8 [Np, K/2] tiled by block_n; scales_and_zeros bf16 [K/g, Np, 2]; "

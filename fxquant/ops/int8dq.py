@@ -32,7 +32,9 @@ import torch.nn.functional as F
 from ..formats import int8dq as fmt
 from ..kernels import native_cpu
 from . import _cpu, int8wo
+from . import _validate as v
 from ._linear import LinearOpDef, define
+from .int8wo import check as _check_int8
 
 # -- the definitions -----------------------------------------------------------------------------
 
@@ -213,6 +215,18 @@ def _cuda_llm_int8(x2, qweight, scale, *, bias, threshold):
     return int8dq_linear(x2, qweight, scale, bias, threshold=threshold)
 
 
+def check_int8dq(x, bias, qweight, scale):
+    """``linear_int8dq``: the int8wo weight (:func:`fxquant.ops.int8wo.check`)."""
+    _check_int8(x, bias, qweight, scale, op="linear_int8dq")
+
+
+def check_llm_int8(x, bias, qweight, scale, threshold):
+    """``linear_llm_int8``: the int8wo weight (:func:`fxquant.ops.int8wo.check`), ``threshold`` > 0."""
+    if not threshold > 0:
+        v.fail("linear_llm_int8", f"threshold={threshold!r} is not supported; valid: a float > 0")
+    _check_int8(x, bias, qweight, scale, op="linear_llm_int8")
+
+
 def _n_out(qweight, **_):
     return qweight.shape[0]
 
@@ -225,13 +239,13 @@ def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, **_) -> torch.
 
 OP_INT8DQ = LinearOpDef(
     name="linear_int8dq", tensors=("qweight", "scale"), scalars=(),
-    dequantize=dequantize_weight, out_features=_n_out, reference_fn=reference_int8dq,
+    dequantize=dequantize_weight, out_features=_n_out, check=check_int8dq, reference_fn=reference_int8dq,
     cpu_fast=_cpu_int8dq, cpu_fast_any_m=True, cuda=_cuda_int8dq, dynamic_activations=True,
     doc="x [..., K] quantized per token to int8; qweight int8 [N, K]; scale bf16 [N]; bias [N] -> [..., N]",
 )
 OP_LLM_INT8 = LinearOpDef(
     name="linear_llm_int8", tensors=("qweight", "scale"), scalars=(("threshold", "float"),),
-    dequantize=dequantize_weight, out_features=_n_out, reference_fn=reference_llm_int8,
+    dequantize=dequantize_weight, out_features=_n_out, check=check_llm_int8, reference_fn=reference_llm_int8,
     cpu_fast=_cpu_llm_int8, cpu_fast_any_m=True, cuda=_cuda_llm_int8, dynamic_activations=True,
     doc="LLM.int8: columns of x with |x| >= threshold in float, the rest as linear_int8dq; "
         "qweight int8 [N, K]; scale bf16 [N]; bias [N] -> [..., N]",

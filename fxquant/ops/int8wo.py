@@ -18,6 +18,7 @@ import torch
 from ..formats import int8 as fmt
 from ..kernels import native_cpu
 from . import _cpu
+from . import _validate as v
 from ._linear import LinearOpDef, define
 
 #: Largest M for the native GEMV (:func:`fxquant.kernels.native_cpu.int8_gemv`) with the AVX2
@@ -40,6 +41,16 @@ def native_max_rows() -> int:
 def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Stored buffers -> float32 ``[N, K]``."""
     return fmt.dequantize(qweight, scale)
+
+
+def check(x: torch.Tensor, bias: torch.Tensor | None, qweight: torch.Tensor, scale: torch.Tensor,
+          op: str = "linear_int8wo") -> None:
+    """The int8 weight's arguments (also ``linear_int8dq`` / ``linear_llm_int8``'s): ``qweight`` int8
+    ``[N, K]``, ``scale`` bf16 ``[N]``, ``x`` ``[..., K]``, ``bias`` ``[N]``."""
+    n, k = v.matrix(op, "qweight", qweight, (torch.int8,))
+    v.stored(op, "scale", scale, torch.bfloat16, (n,), "[N]")
+    v.activations(op, x, k)
+    v.bias(op, bias, n)
 
 
 def packed_max_rows() -> int:
@@ -94,7 +105,7 @@ def _cuda(x2, qweight, scale, *, bias):
 
 OP = LinearOpDef(
     name="linear_int8wo", tensors=("qweight", "scale"), scalars=(),
-    dequantize=dequantize_weight, out_features=lambda qweight, **_: qweight.shape[0],
+    dequantize=dequantize_weight, out_features=lambda qweight, **_: qweight.shape[0], check=check,
     cpu_fast=_cpu_fast, cuda=_cuda, block_decoder=_block_decoder,
     cpu_fast_any_m=True,  # _cpu_fast routes by M (packed_max_rows()) and returns None above
     doc="x [..., K]; qweight int8 [N, K]; scale bf16 [N]; bias [N] -> [..., N]",

@@ -37,6 +37,7 @@ from ..formats import int4
 from ..formats import intx as fmt
 from ..kernels import native_cpu
 from . import _cpu
+from . import _validate as v
 from ._linear import LinearOpDef, define
 
 #: Widths whose planes the int4 kernel reads as stored (4: one plane, 8: two planes); the other
@@ -98,6 +99,42 @@ def dequantize_weight(codes_lo: torch.Tensor, codes_hi: torch.Tensor, scale: tor
         raise ValueError(f"linear_intx: symmetric={symmetric} but offset has {offset.numel()} elements "
                          "(symmetric weights store no offset, asymmetric ones one per group)")
     return fmt.from_storage(codes_lo, codes_hi, scale, offset, bits, group_size, axis, block_n, out_features)
+
+
+def check(x: torch.Tensor, bias: torch.Tensor | None, codes_lo: torch.Tensor, codes_hi: torch.Tensor,
+          scale: torch.Tensor, offset: torch.Tensor, bits: int, group_size: int, symmetric: bool, axis: int,
+          block_n: int, out_features: int) -> None:
+    """Planes of ``Np * K`` codes (``Np`` = out_features rounded up to 64): ``codes_lo`` uint8
+    ``[Np*K*min(bits,4)/8]``, ``codes_hi`` uint8 ``[Np*K*(bits-4)/8]`` (empty for bits <= 4);
+    ``scale`` bf16 ``[K/g, N]`` (axis 1) or ``[N/g, K]`` (axis 0); ``offset`` like ``scale``, empty
+    when symmetric; ``x`` ``[..., K]``; ``bias`` ``[out_features]``."""
+    op = "linear_intx"
+    if bits not in fmt.BITS:
+        v.fail(op, f"bits={bits!r} is not supported; valid: 1..8")
+    if axis not in fmt.AXES:
+        v.fail(op, f"axis={axis!r} is not supported; valid: 0, 1")
+    if type(group_size) is not int or group_size < 1:
+        v.fail(op, f"group_size={group_size!r} is not supported; valid: an integer >= 1")
+    if type(block_n) is not int or block_n <= 0 or block_n % 2 or int4.ROW_ALIGN % block_n:
+        v.fail(op, f"block_n={block_n!r} is not supported; valid: an even divisor of {int4.ROW_ALIGN}")
+    v.size(op, "out_features", out_features)
+    if scale.dim() != 2:
+        v.fail(op, f"scale must be a 2-D bf16 tensor ([K/g, N] for axis 1, [N/g, K] for axis 0), got "
+                   f"{scale.dtype} of shape {tuple(scale.shape)}")
+    k = fmt.in_features(scale, group_size, axis)
+    if reason := fmt.layout_reason(out_features, k, group_size, axis):
+        v.fail(op, reason)
+    params = (k // group_size, out_features) if axis == 1 else (out_features // group_size, k)
+    layout = "[K/g, N]" if axis == 1 else "[N/g, K]"
+    v.stored(op, "scale", scale, torch.bfloat16, params, layout)
+    v.stored(op, "offset", offset, torch.bfloat16, (0,) if symmetric else params,
+             "(empty: symmetric=True)" if symmetric else layout)
+    length = int4.padded_rows(out_features) * k
+    lo, hi = fmt.plane_bits(bits)
+    v.stored(op, "codes_lo", codes_lo, torch.uint8, (length * lo // 8,), "[Np*K*min(bits,4)/8]")
+    v.stored(op, "codes_hi", codes_hi, torch.uint8, (length * hi // 8,), "[Np*K*max(bits-4,0)/8]")
+    v.activations(op, x, k)
+    v.bias(op, bias, out_features)
 
 
 def int4_kernel_applies(bits: int, group_size: int, axis: int, block_n: int) -> bool:
@@ -243,7 +280,7 @@ OP = LinearOpDef(
     name="linear_intx", tensors=("codes_lo", "codes_hi", "scale", "offset"),
     scalars=(("bits", "int"), ("group_size", "int"), ("symmetric", "bool"), ("axis", "int"),
              ("block_n", "int"), ("out_features", "int")),
-    dequantize=dequantize_weight, out_features=lambda out_features, **_: out_features,
+    dequantize=dequantize_weight, out_features=lambda out_features, **_: out_features, check=check,
     cpu_fast=_cpu_fast, cuda=_cuda, cpu_fast_any_m=True,
     doc="x [..., K]; codes_lo uint8 [ceil(Np*K*min(bits,4)/8)], codes_hi uint8 [ceil(Np*K*(bits-4)/8)] "
         "(int4 tile order, rows padded to Np); scale/offset bf16 [K/g, N] (axis 1) or [N/g, K] (axis 0), "

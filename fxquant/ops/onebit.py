@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from ..formats import onebit as fmt
 from ..kernels import native_cpu
 from . import _cpu
+from . import _validate as v
 from ._linear import LinearOpDef, define
 
 #: Largest M for the native GEMV (:func:`fxquant.kernels.native_cpu.onebit_gemv`, fp32 throughout);
@@ -73,6 +74,22 @@ def reference_onebit(x: torch.Tensor, sign_bits: torch.Tensor, a: torch.Tensor, 
     if bias is not None:
         y = y + bias.to(cd)
     return y.to(x.dtype)
+
+
+def check(x: torch.Tensor, bias: torch.Tensor | None, sign_bits: torch.Tensor, a: torch.Tensor,
+          b: torch.Tensor) -> None:
+    """``a`` bf16 ``[N]``, ``b`` bf16 ``[K]``, ``sign_bits`` uint8 ``[N, ceil(K/8)]``, ``x`` ``[..., K]``,
+    ``bias`` ``[N]``."""
+    op = "linear_onebit"
+    if a.dim() != 1 or b.dim() != 1:
+        v.fail(op, f"a and b must be 1-D bf16 tensors [N] and [K], got a of shape {tuple(a.shape)} and b "
+                   f"of shape {tuple(b.shape)}")
+    n, k = a.shape[0], b.shape[0]
+    v.stored(op, "a", a, torch.bfloat16, (n,), "[N]")
+    v.stored(op, "b", b, torch.bfloat16, (k,), "[K]")
+    v.stored(op, "sign_bits", sign_bits, torch.uint8, (n, (k + 7) // 8), "[N, ceil(K/8)] (N = len(a), K = len(b))")
+    v.activations(op, x, k)
+    v.bias(op, bias, n)
 
 
 def dequantize_weight(sign_bits: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -216,7 +233,7 @@ def _cuda(x2, sign_bits, a, b, *, bias):
 
 OP = LinearOpDef(
     name="linear_onebit", tensors=("sign_bits", "a", "b"), scalars=(),
-    dequantize=dequantize_weight, out_features=lambda a, **_: a.shape[0],
+    dequantize=dequantize_weight, out_features=lambda a, **_: a.shape[0], check=check,
     cpu_fast=_cpu_fast, cuda=_cuda, reference_fn=reference_onebit,
     cpu_fast_any_m=True,  # the native GEMM's planes path at every M; _cpu_fast returns None for the reference
     doc="x [..., K]; sign_bits uint8 [N, ceil(K/8)] (bit j of byte c = sign of column 8c+j, 1 = +1); "

@@ -34,12 +34,12 @@ def _case(m, n, k, blocksize, quant_type, double_quant, dtype, with_bias, seed=0
 def _run(t, x, bias, blocksize, n, k):
     if "absmax" in t:
         y = kernel.bnb4_linear(x, t["codes"], t["absmax"], t["code_table"], bias, blocksize=blocksize,
-                               out_features=n)
+                               out_features=n, in_features=k)
         ref = op.reference(x, *t.values(), bias, blocksize, n, k)
     else:
         y = kernel.bnb4_linear_dq(x, t["codes"], t["absmax_q"], t["absmax_code"], t["absmax_scale"],
                                   t["absmax_offset"], t["code_table"], bias, blocksize=blocksize,
-                                  absmax_blocksize=bnb4.NESTED_BLOCKSIZE, out_features=n)
+                                  absmax_blocksize=bnb4.NESTED_BLOCKSIZE, out_features=n, in_features=k)
         ref = op.reference_dq(x, *t.values(), bias, blocksize, bnb4.NESTED_BLOCKSIZE, n, k)
     return y, ref
 
@@ -80,14 +80,15 @@ def test_strided_activation():
 
 def test_empty_batch():
     t, x, _ = _case(1, 24, 64, 64, "nf4", False, torch.float32, with_bias=False)
-    y = kernel.bnb4_linear(x[:0], t["codes"], t["absmax"], t["code_table"], None, blocksize=64, out_features=24)
+    y = kernel.bnb4_linear(x[:0], t["codes"], t["absmax"], t["code_table"], None, blocksize=64, out_features=24,
+                           in_features=64)
     assert y.shape == (0, 24)
 
 
 def _plain(mutate):
     t, x, bias = _case(2, 24, 64, 32, "nf4", False, torch.float32, with_bias=True)
     a = dict(x2d=x, codes=t["codes"], absmax=t["absmax"], code_table=t["code_table"], bias=bias, blocksize=32,
-             out_features=24)
+             out_features=24, in_features=64)
     a = mutate(a)
     names = ["x2d", "codes", "absmax", "code_table", "bias"]
     return lambda: kernel.bnb4_linear(*(a[k] for k in names), **{k: v for k, v in a.items() if k not in names})
@@ -97,27 +98,28 @@ def _dq(mutate):
     t, x, bias = _case(2, 24, 64, 32, "nf4", True, torch.float32, with_bias=False)
     a = dict(x2d=x, codes=t["codes"], absmax_q=t["absmax_q"], absmax_code=t["absmax_code"],
              absmax_scale=t["absmax_scale"], absmax_offset=t["absmax_offset"], code_table=t["code_table"],
-             bias=bias, blocksize=32, absmax_blocksize=256, out_features=24)
+             bias=bias, blocksize=32, absmax_blocksize=256, out_features=24, in_features=64)
     a = mutate(a)
     names = ["x2d", "codes", "absmax_q", "absmax_code", "absmax_scale", "absmax_offset", "code_table", "bias"]
     return lambda: kernel.bnb4_linear_dq(*(a[k] for k in names), **{k: v for k, v in a.items() if k not in names})
 
 
 @pytest.mark.parametrize("call,match", [
-    (_plain(lambda a: {**a, "x2d": a["x2d"][:, :-1]}), r"codes must be uint8 of shape \(756,\)"),
-    (_plain(lambda a: {**a, "x2d": a["x2d"].to(torch.int32)}), r"x2d dtype torch.int32 is not supported"),
-    (_plain(lambda a: {**a, "codes": a["codes"].to(torch.int8)}), r"codes must be uint8 of shape \(768,\)"),
+    (_plain(lambda a: {**a, "x2d": a["x2d"][:, :-1]}), r"x has 63 input features .* in_features=64"),
+    (_plain(lambda a: {**a, "in_features": 63}), r"codes must be torch.uint8 of shape \(756,\)"),
+    (_plain(lambda a: {**a, "x2d": a["x2d"].to(torch.int32)}), r"x2d must be a 2-D \[M, K\] tensor of dtype"),
+    (_plain(lambda a: {**a, "codes": a["codes"].to(torch.int8)}), r"codes must be torch.uint8 of shape \(768,\)"),
     (_plain(lambda a: {**a, "blocksize": 48}), r"blocksize=48 is not supported"),
-    (_plain(lambda a: {**a, "absmax": a["absmax"][:-1]}), r"absmax must be a float tensor of shape \(48,\)"),
-    (_plain(lambda a: {**a, "code_table": a["code_table"][:8]}), r"code_table must be a float tensor of shape \(16,\)"),
-    (_plain(lambda a: {**a, "bias": a["bias"][:3]}), r"bias must be None or a float tensor of shape \(24,\)"),
-    (_dq(lambda a: {**a, "absmax_q": a["absmax_q"].float()}), r"absmax_q must be uint8 of shape \(48,\)"),
+    (_plain(lambda a: {**a, "absmax": a["absmax"][:-1]}), r"absmax must be torch.float32 of shape \(48,\)"),
+    (_plain(lambda a: {**a, "code_table": a["code_table"][:8]}), r"code_table must be torch.float32 of shape \(16,\)"),
+    (_plain(lambda a: {**a, "bias": a["bias"][:3]}), r"bias must be None or a floating-point tensor of shape \(24,\)"),
+    (_dq(lambda a: {**a, "absmax_q": a["absmax_q"].float()}), r"absmax_q must be torch.uint8 of shape \(48,\)"),
     (_dq(lambda a: {**a, "absmax_code": a["absmax_code"][:16]}),
-     r"absmax_code must be a float tensor of shape \(256,\)"),
-    (_dq(lambda a: {**a, "absmax_scale": torch.ones(2)}), r"absmax_scale must be a float tensor of shape \(1,\)"),
-    (_dq(lambda a: {**a, "absmax_offset": torch.ones(2)}), r"absmax_offset must be a float tensor with one element"),
-    (_dq(lambda a: {**a, "absmax_blocksize": 0}), r"absmax_blocksize=0 must be positive"),
-], ids=["wrong_K", "x_int32", "codes_int8", "blocksize", "absmax_len", "table", "bias", "absmax_q", "absmax_code",
+     r"absmax_code must be torch.float32 of shape \(256,\)"),
+    (_dq(lambda a: {**a, "absmax_scale": torch.ones(2)}), r"absmax_scale must be torch.float32 of shape \(1,\)"),
+    (_dq(lambda a: {**a, "absmax_offset": torch.ones(2)}), r"absmax_offset must be one of torch.float32 of shape \(\) or \(1,\)"),
+    (_dq(lambda a: {**a, "absmax_blocksize": 0}), r"absmax_blocksize=0 is not supported"),
+], ids=["wrong_K", "wrong_in_features", "x_int32", "codes_int8", "blocksize", "absmax_len", "table", "bias", "absmax_q", "absmax_code",
         "absmax_scale", "absmax_offset", "absmax_blocksize"])
 def test_bad_inputs_raise(call, match):
     with pytest.raises(ValueError, match=match):

@@ -27,13 +27,14 @@ def _case(name, m, n, k, dtype, with_bias, seed=0):
     x = torch.randn(m, k, generator=g).to(dtype)
     b = torch.randn(n, generator=g).to(dtype) if with_bias else None
     to = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
-    return dict(x2d=to(x), qweight=to(st["qweight"]), scale=to(st["scale"]), bias=to(b), ebits=e, mbits=mb)
+    return dict(x2d=to(x), qweight=to(st["qweight"]), scale=to(st["scale"]), bias=to(b), ebits=e, mbits=mb,
+                in_features=k)
 
 
 def _check_close(args, **kw):
     y = kernel.fpx_linear(**args, **kw)
     ref = op.reference(args["x2d"], args["qweight"], args["scale"], args["bias"], args["ebits"], args["mbits"],
-                       args["x2d"].shape[1])
+                       args["in_features"])
     assert y.dtype == args["x2d"].dtype and y.shape == ref.shape
     torch.testing.assert_close(y, ref, **TOL[args["x2d"].dtype])
 
@@ -74,14 +75,16 @@ def test_empty_batch():
 
 
 @pytest.mark.parametrize("mutate,match", [
-    (lambda a: {**a, "x2d": a["x2d"][:, :-8]}, r"qweight must be uint8 \[N, 18\] \(K=24 codes of 6 bits"),
-    (lambda a: {**a, "x2d": a["x2d"].to(torch.int32)}, r"x2d dtype torch.int32 is not supported"),
-    (lambda a: {**a, "qweight": a["qweight"].to(torch.int8)}, r"qweight must be uint8 \[N, 24\]"),
-    (lambda a: {**a, "scale": a["scale"][:3]}, r"scale must be a float tensor of shape \(40,\)"),
-    (lambda a: {**a, "bias": torch.zeros(3, device=DEVICE)}, r"bias must be None or a float tensor of shape \(40,\)"),
-    (lambda a: {**a, "ebits": 5, "mbits": 3}, r"fpx_linear: e5m3 has 1 \+ 5 \+ 3 = 9 bits"),
+    (lambda a: {**a, "x2d": a["x2d"][:, :-1]}, r"x has 31 input features .* in_features=32"),
+    (lambda a: {**a, "x2d": a["x2d"][:, :-8], "in_features": 24}, r"qweight must be torch.uint8 of shape \(40, 18\)"),
+    (lambda a: {**a, "x2d": a["x2d"].to(torch.int32)}, r"x2d must be a 2-D \[M, K\] tensor of dtype"),
+    (lambda a: {**a, "qweight": a["qweight"].to(torch.int8)}, r"qweight must be a 2-D tensor of torch.uint8"),
+    (lambda a: {**a, "scale": a["scale"][:3]}, r"scale must be torch.bfloat16 of shape \(40,\)"),
+    (lambda a: {**a, "bias": torch.zeros(3, device=DEVICE)},
+     r"bias must be None or a floating-point tensor of shape \(40,\)"),
+    (lambda a: {**a, "ebits": 5, "mbits": 3}, r"fpx_linear: fxquant::linear_fpx: ebits=5, mbits=3 is not supported"),
     (lambda a: {**a, "ebits": 5, "mbits": 0, "fp16_bits": True}, r"fp16_bits=True needs ebits <= 4 .* got ebits=5"),
-], ids=["wrong_K", "x_int32", "qweight_int8", "scale_shape", "bias_shape", "bad_format", "fp16_bits_e5"])
+], ids=["wrong_K", "wrong_in_features", "x_int32", "qweight_int8", "scale_shape", "bias_shape", "bad_format", "fp16_bits_e5"])
 def test_bad_inputs_raise(mutate, match):
     args = mutate(_case("fp6_e3m2", 2, 40, 32, torch.float32, with_bias=True))
     with pytest.raises(ValueError, match=match):

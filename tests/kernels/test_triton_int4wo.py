@@ -88,16 +88,17 @@ def test_empty_batch():
 
 
 @pytest.mark.parametrize("mutate,match", [
-    (lambda a: {**a, "x2d": a["x2d"][:, :-32]}, r"x2d has K=32 columns but qweight \(64, 32\) packs K=64"),
-    (lambda a: {**a, "x2d": a["x2d"].to(torch.int32)}, r"x2d dtype torch.int32 is not supported"),
-    (lambda a: {**a, "qweight": a["qweight"].to(torch.int8)}, r"qweight must be uint8 \[Np, K/2\], got torch.int8"),
-    (lambda a: {**a, "group_size": 48}, r"group_size=48 must be one of \(32, 64, 128, 256\) and divide K=64"),
-    (lambda a: {**a, "group_size": 128}, r"group_size=128 must be one of .* and divide K=64"),
-    (lambda a: {**a, "block_n": 24}, r"block_n=24 must be a positive even divisor of the stored rows Np=64"),
-    (lambda a: {**a, "out_features": 65}, r"out_features=65 must be in \[0, Np=64\]"),
+    (lambda a: {**a, "x2d": a["x2d"][:, :-32]}, r"x has 32 input features .* in_features=64"),
+    (lambda a: {**a, "x2d": a["x2d"].to(torch.int32)}, r"x2d must be a 2-D \[M, K\] tensor of dtype"),
+    (lambda a: {**a, "qweight": a["qweight"].to(torch.int8)}, r"qweight must be a 2-D tensor of torch.uint8 .* got torch.int8"),
+    (lambda a: {**a, "group_size": 48}, r"group_size=48 is not supported; valid: 32, 64, 128, 256"),
+    (lambda a: {**a, "group_size": 128}, r"qweight packs K=64 columns, not a multiple of group_size=128"),
+    (lambda a: {**a, "block_n": 24}, r"block_n=24 is not supported; valid: an even divisor of 64"),
+    (lambda a: {**a, "out_features": 65}, r"qweight must be torch.uint8 of shape \(128, 32\)"),
     (lambda a: {**a, "scales_and_zeros": a["scales_and_zeros"][:1]},
-     r"scales_and_zeros must be a float tensor of shape \(2, 64, 2\)"),
-    (lambda a: {**a, "bias": torch.zeros(64, device=DEVICE)}, r"bias must be None or a float tensor of shape \(40,\)"),
+     r"scales_and_zeros must be torch.bfloat16 of shape \(2, 64, 2\)"),
+    (lambda a: {**a, "bias": torch.zeros(64, device=DEVICE)},
+     r"bias must be None or a floating-point tensor of shape \(40,\)"),
 ], ids=["wrong_K", "x_int32", "qweight_int8", "group_48", "group_not_dividing_K", "block_n", "out_features",
         "scales_shape", "bias_shape"])
 def test_bad_inputs_raise(mutate, match):

@@ -113,13 +113,13 @@ def test_empty_batch():
 
 
 @pytest.mark.parametrize("mutate,match", [
-    (lambda a: {**a, "x2d": a["x2d"][:, :-8]}, r"x2d has K=24 columns but qweight \(16, 32\) expects K=32"),
-    (lambda a: {**a, "x2d": a["x2d"].double()}, r"x2d dtype torch.float64 is not supported"),
-    (lambda a: {**a, "x2d": a["x2d"][0]}, r"x2d must be 2-D"),
-    (lambda a: {**a, "qweight": a["qweight"].float()}, r"qweight must be int8 \[N, K\], got torch.float32"),
-    (lambda a: {**a, "scale": a["scale"][:8]}, r"scale must be a float tensor of shape \(16,\)"),
-    (lambda a: {**a, "bias": torch.zeros(15, device=DEVICE)}, r"bias must be None or a float tensor"),
-    (lambda a: {**a, "threshold": 0.0}, r"threshold=0.0 must be None \(int8dq\) or > 0"),
+    (lambda a: {**a, "x2d": a["x2d"][:, :-8]}, r"x has 24 input features .* in_features=32"),
+    (lambda a: {**a, "x2d": a["x2d"].double()}, r"x2d must be a 2-D \[M, K\] tensor of dtype .* got torch.float64"),
+    (lambda a: {**a, "x2d": a["x2d"][0]}, r"x2d must be a 2-D \[M, K\] tensor"),
+    (lambda a: {**a, "qweight": a["qweight"].float()}, r"qweight must be a 2-D tensor of torch.int8 .* got torch.float32"),
+    (lambda a: {**a, "scale": a["scale"][:8]}, r"scale must be torch.bfloat16 of shape \(16,\)"),
+    (lambda a: {**a, "bias": torch.zeros(15, device=DEVICE)}, r"bias must be None or a floating-point tensor"),
+    (lambda a: {**a, "threshold": 0.0}, r"threshold=0.0 is not supported; valid: a float > 0"),
 ], ids=["wrong_K", "x_float64", "x_1d", "qweight_float", "scale_shape", "bias_shape", "threshold_zero"])
 def test_bad_inputs_raise(mutate, match):
     x, qweight, scale, bias = _case(2, 16, 32, torch.float32, with_bias=True)

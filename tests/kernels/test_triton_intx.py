@@ -90,16 +90,17 @@ def test_empty_batch():
 
 
 @pytest.mark.parametrize("mutate,match", [
-    (lambda a: {**a, "x2d": a["x2d"][:, :-32]}, r"scale must be a float tensor of shape \(1, 40\) for axis=1, K=32"),
+    (lambda a: {**a, "x2d": a["x2d"][:, :-32]}, r"x has 32 input features .* in_features=64"),
     (lambda a: {**a, "x2d": a["x2d"].to(torch.int32)}, r"x2d must be a 2-D \[M, K\] tensor"),
-    (lambda a: {**a, "bits": 9}, r"bits=9 must be in 1..8"),
-    (lambda a: {**a, "axis": 2}, r"axis=2 must be 0 or 1"),
-    (lambda a: {**a, "group_size": 48}, r"in_features 64 is not divisible by group_size 48"),
-    (lambda a: {**a, "block_n": 24}, r"block_n=24 must be a positive even divisor of 64"),
-    (lambda a: {**a, "codes_hi": a["codes_lo"]}, r"codes_hi must be a 1-D uint8 tensor of 0 bytes"),
-    (lambda a: {**a, "scale": a["scale"][:1]}, r"scale must be a float tensor of shape \(2, 40\)"),
-    (lambda a: {**a, "symmetric": True}, r"offset must be a float tensor of shape \(0,\) \(symmetric=True\)"),
-    (lambda a: {**a, "bias": torch.zeros(64, device=DEVICE)}, r"bias must be None or a float tensor of shape \(40,\)"),
+    (lambda a: {**a, "bits": 9}, r"bits=9 is not supported; valid: 1..8"),
+    (lambda a: {**a, "axis": 2}, r"axis=2 is not supported; valid: 0, 1"),
+    (lambda a: {**a, "group_size": 48}, r"codes_lo must be torch.uint8 of shape \(2304,\)"),
+    (lambda a: {**a, "block_n": 24}, r"block_n=24 is not supported; valid: an even divisor of 64"),
+    (lambda a: {**a, "codes_hi": a["codes_lo"]}, r"codes_hi must be torch.uint8 of shape \(0,\)"),
+    (lambda a: {**a, "scale": a["scale"][:1]}, r"offset must be torch.bfloat16 of shape \(1, 40\)"),
+    (lambda a: {**a, "symmetric": True}, r"offset must be torch.bfloat16 of shape \(0,\) \(empty: symmetric=True\)"),
+    (lambda a: {**a, "bias": torch.zeros(64, device=DEVICE)},
+     r"bias must be None or a floating-point tensor of shape \(40,\)"),
 ], ids=["wrong_K", "x_int32", "bits", "axis", "group", "block_n", "codes_hi", "scale_shape", "symmetric", "bias"])
 def test_bad_inputs_raise(mutate, match):
     args = mutate(_case(2, 40, 64, 3, 32, False, 1, 32, torch.float32, with_bias=True))
