@@ -24,3 +24,22 @@ def rel_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
     w = weight.detach().float()
     denom = w.norm().item()
     return (w - approx.float()).norm().item() / denom if denom > 0 else 0.0
+
+
+def round_up(n: int, multiple: int) -> int:
+    """``n`` rounded up to a multiple of ``multiple``."""
+    return -(-n // multiple) * multiple
+
+
+def pad_last_group(weight: torch.Tensor, size: int) -> torch.Tensor:
+    """``weight`` ``[N, K]`` padded to ``[N, size]`` with copies of its last column.
+
+    Formats with groups of consecutive columns pad a partial last group this way before taking its
+    statistics: the copies are a value the group already holds, so its min, max and absmax (hence
+    its scale, zero and every code of the real values) are those of its real columns alone.  The
+    padded columns' codes are stored, but meet only zero activations (kernels zero-pad or mask x) and
+    are sliced off by the dequantization."""
+    extra = size - weight.shape[1]
+    if extra <= 0:
+        return weight
+    return torch.cat([weight, weight[:, -1:].expand(weight.shape[0], extra)], 1)

@@ -7,14 +7,21 @@ code 8 stands for; this is the convention of ``aten._weight_int4pack_mm_for_cpu`
 bfloat16, then codes are chosen against the stored bf16 values.  Error bound per element:
 ``scale / 2`` plus the bf16 rounding of ``zero``.
 
+Any K: a partial last group is padded (``Kp = ceil(K / group_size) * group_size`` stored columns).
+The padded columns repeat the weight's last real column while the group's min / max are taken, so
+the group's scale and zero are those of its real columns (the per-element bound holds unchanged);
+their codes are stored, and meet only zero activations: every kernel zero-pads (or masks) ``x`` to
+``Kp``, and the reference dequantization slices them off (``[N, K]``).  The op takes the true K as
+its ``in_features`` scalar.
+
 Storage (what a module's buffers hold and what is saved):
-- ``qweight`` uint8 ``[Np, K / 2]``: rows padded to ``Np`` = a multiple of 64, packed in *tiles* of
+- ``qweight`` uint8 ``[Np, Kp / 2]``: rows padded to ``Np`` = a multiple of 64, packed in *tiles* of
   ``block_n`` rows: for tile ``t``, column ``k`` and ``d < block_n / 2``, the byte at flat index
-  ``(t * K + k) * block_n / 2 + d`` holds row ``t * block_n + d`` in its low nibble and row
+  ``(t * Kp + k) * block_n / 2 + d`` holds row ``t * block_n + d`` in its low nibble and row
   ``t * block_n + block_n / 2 + d`` in its high nibble.  This is the layout that
   ``aten._convert_weight_to_int4pack_for_cpu`` produces (its ``block_n`` depends on the CPU:
   measured 32 on AVX2 builds), so the CPU kernel consumes it with no conversion.
-- ``scales_and_zeros`` bf16 ``[K / group_size, Np, 2]``: ``[..., 0]`` scale, ``[..., 1]`` zero.
+- ``scales_and_zeros`` bf16 ``[Kp / group_size, Np, 2]``: ``[..., 0]`` scale, ``[..., 1]`` zero.
 """
 from __future__ import annotations
 
@@ -22,7 +29,7 @@ import functools
 
 import torch
 
-from ._common import round_up_to
+from ._common import pad_last_group, round_up, round_up_to
 
 GROUP_SIZES = (32, 64, 128, 256)
 ROW_ALIGN = 64  # pad N to this so every block_n the CPU kernel may use (16/32/64) tiles it exactly
@@ -34,23 +41,28 @@ def padded_rows(n: int) -> int:
     return -(-n // ROW_ALIGN) * ROW_ALIGN
 
 
+def padded_k(k: int, group_size: int) -> int:
+    """Columns stored for a ``k``-column weight: whole groups."""
+    return round_up(k, group_size)
+
+
 def quantize(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``weight`` float ``[N, K]`` -> (``q`` uint8 ``[N, K]`` in 0..15, ``scale`` bf16 ``[N, K/g]``,
-    ``zero`` bf16 ``[N, K/g]``).  Requires ``K % group_size == 0``."""
+    """``weight`` float ``[N, K]`` -> (``q`` uint8 ``[N, Kp]`` in 0..15, ``scale`` bf16 ``[N, Kp/g]``,
+    ``zero`` bf16 ``[N, Kp/g]``), ``Kp`` = K rounded up to whole groups (the padded columns repeat
+    column K - 1: the last group's statistics are its real columns')."""
     n, k = weight.shape
-    if k % group_size:
-        raise ValueError(f"in_features {k} is not divisible by group_size {group_size}")
-    w = weight.detach().float().reshape(n, k // group_size, group_size)
+    kp = padded_k(k, group_size)
+    w = pad_last_group(weight.detach().float(), kp).reshape(n, kp // group_size, group_size)
     wmin, wmax = w.amin(dim=-1), w.amax(dim=-1)
     scale = round_up_to(((wmax - wmin) / 15).clamp(min=1e-10), PARAM_DTYPE)
     zero = (wmin + 8 * scale.float()).to(PARAM_DTYPE)
     q = torch.round((w - zero.float()[..., None]) / scale.float()[..., None] + 8)
-    q = q.clamp_(0, 15).to(torch.uint8).reshape(n, k)
+    q = q.clamp_(0, 15).to(torch.uint8).reshape(n, kp)
     return q, scale, zero
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(``q`` ``[N, K]``, ``scale``/``zero`` ``[N, K/g]``) -> float32 ``[N, K]``."""
+    """(``q`` ``[N, Kp]``, ``scale``/``zero`` ``[N, Kp/g]``) -> float32 ``[N, Kp]``."""
     n, k = q.shape
     qg = q.float().reshape(n, k // group_size, group_size)
     return ((qg - 8) * scale.float()[..., None] + zero.float()[..., None]).reshape(n, k)
@@ -82,7 +94,8 @@ def pad_rows(t: torch.Tensor, rows: int, value: float = 0) -> torch.Tensor:
 
 
 def to_storage(weight: torch.Tensor, group_size: int, block_n: int) -> dict[str, torch.Tensor]:
-    """Quantize float ``[N, K]`` into the stored buffers ``qweight`` and ``scales_and_zeros``."""
+    """Quantize float ``[N, K]`` (any K) into the stored buffers ``qweight`` ``[Np, Kp/2]`` and
+    ``scales_and_zeros`` ``[Kp/g, Np, 2]``."""
     n, _ = weight.shape
     q, scale, zero = quantize(weight, group_size)
     rows = padded_rows(n)
@@ -92,17 +105,18 @@ def to_storage(weight: torch.Tensor, group_size: int, block_n: int) -> dict[str,
 
 
 def from_storage(qweight: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
-                 block_n: int, out_features: int) -> torch.Tensor:
-    """Stored buffers -> float32 ``[out_features, K]`` (the reference dequantization)."""
+                 block_n: int, out_features: int, in_features: int) -> torch.Tensor:
+    """Stored buffers -> float32 ``[out_features, in_features]`` (the reference dequantization; the
+    padded rows and columns sliced off)."""
     q = unpack(qweight, block_n)
     sz = scales_and_zeros.transpose(0, 1)  # [Np, G, 2]
-    return dequantize(q, sz[..., 0], sz[..., 1], group_size)[:out_features]
+    return dequantize(q, sz[..., 0], sz[..., 1], group_size)[:out_features, :in_features]
 
 
 def nbytes(n: int, k: int, group_size: int) -> int:
-    """Exact stored bytes of an ``[n, k]`` int4wo weight, row padding included."""
-    rows = padded_rows(n)
-    return rows * k // 2 + (k // group_size) * rows * 2 * PARAM_DTYPE.itemsize
+    """Exact stored bytes of an ``[n, k]`` int4wo weight, row and column padding included."""
+    rows, kp = padded_rows(n), padded_k(k, group_size)
+    return rows * kp // 2 + (kp // group_size) * rows * 2 * PARAM_DTYPE.itemsize
 
 
 @functools.lru_cache(maxsize=None)

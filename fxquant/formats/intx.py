@@ -21,13 +21,19 @@ below ``absmax``), asymmetric plus the bf16 rounding of the offset, ``|offset| *
 Groups (HQQ's ``axis``, checked against ``hqq.core.quantize.Quantizer``), for ``W`` ``[N, K]``:
 
 - ``axis=1`` (default; HQQ ``W.reshape(-1, g)``): ``g`` consecutive input columns of one output
-  row.  Needs ``K % g == 0``.  ``scale``/``offset`` bf16 ``[K/g, N]``, group of ``(n, k)`` is
-  ``[k // g, n]``.
+  row.  Any K: the columns are padded to ``Kp = ceil(K/g) * g`` (the padding repeats column K - 1
+  while the last group's statistics are taken, so they are its real columns'; the padded columns'
+  codes are stored and meet only zero activations: kernels zero-pad or mask x, the dequantization
+  slices them off).  ``scale``/``offset`` bf16 ``[Kp/g, N]``, group of ``(n, k)`` is ``[k // g, n]``.
 - ``axis=0`` (HQQ ``W.reshape(g, -1)``): one input column ``k`` and the ``g`` rows
-  ``r, r + N/g, r + 2N/g, ...`` (rows strided by ``N/g``, as HQQ's reshape makes them).  Needs
-  ``N % g == 0``.  ``scale``/``offset`` bf16 ``[N/g, K]``, group of ``(n, k)`` is ``[n % (N/g), k]``.
+  ``r, r + R, r + 2R, ...`` with ``R = ceil(N/g)`` (rows strided by ``R``, as HQQ's reshape makes
+  them when ``g`` divides N).  Any N: the rows are padded to ``R * g`` for the statistics only (row
+  ``n >= N`` repeats row ``n % R``, a real row of its group), so a group holds between
+  ``g - R + 1`` and ``g`` real rows and its statistics are theirs; no padded row is stored.
+  ``scale``/``offset`` bf16 ``[R, K]``, group of ``(n, k)`` is ``[n % R, k]``.
 
-Storage, for both axes (``L = Np * K`` codes):
+Storage, for both axes (``Kp`` = the stored columns: padded for axis 1, ``K`` for axis 0;
+``L = Np * Kp`` codes):
 
 - Rows are padded to ``Np`` (a multiple of 64, padded codes 0) and the codes are put in the tile
   order of ``aten._convert_weight_to_int4pack_for_cpu`` (:func:`tile_order`, ``block_n`` rows per
@@ -42,7 +48,7 @@ Storage, for both axes (``L = Np * K`` codes):
 - ``codes_lo`` uint8 ``[L * min(b, 4) / 8]`` (the low plane's shards), ``codes_hi`` uint8
   ``[L * (b - 4) / 8]`` (empty for b <= 4), ``scale`` and ``offset`` (empty when symmetric) bf16.
 
-So a 4-bit plane *is* the int4 CPU kernel's packed weight (``codes_lo.view(Np, K/2)``): b = 4 and
+So a 4-bit plane *is* the int4 CPU kernel's packed weight (``codes_lo.view(Np, Kp/2)``): b = 4 and
 b = 8 (two planes) run ``aten._weight_int4pack_mm_for_cpu`` on the stored bytes as they are; the
 1..3-bit planes of other widths are widened to nibble-pair bytes per call (:func:`plane_nibbles`).
 :func:`pack` / :func:`unpack` are the same layout for a flat code sequence of any length.
@@ -52,7 +58,7 @@ from __future__ import annotations
 import torch
 
 from . import int4
-from ._common import round_up_to
+from ._common import pad_last_group, round_up, round_up_to
 
 BITS = tuple(range(1, 9))
 AXES = (0, 1)
@@ -185,16 +191,30 @@ def untile_nibbles(nib: torch.Tensor, rows: int, k: int, block_n: int) -> torch.
 
 
 # ---- quantize / dequantize ----------------------------------------------------------------------------
-def layout_reason(n: int, k: int, group_size: int, axis: int) -> str | None:
-    """Why an ``[n, k]`` weight cannot be grouped this way (``None`` when it can)."""
-    dim, name = (k, "in_features") if axis == 1 else (n, "out_features")
-    if dim % group_size:
-        return f"{name} {dim} is not divisible by group_size {group_size} (axis={axis} groups along {name})"
-    return None
+def stored_in_features(k: int, group_size: int, axis: int) -> int:
+    """Columns stored for an ``[N, k]`` weight: ``k`` rounded up to whole groups (axis 1), ``k`` (axis 0)."""
+    return round_up(k, group_size) if axis == 1 else k
+
+
+def param_shape(n: int, k: int, group_size: int, axis: int) -> tuple[int, int]:
+    """Shape of ``scale`` / ``offset``: ``[Kp/g, N]`` (axis 1) or ``[ceil(N/g), K]`` (axis 0)."""
+    return (-(-k // group_size), n) if axis == 1 else (-(-n // group_size), k)
+
+
+def _padded(w: torch.Tensor, group_size: int, axis: int) -> torch.Tensor:
+    """``[N, K]`` -> whole groups: columns padded to ``Kp`` with copies of column K - 1 (axis 1), rows
+    padded to ``ceil(N/g) * g`` with row ``n % ceil(N/g)`` (axis 0; the same group's row 0 .. R - 1)."""
+    n, k = w.shape
+    if axis == 1:
+        return pad_last_group(w, round_up(k, group_size))
+    r = -(-n // group_size)
+    if r * group_size == n:
+        return w
+    return torch.cat([w, w[torch.arange(n, r * group_size, device=w.device) % r]])
 
 
 def _grouped(w: torch.Tensor, group_size: int, axis: int) -> torch.Tensor:
-    """``[N, K]`` -> a view whose dim ``_RED[axis]`` runs over one group."""
+    """``[N, K]`` of whole groups (:func:`_padded`) -> a view whose dim ``_RED[axis]`` runs over one group."""
     n, k = w.shape
     return w.reshape(n, k // group_size, group_size) if axis == 1 else w.reshape(group_size, n // group_size, k)
 
@@ -214,16 +234,18 @@ def _stored(p: torch.Tensor, axis: int) -> torch.Tensor:
 
 def quantize(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool,
              axis: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``weight`` float ``[N, K]`` -> (``q`` uint8 ``[N, K]`` in ``0 .. 2**bits - 1``, ``scale`` bf16,
-    ``offset`` bf16 or ``None`` when symmetric); params are ``[K/g, N]`` (axis 1) or ``[N/g, K]``."""
+    """``weight`` float ``[N, K]`` (any N, K) -> (``q`` uint8 ``[N, Kp]`` in ``0 .. 2**bits - 1``,
+    ``scale`` bf16, ``offset`` bf16 or ``None`` when symmetric); params are ``[Kp/g, N]`` (axis 1) or
+    ``[ceil(N/g), K]`` (axis 0), partial groups padded as :func:`_padded` says."""
     _check_bits(bits)
     if symmetric and bits == 1:
         raise ValueError("symmetric 1-bit codes have only the levels {-scale, 0}; use the asymmetric uint1")
-    n, k = weight.shape
-    if reason := layout_reason(n, k, group_size, axis):
-        raise ValueError(reason)
+    if group_size < 1:
+        raise ValueError(f"group_size={group_size!r} is not supported; valid: an integer >= 1")
+    n = weight.shape[0]
+    padded = _padded(weight.detach().float(), group_size, axis)
     mid, qmax = 1 << (bits - 1), (1 << bits) - 1
-    w = _grouped(weight.detach().float(), group_size, axis)
+    w = _grouped(padded, group_size, axis)
     red = _RED[axis]
     if symmetric:
         amax = w.abs().amax(dim=red)
@@ -237,7 +259,7 @@ def quantize(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool,
         offset = _stored((wmin + mid * scale.float()).to(PARAM_DTYPE), axis)
         s = _param_view(_stored(scale, axis), axis)
         q = torch.round((w - _param_view(offset, axis)) / s + mid)  # as int4wo / HQQ: round after the shift
-    q = q.clamp_(0, qmax).to(torch.uint8).reshape(n, k)
+    q = q.clamp_(0, qmax).to(torch.uint8).reshape(padded.shape)[:n]
     return q, _stored(scale, axis), offset
 
 
@@ -334,8 +356,8 @@ def codes_from_storage(codes_lo: torch.Tensor, codes_hi: torch.Tensor, bits: int
     return q[:row1 - row0]
 
 
-def in_features(scale: torch.Tensor, group_size: int, axis: int) -> int:
-    """K of the weight whose params are ``scale``."""
+def stored_k(scale: torch.Tensor, group_size: int, axis: int) -> int:
+    """The stored columns ``Kp`` of the weight whose params are ``scale``."""
     return scale.shape[0] * group_size if axis == 1 else scale.shape[1]
 
 
@@ -348,8 +370,8 @@ def decode_rows(codes_lo: torch.Tensor, codes_hi: torch.Tensor, scale: torch.Ten
                 bits: int, group_size: int, axis: int, block_n: int, out_features: int, row0: int, row1: int,
                 out: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Dequantize weight rows ``row0 .. row1`` (``row0`` a multiple of ``block_n``) into ``out``
-    ``[row1 - row0, K]`` (any float dtype); ``params`` as in :func:`dequantize`."""
-    k = in_features(scale, group_size, axis)
+    ``[row1 - row0, Kp]`` (any float dtype; all stored columns); ``params`` as in :func:`dequantize`."""
+    k = stored_k(scale, group_size, axis)
     q = codes_from_storage(codes_lo, codes_hi, bits, block_n, out_features, k, row0, row1)
     return dequantize(q, scale, offset, bits, group_size, axis, row0, out, params)
 
@@ -357,11 +379,11 @@ def decode_rows(codes_lo: torch.Tensor, codes_hi: torch.Tensor, scale: torch.Ten
 def decode_tiles(codes_lo: torch.Tensor, codes_hi: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
                  bits: int, group_size: int, axis: int, block_n: int, out_features: int, tile0: int, tile1: int,
                  out: torch.Tensor) -> torch.Tensor:
-    """Dequantize whole tiles ``tile0 .. tile1`` *in tile order*, into ``out`` ``[tiles, 2, K, block_n/2]``
+    """Dequantize whole tiles ``tile0 .. tile1`` *in tile order*, into ``out`` ``[tiles, 2, Kp, block_n/2]``
     (any float dtype): ``out[t, h, k, d]`` is ``W[n, k]`` for row ``n = (tile0 + t) * block_n + h *
     block_n/2 + d`` (0 for padded rows).  No transpose is made: ``out[t, h]`` is the ``[K, block_n/2]``
-    right-hand side of a GEMM for those rows."""
-    k, half, rows = in_features(scale, group_size, axis), block_n // 2, int4.padded_rows(out_features)
+    right-hand side of a GEMM for those rows (all ``Kp`` stored columns)."""
+    k, half, rows = stored_k(scale, group_size, axis), block_n // 2, int4.padded_rows(out_features)
     tiles, r0, r1 = tile1 - tile0, tile0 * block_n, tile1 * block_n
     lo, hi = plane_bits(bits)
     nib = plane_nibbles(codes_lo, lo, rows * k, r0 * k // 2, r1 * k // 2).view(tiles, 1, k, half)
@@ -389,25 +411,27 @@ def decode_tiles(codes_lo: torch.Tensor, codes_hi: torch.Tensor, scale: torch.Te
 
 
 def from_storage(codes_lo: torch.Tensor, codes_hi: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
-                 bits: int, group_size: int, axis: int, block_n: int, out_features: int) -> torch.Tensor:
-    """Stored buffers -> float32 ``[out_features, K]`` (the reference dequantization), decoded a
-    cache-sized block of rows at a time."""
-    k = in_features(scale, group_size, axis)
+                 bits: int, group_size: int, axis: int, block_n: int, out_features: int,
+                 in_features: int) -> torch.Tensor:
+    """Stored buffers -> float32 ``[out_features, in_features]`` (the reference dequantization; padded
+    columns sliced off), decoded a cache-sized block of rows at a time."""
+    k = stored_k(scale, group_size, axis)
     out = torch.empty(out_features, k, dtype=torch.float32, device=scale.device)
     step, params = block_rows(k, block_n), dequant_params(scale, offset, bits)
     for r0 in range(0, out_features, step):
         r1 = min(out_features, r0 + step)
         decode_rows(codes_lo, codes_hi, scale, offset, bits, group_size, axis, block_n, out_features, r0, r1,
                     out[r0:r1], params)
-    return out
+    return out[:, :in_features]
 
 
-def nbytes(n: int, k: int, bits: int, group_size: int, symmetric: bool) -> int:
-    """Exact stored bytes of an ``[n, k]`` weight: both code planes (rows padded to 64) + params."""
-    rows = int4.padded_rows(n)
-    lo, hi = plane_bits(bits)
-    params = (n * k // group_size) * PARAM_DTYPE.itemsize * (1 if symmetric else 2)
-    return rows * k * bits // 8 + params
+def nbytes(n: int, k: int, bits: int, group_size: int, symmetric: bool, axis: int = 1) -> int:
+    """Exact stored bytes of an ``[n, k]`` weight: both code planes (rows padded to 64, columns to
+    whole groups on axis 1) + params (partial groups included)."""
+    rows, kp = int4.padded_rows(n), stored_in_features(k, group_size, axis)
+    p_rows, p_cols = param_shape(n, k, group_size, axis)
+    params = p_rows * p_cols * PARAM_DTYPE.itemsize * (1 if symmetric else 2)
+    return rows * kp * bits // 8 + params
 
 
 # ---- parameters of aten._weight_int4pack_mm_for_cpu (the CPU fast path) ----------------------------

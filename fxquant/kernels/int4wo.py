@@ -1,10 +1,11 @@
 """Triton kernel for ``fxquant::linear_int4wo``: ``y = x @ W.T + bias`` with int4 group-wise ``W``.
 
 Layout (:mod:`fxquant.formats.int4`), read as stored, with no repacking: ``qweight`` uint8
-``[Np, K/2]`` in tiles of ``block_n`` rows, where row ``n``, column ``k`` is the nibble of byte
-``((n // block_n) * K + k) * (block_n / 2) + (n % block_n) % (block_n / 2)`` (low nibble for the
-first half of the tile, high for the second); ``scales_and_zeros`` ``[K/g, Np, 2]`` (scale, zero),
-``W[n, k] = (q - 8) * scale[k // g, n] + zero[k // g, n]``.
+``[Np, Kp/2]`` in tiles of ``block_n`` rows, where row ``n``, column ``k`` is the nibble of byte
+``((n // block_n) * Kp + k) * (block_n / 2) + (n % block_n) % (block_n / 2)`` (low nibble for the
+first half of the tile, high for the second); ``scales_and_zeros`` ``[Kp/g, Np, 2]`` (scale, zero),
+``W[n, k] = (q - 8) * scale[k // g, n] + zero[k // g, n]``.  ``Kp`` is K rounded up to whole
+groups: the loads of x are masked to its K columns, so the padded columns meet zeros.
 
 Per group ``j`` of ``g`` columns the sum factors as
 ``sum_k x[m, k] W[n, k] = scale[j, n] * sum_k x[m, k] (q[n, k] - 8) + zero[j, n] * sum_k x[m, k]``,
@@ -27,7 +28,7 @@ from ._common import INTERPRETED, check_launch, bf16_via_fp32, config, grouped_t
 
 @triton.jit
 def _int4wo_kernel(x_ptr, qw_ptr, sz_ptr, bias_ptr, y_ptr,
-                   M, N, NP, K, M_BUCKET,
+                   M, N, NP, K, KP, M_BUCKET,
                    stride_xm, stride_xk, stride_ym, stride_yn,
                    GROUP_SIZE: tl.constexpr, TILE_N: tl.constexpr,
                    HAS_BIAS: tl.constexpr, DOT_IN_FP32: tl.constexpr,
@@ -44,18 +45,19 @@ def _int4wo_kernel(x_ptr, qw_ptr, sz_ptr, bias_ptr, y_ptr,
     # Tiled nibble addressing of row n: byte (tile * K + k) * HALF + d, nibble `half`.
     HALF: tl.constexpr = TILE_N // 2
     in_tile = offs_n % TILE_N
-    byte_n = (offs_n // TILE_N) * K * HALF + in_tile % HALF   # [BLOCK_N], + k * HALF per column
+    byte_n = (offs_n // TILE_N) * KP * HALF + in_tile % HALF  # [BLOCK_N], + k * HALF per column
     shift = (in_tile // HALF).to(tl.int32) * 4                # 0: low nibble, 4: high nibble
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk   # [BLOCK_M, BLOCK_K]
     q_ptrs = qw_ptr + byte_n[None, :] + offs_k[:, None] * HALF                   # [BLOCK_K, BLOCK_N]
     sz_ptrs = sz_ptr + offs_n * 2                                                # group 0, scale
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for _ in range(0, K // GROUP_SIZE):
+    for grp in range(0, KP // GROUP_SIZE):
         dot_q = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # sum_k x * (q - 8) over the group
         x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)          # sum_k x over the group
-        for _kk in range(0, GROUP_SIZE, BLOCK_K):  # K % GROUP_SIZE == 0: no K mask needed
-            x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
+        for kk in range(0, GROUP_SIZE, BLOCK_K):  # K steps inside the group; x is 0 past K (padding)
+            k_mask = grp * GROUP_SIZE + kk + offs_k < K
+            x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             if DOT_IN_FP32:  # exact upcast, interpreter only: see _common.bf16_via_fp32
                 x = x.to(tl.float32)
             b = tl.load(q_ptrs, mask=n_load[None, :], other=0).to(tl.int32)
@@ -107,25 +109,26 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
 
 
 _int4wo_tuned = tuned(_int4wo_kernel, cuda=_CUDA_CONFIGS, interpreter=_INTERPRETER_CONFIGS,
-                      key=["M_BUCKET", "N", "K", "GROUP_SIZE"], prune=_prune)
+                      key=["M_BUCKET", "N", "K", "KP", "GROUP_SIZE"], prune=_prune)
 
 
 def _check(x2d: torch.Tensor, qweight: torch.Tensor, scales_and_zeros: torch.Tensor,
-           bias: Optional[torch.Tensor], group_size: int, block_n: int, out_features: int) -> None:
+           bias: Optional[torch.Tensor], group_size: int, block_n: int, out_features: int, in_features: int) -> None:
     check_launch("int4wo_linear", "int4wo", x2d, bias, {"qweight": qweight, "scales_and_zeros": scales_and_zeros},
-                 op.check, group_size=group_size, block_n=block_n, out_features=out_features)
+                 op.check, group_size=group_size, block_n=block_n, out_features=out_features, in_features=in_features)
 
 
 def int4wo_linear(x2d: torch.Tensor, qweight: torch.Tensor, scales_and_zeros: torch.Tensor,
                   bias: Optional[torch.Tensor], *, group_size: int, block_n: int,
-                  out_features: int) -> torch.Tensor:
-    """``x2d`` ``[M, K]`` fp32/bf16/fp16; ``qweight`` uint8 ``[Np, K/2]`` tiled by ``block_n``;
-    ``scales_and_zeros`` float ``[K/group_size, Np, 2]``; ``bias`` float ``[out_features]`` or None
-    -> ``y2d`` ``[M, out_features]`` in ``x2d.dtype``, accumulated in fp32.
+                  out_features: int, in_features: int) -> torch.Tensor:
+    """``x2d`` ``[M, K]`` fp32/bf16/fp16 (``K = in_features``); ``qweight`` uint8 ``[Np, Kp/2]`` tiled by
+    ``block_n``; ``scales_and_zeros`` bf16 ``[Kp/group_size, Np, 2]``; ``bias`` float ``[out_features]``
+    or None -> ``y2d`` ``[M, out_features]`` in ``x2d.dtype``, accumulated in fp32.
 
-    Raises ValueError naming the argument when shapes, dtypes, devices or layout parameters do not fit.
+    Raises ValueError naming the argument when shapes, dtypes, devices or layout parameters do not fit
+    (:func:`fxquant.ops.int4wo.check`).
     """
-    _check(x2d, qweight, scales_and_zeros, bias, group_size, block_n, out_features)
+    _check(x2d, qweight, scales_and_zeros, bias, group_size, block_n, out_features, in_features)
     m, k = x2d.shape
     via_fp32 = bf16_via_fp32(x2d.dtype)
     y = torch.empty((m, out_features), dtype=torch.float32 if via_fp32 else x2d.dtype, device=x2d.device)
@@ -139,7 +142,7 @@ def int4wo_linear(x2d: torch.Tensor, qweight: torch.Tensor, scales_and_zeros: to
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(out_features, meta["BLOCK_N"]),)
 
     _int4wo_tuned[grid](x2d, qweight, scales_and_zeros, bias_arg, y,
-                        m, out_features, qweight.shape[0], k, triton.next_power_of_2(m),
+                        m, out_features, qweight.shape[0], k, 2 * qweight.shape[1], triton.next_power_of_2(m),
                         x2d.stride(0), x2d.stride(1), y.stride(0), y.stride(1),
                         GROUP_SIZE=group_size, TILE_N=block_n,
                         HAS_BIAS=bias is not None, DOT_IN_FP32=via_fp32)

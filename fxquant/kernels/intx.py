@@ -1,15 +1,16 @@
 """Triton kernel for ``fxquant::linear_intx``: ``y = x @ W.T + bias`` with b-bit group-wise ``W``.
 
-Layout (:mod:`fxquant.formats.intx`), read as stored: the codes of the ``Np x K`` padded weight in
+Layout (:mod:`fxquant.formats.intx`), read as stored: the codes of the ``Np x Kp`` padded weight in
 the int4 tile order (tile height ``TILE_N``), seen as nibble-pair bytes: row ``n``, column ``k`` is
-nibble ``(n % TILE_N) // (TILE_N/2)`` of pair ``j = ((n // TILE_N) * K + k) * (TILE_N/2) + n % (TILE_N/2)``.
+nibble ``(n % TILE_N) // (TILE_N/2)`` of pair ``j = ((n // TILE_N) * Kp + k) * (TILE_N/2) + n % (TILE_N/2)``
+(``Kp``: K rounded up to whole groups on axis 1; the loads are masked to the K real columns).
 The low plane (``min(BITS, 4)`` bits) and the high plane (``BITS - 4`` bits) are stored as folded
 shards of 4, 2 or 1 bits: in a ``W``-bit shard whose chunks are ``C`` bytes, pair ``j`` is byte
 ``j % C``, bits ``W * (j // C)`` of each nibble; a 3-bit plane is a 2-bit shard then a 1-bit one.
 
 ``W[n, k] = q * scale + (offset - 2**(BITS-1) * scale)`` with the group's ``scale``/``offset`` at
-``[k // GROUP_SIZE, n]`` (``AXIS`` 1, params ``[K/g, N]``) or ``[n % (N/g), k]`` (``AXIS`` 0,
-params ``[N/g, K]``), as the reference dequantizes.  Each ``[BLOCK_K, BLOCK_N]`` tile is unpacked;
+``[k // GROUP_SIZE, n]`` (``AXIS`` 1, params ``[Kp/g, N]``) or ``[n % R, k]`` (``AXIS`` 0,
+params ``[R, K]``, ``R = ceil(N/g)``), as the reference dequantizes.  Each ``[BLOCK_K, BLOCK_N]`` tile is unpacked;
 then, when ``BLOCK_K`` divides the group (axis 1), the centred codes ``q - 2**(BITS-1)`` (exact in
 any float dtype) go to ``tl.dot`` and scale / offset are applied to the fp32 per-group partial, as
 in the int4wo kernel; otherwise (axis 0, or groups that do not tile ``BLOCK_K``) the tile is
@@ -27,6 +28,7 @@ import triton
 import triton.language as tl
 
 from ..formats import int4
+from ..formats import intx as fmt
 from ..ops import intx as op
 from ._common import check_launch, bf16_via_fp32, config, grouped_tile, store_tile, tuned
 
@@ -57,7 +59,7 @@ def _plane(ptr, j, nib_shift, P: tl.constexpr, half_len, valid):
 
 @triton.jit
 def _intx_kernel(x_ptr, lo_ptr, hi_ptr, s_ptr, o_ptr, bias_ptr, y_ptr,
-                 M, N, NP, K, M_BUCKET, ROWS_PER_STRIDE,
+                 M, N, NP, K, KP, M_BUCKET, ROWS_PER_STRIDE,
                  stride_xm, stride_xk, stride_ym, stride_yn,
                  BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, AXIS: tl.constexpr, TILE_N: tl.constexpr,
                  HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_IN_FP32: tl.constexpr,
@@ -72,13 +74,13 @@ def _intx_kernel(x_ptr, lo_ptr, hi_ptr, s_ptr, o_ptr, bias_ptr, y_ptr,
     n_mask = offs_n < N
     HALF: tl.constexpr = TILE_N // 2
     in_tile = offs_n % TILE_N
-    byte_n = (offs_n // TILE_N) * K * HALF + in_tile % HALF  # nibble-pair byte, + k * HALF per column
+    byte_n = (offs_n // TILE_N) * KP * HALF + in_tile % HALF  # nibble-pair byte, + k * HALF per column
     nib_shift = ((in_tile // HALF) * 4).to(tl.int32)        # 0: low nibble, 4: high nibble
-    half_len = NP * K // 2                                   # nibble-pair bytes of one plane
+    half_len = NP * KP // 2                                  # nibble-pair bytes of one plane
     if AXIS == 1:
         param_n = offs_n                          # + (k // GROUP_SIZE) * N
     else:
-        param_n = (offs_n % ROWS_PER_STRIDE) * K  # + k
+        param_n = (offs_n % ROWS_PER_STRIDE) * KP  # + k (KP == K on axis 0)
     LO_BITS: tl.constexpr = 4 if BITS > 4 else BITS
     FACTORED: tl.constexpr = AXIS == 1 and GROUP_SIZE % BLOCK_K == 0
     MID: tl.constexpr = 1 << (BITS - 1)
@@ -142,26 +144,28 @@ _INTERPRETER_CONFIGS = [config(16, 32, 32, num_warps=1, num_stages=1)]
 
 
 _intx_tuned = tuned(_intx_kernel, cuda=_CUDA_CONFIGS, interpreter=_INTERPRETER_CONFIGS,
-                    key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "AXIS"])
+                    key=["M_BUCKET", "N", "K", "KP", "BITS", "GROUP_SIZE", "AXIS"])
 
 
 def _check(x2d, codes_lo, codes_hi, scale, offset, bias, bits, group_size, symmetric, axis, block_n,
-           out_features) -> None:
+           out_features, in_features) -> None:
     tensors = {"codes_lo": codes_lo, "codes_hi": codes_hi, "scale": scale, "offset": offset}
     check_launch("intx_linear", "intx", x2d, bias, tensors, op.check, bits=bits, group_size=group_size,
-                 symmetric=symmetric, axis=axis, block_n=block_n, out_features=out_features)
+                 symmetric=symmetric, axis=axis, block_n=block_n, out_features=out_features, in_features=in_features)
 
 
 def intx_linear(x2d: torch.Tensor, codes_lo: torch.Tensor, codes_hi: torch.Tensor, scale: torch.Tensor,
                 offset: torch.Tensor, bias: Optional[torch.Tensor], *, bits: int, group_size: int,
-                symmetric: bool, axis: int, block_n: int, out_features: int) -> torch.Tensor:
-    """``x2d`` ``[M, K]`` fp32/bf16/fp16 and the stored buffers of :func:`fxquant.formats.intx.to_storage`
-    -> ``y2d`` ``[M, out_features]`` in ``x2d.dtype``, accumulated in fp32.
+                symmetric: bool, axis: int, block_n: int, out_features: int, in_features: int) -> torch.Tensor:
+    """``x2d`` ``[M, K]`` fp32/bf16/fp16 (``K = in_features``) and the stored buffers of
+    :func:`fxquant.formats.intx.to_storage` -> ``y2d`` ``[M, out_features]`` in ``x2d.dtype``,
+    accumulated in fp32.
 
-    Raises ValueError naming the argument when shapes, dtypes, devices or layout parameters do not fit.
+    Raises ValueError naming the argument when shapes, dtypes, devices or layout parameters do not fit
+    (:func:`fxquant.ops.intx.check`).
     """
     _check(x2d, codes_lo, codes_hi, scale, offset, bias, bits, group_size, symmetric, axis, block_n,
-           out_features)
+           out_features, in_features)
     m, k = x2d.shape
     via_fp32 = bf16_via_fp32(x2d.dtype)
     y = torch.empty((m, out_features), dtype=torch.float32 if via_fp32 else x2d.dtype, device=x2d.device)
@@ -175,8 +179,8 @@ def intx_linear(x2d: torch.Tensor, codes_lo: torch.Tensor, codes_hi: torch.Tenso
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(out_features, meta["BLOCK_N"]),)
 
     _intx_tuned[grid](x2d, codes_lo.contiguous(), codes_hi.contiguous(), scale.contiguous(), offset, bias_arg, y,
-                      m, out_features, int4.padded_rows(out_features), k, triton.next_power_of_2(m),
-                      max(out_features // group_size, 1),
+                      m, out_features, int4.padded_rows(out_features), k,
+                      fmt.stored_in_features(k, group_size, axis), triton.next_power_of_2(m), scale.shape[0],
                       x2d.stride(0), x2d.stride(1), y.stride(0), y.stride(1),
                       BITS=bits, GROUP_SIZE=group_size, AXIS=axis, TILE_N=block_n,
                       HAS_OFFSET=not symmetric, HAS_BIAS=bias is not None, DOT_IN_FP32=via_fp32)

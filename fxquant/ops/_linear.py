@@ -80,6 +80,10 @@ class LinearOpDef:
     #: the op quantizes x itself (int8dq, LLM.int8, float8dq): ``compute_dtype=None`` never rounds
     #: its activations to bf16 (:func:`._cpu.numerics`)
     dynamic_activations: bool = False
+    #: ``stored_in_features(**scalars) -> Kp`` for layouts that store K padded to whole groups: the
+    #: CPU impl zero-pads ``x`` to ``Kp`` columns once (only when ``Kp != K``), so ``cpu_fast`` and
+    #: ``block_decoder`` see the stored width and the padded columns meet zeros
+    stored_in_features: Optional[Callable[..., int]] = None
 
     @property
     def schema(self) -> str:
@@ -137,25 +141,31 @@ class LinearOpDef:
             y = x.new_zeros((*x.shape[:-1], n))
             return y + bias.to(x.dtype) if bias is not None else y
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        xs = x2  # x at the stored width: what cpu_fast and block_decoder take
+        if self.stored_in_features is not None:
+            kp = self.stored_in_features(**plain)
+            if kp != x2.shape[1]:
+                xs = F.pad(x2, (0, kp - x2.shape[1]))
         cd = scalars["compute_dtype"]
         # the compute_dtype policy of this call (module docstring); float16: the fp16 reference below
         nm = None if cd == torch.float16 else _cpu.numerics(x.dtype, cd, self.dynamic_activations)
         y = None
         small = self.cpu_fast_any_m or _cpu.rows(x) < _cpu.large_m_threshold()
         if self.cpu_fast is not None and small and nm is not None:
-            y = self.cpu_fast(x2, **tensors, **plain, nm=nm)
+            y = self.cpu_fast(xs, **tensors, **plain, nm=nm)
         if y is None and self.reference_fn is not None:
             if nm is not None and nm.round_x and not self.dynamic_activations:  # x rounded once, then the definition
                 return self.reference_fn(nm.rounded(x).to(x.dtype), **tensors, bias=bias, **scalars)
             return self.definition(x, tensors, bias, scalars)
         if y is None:
             dt = cd if nm is None else nm.gemm_dtype(x2)
-            xg = x2 if nm is None else nm.rounded(x2)
-            if self.block_decoder is not None:
+            if self.block_decoder is not None:  # decodes the Kp stored columns: x at that width
+                xg = xs if nm is None else nm.rounded(xs)
                 decode, row_scale, mult = self.block_decoder(**tensors, **plain, dtype=dt)
-                rows = max(mult, block_rows(x2.shape[1], dt) // mult * mult)
-                y = blocked_linear(xg, n, x2.shape[1], decode, row_scale, dt, rows)
-            else:
+                rows = max(mult, block_rows(xs.shape[1], dt) // mult * mult)
+                y = blocked_linear(xg, n, xs.shape[1], decode, row_scale, dt, rows)
+            else:  # the dequantized weight is [N, K]: x as it is
+                xg = x2 if nm is None else nm.rounded(x2)
                 y = F.linear(xg.to(dt), self.dequantized(tensors, scalars).to(dt))
         # the common case (a [M, N] result in x's dtype, 2-D x) returns y itself: every torch call
         # here costs microseconds, which a small layer at M = 1 feels

@@ -12,11 +12,13 @@ docs/formats/bnb4.md for what was measured), so the fast path is dequantize + de
 row chunks: each chunk of about ``CHUNK_ELEMENTS`` weights is decoded with one gather per code
 *byte pair* (:func:`fxquant.formats.bnb4.dequantize_span`, bit-identical to the reference) into a
 cache-sized buffer and multiplied at once, so the full dequantized weight never exists (in bf16
-only where a bf16 output is allowed, :meth:`._cpu.Numerics.gemm_dtype`).  At M <= ``NATIVE_MAX_ROWS``,
-when blocks do not straddle rows (``K % blocksize == 0``), the native GEMV
-(:func:`fxquant.kernels.native_cpu.lut4_gemv_x`) reads the codes in place instead: on bf16 values its
-bf16 dot-product form, which multiplies the table rounded to bf16 (NF4's values and FP4's, which are
-sixths, move by up to 2^-9, so fp32-exact results take the fp32 form: :func:`table_in_bf16`).
+only where a bf16 output is allowed, :meth:`._cpu.Numerics.gemm_dtype`).  At M <= ``NATIVE_MAX_ROWS``
+and even K the native GEMV (:func:`fxquant.kernels.native_cpu.lut4_gemv_x`) reads the codes in place
+instead: blocks of whole rows as they are, blocks that straddle rows (``K % blocksize != 0``,
+bitsandbytes' flat layout kept bit for bit) as pieces of ``gcd(K, blocksize) >= NATIVE_MIN_PIECE``
+elements with a scale each (see :func:`_native`); on bf16 values its bf16 dot-product form, which
+multiplies the table rounded to bf16 (NF4's values and FP4's, which are sixths, move by up to 2^-9,
+so fp32-exact results take the fp32 form: :func:`table_in_bf16`).
 CUDA: the Triton kernel in :mod:`fxquant.kernels.bnb4`.
 """
 from __future__ import annotations
@@ -139,6 +141,10 @@ def _chunked_linear(x2: torch.Tensor, codes: torch.Tensor, code_table: torch.Ten
 #: op, native / chunked decode + GEMM): M=1 3.8 / 68, M=8 25 / 105, M=16 50 / 72, M=32 100 / 104,
 #: M=64 197 / 136.
 NATIVE_MAX_ROWS = 16
+#: Smallest piece (elements) of a block that straddles rows the native GEMV takes (K % blocksize != 0,
+#: pieces of gcd(K, blocksize)): its 16-byte step.  Below it every piece would be a masked tail plus
+#: a scale multiply; not measured (no quiet machine was available), those shapes keep the chunked path.
+NATIVE_MIN_PIECE = 32
 
 
 _TABLE_IN_BF16: dict[int, tuple[tuple, bool]] = {}  # id(table) -> ((data_ptr, version), exact in bf16)
@@ -159,18 +165,31 @@ def table_in_bf16(table: torch.Tensor) -> bool:
     return exact
 
 
-def _native(x2, codes, code_table, blocksize, out_features, in_features, scale, nm, dq=None):
-    """The native GEMV when it applies (small M, whole blocks per row), else None."""
-    if x2.shape[0] > NATIVE_MAX_ROWS or in_features % blocksize or in_features % 2:
+def _native(x2, codes, code_table, blocksize, out_features, in_features, scale, nm, dq=None, absmax=None):
+    """The native GEMV when it applies (small M, rows starting on a byte: K even), else None.
+
+    The kernel numbers blocks row by row, so blocks must not straddle rows.  When they do (bitsandbytes'
+    flat blocks, ``K % blocksize != 0``), rows are cut into pieces of ``g = gcd(K, blocksize)``
+    elements, each inside one block and one row, and the kernel gets one fp32 scale per piece: its
+    block's absmax (``absmax()``, double quant decoded), repeated ``blocksize / g`` times (``N*K/g``
+    floats per call, e.g. 9 per row at K = 576, blocksize 128: pieces of 64)."""
+    k = in_features
+    if x2.shape[0] > NATIVE_MAX_ROWS or k % 2:
         return None
+    piece = math.gcd(k, blocksize)
+    if piece != blocksize:
+        if piece < NATIVE_MIN_PIECE:
+            return None
+        scale, dq = absmax().repeat_interleave(blocksize // piece)[: out_features * k // piece], None
     bf16_table = not nm.exact or not nm.bf16_values(x2) or table_in_bf16(code_table)
-    return native_cpu.lut4_gemv_x(x2, codes, rows=out_features, row_bytes=in_features // 2,
-                                  table=code_table, block_bytes=blocksize // 2, scale=scale, dq=dq,
-                                  round_x=nm.round_x, table_to_bf16=bf16_table)
+    return native_cpu.lut4_gemv_x(x2, codes, rows=out_features, row_bytes=k // 2, table=code_table,
+                                  block_bytes=piece // 2, scale=scale, dq=dq, round_x=nm.round_x,
+                                  table_to_bf16=bf16_table)
 
 
 def _cpu_fast(x2, codes, absmax, code_table, blocksize, out_features, in_features, *, nm: _cpu.Numerics):
-    y = _native(x2, codes, code_table, blocksize, out_features, in_features, absmax, nm)
+    y = _native(x2, codes, code_table, blocksize, out_features, in_features, absmax, nm,
+                absmax=lambda: absmax.float())
     if y is not None:
         return y
     return _chunked_linear(nm.rounded(x2), codes, code_table, blocksize, out_features, lambda b0, b1: absmax[b0:b1],
@@ -179,14 +198,15 @@ def _cpu_fast(x2, codes, absmax, code_table, blocksize, out_features, in_feature
 
 def _cpu_fast_dq(x2, codes, absmax_q, absmax_code, absmax_scale, absmax_offset, code_table, blocksize,
                  absmax_blocksize, out_features, in_features, *, nm: _cpu.Numerics):
-    y = _native(x2, codes, code_table, blocksize, out_features, in_features, absmax_q, nm,
-                dq=(absmax_code, absmax_scale, absmax_offset, absmax_blocksize))
-    if y is not None:
-        return y
-
     def span_absmax(b0: int, b1: int) -> torch.Tensor:
         return fmt.double_dequantize_span(absmax_q, absmax_code, absmax_scale, absmax_offset, absmax_blocksize,
                                           b0, b1)
+
+    y = _native(x2, codes, code_table, blocksize, out_features, in_features, absmax_q, nm,
+                dq=(absmax_code, absmax_scale, absmax_offset, absmax_blocksize),
+                absmax=lambda: span_absmax(0, absmax_q.numel()))
+    if y is not None:
+        return y
     return _chunked_linear(nm.rounded(x2), codes, code_table, blocksize, out_features, span_absmax, nm.gemm_dtype(x2))
 
 

@@ -1,7 +1,9 @@
 """``fxquant::linear_int4wo``: int4 asymmetric group-wise weight-only linear.
 
 ``y = x @ W.T + bias`` with ``W = (q - 8) * scale + zero`` per group; layout (tiled nibbles,
-rows padded to 64, ``scales_and_zeros [K/g, Np, 2]`` bf16) in :mod:`fxquant.formats.int4`.
+rows padded to 64, columns to whole groups ``Kp``, ``scales_and_zeros [Kp/g, Np, 2]`` bf16) in
+:mod:`fxquant.formats.int4`; ``in_features`` is the true K.  Every CPU path below runs on ``x``
+zero-padded to ``Kp`` columns (``LinearOpDef.stored_in_features``: one pad, only when ``K != Kp``).
 CPU fast path: at M <= :func:`native_max_rows` the native GEMV (:mod:`fxquant.kernels.native_cpu`, reads
 the tiles in place, fp32 accumulation; on bf16 values with AVX512-BF16 its bf16 dot-product form);
 above, ``aten._weight_int4pack_mm_for_cpu`` on bf16 values where a bf16 output is allowed (bf16
@@ -32,29 +34,27 @@ NATIVE_MAX_ROWS = 16
 
 
 def dequantize_weight(qweight: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
-                      block_n: int, out_features: int) -> torch.Tensor:
-    """Stored buffers -> float32 ``[out_features, K]``."""
-    return fmt.from_storage(qweight, scales_and_zeros, group_size, block_n, out_features)
+                      block_n: int, out_features: int, in_features: int) -> torch.Tensor:
+    """Stored buffers -> float32 ``[out_features, in_features]``."""
+    return fmt.from_storage(qweight, scales_and_zeros, group_size, block_n, out_features, in_features)
 
 
 def check(x: torch.Tensor, bias: torch.Tensor | None, qweight: torch.Tensor, scales_and_zeros: torch.Tensor,
-          group_size: int, block_n: int, out_features: int) -> None:
-    """``qweight`` uint8 ``[Np, K/2]`` (``Np`` = out_features rounded up to 64), ``scales_and_zeros``
-    bf16 ``[K/g, Np, 2]``, ``x`` ``[..., K]``, ``bias`` ``[out_features]``."""
+          group_size: int, block_n: int, out_features: int, in_features: int) -> None:
+    """``qweight`` uint8 ``[Np, Kp/2]`` (``Np`` = out_features rounded up to 64, ``Kp`` = in_features
+    rounded up to whole groups), ``scales_and_zeros`` bf16 ``[Kp/g, Np, 2]``, ``x`` ``[..., in_features]``,
+    ``bias`` ``[out_features]``."""
     op = "linear_int4wo"
     if group_size not in fmt.GROUP_SIZES:
         v.fail(op, f"group_size={group_size!r} is not supported; valid: {', '.join(map(str, fmt.GROUP_SIZES))}")
     if type(block_n) is not int or block_n <= 0 or block_n % 2 or fmt.ROW_ALIGN % block_n:
         v.fail(op, f"block_n={block_n!r} is not supported; valid: an even divisor of {fmt.ROW_ALIGN}")
     v.size(op, "out_features", out_features)
-    rows = fmt.padded_rows(out_features)
-    _, half_k = v.matrix(op, "qweight", qweight, (torch.uint8,))
-    k = 2 * half_k
-    if k % group_size:
-        v.fail(op, f"qweight packs K={k} columns, not a multiple of group_size={group_size}")
-    v.stored(op, "qweight", qweight, torch.uint8, (rows, half_k), "[Np, K/2]")
-    v.stored(op, "scales_and_zeros", scales_and_zeros, torch.bfloat16, (k // group_size, rows, 2), "[K/g, Np, 2]")
-    v.activations(op, x, k)
+    v.size(op, "in_features", in_features)
+    rows, kp = fmt.padded_rows(out_features), fmt.padded_k(in_features, group_size)
+    v.stored(op, "qweight", qweight, torch.uint8, (rows, kp // 2), "[Np, Kp/2]")
+    v.stored(op, "scales_and_zeros", scales_and_zeros, torch.bfloat16, (kp // group_size, rows, 2), "[Kp/g, Np, 2]")
+    v.activations(op, x, in_features)
     v.bias(op, bias, out_features)
 
 
@@ -86,7 +86,9 @@ def packed_max_rows() -> int:
     return min(_cpu.large_m_threshold(), PACKED_MAX_ROWS)
 
 
-def _cpu_fast(x2, qweight, scales_and_zeros, group_size, block_n, out_features, *, nm: _cpu.Numerics):
+def _cpu_fast(x2, qweight, scales_and_zeros, group_size, block_n, out_features, in_features, *,
+              nm: _cpu.Numerics):
+    """``x2`` ``[M, Kp]`` (zero-padded to the stored width by the op) -> ``[M, >= out_features]`` or None."""
     global _warned_layout
     m, packed = x2.shape[0], packed_max_rows()
     # the native GEMV; where the result must be fp32-exact it also takes int4pack's rows (bf16 output):
@@ -119,36 +121,38 @@ def _cpu_fast(x2, qweight, scales_and_zeros, group_size, block_n, out_features, 
                                                        scales_and_zeros)
 
 
-def _block_decoder(qweight, scales_and_zeros, group_size, block_n, out_features, dtype):
+def _block_decoder(qweight, scales_and_zeros, group_size, block_n, out_features, in_features, dtype):
     """Large-M CPU path (and weights tiled for another CPU): whole tiles unpacked per block of rows,
-    ``(q - 8) * scale + zero`` in the GEMM dtype, as :func:`fxquant.formats.int4.dequantize`."""
+    ``(q - 8) * scale + zero`` in the GEMM dtype, as :func:`fxquant.formats.int4.dequantize`; all ``Kp``
+    stored columns (the op zero-pads x to them)."""
     n_pad, k = qweight.shape[0], qweight.shape[1] * 2
     groups = k // group_size
     def decode(r0: int, r1: int, out: torch.Tensor) -> None:
         end = min(n_pad, -(-r1 // block_n) * block_n)
         q = fmt.unpack(qweight[r0:end], block_n)[: r1 - r0]
-        sz = scales_and_zeros[:, r0:r1].transpose(0, 1)  # [rows, K/g, 2]
+        sz = scales_and_zeros[:, r0:r1].transpose(0, 1)  # [rows, Kp/g, 2]
         grouped = out.view(r1 - r0, groups, group_size)
         grouped.copy_(q.view(r1 - r0, groups, group_size))
         torch.addcmul(sz[..., 1:2], grouped.sub_(8), sz[..., 0:1], out=grouped)  # one rounding in bf16
     return decode, None, block_n
 
 
-def _cuda(x2, qweight, scales_and_zeros, *, bias, group_size, block_n, out_features):
+def _cuda(x2, qweight, scales_and_zeros, *, bias, group_size, block_n, out_features, in_features):
     from ..kernels.int4wo import int4wo_linear
 
     return int4wo_linear(x2, qweight, scales_and_zeros, bias, group_size=group_size, block_n=block_n,
-                         out_features=out_features)
+                         out_features=out_features, in_features=in_features)
 
 
 OP = LinearOpDef(
     name="linear_int4wo", tensors=("qweight", "scales_and_zeros"),
-    scalars=(("group_size", "int"), ("block_n", "int"), ("out_features", "int")),
+    scalars=(("group_size", "int"), ("block_n", "int"), ("out_features", "int"), ("in_features", "int")),
     dequantize=dequantize_weight, out_features=lambda out_features, **_: out_features, check=check,
     cpu_fast=_cpu_fast, cuda=_cuda, block_decoder=_block_decoder,
     cpu_fast_any_m=True,  # _cpu_fast picks by M (native GEMV, int4pack) and returns None above
-    doc="x [..., K]; qweight uint8 [Np, K/2] tiled by block_n; scales_and_zeros bf16 [K/g, Np, 2]; "
-        "bias [out_features] -> [..., out_features]",
+    stored_in_features=lambda in_features, group_size, **_: fmt.padded_k(in_features, group_size),
+    doc="x [..., in_features]; qweight uint8 [Np, Kp/2] tiled by block_n (Kp = in_features rounded up to "
+        "whole groups); scales_and_zeros bf16 [Kp/g, Np, 2]; bias [out_features] -> [..., out_features]",
 )
 linear_int4wo = define(OP)
 reference = OP.reference

@@ -93,21 +93,23 @@ def native_max_rows_axis0(x2: torch.Tensor, block_n: int, bits: int, nm: _cpu.Nu
 
 def dequantize_weight(codes_lo: torch.Tensor, codes_hi: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
                       bits: int, group_size: int, symmetric: bool, axis: int, block_n: int,
-                      out_features: int) -> torch.Tensor:
-    """Stored buffers -> float32 ``[out_features, K]``."""
+                      out_features: int, in_features: int) -> torch.Tensor:
+    """Stored buffers -> float32 ``[out_features, in_features]``."""
     if symmetric != (offset.numel() == 0):
         raise ValueError(f"linear_intx: symmetric={symmetric} but offset has {offset.numel()} elements "
                          "(symmetric weights store no offset, asymmetric ones one per group)")
-    return fmt.from_storage(codes_lo, codes_hi, scale, offset, bits, group_size, axis, block_n, out_features)
+    return fmt.from_storage(codes_lo, codes_hi, scale, offset, bits, group_size, axis, block_n, out_features,
+                            in_features)
 
 
 def check(x: torch.Tensor, bias: torch.Tensor | None, codes_lo: torch.Tensor, codes_hi: torch.Tensor,
           scale: torch.Tensor, offset: torch.Tensor, bits: int, group_size: int, symmetric: bool, axis: int,
-          block_n: int, out_features: int) -> None:
-    """Planes of ``Np * K`` codes (``Np`` = out_features rounded up to 64): ``codes_lo`` uint8
-    ``[Np*K*min(bits,4)/8]``, ``codes_hi`` uint8 ``[Np*K*(bits-4)/8]`` (empty for bits <= 4);
-    ``scale`` bf16 ``[K/g, N]`` (axis 1) or ``[N/g, K]`` (axis 0); ``offset`` like ``scale``, empty
-    when symmetric; ``x`` ``[..., K]``; ``bias`` ``[out_features]``."""
+          block_n: int, out_features: int, in_features: int) -> None:
+    """Planes of ``Np * Kp`` codes (``Np`` = out_features rounded up to 64, ``Kp`` = in_features rounded
+    up to whole groups on axis 1): ``codes_lo`` uint8 ``[Np*Kp*min(bits,4)/8]``, ``codes_hi`` uint8
+    ``[Np*Kp*(bits-4)/8]`` (empty for bits <= 4); ``scale`` bf16 ``[Kp/g, N]`` (axis 1) or
+    ``[ceil(N/g), K]`` (axis 0); ``offset`` like ``scale``, empty when symmetric; ``x``
+    ``[..., in_features]``; ``bias`` ``[out_features]``."""
     op = "linear_intx"
     if bits not in fmt.BITS:
         v.fail(op, f"bits={bits!r} is not supported; valid: 1..8")
@@ -118,23 +120,21 @@ def check(x: torch.Tensor, bias: torch.Tensor | None, codes_lo: torch.Tensor, co
     if type(block_n) is not int or block_n <= 0 or block_n % 2 or int4.ROW_ALIGN % block_n:
         v.fail(op, f"block_n={block_n!r} is not supported; valid: an even divisor of {int4.ROW_ALIGN}")
     v.size(op, "out_features", out_features)
-    if scale.dim() != 2:
-        v.fail(op, f"scale must be a 2-D bf16 tensor ([K/g, N] for axis 1, [N/g, K] for axis 0), got "
-                   f"{scale.dtype} of shape {tuple(scale.shape)}")
-    k = fmt.in_features(scale, group_size, axis)
-    if reason := fmt.layout_reason(out_features, k, group_size, axis):
-        v.fail(op, reason)
-    params = (k // group_size, out_features) if axis == 1 else (out_features // group_size, k)
-    layout = "[K/g, N]" if axis == 1 else "[N/g, K]"
+    v.size(op, "in_features", in_features)
+    params = fmt.param_shape(out_features, in_features, group_size, axis)
+    layout = _PARAM_LAYOUT[axis]
     v.stored(op, "scale", scale, torch.bfloat16, params, layout)
     v.stored(op, "offset", offset, torch.bfloat16, (0,) if symmetric else params,
              "(empty: symmetric=True)" if symmetric else layout)
-    length = int4.padded_rows(out_features) * k
+    length = int4.padded_rows(out_features) * fmt.stored_in_features(in_features, group_size, axis)
     lo, hi = fmt.plane_bits(bits)
-    v.stored(op, "codes_lo", codes_lo, torch.uint8, (length * lo // 8,), "[Np*K*min(bits,4)/8]")
-    v.stored(op, "codes_hi", codes_hi, torch.uint8, (length * hi // 8,), "[Np*K*max(bits-4,0)/8]")
-    v.activations(op, x, k)
+    v.stored(op, "codes_lo", codes_lo, torch.uint8, (length * lo // 8,), "[Np*Kp*min(bits,4)/8]")
+    v.stored(op, "codes_hi", codes_hi, torch.uint8, (length * hi // 8,), "[Np*Kp*max(bits-4,0)/8]")
+    v.activations(op, x, in_features)
     v.bias(op, bias, out_features)
+
+
+_PARAM_LAYOUT = {1: "[Kp/g, N]", 0: "[ceil(N/g), K]"}
 
 
 def int4_kernel_applies(bits: int, group_size: int, axis: int, block_n: int) -> bool:
@@ -240,8 +240,9 @@ def rows_dequant_linear(x2: torch.Tensor, codes_lo: torch.Tensor, codes_hi: torc
 _warned_layout = False
 
 
-def _cpu_fast(x2, codes_lo, codes_hi, scale, offset, bits, group_size, symmetric, axis, block_n, out_features, *,
-              nm: _cpu.Numerics):
+def _cpu_fast(x2, codes_lo, codes_hi, scale, offset, bits, group_size, symmetric, axis, block_n, out_features,
+              in_features, *, nm: _cpu.Numerics):
+    """``x2`` ``[M, Kp]`` (zero-padded to the stored columns by the op) -> ``[M, >= out_features]``."""
     global _warned_layout
     if x2.shape[0] <= (native_max_rows(x2, bits, nm) if axis == 1 else native_max_rows_axis0(x2, block_n, bits, nm)):
         y = native_linear(x2, codes_lo, codes_hi, scale, offset, bits, group_size, block_n, out_features, axis, nm)
@@ -269,22 +270,26 @@ def _cpu_fast(x2, codes_lo, codes_hi, scale, offset, bits, group_size, symmetric
                 nm.gemm_dtype(x2))
 
 
-def _cuda(x2, codes_lo, codes_hi, scale, offset, *, bias, bits, group_size, symmetric, axis, block_n, out_features):
+def _cuda(x2, codes_lo, codes_hi, scale, offset, *, bias, bits, group_size, symmetric, axis, block_n, out_features,
+          in_features):
     from ..kernels.intx import intx_linear
 
     return intx_linear(x2, codes_lo, codes_hi, scale, offset, bias, bits=bits, group_size=group_size,
-                       symmetric=symmetric, axis=axis, block_n=block_n, out_features=out_features)
+                       symmetric=symmetric, axis=axis, block_n=block_n, out_features=out_features,
+                       in_features=in_features)
 
 
 OP = LinearOpDef(
     name="linear_intx", tensors=("codes_lo", "codes_hi", "scale", "offset"),
     scalars=(("bits", "int"), ("group_size", "int"), ("symmetric", "bool"), ("axis", "int"),
-             ("block_n", "int"), ("out_features", "int")),
+             ("block_n", "int"), ("out_features", "int"), ("in_features", "int")),
     dequantize=dequantize_weight, out_features=lambda out_features, **_: out_features, check=check,
     cpu_fast=_cpu_fast, cuda=_cuda, cpu_fast_any_m=True,
-    doc="x [..., K]; codes_lo uint8 [ceil(Np*K*min(bits,4)/8)], codes_hi uint8 [ceil(Np*K*(bits-4)/8)] "
-        "(int4 tile order, rows padded to Np); scale/offset bf16 [K/g, N] (axis 1) or [N/g, K] (axis 0), "
-        "offset empty if symmetric; bias [out_features] -> [..., out_features]",
+    stored_in_features=lambda in_features, group_size, axis, **_: fmt.stored_in_features(in_features, group_size,
+                                                                                         axis),
+    doc="x [..., in_features]; codes_lo uint8 [Np*Kp*min(bits,4)/8], codes_hi uint8 [Np*Kp*(bits-4)/8] "
+        "(int4 tile order, rows padded to Np, columns to whole groups Kp on axis 1); scale/offset bf16 [Kp/g, N] "
+        "(axis 1) or [ceil(N/g), K] (axis 0), offset empty if symmetric; bias [out_features] -> [..., out_features]",
 )
 linear_intx = define(OP)
 reference = OP.reference

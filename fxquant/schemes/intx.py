@@ -30,8 +30,8 @@ class IntX(Scheme):
     a bf16 scale per group.  ``symmetric=False`` (``uint``): HQQ-style min/max affine codes
     ``0 .. 2**b - 1`` with a bf16 scale and offset per group.  ``axis=1`` groups ``group_size``
     consecutive input columns of one output row; ``axis=0`` groups one input column across
-    ``group_size`` output rows (strided by ``N / group_size``, as HQQ's ``axis=0``).  Any
-    ``group_size >= 1`` is accepted; each layer must have it divide K (axis 1) or N (axis 0).
+    ``group_size`` output rows (strided by ``ceil(N / group_size)``, as HQQ's ``axis=0``).  Any
+    ``group_size >= 1`` and any layer shape: a partial group is padded (:mod:`fxquant.formats.intx`).
     """
 
     family: ClassVar[str] = "intx"
@@ -50,8 +50,7 @@ class IntX(Scheme):
         if not _is_int(self.bits) or self.bits not in fmt.BITS:
             raise ValueError(f"{name}.bits={self.bits!r} is not supported; valid: 1..8")
         if not _is_int(self.group_size) or self.group_size < 1:
-            raise ValueError(f"{name}.group_size={self.group_size!r} is not supported; valid: an integer >= 1 "
-                             "that divides in_features (axis=1) or out_features (axis=0) of each layer")
+            raise ValueError(f"{name}.group_size={self.group_size!r} is not supported; valid: an integer >= 1")
         if not isinstance(self.symmetric, bool):
             raise ValueError(f"{name}.symmetric={self.symmetric!r} is not supported; valid: True, False")
         if not _is_int(self.axis) or self.axis not in fmt.AXES:
@@ -78,21 +77,22 @@ class IntX(Scheme):
 
     def unsupported_reason(self, weight: torch.Tensor) -> str | None:
         reason = super().unsupported_reason(weight)
-        if reason is None:
-            reason = fmt.layout_reason(*weight.shape, self.group_size, self.axis)
+        if reason is None and weight.numel() == 0:
+            reason = f"weight has no elements (shape {tuple(weight.shape)})"
         return reason
 
     def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
         block_n = int4_fmt.native_cpu_block_n() or 64
         tensors = fmt.to_storage(weight, self.bits, self.group_size, self.symmetric, self.axis, block_n)
         attrs = self.op_attrs(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric,
-                              axis=self.axis, block_n=block_n, out_features=weight.shape[0])
+                              axis=self.axis, block_n=block_n, out_features=weight.shape[0],
+                              in_features=weight.shape[1])
         return QuantizedWeight(self.op, tensors, attrs, *weight.shape)
 
     def dequantize(self, qw: QuantizedWeight) -> torch.Tensor:
         t = qw.tensors
         return fmt.from_storage(t["codes_lo"], t["codes_hi"], t["scale"], t["offset"], self.bits,
-                                self.group_size, self.axis, qw.attrs["block_n"], qw.out_features)
+                                self.group_size, self.axis, qw.attrs["block_n"], qw.out_features, qw.in_features)
 
 
 def _is_int(v) -> bool:

@@ -41,7 +41,8 @@ class Int8WeightOnly(Scheme):
 
 @dataclass(frozen=True, kw_only=True)
 class Int4WeightOnly(Scheme):
-    """``int4wo-<group_size>``: asymmetric group-wise int4 with a zero point per group."""
+    """``int4wo-<group_size>``: asymmetric group-wise int4 with a zero point per group; any in_features
+    (a partial last group is padded, :mod:`fxquant.formats.int4`)."""
 
     family: ClassVar[str] = "int4wo"
     op: ClassVar[str] = "linear_int4wo"
@@ -66,14 +67,15 @@ class Int4WeightOnly(Scheme):
 
     def unsupported_reason(self, weight: torch.Tensor) -> str | None:
         reason = super().unsupported_reason(weight)
-        if reason is None and weight.shape[1] % self.group_size:
-            reason = f"in_features {weight.shape[1]} is not divisible by group_size {self.group_size}"
+        if reason is None and weight.numel() == 0:
+            reason = f"weight has no elements (shape {tuple(weight.shape)})"
         return reason
 
     def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
         block_n = int4_fmt.native_cpu_block_n() or 64
         tensors = int4_fmt.to_storage(weight, self.group_size, block_n)
-        attrs = self.op_attrs(group_size=self.group_size, block_n=block_n, out_features=weight.shape[0])
+        attrs = self.op_attrs(group_size=self.group_size, block_n=block_n, out_features=weight.shape[0],
+                              in_features=weight.shape[1])
         return QuantizedWeight(self.op, tensors, attrs, *weight.shape)
 
     def row_multiple(self, n: int, k: int) -> int:
@@ -81,4 +83,4 @@ class Int4WeightOnly(Scheme):
 
     def dequantize(self, qw: QuantizedWeight) -> torch.Tensor:
         return int4_fmt.from_storage(qw.tensors["qweight"], qw.tensors["scales_and_zeros"], self.group_size,
-                                     qw.attrs["block_n"], qw.out_features)
+                                     qw.attrs["block_n"], qw.out_features, qw.in_features)

@@ -5,6 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fxquant.formats import int4, intx
+from fxquant.formats._common import round_up_to
 
 CONFIGS = [(b, sym) for b in intx.BITS for sym in (False, True) if not (sym and b == 1)]
 
@@ -83,40 +84,70 @@ def test_4bit_plane_is_native_cpu_int4pack():
     assert torch.equal(intx.pack_plane(intx.tile_order(q.to(torch.uint8), block_n), 4).view(128, 128), native)
 
 
-def _error_bound(scale, offset, axis, group_size, shape):
-    """Per-element bound: scale / 2, plus the bf16 rounding of the offset (<= 2^-9 relative)."""
-    s = intx._param_view(scale, axis) / 2
-    if offset is not None:
-        s = s + intx._param_view(offset, axis).abs() * 2**-8
-    return torch.broadcast_to(s, intx._grouped(torch.empty(shape), group_size, axis).shape).reshape(shape)
+def _per_element(p: torch.Tensor, axis: int, group_size: int, shape: tuple[int, int]) -> torch.Tensor:
+    """Stored params ``[Kp/g, N]`` / ``[ceil(N/g), K]`` -> the value each element of ``[N, K]`` uses."""
+    n, k = shape
+    if axis == 1:
+        return p.float().t().repeat_interleave(group_size, dim=1)[:, :k]
+    return p.float()[torch.arange(n) % p.shape[0]]
+
+
+def _group_stats(w: torch.Tensor, group_size: int, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min, max) over each group's real members, in the stored params' layout, computed apart from
+    the format: axis 1 pads K with -inf / +inf, axis 0 gathers rows n % R."""
+    n, k = w.shape
+    if axis == 1:
+        kp = -(-k // group_size) * group_size
+        pad = lambda v: torch.nn.functional.pad(w, (0, kp - k), value=v).view(n, -1, group_size)  # noqa: E731
+        return pad(float("inf")).amin(-1).t(), pad(float("-inf")).amax(-1).t()
+    r = -(-n // group_size)
+    member = (torch.arange(n)[None, :] % r) == torch.arange(r)[:, None]  # [R, N]
+    big = torch.where(member[:, :, None], w[None], float("nan"))
+    return big.nan_to_num(float("inf")).amin(1), big.nan_to_num(float("-inf")).amax(1)
 
 
 @given(cfg=st.sampled_from(CONFIGS), axis=st.sampled_from(intx.AXES), groups=st.integers(1, 3),
-       group=st.sampled_from([1, 3, 8, 32, 64]), other=st.integers(1, 40), scale=st.floats(1e-3, 1e2),
-       shift=st.floats(-1, 1), seed=st.integers(0, 2**16))
-def test_quantize_error_bound(cfg, axis, groups, group, other, scale, shift, seed):
+       group=st.sampled_from([1, 3, 8, 32, 64]), short=st.integers(0, 63), other=st.integers(1, 40),
+       scale=st.floats(1e-3, 1e2), shift=st.floats(-1, 1), seed=st.integers(0, 2**16))
+def test_quantize_error_bound(cfg, axis, groups, group, short, other, scale, shift, seed):
+    """Any shape: the grouped dim is ``groups * group - short`` (a partial last group when short > 0);
+    every element within half a step (plus the offset's bf16 rounding), and every group's statistics
+    are those of its real members only."""
     bits, symmetric = cfg
-    shape = (other, groups * group) if axis == 1 else (groups * group, other)
+    size = max(1, groups * group - short % group)
+    shape = (other, size) if axis == 1 else (size, other)
     w = (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) + shift) * scale
     q, s, o = intx.quantize(w, bits, group, symmetric, axis)
     assert q.dtype == torch.uint8 and int(q.max()) < 2**bits and s.dtype == torch.bfloat16
-    assert s.shape == (groups, other)  # [K/g, N] or [N/g, K]
+    assert s.shape == intx.param_shape(*shape, group, axis) == ((-(-size // group), other))
     assert (o is None) == symmetric
-    err = (intx.dequantize(q, s, o, bits, group, axis) - w).abs()
-    assert (err <= _error_bound(s, o, axis, group, shape) + 1e-6 * scale).all()
+    assert q.shape == (other, intx.stored_in_features(size, group, axis)) if axis == 1 else q.shape == shape
+    err = (intx.dequantize(q, s, o, bits, group, axis)[:, :shape[1]] - w).abs()
+    bound = _per_element(s, axis, group, shape) / 2
+    if o is not None:
+        bound = bound + _per_element(o, axis, group, shape).abs() * 2**-8
+    assert (err <= bound + 1e-6 * scale).all()
+    lo, hi = _group_stats(w, group, axis)
+    qmax = 2**bits - 1
+    want = (torch.maximum(hi, -lo) / (qmax / 2) if symmetric else (hi - lo) / qmax).clamp(min=intx.MIN_SCALE)
+    assert torch.equal(s, round_up_to(want, torch.bfloat16))
 
 
 @given(cfg=st.sampled_from(CONFIGS), axis=st.sampled_from(intx.AXES), n=st.integers(1, 70),
        block_n=st.sampled_from([16, 32, 64]), seed=st.integers(0, 2**16))
 def test_storage_roundtrip_and_nbytes(cfg, axis, n, block_n, seed):
+    """K = 45 at g16 on axis 1 (48 columns stored), any N at g3 on axis 0: the buffers give back the
+    quantized weight's real columns, and their bytes are what ``nbytes`` counts."""
     bits, symmetric = cfg
-    group = 16 if axis == 1 else 1
-    w = torch.randn(n, 48, generator=torch.Generator().manual_seed(seed))
+    group, k = (16, 45) if axis == 1 else (3, 48)
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
     stored = intx.to_storage(w, bits, group, symmetric, axis, block_n)
-    back = intx.from_storage(**stored, bits=bits, group_size=group, axis=axis, block_n=block_n, out_features=n)
-    assert torch.equal(back, intx.dequantize(*intx.quantize(w, bits, group, symmetric, axis), bits, group, axis))
+    back = intx.from_storage(**stored, bits=bits, group_size=group, axis=axis, block_n=block_n, out_features=n,
+                             in_features=k)
+    deq = intx.dequantize(*intx.quantize(w, bits, group, symmetric, axis), bits, group, axis)
+    assert back.shape == (n, k) and torch.equal(back, deq[:, :k])
     counted = sum(t.untyped_storage().nbytes() for t in stored.values())
-    assert counted == intx.nbytes(n, 48, bits, group, symmetric)
+    assert counted == intx.nbytes(n, k, bits, group, symmetric, axis)
     rows = int4.padded_rows(n)
     assert stored["codes_lo"].numel() * 8 == rows * 48 * min(bits, 4)  # truly bits per code, no slack
     assert stored["codes_hi"].numel() * 8 == rows * 48 * max(bits - 4, 0)
@@ -142,7 +173,8 @@ def test_int4_kernel_params_reconstruct_the_weight():
     rows = int4.padded_rows(40)
     for bits, symmetric in CONFIGS:
         stored = intx.to_storage(w, bits, 32, symmetric, 1, block_n)
-        ref = intx.from_storage(**stored, bits=bits, group_size=32, axis=1, block_n=block_n, out_features=40)
+        ref = intx.from_storage(**stored, bits=bits, group_size=32, axis=1, block_n=block_n, out_features=40,
+                                in_features=128)
         planes = [(stored["codes_lo"], min(bits, 4)), (stored["codes_hi"], bits - 4)]
         total = torch.zeros(rows, 128)
         params, residual = intx.int4_kernel_params(stored["scale"], stored["offset"], bits, 0, rows, torch.bfloat16)
@@ -211,9 +243,7 @@ def test_published_error_int4_g128():
 
 
 def test_bad_layouts_raise():
-    with pytest.raises(ValueError, match="in_features 96 is not divisible by group_size 64"):
-        intx.quantize(torch.randn(4, 96), 4, 64, False, 1)
-    with pytest.raises(ValueError, match="out_features 6 is not divisible by group_size 4"):
-        intx.quantize(torch.randn(6, 96), 4, 4, False, 0)
+    with pytest.raises(ValueError, match="group_size=0 is not supported"):
+        intx.quantize(torch.randn(4, 96), 4, 0, False, 1)
     with pytest.raises(ValueError, match="symmetric 1-bit"):
         intx.quantize(torch.randn(4, 64), 1, 64, True, 1)

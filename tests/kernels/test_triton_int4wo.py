@@ -37,13 +37,13 @@ def _case(m: int, n: int, k: int, group_size: int, block_n: int, dtype: torch.dt
     bias = torch.randn(n, generator=g).to(dtype) if with_bias else None
     to = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
     return dict(x2d=to(x), qweight=to(stored["qweight"]), scales_and_zeros=to(stored["scales_and_zeros"]),
-                bias=to(bias), group_size=group_size, block_n=block_n, out_features=n)
+                bias=to(bias), group_size=group_size, block_n=block_n, out_features=n, in_features=k)
 
 
 def _check_close(args: dict):
     y = kernel.int4wo_linear(**args)
     ref = op.reference(args["x2d"], args["qweight"], args["scales_and_zeros"], args["bias"],
-                       args["group_size"], args["block_n"], args["out_features"])
+                       args["group_size"], args["block_n"], args["out_features"], args["in_features"])
     assert y.dtype == args["x2d"].dtype and y.shape == ref.shape
     torch.testing.assert_close(y, ref, **TOL[args["x2d"].dtype])
 
@@ -65,6 +65,17 @@ def test_shapes(m, n, with_bias, dtype):
 @pytest.mark.parametrize("m,n,k,group_size,block_n", [(1, 40, 128, 128, 16), (17, 72, 256, 64, 64)])
 def test_matches_reference_fp16(m, n, k, group_size, block_n):
     _check_close(_case(m, n, k, group_size, block_n, torch.float16, with_bias=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m,n,k,group_size,block_n", [(1, 40, 100, 32, 32), (3, 24, 33, 32, 64), (2, 72, 70, 64, 16),
+                                                      (1, 16, 160, 128, 32)])
+def test_partial_last_group(m, n, k, group_size, block_n, dtype):
+    """K not a multiple of the group: the stored Kp columns are read, x masked to its K (a one-column
+    last group, a half group, a group smaller than a K step)."""
+    args = _case(m, n, k, group_size, block_n, dtype, with_bias=True)
+    assert args["qweight"].shape[1] * 2 == -(-k // group_size) * group_size > k
+    _check_close(args)
 
 
 def test_group_256():
@@ -89,18 +100,20 @@ def test_empty_batch():
 
 @pytest.mark.parametrize("mutate,match", [
     (lambda a: {**a, "x2d": a["x2d"][:, :-32]}, r"x has 32 input features .* in_features=64"),
+    (lambda a: {**a, "x2d": a["x2d"][:, :-1]}, r"x has 63 input features .* in_features=64"),
+    (lambda a: {**a, "in_features": 63}, r"x has 64 input features .* in_features=63"),  # storage fits 63 too
     (lambda a: {**a, "x2d": a["x2d"].to(torch.int32)}, r"x2d must be a 2-D \[M, K\] tensor of dtype"),
-    (lambda a: {**a, "qweight": a["qweight"].to(torch.int8)}, r"qweight must be a 2-D tensor of torch.uint8 .* got torch.int8"),
+    (lambda a: {**a, "qweight": a["qweight"].to(torch.int8)}, r"qweight must be torch.uint8 of shape .* got torch.int8"),
     (lambda a: {**a, "group_size": 48}, r"group_size=48 is not supported; valid: 32, 64, 128, 256"),
-    (lambda a: {**a, "group_size": 128}, r"qweight packs K=64 columns, not a multiple of group_size=128"),
+    (lambda a: {**a, "group_size": 128}, r"qweight must be torch.uint8 of shape \(64, 64\) \[Np, Kp/2\], got .*\(64, 32\)"),
     (lambda a: {**a, "block_n": 24}, r"block_n=24 is not supported; valid: an even divisor of 64"),
     (lambda a: {**a, "out_features": 65}, r"qweight must be torch.uint8 of shape \(128, 32\)"),
     (lambda a: {**a, "scales_and_zeros": a["scales_and_zeros"][:1]},
      r"scales_and_zeros must be torch.bfloat16 of shape \(2, 64, 2\)"),
     (lambda a: {**a, "bias": torch.zeros(64, device=DEVICE)},
      r"bias must be None or a floating-point tensor of shape \(40,\)"),
-], ids=["wrong_K", "x_int32", "qweight_int8", "group_48", "group_not_dividing_K", "block_n", "out_features",
-        "scales_shape", "bias_shape"])
+], ids=["wrong_K", "K_minus_1", "in_features_minus_1", "x_int32", "qweight_int8", "group_48", "group_128", "block_n",
+        "out_features", "scales_shape", "bias_shape"])
 def test_bad_inputs_raise(mutate, match):
     args = mutate(_case(2, 40, 64, 32, 32, torch.float32, with_bias=True))
     with pytest.raises(ValueError, match=match):
@@ -115,7 +128,8 @@ def test_cuda_op_dispatches_to_kernel(dtype, block_n):
     a = {name: t.cuda() if isinstance(t, torch.Tensor) else t
          for name, t in _case(7, 72, 256, 64, block_n, dtype, with_bias=True).items()}
     x = a["x2d"].reshape(7, 1, 256)
-    args = (x, a["qweight"], a["scales_and_zeros"], a["bias"], a["group_size"], a["block_n"], a["out_features"])
+    args = (x, a["qweight"], a["scales_and_zeros"], a["bias"], a["group_size"], a["block_n"], a["out_features"],
+            a["in_features"])
     y = torch.ops.fxquant.linear_int4wo(*args)
     assert y.is_cuda and y.shape == (7, 1, 72)
     torch.testing.assert_close(y, op.reference(*args), **TOL[dtype])

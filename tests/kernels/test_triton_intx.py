@@ -25,7 +25,7 @@ def _case(m, n, k, bits, group_size, symmetric, axis, block_n, dtype, with_bias,
     bias = torch.randn(n, generator=g).to(dtype) if with_bias else None
     to = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
     return dict(x2d=to(x), **{name: to(t) for name, t in stored.items()}, bias=to(bias), bits=bits,
-                group_size=group_size, symmetric=symmetric, axis=axis, block_n=block_n, out_features=n)
+                group_size=group_size, symmetric=symmetric, axis=axis, block_n=block_n, out_features=n, in_features=k)
 
 
 # Unit roundoff of a dequantized weight rounded to the activation dtype (the kernel's per-element
@@ -36,7 +36,8 @@ UNIT_ROUNDOFF = {torch.float32: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2.0
 def _check_close(args: dict):
     y = kernel.intx_linear(**args)
     tensors = (args["codes_lo"], args["codes_hi"], args["scale"], args["offset"])
-    scalars = (args["bits"], args["group_size"], args["symmetric"], args["axis"], args["block_n"], args["out_features"])
+    scalars = (args["bits"], args["group_size"], args["symmetric"], args["axis"], args["block_n"], args["out_features"],
+               args["in_features"])
     ref = op.reference(args["x2d"], *tensors, args["bias"], *scalars)
     dtype = args["x2d"].dtype
     assert y.dtype == dtype and y.shape == ref.shape
@@ -62,9 +63,19 @@ def _fit(axis, n, k, group):
 
 @pytest.mark.parametrize("bits,symmetric,axis,m,n,k,group,block_n", CASES, ids=lambda v: str(v))
 def test_matches_reference(bits, symmetric, axis, m, n, k, group, block_n):
+    """Whole groups (the shapes rounded) ..."""
     n, k = _fit(axis, n, k, group)
     dtype = torch.bfloat16 if bits % 2 else torch.float32
     _check_close(_case(m, n, k, bits, group, symmetric, axis, block_n, dtype, with_bias=bits % 3 == 0, seed=bits))
+
+
+@pytest.mark.parametrize("bits,symmetric,axis,m,n,k,group,block_n", CASES, ids=lambda v: str(v))
+def test_partial_groups_match_reference(bits, symmetric, axis, m, n, k, group, block_n):
+    """... and the same shapes as they are: a partial last group along K (axis 1: x masked to K) or N
+    (axis 0: ceil(N/g) param rows)."""
+    dtype = torch.float32 if bits % 2 else torch.bfloat16
+    args = _case(m, n, k, bits, group, symmetric, axis, block_n, dtype, with_bias=bits % 2 == 0, seed=bits + 1)
+    _check_close(args)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
@@ -91,17 +102,20 @@ def test_empty_batch():
 
 @pytest.mark.parametrize("mutate,match", [
     (lambda a: {**a, "x2d": a["x2d"][:, :-32]}, r"x has 32 input features .* in_features=64"),
+    (lambda a: {**a, "x2d": a["x2d"][:, :-1]}, r"x has 63 input features .* in_features=64"),
+    (lambda a: {**a, "in_features": 63}, r"x has 64 input features .* in_features=63"),
     (lambda a: {**a, "x2d": a["x2d"].to(torch.int32)}, r"x2d must be a 2-D \[M, K\] tensor"),
     (lambda a: {**a, "bits": 9}, r"bits=9 is not supported; valid: 1..8"),
     (lambda a: {**a, "axis": 2}, r"axis=2 is not supported; valid: 0, 1"),
-    (lambda a: {**a, "group_size": 48}, r"codes_lo must be torch.uint8 of shape \(2304,\)"),
+    (lambda a: {**a, "group_size": 48}, r"codes_lo must be torch.uint8 of shape \(2304,\)"),  # Kp = 96
     (lambda a: {**a, "block_n": 24}, r"block_n=24 is not supported; valid: an even divisor of 64"),
     (lambda a: {**a, "codes_hi": a["codes_lo"]}, r"codes_hi must be torch.uint8 of shape \(0,\)"),
-    (lambda a: {**a, "scale": a["scale"][:1]}, r"offset must be torch.bfloat16 of shape \(1, 40\)"),
+    (lambda a: {**a, "scale": a["scale"][:1]}, r"scale must be torch.bfloat16 of shape \(2, 40\)"),
     (lambda a: {**a, "symmetric": True}, r"offset must be torch.bfloat16 of shape \(0,\) \(empty: symmetric=True\)"),
     (lambda a: {**a, "bias": torch.zeros(64, device=DEVICE)},
      r"bias must be None or a floating-point tensor of shape \(40,\)"),
-], ids=["wrong_K", "x_int32", "bits", "axis", "group", "block_n", "codes_hi", "scale_shape", "symmetric", "bias"])
+], ids=["wrong_K", "K_minus_1", "in_features_minus_1", "x_int32", "bits", "axis", "group", "block_n", "codes_hi", "scale_shape", "symmetric",
+        "bias"])
 def test_bad_inputs_raise(mutate, match):
     args = mutate(_case(2, 40, 64, 3, 32, False, 1, 32, torch.float32, with_bias=True))
     with pytest.raises(ValueError, match=match):
@@ -116,7 +130,7 @@ def test_cuda_op_dispatches_to_kernel(dtype, bits, axis):
     a = {name: t.cuda() if isinstance(t, torch.Tensor) else t
          for name, t in _case(7, 72, 256, bits, 8, False, axis, 32, dtype, with_bias=True).items()}
     x = a.pop("x2d").reshape(7, 1, 256)
-    args = (x, a["codes_lo"], a["codes_hi"], a["scale"], a["offset"], a["bias"], bits, 8, False, axis, 32, 72)
+    args = (x, a["codes_lo"], a["codes_hi"], a["scale"], a["offset"], a["bias"], bits, 8, False, axis, 32, 72, 256)
     y = torch.ops.fxquant.linear_intx(*args)
     assert y.is_cuda and y.shape == (7, 1, 72)
     torch.testing.assert_close(y, op.reference(*args), **TOL[dtype])

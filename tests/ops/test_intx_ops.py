@@ -48,7 +48,8 @@ def assert_close_to_reference(y: torch.Tensor, r: torch.Tensor, x: torch.Tensor,
 
 
 def fit(scheme: str, n: int, k: int) -> tuple[int, int]:
-    """Round (n, k) to the nearest shape the scheme's grouping divides."""
+    """Round (n, k) to the nearest shape the scheme's grouping divides (for the path functions called
+    directly, which take x already padded to whole groups; the op pads it: any shape below)."""
     s = parse_scheme(scheme)
     if s.axis == 1:
         return n, s.group_size * max(k // s.group_size, 1)
@@ -59,7 +60,7 @@ def fit(scheme: str, n: int, k: int) -> tuple[int, int]:
 @given(m=st.integers(1, 40), n=st.integers(1, 80), k=st.integers(1, 130), dtype=st.sampled_from(DTYPES),
        with_bias=st.booleans(), lead=st.sampled_from([(), (2,), (1, 3)]), seed=st.integers(0, 999))
 def test_op_matches_reference(scheme, m, n, k, dtype, with_bias, lead, seed):
-    n, k = fit(scheme, n, k)
+    """Any N and K: partial groups are padded (axis 1: K, axis 0: N)."""
     fn, ref, args, attrs = build(scheme, n, k, seed)
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(*lead, m, k, generator=g).to(dtype)
@@ -71,10 +72,10 @@ def test_op_matches_reference(scheme, m, n, k, dtype, with_bias, lead, seed):
 
 @pytest.mark.parametrize("scheme", ["uint4wo-32", "int8wo-64", "uint3wo-32", "int5wo-4-axis0"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m,k", [(1, 64), (7, 64), (1, 256), (17, 192), (3, 32)])
+@pytest.mark.parametrize("m,k", [(1, 64), (7, 64), (1, 256), (17, 192), (3, 32), (1, 100), (9, 33), (2, 255)])
 def test_shapes_at_group_edges(scheme, dtype, m, k):
-    """M = 1 and odd M; K = one group, a few groups, group edges of the kernel sizes."""
-    n, k = fit(scheme, 72, k)
+    """M = 1 and odd M; K = one group, a few groups, group edges of the kernel sizes, partial groups."""
+    n = 72 if parse_scheme(scheme).axis == 1 else 70
     fn, ref, args, attrs = build(scheme, n, k, m + k)
     x = torch.randn(m, k).to(dtype)
     assert rel(fn(x, None), ref(x, None)) < FAST_PATH_TOL[dtype]
@@ -156,7 +157,8 @@ def test_foreign_block_n_uses_dequant_path(monkeypatch, fp32_dense):
     monkeypatch.setattr(op, "_warned_layout", False)
     w = torch.randn(40, 64, generator=torch.Generator().manual_seed(4))
     stored = fmt.to_storage(w, 2, 32, False, 1, 64 if NATIVE != 64 else 32)
-    attrs = dict(bits=2, group_size=32, symmetric=False, axis=1, block_n=64 if NATIVE != 64 else 32, out_features=40)
+    attrs = dict(bits=2, group_size=32, symmetric=False, axis=1, block_n=64 if NATIVE != 64 else 32, out_features=40,
+                 in_features=64)
     x = torch.randn(op.NATIVE_MAX_ROWS + 1, 64)  # above the native GEMV, which reads any tile height
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -260,20 +262,24 @@ def test_bad_strings_name_the_field():
         parse_scheme("int1wo-64")
 
 
-def test_unsupported_reason_checks_divisibility_per_layer():
-    assert IntX(group_size=64).unsupported_reason(torch.randn(10, 128)) is None
-    assert "in_features 96 is not divisible by group_size 64" in IntX(group_size=64).unsupported_reason(torch.randn(10, 96))
-    assert IntX(group_size=5, axis=0).unsupported_reason(torch.randn(10, 7)) is None
-    assert "out_features 12 is not divisible by group_size 5" in IntX(group_size=5, axis=0).unsupported_reason(
-        torch.randn(12, 7))
+def test_every_shape_is_supported():
+    """Partial groups are padded, so no layer is left in float for its shape (only for no elements)."""
+    for scheme, shape in ((IntX(group_size=64), (10, 96)), (IntX(group_size=5, axis=0), (12, 7)),
+                          (IntX(group_size=128), (3, 1))):
+        assert scheme.unsupported_reason(torch.randn(shape)) is None
+    assert "no elements" in IntX(group_size=64).unsupported_reason(torch.randn(10, 0))
 
 
 def test_report_bytes_are_exact():
-    w = torch.randn(100, 256)
-    for text in ["uint3wo-64", "int8wo-32", "uint2wo-4-axis0"]:
-        s = parse_scheme(text)
-        qw = s.quantize(w)
-        assert qw.nbytes == fmt.nbytes(100, 256, s.bits, s.group_size, s.symmetric)
+    """Exact stored bytes, padding included: K = 250 stores 256 columns at g64, N = 100 at g4 axis 0
+    stores 25 param rows."""
+    for w in (torch.randn(100, 256), torch.randn(100, 250), torch.randn(98, 250)):
+        for text in ["uint3wo-64", "int8wo-32", "uint2wo-4-axis0", "uint5wo-48-axis0"]:
+            s = parse_scheme(text)
+            qw = s.quantize(w)
+            assert qw.nbytes == fmt.nbytes(*w.shape, s.bits, s.group_size, s.symmetric, s.axis)
+    assert fmt.nbytes(100, 250, 3, 64, False) == 128 * 256 * 3 // 8 + 4 * 100 * 4
+    assert fmt.nbytes(98, 250, 2, 4, False, axis=0) == 128 * 250 * 2 // 8 + 25 * 250 * 4
 
 
 # ---- end to end --------------------------------------------------------------------------------------------

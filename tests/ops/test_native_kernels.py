@@ -176,7 +176,7 @@ def test_intx_and_int4wo_read_foreign_tile_heights(isa, bits):
     w = torch.randn(72, 256, generator=torch.Generator().manual_seed(bits))
     from fxquant.formats import intx as intx_fmt
     stored = intx_fmt.to_storage(w, bits, 64, False, 1, other)
-    attrs = dict(bits=bits, group_size=64, symmetric=False, axis=1, block_n=other, out_features=72)
+    attrs = dict(bits=bits, group_size=64, symmetric=False, axis=1, block_n=other, out_features=72, in_features=256)
     x = torch.randn(2, 256)
     with spy("int4_tiled_gemv") as calls, using(isa):
         y = torch.ops.fxquant.linear_intx(x, *stored.values(), None, **attrs)
@@ -186,7 +186,7 @@ def test_intx_and_int4wo_read_foreign_tile_heights(isa, bits):
     if bits == 4:
         st4 = int4.to_storage(w, 64, other)
         with using(isa):
-            y4 = torch.ops.fxquant.linear_int4wo(x, st4["qweight"], st4["scales_and_zeros"], None, 64, other, 72)
+            y4 = torch.ops.fxquant.linear_int4wo(x, st4["qweight"], st4["scales_and_zeros"], None, 64, other, 72, 256)
         assert_linear_close(y4, r, x, intx.dequantize_weight(*stored.values(), **attrs), FP32_TOL)
 
 
@@ -342,7 +342,7 @@ def test_int4_gemm_kernel_against_exact_products(m, n, k, group, exact):
     st_ = int4.to_storage(torch.randn(n, k, generator=gen), group, 64)
     sz = st_["scales_and_zeros"]
     kw = dict(block_n=64, group_size=group, scale=sz[..., 0], zero=sz[..., 1], out_features=n, exact=exact)
-    w32 = int4.from_storage(st_["qweight"], sz, group, 64, n)
+    w32 = int4.from_storage(st_["qweight"], sz, group, 64, n, k)
     want = w32 if exact else w32.to(torch.bfloat16)
     x = torch.randn(m, k, generator=gen)
     y = native_cpu.int4_gemm(x, st_["qweight"], **kw)  # fp32 x: the fp32 result

@@ -57,11 +57,15 @@ def test_valid_arguments_pass(scheme, impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("k", [K // 2, 2 * K, K - 1, K + 1])
+@pytest.mark.parametrize("true_k", [K, 100])
+@pytest.mark.parametrize("delta", ["K/2", "2K", "K-1", "K+1"])
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_wrong_k_raises(scheme, k, impl):
-    qw = quantized(scheme)
-    with pytest.raises(ValueError, match=rf"fxquant::{qw.op}: x has {k} input features .* in_features={K}"):
+def test_wrong_k_raises(scheme, delta, true_k, impl):
+    """K = 100 stores whole groups (int4wo-32: 128 columns): K - 1 and K + 1 fit the same storage, and
+    the op's ``in_features`` still refuses them."""
+    k = {"K/2": true_k // 2, "2K": 2 * true_k, "K-1": true_k - 1, "K+1": true_k + 1}[delta]
+    qw = quantized(scheme, N, true_k)
+    with pytest.raises(ValueError, match=rf"fxquant::{qw.op}: x has {k} input features .* in_features={true_k}"):
         run(impl, qw, torch.randn(3, k))
 
 

@@ -26,9 +26,9 @@ def int4_case(n, k, seed, group=32, block_n=None):
     block_n = block_n or int4.native_cpu_block_n() or 64
     st_ = int4.to_storage(w, group, block_n)
     args = (st_["qweight"], st_["scales_and_zeros"])
-    op = lambda x, b: torch.ops.fxquant.linear_int4wo(x, *args, b, group, block_n, n)  # noqa: E731
-    op.weight = int4.from_storage(*args, group, block_n, n)
-    ref = lambda x, b: int4wo.reference(x, *args, b, group, block_n, n)  # noqa: E731
+    op = lambda x, b: torch.ops.fxquant.linear_int4wo(x, *args, b, group, block_n, n, k)  # noqa: E731
+    op.weight = int4.from_storage(*args, group, block_n, n, k)
+    ref = lambda x, b: int4wo.reference(x, *args, b, group, block_n, n, k)  # noqa: E731
     return args, op, ref
 
 
@@ -147,7 +147,7 @@ def test_opcheck_int4wo(dtype, with_bias):
     (qw, sz), _, _ = int4_case(24, 64, 0)
     x = torch.randn(2, 5, 64, dtype=dtype, requires_grad=True)
     b = torch.randn(24, dtype=dtype) if with_bias else None
-    opcheck(torch.ops.fxquant.linear_int4wo.default, (x, qw, sz, b, 32, int4.native_cpu_block_n() or 64, 24))
+    opcheck(torch.ops.fxquant.linear_int4wo.default, (x, qw, sz, b, 32, int4.native_cpu_block_n() or 64, 24, 64))
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -158,7 +158,7 @@ def test_backward_is_gradient_of_dequantized_linear(name):
         w = int8.dequantize(q, s)
     else:
         (qw, sz), _, _ = int4_case(16, 64, 5)
-        w = int4.from_storage(qw, sz, 32, int4.native_cpu_block_n() or 64, 16)
+        w = int4.from_storage(qw, sz, 32, int4.native_cpu_block_n() or 64, 16, 64)
     x = torch.randn(3, 64, requires_grad=True)
     b = torch.randn(16, requires_grad=True)
     gy = torch.randn(3, 16)
@@ -172,7 +172,7 @@ def test_backward_is_gradient_of_dequantized_linear(name):
 def test_compute_dtype_is_honoured(name, cd):
     """compute_dtype=fp32 computes exactly the fp32 reference; bf16/fp16 within their rounding."""
     (t1, t2), _, _ = CASES[name](24, 64, 7)
-    extra = (32, int4.native_cpu_block_n() or 64, 24) if name == "int4wo" else ()
+    extra = (32, int4.native_cpu_block_n() or 64, 24, 64) if name == "int4wo" else ()
     op = getattr(torch.ops.fxquant, f"linear_{name}")
     ref = int4wo.reference if name == "int4wo" else int8wo.reference
     x = torch.randn(3, 64)

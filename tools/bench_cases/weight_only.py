@@ -23,7 +23,7 @@ import fxquant.ops  # noqa: F401  (registers torch.ops.fxquant.*)
 from fxquant.formats import int4 as int4_fmt
 from fxquant.formats import int8 as int8_fmt
 from fxquant.ops import int4wo, int8wo
-from tools.bench_cases._common import Unavailable, call as _call, need as _need, row as _row
+from tools.bench_cases._common import call as _call, need as _need, row as _row
 
 FP32, BF16 = torch.float32, torch.bfloat16
 INT4_GROUP = 128
@@ -36,11 +36,9 @@ def _prep_int8wo(w):
 
 
 def _prep_int4wo(w):
-    if w.shape[1] % INT4_GROUP:
-        raise Unavailable(f"K={w.shape[1]} is not a multiple of group_size {INT4_GROUP}")
     block_n = int4_fmt.native_cpu_block_n() or 64  # non-native tiles: the op takes its slow path
     st = int4_fmt.to_storage(w, INT4_GROUP, block_n)
-    return (st["qweight"], st["scales_and_zeros"], None, INT4_GROUP, block_n, w.shape[0])
+    return (st["qweight"], st["scales_and_zeros"], None, INT4_GROUP, block_n, *w.shape)
 
 
 def _int8wo(st, x):
