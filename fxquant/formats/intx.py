@@ -223,7 +223,7 @@ _RED = {1: 2, 0: 0}
 
 
 def _param_view(p: torch.Tensor, axis: int) -> torch.Tensor:
-    """Stored params (``[K/g, N]`` or ``[N/g, K]``) -> broadcastable against :func:`_grouped`."""
+    """Stored params (``[Kp/g, N]`` or ``[R, K]``) -> broadcastable against :func:`_grouped`."""
     return p.float().t()[..., None] if axis == 1 else p.float()[None]
 
 
@@ -265,7 +265,7 @@ def quantize(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool,
 
 def _row_params(p: torch.Tensor, row0: int, rows: int, axis: int) -> torch.Tensor:
     """Params of weight rows ``row0 .. row0+rows``: ``[rows, K/g]`` (axis 1) or ``[rows, K]`` (axis 0,
-    row ``n`` uses param row ``n % (N/g)``)."""
+    row ``n`` uses param row ``n % R``, ``R = ceil(N/g)``)."""
     if axis == 1:
         return p[:, row0:row0 + rows].t()
     if row0 % p.shape[0] + rows <= p.shape[0]:

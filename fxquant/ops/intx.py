@@ -2,7 +2,9 @@
 
 ``y = x @ W.T + bias`` with ``W = (q - 2**(bits-1)) * scale + offset`` per group (``offset`` empty
 when ``symmetric``); bit-packed layout (planes of folded shards, int4 tile order, rows padded to 64)
-and the grouping of ``axis`` 0 / 1 in :mod:`fxquant.formats.intx`.
+and the grouping of ``axis`` 0 / 1 in :mod:`fxquant.formats.intx`; any shape (a partial group is
+padded; ``in_features`` is the true K, and on axis 1 every CPU path runs on x zero-padded to the
+stored ``Kp`` columns by ``LinearOpDef.stored_in_features``).
 
 CPU (``compute_dtype`` None, fp32 or bf16, under the policy of :func:`._cpu.numerics`; float16: the
 reference in fp16):
@@ -12,8 +14,8 @@ reference in fp16):
   any tile height that is a multiple of 32), fp32 products and sums (x rounded to bf16 in C when the
   policy rounds it; b = 4, 8 on bf16 values: the bf16 dot-product form).  Axis 0 (AVX-512),
   ``M <= native_max_rows_axis0``: :func:`fxquant.kernels.native_cpu.int4_tiled_axis0_gemv`, the
-  per-column scales folded into the activations (``A = scale * x`` per row class ``n % (N/g)``; its
-  bf16 form rounds A, so fp32-exact results take the fp32 form).
+  per-column scales folded into the activations (``A = scale * x`` per row class ``n % ceil(N/g)``;
+  its bf16 form rounds A, so fp32-exact results take the fp32 form).
 - b = 4, axis 1, large M, bf16 values: int4wo's native GEMM (grouped form for fp32-exact results).
 - int4 kernel: ``aten._weight_int4pack_mm_for_cpu`` on bf16 activations, once per 4-bit plane, for
   axis 1, ``group_size`` in {32, 64, 128, 256}, weights packed with this CPU's tile height and

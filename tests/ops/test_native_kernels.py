@@ -135,12 +135,19 @@ def check(scheme: str, n: int, k: int, m: int, dtype: torch.dtype, with_bias: bo
 @settings(max_examples=10, deadline=None)
 @given(data=st.data())
 def test_op_matches_reference(isa, scheme, data):
-    """Every format with a native kernel, over M up to its limit, odd N, K at block edges, fp32/bf16."""
+    """Every format with a native kernel, over M up to its limit, odd N, K at block edges and inside
+    a partial last block (int4wo / intx: the group padded; bnb4: a block straddling rows, in pieces of
+    at least NATIVE_MIN_PIECE), fp32/bf16."""
     mult = SCHEMES[scheme]
-    _, module, _ = OPS[parse_scheme(scheme).quantize(torch.randn(2, mult * 64)).op]
+    op_name = parse_scheme(scheme).quantize(torch.randn(2, mult * 64)).op
+    _, module, _ = OPS[op_name]
     m = data.draw(st.integers(1, module.NATIVE_MAX_ROWS), label="M")
     n = data.draw(st.integers(1, 80), label="N")
     k = mult * data.draw(st.integers(1, max(1, 320 // mult)), label="K / multiple")
+    if op_name in ("linear_int4wo", "linear_intx"):
+        k -= data.draw(st.integers(0, mult - 1), label="K short of whole groups")
+    elif op_name.startswith("linear_bnb4") and k > mult:
+        k -= bnb4.NATIVE_MIN_PIECE * data.draw(st.integers(0, mult // bnb4.NATIVE_MIN_PIECE - 1), label="pieces")
     dtype = data.draw(st.sampled_from([torch.float32, torch.bfloat16]), label="dtype")
     with using(isa):
         check(scheme, n, k, m, dtype, data.draw(st.booleans(), label="bias"), seed=data.draw(st.integers(0, 99)))
@@ -507,13 +514,13 @@ needs_avx512 = pytest.mark.skipif("avx512" not in native_cpu.isas(), reason="no 
 @settings(max_examples=8, deadline=None)
 @given(data=st.data())
 def test_intx_axis0_kernel_matches_reference(scheme, data):
-    """Axis-0 intx (groups of rows n % (N/g), a scale per column) at small M takes the AVX-512 axis-0
-    GEMV: with AVX512-BF16, 64-row tiles and even K its bf16 dot-product form (scale * x rounded to
-    bf16, exact products, fp32 sums: the bf16 bound), otherwise fp32 products and sums (the fp32
-    bound), for periods N/g that do and do not divide the tile height, partial last tiles, K at 2
-    (mod 16) edges, M up to the routing limit, fp32/bf16 x."""
+    """Axis-0 intx (groups of rows n % R, R = ceil(N/g), a scale per column) at small M takes the
+    AVX-512 axis-0 GEMV: with AVX512-BF16, 64-row tiles and even K its bf16 dot-product form (scale *
+    x rounded to bf16, exact products, fp32 sums: the bf16 bound), otherwise fp32 products and sums
+    (the fp32 bound), for periods R that do and do not divide the tile height or N (partial groups),
+    partial last tiles, K at 2 (mod 16) edges, M up to the routing limit, fp32/bf16 x."""
     g = int(scheme.split("-")[1])
-    n = g * data.draw(st.integers(1, 7), label="N / g")
+    n = max(1, g * data.draw(st.integers(1, 7), label="N / g") - data.draw(st.integers(0, g - 1), label="N short"))
     bits = int(scheme.split("wo")[0][-1])
     # odd K only where every plane is 4-bit (sub-4-bit planes with odd K keep the dequantize path)
     k = data.draw(st.integers(1, 300), label="K") if bits in (4, 8) else 2 * data.draw(st.integers(1, 150), label="K/2")

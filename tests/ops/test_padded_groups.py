@@ -207,3 +207,11 @@ def test_bnb4_flat_blocks_are_bitsandbytes_layout_at_any_k():
     w, qw, _ = quantized("nf4-128", N, 576)
     assert qw.tensors["codes"].numel() == N * 576 // 2 and qw.tensors["absmax"].numel() == N * 576 // 128
     assert torch.equal(qw.tensors["codes"], bnb4_fmt.quantize_4bit(w, "nf4", 128)[0])
+
+
+@pytest.mark.parametrize("scheme,n", [("int4wo-32", N), ("uint3wo-64", N), ("uint4wo-32-axis0", 37), ("nf4-128", N)])
+def test_opcheck_partial_groups(scheme, n):
+    """Schema, fake impl (with in_features), autograd registration and AOT dispatch at K = 100."""
+    _, qw, op = quantized(scheme, n, 100)
+    x = torch.randn(2, 3, 100, requires_grad=True)
+    torch.library.opcheck(op.default, (x, *qw.tensors.values(), torch.randn(n)), qw.attrs)
