@@ -33,6 +33,8 @@ from ._common import pad_last_group, round_up, round_up_to
 
 GROUP_SIZES = (32, 64, 128, 256)
 ROW_ALIGN = 64  # pad N to this so every block_n the CPU kernel may use (16/32/64) tiles it exactly
+#: tile heights a stored layout may have: even divisors of ROW_ALIGN (so they tile every padded N)
+BLOCK_NS = frozenset(b for b in range(2, ROW_ALIGN + 1, 2) if ROW_ALIGN % b == 0)
 PARAM_DTYPE = torch.bfloat16
 
 

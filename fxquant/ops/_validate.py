@@ -89,6 +89,20 @@ def scalar(op: str, name: str, value, ok: bool, valid: str) -> None:
         fail(op, f"{name}={value!r} is not supported; valid: {valid}")
 
 
+def scalars(op: str, rules: tuple) -> None:
+    """Raise for the first ``(name, value, ok, valid)`` of ``rules`` with ``ok`` False.  The checks call
+    it only once their combined condition failed: a passing call builds no rules and no strings."""
+    for name, value, ok, valid in rules:
+        if not ok:
+            fail(op, f"{name}={value!r} is not supported; valid: {valid}")
+    fail(op, "the scalar arguments are inconsistent")
+
+
+def is_size(value) -> bool:
+    """``value`` a non-negative int (a SymInt is checked by :func:`size`)."""
+    return type(value) is int and value >= 0
+
+
 def size(op: str, name: str, value) -> None:
     """A non-negative integer size scalar (``out_features``, ``in_features``)."""
     if type(value) is not int or value < 0:

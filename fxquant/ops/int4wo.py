@@ -45,12 +45,14 @@ def check(x: torch.Tensor, bias: torch.Tensor | None, qweight: torch.Tensor, sca
     rounded up to whole groups), ``scales_and_zeros`` bf16 ``[Kp/g, Np, 2]``, ``x`` ``[..., in_features]``,
     ``bias`` ``[out_features]``."""
     op = "linear_int4wo"
-    if group_size not in fmt.GROUP_SIZES:
-        v.fail(op, f"group_size={group_size!r} is not supported; valid: {', '.join(map(str, fmt.GROUP_SIZES))}")
-    if type(block_n) is not int or block_n <= 0 or block_n % 2 or fmt.ROW_ALIGN % block_n:
-        v.fail(op, f"block_n={block_n!r} is not supported; valid: an even divisor of {fmt.ROW_ALIGN}")
-    v.size(op, "out_features", out_features)
-    v.size(op, "in_features", in_features)
+    if not (group_size in fmt.GROUP_SIZES and block_n in fmt.BLOCK_NS and v.is_size(out_features)
+            and v.is_size(in_features)):
+        v.size(op, "out_features", out_features)  # a SymInt passes through torch._check_is_size
+        v.size(op, "in_features", in_features)
+        if group_size not in fmt.GROUP_SIZES or block_n not in fmt.BLOCK_NS:
+            v.scalars(op, (("group_size", group_size, group_size in fmt.GROUP_SIZES,
+                            ", ".join(map(str, fmt.GROUP_SIZES))),
+                           ("block_n", block_n, block_n in fmt.BLOCK_NS, f"an even divisor of {fmt.ROW_ALIGN}")))
     rows, kp = fmt.padded_rows(out_features), fmt.padded_k(in_features, group_size)
     v.stored(op, "qweight", qweight, torch.uint8, (rows, kp // 2), "[Np, Kp/2]")
     v.stored(op, "scales_and_zeros", scales_and_zeros, torch.bfloat16, (kp // group_size, rows, 2), "[Kp/g, Np, 2]")

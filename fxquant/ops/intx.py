@@ -113,27 +113,31 @@ def check(x: torch.Tensor, bias: torch.Tensor | None, codes_lo: torch.Tensor, co
     ``[ceil(N/g), K]`` (axis 0); ``offset`` like ``scale``, empty when symmetric; ``x``
     ``[..., in_features]``; ``bias`` ``[out_features]``."""
     op = "linear_intx"
-    if bits not in fmt.BITS:
-        v.fail(op, f"bits={bits!r} is not supported; valid: 1..8")
-    if axis not in fmt.AXES:
-        v.fail(op, f"axis={axis!r} is not supported; valid: 0, 1")
-    if type(group_size) is not int or group_size < 1:
-        v.fail(op, f"group_size={group_size!r} is not supported; valid: an integer >= 1")
-    if type(block_n) is not int or block_n <= 0 or block_n % 2 or int4.ROW_ALIGN % block_n:
-        v.fail(op, f"block_n={block_n!r} is not supported; valid: an even divisor of {int4.ROW_ALIGN}")
-    v.size(op, "out_features", out_features)
-    v.size(op, "in_features", in_features)
+    if not (bits in fmt.BITS and axis in fmt.AXES and type(group_size) is int and group_size >= 1
+            and block_n in int4.BLOCK_NS and v.is_size(out_features) and v.is_size(in_features)):
+        _bad_scalars(op, bits, group_size, axis, block_n, out_features, in_features)
     params = fmt.param_shape(out_features, in_features, group_size, axis)
     layout = _PARAM_LAYOUT[axis]
     v.stored(op, "scale", scale, torch.bfloat16, params, layout)
     v.stored(op, "offset", offset, torch.bfloat16, (0,) if symmetric else params,
              "(empty: symmetric=True)" if symmetric else layout)
     length = int4.padded_rows(out_features) * fmt.stored_in_features(in_features, group_size, axis)
-    lo, hi = fmt.plane_bits(bits)
+    lo = bits if bits < 4 else 4
     v.stored(op, "codes_lo", codes_lo, torch.uint8, (length * lo // 8,), "[Np*Kp*min(bits,4)/8]")
-    v.stored(op, "codes_hi", codes_hi, torch.uint8, (length * hi // 8,), "[Np*Kp*max(bits-4,0)/8]")
+    v.stored(op, "codes_hi", codes_hi, torch.uint8, (length * (bits - lo) // 8,), "[Np*Kp*max(bits-4,0)/8]")
     v.activations(op, x, in_features)
     v.bias(op, bias, out_features)
+
+
+def _bad_scalars(op, bits, group_size, axis, block_n, out_features, in_features) -> None:
+    for name, value in (("out_features", out_features), ("in_features", in_features)):
+        v.size(op, name, value)  # a SymInt passes through torch._check_is_size
+    if (bits in fmt.BITS and axis in fmt.AXES and type(group_size) is int and group_size >= 1
+            and block_n in int4.BLOCK_NS):
+        return
+    v.scalars(op, (("bits", bits, bits in fmt.BITS, "1..8"), ("axis", axis, axis in fmt.AXES, "0, 1"),
+                   ("group_size", group_size, type(group_size) is int and group_size >= 1, "an integer >= 1"),
+                   ("block_n", block_n, block_n in int4.BLOCK_NS, f"an even divisor of {int4.ROW_ALIGN}")))
 
 
 _PARAM_LAYOUT = {1: "[Kp/g, N]", 0: "[ceil(N/g), K]"}

@@ -215,3 +215,17 @@ def test_opcheck_partial_groups(scheme, n):
     _, qw, op = quantized(scheme, n, 100)
     x = torch.randn(2, 3, 100, requires_grad=True)
     torch.library.opcheck(op.default, (x, *qw.tensors.values(), torch.randn(n)), qw.attrs)
+
+
+@pytest.mark.parametrize("cd", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("scheme", ["int4wo-128", "uint3wo-64", "uint4wo-32-axis0"])
+def test_compute_dtype_at_partial_groups(scheme, cd):
+    """compute_dtype fp32 / fp16 skips the fast paths (the dequantized [N, K] weight meets x as it
+    is); bf16 takes them (x at the stored width): both are the reference in that dtype."""
+    _, qw, op = quantized(scheme, N, 100)
+    x = torch.randn(3, 100)
+    attrs = {**qw.attrs, "compute_dtype": cd}
+    y = op(x, *qw.tensors.values(), None, **attrs)
+    r = op_def(qw).reference(x, *qw.tensors.values(), None, **attrs)
+    assert y.shape == (3, N)
+    torch.testing.assert_close(y, r, rtol=1e-5 if cd == torch.float32 else 2e-2, atol=1e-5 if cd == torch.float32 else 2e-2)

@@ -194,3 +194,29 @@ def test_native_wrappers_refuse_mismatched_k(wrapper, k):
 def test_native_wrappers_accept_the_right_k(wrapper):
     y = _native_calls(K)[wrapper]()
     assert y is None or y.shape == (2, N)
+
+
+@pytest.mark.parametrize("impl", ["op", "fake"])
+@pytest.mark.parametrize("scheme,attr,value,match", [
+    ("int4wo-32", "group_size", 48, r"group_size=48 is not supported; valid: 32, 64, 128, 256"),
+    ("int4wo-32", "block_n", 24, r"block_n=24 is not supported; valid: an even divisor of 64"),
+    ("int4wo-32", "in_features", K + 32, r"qweight must be torch.uint8 of shape \(64, 48\) \[Np, Kp/2\]"),
+    ("int4wo-32", "out_features", -1, r"out_features=-1 is not supported; valid: an integer >= 0"),
+    ("uint3wo-32", "bits", 9, r"bits=9 is not supported; valid: 1..8"),
+    ("uint3wo-32", "axis", 2, r"axis=2 is not supported; valid: 0, 1"),
+    ("uint3wo-32", "group_size", 0, r"group_size=0 is not supported; valid: an integer >= 1"),
+    ("uint3wo-32", "in_features", K + 32, r"scale must be torch.bfloat16 of shape \(3, 24\) \[Kp/g, N\]"),
+    ("uint3wo-8-axis0", "out_features", N + 8, r"scale must be torch.bfloat16 of shape \(4, 64\) \[ceil\(N/g\), K\]"),
+    ("nf4-64", "blocksize", 48, r"blocksize=48 is not supported"),
+    ("nf4-64", "in_features", K + 2, r"codes must be torch.uint8 of shape \(792,\)"),
+    ("fp6_e3m2", "ebits", 6, r"ebits=6, mbits=2 is not supported"),
+    ("fp6_e3m2", "in_features", K + 8, r"qweight must be torch.uint8 of shape \(24, 54\)"),
+    ("float8dq", "granularity", "col", r"granularity='col' is not supported; valid: tensor, row"),
+    ("llm.int8", "threshold", 0.0, r"threshold=0.0 is not supported; valid: a float > 0"),
+])
+def test_bad_scalars_raise(scheme, attr, value, match, impl):
+    """A scalar outside its range, or one the stored tensors do not fit (in_features one group more),
+    is named; the check runs in the fake impl too."""
+    qw = quantized(scheme)
+    with pytest.raises(ValueError, match=rf"fxquant::{qw.op}: {match}"):
+        run(impl, qw, torch.randn(3, K), **{attr: value})
