@@ -342,10 +342,10 @@ def to_storage(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool
 
 
 def codes_from_storage(codes_lo: torch.Tensor, codes_hi: torch.Tensor, bits: int, block_n: int,
-                       out_features: int, in_features: int, row0: int = 0, row1: int | None = None) -> torch.Tensor:
+                       out_features: int, stored_k: int, row0: int = 0, row1: int | None = None) -> torch.Tensor:
     """Stored planes -> uint8 codes of rows ``row0 .. row1`` (``row0`` a multiple of ``block_n``;
-    default all ``out_features`` rows) ``[row1 - row0, in_features]``."""
-    rows, k = int4.padded_rows(out_features), in_features
+    default all ``out_features`` rows) ``[row1 - row0, stored_k]`` (every stored column, padding included)."""
+    rows, k = int4.padded_rows(out_features), stored_k
     row1 = out_features if row1 is None else row1
     stop = min(rows, -(-row1 // block_n) * block_n)  # whole tiles
     lo, hi = plane_bits(bits)
