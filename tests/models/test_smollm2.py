@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import fxquant
+from conftest import smollm2_example
 
 pytestmark = pytest.mark.models
 
@@ -54,9 +55,7 @@ def test_decoder_linears_quantized_lm_head_skipped(smollm2, int8wo):
 @pytest.fixture(scope="module")
 def int4wo(smollm2):
     model, tokenizer = smollm2
-    enc = tokenizer(EXAMPLE, padding=True, return_tensors="pt")
-    example = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "use_cache": False}
-    return fxquant.compile(model, fxquant.Spec(default="int4wo-128", skip=["lm_head"]), (), example)
+    return fxquant.compile(model, fxquant.Spec(default="int4wo-128", skip=["lm_head"]), (), smollm2_example(tokenizer))
 
 
 def test_int4wo_128_quantizes_every_projection(smollm2, int4wo):
