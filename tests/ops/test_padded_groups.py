@@ -47,8 +47,9 @@ class Spy:
         monkeypatch.setattr(module, name, counted)
 
 
-def run_path(scheme, k, m, dtype, monkeypatch, spy, native=True):
-    """The op at ``m`` rows against its reference; ``spy`` = (module, name) must have run and returned."""
+def run_path(scheme, k, m, dtype, monkeypatch, spy, native=True, cd=None):
+    """The op at ``m`` rows (``compute_dtype`` ``cd``) against its reference; ``spy`` = (module, name)
+    must have run and returned."""
     if not native:
         monkeypatch.setattr(native_cpu, "_lib", lambda: None)
     w, qw, op = quantized(scheme, N, k)
@@ -56,16 +57,17 @@ def run_path(scheme, k, m, dtype, monkeypatch, spy, native=True):
     x = (torch.randn(m, k, generator=torch.Generator().manual_seed(m)) + 0.2).to(dtype)
     bias = torch.randn(N).to(dtype)
     args = (x, *qw.tensors.values(), bias)
-    y = op(*args, **qw.attrs)
-    r = op_def(qw).reference(*args, **qw.attrs)
+    attrs = {**qw.attrs, **({"compute_dtype": cd} if cd is not None else {})}
+    y = op(*args, **attrs)
+    r = op_def(qw).reference(*args, **attrs)
     assert any(s.calls), f"{spy[1]} was not taken"
     assert y.shape == r.shape == (m, N) and y.dtype == dtype
     return y, r, x, op_def(qw).dequantized(qw.tensors, {**qw.attrs, "compute_dtype": None}), bias
 
 
-def check(scheme, k, m, dtype, monkeypatch, spy, exact_in_fp32, native=True):
-    y, r, x, w, bias = run_path(scheme, k, m, dtype, monkeypatch, spy, native)
-    exact = exact_in_fp32 and dtype == torch.float32
+def check(scheme, k, m, dtype, monkeypatch, spy, exact_in_fp32, native=True, cd=None):
+    y, r, x, w, bias = run_path(scheme, k, m, dtype, monkeypatch, spy, native, cd)
+    exact = exact_in_fp32 and dtype == torch.float32 and cd is None
     assert_linear_close(y, r, x, w, FP32_TOL if exact else BF16_TOL, bias)
 
 
@@ -88,12 +90,16 @@ def test_int4wo_native_bf16_dot_gemv(k, monkeypatch):
     check("int4wo-64", k, 3, torch.float32, monkeypatch, (native_cpu, "int4_tiled_gemv"), False)
 
 
+#: where the ATen int4 kernel (a bf16 result) is allowed: bf16 x, or fp32 x with compute_dtype bf16
+BF16_RESULT = [(torch.bfloat16, None), (torch.float32, torch.bfloat16)]
+
+
 @needs_int4pack
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype,cd", BF16_RESULT)
 @pytest.mark.parametrize("k", KS)
-def test_int4wo_aten_int4pack(k, dtype, monkeypatch):
+def test_int4wo_aten_int4pack(k, dtype, cd, monkeypatch):
     check("int4wo-128", k, 5, dtype, monkeypatch, (torch.ops.aten, "_weight_int4pack_mm_for_cpu"), False,
-          native=False)
+          native=False, cd=cd)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -119,10 +125,11 @@ def test_intx_native_gemv(k, scheme, dtype, monkeypatch, fp32_dense):
 
 
 @needs_int4pack
+@pytest.mark.parametrize("dtype,cd", BF16_RESULT)
 @pytest.mark.parametrize("scheme", ["uint3wo-128", "int8wo-64", "uint4wo-32"])
 @pytest.mark.parametrize("k", KS)
-def test_intx_int4_kernel(k, scheme, monkeypatch):
-    check(scheme, k, 5, torch.float32, monkeypatch, (intx, "int4_kernel_linear"), False, native=False)
+def test_intx_int4_kernel(k, scheme, dtype, cd, monkeypatch):
+    check(scheme, k, 5, dtype, monkeypatch, (intx, "int4_kernel_linear"), False, native=False, cd=cd)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
