@@ -1,0 +1,92 @@
+"""Timing HF ``generate`` (decode and prefill), compiling a model the HF way, counting graphs, and
+profiling decode steps: the measuring half of tools/bench_e2e.py.
+
+Decode time comes from a forward hook on the model that stamps ``perf_counter`` when each forward
+returns.  ``generate(prompt, max_new_tokens=n, min_new_tokens=n)`` runs 1 prefill forward (its
+logits give the first new token) and n - 1 decode forwards; the decode time per token is
+``(stamp[n - 1] - stamp[0]) / (n - 1)``: every decode forward plus everything ``generate`` does per
+step (logits processors, argmax, cache bookkeeping, input preparation), and nothing of the prefill.
+Prefill time is one ``generate(prompt, max_new_tokens=1)`` call timed whole (the prefill forward, the
+few ms of ``generate``'s setup, one token's selection).
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Any
+
+import torch
+
+
+def generate_kwargs(model: torch.nn.Module, mode: str, cache_len: int) -> dict[str, Any]:
+    """Greedy batch-1 ``generate`` arguments.  ``compiled`` uses the static cache sized ``cache_len`` for
+    every call (decode and prefill prompts alike), so a cache of one shape serves all calls and nothing
+    recompiles when the prompt length changes; ``eager`` keeps the default dynamic cache."""
+    pad = model.config.pad_token_id
+    kw: dict[str, Any] = dict(do_sample=False, num_beams=1, pad_token_id=0 if pad is None else pad)
+    if mode == "compiled":
+        kw.update(cache_implementation="static", max_cache_len=cache_len)
+    return kw
+
+
+def compile_forward(model: torch.nn.Module) -> None:
+    """Compile ``model.forward`` in place, as the HF docs do with the static cache (``dynamic=False``:
+    one graph per input shape).  ``fullgraph`` stays off so that a peer with graph breaks still runs;
+    the breaks are counted (:func:`compile_stats`)."""
+    model.forward = torch.compile(model.forward, dynamic=False)
+
+
+def compile_stats() -> tuple[int, int]:
+    """``(graphs compiled, graph breaks)`` so far in this process (dynamo's counters)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+
+
+def _generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, kw: dict[str, Any]) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+
+
+def decode_seconds_per_token(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, kw: dict[str, Any]) -> float:
+    """Seconds per decode step of one ``generate`` call (see the module docstring); ``new_tokens`` >= 2."""
+    stamps: list[float] = []
+    hook = model.register_forward_hook(lambda *_: stamps.append(time.perf_counter()))
+    try:
+        out = _generate(model, ids, new_tokens, kw)
+    finally:
+        hook.remove()
+    if out.shape[1] != ids.shape[1] + new_tokens or len(stamps) != new_tokens:
+        raise RuntimeError(f"generate made {out.shape[1] - ids.shape[1]} tokens in {len(stamps)} forwards, "
+                           f"expected {new_tokens}")
+    return (stamps[-1] - stamps[0]) / (new_tokens - 1)
+
+
+def prefill_seconds(model: torch.nn.Module, ids: torch.Tensor, kw: dict[str, Any]) -> float:
+    """Seconds of one ``generate(ids, max_new_tokens=1)``."""
+    t0 = time.perf_counter()
+    _generate(model, ids, 1, kw)
+    return time.perf_counter() - t0
+
+
+def warm_up(model: torch.nn.Module, decode_ids: torch.Tensor, prefill_ids: torch.Tensor, kw: dict[str, Any]) -> None:
+    """Untimed calls of every shape the timed calls use: the prefill at both prompt lengths and a few
+    decode steps (compiles every graph under ``torch.compile``; builds the native kernels and
+    touches every weight eagerly)."""
+    _generate(model, decode_ids, 3, kw)
+    _generate(model, prefill_ids, 1, kw)
+
+
+def profile_decode(model: torch.nn.Module, ids: torch.Tensor, steps: int, kw: dict[str, Any], top: int = 30) -> str:
+    """torch.profiler over ``steps`` decode steps of one ``generate`` (the prefill and 2 warm steps are
+    skipped by the schedule): the top ``top`` ops by self CPU time, as a text table."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    with profile(activities=[ProfilerActivity.CPU], schedule=schedule(wait=1, warmup=2, active=steps)) as prof:
+        hook = model.register_forward_hook(lambda *_: prof.step())
+        try:
+            _generate(model, ids, steps + 4, kw)
+        finally:
+            hook.remove()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
