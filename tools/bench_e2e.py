@@ -95,15 +95,16 @@ def _error(e: BaseException) -> str:
 class Bench:
     """One (model, mode): a bf16 reference, prompts, ``generate`` arguments; measures variants."""
 
-    def __init__(self, base: torch.nn.Module, tokenizer, model_name: str, mode: str, args: argparse.Namespace):
+    def __init__(self, base: torch.nn.Module, tokenizer, model_name: str, mode: str, args: argparse.Namespace,
+                 reference: bool = True):
         self.base, self.model_name, self.mode, self.args = base, model_name, mode, args
         self.decode_ids = models.prompt(base, tokenizer, args.prompt_len)
         self.prefill_ids = models.prompt(base, tokenizer, args.prefill_len)
         cache_len = max(args.prompt_len + args.new_tokens, args.prefill_len + 1)
         self.kw = timing.generate_kwargs(base, mode, cache_len)
-        self.ref = base if mode == "eager" else self._compiled(copy.deepcopy(base))
+        self.ref = base if mode == "eager" or not reference else self._compiled(copy.deepcopy(base))
         self.order = random.Random(f"{model_name}/{mode}")
-        if mode == "eager":
+        if mode == "eager" and reference:
             timing.warm_up(self.ref, self.decode_ids, self.prefill_ids, self.kw)
 
     @staticmethod
@@ -258,8 +259,8 @@ def _header(args: argparse.Namespace, load_before: float) -> list[str]:
 def _profile(args: argparse.Namespace) -> int:
     model_name, mode = args.models[0], args.modes[0]
     base, tokenizer = models.build(model_name)
-    bench = Bench(base, tokenizer, model_name, mode, args)
-    model = bench.ref if args.profile == "bf16" else bench.make(BY_NAME[args.profile])
+    bench = Bench(base, tokenizer, model_name, mode, args, reference=False)
+    model = bench.make(BY_NAME[args.profile])
     print(f"{model_name} / {mode} / {args.profile}: {args.profile_steps} decode steps "
           f"after a {args.prompt_len}-token prompt, top ops by self CPU time")
     print(timing.profile_decode(model, bench.decode_ids, args.profile_steps, bench.kw))
@@ -304,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(_header(args, load_before)))
     for name in args.models:
         for mode in args.modes:
-            print(f"\n{name} / {mode}:")
+            print(f"\n{name} / {mode} (x bf16: against the bf16 reference timed in the same rounds as the row; "
+                  "the bf16 row pools all those samples):")
             print(_table([r for r in results if (r.model, r.mode) == (name, mode)], args))
     targets = _targets(results)
     print(f"\ntargets ({TARGET_MODEL}, CPU, ratios measured in this run):")

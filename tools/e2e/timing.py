@@ -80,13 +80,23 @@ def warm_up(model: torch.nn.Module, decode_ids: torch.Tensor, prefill_ids: torch
 
 def profile_decode(model: torch.nn.Module, ids: torch.Tensor, steps: int, kw: dict[str, Any], top: int = 30) -> str:
     """torch.profiler over ``steps`` decode steps of one ``generate`` (the prefill and 2 warm steps are
-    skipped by the schedule): the top ``top`` ops by self CPU time, as a text table."""
+    skipped by the schedule): a summary line (time per step, and the part spent outside every op:
+    Python, module calls, generate's loop), then the top ``top`` ops by self CPU time, grouped by
+    input shapes (so lm_head, attention projections and the MLP show apart), as text."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
-    with profile(activities=[ProfilerActivity.CPU], schedule=schedule(wait=1, warmup=2, active=steps)) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True,
+                 schedule=schedule(wait=1, warmup=2, active=steps, repeat=1)) as prof:
         hook = model.register_forward_hook(lambda *_: prof.step())
         try:
             _generate(model, ids, steps + 4, kw)
         finally:
             hook.remove()
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
+    events = prof.key_averages()
+    step = next((e for e in events if e.key.startswith("ProfilerStep")), None)
+    summary = "" if step is None else (
+        f"per decode step: {step.cpu_time_total / steps / 1e3:.2f} ms, of which outside any op (Python, "
+        f"module calls, generate's loop) {step.self_cpu_time_total / steps / 1e3:.2f} ms\n")
+    table = prof.key_averages(group_by_input_shape=True).table(
+        sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=50, max_shapes_column_width=70)
+    return summary + table
