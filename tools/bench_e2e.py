@@ -247,7 +247,7 @@ def _header(args: argparse.Namespace, load_before: float) -> list[str]:
             versions.append(f"{dist} {importlib.metadata.version(dist)}")
         except importlib.metadata.PackageNotFoundError:
             versions.append(f"{dist} -")
-    return [f"command: python tools/bench_e2e.py {' '.join(sys.argv[1:])}".rstrip(),
+    return [f"command: python tools/bench_e2e.py {' '.join(args.argv)}".rstrip(),
             f"cpu: {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads of {os.cpu_count()} "
             f"logical cpus; 1-min load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after",
             f"versions: {', '.join(versions)}",
@@ -286,6 +286,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="instead of the benchmark: torch.profiler over decode steps of ROW (first model and mode)")
     p.add_argument("--profile-steps", type=int, default=8, help="decode steps profiled (default 8)")
     args = p.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
     if args.new_tokens < 2 or min(args.prompt_len, args.prefill_len, args.reps, args.profile_steps) < 1:
         p.error("--new-tokens must be >= 2; --prompt-len, --prefill-len, --reps, --profile-steps >= 1")
     return args
