@@ -22,8 +22,8 @@ its timed calls are interleaved with those of a bf16 reference model kept for th
 seeded random order of {variant, bf16} x {decode, prefill} per round), so each ratio compares two
 models measured in the same minutes of a shared machine.  Ratios are ``bf16 median / variant median``
 of the paired samples; the bf16 row pools all its samples.  Under ``compiled``, dynamo is reset
-before each variant (compiled code of earlier models would pile up against dynamo's recompile limit)
-and the bf16 reference recompiles (inductor's cache makes that quick).  Full default run, estimated
+after each variant (its caches hold the freed model, and compiled code of earlier models would pile up
+against dynamo's recompile limit), so the bf16 reference recompiles, untimed, for the next one.  Full default run, estimated
 on the 2-core VM: SmolLM2 ~15 min, tinyllama-1.1b ~2.5 h (bf16 decodes ~5 tokens/s eagerly).
 """
 from __future__ import annotations
@@ -86,6 +86,12 @@ def _progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _rss_gb() -> float:
+    """Resident memory of this process now (Linux), in GB; 0 where /proc is missing."""
+    statm = Path("/proc/self/statm")
+    return int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9 if statm.exists() else 0.0
+
+
 def _error(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
     return f"{type(e).__name__}: {lines[0] if lines else ''}"[:160].replace("|", "/")
@@ -124,8 +130,7 @@ class Bench:
         res = Result(model=self.model_name, mode=self.mode, row=v.name, kind=v.kind, bits=v.bits)
         inductor_config = torch._inductor.config.save_config()  # torchao's quantize_ changes it globally
         try:
-            if self.mode == "compiled":
-                torch._dynamo.reset()
+            if self.mode == "compiled":  # compiled after the reset that ended the previous row
                 timing.warm_up(self.ref, self.decode_ids, self.prefill_ids, self.kw)
             g0, b0 = timing.compile_stats()
             model = self.make(v)
@@ -138,6 +143,8 @@ class Bench:
         finally:
             torch._inductor.config.load_config(inductor_config)
             model = None
+            if self.mode == "compiled":  # dynamo's caches hold the model: free it before the next copy
+                torch._dynamo.reset()
             gc.collect()
         return res
 
@@ -173,13 +180,13 @@ def run_model(model_name: str, variants: list[Variant], args: argparse.Namespace
     base, tokenizer = models.build(model_name)
     out = []
     for mode in args.modes:
-        _progress(f"[{model_name} / {mode}] warming up the bf16 reference")
+        _progress(f"[{model_name} / {mode}] preparing the bf16 reference")
         bench = Bench(base, tokenizer, model_name, mode, args)
         results = []
         for v in variants:
             if v.name == "bf16":
                 continue
-            _progress(f"[{model_name} / {mode}] {v.name}")
+            _progress(f"[{model_name} / {mode}] {v.name} (process RSS before: {_rss_gb():.1f} GB)")
             results.append(bench.measure(v))
             if results[-1].error:
                 _progress(f"    failed: {results[-1].error}")
