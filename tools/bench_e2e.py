@@ -204,11 +204,12 @@ def _table(results: list[Result], args: argparse.Namespace) -> str:
     head = ["row", "kind", "bits", "weights MB", "x bf16 bytes", "decode tok/s", "x bf16", "prefill tok/s", "x bf16",
             "graphs warm/timed", "breaks", "reps"]
     bf16 = next((r for r in results if r.row == "bf16"), None)
-    body = []
+    body, errors = [], []
     for r in results:
         cells = [r.row, r.kind, r.bits]
         if r.error:
-            body.append(cells + [r.error] + [""] * (len(head) - 4))
+            errors.append(f"[{len(errors) + 1}] {r.row}: {r.error}")
+            body.append(cells + [f"failed [{len(errors)}]"] + [""] * (len(head) - 4))
             continue
         size = f"{r.weight_bytes / bf16.weight_bytes:.3f}" if bf16 and bf16.weight_bytes else ""
         graphs = f"{r.graphs_warmup}/{r.graphs_timed}" if r.mode == "compiled" and r.row != "bf16" else ""
@@ -217,7 +218,8 @@ def _table(results: list[Result], args: argparse.Namespace) -> str:
                              f"{args.prefill_len / _stat(r.prefill_s, 'median'):.1f}", f"{r.prefill_x():.2f}",
                              graphs, r.graph_breaks if r.mode == "compiled" and r.row != "bf16" else "",
                              len(r.decode_s)])
-    return tabulate(body, head, tablefmt="github" if args.markdown else "simple", disable_numparse=True)
+    table = tabulate(body, head, tablefmt="github" if args.markdown else "simple", disable_numparse=True)
+    return "\n".join([table, *errors])
 
 
 def _verdict(ratio: float, target: float) -> str:
