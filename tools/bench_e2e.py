@@ -23,8 +23,13 @@ seeded random order of {variant, bf16} x {decode, prefill} per round), so each r
 models measured in the same minutes of a shared machine.  Ratios are ``bf16 median / variant median``
 of the paired samples; the bf16 row pools all its samples.  Under ``compiled``, dynamo is reset
 after each variant (its caches hold the freed model, and compiled code of earlier models would pile up
-against dynamo's recompile limit), so the bf16 reference recompiles, untimed, for the next one.  Full default run, estimated
-on the 2-core VM: SmolLM2 ~15 min, tinyllama-1.1b ~2.5 h (bf16 decodes ~5 tokens/s eagerly).
+against dynamo's recompile limit), so the bf16 reference recompiles, untimed, for the next one.
+
+Full default run, estimated from short runs on the 2-core VM while it was quiet (bf16 1.1B eagerly:
+6.5 decode / 180 prefill tokens/s): 2-2.5 h.  tinyllama-1.1b eager ~40 min (the slow eager peers,
+e.g. torchao int8 at ~2 tokens/s, and fp32 take most of it), compiled ~50 min (per row: 3 graphs
+compiled and the bf16 reference's 3 recompiled, ~1-2 min with a warm inductor cache); SmolLM2
+~30-40 min, mostly compiling.  Peak memory ~9-11 GB (bf16 model, bf16 reference, one variant).
 """
 from __future__ import annotations
 
