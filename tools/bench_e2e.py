@@ -155,14 +155,19 @@ class Bench:
 
     def _rounds(self, model: torch.nn.Module, res: Result) -> None:
         a = self.args
-        calls = [(res.decode_s, lambda m=model: timing.decode_seconds_per_token(m, self.decode_ids, a.new_tokens, self.kw)),
-                 (res.prefill_s, lambda m=model: timing.prefill_seconds(m, self.prefill_ids, self.kw)),
-                 (res.ref_decode_s, lambda: timing.decode_seconds_per_token(self.ref, self.decode_ids, a.new_tokens, self.kw)),
-                 (res.ref_prefill_s, lambda: timing.prefill_seconds(self.ref, self.prefill_ids, self.kw))]
+
+        def decode(m: torch.nn.Module) -> float:
+            return timing.decode_seconds_per_token(m, self.decode_ids, a.new_tokens, self.kw)
+
+        def prefill(m: torch.nn.Module) -> float:
+            return timing.prefill_seconds(m, self.prefill_ids, self.kw)
+
+        calls = [(res.decode_s, decode, model), (res.prefill_s, prefill, model),
+                 (res.ref_decode_s, decode, self.ref), (res.ref_prefill_s, prefill, self.ref)]
         for rnd in range(a.reps):
             self.order.shuffle(calls)  # a new order each round: noise and cache state hit both models alike
-            for out, call in calls:
-                out.append(call())
+            for out, call, m in calls:
+                out.append(call(m))
             _progress(f"    round {rnd + 1}/{a.reps}: decode {1 / res.decode_s[-1]:.1f} tok/s "
                       f"(bf16 {1 / res.ref_decode_s[-1]:.1f}), prefill {a.prefill_len / res.prefill_s[-1]:.0f} tok/s "
                       f"(bf16 {a.prefill_len / res.ref_prefill_s[-1]:.0f})")
@@ -327,8 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ntargets ({TARGET_MODEL}, CPU, ratios measured in this run):")
     print("\n".join(targets))
     if args.json:
-        args.json.write_text(json.dumps(dict(header=_header(args, load_before), args={k: str(v) for k, v in vars(args).items()},
-                                             results=[dataclasses.asdict(r) for r in results], targets=targets), indent=1))
+        report = dict(header=_header(args, load_before), args={k: str(v) for k, v in vars(args).items()},
+                      results=[dataclasses.asdict(r) for r in results], targets=targets)
+        args.json.write_text(json.dumps(report, indent=1))
     return 0
 
 
