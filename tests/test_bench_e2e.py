@@ -16,8 +16,7 @@ from tools import bench_e2e  # noqa: E402
 def test_bench_e2e_tiny_llama(tmp_path, capsys):
     out = tmp_path / "e2e.json"
     argv = ["--models", "tiny-llama", "--modes", "eager", "--new-tokens", "4", "--prompt-len", "8",
-            "--prefill-len", "16",
-            "--reps", "1", "--threads", "1", "--rows", "int8wo", "quanto-qint8", "--json", str(out)]
+            "--prefill-len", "16", "--reps", "1", "--threads", "1", "--rows", "int8wo", "quanto-qint8", "--json", str(out)]
     assert bench_e2e.main(argv) == 0
     text = capsys.readouterr().out
     assert "tiny-llama / eager" in text and "targets" in text
