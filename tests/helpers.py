@@ -9,6 +9,13 @@ import torch
 FAST_PATH_TOL = {torch.float32: 1e-2, torch.bfloat16: 2e-2, torch.float16: 1e-2}
 
 
+def policy_x(x: torch.Tensor) -> torch.Tensor:
+    """The values the ops compute on under ``compute_dtype=None`` on this CPU: fp32 x rounded to bf16
+    where the dense path is bf16 (:func:`fxquant.ops._cpu.numerics`), else x."""
+    from fxquant.ops import _cpu
+    return x.to(torch.bfloat16).to(x.dtype) if _cpu.numerics(x.dtype, None).round_x else x
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.float(), b.float()
     return ((a - b).norm() / b.norm().clamp(min=1e-12)).item()

@@ -12,7 +12,7 @@ is included (``tools/e2e/timing.py``).  *Prefill*: a 512-token prompt, ``generat
 ``max_new_tokens=1`` timed whole; tokens/s = 512 / seconds.  Models (``tools/e2e/models.py``): the
 real SmolLM2-135M in bf16 and a random-weight Llama with TinyLlama-1.1B's shapes (lm_head untied).
 Modes: ``eager`` (default dynamic cache) and ``compiled`` (``model.forward = torch.compile(...)``,
-static cache of one size for all calls; graphs are compiled in untimed warm-up calls, and the graphs
+static caches sized as ``generate`` sizes them, one for the decode calls and one for the prefill; graphs are compiled in untimed warm-up calls, and the graphs
 compiled during the timed calls are counted: 0 means no recompilation per token or per call).
 Rows (``tools/e2e/variants.py``): bf16, fp32, fxquant ``quantize_`` with each scheme, and the peers
 (torchao, optimum-quanto, bitsandbytes) through their own APIs; a row that fails shows its error.
@@ -111,12 +111,14 @@ class Bench:
         self.base, self.model_name, self.mode, self.args = base, model_name, mode, args
         self.decode_ids = models.prompt(base, tokenizer, args.prompt_len)
         self.prefill_ids = models.prompt(base, tokenizer, args.prefill_len)
-        cache_len = max(args.prompt_len + args.new_tokens, args.prefill_len + 1)
-        self.kw = timing.generate_kwargs(base, mode, cache_len)
+        # static caches sized as generate sizes them (prompt + new tokens): decode attends over the
+        # slots it needs, prefill gets its own cache (and graph, compiled in the warm-up)
+        self.kw = timing.generate_kwargs(base, mode, args.prompt_len + args.new_tokens)
+        self.kw_prefill = timing.generate_kwargs(base, mode, args.prefill_len + 1)
         self.ref = base if mode == "eager" or not reference else self._compiled(copy.deepcopy(base))
         self.order = random.Random(f"{model_name}/{mode}")
         if mode == "eager" and reference:
-            timing.warm_up(self.ref, self.decode_ids, self.prefill_ids, self.kw)
+            timing.warm_up(self.ref, self.decode_ids, self.prefill_ids, self.kw, self.kw_prefill)
 
     @staticmethod
     def _compiled(model: torch.nn.Module) -> torch.nn.Module:
@@ -128,7 +130,7 @@ class Bench:
         model = v.make(copy.deepcopy(self.base), self.decode_ids)
         if self.mode == "compiled":
             self._compiled(model)
-        timing.warm_up(model, self.decode_ids, self.prefill_ids, self.kw)
+        timing.warm_up(model, self.decode_ids, self.prefill_ids, self.kw, self.kw_prefill)
         return model
 
     def measure(self, v: Variant) -> Result:
@@ -136,7 +138,7 @@ class Bench:
         inductor_config = torch._inductor.config.save_config()  # torchao's quantize_ changes it globally
         try:
             if self.mode == "compiled":  # compiled after the reset that ended the previous row
-                timing.warm_up(self.ref, self.decode_ids, self.prefill_ids, self.kw)
+                timing.warm_up(self.ref, self.decode_ids, self.prefill_ids, self.kw, self.kw_prefill)
             g0, b0 = timing.compile_stats()
             model = self.make(v)
             g1, b1 = timing.compile_stats()
@@ -160,7 +162,7 @@ class Bench:
             return timing.decode_seconds_per_token(m, self.decode_ids, a.new_tokens, self.kw)
 
         def prefill(m: torch.nn.Module) -> float:
-            return timing.prefill_seconds(m, self.prefill_ids, self.kw)
+            return timing.prefill_seconds(m, self.prefill_ids, self.kw_prefill)
 
         calls = [(res.decode_s, decode, model), (res.prefill_s, prefill, model),
                  (res.ref_decode_s, decode, self.ref), (res.ref_prefill_s, prefill, self.ref)]

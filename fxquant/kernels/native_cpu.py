@@ -539,12 +539,12 @@ def int4_gemm(x2: torch.Tensor, qweight: torch.Tensor, *, block_n: int, group_si
     bf16 integers per group and the group's scale and offset applied in fp32 (the GEMV's numerics:
     products exact, sums fp32); otherwise ``W`` rounded once to bf16 first.  None where it does not
     apply (no AVX512-BF16, tiles other than 64 rows, non-bf16 scale / zero, odd group size)."""
+    n, k = out_features, x2.shape[1]
+    _check_tiles("int4_gemm", qweight, 4, k, n)
     lib = _lib()
     if (lib is None or lib.fxq512_int4t_bf16_gemm is None or block_n != 64 or group_size % 2
             or not _tile_scales_ok(scale, zero)):
         return None
-    n, k = out_features, x2.shape[1]
-    _check_tiles("int4_gemm", qweight, 4, k, n)
     if k == 0 or k % group_size:
         return None
     w = qweight.contiguous()

@@ -83,6 +83,13 @@ def native_max_rows(x2: torch.Tensor, nm: _cpu.Numerics) -> int:
     return NATIVE_MAX_ROWS
 
 
+def native_row_limit(x2: torch.Tensor, nm: _cpu.Numerics) -> int:
+    """Rows up to which the op runs the native GEMV: its own limit, and where the result must be
+    fp32-exact also the packed kernels' rows (int4pack's output is bf16)."""
+    lim = native_max_rows(x2, nm)
+    return max(lim, packed_max_rows() - 1) if nm.exact else lim
+
+
 def packed_max_rows() -> int:
     """Rows below which the packed kernels beat blocked decode + dense GEMM (capped CPU-wide)."""
     return min(_cpu.large_m_threshold(), PACKED_MAX_ROWS)
@@ -95,7 +102,7 @@ def _cpu_fast(x2, qweight, scales_and_zeros, group_size, block_n, out_features, 
     m, packed = x2.shape[0], packed_max_rows()
     # the native GEMV; where the result must be fp32-exact it also takes int4pack's rows (bf16 output):
     # per row it costs what int4pack does (AVX2 numbers above: M=16 23 / 27 ms)
-    if m <= native_max_rows(x2, nm) or (nm.exact and m < packed):
+    if m <= native_row_limit(x2, nm):
         y = native_cpu.int4_tiled_gemv(x2, qweight, block_n=block_n, group_size=group_size,
                                        scale=scales_and_zeros.select(-1, 0), zero=scales_and_zeros.select(-1, 1),
                                        out_features=out_features, bf16_out=x2.dtype == torch.bfloat16,

@@ -63,12 +63,18 @@ def packed_max_rows() -> int:
     return min(_cpu.large_m_threshold(), 12 if _cpu.dense_dtype() == torch.bfloat16 else 64)
 
 
+def native_row_limit(nm: _cpu.Numerics) -> int:
+    """Rows up to which the op runs the native GEMV: its own limit, and where the result must be
+    fp32-exact also the packed kernel's rows (int8pack's output is bf16)."""
+    return max(native_max_rows(), packed_max_rows() - 1) if nm.exact else native_max_rows()
+
+
 def _cpu_fast(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, *, nm: _cpu.Numerics) -> torch.Tensor | None:
     m, packed = x2.shape[0], packed_max_rows()
     # the native GEMV; where the result must be fp32-exact it also takes int8pack's rows (int8pack's
     # output is bf16).  Cost there, from the AVX2 numbers above (not measured again): the GEMV is linear
     # in M, ~1.4 ms per row against int8pack's ~1.1 and the blocked path's 62 ms at M=32
-    if m <= native_max_rows() or (nm.exact and m < packed):
+    if m <= native_row_limit(nm):
         y = native_cpu.int8_gemv(x2, qweight, scale, round_x=nm.round_x)
         if y is not None:
             return y

@@ -164,6 +164,15 @@ def _native_gemm() -> bool:
     return lib is not None and lib.fxq512_int8_bf16_gemm is not None
 
 
+def native_row_limit(nm: _cpu.Numerics) -> int:
+    """Rows up to which the op runs the native GEMV: its own limit, and where the result must be
+    fp32-exact and no native GEMM runs, up to the large-M threshold (its per-row cost is the planes
+    path's at M <= 8, measured above; linear in M)."""
+    if nm.exact and not _native_gemm():
+        return max(NATIVE_MAX_ROWS, _cpu.large_m_threshold() - 1)
+    return NATIVE_MAX_ROWS
+
+
 def _cpu_fast(x2: torch.Tensor, sign_bits: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *,
               nm: _cpu.Numerics | None = None) -> torch.Tensor | None:
     """``[M, K]`` -> ``[M, N]`` (module docstring) or None (the reference); ``nm``: the call's policy
@@ -175,9 +184,7 @@ def _cpu_fast(x2: torch.Tensor, sign_bits: torch.Tensor, a: torch.Tensor, b: tor
         return x2.new_zeros(m, n)
     gemm = _native_gemm()
     large = m >= _cpu.large_m_threshold()
-    # the GEMV; where the result must be fp32-exact and no native GEMM runs, up to the large-M threshold
-    # (its per-row cost is the planes path's at M <= 8, measured above; linear in M)
-    if m <= NATIVE_MAX_ROWS or (nm.exact and not gemm and not large):
+    if m <= native_row_limit(nm):
         y = native_cpu.onebit_gemv(x2, sign_bits, a, b, round_x=nm.round_x)
         if y is not None:
             return y

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import assert_linear_close, intx_code_part
+from helpers import assert_linear_close, intx_code_part, policy_x
 from fxquant.formats import int4
 from fxquant.kernels import native_cpu
 from fxquant.ops import _cpu, bnb4, fpx, int4wo, int8wo, intx, onebit
@@ -56,12 +56,6 @@ SCHEMES = {
 #: fp32 sum (and int4/intx's per-group s·Σqx + (z - mid·s)·Σx): a dot-product rounding bound far
 #: below any bf16 path's
 FP32_TOL, BF16_TOL = 2e-6, 2**-7
-
-
-def policy_x(x: torch.Tensor) -> torch.Tensor:
-    """The values the ops compute on under ``compute_dtype=None`` on this CPU: fp32 x rounded to bf16
-    where the dense path is bf16 (:func:`fxquant.ops._cpu.numerics`), else x."""
-    return x.to(torch.bfloat16).to(x.dtype) if _cpu.numerics(x.dtype, None).round_x else x
 
 
 def wrapper_of(qw) -> str:
@@ -208,9 +202,9 @@ def test_routing_by_rows(scheme):
     args = tuple(qw.tensors.values())
     x1 = torch.randn(1, 128)
     nm = _cpu.numerics(x1.dtype, None)
-    limit = (module.native_max_rows(x1, nm) if qw.op == "linear_int4wo" else
+    limit = (module.native_row_limit(x1, nm) if qw.op == "linear_int4wo" else
              module.native_max_rows(x1, qw.attrs["bits"], nm) if qw.op == "linear_intx" else
-             module.native_max_rows() if qw.op == "linear_int8wo" else module.NATIVE_MAX_ROWS)
+             module.native_row_limit(nm) if qw.op in ("linear_int8wo", "linear_onebit") else module.NATIVE_MAX_ROWS)
     for m, native in ((1, True), (limit, True), (limit + 1, False)):
         x = torch.randn(m, 128)
         with spy(wrapper) as calls:

@@ -3,12 +3,12 @@ autograd, compute_dtype, the scheme, and a compiled model mixing formats."""
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from torch.library import opcheck
 
 import fxquant
-from helpers import FAST_PATH_TOL, rel
+from helpers import FAST_PATH_TOL, policy_x, rel
 from fxquant.formats import onebit as fmt
 from fxquant.ops import _cpu
 from fxquant.ops import onebit as op
@@ -29,11 +29,12 @@ def _x(shape, dtype=torch.float32, seed=1):
 
 @given(m=st.integers(1, 40), n=st.integers(1, 80), k=st.integers(1, 130), dtype=st.sampled_from(DTYPES),
        with_bias=st.booleans(), lead=st.sampled_from([(), (2,), (1, 3)]), seed=st.integers(0, 999))
-def test_op_matches_reference(m, n, k, dtype, with_bias, lead, seed):
+@example(m=1, n=1, k=50, dtype=torch.float32, with_bias=False, lead=(), seed=0)  # one output near 0.5: x's
+def test_op_matches_reference(m, n, k, dtype, with_bias, lead, seed):  # bf16 rounding moves it 2.5%
     _, t = _stored(n, k, seed)
     x = _x((*lead, m, k), dtype, seed + 1)
     b = _x((n,), dtype, seed + 2) if with_bias else None
-    y, r = torch.ops.fxquant.linear_onebit(x, *t, b), op.reference(x, *t, b)
+    y, r = torch.ops.fxquant.linear_onebit(x, *t, b), op.reference(policy_x(x), *t, b)
     assert y.shape == (*lead, m, n) and y.dtype == dtype
     assert rel(y, r) < FAST_PATH_TOL[dtype]
 
@@ -43,7 +44,7 @@ def test_op_matches_reference(m, n, k, dtype, with_bias, lead, seed):
 def test_k_at_byte_edges(k, m):
     _, t = _stored(24, k, k)
     x = _x((m, k))
-    assert rel(op._cpu_fast(x, *t), op.reference(x, *t, None)) < FAST_PATH_TOL[torch.float32]
+    assert rel(op._cpu_fast(x, *t), op.reference(policy_x(x), *t, None)) < FAST_PATH_TOL[torch.float32]
 
 
 def test_non_negative_inputs_do_not_cancel():
@@ -75,7 +76,7 @@ def test_workspace_reused_across_layouts():
     for _ in range(2):
         for x, (_, t), y in zip(xs, layers, first):
             assert torch.equal(op._cpu_fast(x, *t), y)
-            assert rel(y, op.reference(x, *t, None)) < FAST_PATH_TOL[torch.float32]
+            assert rel(y, op.reference(policy_x(x), *t, None)) < FAST_PATH_TOL[torch.float32]
     op.clear_workspace()
     assert torch.equal(op._cpu_fast(xs[1], *layers[1][1]), first[1])
 

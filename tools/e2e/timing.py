@@ -19,9 +19,10 @@ import torch
 
 
 def generate_kwargs(model: torch.nn.Module, mode: str, cache_len: int) -> dict[str, Any]:
-    """Greedy batch-1 ``generate`` arguments.  ``compiled`` uses the static cache sized ``cache_len`` for
-    every call (decode and prefill prompts alike), so a cache of one shape serves all calls and nothing
-    recompiles when the prompt length changes; ``eager`` keeps the default dynamic cache."""
+    """Greedy batch-1 ``generate`` arguments.  ``compiled`` uses the static cache of ``cache_len`` slots
+    (the caller passes what ``generate`` would size it to: prompt + new tokens; decode and prefill get
+    one each, compiled in the warm-up, so nothing recompiles in a timed call); ``eager`` keeps the
+    default dynamic cache."""
     pad = model.config.pad_token_id
     kw: dict[str, Any] = dict(do_sample=False, num_beams=1, pad_token_id=0 if pad is None else pad)
     if mode == "compiled":
@@ -70,12 +71,13 @@ def prefill_seconds(model: torch.nn.Module, ids: torch.Tensor, kw: dict[str, Any
     return time.perf_counter() - t0
 
 
-def warm_up(model: torch.nn.Module, decode_ids: torch.Tensor, prefill_ids: torch.Tensor, kw: dict[str, Any]) -> None:
+def warm_up(model: torch.nn.Module, decode_ids: torch.Tensor, prefill_ids: torch.Tensor, kw: dict[str, Any],
+            kw_prefill: dict[str, Any] | None = None) -> None:
     """Untimed calls of every shape the timed calls use: the prefill at both prompt lengths and a few
     decode steps (compiles every graph under ``torch.compile``; builds the native kernels and
     touches every weight eagerly)."""
     _generate(model, decode_ids, 3, kw)
-    _generate(model, prefill_ids, 1, kw)
+    _generate(model, prefill_ids, 1, kw if kw_prefill is None else kw_prefill)
 
 
 def profile_decode(model: torch.nn.Module, ids: torch.Tensor, steps: int, kw: dict[str, Any], top: int = 30) -> str:
