@@ -90,7 +90,7 @@ def test_large_m_blocked_decode_is_the_reference_in_fp32(name, n, monkeypatch, f
 
 
 def test_int8wo_switches_kernels_at_its_own_crossover(monkeypatch):
-    """Between the native GEMV's rows (``native_max_rows()``, when the native kernels load) and
+    """Between the native GEMV's rows (``native_row_limit()``, when the native kernels load) and
     ``packed_max_rows()`` rows (measured per dense GEMM dtype, capped by the CPU-wide threshold)
     int8wo calls the packed kernel; from it on, the blocked dequantize path; all equal the reference."""
     from fxquant.kernels import native_cpu
@@ -98,7 +98,7 @@ def test_int8wo_switches_kernels_at_its_own_crossover(monkeypatch):
     real, calls = torch._weight_int8pack_mm, []
     monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: calls.append(1) or real(*a))
     limit = int8wo.packed_max_rows()
-    native = int8wo.native_max_rows() if native_cpu.available() else 0
+    native = int8wo.native_row_limit(_cpu.numerics(torch.float32, None)) if native_cpu.available() else 0
     _, op, ref = int8_case(64, 64, 2)
     for m, packed in ((limit - 1, int(native < limit - 1)), (limit, 0), (native + 1, int(native + 1 < limit))):
         calls.clear()
