@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_map
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .ops import op_def
 from .schemes import QuantizedWeight
@@ -54,10 +55,22 @@ class QuantizedLinear(nn.Module):
         else:
             self.register_buffer("bias", bias)
         self._fn = _op(qweight.op)
+        self._bound = None  # op_def(op).cpu_bound(...) for the current buffers: the eager CPU fast path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if type(x) is torch.Tensor and x.device.type == "cpu" and _plain_eager_call(x, self.bias):
+            bound = self._bound
+            if bound is None:
+                bound = self._bound = op_def(self.op_name).cpu_bound(
+                    {n: getattr(self, n) for n in self.tensor_names}, self.bias, self.op_attrs)
+            return bound(x)
         tensors = [getattr(self, n) for n in self.tensor_names]
         return self._fn(x, *tensors, self.bias, **self.op_attrs)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("bias", *getattr(self, "tensor_names", ())):
+            self.__dict__["_bound"] = None
+        super().__setattr__(name, value)
 
     def packed(self) -> QuantizedWeight:
         """The packed weight as the quantize pass produced it (the module's own buffers)."""
@@ -73,6 +86,7 @@ class QuantizedLinear(nn.Module):
                 f"bias={self.bias is not None}, scheme={self.scheme or self.op_name}")
 
     def _apply(self, fn, recurse=True):
+        self._bound = None
         packed = {n: self._buffers.pop(n) for n in self.tensor_names}
         try:
             super()._apply(fn, recurse)
@@ -81,6 +95,16 @@ class QuantizedLinear(nn.Module):
                 moved = fn(t)
                 self._buffers[n] = moved if moved.dtype == t.dtype else t.to(device=moved.device)
         return self
+
+
+def _plain_eager_call(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether the op would go straight to its CPU impl (no grad to record, no dispatch or function
+    mode, no profiler, not traced by dynamo / export / jit), so :meth:`LinearOpDef.cpu_bound` may
+    stand in for the dispatcher: same result, none of its per-call Python."""
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return False
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.autograd._profiler_enabled()
+                or torch._C._is_torch_function_mode_enabled() or _get_current_dispatch_mode() is not None)
 
 
 def _dequantize(qw: QuantizedWeight) -> torch.Tensor:

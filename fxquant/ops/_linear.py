@@ -136,7 +136,33 @@ class LinearOpDef:
         x, tensors, bias, scalars = self.split(args, kwargs)
         plain = {k: v for k, v in scalars.items() if k != "compute_dtype"}  # what check / cpu_fast / block_decoder take
         self.check(x, bias, **tensors, **plain)
+        return self.cpu_checked(x, tensors, bias, scalars, plain, self.n_out(tensors, scalars))
+
+    def cpu_bound(self, tensors: dict, bias: torch.Tensor | None, scalars: dict) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The CPU impl with the weight's arguments bound: ``fn(x)`` computes exactly what the op does
+        on a plain CPU ``x`` (the same :meth:`cpu_checked`), without the dispatcher, the argument
+        binding and the stored tensors' check on every call: what a module calls at decode, where a
+        small layer's kernel takes ~10-30 us and that overhead as much again.  ``x`` is checked in
+        full the first time each (K, dtype) is seen; the caller keeps ``tensors`` and ``bias``
+        unchanged (or builds a new ``fn``)."""
+        scalars = {**scalars, "compute_dtype": scalars.get("compute_dtype")}
+        plain = {k: v for k, v in scalars.items() if k != "compute_dtype"}
         n = self.n_out(tensors, scalars)
+        seen: set = set()
+
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            key = (x.shape[-1], x.dtype)
+            if key not in seen:
+                self.check(x, bias, **tensors, **plain)
+                seen.add(key)
+            return self.cpu_checked(x, tensors, bias, scalars, plain, n)
+
+        return fn
+
+    def cpu_checked(self, x: torch.Tensor, tensors: dict, bias: torch.Tensor | None, scalars: dict, plain: dict,
+                    n: int) -> torch.Tensor:
+        """:meth:`cpu` on split, checked arguments (``plain``: ``scalars`` without compute_dtype; ``n``:
+        out_features)."""
         if x.shape[-1] == 0 or x.numel() == 0:  # empty reduction or no rows: nothing to compute
             y = x.new_zeros((*x.shape[:-1], n))
             return y + bias.to(x.dtype) if bias is not None else y
