@@ -27,7 +27,9 @@ fastest dense dtype of this CPU instead.  Every path computes the op reference o
 from __future__ import annotations
 
 import functools
+import weakref
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
@@ -121,3 +123,18 @@ def numerics(x_dtype: torch.dtype, compute_dtype: torch.dtype | None, dynamic: b
 def rows(x: torch.Tensor) -> int:
     """Number of rows of ``x`` flattened to 2-D over its last dim."""
     return x.numel() // x.shape[-1] if x.shape[-1] else 0
+
+
+def memo_per_tensor(cache: dict, t: torch.Tensor, compute: Callable[[torch.Tensor], Any]) -> Any:
+    """``compute(t)``, remembered in ``cache`` while ``t`` lives and is not modified in place (keyed
+    by identity, stamped with its data pointer and version counter): what an op asks of a stored
+    tensor on every call (a prepacked copy, a property of a table)."""
+    key, stamp = id(t), (t.data_ptr(), t._version)
+    hit = cache.get(key)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    if hit is None:
+        weakref.finalize(t, cache.pop, key, None)
+    value = compute(t)
+    cache[key] = (stamp, value)
+    return value

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import threading
-import weakref
 from typing import Callable
 
 import torch
@@ -153,16 +152,12 @@ _TABLE_IN_BF16: dict[int, tuple[tuple, bool]] = {}  # id(table) -> ((data_ptr, v
 def table_in_bf16(table: torch.Tensor) -> bool:
     """Whether every entry of ``table`` is a bf16 number (not NF4's or bitsandbytes' FP4), remembered per table
     tensor while it lives (the op asks on every call)."""
-    key, stamp = id(table), (table.data_ptr(), table._version)
-    hit = _TABLE_IN_BF16.get(key)
-    if hit is not None and hit[0] == stamp:
-        return hit[1]
-    if hit is None:
-        weakref.finalize(table, _TABLE_IN_BF16.pop, key, None)
+    return _cpu.memo_per_tensor(_TABLE_IN_BF16, table, _exact_in_bf16)
+
+
+def _exact_in_bf16(table: torch.Tensor) -> bool:
     t = table.float()
-    exact = bool(torch.equal(t.to(torch.bfloat16).float(), t))
-    _TABLE_IN_BF16[key] = (stamp, exact)
-    return exact
+    return bool(torch.equal(t.to(torch.bfloat16).float(), t))
 
 
 def _native(x2, codes, code_table, blocksize, out_features, in_features, scale, nm, dq=None, absmax=None):

@@ -24,7 +24,6 @@ CUDA: :mod:`fxquant.kernels.int8dq`.
 from __future__ import annotations
 
 import functools
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -137,15 +136,7 @@ def _packed(qweight: torch.Tensor) -> torch.Tensor:
     """oneDNN's packed copy of ``qweight``, made once per weight tensor (~0.25 s for 11008x4096
     here) and kept while the tensor lives: +1 byte per parameter of RAM for the layers that ran
     at large M.  A weight modified in place (version bump) is repacked."""
-    key, stamp = id(qweight), (qweight.data_ptr(), qweight._version)
-    hit = _PACKED.get(key)
-    if hit is not None and hit[0] == stamp:
-        return hit[1]
-    if hit is None:
-        weakref.finalize(qweight, _PACKED.pop, key, None)
-    packed = _prepack(qweight)
-    _PACKED[key] = (stamp, packed)
-    return packed
+    return _cpu.memo_per_tensor(_PACKED, qweight, _prepack)
 
 
 def _prepack(qweight: torch.Tensor) -> torch.Tensor:
