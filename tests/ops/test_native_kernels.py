@@ -1,6 +1,7 @@
 """fxquant's native CPU GEMV kernels (``fxquant/kernels/native_cpu.c``), through the ops that use
 them at small M, against each op's plain-torch reference (the oracle); which M takes them; and
 what happens when they cannot be built or are turned off."""
+import contextlib
 import os
 import subprocess
 import sys
@@ -104,6 +105,21 @@ def quantized(scheme: str, n: int, k: int, seed: int):
     return qw, getattr(torch.ops.fxquant, qw.op)
 
 
+@contextlib.contextmanager
+def native_route(op_name: str):
+    """int4wo sends bf16 x to int4pack on CPUs without the bf16 dot kernel (``int4wo.native_row_limit``);
+    here the GEMV is under test, so it takes its own rows."""
+    if op_name != "linear_int4wo":
+        yield
+        return
+    real = int4wo.native_row_limit
+    int4wo.native_row_limit = lambda x2, nm, block_n=None: real(x2, nm)
+    try:
+        yield
+    finally:
+        int4wo.native_row_limit = real
+
+
 def check(scheme: str, n: int, k: int, m: int, dtype: torch.dtype, with_bias: bool, seed: int = 0) -> None:
     qw, op = quantized(scheme, n, k, seed)
     reference, module, _ = OPS[qw.op]
@@ -112,7 +128,7 @@ def check(scheme: str, n: int, k: int, m: int, dtype: torch.dtype, with_bias: bo
     x = (torch.randn(m, k, generator=gen) + 0.3).to(dtype)  # non-zero group sums: zero points matter
     bias = torch.randn(n, generator=gen).to(dtype) if with_bias else None
     args = tuple(qw.tensors.values())
-    with spy(wrapper) as calls:
+    with spy(wrapper) as calls, native_route(qw.op):
         y = op(x, *args, bias, **qw.attrs)
     assert calls, f"{scheme} M={m}: the native kernel was not called"
     r = reference(policy_x(x), *args, bias, **qw.attrs)

@@ -180,3 +180,23 @@ def test_compute_dtype_is_honoured(name, cd):
     r32 = ref(x, t1, t2, None, *extra)
     assert rel(y, ref(x, t1, t2, None, *extra, compute_dtype=cd)) < (1e-6 if cd == torch.float32 else 1e-2)
     assert rel(y, r32) < {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}[cd]
+
+
+@pytest.mark.parametrize("bf16_dot", [False, True])
+def test_int4wo_bf16_decode_route(monkeypatch, bf16_dot):
+    """bf16 activations without the bf16 dot-product kernel: int4pack at every M below its limit
+    (the fp32 native GEMV is compute-bound there), for weights tiled for this CPU only; fp32 x stays
+    on the native GEMV (an exact result); the result is the reference's either way."""
+    from fxquant.kernels import native_cpu
+
+    monkeypatch.setattr(native_cpu, "has_bf16_dot", lambda: bf16_dot)
+    bn = int4.native_cpu_block_n() or 64
+    xb, xf = torch.randn(1, 256, dtype=torch.bfloat16), torch.randn(1, 256)
+    nb, nf = _cpu.numerics(torch.bfloat16, None), _cpu.numerics(torch.float32, None)
+    assert (int4wo.native_row_limit(xb, nb, bn) == 0) == (not bf16_dot)
+    assert int4wo.native_row_limit(xf, nf, bn) >= int4wo.NATIVE_MAX_ROWS
+    assert int4wo.native_row_limit(xb, nb, 32 if bn != 32 else 64) >= int4wo.NATIVE_MAX_ROWS
+    _, op, ref = int4_case(96, 256, 0, group=64, block_n=bn)
+    for m in (1, 5):
+        x = torch.randn(m, 256, dtype=torch.bfloat16)
+        assert_linear_close(op(x, None), ref(x, None), x, op.weight, FAST_PATH_TOL[torch.bfloat16])
