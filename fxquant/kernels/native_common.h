@@ -20,8 +20,12 @@
  * native_cpu.c; production builds have neither the counter nor its check. */
 extern int fxq_fault_countdown;
 static inline int fxq_fault_now(void) {
-    if (__atomic_load_n(&fxq_fault_countdown, __ATOMIC_RELAXED) <= 0) return 0;
-    return __atomic_sub_fetch(&fxq_fault_countdown, 1, __ATOMIC_RELAXED) == 0;
+    /* compare-and-swap: threads allocating at once never take the count below 0 */
+    int n = __atomic_load_n(&fxq_fault_countdown, __ATOMIC_RELAXED);
+    while (n > 0)
+        if (__atomic_compare_exchange_n(&fxq_fault_countdown, &n, n - 1, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+            return n == 1;
+    return 0;
 }
 #define FXQ_FAULT() fxq_fault_now()
 #else

@@ -80,8 +80,11 @@ def test_cpu_int8_matmul_engines(m, k):
     got = op.cpu_int8_matmul(a, b)
     if m <= op.INT8PACK_MAX_M and _cpu.int8pack_k_ok(k):
         assert rel(got, exact) < 2**-8
-    else:  # oneDNN (when its probe passed) or the chunked fp32 product: exact integers
-        assert torch.equal(got, exact)
+    else:  # oneDNN (when its probe passed) or the chunked fp32 product: the integers, up to the fp32
+        # rounding of oneDNN's shifted sum sum((a + 128) * b) before its zero-point compensation
+        # (AMX: off by 1 at K=1040 here; VNNI and the chunked product: exact)
+        shifted = (a.float().abs() + 128) @ b.float().abs().T
+        assert torch.all((got - exact).abs() <= shifted * 2**-23)
     s = torch.rand(80).to(torch.bfloat16) + 0.5
     assert rel(op.cpu_int8_matmul(a, b, s), exact * s.float()) < 2**-8
 
