@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..formats import _common
+from ..formats.grid import Grid
 
 __all__ = ["Scheme", "QuantizedWeight", "parse_scheme", "valid_scheme_names", "scheme_to_json", "scheme_from_json"]
 
@@ -97,6 +98,18 @@ class Scheme:
     def dequantize(self, qw: QuantizedWeight) -> torch.Tensor:
         """Float32 ``[N, K]`` the stored buffers stand for (used for the report's error)."""
         raise NotImplementedError
+
+    def grid(self, n: int, k: int) -> "Grid | None":
+        """The affine code grid of an ``[n, k]`` weight (:class:`fxquant.formats.grid.Grid`), which
+        the algorithms (HQQ, GPTQ, AWQ) choose codes and parameters on; ``None`` when the format is
+        not an affine integer grid (then only round-to-nearest and format-specific methods apply)."""
+        return None
+
+    def pack_grid(self, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, n: int, k: int) -> QuantizedWeight:
+        """Codes ``q`` ``[groups, group_size]`` and parameters ``[groups]`` in :meth:`grid`'s group
+        layout (parameters holding values the format stores: ``Grid.fit`` / ``Grid.store``) -> the
+        stored buffers, exactly as :meth:`quantize` lays them out."""
+        raise NotImplementedError(f"{self} has no code grid")
 
     def rel_error(self, weight: torch.Tensor, qw: QuantizedWeight) -> float:
         return _common.rel_error(weight, self.dequantize(qw))

@@ -15,6 +15,7 @@ import torch
 
 from ..formats import int4 as int4_fmt
 from ..formats import intx as fmt
+from ..formats.grid import Grid
 from ._base import QuantizedWeight, Scheme
 
 __all__ = ["IntX"]
@@ -88,6 +89,30 @@ class IntX(Scheme):
                               axis=self.axis, block_n=block_n, out_features=weight.shape[0],
                               in_features=weight.shape[1])
         return QuantizedWeight(self.op, tensors, attrs, *weight.shape)
+
+    def grid(self, n: int, k: int) -> Grid:
+        qmax = (1 << self.bits) - 1
+        return Grid(qlo=0, qhi=qmax, mid=1 << (self.bits - 1), symmetric=self.symmetric,
+                    group_size=self.group_size, axis=self.axis, sym_den=qmax / 2, param_dtype=fmt.PARAM_DTYPE,
+                    min_scale=fmt.MIN_SCALE)
+
+    def pack_grid(self, q, scale, offset, n, k) -> QuantizedWeight:
+        grid = self.grid(n, k)
+        codes = grid.ungroup(q, n, fmt.stored_in_features(k, self.group_size, self.axis)).to(torch.uint8)
+        if self.axis == 1:
+            params = [p.reshape(n, -1).t() for p in (scale, offset)]
+        else:
+            params = [p.reshape(-1, k) for p in (scale, offset)]
+        block_n = int4_fmt.native_cpu_block_n() or 64
+        seq = fmt.tile_order(int4_fmt.pad_rows(codes, int4_fmt.padded_rows(n), 0), block_n)
+        lo, hi = fmt.plane_bits(self.bits)
+        empty = torch.empty(0, dtype=torch.uint8, device=q.device)
+        tensors = {"codes_lo": fmt.pack_plane(seq & 0xF, lo), "codes_hi": fmt.pack_plane(seq >> 4, hi) if hi else empty,
+                   "scale": params[0].to(fmt.PARAM_DTYPE).contiguous(),
+                   "offset": empty.to(fmt.PARAM_DTYPE) if self.symmetric else params[1].to(fmt.PARAM_DTYPE).contiguous()}
+        attrs = self.op_attrs(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric,
+                              axis=self.axis, block_n=block_n, out_features=n, in_features=k)
+        return QuantizedWeight(self.op, tensors, attrs, n, k)
 
     def dequantize(self, qw: QuantizedWeight) -> torch.Tensor:
         t = qw.tensors

@@ -9,6 +9,7 @@ import torch
 
 from ..formats import int4 as int4_fmt
 from ..formats import int8 as int8_fmt
+from ..formats.grid import Grid
 from ._base import QuantizedWeight, Scheme
 
 __all__ = ["Int8WeightOnly", "Int4WeightOnly"]
@@ -37,6 +38,15 @@ class Int8WeightOnly(Scheme):
 
     def dequantize(self, qw: QuantizedWeight) -> torch.Tensor:
         return int8_fmt.dequantize(qw.tensors["qweight"], qw.tensors["scale"])
+
+    def grid(self, n: int, k: int) -> Grid:
+        q = int8_fmt.QMAX
+        return Grid(qlo=128 - q, qhi=128 + q, mid=128, symmetric=True, group_size=max(k, 1), sym_den=q,
+                    param_dtype=int8_fmt.SCALE_DTYPE, min_scale=1e-12 / q)
+
+    def pack_grid(self, q, scale, offset, n, k) -> QuantizedWeight:
+        tensors = {"qweight": (q.reshape(n, k) - 128).to(torch.int8), "scale": scale.to(int8_fmt.SCALE_DTYPE)}
+        return QuantizedWeight(self.op, tensors, self.op_attrs(), n, k)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,6 +90,20 @@ class Int4WeightOnly(Scheme):
 
     def row_multiple(self, n: int, k: int) -> int:
         return int4_fmt.ROW_ALIGN  # whole tiles: only the last block is padded
+
+    def grid(self, n: int, k: int) -> Grid:
+        return Grid(qlo=0, qhi=15, mid=8, symmetric=False, group_size=self.group_size,
+                    param_dtype=int4_fmt.PARAM_DTYPE)
+
+    def pack_grid(self, q, scale, offset, n, k) -> QuantizedWeight:
+        block_n = int4_fmt.native_cpu_block_n() or 64
+        rows, dt = int4_fmt.padded_rows(n), int4_fmt.PARAM_DTYPE
+        q = int4_fmt.pad_rows(q.reshape(n, -1).to(torch.uint8), rows, 8)
+        sz = torch.stack([int4_fmt.pad_rows(scale.reshape(n, -1).to(dt), rows),
+                          int4_fmt.pad_rows(offset.reshape(n, -1).to(dt), rows)], dim=-1)
+        tensors = {"qweight": int4_fmt.pack(q, block_n), "scales_and_zeros": sz.transpose(0, 1).contiguous()}
+        attrs = self.op_attrs(group_size=self.group_size, block_n=block_n, out_features=n, in_features=k)
+        return QuantizedWeight(self.op, tensors, attrs, n, k)
 
     def dequantize(self, qw: QuantizedWeight) -> torch.Tensor:
         return int4_fmt.from_storage(qw.tensors["qweight"], qw.tensors["scales_and_zeros"], self.group_size,
