@@ -9,6 +9,7 @@ same spec works for a bare decoder and for the ``*ForCausalLM`` wrapper around i
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import json
 import re
@@ -83,9 +84,17 @@ class Spec:
     default: Scheme | str | None = None
     skip: tuple[str, ...] | list[str] = ()
     rules: Mapping[str, Any] | Iterable[tuple[str, Any]] | tuple[Rule, ...] = ()
+    #: a method (``fxquant.methods`` object or name) for every scheme here that names none
+    method: Any = None
 
     def __post_init__(self):
-        object.__setattr__(self, "default", parse_scheme(self.default, where="Spec.default"))
+        from .methods import parse_method
+
+        object.__setattr__(self, "method", parse_method(self.method, where="Spec.method"))
+        if self.method is not None and self.method.name == "rtn":
+            object.__setattr__(self, "method", None)
+        object.__setattr__(self, "default", self._with_method(parse_scheme(self.default, where="Spec.default"),
+                                                              "Spec.default"))
         if isinstance(self.skip, str):
             raise ValueError(f"Spec.skip must be a list of patterns, got the string {self.skip!r}")
         skip = tuple(self.skip)
@@ -107,10 +116,22 @@ class Spec:
                 raise ValueError(f"Spec.rules: expected (pattern, scheme) pairs, got {item!r}") from None
             where = f"Spec.rules[{pat!r}]"
             try:
-                rules.append(Rule(Pattern(pat), parse_scheme(scheme, where=where)))
+                if _is_method(scheme):  # a method alone: the default scheme's format with it
+                    if self.default is None:
+                        raise ValueError(f"method {scheme} given without a scheme (Spec.default is None)")
+                    scheme = dataclasses.replace(self.default.format, method=scheme)
+                rules.append(Rule(Pattern(pat), self._with_method(parse_scheme(scheme, where=where), where)))
             except ValueError as e:
                 raise ValueError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
         object.__setattr__(self, "rules", tuple(rules))
+
+    def _with_method(self, scheme: Scheme | None, where: str) -> Scheme | None:
+        if scheme is None or self.method is None or scheme.method is not None:
+            return scheme
+        try:
+            return dataclasses.replace(scheme, method=self.method)
+        except ValueError as e:
+            raise ValueError(f"{where}: Spec.method: {e}") from None
 
     # -- matching -------------------------------------------------------------------------------
     def choose(self, name: str) -> Choice:
@@ -132,23 +153,31 @@ class Spec:
     # -- serialisation --------------------------------------------------------------------------
     def to_dict(self) -> dict:
         """JSON-safe dict; ``Spec.from_dict(spec.to_dict()) == spec``."""
-        return {
+        from .methods import method_to_json
+
+        d = {
             "default": scheme_to_json(self.default),
             "skip": list(self.skip),
             "rules": {r.pattern.text: scheme_to_json(r.scheme) for r in self.rules},
         }
+        if self.method is not None:
+            d["method"] = method_to_json(self.method)
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Spec":
-        unknown = set(d) - {"default", "skip", "rules"}
+        from .methods import method_from_json
+
+        unknown = set(d) - {"default", "skip", "rules", "method"}
         if unknown:
-            raise ValueError(f"Spec.from_dict: unknown keys {sorted(unknown)}; valid: default, skip, rules")
+            raise ValueError(f"Spec.from_dict: unknown keys {sorted(unknown)}; valid: default, skip, rules, method")
         rules = d.get("rules", {})
         items = rules.items() if isinstance(rules, Mapping) else rules
         return cls(
             default=scheme_from_json(d.get("default"), where="Spec.default"),
             skip=tuple(d.get("skip", ())),
             rules=tuple((p, scheme_from_json(s, where=f"Spec.rules[{p!r}]")) for p, s in items),
+            method=method_from_json(d.get("method"), where="Spec.method"),
         )
 
     def to_json(self) -> str:
@@ -162,3 +191,9 @@ class Spec:
         if isinstance(spec, Mapping):
             return cls.from_dict(spec)
         return cls(default=spec)
+
+
+def _is_method(value: Any) -> bool:
+    from .methods import Method
+
+    return isinstance(value, Method)

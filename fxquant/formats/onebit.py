@@ -146,13 +146,29 @@ def fit_a(weight: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (weight.detach().float().abs() @ bf) / denom if denom > 0 else bf.new_zeros(weight.shape[0])
 
 
+def pack(sign: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Given signs and value vectors -> the stored buffers (the one packing path of the format).
+
+    ``sign`` float ``[N, K]``: only its sign is kept, as :func:`pack_signs` reads it (``>= 0``,
+    NaN and both zeros -> +1), so the weight itself or a ±1 matrix both work; ``a`` ``[N]`` and
+    ``b`` ``[K]`` any float dtype, rounded to nearest ``SCALE_DTYPE`` (bf16: unchanged).  Returns
+    ``sign_bits`` uint8 ``[N, ceil(K/8)]``, ``a`` bf16 ``[N]``, ``b`` bf16 ``[K]``; the weight they
+    stand for is :func:`dequantize` of them.  Used by :func:`quantize` and by the calibrated
+    ``fxquant.methods.OneBit``."""
+    n, k = sign.shape
+    if a.shape != (n,) or b.shape != (k,):
+        raise ValueError(f"onebit pack: a {tuple(a.shape)} and b {tuple(b.shape)} must be [{n}] and [{k}] "
+                         f"for signs of shape {tuple(sign.shape)}")
+    return {"sign_bits": pack_signs(sign), "a": a.to(SCALE_DTYPE), "b": b.to(SCALE_DTYPE)}
+
+
 def quantize(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     """Float ``[N, K]`` -> stored buffers ``sign_bits`` uint8 ``[N, ceil(K/8)]``, ``a`` bf16 ``[N]``,
     ``b`` bf16 ``[K]`` (SVID init, round to nearest; ``a`` refit to the rounded ``b``)."""
     _, b = svid(weight)
     b = b.to(SCALE_DTYPE)
     a = fit_a(weight, b).to(SCALE_DTYPE)
-    return {"sign_bits": pack_signs(weight), "a": a, "b": b}
+    return pack(weight, a, b)
 
 
 def dequantize(sign_bits: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

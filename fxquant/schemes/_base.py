@@ -64,11 +64,20 @@ class Scheme:
     #: table); ``None`` when the format cannot quantize row blocks independently to the same bits
     #: (a statistic over the whole weight).  Used to quantize large weights in bounded memory.
     row_split: ClassVar[dict[str, int | None] | None] = None
+    #: the algorithm that chooses the stored values (:mod:`fxquant.methods`); ``None`` is
+    #: round-to-nearest.  Written as a ``@<method>`` suffix: ``"int4wo-128@gptq"``.
+    method: Any = None
 
     def __post_init__(self):
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"{type(self).__name__}.compute_dtype={self.compute_dtype!r} is not supported; "
                              f"valid: None, torch.float32, torch.bfloat16, torch.float16")
+        _check_method(self)
+
+    @property
+    def format(self) -> "Scheme":
+        """The same scheme without its method (what is stored and which op runs)."""
+        return dataclasses.replace(self, method=None) if self.method is not None else self
 
     def op_attrs(self, **scalars: Any) -> dict[str, Any]:
         """The op's scalar arguments: ``scalars`` plus ``compute_dtype`` when it is set."""
@@ -78,6 +87,13 @@ class Scheme:
         super().__init_subclass__(**kw)
         if "family" in cls.__dict__:
             _REGISTRY.append(cls)
+        if "__str__" in cls.__dict__:  # every scheme string ends in "@<method>" when it has one
+            plain = cls.__dict__["__str__"]
+
+            def __str__(self, _plain=plain):
+                return _plain(self) if self.method is None else f"{_plain(self)}@{self.method.name}"
+
+            cls.__str__ = __str__
 
     @classmethod
     def parse(cls, text: str) -> "Scheme | None":
@@ -166,6 +182,18 @@ def parse_scheme(value: "Scheme | str | None", *, where: str = "scheme") -> "Sch
     """
     if value is None or isinstance(value, Scheme):
         return value
+    if isinstance(value, str) and "@" in value:
+        from ..methods import parse_method
+
+        text, _, name = value.rpartition("@")
+        scheme = parse_scheme(text, where=where)
+        if scheme is None:
+            raise ValueError(f"{where}: scheme {value!r}: a method needs a scheme before the '@'")
+        method = parse_method(name, where=f"{where}: scheme {value!r}")
+        try:
+            return dataclasses.replace(scheme, method=method)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
     if isinstance(value, str):
         text = value.strip().lower()
         for cls in _REGISTRY:
@@ -186,7 +214,11 @@ def scheme_to_json(scheme: "Scheme | None") -> "str | dict | None":
     text = str(scheme)
     if parse_scheme(text) == scheme:
         return text
-    fields = {f.name: _json_value(getattr(scheme, f.name)) for f in dataclasses.fields(scheme)}
+    from ..methods import method_to_json
+
+    fields = {f.name: (method_to_json(getattr(scheme, f.name)) if f.name == "method" else
+                       _json_value(getattr(scheme, f.name))) for f in dataclasses.fields(scheme)
+              if not (f.name == "method" and scheme.method is None)}
     return {"scheme": scheme.family, **fields}
 
 
@@ -196,8 +228,12 @@ def scheme_from_json(obj: "str | dict | None", *, where: str = "scheme") -> "Sch
         family = obj.pop("scheme", None)
         for cls in _REGISTRY:
             if cls.family == family:
+                from ..methods import method_from_json
+
                 kwargs = {k: (getattr(torch, v) if k.endswith("dtype") and isinstance(v, str) else v)
                           for k, v in obj.items()}
+                if "method" in kwargs:
+                    kwargs["method"] = method_from_json(kwargs["method"], where=f"{where}.method")
                 return cls(**kwargs)
         raise ValueError(f"{where}: unknown scheme family {family!r}; valid: "
                          f"{', '.join(c.family for c in _REGISTRY)}")
@@ -206,3 +242,24 @@ def scheme_from_json(obj: "str | dict | None", *, where: str = "scheme") -> "Sch
 
 def _json_value(v: Any) -> Any:
     return str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v
+
+
+def _check_method(scheme: "Scheme") -> None:
+    """Normalise ``scheme.method`` (a name, RTN -> ``None``) and check it can produce the format."""
+    m = scheme.method
+    if m is None:
+        return
+    from ..methods import Method, parse_method
+
+    if isinstance(m, str):
+        m = parse_method(m, where=f"{type(scheme).__name__}.method")
+    if not isinstance(m, Method):
+        raise ValueError(f"{type(scheme).__name__}.method={m!r} is not valid; valid: a method name or a "
+                         "fxquant.methods object (RTN, HQQ, GPTQ, AWQ, OneBit)")
+    if m.name == "rtn":
+        m = None
+    object.__setattr__(scheme, "method", m)
+    if m is not None:
+        reason = m.unsupported_reason(scheme.format)
+        if reason:
+            raise ValueError(f"method {m.name!r} cannot quantize {scheme.format}: {reason}")

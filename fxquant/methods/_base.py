@@ -1,0 +1,169 @@
+"""What a quantization *method* is: the algorithm that decides codes and parameters of a format.
+
+A scheme names the format (what is stored, which op runs); a method (RTN, HQQ, GPTQ, AWQ, OneBit)
+decides the stored values from the weight and, for the calibrated ones, from statistics of the
+layer's inputs (:class:`Stats`, filled by the calibration pass).  Every method emits the same
+:class:`~fxquant.schemes.QuantizedWeight` its scheme's round-to-nearest ``quantize`` would (through
+``Scheme.grid`` / ``Scheme.pack_grid``, or the format's own packing), so ops and kernels never
+depend on the method.
+
+Methods are frozen, keyword-only dataclasses validated at construction; a scheme carries one as
+``scheme.method`` (``"int4wo-128@gptq"``); :func:`parse_method` / :func:`method_from_json` read
+them back.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+__all__ = ["Method", "MethodResult", "Stats", "parse_method", "method_to_json", "method_from_json",
+           "method_names", "check_number"]
+
+_REGISTRY: dict[str, type["Method"]] = {}
+
+
+@dataclass
+class Stats:
+    """Streaming statistics of one linear's input ``x`` ``[tokens, K]`` over the calibration data
+    (the calibration pass fills them; activations themselves are never kept).
+
+    ``absmax`` / ``mean_abs`` ``[K]`` float32: per input channel ``max |x|`` and ``mean |x|``;
+    ``tokens``: rows seen; ``hessian`` ``[K, K]`` float32: ``XᵀX = sum_t x_t x_tᵀ`` (a sum, not a
+    mean), only when a method asked for it; ``out_sq``: ``sum ||x Wᵀ||²`` over the data with the
+    float weight (the denominator of the relative output error), filled with ``hessian`` or by an
+    observer that knows the weight.
+    """
+
+    k: int
+    tokens: int = 0
+    absmax: torch.Tensor | None = None
+    abs_sum: torch.Tensor | None = None
+    hessian: torch.Tensor | None = None
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        return self.abs_sum / max(self.tokens, 1)
+
+    def update(self, x: torch.Tensor, hessian: bool) -> None:
+        """Add the rows of ``x`` ``[..., K]``."""
+        x2 = x.detach().reshape(-1, x.shape[-1]).float()
+        a = x2.abs()
+        amax, asum = a.amax(dim=0), a.sum(dim=0)
+        if self.absmax is None:
+            self.absmax, self.abs_sum = amax, asum
+        else:
+            torch.maximum(self.absmax, amax, out=self.absmax)
+            self.abs_sum += asum
+        if hessian:
+            if self.hessian is None:
+                self.hessian = torch.zeros(self.k, self.k, dtype=torch.float32, device=x2.device)
+            self.hessian.addmm_(x2.t(), x2)
+        self.tokens += x2.shape[0]
+
+
+@dataclass
+class MethodResult:
+    """A method's output for one weight: the packed weight; for AWQ the per-input-channel scale
+    ``s`` ``[K]`` the weight was multiplied by (the input must be divided by it: folded into the
+    preceding op or applied before the op); ``info``: what the method chose (clip ratios, ...)."""
+
+    qweight: Any
+    input_scale: torch.Tensor | None = None
+    info: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Method:
+    """Base class: subclasses set ``name`` and implement :meth:`quantize`."""
+
+    name: ClassVar[str]
+    #: the method needs calibration data (``Stats``)
+    needs_data: ClassVar[bool] = False
+    #: the method needs ``Stats.hessian``
+    needs_hessian: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if "name" in cls.__dict__:
+            _REGISTRY[cls.name] = cls
+
+    @property
+    def sequential(self) -> bool:
+        """Later layers are calibrated on the outputs of this method's already-quantized layers."""
+        return False
+
+    def unsupported_reason(self, scheme) -> str | None:
+        """Why this method cannot produce ``scheme``'s format (``None`` when it can)."""
+        return None
+
+    def quantize(self, scheme, weight: torch.Tensor, stats: Stats | None) -> MethodResult:
+        """The packed weight of float ``weight`` ``[N, K]`` in ``scheme``'s format."""
+        raise NotImplementedError
+
+    def params(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def check_number(owner: str, name: str, value: Any, *, kind=(int, float), lo=None, hi=None,
+                 lo_open: bool = False, valid: str = "") -> None:
+    """``ValueError`` naming ``owner.name`` and the valid range unless ``value`` is a number of
+    ``kind`` within ``lo`` .. ``hi`` (``lo_open``: strictly above ``lo``)."""
+    ok = isinstance(value, kind) and not isinstance(value, bool)
+    if ok and lo is not None:
+        ok = value > lo if lo_open else value >= lo
+    if ok and hi is not None:
+        ok = value <= hi
+    if not ok:
+        if not valid:
+            what = "an integer" if kind is int else "a number"
+            bounds = [f"{'>' if lo_open else '>='} {lo}" if lo is not None else "", f"<= {hi}" if hi is not None else ""]
+            valid = f"{what} {' and '.join(b for b in bounds if b)}".strip()
+        raise ValueError(f"{owner}.{name}={value!r} is not valid; valid: {valid}")
+
+
+def method_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def parse_method(value: "Method | str | None", *, where: str = "method") -> "Method | None":
+    """A method object, a method name (default parameters) or ``None``."""
+    if value is None or isinstance(value, Method):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _REGISTRY:
+        return _REGISTRY[value.strip().lower()]()
+    raise ValueError(f"{where}: unknown method {value!r}; valid: {', '.join(method_names())} "
+                     "(or a fxquant.methods object such as GPTQ(damp_percent=0.01))")
+
+
+def method_to_json(method: "Method | None") -> "str | dict | None":
+    """The name when the parameters are the defaults, else ``{"method": name, **params}``."""
+    if method is None:
+        return None
+    if method == type(method)():
+        return method.name
+    return {"method": method.name, **{k: _json(v) for k, v in method.params().items()}}
+
+
+def method_from_json(obj: "str | dict | None", *, where: str = "method") -> "Method | None":
+    if isinstance(obj, dict):
+        obj = dict(obj)
+        name = obj.pop("method", None)
+        if name not in _REGISTRY:
+            raise ValueError(f"{where}: unknown method {name!r}; valid: {', '.join(method_names())}")
+        cls = _REGISTRY[name]
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(obj) - known
+        if unknown:
+            raise ValueError(f"{where}: {cls.__name__} has no field(s) {sorted(unknown)}; valid: {sorted(known)}")
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in obj.items()})
+    return parse_method(obj, where=where)
+
+
+def _json(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v
