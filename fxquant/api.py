@@ -8,9 +8,10 @@ site into the user's module tree (:mod:`fxquant.inplace`) as soon as it is packe
 from __future__ import annotations
 
 import collections
+import functools
 import gc
 import logging
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 import torch.fx
@@ -48,20 +49,24 @@ def _op_counts(gm: torch.fx.GraphModule) -> collections.Counter:
 
 def compile(model: torch.nn.Module, spec: SpecLike, example_inputs: Any = (),
             example_kwargs: Mapping[str, Any] | None = None, *,
-            frontend: str = "auto", dynamic: bool = True, passes=PIPELINE) -> torch.fx.GraphModule:
+            frontend: str = "auto", dynamic: bool = True, passes=PIPELINE,
+            calibration: Iterable | None = None) -> torch.fx.GraphModule:
     """Quantize ``model``'s linear layers as ``spec`` says; return a runnable GraphModule.
 
     ``spec``: a :class:`Spec`, a scheme string/object (the default for every linear), or a dict
     (``Spec.from_dict``).  ``example_inputs`` (tuple, or a single tensor) and ``example_kwargs``
     are what ``model`` is called with; batch and sequence dims stay dynamic (``dynamic=True``).
     ``frontend``: "auto" (torch.export, FX fallback), "export" or "fx".
+    ``calibration``: an iterable of model inputs (each a tensor, a tuple of positional args or a dict
+    of keyword args) for the methods that need data (``"int4wo-128@gptq"``, AWQ, OneBit); RTN and
+    HQQ need none, and with data every quantized layer's output error is reported too.
     The user's model is not modified; ``fxquant.report(result)`` gives the per-layer report.
     """
     spec = Spec.coerce(spec)
     if isinstance(model, torch.nn.Module):
         inplace.check_not_quantized(model)
     traced = _trace(model, example_inputs, example_kwargs, frontend, dynamic)
-    ctx = PassContext(spec=spec, model=model)
+    ctx = PassContext(spec=spec, model=model, calibration=calibration)
     counts_before = _op_counts(traced.gm)
     gm = run_passes(traced.gm, ctx, passes)
     gm.meta[REPORT_KEY] = build_report(
@@ -73,7 +78,7 @@ def compile(model: torch.nn.Module, spec: SpecLike, example_inputs: Any = (),
 
 def quantize_(model: torch.nn.Module, spec: SpecLike, example_inputs: Any = (),
               example_kwargs: Mapping[str, Any] | None = None, *, frontend: str = "auto",
-              dynamic: bool = True) -> torch.nn.Module:
+              dynamic: bool = True, calibration: Iterable | None = None) -> torch.nn.Module:
     """Quantize ``model`` in place, as :func:`compile` would, and return the same object.
 
     Same front end, same passes, same decisions and report as ``compile(model, spec, ...)``; the plan
@@ -94,10 +99,16 @@ def quantize_(model: torch.nn.Module, spec: SpecLike, example_inputs: Any = (),
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     inplace.check_not_quantized(model)
     traced = _trace(model, example_inputs, inplace.planning_kwargs(model, example_kwargs), frontend, dynamic)
-    ctx = PassContext(spec=spec, model=model)
+    ctx = PassContext(spec=spec, model=model, calibration=inplace.calibration_calls(model, calibration),
+                      input_scale_ok=functools.partial(inplace.takes_input_scale, model))
     counts_before = _op_counts(traced.gm)
     bytes_before = tensor_bytes(model)
-    run_passes(traced.gm, ctx, PLAN)
+    was_training = model.training
+    model.eval()
+    try:
+        run_passes(traced.gm, ctx, PLAN)
+    finally:
+        model.train(was_training)
     info = dict(frontend=traced.frontend, export_error=traced.export_error, dynamic_dims=traced.dynamic_dims)
     extra_uses = inplace.weights_used_outside_sites(traced.gm, ctx.sites)
     for site in ctx.sites:  # the plan outlives the graph: release the trace (it references every weight)
@@ -109,6 +120,7 @@ def quantize_(model: torch.nn.Module, spec: SpecLike, example_inputs: Any = (),
     ctx.on_quantized = lowering.apply
     run_passes(None, ctx, QUANTIZE)
     lowering.finish(ctx.sites)
+    inplace.apply_folds(model, ctx.folds)
     note_kept_float_weights(ctx.sites, model)
     rep = build_report(ctx.sites, **info, notes=ctx.notes, model_bytes_before=bytes_before,
                        model_bytes_after=tensor_bytes(model), op_counts_before=counts_before)

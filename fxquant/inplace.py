@@ -82,6 +82,49 @@ def planning_kwargs(model: nn.Module, example_kwargs) -> dict:
     return kwargs
 
 
+def calibration_calls(model: nn.Module, calibration):
+    """The calibration items as ``quantize_`` traces: each with the planning keyword arguments
+    (``use_cache=False`` for a Hugging Face model) added; lazily, in order."""
+    if calibration is None:
+        return None
+    from .passes.calibrate import Call, as_call
+
+    def calls():
+        for i, item in enumerate(calibration):
+            args, kwargs = as_call(item, f"calibration[{i}]")
+            yield Call((args, planning_kwargs(model, kwargs)))
+
+    return _Replayable(calls)
+
+
+class _Replayable:
+    """An iterable that re-runs a generator function on each iteration."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __iter__(self):
+        return self.fn()
+
+
+def takes_input_scale(model: nn.Module, site: Site) -> bool:
+    """Whether ``site`` will become a :class:`QuantizedLinear` (which can divide its input by an AWQ scale)."""
+    try:
+        module = model.get_submodule(site.name)
+    except AttributeError:
+        return False
+    plain = isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+    return plain and not site.transposed and module.weight is get_attr_path(model, site.weight_attr)
+
+
+def apply_folds(model: nn.Module, folds) -> None:
+    """AWQ folds into the user's model: each 1-D parameter divided by its scale, in place."""
+    with torch.no_grad():
+        for fold in folds:
+            p = get_attr_path(model, fold.attr)
+            p.copy_((p.float() / fold.scale).to(p.dtype))
+
+
 def weights_used_outside_sites(gm: torch.fx.GraphModule, sites: list[Site]) -> set[str]:
     """Weight paths of the planned sites that the graph also reads elsewhere than in a linear site
     (directly or through a transpose feeding one): their float tensor must be kept."""
@@ -167,7 +210,7 @@ class Lowering:
     def _swap_module(self, site: Site, module: nn.Module) -> None:
         if isinstance(module, QuantizedLinear):
             return
-        new = QuantizedLinear(site.qweight, module.bias, str(site.scheme))
+        new = QuantizedLinear(site.qweight, module.bias, str(site.scheme), site.input_scale)
         new.train(module.training)
         for hooks in ("_forward_pre_hooks", "_forward_hooks", "_forward_hooks_with_kwargs",
                       "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called"):

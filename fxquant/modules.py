@@ -41,7 +41,8 @@ class QuantizedLinear(nn.Module):
     ``.half()``) changes the bias only: the packed layout fixes the buffers' dtypes, and the op
     computes in the activations' dtype (or the scheme's ``compute_dtype``)."""
 
-    def __init__(self, qweight: QuantizedWeight, bias: torch.Tensor | None, scheme: str = ""):
+    def __init__(self, qweight: QuantizedWeight, bias: torch.Tensor | None, scheme: str = "",
+                 input_scale: torch.Tensor | None = None):
         super().__init__()
         self.in_features, self.out_features = qweight.in_features, qweight.out_features
         self.scheme = scheme
@@ -56,8 +57,13 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("bias", bias)
         self._fn = _op(qweight.op)
         self._bound = None  # op_def(op).cpu_bound(...) for the current buffers: the eager CPU fast path
+        # AWQ's per-input-channel scale where it could not be folded: the op sees x / input_scale
+        dtype = bias.dtype if bias is not None else torch.float32
+        self.register_buffer("input_scale", None if input_scale is None else input_scale.to(dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_scale is not None:
+            x = x / self.input_scale.to(x.dtype)
         if type(x) is torch.Tensor and x.device.type == "cpu" and _plain_eager_call(x, self.bias):
             bound = self._bound
             if bound is None:

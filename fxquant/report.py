@@ -26,6 +26,9 @@ class Row:
     rule: str = ""
     kind: str = ""
     shape: tuple[int, int] | None = None
+    method: str = ""  # the algorithm that chose the stored values ("rtn", "gptq", ...); "" when skipped
+    #: ``sum ||x (W - Ŵ)ᵀ||² / sum ||x Wᵀ||²`` on the calibration data (``None`` without data)
+    rel_output_error: float | None = None
 
 
 @dataclass
@@ -38,6 +41,11 @@ class Report:
     model_bytes_before: int = 0  # every parameter and buffer of the model, tied tensors once
     model_bytes_after: int = 0
     op_counts_before: dict[str, int] = field(default_factory=dict)  # call_function/call_module targets
+    #: per quantized layer, what its method did: ``method``, ``params``, ``quantization_time`` (s),
+    #: ``weight_squared_error`` / ``mean_...`` / ``relative_...``, and with calibration data
+    #: ``output_squared_error`` / ``mean_...`` / ``relative_...`` and ``calibration_tokens``; AWQ adds
+    #: ``alpha`` and where its input scale went (``awq_input_scale``)
+    results: dict[str, dict] = field(default_factory=dict)
 
     @property
     def quantized(self) -> list[Row]:
@@ -54,16 +62,25 @@ class Report:
         raise KeyError(f"no linear site named {fqn!r}; sites: {', '.join(r.fqn for r in self.rows)}")
 
     def table(self) -> str:
-        body = [[r.fqn, r.status, r.scheme or "-", r.rule or "-",
-                 "x".join(map(str, r.shape)) if r.shape else "-",
-                 _mb(r.bytes_before), _mb(r.bytes_after),
-                 f"{r.rel_error:.4f}" if r.rel_error is not None else "-", r.reason] for r in self.rows]
+        outputs = any(r.rel_output_error is not None for r in self.rows)
+        body = []
+        for r in self.rows:
+            res = self.results.get(r.fqn, {})
+            row = [r.fqn, r.status, r.scheme or "-", r.rule or "-", "x".join(map(str, r.shape)) if r.shape else "-",
+                   _mb(r.bytes_before), _mb(r.bytes_after), f"{r.rel_error:.4f}" if r.rel_error is not None else "-"]
+            if outputs:
+                row.append(f"{r.rel_output_error:.4f}" if r.rel_output_error is not None else "-")
+            row.append(f"{res['quantization_time']:.2f}" if "quantization_time" in res else "-")
+            body.append(row + [r.reason or _method_note(res)])
         before = sum(r.bytes_before for r in self.rows)
         after = sum(r.bytes_after for r in self.rows)
+        total = sum(res.get("quantization_time", 0.0) for res in self.results.values())
         body.append([f"TOTAL ({len(self.quantized)}/{len(self.rows)} quantized)", "", "", "", "",
-                     _mb(before), _mb(after), "", f"linear weights {before / max(after, 1):.2f}x smaller"])
-        return tabulate(body, headers=["layer", "status", "scheme", "rule", "N x K", "MB before", "MB after",
-                                       "rel err", "reason"], tablefmt="simple")
+                     _mb(before), _mb(after), ""] + ([""] if outputs else []) +
+                    [f"{total:.1f}", f"linear weights {before / max(after, 1):.2f}x smaller"])
+        headers = ["layer", "status", "scheme", "rule", "N x K", "MB before", "MB after", "rel err"]
+        headers += (["rel out err"] if outputs else []) + ["time s", "reason / method"]
+        return tabulate(body, headers=headers, tablefmt="simple")
 
     def __str__(self) -> str:
         lines = [self.table(), ""]
@@ -85,6 +102,12 @@ class Report:
         d = dict(d)
         d["rows"] = [Row(**{**r, "shape": tuple(r["shape"]) if r.get("shape") else None}) for r in d["rows"]]
         return cls(**d)
+
+
+def _method_note(res: dict) -> str:
+    if "alpha" in res:
+        return f"awq alpha={res['alpha']:.2f}, scale {res.get('awq_input_scale', '-')}"
+    return ""
 
 
 def _mb(n: int) -> str:
@@ -124,13 +147,31 @@ def build_report(sites, *, frontend: str, export_error: str | None, dynamic_dims
     rows = [Row(fqn=s.name, status=s.status, scheme=str(s.scheme) if s.scheme else None, reason=s.reason,
                 bytes_before=s.bytes_before,
                 bytes_after=s.bytes_after if s.status == "quantized" else s.bytes_before,  # float stays
-                rel_error=s.rel_error, rule=s.rule, kind=s.kind, shape=s.out_shape) for s in sites]
+                rel_error=s.rel_error, rule=s.rule, kind=s.kind, shape=s.out_shape,
+                method=s.result.get("method", "") if s.status == "quantized" else "",
+                rel_output_error=s.result.get("relative_output_squared_error") if s.status == "quantized" else None)
+            for s in sites]
+    results = {s.name: _plain(s.result) for s in sites if s.status == "quantized" and s.result}
     notes = list(notes)
     if not rows:
         notes.append("no linear layer found in the traced graph")
     return Report(rows=rows, frontend=frontend, export_error=export_error, notes=notes, dynamic_dims=dynamic_dims,
                   model_bytes_before=model_bytes_before, model_bytes_after=model_bytes_after,
-                  op_counts_before=dict(op_counts_before))
+                  op_counts_before=dict(op_counts_before), results=results)
+
+
+def _plain(d: dict) -> dict:
+    """A JSON-safe copy (tensors as lists, tuples as lists)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            v = _plain(v)
+        elif isinstance(v, torch.Tensor):
+            v = v.tolist()
+        elif isinstance(v, tuple):
+            v = list(v)
+        out[k] = v
+    return out
 
 
 def report(qm: torch.nn.Module) -> Report:

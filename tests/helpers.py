@@ -64,3 +64,12 @@ def triton_kernel(name: str):
              pytest.mark.skipif(device == "cuda" and not torch.cuda.is_available(),
                                 reason="no GPU and TRITON_INTERPRET is not true: the Triton kernel cannot run")]
     return kernel, device, marks
+
+
+def same_report(a, b) -> bool:
+    """Two reports are the same plan: equal but for the time each layer took to quantize."""
+    def strip(rep):
+        d = rep.to_dict()
+        d["results"] = {k: {f: v for f, v in r.items() if f != "quantization_time"} for k, r in d["results"].items()}
+        return d
+    return strip(a) == strip(b)

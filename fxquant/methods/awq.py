@@ -59,8 +59,9 @@ class AWQ(Method):
     def quantize(self, scheme, weight: torch.Tensor, stats: Stats | None) -> MethodResult:
         return self.quantize_group([scheme], [weight], stats)[0]
 
-    def quantize_group(self, schemes, weights, stats: Stats | None) -> list[MethodResult]:
-        """One input scale for every weight reading the same input; each weight's clip search."""
+    def quantize_group(self, schemes, weights, stats: Stats | None, scale_search: bool = True) -> list[MethodResult]:
+        """One input scale for every weight reading the same input; each weight's clip search.
+        ``scale_search=False``: no input scale (where it could go nowhere), the clip search only."""
         if stats is None or stats.hessian is None:
             raise ValueError(f"AWQ needs calibration statistics with a Hessian for {', '.join(map(str, schemes))}")
         h = stats.hessian.float()
@@ -68,7 +69,7 @@ class AWQ(Method):
         ws = [w.detach().float() for w in weights]
         total = float(sum(_out_err(w, _rtn(s, w), h) for s, w in zip(schemes, ws)))
         best = (total, 0.0, torch.ones_like(xmean))  # alpha 0 is RTN
-        for i in range(1, self.n_grid + 1):
+        for i in range(1, self.n_grid + 1 if scale_search else 1):
             alpha = i / self.n_grid
             s = xmean.pow(alpha)
             s = s / (s.max() * s.min()).sqrt()

@@ -6,7 +6,7 @@ and ``node.meta["fxquant"]``; the graph is linted after every pass.  A failing p
 as :class:`PassError` naming it and the passes that ran before it.
 
 The pipeline has three stages.  :data:`PLAN` decides (one :class:`Site` per linear: scheme, rule,
-reason), :data:`QUANTIZE` packs the chosen weights, and the emit stage applies the plan:
+reason; the calibrate pass quantizes the sites whose method needs data), :data:`QUANTIZE` packs the chosen weights, and the emit stage applies the plan:
 ``fxquant.compile`` runs :data:`GRAPH_EMIT` (rewrite the traced graph), ``fxquant.quantize_`` lowers
 the same sites into the user's module tree instead (:mod:`fxquant.inplace`).
 """
@@ -16,7 +16,8 @@ from typing import Callable
 
 import torch.fx
 
-from ._base import GraphRef, PassContext, PassError, PassResult, Site
+from ._base import GraphRef, InputError, PassContext, PassError, PassResult, Site
+from .calibrate import calibrate
 from .cleanup import remove_dead_weights
 from .match import match_linears
 from .quantize import quantize_weights
@@ -26,7 +27,7 @@ from .rewrite import rewrite_linears
 Pass = Callable[[torch.fx.GraphModule, PassContext], PassResult]
 
 #: decide what every linear site gets (graph unchanged)
-PLAN: tuple[Pass, ...] = (match_linears, resolve_spec)
+PLAN: tuple[Pass, ...] = (match_linears, resolve_spec, calibrate)
 #: pack the chosen weights (graph unchanged; weights read through ``ctx.read_weight``)
 QUANTIZE: tuple[Pass, ...] = (quantize_weights,)
 #: ``compile``'s emit: op calls in the graph, float weights dropped
@@ -48,7 +49,7 @@ def run_passes(gm: torch.fx.GraphModule | None, ctx: PassContext,
             gm = result.gm
             if gm is not None:
                 gm.graph.lint()
-        except PassError:
+        except (PassError, InputError):
             raise
         except Exception as e:
             before = ", ".join(done) or "none"
@@ -62,4 +63,4 @@ def run_passes(gm: torch.fx.GraphModule | None, ctx: PassContext,
 
 __all__ = ["PIPELINE", "PLAN", "QUANTIZE", "GRAPH_EMIT", "PassContext", "PassError", "PassResult", "Site",
            "GraphRef", "run_passes", "match_linears", "resolve_spec", "quantize_weights", "rewrite_linears",
-           "remove_dead_weights"]
+           "remove_dead_weights", "calibrate", "InputError"]

@@ -21,6 +21,10 @@ class PassError(RuntimeError):
     """A pass failed; the message names the pass and the passes run before it."""
 
 
+class InputError(ValueError):
+    """Bad user input a pass found (e.g. a method that needs calibration data got none): raised as is."""
+
+
 @dataclass
 class GraphRef:
     """Where a site is in the traced graph: the node and where its ``x`` / bias arguments are."""
@@ -58,6 +62,10 @@ class Site:
     bytes_before: int = 0
     bytes_after: int = 0
     shared_with: str | None = None  # another site whose quantized buffers this one reuses
+    #: AWQ's per-input-channel scale when it could not be folded: the op's input is ``x / input_scale``
+    input_scale: torch.Tensor | None = field(default=None, repr=False)
+    #: the method's per-layer result (method, parameters, time, weight and output errors)
+    result: dict = field(default_factory=dict)
 
     @property
     def node(self) -> torch.fx.Node | None:
@@ -80,6 +88,12 @@ class PassContext:
     notes: list[str] = field(default_factory=list)
     read_weight: Callable[[Site], torch.Tensor] | None = None
     on_quantized: Callable[[Site], None] | None = None
+    #: iterable of model inputs for the calibrate pass (``None``: no data)
+    calibration: Any = None
+    #: AWQ scales folded into 1-D parameters (``fxquant.passes.calibrate.Fold``), applied by the emit
+    folds: list = field(default_factory=list)
+    #: whether a site's emit can divide its input by an AWQ scale (``None``: every site can)
+    input_scale_ok: Callable[[Site], bool] | None = None
 
 
 @dataclass

@@ -1,18 +1,23 @@
 """Quantize pass: compute each chosen site's quantized buffers (graph unchanged).
 
 Every site's weight is checked first (``Scheme.unsupported_reason``: dims, dtype, layout), then the
-supported ones are quantized one at a time; ``ctx.on_quantized`` (``quantize_``'s in-place emit)
-runs after each, so a caller can free a float weight before the next is quantized.
-A weight used by several sites with the same scheme (a module called twice, tied weights) is
-quantized once and its buffers are shared.  A site the scheme cannot handle keeps its float
-weight, with the scheme's reason in the report.
+supported ones are quantized one at a time by their method (:mod:`fxquant.methods`; round-to-
+nearest when the scheme names none); ``ctx.on_quantized`` (``quantize_``'s in-place emit) runs
+after each, so a caller can free a float weight before the next is quantized.  Sites the calibrate
+pass already quantized (data-driven methods) are only emitted here.  A weight used by several sites
+with the same scheme (a module called twice, tied weights) is quantized once and its buffers are
+shared.  A site the scheme cannot handle keeps its float weight, with the scheme's reason in the
+report.
 """
 from __future__ import annotations
+
+import time
 
 import torch
 import torch.fx
 from tqdm.auto import tqdm
 
+from ..methods import RTN, Method, MethodResult, Stats
 from ._base import PassContext, PassResult, Site, get_attr_path
 
 #: Largest weight (elements) quantized in one piece; larger ones go in row blocks
@@ -27,27 +32,69 @@ def _as_nk(w: torch.Tensor, site: Site) -> torch.Tensor:
     return w.t() if site.transposed else w
 
 
+def method_of(site: Site) -> Method:
+    return site.scheme.method or RTN()
+
+
+def check_supported(ctx: PassContext, sites: list[Site], read) -> None:
+    """Set ``site.reason`` for every site whose scheme cannot take its weight (before any work)."""
+    for site in sites:
+        if not site.reason and site.qweight is None:
+            reason = site.scheme.unsupported_reason(read(site))
+            if reason:
+                site.reason = f"{site.scheme}: {reason}"
+
+
+def quantize_site(site: Site, w: torch.Tensor, stats: Stats | None = None, result: MethodResult | None = None,
+                  seconds: float | None = None) -> None:
+    """Quantize ``site``'s weight ``w`` ``[N, K]`` by its method (or take the method's ``result``):
+    ``site.qweight``, ``rel_error`` and the weight part of ``site.result``."""
+    method, fmt = method_of(site), site.scheme.format
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        if result is None and method.name == "rtn":
+            qw, rel = fmt.quantize_in_blocks(w, BLOCK_ELEMENTS)
+            info = {}
+        else:
+            result = result or method.quantize(fmt, w.float(), stats)
+            qw, info = result.qweight, result.info
+            deq = fmt.dequantize(qw)
+            if result.input_scale is not None:
+                deq = deq / result.input_scale
+            rel = (w.float() - deq).norm().item() / max(w.float().norm().item(), 1e-30)
+            del deq
+    norm_sq = float(torch.linalg.vector_norm(w, dtype=torch.float32)) ** 2
+    sq = rel * rel * norm_sq
+    site.qweight, site.rel_error = qw, rel
+    site.result = {"method": method.name, "params": method.params(),
+                   "quantization_time": seconds if seconds is not None else time.perf_counter() - t0,
+                   "weight_squared_error": sq, "mean_weight_squared_error": sq / max(w.numel(), 1),
+                   "relative_weight_squared_error": rel * rel, **info}
+
+
 def quantize_weights(gm: torch.fx.GraphModule | None, ctx: PassContext) -> PassResult:
     """Fill ``site.qweight``/``status``/``rel_error``/``bytes_after`` for every site with a scheme."""
     read = ctx.read_weight or (lambda site: get_attr_path(gm, site.weight_attr))
     todo = [s for s in ctx.sites if s.scheme is not None and not s.reason]
-    for site in todo:  # every check before any work: a caller that emits per site never half-applies a plan
-        reason = site.scheme.unsupported_reason(_as_nk(read(site), site))
-        if reason:
-            site.reason = f"{site.scheme}: {reason}"
+    # every check before any work: a caller that emits per site never half-applies a plan
+    check_supported(ctx, todo, lambda site: _as_nk(read(site), site))
     todo = [s for s in todo if not s.reason]
     done: dict[tuple, Site] = {}
     for site in tqdm(todo, desc="fxquant: quantizing", unit="layer", disable=None, leave=False):
         key = (site.weight_attr, site.transposed, site.scheme)
-        if key in done:
+        if key in done and site.input_scale is None and done[key].input_scale is None:
             first = done[key]
             site.qweight, site.rel_error, site.shared_with = first.qweight, first.rel_error, first.name
+            site.result = dict(first.result)
             site.bytes_before = 0  # counted once, on the first site
         else:
-            w = _as_nk(read(site), site)
-            with torch.no_grad():
-                site.qweight, site.rel_error = site.scheme.quantize_in_blocks(w, BLOCK_ELEMENTS)
-            del w
+            if site.qweight is None:  # not already quantized by the calibrate pass
+                method = method_of(site)
+                if method.needs_data:
+                    raise ValueError(f"{site.name}: method {method.name!r} needs calibration data")
+                w = _as_nk(read(site), site)
+                quantize_site(site, w)
+                del w
             done[key] = site
         site.status = "quantized"
         site.bytes_after = 0 if site.shared_with else site.qweight.nbytes

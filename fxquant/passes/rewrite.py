@@ -65,10 +65,50 @@ def _rewrite(gm: torch.fx.GraphModule, site: Site, owners: dict[int, str]) -> No
     ref.node = new
 
 
+def _apply_folds(gm: torch.fx.GraphModule, ctx: PassContext) -> None:
+    """AWQ folds: the 1-D parameter becomes ``p / s`` on the GraphModule (a new tensor: the user's
+    model keeps its own), noted on the get_attr node."""
+    for fold in ctx.folds:
+        owner, _, name = fold.attr.rpartition(".")
+        mod = gm.get_submodule(owner) if owner else gm
+        old = getattr(mod, name)
+        new = (old.detach().float() / fold.scale).to(old.dtype)
+        if isinstance(old, torch.nn.Parameter):
+            mod._parameters[name] = torch.nn.Parameter(new, requires_grad=False)
+        else:
+            setattr(mod, name, new)
+        for node in gm.graph.nodes:
+            if node.op == "get_attr" and node.target == fold.attr:
+                meta(node)["awq_fold"] = f"divided by the AWQ input scale of {', '.join(fold.sites)}"
+
+
+def _divide_input(gm: torch.fx.GraphModule, site: Site, scales: dict) -> None:
+    """``x / s`` before the site's node (AWQ's scale where it cannot be folded), one node per input."""
+    node, ref = site.node, site.graph
+    x = node_arg(node, ref.x_arg)
+    key = (x, id(site.input_scale))
+    if key not in scales:
+        module_path, prefix = _holder(gm, site.name)
+        scale = site.input_scale.to(site.weight_dtype or torch.float32)  # the activations' dtype
+        attr = _register(gm, module_path, prefix + "awq_input_scale", scale)
+        with gm.graph.inserting_before(node):
+            div = gm.graph.call_function(torch.ops.aten.div.Tensor, (x, gm.graph.get_attr(attr)))
+        meta(div).update(site=site.name, awq_input_scale="x / s before the op")
+        scales[key] = div
+    args = list(node.args)
+    args[ref.x_arg] = scales[key]
+    node.args = tuple(args)
+
+
 def rewrite_linears(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-    """Swap every quantized site's node for its fxquant op call reading the new buffers."""
+    """Apply AWQ folds / input scales, then swap every quantized site's node for its fxquant op call reading the new buffers."""
     owners: dict[int, str] = {}
-    modified = False
+    modified = bool(ctx.folds)
+    _apply_folds(gm, ctx)
+    scales: dict = {}
+    for site in ctx.sites:
+        if site.status == "quantized" and site.input_scale is not None:
+            _divide_input(gm, site, scales)
     for site in ctx.sites:
         if site.status == "quantized":
             _rewrite(gm, site, owners)

@@ -1,0 +1,335 @@
+"""Calibrate pass: run the calibration data through the traced graph, collect each site's input
+statistics, and quantize the sites whose method needs them (GPTQ, AWQ, OneBit).
+
+Two ways to run the data, both over the traced graph (the same for ``compile`` and ``quantize_``):
+
+- **observers** (no method asks for sequential calibration): an observer module is inserted after
+  each distinct input of the calibrated sites (a graph rewrite, removed afterwards), the batches run
+  once, one at a time (tqdm progress bar), and each observer streams its statistics
+  (:class:`~fxquant.methods.Stats`: per-channel absmax and mean ``|x|``, token count, ``H = XᵀX``
+  only where a method needs it) plus, for sites quantized without data (RTN, HQQ), their output
+  error against the float output.  No activation is kept.  Then the data-driven sites are quantized.
+- **sequential** (GPTQ's ``true_sequential``, on by default): the graph is walked node by node with
+  every batch at once; at each site the statistics of its input are taken, the site is quantized
+  there, and its output is computed with the *quantized* weight, so every later site is calibrated
+  on what the quantized model feeds it.  The walk holds the live intermediate values of all
+  calibration batches (as a layer-by-layer GPTQ caches a block's inputs), never more than the
+  graph's own live set.
+
+Sites reading the same input share one :class:`Stats` (q / k / v); AWQ quantizes such a group
+together (one input scale) and its inverse scale is folded into the op that produces the input when
+that op is a multiplication by a 1-D parameter (a norm's weight) feeding only these sites;
+otherwise the input is divided by it just before each site (``site.input_scale``).  Folds are
+recorded in ``ctx.folds`` and applied by the emit (the user's model is changed only by
+``quantize_``).
+"""
+from __future__ import annotations
+
+import inspect
+import operator
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..methods import Stats
+from ._base import InputError, PassContext, PassResult, Site, get_attr_path, meta, node_arg
+from .quantize import check_supported, method_of, quantize_site
+
+_MULS = {torch.ops.aten.mul.Tensor, operator.mul, torch.mul}
+
+
+@dataclass
+class Fold:
+    """An AWQ inverse scale folded into a 1-D parameter: ``attr`` becomes ``attr / scale``."""
+
+    attr: str
+    scale: torch.Tensor
+    sites: list[str]
+
+
+def calibrate(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Quantize every site whose method needs data from statistics of ``ctx.calibration`` (and measure the others' output error)."""
+    candidates = [s for s in ctx.sites if s.scheme is not None and not s.reason]
+    needy = [s for s in candidates if method_of(s).needs_data]
+    if ctx.calibration is None:
+        if needy:
+            by_method = {}
+            for s in needy:
+                by_method.setdefault(str(method_of(s)), []).append(s.name)
+            what = "; ".join(f"{m}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''} ({len(names)} sites)"
+                             for m, names in by_method.items())
+            raise InputError(f"these methods need calibration data and none was given ({what}); pass "
+                             "calibration=<iterable of model inputs> (RTN and HQQ need none)")
+        return PassResult(gm)
+    check_supported(ctx, candidates, lambda site: _weight(gm, site))
+    sites = [s for s in candidates if not s.reason]
+    if not sites:
+        return PassResult(gm)
+    if any(method_of(s).sequential for s in sites):
+        _Walk(gm, ctx, sites).run(list(ctx.calibration))
+    else:
+        _observe(gm, ctx, sites)
+    return PassResult(gm)
+
+
+# -- shared -----------------------------------------------------------------------------------------
+def _weight(gm: torch.fx.GraphModule, site: Site) -> torch.Tensor:
+    w = get_attr_path(gm, site.weight_attr).detach()
+    return w.t() if site.transposed else w
+
+
+def _x_node(site: Site):
+    return node_arg(site.node, site.graph.x_arg)
+
+
+def _groups(sites: list[Site]) -> dict:
+    """Sites by their input node (in graph order)."""
+    out: dict = {}
+    for s in sites:
+        out.setdefault(_x_node(s), []).append(s)
+    return out
+
+
+def _quantize_group(gm, ctx: PassContext, x_node, group: list[Site], stats: Stats | None,
+                    out_err: dict | None = None) -> None:
+    """Quantize one input group's sites (AWQ ones together) and decide where AWQ's scale goes."""
+    awq = [s for s in group if method_of(s).name == "awq" and s.qweight is None]
+    if awq:
+        weights = [_weight(gm, s) for s in awq]
+        fold = _fold_target(gm, x_node, group) if len(awq) == len(group) else None
+        movable = fold is not None or all(ctx.input_scale_ok is None or ctx.input_scale_ok(s) for s in awq)
+        t0 = time.perf_counter()
+        results = method_of(awq[0]).quantize_group([s.scheme.format for s in awq], weights, stats,
+                                                   scale_search=movable)
+        seconds = (time.perf_counter() - t0) / len(awq)
+        scale = results[0].input_scale
+        for s, w, r in zip(awq, weights, results):
+            quantize_site(s, w, stats, result=r, seconds=seconds)
+            if not movable:
+                s.result["awq_input_scale"] = ("none: the input is not a norm / mul feeding only these sites and "
+                                               "this site is not an nn.Linear module (clip search only)")
+        if scale is not None:
+            if fold is not None:
+                ctx.folds.append(Fold(fold, scale, [s.name for s in awq]))
+                where = f"folded into {fold}"
+            else:
+                for s in awq:
+                    s.input_scale = scale
+                where = "applied to the input before the op"
+            for s in awq:
+                s.result["awq_input_scale"] = where
+    for s in group:
+        if s.qweight is None:
+            quantize_site(s, _weight(gm, s), stats)
+        if out_err is not None and s.name in out_err:
+            s.result.update(_output_errors(*out_err[s.name], stats.tokens, s.out_shape[0]))
+
+
+def _fold_target(gm, x_node, group: list[Site]) -> str | None:
+    """The 1-D parameter ``p`` when ``x_node`` is ``p * t`` (a norm's weight) and feeds only ``group``."""
+    if not isinstance(x_node, torch.fx.Node) or x_node.op != "call_function" or x_node.target not in _MULS:
+        return None
+    if set(x_node.users) != {s.node for s in group}:
+        return None
+    k = group[0].out_shape[1]
+    for a in x_node.args[:2]:
+        if isinstance(a, torch.fx.Node) and a.op == "get_attr" and len(a.users) == 1:
+            p = get_attr_path(gm, a.target)
+            if isinstance(p, torch.Tensor) and p.shape == (k,):
+                return a.target
+    return None
+
+
+def _output_errors(err: float, ref: float, tokens: int, n: int) -> dict:
+    return {"output_squared_error": err, "mean_output_squared_error": err / max(tokens * n, 1),
+            "relative_output_squared_error": err / ref if ref > 0 else 0.0, "calibration_tokens": tokens}
+
+
+# -- observers --------------------------------------------------------------------------------------
+class _Observer(torch.nn.Module):
+    """Streams one input's statistics; for sites already quantized, their output error too."""
+
+    def __init__(self, gm, sites: list[Site], hessian: bool):
+        super().__init__()
+        self.stats = Stats(sites[0].out_shape[1])
+        self.hessian = hessian
+        self.gm, self.sites = [gm], sites  # a list: not a submodule
+        self.err = {s.name: [0.0, 0.0] for s in sites if s.qweight is not None}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.stats.update(x, self.hessian)
+        for s in self.sites:
+            if s.name in self.err:
+                w = _weight(self.gm[0], s)
+                y = F.linear(x, w.to(x.dtype)).float()
+                qw = s.qweight
+                yq = getattr(torch.ops.fxquant, qw.op)(x, *qw.tensors.values(), None, **qw.attrs).float()
+                e = self.err[s.name]
+                e[0] += float((yq - y).pow(2).sum())
+                e[1] += float(y.pow(2).sum())
+        return x
+
+
+def _observe(gm: torch.fx.GraphModule, ctx: PassContext, sites: list[Site]) -> None:
+    for s in sites:  # data-free methods first: their observers measure the output error as data runs
+        if not method_of(s).needs_data:
+            quantize_site(s, _weight(gm, s), None)
+    groups = _groups(sites)
+    observers = []
+    for i, (x_node, group) in enumerate(groups.items()):
+        obs = _Observer(gm, group, any(method_of(s).needs_hessian for s in group))
+        name = f"_fxquant_observer_{i}"
+        gm.add_submodule(name, obs)
+        with gm.graph.inserting_after(x_node):
+            node = gm.graph.call_module(name, (x_node,))
+        observers.append((name, node, obs))
+    gm.recompile()
+    try:
+        with torch.no_grad():
+            for args, kwargs in tqdm(_batches(ctx.calibration), desc="fxquant: calibrating", unit="batch",
+                                     disable=None, leave=False):
+                gm(*args, **kwargs)
+    finally:
+        for name, node, _ in observers:
+            gm.graph.erase_node(node)
+            delattr(gm, name)
+        gm.recompile()
+    if observers and observers[0][2].stats.tokens == 0:
+        raise InputError("calibration is empty: it yielded no batch")
+    for (x_node, group), (_, _, obs) in zip(groups.items(), observers):
+        _quantize_group(gm, ctx, x_node, group, obs.stats, obs.err)
+        obs.stats.hessian = None
+
+
+def _batches(calibration):
+    for i, item in enumerate(calibration):
+        yield as_call(item, f"calibration[{i}]")
+
+
+class Call(tuple):
+    """An ``(args, kwargs)`` pair already in call form."""
+
+
+def as_call(item, where: str = "calibration item") -> tuple[tuple, dict]:
+    """A calibration item -> ``(args, kwargs)``: a tensor, a tuple / list of positional args, or a
+    dict of keyword args (as ``example_inputs`` / ``example_kwargs``)."""
+    if isinstance(item, Call):
+        return item[0], item[1]
+    if isinstance(item, torch.Tensor):
+        return (item,), {}
+    if isinstance(item, (tuple, list)):
+        return tuple(item), {}
+    if isinstance(item, dict):
+        return (), dict(item)
+    raise InputError(f"{where}: expected a tensor, a tuple of positional arguments or a dict of keyword "
+                    f"arguments, got {type(item).__name__}")
+
+
+# -- sequential walk --------------------------------------------------------------------------------
+class _Walk:
+    """Runs the graph node by node over every batch at once, quantizing each site where it is."""
+
+    def __init__(self, gm: torch.fx.GraphModule, ctx: PassContext, sites: list[Site]):
+        self.gm, self.ctx = gm, ctx
+        self.by_node = {s.node: s for s in sites}
+        self.groups = _groups(sites)
+        self.done_groups: set = set()
+
+    def run(self, batches: list) -> None:
+        calls = [as_call(b, f"calibration[{i}]") for i, b in enumerate(batches)]
+        if not calls:
+            raise InputError("calibration is empty: it yielded no batch")
+        interps = []
+        for args, kwargs in calls:
+            it = torch.fx.Interpreter(self.gm, garbage_collect_values=False)
+            it.args_iter = iter(_flat_inputs(self.gm, args, kwargs))
+            interps.append(it)
+        last_use = _last_uses(self.gm.graph)
+        bar = tqdm(total=len(self.by_node), desc="fxquant: calibrating (sequential)", unit="layer",
+                   disable=None, leave=False)
+        with torch.no_grad():
+            for node in self.gm.graph.nodes:
+                if node.op == "output":
+                    break
+                site = self.by_node.get(node)
+                if site is None:
+                    for it in interps:
+                        it.env[node] = it.run_node(node)
+                else:
+                    self._site(site, interps)
+                    bar.update(1)
+                for dead in last_use.get(node, ()):
+                    for it in interps:
+                        it.env.pop(dead, None)
+        bar.close()
+
+    def _site(self, site: Site, interps) -> None:
+        node, x_node = site.node, _x_node(site)
+        xs = [it.env[x_node] for it in interps]
+        if x_node not in self.done_groups:
+            group = self.groups[x_node]
+            stats = Stats(site.out_shape[1])
+            hessian = any(method_of(s).needs_hessian for s in group)
+            for x in xs:
+                stats.update(x, hessian)
+            _quantize_group(self.gm, self.ctx, x_node, group, stats)
+            stats.hessian = None
+            self.done_groups.add(x_node)
+        w = _weight(self.gm, site)
+        wq = site.scheme.format.dequantize(site.qweight)
+        if site.input_scale is not None:
+            wq = wq / site.input_scale
+        err, ref, tokens = 0.0, 0.0, 0
+        for it, x in zip(interps, xs):
+            bias = self._bias(site, it)
+            yq = F.linear(x, wq.to(x.dtype), None)
+            y = F.linear(x, w.to(x.dtype), None).float()
+            err += float((yq.float() - y).pow(2).sum())
+            ref += float(y.pow(2).sum())
+            tokens += x.numel() // x.shape[-1]
+            it.env[node] = yq if bias is None else yq + bias.to(yq.dtype)
+        site.result.update(_output_errors(err, ref, tokens, site.out_shape[0]))
+        meta(node)["calibrated"] = True
+
+    def _bias(self, site: Site, it) -> torch.Tensor | None:
+        ref = site.graph
+        if site.kind == "call_module":
+            return get_attr_path(self.gm, ref.bias) if ref.bias else None
+        b = node_arg(site.node, ref.bias)
+        return it.env[b] if isinstance(b, torch.fx.Node) else b
+
+
+def _flat_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> list:
+    """The placeholder values of ``gm`` for a call ``gm(*args, **kwargs)``."""
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    if info is not None and info.in_spec is not None:
+        from torch.fx._pytree import tree_flatten_spec
+
+        try:
+            return list(tree_flatten_spec((args, kwargs), info.in_spec))
+        except Exception as e:  # noqa: BLE001
+            raise InputError(f"a calibration batch does not have the structure of the example inputs the model "
+                             f"was traced with ({type(e).__name__}: {e})") from None
+    bound = inspect.signature(gm.forward).bind(*args, **kwargs)
+    bound.apply_defaults()
+    values = []
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            name = node.target.lstrip("*")
+            values.append(bound.arguments.get(name, node.args[0] if node.args else None))
+    return values
+
+
+def _last_uses(graph: torch.fx.Graph) -> dict:
+    """node -> the values whose last use it is (freed after it runs)."""
+    seen, out = set(), {}
+    for node in reversed(graph.nodes):
+        for inp in node.all_input_nodes:
+            if inp not in seen:
+                seen.add(inp)
+                out.setdefault(node, []).append(inp)
+    return out
