@@ -127,6 +127,21 @@ def _quantize_group(gm, ctx: PassContext, x_node, group: list[Site], stats: Stat
             quantize_site(s, _weight(gm, s), stats)
         if out_err is not None and s.name in out_err:
             s.result.update(_output_errors(*out_err[s.name], stats.tokens, s.out_shape[0]))
+        elif out_err is not None and stats.hessian is not None:  # from H: sum ||x Dᵀ||² = tr(D H Dᵀ)
+            s.result.update(_output_errors(*_hessian_errors(s, _weight(gm, s), stats.hessian), stats.tokens,
+                                           s.out_shape[0]))
+
+
+def _effective(site: Site) -> torch.Tensor:
+    """The float weight the quantized site multiplies ``x`` by (AWQ's input scale included)."""
+    wq = site.scheme.format.dequantize(site.qweight)
+    return wq if site.input_scale is None else wq / site.input_scale
+
+
+def _hessian_errors(site: Site, w: torch.Tensor, h: torch.Tensor) -> tuple[float, float]:
+    w = w.float()
+    d = w - _effective(site)
+    return float(((d @ h) * d).sum()), float(((w @ h) * w).sum())
 
 
 def _fold_target(gm, x_node, group: list[Site]) -> str | None:
@@ -192,6 +207,7 @@ def _observe(gm: torch.fx.GraphModule, ctx: PassContext, sites: list[Site]) -> N
         with torch.no_grad():
             for args, kwargs in tqdm(_batches(ctx.calibration), desc="fxquant: calibrating", unit="batch",
                                      disable=None, leave=False):
+                args, kwargs = traced_layout(gm, ctx.model, args, kwargs)
                 gm(*args, **kwargs)
     finally:
         for name, node, _ in observers:
@@ -245,6 +261,7 @@ class _Walk:
             raise InputError("calibration is empty: it yielded no batch")
         interps = []
         for args, kwargs in calls:
+            args, kwargs = traced_layout(self.gm, self.ctx.model, args, kwargs)
             it = torch.fx.Interpreter(self.gm, garbage_collect_values=False)
             it.args_iter = iter(_flat_inputs(self.gm, args, kwargs))
             interps.append(it)
@@ -280,9 +297,7 @@ class _Walk:
             stats.hessian = None
             self.done_groups.add(x_node)
         w = _weight(self.gm, site)
-        wq = site.scheme.format.dequantize(site.qweight)
-        if site.input_scale is not None:
-            wq = wq / site.input_scale
+        wq = _effective(site)
         err, ref, tokens = 0.0, 0.0, 0
         for it, x in zip(interps, xs):
             bias = self._bias(site, it)
@@ -301,6 +316,32 @@ class _Walk:
             return get_attr_path(self.gm, ref.bias) if ref.bias else None
         b = node_arg(site.node, ref.bias)
         return it.env[b] if isinstance(b, torch.fx.Node) else b
+
+
+def traced_layout(gm: torch.fx.GraphModule, model, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` rearranged as the exported program was traced (which arguments were passed
+    by position, which by name), so a batch may name a positional parameter or pass a keyword one by
+    position, as the model's own ``forward`` allows."""
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    spec = getattr(info, "in_spec", None)
+    if spec is None or model is None or len(getattr(spec, "children_specs", ())) != 2:
+        return args, kwargs
+    n_args = spec.children_specs[0].num_children
+    names = list(spec.children_specs[1].context or ())
+    if len(args) == n_args and sorted(kwargs) == sorted(names):
+        return args, {k: kwargs[k] for k in names}
+    try:
+        sig = inspect.signature(model.forward)
+        bound = sig.bind(*args, **kwargs)
+    except TypeError as e:
+        raise InputError(f"a calibration batch does not fit the model's forward: {e}") from None
+    params = list(sig.parameters)
+    new_args = tuple(bound.arguments[p] for p in params[:n_args] if p in bound.arguments)
+    missing = [k for k in names if k not in bound.arguments]
+    if len(new_args) != n_args or missing:
+        raise InputError(f"a calibration batch must give the arguments the model was traced with "
+                         f"({n_args} positional, keywords {names}); missing {missing or params[len(new_args):n_args]}")
+    return new_args, {k: bound.arguments[k] for k in names}
 
 
 def _flat_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> list:

@@ -1,0 +1,221 @@
+"""The calibrate pass: statistics over the calibration data, the data-driven methods on them, AWQ's
+folds, sequential calibration, per-layer results, and the same outcome from compile and quantize_."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fxquant
+from fxquant.methods import AWQ, GPTQ, Stats
+from fxquant.methods.gptq import gptq_codes
+from fxquant.schemes import parse_scheme
+
+from helpers import same_report
+
+warnings.filterwarnings("ignore", category=UserWarning)
+
+
+def _tiny():
+    from fxquant.models import tiny_llama
+
+    return tiny_llama(seed=0, vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=2,
+                      num_heads=4, num_kv_heads=2).eval()
+
+
+def _batches(n=3, rows=2, seq=24, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (rows, seq), generator=g) for _ in range(n)]
+
+
+IDS = torch.arange(16).reshape(1, 16)
+
+
+def _logits(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def test_stats_stream_equals_one_shot():
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(3, 5, 16, generator=g) for _ in range(4)]
+    streamed, once = Stats(16), Stats(16)
+    for x in xs:
+        streamed.update(x, hessian=True)
+    once.update(torch.cat([x.reshape(-1, 16) for x in xs]), hessian=True)
+    assert streamed.tokens == once.tokens == 60
+    assert torch.equal(streamed.absmax, once.absmax)
+    torch.testing.assert_close(streamed.mean_abs, once.mean_abs)
+    torch.testing.assert_close(streamed.hessian, once.hessian)
+    x = torch.cat([x.reshape(-1, 16) for x in xs])
+    torch.testing.assert_close(once.hessian, x.T @ x)
+
+
+def test_method_without_data_names_sites_and_method():
+    m = _tiny()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    spec = fxquant.Spec(default="int4wo-32@gptq", rules={"re:.*down_proj": "int4wo-32"})
+    with pytest.raises(ValueError, match=r"gptq: model\.layers\.0\.self_attn\.q_proj.*calibration="):
+        fxquant.compile(m, spec, example_inputs=(IDS,))
+    with pytest.raises(ValueError, match="need calibration data"):
+        fxquant.quantize_(m, spec, example_inputs=(IDS,))
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())  # untouched
+    assert not any(isinstance(x, fxquant.inplace.QuantizedLinear) for x in m.modules())
+
+
+def test_rtn_and_hqq_need_no_data_and_report_output_error_with_it():
+    m = _tiny()
+    qm = fxquant.compile(m, "int4wo-32", example_inputs=(IDS,))
+    res = fxquant.report(qm).results["model.layers.0.mlp.down_proj"]
+    assert res["method"] == "rtn" and "output_squared_error" not in res
+    qm = fxquant.compile(m, "int4wo-32", example_inputs=(IDS,), calibration=_batches())
+    rep = fxquant.report(qm)
+    res = rep.results["model.layers.0.mlp.down_proj"]
+    assert res["calibration_tokens"] == 3 * 2 * 24
+    assert 0 < res["relative_output_squared_error"] < 0.1
+    assert rep.row("model.layers.0.mlp.down_proj").rel_output_error == res["relative_output_squared_error"]
+    # no observer is left behind
+    assert not any("observer" in n.name or "observer" in str(n.target) for n in qm.graph.nodes)
+    assert not any("observer" in name for name, _ in qm.named_modules())
+
+
+@pytest.mark.parametrize("frontend", ["export", "fx"])
+def test_compile_and_quantize_inplace_agree(frontend):
+    spec = fxquant.Spec(default="int4wo-32@gptq", skip=["lm_head"],
+                        rules={"re:.*mlp.(gate|up)_proj": "int4wo-32@awq", "re:.*down_proj": "uint3wo-32@awq",
+                               "re:.*q_proj": "uint3wo-32"})
+    batches = _batches()
+    m = _tiny()
+    ref = _logits(m(IDS))
+    qm = fxquant.compile(m, spec, example_inputs=(IDS,), calibration=batches, frontend=frontend)
+    assert torch.equal(_logits(m(IDS)), ref)  # compile leaves the user's model as it was
+    m2 = _tiny()
+    fxquant.quantize_(m2, spec, example_inputs=(IDS,), calibration=batches, frontend=frontend)
+    assert same_report(fxquant.report(qm), fxquant.report(m2))
+    a, b = _logits(qm(IDS)), _logits(m2(IDS))
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert ((a - ref).norm() / ref.norm()) < 0.3
+    res = fxquant.report(m2).results
+    assert res["model.layers.1.mlp.gate_proj"]["awq_input_scale"].startswith("folded into model.layers.1."
+                                                                             "post_attention_layernorm.weight")
+    assert res["model.layers.0.mlp.down_proj"]["awq_input_scale"] == "applied to the input before the op"
+
+
+def test_awq_fold_changes_the_norm_only_in_the_emitted_model():
+    m = _tiny()
+    spec = fxquant.Spec(default=None, rules={"re:.*self_attn.[qkv]_proj": "int4wo-32@awq"})
+    qm = fxquant.compile(m, spec, example_inputs=(IDS,), calibration=_batches())
+    res = fxquant.report(qm).results
+    folded = [r["awq_input_scale"] for r in res.values()]
+    assert all(f.startswith("folded into model.layers.") for f in folded), folded
+    norm = "model.layers.0.input_layernorm.weight"
+    ours = qm.get_parameter(norm) if norm in dict(qm.named_parameters()) else qm.get_buffer(norm)
+    assert not torch.equal(ours, m.get_parameter(norm))
+    # the fold is visible on the graph's get_attr node
+    assert any("awq_fold" in n.meta.get("fxquant", {}) for n in qm.graph.nodes if n.op == "get_attr")
+    m2 = _tiny()
+    fxquant.quantize_(m2, spec, example_inputs=(IDS,), calibration=_batches())
+    torch.testing.assert_close(m2.get_parameter(norm), ours)
+
+
+class TwoLinears(nn.Module):
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.a = nn.Linear(64, 96, bias=False)
+        self.b = nn.Linear(96, 48, bias=True)
+        with torch.no_grad():
+            self.a.weight.copy_(torch.randn(96, 64, generator=g) * 0.1)
+            self.b.weight.copy_(torch.randn(48, 96, generator=g) * 0.1)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def _xs(n=3):
+    g = torch.Generator().manual_seed(5)
+    return [torch.distributions.StudentT(3.0).sample((4, 64)) * (1 + 5 * torch.rand(64, generator=g)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_gptq_runs_on_the_inputs_the_model_feeds_it(sequential):
+    """Sequential: the second layer's Hessian is of relu(quantized a(x)); otherwise of relu(a(x))."""
+    model = TwoLinears().eval()
+    scheme = parse_scheme("int4wo-32")
+    method = GPTQ(true_sequential=sequential)
+    xs = _xs()
+    qm = fxquant.compile(model, fxquant.Spec(default=scheme, method=method), example_inputs=(xs[0],), calibration=xs)
+    x = torch.cat(xs)
+    wa, wb = model.a.weight.detach(), model.b.weight.detach()
+    qa = gptq_codes(wa, x.T @ x, scheme.grid(96, 64))
+    wa_hat = scheme.grid(96, 64).ungroup(scheme.grid(96, 64).decode(*qa[:3]), 96, 64)
+    h_in = torch.relu(x @ (wa_hat if sequential else wa).T)
+    qb = gptq_codes(wb, h_in.T @ h_in, scheme.grid(48, 96))
+    want = scheme.pack_grid(*qb[:3], 48, 96)
+    got = qm.get_buffer("b.qweight")
+    assert torch.equal(got, want.tensors["qweight"])
+
+
+def test_one_batch_or_many_same_data():
+    model = TwoLinears().eval()
+    xs = _xs(4)
+    spec = fxquant.Spec(default="int4wo-32@gptq")
+    many = fxquant.compile(model, spec, example_inputs=(xs[0],), calibration=xs)
+    one = fxquant.compile(model, spec, example_inputs=(xs[0],), calibration=[torch.cat(xs)])
+    for name in ("a.qweight", "b.qweight"):
+        # the Hessian's float sums differ in order only: at most a few codes move
+        differ = (many.get_buffer(name) != one.get_buffer(name)).float().mean()
+        assert differ < 0.01
+    ra, rb = fxquant.report(many).results["b"], fxquant.report(one).results["b"]
+    assert ra["calibration_tokens"] == rb["calibration_tokens"] == 16
+
+
+def test_gptq_and_awq_beat_rtn_on_the_calibration_data():
+    model = TwoLinears().eval()
+    xs = _xs(4)
+    errs = {}
+    for sch in ["int4wo-32", "int4wo-32@gptq", "int4wo-32@awq", "uint3wo-32", "uint3wo-32@gptq", "uint3wo-32@awq"]:
+        rep = fxquant.report(fxquant.compile(model, sch, example_inputs=(xs[0],), calibration=xs))
+        errs[sch] = rep.results["a"]["output_squared_error"]
+    for base in ["int4wo-32", "uint3wo-32"]:
+        assert errs[f"{base}@gptq"] < errs[base]
+        assert errs[f"{base}@awq"] < errs[base]
+
+
+def test_calibration_items_and_bad_items():
+    model = TwoLinears().eval()
+    xs = _xs(2)
+    spec = fxquant.Spec(default="int8wo@gptq")
+    a = fxquant.compile(model, spec, example_inputs=(xs[0],), calibration=[(x,) for x in xs])
+    b = fxquant.compile(model, spec, example_inputs=(xs[0],), calibration=[{"x": x} for x in xs])
+    assert torch.equal(a.get_buffer("a.qweight"), b.get_buffer("a.qweight"))
+    with pytest.raises(ValueError, match=r"calibration\[0\]: expected a tensor"):
+        fxquant.compile(model, spec, example_inputs=(xs[0],), calibration=["text"])
+    with pytest.raises(ValueError, match="calibration is empty"):
+        fxquant.compile(model, spec, example_inputs=(xs[0],), calibration=[])
+
+
+def test_bad_method_parameters_name_the_field():
+    with pytest.raises(ValueError, match=r"GPTQ\.damp_percent=0 .*\(0, 1\]"):
+        GPTQ(damp_percent=0)
+    with pytest.raises(ValueError, match=r"GPTQ\.block_size"):
+        GPTQ(block_size=0)
+    with pytest.raises(ValueError, match=r"AWQ\.max_shrink"):
+        AWQ(max_shrink=1.0)
+    with pytest.raises(ValueError, match=r"AWQ\.n_grid"):
+        AWQ(n_grid=0)
+    with pytest.raises(ValueError, match=r"cannot quantize nf4.*no code grid"):
+        fxquant.Spec(default="nf4@gptq")
+    with pytest.raises(ValueError, match=r"unknown method 'foo'; valid: .*gptq"):
+        fxquant.Spec(default="int4wo@foo")
+
+
+def test_methods_round_trip_through_spec_dicts():
+    spec = fxquant.Spec(default="int4wo-128@gptq", skip=["lm_head"],
+                        rules={"re:.*down_proj": "int4wo-64@awq", "re:.*q_proj": AWQ(n_grid=5)},
+                        method=GPTQ(act_order=True, damp_percent=0.05))
+    assert fxquant.Spec.from_dict(spec.to_dict()) == spec
+    assert fxquant.Spec.from_json(spec.to_json()) == spec if hasattr(fxquant.Spec, "from_json") else True
+    assert str(spec.rules[1].scheme) == "int4wo-128@awq" and spec.rules[1].scheme.method == AWQ(n_grid=5)
+    # Spec.method applies to schemes that name no method; a scheme's own method wins
+    assert spec.default.method == GPTQ()
+    assert fxquant.Spec(default="int4wo-64", method="gptq").default == parse_scheme("int4wo-64@gptq")
