@@ -4,8 +4,9 @@ Math (the paper's Sign-Value-Independent Decomposition, SVID): ``W ≈ S ⊙ (a 
 ``S = sign(W)`` in {-1, +1} ``[N, K]``, ``a`` ``[N]`` (one value per output) and ``b`` ``[K]`` (one
 per input).  A linear layer then never forms ``W``: ``y = ((x ⊙ b) · Sᵀ) ⊙ a``.
 
-Init (here; the calibrated algorithm, knowledge distillation with the paper's post-linear
-LayerNorm, belongs to the algorithms issue): ``S = sign(W)`` and ``a bᵀ`` = the best rank-1
+Init (here; the calibrated fit to a layer's output error is ``fxquant.methods.OneBit``, which
+stores through the same :func:`pack`; knowledge distillation with the paper's post-linear
+LayerNorm is not implemented): ``S = sign(W)`` and ``a bᵀ`` = the best rank-1
 approximation of ``|W|`` in the Frobenius norm.  Since ``S ⊙ W = |W|`` and ``S ⊙ S = 1``,
 ``||W - S ⊙ (a bᵀ)||_F = || |W| - a bᵀ ||_F``: fitting ``|W|`` is fitting ``W``.  The paper fits
 ``|W|`` by rank-1 NMF (sklearn, random init); fxquant uses the leading singular pair of ``|W|``

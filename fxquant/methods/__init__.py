@@ -8,6 +8,7 @@ see docs/algorithms.md.
 """
 from ._base import Method, MethodResult, Stats, method_from_json, method_names, method_to_json, parse_method
 from .rtn import RTN
+from .onebit import OneBit
 from .hqq import HQQ
 from .gptq import GPTQ
 from .awq import AWQ
@@ -15,3 +16,4 @@ from .awq import AWQ
 __all__ = ["Method", "MethodResult", "Stats", "parse_method", "method_to_json", "method_from_json",
            "method_names", "RTN", "HQQ"]
 __all__ += ["GPTQ", "AWQ"]
+__all__ += ["OneBit"]

@@ -99,6 +99,10 @@ class Method:
         """Why this method cannot produce ``scheme``'s format (``None`` when it can)."""
         return None
 
+    def excluded_reason(self, name: str) -> str | None:
+        """Why the method leaves the layer ``name`` in float (its own include / exclude lists), else ``None``."""
+        return None
+
     def quantize(self, scheme, weight: torch.Tensor, stats: Stats | None) -> MethodResult:
         """The packed weight of float ``weight`` ``[N, K]`` in ``scheme``'s format."""
         raise NotImplementedError

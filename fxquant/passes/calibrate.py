@@ -177,15 +177,13 @@ class _Observer(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.stats.update(x, self.hessian)
+        xf = x.float()
         for s in self.sites:
-            if s.name in self.err:
-                w = _weight(self.gm[0], s)
-                y = F.linear(x, w.to(x.dtype)).float()
-                qw = s.qweight
-                yq = getattr(torch.ops.fxquant, qw.op)(x, *qw.tensors.values(), None, **qw.attrs).float()
+            if s.name in self.err:  # ||x Dᵀ||² with D = W - Ŵ (dequantized per batch: cheaper than the product)
+                w = _weight(self.gm[0], s).float()
                 e = self.err[s.name]
-                e[0] += float((yq - y).pow(2).sum())
-                e[1] += float(y.pow(2).sum())
+                e[0] += float(F.linear(xf, w - _effective(s)).pow(2).sum())
+                e[1] += float(F.linear(xf, w).pow(2).sum())
         return x
 
 

