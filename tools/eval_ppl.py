@@ -112,7 +112,9 @@ def run_spec(model, spec_text: str, skip: list[str], calib: list[torch.Tensor], 
         return {"spec": "float", "ppl": perplexity(model, wins), "seconds": 0.0}
     spec = fxquant.Spec.from_json(spec_text) if spec_text.startswith("{") else fxquant.Spec(default=spec_text, skip=skip)
     m = copy.deepcopy(model)
-    batches = [{"input_ids": c} for c in calib]
+    schemes = [spec.default] + [r.scheme for r in spec.rules]
+    needs_data = any(s is not None and s.method is not None and s.method.needs_data for s in schemes)
+    batches = [{"input_ids": c} for c in calib] if needs_data else None  # RTN / HQQ rows: no data, no cost
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

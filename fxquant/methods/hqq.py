@@ -14,21 +14,22 @@ splitting the error ``W_e`` out and alternating, per group, from the min / max p
 with ``shrink_lp(x) = sign(x) * relu(|x| - |x|**(p - 1) / beta)`` (the generalised soft threshold).
 
 fxquant's grid stores ``W ≈ (q - mid) * scale + offset`` (``offset`` = the value of code ``mid``);
-HQQ's ``(q - z) * scale`` is the same grid with ``z = mid - offset / scale``.  The iteration here
-runs in value units, which is the same update without HQQ's cancellation of ``W * s_inv + z`` for
-tiny scales: ``W_q = round((W - offset) / scale + mid)`` (as :meth:`Grid.encode`) and
-``offset = mean(W - W_e) - scale * (mean(W_q) - mid)``.  ``optimize_scale`` also fits the scale
-by least squares of ``W - W_e`` on the codes (a line ``scale * (q - mid) + offset``; through 0 for
-the symmetric grids, which store no offset, so only their scale can move).
+HQQ's ``(q - z) * scale`` is the same grid with ``z = mid - offset / scale``.  The codes are HQQ's
+``round(W * s_inv + z)`` (computed relative to ``mid``: ``round(W * s_inv - offset * s_inv)``);
+the residual and the zero update run in value units, the same update without HQQ's cancellation
+for tiny scales: ``offset = mean(W - W_e) - scale * (mean(W_q) - mid)``.  ``optimize_scale`` also
+fits the scale by least squares of ``W - W_e`` on the codes (the line ``scale * (q - mid) + offset``;
+through 0 for the symmetric grids, which store no offset, so only their scale can move).
 
-Differences from the library, all on the side of a lower error: the error is tracked per group,
-each group keeps its best iterate (the library returns the last, one step past the best) and stops
-on its own when its error stops improving (the library stops the whole tensor); the parameters are
-then rounded to what the format stores (:meth:`Grid.store`), the codes recomputed against the stored
-values, and every group whose stored result is not strictly better than round-to-nearest keeps
-RTN's codes and parameters, so the weight error is never above RTN's.  The error is the squared
-error, the format's weight error (``||W - Ŵ|| / ||W||``, the quantize report's ``rel_error``).
-A partial group's padding (:meth:`Grid.groups`) is left out of every mean and error.
+Differences from the library, all on the side of a lower weight error: each group keeps its best
+iterate (the library returns the iterate after the last one it evaluated) and stops on its own
+when its error stops improving (the library stops the whole tensor); that error is the squared
+error (the library's is the mean absolute error), the format's weight error ``||W - Ŵ|| / ||W||``
+(the quantize report's ``rel_error``).  The parameters are then rounded to what the format stores
+(:meth:`Grid.store`), the codes recomputed against the stored values, and every group whose stored
+result is not strictly better than round-to-nearest keeps RTN's codes and parameters, so the weight
+error is never above RTN's.  A partial group's padding (:meth:`Grid.groups`) is left out of every
+mean and error.
 """
 from __future__ import annotations
 
@@ -141,67 +142,83 @@ class HQQ(Method):
 
     def _optimise(self, grid, w, mask, scale, offset):
         """The HQQ iteration on one chunk of groups ``w`` ``[c, g]`` from ``scale`` / ``offset``
-        ``[c]``: each group's best ``(scale, offset)`` (free-form floats) and the iterations run."""
+        ``[c]``: each group's best ``(scale, offset)`` (free-form floats) and the iterations run.
+
+        Groups that stopped improving are frozen; once they are a quarter of the working set, the
+        set is compacted to the groups still running (most groups stop within a few iterations)."""
         best_s, best_o = scale.clone(), offset.clone()
         best_e = torch.full_like(scale, math.inf)
+        rows = torch.arange(w.shape[0], device=w.device)  # the working set's groups in the chunk
         active = torch.ones_like(scale, dtype=torch.bool)
-        beta, p, mid = float(self.beta), float(self.lp_norm), grid.mid
+        beta, p = float(self.beta), float(self.lp_norm)
+        ulo, uhi = grid.qlo - grid.mid, grid.qhi - grid.mid
+        count = float(w.shape[1]) if mask is None else mask.sum(dim=1)
         ran = 0
         for it in range(self.iters + 1):
             s, o = scale[:, None], offset[:, None]
-            u = torch.round((w - o) / s + mid).clamp_(grid.qlo, grid.qhi).sub_(mid)  # W_q - mid
-            r = w - (u * s + o)  # W - W_r
-            e = _group_sq(r, mask)
-            better = e < best_e
-            best_e = torch.where(better, e, best_e)
-            best_s, best_o = torch.where(better, scale, best_s), torch.where(better, offset, best_o)
+            s_inv = 1.0 / s
+            u = torch.addcmul(-o * s_inv, w, s_inv).round_().clamp_(ulo, uhi)  # W_q - mid, as HQQ's W * s_inv + z
+            r = torch.addcmul(w, u, s, value=-1.0).sub_(o)  # W - W_r
+            if mask is not None:
+                r.mul_(mask)  # padding: no error, no shrinkage (every sum below is masked)
+            e = _dot(r, r)
+            better = e < best_e[rows]
+            best_e[rows] = torch.where(better, e, best_e[rows])
+            best_s[rows] = torch.where(better, scale, best_s[rows])
+            best_o[rows] = torch.where(better, offset, best_o[rows])
             if self.early_stop:
                 active &= better
             if it == self.iters or not bool(active.any()):
                 break
             ran = it + 1
-            t = w - _shrink_lp_(r, beta, p)  # W - W_e (r is consumed)
-            scale_new = self._fit_scale(grid, u, t, mask, scale) if self.optimize_scale else scale
+            t = torch.addcmul(w, r, _shrink_factor(r, beta, p), value=-1.0)  # W - W_e
+            sum_u = _sum(u, mask)
+            if self.optimize_scale:
+                scale_new = _fit_scale(grid, u, t, mask, sum_u / count, scale)
+            else:
+                scale_new = scale
             if grid.symmetric:
                 offset_new = offset
-            else:
-                offset_new = _mean(t, mask) - scale_new * _mean(u, mask)
+            else:  # HQQ's z = mean(W_q - (W - W_e) * s_inv), in value units
+                offset_new = (_sum(t, mask) - scale_new * sum_u) / count
             scale = torch.where(active, scale_new, scale)
             offset = torch.where(active, offset_new, offset)
             beta *= self.kappa
+            keep = active.nonzero().squeeze(1)
+            if 4 * keep.numel() <= 3 * rows.numel():
+                rows, active, scale, offset = rows[keep], active[keep], scale[keep], offset[keep]
+                w = w[keep]
+                if mask is not None:
+                    mask, count = mask[keep], count[keep]
         return best_s, best_o, ran
 
-    @staticmethod
-    def _fit_scale(grid, u, t, mask, scale):
-        """Least-squares scale of ``t ≈ scale * u + offset`` per group (through 0 when symmetric);
-        the old scale where the fit is degenerate (all codes equal) or not positive."""
-        if grid.symmetric:
-            num, den = _sum(u * t, mask), _sum(u * u, mask)
-        else:
-            uc = u - _mean(u, mask)[:, None]
-            num, den = _sum(uc * t, mask), _sum(uc * uc, mask)
-        s = num / den
-        ok = (den > 0) & torch.isfinite(s) & (s >= grid.min_scale)
-        return torch.where(ok, s, scale)
+
+def _fit_scale(grid, u, t, mask, mean_u, scale):
+    """Least-squares scale of ``t ≈ scale * u + offset`` per group (through 0 when symmetric);
+    the old scale where the fit is degenerate (all codes equal) or not positive."""
+    if not grid.symmetric:
+        u = u - mean_u[:, None]
+    if mask is not None:
+        u = u * mask
+    s = _dot(u, t) / (den := _dot(u, u))
+    ok = (den > 0) & torch.isfinite(s) & (s >= grid.min_scale)
+    return torch.where(ok, s, scale)
 
 
-def _shrink_lp_(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
-    """``sign(x) * relu(|x| - |x|**(p - 1) / beta)`` in place of ``x`` (0 stays 0)."""
-    sign = torch.sign(x)
-    a = x.abs_()
-    if p == 1:
-        a.sub_(1.0 / beta)
-    else:
-        a.sub_(a.pow(p - 1).mul_(1.0 / beta))  # |x| = 0: 0 - inf, clamped to 0 below
-    return a.clamp_min_(0.0).mul_(sign)
+def _shrink_factor(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
+    """``f`` with ``x * f`` the generalised soft threshold (the lp shrinkage of HQQ's
+    ``shrink_lp_op``) ``sign(x) * relu(|x| - |x|**(p - 1) / beta)``: ``f = relu(1 - |x|**(p - 2) / beta)``
+    (``x = 0``: ``relu(-inf) = 0``, so ``x * f = 0``)."""
+    return x.abs().pow_(p - 2).mul_(-1.0 / beta).add_(1.0).clamp_min_(0.0)
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot products ``[c, g] x [c, g] -> [c]`` (one pass, no temporary)."""
+    return torch.einsum("ij,ij->i", a, b)
 
 
 def _sum(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    return (x if mask is None else x * mask).sum(dim=1)
-
-
-def _mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    return x.mean(dim=1) if mask is None else (x * mask).sum(dim=1) / mask.sum(dim=1)
+    return x.sum(dim=1) if mask is None else _dot(x, mask)
 
 
 def _group_sq(r: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
