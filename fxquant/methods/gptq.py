@@ -112,11 +112,11 @@ def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, grid, damp_percent: 
                 scale[:, grp], offset[:, grp] = s, o
             s, o = scale[:, grp], offset[:, grp]
             col_w = w1[:, i]
-            q = grid.encode(col_w[:, None], s[:, None], o[:, None])[:, 0]
+            # Grid.encode / decode of one column, inline (this loop runs once per input column)
+            q = torch.round((col_w - o) / s + grid.mid).clamp_(grid.qlo, grid.qhi)
             codes[:, i1 + i] = q
-            d = hinv1[i, i]
-            e = (col_w - grid.decode(q[:, None], s[:, None], o[:, None])[:, 0]) / d
-            w1[:, i:].sub_(e[:, None] * hinv1[i, i:][None, :])
+            e = (col_w - ((q - grid.mid) * s + o)).div_(hinv1[i, i])
+            w1[:, i:].sub_(torch.outer(e, hinv1[i, i:]))
             err1[:, i] = e
         w[:, i2:].sub_(err1 @ hinv[i1:i2, i2:])
     codes = codes[:, invperm]

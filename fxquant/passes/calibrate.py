@@ -35,6 +35,7 @@ import torch.fx
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..frontend import EXAMPLE_KEY
 from ..methods import Stats
 from ._base import InputError, PassContext, PassResult, Site, get_attr_path, meta, node_arg
 from .quantize import check_supported, method_of, quantize_site
@@ -329,6 +330,11 @@ def traced_layout(gm: torch.fx.GraphModule, model, args: tuple, kwargs: dict) ->
         raise InputError(f"a calibration batch does not fit the model's forward: {e}") from None
     params = list(sig.parameters)
     new_args = tuple(bound.arguments[p] for p in params[:n_args] if p in bound.arguments)
+    # a non-tensor keyword the model was traced with (use_cache=False) and the batch leaves out
+    _, example_kwargs = gm.meta.get(EXAMPLE_KEY, ((), {}))
+    for k in names:
+        if k not in bound.arguments and k in example_kwargs and not isinstance(example_kwargs[k], torch.Tensor):
+            bound.arguments[k] = example_kwargs[k]
     missing = [k for k in names if k not in bound.arguments]
     if len(new_args) != n_args or missing:
         raise InputError(f"a calibration batch must give the arguments the model was traced with "

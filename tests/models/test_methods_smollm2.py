@@ -81,7 +81,7 @@ def test_calibrated_spec_on_the_real_model_both_emits(smollm2):
     batches = [{"input_ids": enc.input_ids[i:i + 1, :64]} for i in range(2)]
     spec = fxquant.Spec(default=None, rules={"re:model.layers.[01].self_attn.[qkv]_proj": "int4wo-64@awq",
                                              "re:model.layers.[01].mlp.*": "int4wo-128@gptq",
-                                             "re:model.layers.2.*": "uint3wo-64@hqq"})
+                                             r"re:model\.layers\.2\..*": "uint3wo-64@hqq"})
     ids = enc.input_ids[:1, :32]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
