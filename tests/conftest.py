@@ -33,3 +33,13 @@ def fp32_dense(monkeypatch):
     from fxquant.ops import _cpu
 
     monkeypatch.setattr(_cpu, "dense_dtype", lambda: torch.float32)
+
+
+@pytest.fixture
+def no_amx(monkeypatch):
+    """Route as on an AVX512-BF16 CPU without AMX (``fxquant.ops._cpu.amx`` False): large M takes the
+    native decode-in-GEMM kernels, so their tests run on AMX machines too (where the ops prefer
+    dequantize + oneDNN's AMX GEMM)."""
+    from fxquant.ops import _cpu
+
+    monkeypatch.setattr(_cpu, "amx", lambda: False)

@@ -50,6 +50,18 @@ def dense_dtype() -> torch.dtype:
 
 
 @functools.lru_cache(maxsize=None)
+def amx() -> bool:
+    """Whether oneDNN's bf16 GEMM runs on AMX tiles here.  Then dequantize + that GEMM beats the native
+    decode-in-GEMM kernels at large M, and the ops take it.  Measured (Xeon with AMX, 2 threads,
+    5632 x 2048, M = 512, bf16 x, ms): bf16 F.linear 5.7; int8wo native GEMM 53 vs blocked decode +
+    dense 8.8; int4wo-128 52.7 vs 25.9 (its decode is PyTorch ops)."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+@functools.lru_cache(maxsize=None)
 def large_m_threshold() -> int:
     """Rows from which dequantize + dense GEMM beats the packed kernels.
 

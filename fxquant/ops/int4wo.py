@@ -117,7 +117,7 @@ def _cpu_fast(x2, qweight, scales_and_zeros, group_size, block_n, out_features, 
         if y is not None:
             return y
     if m >= packed:
-        if nm.bf16_values(x2):  # decodes tile chunks inside the GEMM; grouped (exact) for fp32-exact results
+        if nm.bf16_values(x2) and not _cpu.amx():  # decodes tile chunks inside the GEMM; grouped (exact) for fp32-exact results
             y = native_cpu.int4_gemm(x2, qweight, block_n=block_n, group_size=group_size,
                                      scale=scales_and_zeros.select(-1, 0), zero=scales_and_zeros.select(-1, 1),
                                      out_features=out_features, exact=nm.exact)

@@ -79,7 +79,7 @@ def _cpu_fast(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, *, n
         if y is not None:
             return y
     if m >= packed:
-        if nm.bf16_values(x2):
+        if nm.bf16_values(x2) and not _cpu.amx():  # with AMX, dequantize + oneDNN's GEMM wins
             y = native_cpu.int8_gemm(x2, qweight, scale)  # decodes panels inside the GEMM (AVX512-BF16)
             if y is not None:
                 return y

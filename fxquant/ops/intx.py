@@ -254,7 +254,7 @@ def _cpu_fast(x2, codes_lo, codes_hi, scale, offset, bits, group_size, symmetric
         y = native_linear(x2, codes_lo, codes_hi, scale, offset, bits, group_size, block_n, out_features, axis, nm)
         if y is not None:
             return y
-    elif bits == 4 and axis == 1 and nm.bf16_values(x2):
+    elif bits == 4 and axis == 1 and nm.bf16_values(x2) and not _cpu.amx():  # AMX: dequantize + oneDNN wins
         # the 4-bit plane is int4wo's tile layout: the native GEMM that decodes tiles inside it
         y = native_cpu.int4_gemm(x2, codes_lo, block_n=block_n, group_size=group_size, scale=scale,
                                  zero=offset if offset.numel() else None, out_features=out_features, mid=8.0,

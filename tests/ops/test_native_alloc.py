@@ -14,6 +14,8 @@ from helpers import assert_linear_close
 from fxquant.kernels import native_cpu
 from fxquant.schemes import parse_scheme
 
+pytestmark = pytest.mark.usefixtures("no_amx")  # the native large-M kernels are what these test
+
 needs_native = pytest.mark.skipif(not native_cpu.available(), reason=f"native kernels: {native_cpu.status()}")
 needs_bf16_dot = pytest.mark.skipif(not native_cpu.has_bf16_dot(), reason="no AVX512-BF16 kernels here")
 

@@ -19,6 +19,8 @@ from fxquant.kernels import native_cpu
 from fxquant.ops import _cpu, bnb4, fpx, int4wo, int8wo, intx, onebit
 from fxquant.schemes import parse_scheme
 
+pytestmark = pytest.mark.usefixtures("no_amx")  # the native large-M kernels are what these test
+
 needs_native = pytest.mark.skipif(not native_cpu.available(), reason=f"native kernels: {native_cpu.status()}")
 #: every instruction set whose kernels run here (AVX-512 and AVX2 on an AVX-512 CPU): the
 #: correctness tests run each, since a CPU without AVX-512 only ever runs the AVX2 ones
@@ -398,6 +400,24 @@ def test_int4wo_large_m_takes_the_native_gemm():
     """Above the packed kernels' rows, int4wo runs the native GEMM that decodes tiles inside it."""
     m = max(int4wo.packed_max_rows(), int4wo.NATIVE_MAX_ROWS_BF16DOT) + 8
     check_route("int4wo-128", 200, 512, m, "int4_gemm", torch.bfloat16)
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize("scheme,wrapper", [("int4wo-128", "int4_gemm"), ("uint4wo-64", "int4_gemm"),
+                                            ("int8wo", "int8_gemm")])
+def test_with_amx_large_m_dequantizes_for_the_dense_gemm(scheme, wrapper, monkeypatch):
+    """With AMX (oneDNN's bf16 GEMM ~9x the native GEMMs there), large M skips the native
+    decode-in-GEMM kernels for blocked dequantize + dense GEMM; same result within bf16."""
+    monkeypatch.setattr(_cpu, "amx", lambda: True)
+    qw, op = quantized(scheme, 130, 512, 3)
+    reference, module, _ = OPS[qw.op]
+    args = tuple(qw.tensors.values())
+    x = torch.randn(200, 512, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    with spy(wrapper) as calls:
+        y = op(x, *args, None, **qw.attrs)
+    assert not calls
+    w = module.OP.dequantized(qw.tensors, {**qw.attrs, "compute_dtype": None})
+    assert_linear_close(y, reference(policy_x(x), *args, None, **qw.attrs), x, w, BF16_TOL)
 
 
 @needs_bf16_dot

@@ -12,6 +12,8 @@ from fxquant.kernels import native_cpu
 from fxquant.ops import _linear, bnb4, int4wo, intx
 from fxquant.schemes import parse_scheme
 
+pytestmark = pytest.mark.usefixtures("no_amx")  # the native large-M kernels are what these test
+
 KS = [576, 100, 4099]
 N = 40
 #: the fp32 paths (native fp32 GEMV, fp32 dequantize + GEMM) are the reference up to the order of an
