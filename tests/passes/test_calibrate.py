@@ -219,3 +219,20 @@ def test_methods_round_trip_through_spec_dicts():
     # Spec.method applies to schemes that name no method; a scheme's own method wins
     assert spec.default.method == GPTQ()
     assert fxquant.Spec(default="int4wo-64", method="gptq").default == parse_scheme("int4wo-64@gptq")
+
+
+def test_calibrated_model_saves_loads_and_compiles(tmp_path):
+    """AWQ's folds and input divisions survive save -> load bit for bit and torch.compile(fullgraph)."""
+    m = _tiny()
+    spec = fxquant.Spec(default="int4wo-32@awq", skip=["lm_head"])
+    qm = fxquant.compile(m, spec, example_inputs=(IDS,), calibration=_batches(2))
+    assert any(r.get("awq_input_scale", "").startswith("applied") for r in fxquant.report(qm).results.values())
+    fxquant.save(qm, tmp_path / "m.pt2")
+    loaded = fxquant.load(tmp_path / "m.pt2")
+    want = _logits(qm(IDS))
+    assert torch.equal(_logits(loaded(IDS)), want)
+    torch.testing.assert_close(_logits(torch.compile(qm, fullgraph=True)(IDS)), want, rtol=1e-4, atol=1e-4)
+    m2 = _tiny()
+    fxquant.quantize_(m2, spec, example_inputs=(IDS,), calibration=_batches(2))
+    torch.testing.assert_close(_logits(torch.compile(m2, fullgraph=True)(IDS)), _logits(m2(IDS)),
+                               rtol=1e-4, atol=1e-4)
