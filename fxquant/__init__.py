@@ -1,10 +1,10 @@
 """fxquant: quantize PyTorch models as compiler passes over a traced graph."""
-from . import schemes
+from . import methods, schemes
 from .api import compile, quantize_
 from .report import Report, report
 from .schemes import Int4WeightOnly, Int8WeightOnly, Scheme
 from .serialize import load, save
 from .spec import Spec
 
-__all__ = ["compile", "quantize_", "Spec", "report", "Report", "save", "load", "schemes", "Scheme", "Int8WeightOnly", "Int4WeightOnly"]
+__all__ = ["compile", "quantize_", "Spec", "report", "Report", "save", "load", "schemes", "methods", "Scheme", "Int8WeightOnly", "Int4WeightOnly"]
 __version__ = "0.1.0"
