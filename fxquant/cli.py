@@ -65,6 +65,10 @@ def format_graph(gm: torch.fx.GraphModule, color: bool) -> str:
         if node.op == "call_function" and str(node.target).startswith("fxquant."):
             text = f"{text}    # {info.get('site')}: {info.get('scheme')} via {info.get('rule')}"
             text = f"\033[1;32m{text}\033[0m" if color else f">> {text}"
+        elif "awq_fold" in info or "awq_input_scale" in info:  # AWQ's graph rewrites
+            note = info.get("awq_fold") or f"{info.get('site')}: AWQ {info['awq_input_scale']}"
+            text = f"{text}    # {note}"
+            text = f"\033[1;33m{text}\033[0m" if color else f"~> {text}"
         else:
             text = f"   {text}" if not color else text
         lines.append(text)
@@ -81,7 +85,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     spec = _parse_spec(args)
     model, ex_args, ex_kwargs = load_factory(args.factory)
-    qm = compile(model, spec, ex_args, ex_kwargs, frontend=args.frontend)
+    # methods that need data (GPTQ, AWQ, OneBit) calibrate on the factory's example inputs
+    calibration = [(ex_args, ex_kwargs)] if args.calibrate_on_example else None
+    if calibration is not None:
+        from .passes.calibrate import Call
+
+        calibration = [Call(c) for c in calibration]
+    qm = compile(model, spec, ex_args, ex_kwargs, frontend=args.frontend, calibration=calibration)
     rep = report(qm)
     print(rep)
     print("\nop counts (before -> after):")
@@ -126,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     _spec_args(i)
     i.add_argument("--frontend", default="auto", choices=["auto", "export", "fx"])
     i.add_argument("--no-graph", action="store_true", help="print only the report and op counts")
+    i.add_argument("--calibrate-on-example", action="store_true",
+                   help="use the example inputs as the calibration data (for @gptq / @awq / @onebit specs)")
     i.add_argument("--color", action=argparse.BooleanOptionalAction, default=None)
     i.set_defaults(func=cmd_inspect)
     return parser

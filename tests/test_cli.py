@@ -76,3 +76,15 @@ def test_demo_tiny():
     out = r.stdout
     for needle in ("TOTAL (", "relative logits error", "eager latency, 1 token", "memory:", "MiB saved"):
         assert needle in out
+
+
+def test_inspect_calibrated_method_shows_awq_in_the_graph(factory_file):
+    """An @awq spec calibrates on the example; the graph marks where AWQ divides the input."""
+    r = run("-m", "fxquant", "inspect", f"{factory_file}:factory", "--spec", "int8wo@awq", "--skip", "head",
+            "--calibrate-on-example", "--no-color")
+    assert r.returncode == 0, r.stderr
+    assert "int8wo@awq" in r.stdout and "rel out err" in r.stdout
+    marked = [line for line in r.stdout.splitlines() if line.startswith("~> ")]
+    assert marked and all("AWQ" in line or "divided" in line for line in marked)
+    r = run("-m", "fxquant", "inspect", f"{factory_file}:factory", "--spec", "int8wo@gptq", "--no-color")
+    assert r.returncode != 0 and "need calibration data" in r.stderr
