@@ -132,7 +132,12 @@ def run_spec(model, spec_text: str, skip: list[str], calib: list[torch.Tensor], 
             fxquant.quantize_(m, spec, example_kwargs={"input_ids": wins[0]}, calibration=batches)
             rep = fxquant.report(m)
     seconds = time.perf_counter() - t0
-    return {"spec": str(spec_text), "ppl": perplexity(m, wins), "seconds": seconds,
+    label = spec_text
+    if spec_text.startswith("{"):  # a readable label: the default scheme and its method's parameters
+        d = spec.default
+        label = str(d) if d.method is None or d.method == type(d.method)() else \
+            f"{d} ({', '.join(f'{k}={v}' for k, v in d.method.params().items() if v != getattr(type(d.method)(), k))})"
+    return {"spec": label, "ppl": perplexity(m, wins), "seconds": seconds,
             "quantized": len(rep.quantized), "sites": len(rep.rows)}
 
 
@@ -164,7 +169,7 @@ def main(argv=None) -> None:
         row["delta"] = None if base is None else row["ppl"] / base - 1
         rows.append(row)
         delta = f"{100 * row['delta']:+.1f} %" if row["delta"] is not None else "-"
-        print(f"{spec:32s} ppl {row['ppl']:8.3f}  {delta:>9s}  {row['seconds']:7.1f} s", flush=True)
+        print(f"{row['spec']:32s} ppl {row['ppl']:8.3f}  {delta:>9s}  {row['seconds']:7.1f} s", flush=True)
     if args.markdown:
         print("\n| spec | perplexity | vs float | time (s) |\n|---|---|---|---|")
         for r in rows:

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import torch
 
 __all__ = ["Method", "MethodResult", "Stats", "parse_method", "method_to_json", "method_from_json",
-           "method_names", "check_number"]
+           "method_names", "check_number", "column_grid_reason"]
 
 _REGISTRY: dict[str, type["Method"]] = {}
 
@@ -112,6 +112,17 @@ class Method:
 
     def __str__(self) -> str:
         return self.name
+
+
+def column_grid_reason(method: str, scheme) -> str | None:
+    """Why ``scheme`` is not an integer grid grouped along input columns (what GPTQ and AWQ work on)."""
+    grid = scheme.grid(64, 64)
+    if grid is None:
+        return (f"{method} needs an integer weight-only format (int8wo, int4wo-<g>, [u]int<b>wo-<g>); "
+                f"{scheme} has no code grid")
+    if grid.axis != 1:
+        return f"{method} groups input columns (axis 1); {scheme} groups along axis {grid.axis}"
+    return None
 
 
 def check_number(owner: str, name: str, value: Any, *, kind=(int, float), lo=None, hi=None,

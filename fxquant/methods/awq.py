@@ -22,7 +22,7 @@ from typing import ClassVar
 
 import torch
 
-from ._base import Method, MethodResult, Stats, check_number
+from ._base import Method, MethodResult, Stats, check_number, column_grid_reason
 
 __all__ = ["AWQ"]
 
@@ -48,13 +48,7 @@ class AWQ(Method):
             raise ValueError(f"AWQ.clip={self.clip!r} is not valid; valid: True, False")
 
     def unsupported_reason(self, scheme) -> str | None:
-        grid = scheme.grid(64, 64)
-        if grid is None:
-            return (f"AWQ needs an integer weight-only format (int8wo, int4wo-<g>, [u]int<b>wo-<g>); "
-                    f"{scheme} has no code grid")
-        if grid.axis != 1:
-            return f"AWQ groups input columns (axis 1); {scheme} groups along axis {grid.axis}"
-        return None
+        return column_grid_reason("AWQ", scheme)
 
     def quantize(self, scheme, weight: torch.Tensor, stats: Stats | None) -> MethodResult:
         return self.quantize_group([scheme], [weight], stats)[0]

@@ -22,7 +22,7 @@ from typing import ClassVar
 
 import torch
 
-from ._base import Method, MethodResult, Stats, check_number
+from ._base import Method, MethodResult, Stats, check_number, column_grid_reason
 
 __all__ = ["GPTQ", "gptq_codes"]
 
@@ -55,13 +55,7 @@ class GPTQ(Method):
         return self.true_sequential
 
     def unsupported_reason(self, scheme) -> str | None:
-        grid = scheme.grid(64, 64)
-        if grid is None:
-            return (f"GPTQ needs an integer weight-only format (int8wo, int4wo-<g>, [u]int<b>wo-<g>); "
-                    f"{scheme} has no code grid")
-        if grid.axis != 1:
-            return f"GPTQ groups input columns (axis 1); {scheme} groups along axis {grid.axis}"
-        return None
+        return column_grid_reason("GPTQ", scheme)
 
     def quantize(self, scheme, weight: torch.Tensor, stats: Stats | None) -> MethodResult:
         if stats is None or stats.hessian is None:
