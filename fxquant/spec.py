@@ -184,6 +184,11 @@ class Spec:
         return json.dumps(self.to_dict())
 
     @classmethod
+    def from_json(cls, text: str) -> "Spec":
+        """``Spec.from_json(spec.to_json()) == spec``."""
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
     def coerce(cls, spec: "Spec | str | Scheme | Mapping | None") -> "Spec":
         """Accept a Spec, a scheme (string/object, as the default) or a dict (``from_dict``)."""
         if isinstance(spec, Spec):

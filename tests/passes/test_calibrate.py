@@ -214,7 +214,7 @@ def test_methods_round_trip_through_spec_dicts():
                         rules={"re:.*down_proj": "int4wo-64@awq", "re:.*q_proj": AWQ(n_grid=5)},
                         method=GPTQ(act_order=True, damp_percent=0.05))
     assert fxquant.Spec.from_dict(spec.to_dict()) == spec
-    assert fxquant.Spec.from_json(spec.to_json()) == spec if hasattr(fxquant.Spec, "from_json") else True
+    assert fxquant.Spec.from_json(spec.to_json()) == spec
     assert str(spec.rules[1].scheme) == "int4wo-128@awq" and spec.rules[1].scheme.method == AWQ(n_grid=5)
     # Spec.method applies to schemes that name no method; a scheme's own method wins
     assert spec.default.method == GPTQ()
