@@ -90,6 +90,10 @@ def quantize_(model: torch.nn.Module, spec: SpecLike, example_inputs: Any = (),
     weight is released right after, so peak memory stays near the float model's size; a float weight
     still used elsewhere (a tied embedding) is kept, once.
 
+    ``calibration``: model inputs for the methods that need data (as :func:`compile`); the calibrate
+    pass runs on the trace, before any layer is converted, and AWQ scales it folds into a norm weight
+    are applied to this model's parameter.
+
     Errors (``ValueError`` for a bad spec / scheme / pattern / frontend, ``TypeError`` for a
     non-module, ``ValueError`` for a model fxquant already quantized) are raised before the model is
     touched.  ``fxquant.report(model)`` gives the per-layer report.
