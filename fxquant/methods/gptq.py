@@ -31,7 +31,7 @@ __all__ = ["GPTQ", "gptq_codes"]
 class GPTQ(Method):
     """``@gptq``: ``damp_percent`` (of the mean Hessian diagonal, default 0.01), ``block_size``
     (columns per lazy update, 128), ``act_order`` (desc_act: columns by decreasing ``diag(H)``,
-    with static groups), ``true_sequential`` (calibrate each layer on the outputs of the
+    with static groups; default True), ``true_sequential`` (calibrate each layer on the outputs of the
     already-quantized layers before it; default on)."""
 
     name: ClassVar[str] = "gptq"
@@ -39,7 +39,10 @@ class GPTQ(Method):
     needs_hessian: ClassVar[bool] = True
     damp_percent: float = 0.01
     block_size: int = 128
-    act_order: bool = False
+    #: on by default: with static groups it costs nothing at inference, and it halved the loss on
+    #: SmolLM2 (int4 g64 +21.0 % -> +11.3 %, 3-bit g64 +143 % -> +86 %; docs/accuracy.md).
+    #: GPTQConfig's ``desc_act`` (default False there) sets it explicitly.
+    act_order: bool = True
     true_sequential: bool = True
 
     def __post_init__(self):

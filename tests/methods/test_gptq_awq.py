@@ -74,7 +74,7 @@ def test_gptq_deterministic_and_codes_decode():
     a, b = GPTQ().quantize(s, w, st).qweight, GPTQ().quantize(s, w, st).qweight
     assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
     grid = s.grid(*w.shape)
-    q, scale, offset, _ = gptq_codes(w, st.hessian, grid)
+    q, scale, offset, _ = gptq_codes(w, st.hessian, grid, act_order=GPTQ().act_order)
     assert torch.equal(s.dequantize(a), grid.ungroup(grid.decode(q, scale, offset), *w.shape))
 
 

@@ -146,10 +146,10 @@ def test_gptq_runs_on_the_inputs_the_model_feeds_it(sequential):
     qm = fxquant.compile(model, fxquant.Spec(default=scheme, method=method), example_inputs=(xs[0],), calibration=xs)
     x = torch.cat(xs)
     wa, wb = model.a.weight.detach(), model.b.weight.detach()
-    qa = gptq_codes(wa, x.T @ x, scheme.grid(96, 64))
+    qa = gptq_codes(wa, x.T @ x, scheme.grid(96, 64), act_order=True)  # GPTQ's default
     wa_hat = scheme.grid(96, 64).ungroup(scheme.grid(96, 64).decode(*qa[:3]), 96, 64)
     h_in = torch.relu(x @ (wa_hat if sequential else wa).T)
-    qb = gptq_codes(wb, h_in.T @ h_in, scheme.grid(48, 96))
+    qb = gptq_codes(wb, h_in.T @ h_in, scheme.grid(48, 96), act_order=True)
     want = scheme.pack_grid(*qb[:3], 48, 96)
     got = qm.get_buffer("b.qweight")
     assert torch.equal(got, want.tensors["qweight"])
