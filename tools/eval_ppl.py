@@ -105,9 +105,36 @@ def load(name: str):
     return load_smollm2()
 
 
+def run_peer_hqq(model, spec_text: str, skip: list[str], wins) -> dict:
+    """``hqq-<bits>-<group>-axis<a>``: the hqq library's own ``Quantizer.quantize(optimize=True)`` on every
+    decoder projection, its dequantized weights put back (what ``HQQLinear`` computes with, in fp32)."""
+    import re
+
+    m = re.fullmatch(r"hqq-(\d)-(\d+)-axis([01])", spec_text)
+    if m is None:
+        raise SystemExit(f"peer row {spec_text!r}: expected hqq-<bits>-<group>-axis<0|1>")
+    try:
+        from hqq.core.quantize import Quantizer
+    except Exception as e:  # noqa: BLE001
+        return {"spec": spec_text, "ppl": float("nan"), "seconds": 0.0, "error": f"hqq not importable: {e}"}
+    bits, group, axis = (int(v) for v in m.groups())
+    q = copy.deepcopy(model)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for name, mod in q.named_modules():
+            if isinstance(mod, torch.nn.Linear) and not any(name == s or name.endswith("." + s) for s in skip):
+                w = mod.weight.detach().float()
+                wq, meta = Quantizer.quantize(w, nbits=bits, group_size=group, optimize=True, axis=axis,
+                                              bitpack=False, device="cpu")
+                mod.weight.copy_(Quantizer.dequantize(wq, {**meta, "compute_dtype": torch.float32}))
+    return {"spec": spec_text, "ppl": perplexity(q, wins), "seconds": time.perf_counter() - t0}
+
+
 def run_spec(model, spec_text: str, skip: list[str], calib: list[torch.Tensor], wins, form: str) -> dict:
     import fxquant
 
+    if spec_text.startswith("hqq-"):
+        return run_peer_hqq(model, spec_text, skip, wins)
     if spec_text == "float":
         return {"spec": "float", "ppl": perplexity(model, wins), "seconds": 0.0}
     spec = fxquant.Spec.from_json(spec_text) if spec_text.startswith("{") else fxquant.Spec(default=spec_text, skip=skip)
@@ -145,7 +172,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--specs", nargs="+", default=["float", "int4wo-64", "int4wo-64@gptq"],
-                    help="'float', scheme strings with an optional @method, or Spec JSON")
+                    help="'float', scheme strings with an optional @method, Spec JSON, or a peer row "
+                         "'hqq-<bits>-<group>-axis<a>' (the hqq library, when importable)")
     ap.add_argument("--skip", nargs="*", default=["lm_head"], help="layers left float (default: lm_head)")
     ap.add_argument("--windows", type=int, default=8, help="evaluation windows (default 8)")
     ap.add_argument("--seq", type=int, default=512, help="tokens per evaluation window (default 512)")
