@@ -146,12 +146,13 @@ def run_spec(model, spec_text: str, skip: list[str], calib: list[torch.Tensor], 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if form == "compile":
-            qm = fxquant.compile(m, spec, example_kwargs={"input_ids": wins[0]}, calibration=batches)
+            qm = fxquant.compile(m, spec, example_kwargs={"input_ids": wins[0], "use_cache": False},
+                                 calibration=batches)
             rep = fxquant.report(qm)
 
             class _Wrap(torch.nn.Module):  # the GraphModule returns what the model returned
                 def forward(self, input_ids, use_cache=False):
-                    out = qm(input_ids=input_ids)
+                    out = qm(input_ids=input_ids, use_cache=False)
                     return type("Out", (), {"logits": out[0] if isinstance(out, tuple) else out.logits})
 
             m = _Wrap()
