@@ -336,6 +336,11 @@ def traced_layout(gm: torch.fx.GraphModule, model, args: tuple, kwargs: dict) ->
         if k not in bound.arguments and k in example_kwargs and not isinstance(example_kwargs[k], torch.Tensor):
             bound.arguments[k] = example_kwargs[k]
     missing = [k for k in names if k not in bound.arguments]
+    extra = [k for k, v in bound.arguments.items()
+             if k not in names and k not in params[:n_args] and v is not None]
+    if extra:  # the traced graph has no input for them: running without would silently change the data
+        raise InputError(f"a calibration batch passes {extra}, which the model was not traced with: pass them "
+                         f"in example_inputs / example_kwargs too (traced with {n_args} positional, keywords {names})")
     if len(new_args) != n_args or missing:
         raise InputError(f"a calibration batch must give the arguments the model was traced with "
                          f"({n_args} positional, keywords {names}); missing {missing or params[len(new_args):n_args]}")

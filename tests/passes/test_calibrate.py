@@ -194,6 +194,28 @@ def test_calibration_items_and_bad_items():
         fxquant.compile(model, spec, example_inputs=(xs[0],), calibration=[])
 
 
+def test_calibration_argument_the_trace_lacks_is_an_error():
+    """An attention_mask in the batches but not in the example would be dropped: refused, named."""
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.proj = nn.Embedding(256, 64), nn.Linear(64, 64)
+
+        def forward(self, input_ids, attention_mask=None):
+            h = self.emb(input_ids)
+            return self.proj(h if attention_mask is None else h * attention_mask[..., None])
+
+    m = Masked().eval()
+    batches = [{"input_ids": b, "attention_mask": torch.ones_like(b)} for b in _batches(2)]
+    for sequential in (True, False):
+        spec = fxquant.Spec(default="int4wo-32", method=GPTQ(true_sequential=sequential))
+        with pytest.raises(ValueError, match=r"passes \['attention_mask'\].*example_kwargs"):
+            fxquant.compile(m, spec, example_kwargs={"input_ids": IDS}, calibration=batches)
+    ok = fxquant.compile(m, "int4wo-32@gptq", example_kwargs={"input_ids": IDS, "attention_mask": torch.ones_like(IDS)},
+                         calibration=batches)
+    assert fxquant.report(ok).results["proj"]["calibration_tokens"] == 2 * 2 * 24
+
+
 def test_bad_method_parameters_name_the_field():
     with pytest.raises(ValueError, match=r"GPTQ\.damp_percent=0 .*\(0, 1\]"):
         GPTQ(damp_percent=0)
