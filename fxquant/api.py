@@ -103,16 +103,12 @@ def quantize_(model: torch.nn.Module, spec: SpecLike, example_inputs: Any = (),
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     inplace.check_not_quantized(model)
     traced = _trace(model, example_inputs, inplace.planning_kwargs(model, example_kwargs), frontend, dynamic)
-    ctx = PassContext(spec=spec, model=model, calibration=inplace.calibration_calls(model, calibration),
+    calls = None if calibration is None else inplace.calibration_calls(model, calibration)
+    ctx = PassContext(spec=spec, model=model, calibration=calls,
                       input_scale_ok=functools.partial(inplace.takes_input_scale, model))
     counts_before = _op_counts(traced.gm)
     bytes_before = tensor_bytes(model)
-    was_training = model.training
-    model.eval()
-    try:
-        run_passes(traced.gm, ctx, PLAN)
-    finally:
-        model.train(was_training)
+    run_passes(traced.gm, ctx, PLAN)  # calibration runs the trace (traced in eval mode), not the model
     info = dict(frontend=traced.frontend, export_error=traced.export_error, dynamic_dims=traced.dynamic_dims)
     extra_uses = inplace.weights_used_outside_sites(traced.gm, ctx.sites)
     for site in ctx.sites:  # the plan outlives the graph: release the trace (it references every weight)

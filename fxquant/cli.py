@@ -86,11 +86,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     spec = _parse_spec(args)
     model, ex_args, ex_kwargs = load_factory(args.factory)
     # methods that need data (GPTQ, AWQ, OneBit) calibrate on the factory's example inputs
-    calibration = [(ex_args, ex_kwargs)] if args.calibrate_on_example else None
-    if calibration is not None:
-        from .passes.calibrate import Call
+    from .passes.calibrate import Call
 
-        calibration = [Call(c) for c in calibration]
+    calibration = [Call((ex_args, ex_kwargs))] if args.calibrate_on_example else None
     qm = compile(model, spec, ex_args, ex_kwargs, frontend=args.frontend, calibration=calibration)
     rep = report(qm)
     print(rep)

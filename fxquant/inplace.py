@@ -84,27 +84,13 @@ def planning_kwargs(model: nn.Module, example_kwargs) -> dict:
 
 def calibration_calls(model: nn.Module, calibration):
     """The calibration items as ``quantize_`` traces: each with the planning keyword arguments
-    (``use_cache=False`` for a Hugging Face model) added; lazily, in order."""
-    if calibration is None:
-        return None
+    (``use_cache=False`` for a Hugging Face model) added; lazily, in order (the calibrate pass reads
+    them once).  ``quantize_`` passes ``None`` on itself."""
     from .passes.calibrate import Call, as_call
 
-    def calls():
-        for i, item in enumerate(calibration):
-            args, kwargs = as_call(item, f"calibration[{i}]")
-            yield Call((args, planning_kwargs(model, kwargs)))
-
-    return _Replayable(calls)
-
-
-class _Replayable:
-    """An iterable that re-runs a generator function on each iteration."""
-
-    def __init__(self, fn):
-        self.fn = fn
-
-    def __iter__(self):
-        return self.fn()
+    for i, item in enumerate(calibration):
+        args, kwargs = as_call(item, f"calibration[{i}]")
+        yield Call((args, planning_kwargs(model, kwargs)))
 
 
 def takes_input_scale(model: nn.Module, site: Site) -> bool:
@@ -122,7 +108,7 @@ def apply_folds(model: nn.Module, folds) -> None:
     with torch.no_grad():
         for fold in folds:
             p = get_attr_path(model, fold.attr)
-            p.copy_((p.float() / fold.scale).to(p.dtype))
+            p.copy_(fold.divided(p))
 
 
 def weights_used_outside_sites(gm: torch.fx.GraphModule, sites: list[Site]) -> set[str]:

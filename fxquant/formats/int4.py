@@ -98,12 +98,16 @@ def pad_rows(t: torch.Tensor, rows: int, value: float = 0) -> torch.Tensor:
 def to_storage(weight: torch.Tensor, group_size: int, block_n: int) -> dict[str, torch.Tensor]:
     """Quantize float ``[N, K]`` (any K) into the stored buffers ``qweight`` ``[Np, Kp/2]`` and
     ``scales_and_zeros`` ``[Kp/g, Np, 2]``."""
-    n, _ = weight.shape
-    q, scale, zero = quantize(weight, group_size)
-    rows = padded_rows(n)
-    q = pad_rows(q, rows, 8)
-    sz = torch.stack([pad_rows(scale, rows), pad_rows(zero, rows)], dim=-1)  # [Np, G, 2]
-    return {"qweight": pack(q, block_n), "scales_and_zeros": sz.transpose(0, 1).contiguous()}
+    return store(*quantize(weight, group_size), block_n)
+
+
+def store(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, block_n: int) -> dict[str, torch.Tensor]:
+    """Codes ``q`` ``[N, Kp]`` (0..15) and ``scale`` / ``zero`` ``[N, Kp/g]`` (values bf16 holds) ->
+    the stored buffers (rows padded to ``Np``, codes tiled by ``block_n``)."""
+    rows = padded_rows(q.shape[0])
+    q = pad_rows(q.to(torch.uint8), rows, 8)
+    sz = torch.stack([pad_rows(scale.to(PARAM_DTYPE), rows), pad_rows(zero.to(PARAM_DTYPE), rows)], dim=-1)
+    return {"qweight": pack(q, block_n), "scales_and_zeros": sz.transpose(0, 1).contiguous()}  # sz: [Np, G, 2]
 
 
 def from_storage(qweight: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,

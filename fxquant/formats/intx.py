@@ -333,12 +333,19 @@ def to_storage(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool
                block_n: int) -> dict[str, torch.Tensor]:
     """Quantize float ``[N, K]`` into the buffers ``codes_lo``, ``codes_hi``, ``scale``, ``offset``
     (empty tensors stand for an absent high plane / offset)."""
-    q, scale, offset = quantize(weight, bits, group_size, symmetric, axis)
+    return store(*quantize(weight, bits, group_size, symmetric, axis), bits, block_n)
+
+
+def store(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, bits: int,
+          block_n: int) -> dict[str, torch.Tensor]:
+    """Codes ``q`` uint8 ``[N, Kp]`` and params in the stored layout (``offset`` ``None`` when
+    symmetric) -> the stored buffers (rows padded, tiled by ``block_n``, bit planes)."""
     seq = tile_order(int4.pad_rows(q, int4.padded_rows(q.shape[0]), 0), block_n)
     lo, hi = plane_bits(bits)
     empty = torch.empty(0, dtype=torch.uint8, device=q.device)
     return {"codes_lo": pack_plane(seq & 0xF, lo), "codes_hi": pack_plane(seq >> 4, hi) if hi else empty,
-            "scale": scale, "offset": offset if offset is not None else empty.to(PARAM_DTYPE)}
+            "scale": scale.to(PARAM_DTYPE).contiguous(),
+            "offset": offset.to(PARAM_DTYPE).contiguous() if offset is not None else empty.to(PARAM_DTYPE)}
 
 
 def codes_from_storage(codes_lo: torch.Tensor, codes_hi: torch.Tensor, bits: int, block_n: int,

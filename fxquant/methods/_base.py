@@ -20,7 +20,8 @@ from typing import Any, ClassVar
 import torch
 
 __all__ = ["Method", "MethodResult", "Stats", "parse_method", "method_to_json", "method_from_json",
-           "method_names", "check_number", "column_grid_reason"]
+           "method_names", "check_number", "column_grid_reason",
+           "quadratic_error"]
 
 _REGISTRY: dict[str, type["Method"]] = {}
 
@@ -112,6 +113,12 @@ class Method:
 
     def __str__(self) -> str:
         return self.name
+
+
+def quadratic_error(d: torch.Tensor, h: torch.Tensor) -> float:
+    """``tr(D H Dᵀ)``: with ``H = XᵀX``, the squared output error ``sum ||x Dᵀ||²`` of a weight change
+    ``D`` over the calibration tokens (float32 products, float64 sum)."""
+    return float(((d @ h) * d).sum(dtype=torch.float64))
 
 
 def column_grid_reason(method: str, scheme) -> str | None:

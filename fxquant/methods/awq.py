@@ -22,7 +22,7 @@ from typing import ClassVar
 
 import torch
 
-from ._base import Method, MethodResult, Stats, check_number, column_grid_reason
+from ._base import Method, MethodResult, Stats, check_number, column_grid_reason, quadratic_error
 
 __all__ = ["AWQ"]
 
@@ -61,13 +61,13 @@ class AWQ(Method):
         h = stats.hessian.float()
         xmean = stats.mean_abs.float().clamp(min=1e-8)
         ws = [w.detach().float() for w in weights]
-        total = float(sum(_out_err(w, _rtn(s, w), h) for s, w in zip(schemes, ws)))
+        total = sum(quadratic_error(w - _rtn(s, w), h) for s, w in zip(schemes, ws))
         best = (total, 0.0, torch.ones_like(xmean))  # alpha 0 is RTN
         for i in range(1, self.n_grid + 1 if scale_search else 1):
             alpha = i / self.n_grid
             s = xmean.pow(alpha)
             s = s / (s.max() * s.min()).sqrt()
-            err = float(sum(_out_err(w, _rtn(sc, w * s) / s, h) for sc, w in zip(schemes, ws)))
+            err = sum(quadratic_error(w - _rtn(sc, w * s) / s, h) for sc, w in zip(schemes, ws))
             if err < best[0]:
                 best = (err, alpha, s)
         _, alpha, s = best
@@ -120,8 +120,3 @@ def _rtn(scheme, w: torch.Tensor) -> torch.Tensor:
     wg = grid.groups(w)
     q, scale, offset = grid.rtn(wg)
     return grid.ungroup(grid.decode(q, scale, offset), *w.shape)
-
-
-def _out_err(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    d = w - wq
-    return ((d @ h) * d).sum()

@@ -22,7 +22,7 @@ from typing import ClassVar
 
 import torch
 
-from ._base import Method, MethodResult, Stats, check_number, column_grid_reason
+from ._base import Method, MethodResult, Stats, check_number, column_grid_reason, quadratic_error
 
 __all__ = ["GPTQ", "gptq_codes"]
 
@@ -70,9 +70,9 @@ class GPTQ(Method):
         # never worse than RTN on GPTQ's own objective (seen at 2 bits with groups fitted on the updated
         # weights: the error feedback widens later groups' ranges)
         h, w = stats.hessian.float(), weight.detach().float()
-        ours = _objective(w, grid.ungroup(grid.decode(q, scale, offset), n, k), h)
+        ours = quadratic_error(w - grid.ungroup(grid.decode(q, scale, offset), n, k), h)
         rq, rs, ro = grid.rtn(grid.groups(w))
-        rtn = _objective(w, grid.ungroup(grid.decode(rq, rs, ro), n, k), h)
+        rtn = quadratic_error(w - grid.ungroup(grid.decode(rq, rs, ro), n, k), h)
         info.update(output_error=ours, rtn_output_error=rtn)
         if not ours < rtn:
             info["fallback"] = "rtn"
@@ -144,11 +144,6 @@ def _columns(w, w1, err1, hinv1, codes, scale, offset, grid, perm, i1, i2, g, ac
             e = (col_w - ((q - grid.mid) * s + o)).div_(hinv1[i, i])
             w1[:, i:].sub_(torch.outer(e, hinv1[i, i:]))
             err1[:, i] = e
-
-
-def _objective(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor) -> float:
-    d = w - wq
-    return float(((d @ h) * d).sum())
 
 
 def _upper_inverse_cholesky(h: torch.Tensor) -> torch.Tensor:

@@ -76,7 +76,7 @@ from typing import ClassVar
 import torch
 
 from ..formats import onebit as fmt
-from ._base import Method, MethodResult, Stats, check_number
+from ._base import Method, MethodResult, Stats, check_number, quadratic_error
 
 __all__ = ["OneBit"]
 
@@ -199,8 +199,8 @@ class OneBit(Method):
 
         init = scheme.format.quantize(weight) if hasattr(scheme, "format") else scheme.quantize(weight)
         init_w = fmt.dequantize(init.tensors["sign_bits"], init.tensors["a"], init.tensors["b"])
-        ref = hscale * _out_err(w, hn)  # ||X Wᵀ||²
-        init_err = hscale * _out_err(w - init_w, hn)
+        ref = hscale * quadratic_error(w, hn)  # ||X Wᵀ||²
+        init_err = hscale * quadratic_error(w - init_w, hn)
         info = {"iters": self.iters, "use_importance_scaling": self.use_importance_scaling,
                 "use_balancing": self.use_balancing, "balance_iters": self.balance_iters,
                 "balance_alpha": self.balance_alpha}
@@ -229,7 +229,7 @@ class OneBit(Method):
         a = _fit_a_full(w, sign, b16.float(), hd, a)
         packed = fmt.pack(sign, a, b16)
         out_w = fmt.dequantize(packed["sign_bits"], packed["a"], packed["b"])
-        err = hscale * _out_err(w - out_w, hn)
+        err = hscale * quadratic_error(w - out_w, hn)
         fallback = not err < init_err
         if fallback:
             packed, out_w, err = dict(init.tensors), init_w, init_err
@@ -268,11 +268,6 @@ class OneBit(Method):
 
 
 # ---- pieces ---------------------------------------------------------------------------------------------
-def _out_err(d: torch.Tensor, h: torch.Tensor) -> float:
-    """``tr(D H Dᵀ)`` (float32 products, float64 sum)."""
-    return float(((d @ h) * d).sum(dtype=torch.float64))
-
-
 def _errors(w, out_w, err, ref, tokens) -> dict:
     n = w.shape[0]
     werr = float((w - out_w).square().sum(dtype=torch.float64))
@@ -381,7 +376,7 @@ def _flip_sweep(w, sign, a, b, h) -> int:
 def _refine_full(w, sign, a, b, h, iters):
     """``iters`` exact descent steps (a, b, signs) on ``Σ_n r_nᵀ H r_n``; the best iterate."""
     w_h = w @ h
-    best = _out_err(w - sign * (a[:, None] * b[None, :]), h)
+    best = quadratic_error(w - sign * (a[:, None] * b[None, :]), h)
     history = [best]
     best_state = (a, b, sign.clone())
     flips_total = 0
@@ -392,7 +387,7 @@ def _refine_full(w, sign, a, b, h, iters):
         rms = b.square().mean().sqrt()
         if rms > 0:
             a, b = a * rms, b / rms
-        e = _out_err(w - sign * (a[:, None] * b[None, :]), h)
+        e = quadratic_error(w - sign * (a[:, None] * b[None, :]), h)
         history.append(e)
         if e < best:
             best, best_state = e, (a, b, sign.clone())

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from ..frontend import EXAMPLE_KEY
 from ..methods import Stats
+from ..methods._base import quadratic_error
 from ._base import InputError, PassContext, PassResult, Site, get_attr_path, meta, node_arg
 from .quantize import check_supported, method_of, quantize_site
 
@@ -50,6 +51,10 @@ class Fold:
     attr: str
     scale: torch.Tensor
     sites: list[str]
+
+    def divided(self, p: torch.Tensor) -> torch.Tensor:
+        """``p / scale`` in ``p``'s dtype (what the folded parameter becomes, in either emit)."""
+        return (p.detach().float() / self.scale).to(p.dtype)
 
 
 def calibrate(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -66,7 +71,7 @@ def calibrate(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             raise InputError(f"these methods need calibration data and none was given ({what}); pass "
                              "calibration=<iterable of model inputs> (RTN and HQQ need none)")
         return PassResult(gm)
-    check_supported(ctx, candidates, lambda site: _weight(gm, site))
+    check_supported(candidates, lambda site: _weight(gm, site))
     sites = [s for s in candidates if not s.reason]
     if not sites:
         return PassResult(gm)
@@ -140,9 +145,9 @@ def _effective(site: Site) -> torch.Tensor:
 
 
 def _hessian_errors(site: Site, w: torch.Tensor, h: torch.Tensor) -> tuple[float, float]:
+    """``(tr(D H Dᵀ), tr(W H Wᵀ))``: the output error and the float output's energy."""
     w = w.float()
-    d = w - _effective(site)
-    return float(((d @ h) * d).sum()), float(((w @ h) * w).sum())
+    return quadratic_error(w - _effective(site), h), quadratic_error(w, h)
 
 
 def _fold_target(gm, x_node, group: list[Site]) -> str | None:

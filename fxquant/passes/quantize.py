@@ -17,6 +17,7 @@ import torch
 import torch.fx
 from tqdm.auto import tqdm
 
+from ..formats import _common
 from ..methods import RTN, Method, MethodResult, Stats
 from ._base import PassContext, PassResult, Site, get_attr_path
 
@@ -36,7 +37,7 @@ def method_of(site: Site) -> Method:
     return site.scheme.method or RTN()
 
 
-def check_supported(ctx: PassContext, sites: list[Site], read) -> None:
+def check_supported(sites: list[Site], read) -> None:
     """Set ``site.reason`` for every site whose scheme cannot take its weight (before any work)."""
     for site in sites:
         if not site.reason and site.qweight is None:
@@ -59,9 +60,7 @@ def quantize_site(site: Site, w: torch.Tensor, stats: Stats | None = None, resul
             result = result or method.quantize(fmt, w.float(), stats)
             qw, info = result.qweight, result.info
             deq = fmt.dequantize(qw)
-            if result.input_scale is not None:
-                deq = deq / result.input_scale
-            rel = (w.float() - deq).norm().item() / max(w.float().norm().item(), 1e-30)
+            rel = _common.rel_error(w, deq if result.input_scale is None else deq / result.input_scale)
             del deq
     norm_sq = float(torch.linalg.vector_norm(w, dtype=torch.float32)) ** 2
     sq = rel * rel * norm_sq
@@ -77,7 +76,7 @@ def quantize_weights(gm: torch.fx.GraphModule | None, ctx: PassContext) -> PassR
     read = ctx.read_weight or (lambda site: get_attr_path(gm, site.weight_attr))
     todo = [s for s in ctx.sites if s.scheme is not None and not s.reason]
     # every check before any work: a caller that emits per site never half-applies a plan
-    check_supported(ctx, todo, lambda site: _as_nk(read(site), site))
+    check_supported(todo, lambda site: _as_nk(read(site), site))
     todo = [s for s in todo if not s.reason]
     done: dict[tuple, Site] = {}
     for site in tqdm(todo, desc="fxquant: quantizing", unit="layer", disable=None, leave=False):

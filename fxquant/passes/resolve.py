@@ -23,9 +23,8 @@ def resolve_spec(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             site.reason = f"left in float by {choice.source}" if choice.source != "default" else "no default scheme"
         elif site.weight_kind == "buffer" and choice.source == "default":
             site.scheme, site.reason = None, BUFFER_REASON
-        elif choice.scheme.method is not None and choice.scheme.method.excluded_reason(site.name):
-            site.reason = f"left in float: {choice.scheme.method.excluded_reason(site.name)}"
-            site.scheme = None
+        elif choice.scheme.method is not None and (excluded := choice.scheme.method.excluded_reason(site.name)):
+            site.scheme, site.reason = None, f"left in float: {excluded}"
         if site.node is not None:
             meta(site.node).update(scheme=str(site.scheme) if site.scheme else None, rule=choice.source)
     for entry in ctx.spec.unused([s.name for s in ctx.sites]):

@@ -72,7 +72,7 @@ def _apply_folds(gm: torch.fx.GraphModule, ctx: PassContext) -> None:
         owner, _, name = fold.attr.rpartition(".")
         mod = gm.get_submodule(owner) if owner else gm
         old = getattr(mod, name)
-        new = (old.detach().float() / fold.scale).to(old.dtype)
+        new = fold.divided(old)
         if isinstance(old, torch.nn.Parameter):
             mod._parameters[name] = torch.nn.Parameter(new, requires_grad=False)
         else:

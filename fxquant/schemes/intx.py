@@ -104,12 +104,7 @@ class IntX(Scheme):
         else:
             params = [p.reshape(-1, k) for p in (scale, offset)]
         block_n = int4_fmt.native_cpu_block_n() or 64
-        seq = fmt.tile_order(int4_fmt.pad_rows(codes, int4_fmt.padded_rows(n), 0), block_n)
-        lo, hi = fmt.plane_bits(self.bits)
-        empty = torch.empty(0, dtype=torch.uint8, device=q.device)
-        tensors = {"codes_lo": fmt.pack_plane(seq & 0xF, lo), "codes_hi": fmt.pack_plane(seq >> 4, hi) if hi else empty,
-                   "scale": params[0].to(fmt.PARAM_DTYPE).contiguous(),
-                   "offset": empty.to(fmt.PARAM_DTYPE) if self.symmetric else params[1].to(fmt.PARAM_DTYPE).contiguous()}
+        tensors = fmt.store(codes, params[0], None if self.symmetric else params[1], self.bits, block_n)
         attrs = self.op_attrs(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric,
                               axis=self.axis, block_n=block_n, out_features=n, in_features=k)
         return QuantizedWeight(self.op, tensors, attrs, n, k)

@@ -97,11 +97,7 @@ class Int4WeightOnly(Scheme):
 
     def pack_grid(self, q, scale, offset, n, k) -> QuantizedWeight:
         block_n = int4_fmt.native_cpu_block_n() or 64
-        rows, dt = int4_fmt.padded_rows(n), int4_fmt.PARAM_DTYPE
-        q = int4_fmt.pad_rows(q.reshape(n, -1).to(torch.uint8), rows, 8)
-        sz = torch.stack([int4_fmt.pad_rows(scale.reshape(n, -1).to(dt), rows),
-                          int4_fmt.pad_rows(offset.reshape(n, -1).to(dt), rows)], dim=-1)
-        tensors = {"qweight": int4_fmt.pack(q, block_n), "scales_and_zeros": sz.transpose(0, 1).contiguous()}
+        tensors = int4_fmt.store(q.reshape(n, -1), scale.reshape(n, -1), offset.reshape(n, -1), block_n)
         attrs = self.op_attrs(group_size=self.group_size, block_n=block_n, out_features=n, in_features=k)
         return QuantizedWeight(self.op, tensors, attrs, n, k)
 
