@@ -47,8 +47,9 @@ from ..formats.intx import SHARDS
 
 #: compiled together into one library: the AVX2 kernels (fxq_*), their AVX-512 variants (fxq512_*,
 #: empty unless the compiler targets AVX-512) and the scalar helpers both include
-SOURCES = tuple(Path(__file__).with_name(n) for n in ("native_cpu.c", "native_avx512.c"))
-HEADERS = (Path(__file__).with_name("native_common.h"),)
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("native_cpu.c", "native_avx512.c", "native_avx512_bf16.c",
+                                                       "native_avx512_gemm.c"))
+HEADERS = tuple(Path(__file__).with_name(n) for n in ("native_common.h", "native_avx512.h"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 
 _c_i64, _c_int, _c_float, _c_ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
