@@ -467,7 +467,7 @@ def int8_decoder(qweight: torch.Tensor):
 #: Rows of x per call of the large-M GEMMs: x.T of that many rows (2 MB at K = 4096) stays in L2/L3
 #: while every weight panel passes over it; each further chunk decodes the weight again.
 GEMM_ROWS = 256
-#: The ``io`` flags of the large-M GEMMs (``GM_OUT_BF16`` / ``GM_X_FP32`` / ``GM_EXACT`` in native_avx512.c).
+#: The ``io`` flags of the large-M GEMMs (``GM_OUT_BF16`` / ``GM_X_FP32`` / ``GM_EXACT`` in native_avx512_gemm.c).
 _GEMM_OUT_BF16, _GEMM_X_FP32, _GEMM_EXACT = 1, 2, 4
 
 
