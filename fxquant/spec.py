@@ -20,6 +20,9 @@ from .schemes import Scheme, parse_scheme, scheme_from_json, scheme_to_json
 
 __all__ = ["Spec", "Pattern", "Rule", "Choice"]
 
+#: ``Spec.to_dict``'s format: 2 = structured schemes (1: scheme strings, still read)
+SPEC_VERSION = 2
+
 
 @dataclass(frozen=True)
 class Pattern:
@@ -86,6 +89,12 @@ class Spec:
     rules: Mapping[str, Any] | Iterable[tuple[str, Any]] | tuple[Rule, ...] = ()
     #: a method (``fxquant.methods`` object or name) for every scheme here that names none
     method: Any = None
+    #: texts to calibrate on when the caller gives no ``calibration`` (a GPTQ config's ``dataset``);
+    #: tokenized by whoever runs the spec with a tokenizer (:mod:`fxquant.hf`)
+    calibration_texts: tuple[str, ...] = ()
+    #: what the config this spec was read from held that does not change the quantized weights
+    #: (``Spec.from_config``); listed in the report's notes
+    notes: tuple[str, ...] = dataclasses.field(default=(), compare=False)
 
     def __post_init__(self):
         from .methods import parse_method
@@ -124,6 +133,11 @@ class Spec:
             except ValueError as e:
                 raise ValueError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
         object.__setattr__(self, "rules", tuple(rules))
+        for field in ("calibration_texts", "notes"):
+            value = getattr(self, field)
+            if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"Spec.{field} must be a list of strings, got {value!r}")
+            object.__setattr__(self, field, tuple(value))
 
     def _with_method(self, scheme: Scheme | None, where: str) -> Scheme | None:
         if scheme is None or self.method is None or scheme.method is not None:
@@ -152,25 +166,36 @@ class Spec:
 
     # -- serialisation --------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        """JSON-safe dict; ``Spec.from_dict(spec.to_dict()) == spec``."""
+        """JSON-safe dict in the canonical form (every scheme structured, :func:`scheme_to_json`),
+        with the format's ``version``; ``Spec.from_dict(spec.to_dict()) == spec``."""
         from .methods import method_to_json
 
         d = {
+            "version": SPEC_VERSION,
             "default": scheme_to_json(self.default),
             "skip": list(self.skip),
             "rules": {r.pattern.text: scheme_to_json(r.scheme) for r in self.rules},
         }
         if self.method is not None:
             d["method"] = method_to_json(self.method)
+        if self.calibration_texts:
+            d["calibration_texts"] = list(self.calibration_texts)
+        if self.notes:
+            d["notes"] = list(self.notes)
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Spec":
         from .methods import method_from_json
 
-        unknown = set(d) - {"default", "skip", "rules", "method"}
+        keys = ("version", "default", "skip", "rules", "method", "calibration_texts", "notes")
+        unknown = set(d) - set(keys)
         if unknown:
-            raise ValueError(f"Spec.from_dict: unknown keys {sorted(unknown)}; valid: default, skip, rules, method")
+            raise ValueError(f"Spec.from_dict: unknown keys {sorted(unknown)}; valid: {', '.join(keys)}")
+        version = d.get("version", 1)  # version 1: written before the key existed (scheme strings)
+        if version not in (1, SPEC_VERSION):
+            raise ValueError(f"Spec.from_dict: version {version!r} is not supported (this fxquant reads "
+                             f"1..{SPEC_VERSION}; a newer fxquant wrote it?)")
         rules = d.get("rules", {})
         items = rules.items() if isinstance(rules, Mapping) else rules
         return cls(
@@ -178,6 +203,8 @@ class Spec:
             skip=tuple(d.get("skip", ())),
             rules=tuple((p, scheme_from_json(s, where=f"Spec.rules[{p!r}]")) for p, s in items),
             method=method_from_json(d.get("method"), where="Spec.method"),
+            calibration_texts=tuple(d.get("calibration_texts", ())),
+            notes=tuple(d.get("notes", ())),
         )
 
     def to_json(self) -> str:
@@ -187,6 +214,23 @@ class Spec:
     def from_json(cls, text: str) -> "Spec":
         """``Spec.from_json(spec.to_json()) == spec``."""
         return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "Spec":
+        """The spec an outside quantization config describes (transformers / diffusers / bitsandbytes /
+        torchao / HQQ / quanto / EETQ / FBGEMM / GPTQ / AWQ / compressed-tensors / OneBit): a plain dict
+        (a ``config.json``'s ``quantization_config``) or an object with ``to_dict()``.  Fields that do
+        not change the weights are listed in ``Spec.notes``; see :mod:`fxquant.configs`."""
+        from .configs import spec_from_config
+
+        return spec_from_config(cfg)
+
+    def to_config(self, kind: str) -> dict:
+        """This spec as the ``quantization_config`` dict of ``kind`` (e.g. ``"bitsandbytes"``,
+        ``"torchao"``, ``"gptq"``): ``ValueError`` when that config cannot say it."""
+        from .configs import spec_to_config
+
+        return spec_to_config(self, kind)
 
     @classmethod
     def coerce(cls, spec: "Spec | str | Scheme | Mapping | None") -> "Spec":

@@ -36,7 +36,8 @@ def test_roundtrip_is_json_safe():
     s = Spec(**ISSUE_SPEC)
     d = json.loads(json.dumps(s.to_dict()))
     assert Spec.from_dict(d) == s
-    assert d["default"] == "int4wo-128" and d["rules"]["layers.*.mlp.down_proj"] is None
+    assert d["version"] == 2 and d["rules"]["layers.*.mlp.down_proj"] is None
+    assert d["default"] == {"scheme": "int4wo", "group_size": 128, "compute_dtype": None, "method": None}
     obj = Spec(default=Int4WeightOnly(group_size=64), rules=[("a", Int8WeightOnly())])
     assert Spec.from_dict(obj.to_dict()) == obj and obj == Spec(default="int4wo-64", rules={"a": "int8wo"})
 
@@ -73,7 +74,7 @@ def test_unknown_scheme_lists_every_family_grammar():
 
 
 def test_from_dict_rejects_unknown_keys():
-    with pytest.raises(ValueError, match="unknown keys.*valid: default, skip, rules"):
+    with pytest.raises(ValueError, match="unknown keys.*valid: version, default, skip, rules"):
         Spec.from_dict({"defaults": "int8wo"})
 
 
@@ -98,7 +99,26 @@ def test_compute_dtype_roundtrips_and_validates():
 
     s = Spec(default=Int4WeightOnly(group_size=64, compute_dtype=torch.bfloat16))
     d = json.loads(json.dumps(s.to_dict()))
-    assert d["default"] == {"scheme": "int4wo", "group_size": 64, "compute_dtype": "bfloat16"}
+    assert d["default"] == {"scheme": "int4wo", "group_size": 64, "compute_dtype": "bfloat16", "method": None}
     assert Spec.from_dict(d) == s
     with pytest.raises(ValueError, match="compute_dtype=torch.int8 is not supported; valid: None"):
         Int8WeightOnly(compute_dtype=torch.int8)
+
+
+def test_version_1_dicts_still_read_and_unknown_versions_rejected():
+    old = {"default": "int4wo-64", "skip": ["lm_head"], "rules": {"a": "int4wo-128-axis1"}}
+    s = Spec.from_dict(old)
+    assert s == Spec(default="int4wo-64", skip=["lm_head"], rules={"a": "int4wo-128-sym"})
+    assert Spec.from_dict(s.to_dict()) == s
+    with pytest.raises(ValueError, match="version 99 is not supported"):
+        Spec.from_dict({**s.to_dict(), "version": 99})
+    with pytest.raises(ValueError, match="scheme 'int4wo' has no field 'bits'"):
+        Spec.from_dict({"version": 2, "default": {"scheme": "int4wo", "bits": 4}})
+
+
+def test_structured_form_tells_the_int4_formats_apart():
+    forms = {name: json.dumps(Spec(default=name).to_dict()["default"], sort_keys=True)
+             for name in ("int4wo-128", "int4wo-128-sym", "uint4wo-128", "int8wo", "int8wo-128")}
+    assert len(set(forms.values())) == len(forms)
+    assert json.loads(forms["int4wo-128-sym"])["symmetric"] is True
+    assert json.loads(forms["uint4wo-128"])["symmetric"] is False

@@ -13,7 +13,9 @@ BUFFER_REASON = ("weight is a buffer, not a parameter: the default scheme applie
 
 
 def resolve_spec(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-    """Set ``site.scheme``/``site.rule`` by the spec's precedence (buffers only by a rule); note unused entries."""
+    """Set ``site.scheme``/``site.rule`` by the spec's precedence (buffers only by a rule); note unused entries
+    and the spec's own notes."""
+    ctx.notes.extend(ctx.spec.notes)  # what the config the spec came from held without effect
     for site in ctx.sites:
         if site.reason:  # the match pass already knows it cannot be quantized
             continue

@@ -207,18 +207,18 @@ def parse_scheme(value: "Scheme | str | None", *, where: str = "scheme") -> "Sch
                      "(or None to keep the layer in float)")
 
 
-def scheme_to_json(scheme: "Scheme | None") -> "str | dict | None":
-    """JSON-safe form: the scheme string when it round-trips, else ``{"scheme": family, **fields}``."""
+def scheme_to_json(scheme: "Scheme | None") -> "dict | None":
+    """The canonical structured form: ``{"scheme": family, <every field, defaults included>}``.
+
+    Strings are aliases of it (``parse_scheme``); this form names every choice, so two schemes with
+    different formats never share it (``"int4wo-128"`` -> ``{"scheme": "int4wo", "group_size": 128,
+    ...}``, ``"int4wo-128-sym"`` -> ``{"scheme": "intx", "bits": 4, "symmetric": true, ...}``)."""
     if scheme is None:
         return None
-    text = str(scheme)
-    if parse_scheme(text) == scheme:
-        return text
     from ..methods import method_to_json
 
     fields = {f.name: (method_to_json(getattr(scheme, f.name)) if f.name == "method" else
-                       _json_value(getattr(scheme, f.name))) for f in dataclasses.fields(scheme)
-              if not (f.name == "method" and scheme.method is None)}
+                       _json_value(getattr(scheme, f.name))) for f in dataclasses.fields(scheme)}
     return {"scheme": scheme.family, **fields}
 
 
@@ -230,6 +230,11 @@ def scheme_from_json(obj: "str | dict | None", *, where: str = "scheme") -> "Sch
             if cls.family == family:
                 from ..methods import method_from_json
 
+                names = {f.name for f in dataclasses.fields(cls)}
+                unknown = sorted(set(obj) - names)
+                if unknown:
+                    raise ValueError(f"{where}: scheme {family!r} has no field {unknown[0]!r}; valid: "
+                                     f"{', '.join(sorted(names))}")
                 kwargs = {k: (getattr(torch, v) if k.endswith("dtype") and isinstance(v, str) else v)
                           for k, v in obj.items()}
                 if "method" in kwargs:

@@ -1,9 +1,14 @@
 """Group-wise b-bit integer weight-only schemes: ``int<b>wo-<g>`` (symmetric) and ``uint<b>wo-<g>``
-(asymmetric, with an offset per group), b in 1..8, optional ``-axis0`` / ``-axis1`` suffix.
+(asymmetric, with an offset per group), b in 1..8, optional ``-sym`` / ``-asym`` and ``-axis0`` /
+``-axis1`` suffixes.
 
-The existing ``int8wo`` (per-channel int8) and ``int4wo[-<g>]`` (the pipeline's int4 scheme) keep
-their meaning: this family never claims those strings.  Its symmetric 4-bit scheme with the
-default axis is therefore spelled with the axis: ``int4wo-128-axis1``.
+Names, once (docs/formats.md "Names"): a ``u`` prefix or ``-asym`` means asymmetric, ``-sym`` or
+no prefix symmetric, with one exception kept from torchao: ``int4wo-<g>`` with no suffix is
+:class:`~fxquant.schemes.Int4WeightOnly` (asymmetric, tiled for the int4 kernels), never this
+family.  This family's symmetric 4-bit scheme is therefore written ``int4wo-<g>-sym`` (the older
+spelling ``int4wo-<g>-axis1`` is still read).  ``int8wo`` (no group) is the per-channel
+:class:`~fxquant.schemes.Int8WeightOnly`; ``int8wo-<g>`` is this family's group-wise symmetric int8:
+both symmetric.  The structured form (``scheme_to_json``: every field explicit) is canonical.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from ._base import QuantizedWeight, Scheme
 
 __all__ = ["IntX"]
 
-_PATTERN = re.compile(r"(u?)int(\d+)wo-(\d+)(?:-axis(\d+))?")
+_PATTERN = re.compile(r"(u?)int(\d+)wo-(\d+)(?:-(sym|asym))?(?:-axis(\d+))?")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,9 +42,10 @@ class IntX(Scheme):
 
     family: ClassVar[str] = "intx"
     op: ClassVar[str] = "linear_intx"
-    forms: ClassVar[tuple[str, ...]] = ('uint<b>wo-<g>[-axis0|-axis1] (b in 1..8)', 'int<b>wo-<g>[-axis0|-axis1] (b in 2..8)')
+    forms: ClassVar[tuple[str, ...]] = ('uint<b>wo-<g>[-axis0|-axis1] (b in 1..8)',
+                                        'int<b>wo-<g>[-sym|-asym][-axis0|-axis1] (b in 2..8; int4wo-<g>-sym)')
     examples: ClassVar[tuple[str, ...]] = ("uint4wo-64", "int3wo-128", "uint2wo-32-axis0", "int8wo-128",
-                                           "uint1wo-64", "int4wo-128-axis1")
+                                           "uint1wo-64", "int4wo-128-sym")
     bits: int = 4
     group_size: int = 128
     symmetric: bool = False
@@ -62,18 +68,21 @@ class IntX(Scheme):
 
     def __str__(self) -> str:
         text = f"{'' if self.symmetric else 'u'}int{self.bits}wo-{self.group_size}"
-        collides = self.symmetric and self.bits == 4  # "int4wo-<g>" is Int4WeightOnly's
-        return text + (f"-axis{self.axis}" if self.axis != 1 or collides else "")
+        if self.symmetric and self.bits == 4:  # "int4wo-<g>" is Int4WeightOnly's
+            text += "-sym"
+        return text + (f"-axis{self.axis}" if self.axis != 1 else "")
 
     @classmethod
     def parse(cls, text: str) -> "IntX | None":
         m = _PATTERN.fullmatch(text)
         if m is None:
             return None
-        unsigned, bits, group, axis = m.groups()
-        if not unsigned and bits == "4" and axis is None:
+        unsigned, bits, group, sym, axis = m.groups()
+        if not unsigned and bits == "4" and axis is None and sym is None:
             return None  # int4wo-<g>: Int4WeightOnly
-        return cls(bits=int(bits), group_size=int(group), symmetric=not unsigned,
+        if unsigned and sym == "sym":
+            raise ValueError("'uint' is asymmetric and '-sym' symmetric: write int<b>wo-<g>[-sym] or uint<b>wo-<g>")
+        return cls(bits=int(bits), group_size=int(group), symmetric=not unsigned and sym != "asym",
                    axis=1 if axis is None else int(axis))
 
     def unsupported_reason(self, weight: torch.Tensor) -> str | None:

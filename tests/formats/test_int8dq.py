@@ -134,8 +134,8 @@ def test_scheme_strings_and_objects_are_interchangeable(text, scheme):
 def test_spec_round_trip_with_compute_dtype():
     spec = Spec(default="int8dq", rules={"mlp.*": LLMInt8(threshold=4.5, compute_dtype=torch.bfloat16)})
     d = spec.to_dict()
-    assert d["default"] == "int8dq"
-    assert d["rules"]["mlp.*"] == {"scheme": "llm.int8", "compute_dtype": "bfloat16", "threshold": 4.5}
+    assert d["default"] == {"scheme": "int8dq", "compute_dtype": None, "method": None}
+    assert d["rules"]["mlp.*"] == {"scheme": "llm.int8", "compute_dtype": "bfloat16", "threshold": 4.5, "method": None}
     assert Spec.from_dict(d) == spec
 
 

@@ -217,6 +217,10 @@ def test_symmetric_flag_must_match_offset():
     ("uint1wo-64", IntX(bits=1, group_size=64)),
     ("int4wo-128-axis1", IntX(bits=4, group_size=128, symmetric=True)),
     ("int4wo-64-axis0", IntX(bits=4, group_size=64, symmetric=True, axis=0)),
+    ("int4wo-128-sym", IntX(bits=4, group_size=128, symmetric=True)),
+    ("int4wo-32-asym", IntX(bits=4, group_size=32, symmetric=False)),
+    ("int3wo-16-asym-axis0", IntX(bits=3, group_size=16, axis=0)),
+    ("int4wo-64-sym-axis0", IntX(bits=4, group_size=64, symmetric=True, axis=0)),
     ("uint8wo-7-axis1", IntX(bits=8, group_size=7)),
     ("int8wo", Int8WeightOnly()), ("int4wo-64", Int4WeightOnly(group_size=64)), ("int4wo", Int4WeightOnly()),
 ])
@@ -224,6 +228,15 @@ def test_parse_and_round_trip(text, expected):
     s = parse_scheme(text)
     assert s == expected and type(s) is type(expected)
     assert parse_scheme(str(s)) == s and scheme_from_json(scheme_to_json(s)) == s
+
+
+def test_names_say_symmetry():
+    """``int4wo-<g>`` is the asymmetric tiled format; every symmetric IntX string says so."""
+    assert str(IntX(bits=4, group_size=128, symmetric=True)) == "int4wo-128-sym"
+    assert type(parse_scheme("int4wo-128")) is Int4WeightOnly
+    assert scheme_to_json(parse_scheme("int4wo-128-axis1")) == scheme_to_json(parse_scheme("int4wo-128-sym"))
+    with pytest.raises(ValueError, match="uint"):
+        parse_scheme("uint4wo-128-sym")
 
 
 @given(bits=st.integers(1, 8), group=st.integers(1, 512), symmetric=st.booleans(), axis=st.sampled_from([0, 1]))

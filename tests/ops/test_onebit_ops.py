@@ -164,7 +164,8 @@ def test_scheme_strings_and_json():
     assert str(OneBit()) == "onebit" and "onebit" in fxquant.schemes.valid_scheme_names()
     for s in (OneBit(), OneBit(compute_dtype=torch.bfloat16), OneBit(compute_dtype=torch.float16)):
         assert scheme_from_json(scheme_to_json(s)) == s
-    assert scheme_to_json(OneBit(compute_dtype=torch.bfloat16)) == {"scheme": "onebit", "compute_dtype": "bfloat16"}
+    assert scheme_to_json(OneBit(compute_dtype=torch.bfloat16)) == {"scheme": "onebit", "compute_dtype": "bfloat16",
+                                                                  "method": None}
     with pytest.raises(ValueError, match=r"OneBit.compute_dtype=torch.int8 is not supported; valid: None"):
         OneBit(compute_dtype=torch.int8)
     with pytest.raises(ValueError, match="unknown scheme 'onebit-2'"):
