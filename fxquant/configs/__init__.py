@@ -7,19 +7,16 @@ A config is a plain dict (a ``config.json``'s ``quantization_config``) or any ob
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from typing import Any
 
 from ._base import READERS, WRITERS, Fields, as_dict
 
 __all__ = ["spec_from_config", "spec_to_config", "config_kinds"]
 
-#: the reader modules, each registering its quant_method names
-_MODULES = ("bitsandbytes",)
-for _m in _MODULES:
-    importlib.import_module(f"{__name__}.{_m}")
-
-#: quant_method -> the config's class name, for messages
-CONFIG_NAMES = {"bitsandbytes": "BitsAndBytesConfig"}
+for _m in pkgutil.iter_modules(__path__):  # every reader module registers its quant_method names
+    if not _m.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_m.name}")
 
 
 def _kind(d: dict) -> str:
@@ -39,15 +36,12 @@ def spec_from_config(cfg: Any):
     field is unknown or its value cannot be honoured."""
     d = as_dict(cfg)
     kind = _kind(d)
-    read = READERS.get(kind)
-    if read is None:
+    entry = READERS.get(kind)
+    if entry is None:
         raise ValueError(f"quantization config: quant_method {kind!r} is not supported; valid: "
                          f"{', '.join(sorted(READERS))}")
-    return read(Fields(CONFIG_NAMES.get(kind, f"{kind} config"), d, _known(read)))
-
-
-def _known(read) -> tuple[str, ...]:
-    return importlib.import_module(read.__module__).FIELDS
+    read, name, fields = entry
+    return read(Fields(name, d, fields))
 
 
 def spec_to_config(spec, kind: str) -> dict:

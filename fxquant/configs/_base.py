@@ -15,18 +15,19 @@ import torch
 
 __all__ = ["Fields", "as_dict", "reader", "writer", "READERS", "WRITERS", "torch_dtype", "MISSING"]
 
-#: quant_method -> reader(Fields) -> Spec
-READERS: dict[str, Callable[["Fields"], Any]] = {}
+#: quant_method -> (reader(Fields) -> Spec, the config's class name, every field any version has)
+READERS: dict[str, tuple[Callable[["Fields"], Any], str, tuple[str, ...]]] = {}
 #: kind -> writer(Spec) -> dict
 WRITERS: dict[str, Callable[[Any], dict]] = {}
 MISSING = object()
 
 
-def reader(*quant_methods: str):
-    """Register a reader for the configs whose ``quant_method`` is one of ``quant_methods``."""
+def reader(*quant_methods: str, name: str, fields: Iterable[str]):
+    """Register a reader for the configs whose ``quant_method`` is one of ``quant_methods``; ``name``
+    is the config's class name (messages), ``fields`` every field any version of it has."""
     def register(fn):
-        for name in quant_methods:
-            READERS[name] = fn
+        for method in quant_methods:
+            READERS[method] = (fn, name, tuple(fields))
         return fn
     return register
 

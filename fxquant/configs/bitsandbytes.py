@@ -36,7 +36,7 @@ def _flag(f: Fields, name: str) -> bool:
     return value
 
 
-@reader("bitsandbytes")
+@reader("bitsandbytes", name=NAME, fields=FIELDS)
 def read(f: Fields) -> Spec:
     eight, four = _flag(f, "load_in_8bit"), _flag(f, "load_in_4bit")
     if eight and four:
