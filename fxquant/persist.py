@@ -1,0 +1,211 @@
+"""What a model quantized in place is made of, as data: the *layout* of its packed layers, and
+rebuilding those layers on a float skeleton (any device, the meta device included).
+
+``packed_layout(model)`` is JSON: per packed site the op, its scalar arguments, each packed
+tensor's shape and dtype, the scheme and what surrounds it (bias, AWQ input scale, transposed).
+``build_packed(model, layout)`` replaces the skeleton's layers by packed ones holding empty tensors
+of exactly those shapes and dtypes, so that loading a state dict (``load_state_dict(assign=True)``,
+transformers' loader) fills them with the stored bytes: no float copy of a weight is ever made.
+:func:`packed_state_dict` is the model's state dict with each :class:`PackedWeight` flattened into
+plain tensors (``<param>.packed_<name>``), what a safetensors file can hold.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from .modules import _INNER, PackedWeight, QuantizedLinear
+from .report import INPLACE_REPORT_ATTR, Report
+from .schemes import QuantizedWeight
+
+__all__ = ["LAYOUT_VERSION", "packed_layout", "build_packed", "packed_state_dict", "is_packed"]
+
+#: the layout's format: a file with another version is refused (``build_packed``)
+LAYOUT_VERSION = 1
+
+
+def is_packed(model: nn.Module) -> bool:
+    """Whether ``model`` holds layers :func:`fxquant.quantize_` packed."""
+    return any(isinstance(m, QuantizedLinear) for m in model.modules()) or any(
+        isinstance(p, PackedWeight) for p in list(model.parameters()) + list(model.buffers()))
+
+
+# ---- JSON of tensors and scalars ------------------------------------------------------------------------
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _dtype(name: str, where: str) -> torch.dtype:
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"{where}: unknown dtype {name!r}")
+    return dtype
+
+
+def _tensor_spec(t: torch.Tensor) -> dict:
+    return {"shape": list(t.shape), "dtype": _dtype_name(t.dtype)}
+
+
+def _attrs_to_json(attrs: Mapping[str, Any]) -> dict:
+    return {k: ({"dtype": _dtype_name(v)} if isinstance(v, torch.dtype) else v) for k, v in attrs.items()}
+
+
+def _attrs_from_json(d: Mapping[str, Any], where: str) -> dict:
+    return {k: (_dtype(v["dtype"], f"{where}.{k}") if isinstance(v, dict) else v) for k, v in d.items()}
+
+
+# ---- the layout -----------------------------------------------------------------------------------------
+def packed_layout(model: nn.Module) -> dict:
+    """JSON-safe description of every packed layer of ``model`` (see the module docstring)."""
+    modules, tensors, seen = {}, {}, {}
+    for path, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, QuantizedLinear):
+            if id(m) in seen:  # one module registered at two paths: stored once
+                modules[seen[id(m)]]["aliases"].append(path)
+                continue
+            seen[id(m)] = path
+            modules[path] = {
+                "op": m.op_name, "scheme": m.scheme, "attrs": _attrs_to_json(m.op_attrs),
+                "in_features": m.in_features, "out_features": m.out_features,
+                "tensors": {n: _tensor_spec(getattr(m, n)) for n in m.tensor_names},
+                "bias": None if m.bias is None else {**_tensor_spec(m.bias), "parameter": isinstance(m.bias, nn.Parameter)},
+                "input_scale": None if m.input_scale is None else _tensor_spec(m.input_scale),
+                "aliases": [],
+            }
+    for path, t in _packed_weights(model):
+        if id(t) in seen:
+            tensors[seen[id(t)]]["aliases"].append(path)
+            continue
+        seen[id(t)] = path
+        q = t.packed
+        tensors[path] = {
+            "op": q.op, "attrs": _attrs_to_json(q.attrs), "in_features": q.in_features,
+            "out_features": q.out_features, "tensors": {n: _tensor_spec(v) for n, v in q.tensors.items()},
+            "transposed": t.transposed, "dtype": _dtype_name(t.dtype), "parameter": isinstance(t, nn.Parameter),
+            "float_data": None if t.float_data is None else _tensor_spec(t.float_data), "aliases": [],
+        }
+    rep = getattr(model, INPLACE_REPORT_ATTR, None)
+    return {"version": LAYOUT_VERSION, "modules": modules, "tensors": tensors,
+            "report": rep.to_dict() if isinstance(rep, Report) else None}
+
+
+def _packed_weights(model: nn.Module):
+    for mod_path, m in model.named_modules(remove_duplicate=False):
+        for group in (m._parameters, m._buffers):
+            for name, t in group.items():
+                if isinstance(t, PackedWeight):
+                    yield (f"{mod_path}.{name}" if mod_path else name), t
+
+
+def packed_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with every :class:`PackedWeight` replaced by its plain tensors
+    (``<param>.packed_<name>``, and ``<param>.float_data`` when it keeps one)."""
+    out = {}
+    for key, t in model.state_dict().items():
+        if isinstance(t, PackedWeight):
+            for name, inner in t.packed.tensors.items():
+                out[f"{key}.{_INNER}{name}"] = inner
+            if t.float_data is not None:
+                out[f"{key}.float_data"] = t.float_data
+        else:
+            out[key] = t
+    return out
+
+
+# ---- rebuilding ------------------------------------------------------------------------------------------
+def _empty(spec: Mapping[str, Any], device, where: str) -> torch.Tensor:
+    try:
+        shape = [int(s) for s in spec["shape"]]
+        dtype = _dtype(spec["dtype"], where)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{where}: malformed tensor entry {spec!r} ({e})") from None
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _qweight(entry: Mapping[str, Any], device, where: str) -> QuantizedWeight:
+    try:
+        op, n, k = entry["op"], int(entry["out_features"]), int(entry["in_features"])
+        specs, attrs = entry["tensors"], entry["attrs"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{where}: malformed layout entry ({e!r})") from None
+    if not hasattr(torch.ops.fxquant, op):
+        raise ValueError(f"{where}: op {op!r} is not one of this fxquant's ops (written by a newer fxquant?)")
+    tensors = {name: _empty(s, device, f"{where}.{name}") for name, s in specs.items()}
+    return QuantizedWeight(op, tensors, _attrs_from_json(attrs, f"{where}.attrs"), n, k)
+
+
+def _check_version(layout: Mapping[str, Any]) -> None:
+    if not isinstance(layout, Mapping) or "version" not in layout:
+        raise ValueError("fxquant layout: not a layout (no 'version'); expected what fxquant.persist.packed_layout wrote")
+    if layout["version"] != LAYOUT_VERSION:
+        raise ValueError(f"fxquant layout: version {layout['version']!r} is not supported; this fxquant reads "
+                         f"version {LAYOUT_VERSION}")
+
+
+def build_packed(model: nn.Module, layout: Mapping[str, Any], device: torch.device | str | None = None) -> nn.Module:
+    """Replace ``model``'s layers named in ``layout`` by packed ones with empty tensors on ``device``
+    (default: where the skeleton's layer is, e.g. ``meta``); returns ``model``.  Every entry is
+    checked against the skeleton first (a missing layer, a different shape: ``ValueError`` naming
+    it), so a mismatched model is left as it was."""
+    _check_version(layout)
+    plan = []
+    for path, entry in layout.get("modules", {}).items():
+        where = f"fxquant layout: layer {path!r}"
+        try:
+            old = model.get_submodule(path)
+        except AttributeError:
+            raise ValueError(f"{where}: the model has no such module (is it the model the file was saved from?)") from None
+        if not isinstance(old, (nn.Linear, QuantizedLinear)):
+            raise ValueError(f"{where}: expected an nn.Linear in the model, found {type(old).__name__}")
+        if (old.out_features, old.in_features) != (entry["out_features"], entry["in_features"]):
+            raise ValueError(f"{where}: shape [{entry['out_features']}, {entry['in_features']}] in the file, "
+                             f"[{old.out_features}, {old.in_features}] in the model")
+        if (old.bias is None) != (entry["bias"] is None):
+            raise ValueError(f"{where}: bias {'present' if entry['bias'] else 'absent'} in the file but not in the model")
+        dev = device if device is not None else _device_of(old)
+        plan.append((path, entry, old, _qweight(entry, dev, where), dev))
+    tplan = []
+    for path, entry in layout.get("tensors", {}).items():
+        where = f"fxquant layout: weight {path!r}"
+        owner_path, _, name = path.rpartition(".")
+        try:
+            owner = model.get_submodule(owner_path)
+        except AttributeError:
+            raise ValueError(f"{where}: the model has no module {owner_path!r}") from None
+        old = owner._parameters.get(name, owner._buffers.get(name))
+        if old is None:
+            raise ValueError(f"{where}: the model has no such tensor")
+        n, k = entry["out_features"], entry["in_features"]
+        if list(old.shape) != ([k, n] if entry["transposed"] else [n, k]):
+            raise ValueError(f"{where}: shape {list(old.shape)} in the model, [{n}, {k}] packed in the file")
+        dev = device if device is not None else old.device
+        tplan.append((path, entry, _qweight(entry, dev, where), dev))
+    for path, entry, old, qw, dev in plan:
+        bias = old.bias
+        if bias is not None and device is not None:
+            bias = nn.Parameter(torch.empty_like(bias, device=device), requires_grad=bias.requires_grad) \
+                if isinstance(bias, nn.Parameter) else torch.empty_like(bias, device=device)
+        scale = None if entry.get("input_scale") is None else _empty(entry["input_scale"], dev, path)
+        new = QuantizedLinear(qw, bias, entry.get("scheme", ""), scale)
+        for p in [path] + list(entry.get("aliases", [])):
+            parent_path, _, child = p.rpartition(".")
+            setattr(model.get_submodule(parent_path) if parent_path else model, child, new)
+    for path, entry, qw, dev in tplan:
+        fd = None if entry.get("float_data") is None else _empty(entry["float_data"], dev, path)
+        packed = PackedWeight(qw, entry["transposed"], _dtype(entry["dtype"], path), fd)
+        new = nn.Parameter(packed, requires_grad=False) if entry.get("parameter", True) else packed
+        for p in [path] + list(entry.get("aliases", [])):
+            owner_path, _, name = p.rpartition(".")
+            owner = model.get_submodule(owner_path) if owner_path else model
+            (owner._parameters if name in owner._parameters else owner._buffers)[name] = new
+    if layout.get("report") is not None:
+        setattr(model, INPLACE_REPORT_ATTR, Report.from_dict(layout["report"]))
+    return model
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for t in list(module.parameters()) + list(module.buffers()):
+        return t.device
+    return torch.device("cpu")
