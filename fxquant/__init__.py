@@ -8,3 +8,7 @@ from .spec import Spec
 
 __all__ = ["compile", "quantize_", "Spec", "report", "Report", "save", "load", "schemes", "methods", "Scheme", "Int8WeightOnly", "Int4WeightOnly"]
 __version__ = "0.1.0"
+
+from . import _integrations  # noqa: E402  (quant_method "fxquant" in transformers / diffusers, once imported)
+
+_integrations.install()

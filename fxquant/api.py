@@ -65,7 +65,13 @@ def compile(model: torch.nn.Module, spec: SpecLike, example_inputs: Any = (),
     spec = Spec.coerce(spec)
     if isinstance(model, torch.nn.Module):
         inplace.check_not_quantized(model)
+    if frontend == "modules":
+        raise ValueError("frontend='modules' is for fxquant.quantize_ (it lists the model's nn.Linear modules "
+                         "without a graph); fxquant.compile needs frontend 'auto', 'export' or 'fx'")
     traced = _trace(model, example_inputs, example_kwargs, frontend, dynamic)
+    if traced.frontend == "modules":
+        raise RuntimeError(f"fxquant.compile could not trace the model ({traced.export_error}); "
+                           "fxquant.quantize_ can still quantize its nn.Linear modules in place")
     ctx = PassContext(spec=spec, model=model, calibration=calibration)
     counts_before = _op_counts(traced.gm)
     gm = run_passes(traced.gm, ctx, passes)
@@ -90,6 +96,8 @@ def quantize_(model: torch.nn.Module, spec: SpecLike, example_inputs: Any = (),
     weight is released right after, so peak memory stays near the float model's size; a float weight
     still used elsewhere (a tied embedding) is kept, once.
 
+    ``frontend``: as :func:`compile`, plus "modules": no trace, the sites are the model's ``nn.Linear``
+    modules (no example inputs needed; the fallback when export and FX both fail; no calibration).
     ``calibration``: model inputs for the methods that need data (as :func:`compile`); the calibrate
     pass runs on the trace, before any layer is converted, and AWQ scales it folds into a norm weight
     are applied to this model's parameter.
@@ -103,11 +111,17 @@ def quantize_(model: torch.nn.Module, spec: SpecLike, example_inputs: Any = (),
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     inplace.check_not_quantized(model)
     traced = _trace(model, example_inputs, inplace.planning_kwargs(model, example_kwargs), frontend, dynamic)
+    if traced.frontend == "modules" and calibration is not None:
+        raise ValueError("calibration needs a traced model, and this one could not be traced "
+                         f"({traced.export_error or 'frontend=modules'}); pass example inputs it can be exported with")
     calls = None if calibration is None else inplace.calibration_calls(model, calibration)
     ctx = PassContext(spec=spec, model=model, calibration=calls,
                       input_scale_ok=functools.partial(inplace.takes_input_scale, model))
     counts_before = _op_counts(traced.gm)
     bytes_before = tensor_bytes(model)
+    if traced.frontend == "modules":
+        ctx.notes.append("no graph (frontend 'modules'): the sites are the model's nn.Linear modules; "
+                         "functional linear calls on parameters (F.linear, x @ W.t()) were not looked for")
     run_passes(traced.gm, ctx, PLAN)  # calibration runs the trace (traced in eval mode), not the model
     info = dict(frontend=traced.frontend, export_error=traced.export_error, dynamic_dims=traced.dynamic_dims)
     extra_uses = inplace.weights_used_outside_sites(traced.gm, ctx.sites)

@@ -4,8 +4,12 @@
 and sequence stay dynamic, feature dims get pinned by the model; size-1 example dims are not
 specialised), then
 ``run_decompositions({})`` when needed so grad-mode wrappers disappear (``aten.linear`` survives).
-``torch.fx.symbolic_trace`` is the fallback (or ``frontend="fx"``).  The user's model is never
-mutated: export builds fresh modules, and the FX path copies the module tree (sharing tensors).
+``torch.fx.symbolic_trace`` is the fallback (or ``frontend="fx"``), and when that fails too the
+*modules* front end (or ``frontend="modules"``): a graph that only calls each ``nn.Linear`` module
+of the model once, what module-swapping quantizers see.  It needs no example inputs and finds no
+functional ``F.linear`` use and no data flow (no calibration, no AWQ folds); the report says it was
+used.  The user's model is never mutated: export builds fresh modules, the FX path copies the module
+tree (sharing tensors), the modules graph only references the model's modules.
 """
 from __future__ import annotations
 
@@ -22,7 +26,8 @@ from torch.export import Dim
 
 log = logging.getLogger(__name__)
 
-FRONTENDS = ("auto", "export", "fx")
+FRONTENDS = ("auto", "export", "fx", "modules")
+MODULES_KEY = "fxquant_modules_frontend"  # gm.meta key: the graph only lists the model's nn.Linear modules
 EXAMPLE_KEY = "fxquant_example_inputs"  # gm.meta key: (args, kwargs) the model was traced with
 GUARDS_KEY = "fxquant_input_guards"  # gm.meta key: the input guards the module checks
 
@@ -165,6 +170,22 @@ def fx_trace(model: torch.nn.Module) -> torch.fx.GraphModule:
     return torch.fx.symbolic_trace(clone)
 
 
+def modules_graph(model: torch.nn.Module) -> torch.fx.GraphModule:
+    """A GraphModule over ``model``'s own modules: one input and one ``call_module`` per ``nn.Linear``
+    (each module once, under its first name), outputs all of them; never meant to run on data."""
+    graph = torch.fx.Graph()
+    outs, seen = [], set()
+    for path, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and path and id(m) not in seen:
+            seen.add(id(m))
+            x = graph.placeholder(f"x_{len(outs)}")
+            outs.append(graph.call_module(path, (x,)))
+    graph.output(tuple(outs))
+    gm = torch.fx.GraphModule(model, graph)
+    gm.meta[MODULES_KEY] = True
+    return gm
+
+
 def trace(model: torch.nn.Module, example_inputs: tuple = (), example_kwargs: dict | None = None,
           frontend: str = "auto", dynamic: bool = True) -> TraceResult:
     """Trace ``model`` with ``frontend`` in {"auto", "export", "fx"}; see the module docstring."""
@@ -174,6 +195,8 @@ def trace(model: torch.nn.Module, example_inputs: tuple = (), example_kwargs: di
         example_inputs = (example_inputs,)
     kwargs = dict(example_kwargs or {})
     error = None
+    if frontend == "modules":
+        return TraceResult(modules_graph(model), "modules", None, {})
     if frontend in ("auto", "export"):
         try:
             with warnings.catch_warnings():
@@ -190,7 +213,11 @@ def trace(model: torch.nn.Module, example_inputs: tuple = (), example_kwargs: di
         gm = fx_trace(model)
     except Exception as e:  # noqa: BLE001
         why = f"torch.export failed ({error}) and " if error else ""
-        raise RuntimeError(f"fxquant could not trace the model: {why}torch.fx.symbolic_trace failed "
-                           f"({type(e).__name__}: {e})") from e
+        if frontend == "fx":
+            raise RuntimeError(f"fxquant could not trace the model: {why}torch.fx.symbolic_trace failed "
+                               f"({type(e).__name__}: {e})") from e
+        fx_error = f"torch.fx.symbolic_trace failed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        log.warning("%s; quantizing the model's nn.Linear modules without a graph", fx_error)
+        return TraceResult(modules_graph(model), "modules", "; ".join(filter(None, [error, fx_error])), {})
     gm.meta[EXAMPLE_KEY] = (example_inputs, kwargs)
     return TraceResult(gm, "fx", error, {})

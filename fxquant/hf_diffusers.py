@@ -1,0 +1,61 @@
+"""fxquant as a diffusers quantization backend: ``quant_method="fxquant"``, ``quant_backend="fxquant"``.
+
+```python
+unet = UNet2DConditionModel.from_pretrained(path, quantization_config=FxQuantDiffusersConfig(spec="int8wo"))
+pipe = DiffusionPipeline.from_pretrained(path, quantization_config=PipelineQuantizationConfig(
+    quant_backend="fxquant", quant_kwargs={"spec": "int8wo"}, components_to_quantize=["transformer"]))
+```
+
+Same steps as the transformers quantizer (:class:`fxquant.hf.QuantizerSteps`): float weights load,
+then :func:`fxquant.quantize_` runs (diffusers models have no example inputs: without
+``example_inputs`` the sites are the model's ``nn.Linear`` modules, ``frontend="modules"``); a saved
+model's packed layers are rebuilt on the meta device from the config's layout and the checkpoint's
+packed tensors load straight in.  diffusers has no registration function: importing this module adds
+fxquant to its quantizer and config mappings (a second import is harmless).
+"""
+from __future__ import annotations
+
+from diffusers.quantizers import auto as _auto
+from diffusers.quantizers.base import DiffusersQuantizer
+from diffusers.quantizers.quantization_config import QuantizationConfigMixin
+
+from .hf import QUANT_METHOD, FxQuantConfigFields, QuantizerSteps
+
+__all__ = ["FxQuantDiffusersConfig", "FxQuantDiffusersQuantizer"]
+
+
+class _FxQuantDiffusersConfig(FxQuantConfigFields, QuantizationConfigMixin):
+    """diffusers' ``quantization_config`` for fxquant (:class:`fxquant.hf.FxQuantConfigFields`)."""
+
+    @classmethod
+    def from_dict(cls, config_dict, return_unused_kwargs=False, **kwargs):
+        config = cls(**config_dict)
+        return (config, kwargs) if return_unused_kwargs else config
+
+
+class _FxQuantDiffusersQuantizer(DiffusersQuantizer):
+    requires_calibration = False
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        QuantizerSteps.before_loading(self.quantization_config, model, self.pre_quantized)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        QuantizerSteps.after_loading(self.quantization_config, model, self.pre_quantized)
+        return model
+
+    @property
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+
+FxQuantDiffusersConfig = _auto.AUTO_QUANTIZATION_CONFIG_MAPPING.setdefault(QUANT_METHOD, _FxQuantDiffusersConfig)
+FxQuantDiffusersQuantizer = _auto.AUTO_QUANTIZER_MAPPING.setdefault(QUANT_METHOD, _FxQuantDiffusersQuantizer)
