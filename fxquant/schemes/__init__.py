@@ -14,6 +14,7 @@ from .fpx import FPx
 from .int8dq import Int8DynamicActivation, LLMInt8
 from .bnb4 import FP4, NF4
 from .onebit import OneBit
+from .affine import Affine
 
 __all__ = ["Scheme", "QuantizedWeight", "parse_scheme", "valid_scheme_names", "scheme_to_json",
            "scheme_from_json", "Int8WeightOnly", "Int4WeightOnly"]
@@ -22,3 +23,4 @@ __all__ += ["Float8WeightOnly", "Float8DynamicActivation", "FPx"]
 __all__ += ["Int8DynamicActivation", "LLMInt8"]
 __all__ += ["NF4", "FP4"]
 __all__ += ["OneBit"]
+__all__ += ["Affine"]
