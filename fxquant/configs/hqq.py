@@ -11,7 +11,7 @@ half-quadratic zero-point optimisation (``fxquant.methods.HQQ()``, whose default
 | field | fxquant |
 |---|---|
 | ``nbits`` | ``bits`` of ``uint<b>wo``: 1, 2, 3, 4, 5, 6, 8 (HQQ's; 1.58 ternary has no fxquant grid) |
-| ``group_size`` | ``group_size`` (HQQ: a multiple of 8; ``None``, one group per row, has no fxquant form) |
+| ``group_size`` | ``group_size`` (HQQ: a multiple of 8); ``None``: one group per row (axis 1) or column (axis 0), ``-ch`` |
 | ``axis`` | ``1`` (default): groups along the input; ``0``: HQQ's strided groups across output rows (``-axis0``) |
 | ``optimize`` | ``True`` (always, from ``BaseQuantizeConfig``): ``@hqq``; ``False``: round to nearest |
 | ``round_zero`` | with ``optimize``: a note (HQQ starts its optimisation from a rounded zero, fxquant from the exact one); without: ``False`` only |
@@ -36,6 +36,7 @@ from typing import Any, Mapping
 
 from ..methods import HQQ
 from ..schemes import IntX
+from ..schemes.intx import PER_CHANNEL
 from ..spec import Pattern, Spec
 from ._base import Fields, names, reader, writer
 
@@ -116,9 +117,11 @@ def _layer(cfg: Any, name: str) -> tuple[IntX, list[str]]:
 
 def _scheme(a: dict, f: Fields) -> IntX:
     g = a["group_size"]
-    if isinstance(g, bool) or not isinstance(g, int) or g < 8 or g % 8:
-        raise f.error("group_size", f"{g!r} is not supported; valid: a positive multiple of 8 (HQQ's rule; "
-                      "None, one group per row or column, has no fxquant form)")
+    if g is None:  # HQQ's min/max over the whole axis: one group per row (axis 1) or column (axis 0)
+        g = PER_CHANNEL
+    elif isinstance(g, bool) or not isinstance(g, int) or g < 8 or g % 8:
+        raise f.error("group_size", f"{g!r} is not supported; valid: a positive multiple of 8 (HQQ's rule) or None "
+                      "(one group per channel)")
     if a["round_zero"]:
         if not a["optimize"]:
             raise f.error("round_zero", "True without optimize is not supported: fxquant's uint grid keeps a float "
@@ -168,13 +171,15 @@ def _single(f: Fields, cfg: Mapping, name: str, skip: list[str]) -> Spec:
 
 
 def _layer_dict(scheme: Any, kind: str) -> dict:
-    ok = (isinstance(scheme, IntX) and not scheme.symmetric and scheme.bits in BITS and scheme.group_size % 8 == 0
+    ok = (isinstance(scheme, IntX) and not scheme.symmetric and scheme.bits in BITS
+          and (scheme.group_size == PER_CHANNEL or scheme.group_size % 8 == 0)
           and scheme.compute_dtype is None and (scheme.method is None or scheme.method == HQQ()))
     if not ok:
         raise ValueError(f"Spec.to_config({kind!r}): {scheme} has no HqqConfig; valid: uint<b>wo-<g>[-axis0] with "
-                         f"b in {BITS}, g a multiple of 8, round to nearest or @hqq with HQQ's defaults")
+                         f"b in {BITS}, g a multiple of 8 or ch, round to nearest or @hqq with HQQ's defaults")
     optimize = scheme.method is not None
-    wp = {"nbits": scheme.bits, "channel_wise": True, "group_size": scheme.group_size, "optimize": optimize,
+    group = None if scheme.group_size == PER_CHANNEL else scheme.group_size
+    wp = {"nbits": scheme.bits, "channel_wise": True, "group_size": group, "optimize": optimize,
           "round_zero": optimize and scheme.bits == 4, "axis": scheme.axis, "view_as_float": False}
     return {"weight_quant_params": wp, "scale_quant_params": None, "zero_quant_params": None, "offload_meta": False}
 
