@@ -1,12 +1,14 @@
 """fxquant: quantize PyTorch models as compiler passes over a traced graph."""
 from . import methods, schemes
 from .api import compile, quantize_
+from .pipeline import quantize_pipeline
 from .report import Report, report
 from .schemes import Int4WeightOnly, Int8WeightOnly, Scheme
 from .serialize import load, save
 from .spec import Spec
 
 __all__ = ["compile", "quantize_", "Spec", "report", "Report", "save", "load", "schemes", "methods", "Scheme", "Int8WeightOnly", "Int4WeightOnly"]
+__all__ += ["quantize_pipeline"]
 __version__ = "0.1.0"
 
 from . import _integrations  # noqa: E402  (quant_method "fxquant" in transformers / diffusers, once imported)
