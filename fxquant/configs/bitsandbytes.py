@@ -2,7 +2,7 @@
 
 | field | fxquant |
 |---|---|
-| ``load_in_8bit`` | ``llm.int8-<llm_int8_threshold>`` on every linear |
+| ``load_in_8bit`` | ``llm.int8-<llm_int8_threshold>`` on every linear; threshold 0 (no outlier columns): ``int8dq`` |
 | ``load_in_4bit`` + ``bnb_4bit_quant_type`` nf4 / fp4 | ``nf4-64`` / ``fp4-64`` (bitsandbytes' blocksize 64) |
 | ``bnb_4bit_use_double_quant`` | ``+dq`` (absmax quantized again, blocks of 256) |
 | ``bnb_4bit_compute_dtype`` | the scheme's ``compute_dtype`` |
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..schemes import FP4, NF4, LLMInt8
+from ..schemes import FP4, NF4, Int8DynamicActivation, LLMInt8
 from ..spec import Spec
 from ._base import Fields, hf_module_patterns, reader, torch_dtype, writer
 
@@ -29,11 +29,11 @@ DEFAULT_SKIP = ["lm_head"]
 
 
 def _flag(f: Fields, name: str) -> bool:
-    value = f.take(name, False, choices=(True, False))
-    private = f.take("_" + name, value, choices=(True, False))  # to_dict() writes both
-    if private != value:
+    value = f.take(name, None, choices=(True, False))
+    private = f.take("_" + name, None, choices=(True, False))  # to_dict() writes both
+    if value is not None and private is not None and private != value:
         raise f.error(name, f"{value!r} disagrees with _{name}={private!r}")
-    return value
+    return bool(value if value is not None else private)
 
 
 @reader("bitsandbytes", name=NAME, fields=FIELDS)
@@ -45,7 +45,7 @@ def read(f: Fields) -> Spec:
         raise f.error("load_in_4bit", "neither load_in_8bit nor load_in_4bit is set: nothing to quantize; "
                       "valid: load_in_8bit=True or load_in_4bit=True")
     threshold = f.take("llm_int8_threshold", 6.0, check=lambda v: isinstance(v, (int, float)) and
-                       not isinstance(v, bool) and v > 0, valid="a number > 0")
+                       not isinstance(v, bool) and v >= 0, valid="a number >= 0 (0: no outlier columns)")
     skip = f.d.get("llm_int8_skip_modules")
     skip = DEFAULT_SKIP if skip is None else skip
     f.used.add("llm_int8_skip_modules")
@@ -55,12 +55,12 @@ def read(f: Fields) -> Spec:
     f.inert("llm_int8_has_fp16_weight", "llm_int8_enable_fp32_cpu_offload",
             defaults={"llm_int8_enable_fp32_cpu_offload": False, "llm_int8_has_fp16_weight": False}, unless={"llm_int8_has_fp16_weight": (False,)})
     storage = f.take("bnb_4bit_quant_storage", None)
-    if storage is not None and storage not in ("uint8", "torch.uint8"):
+    if storage is not None and str(storage).removeprefix("torch.") != "uint8":
         torch_dtype(storage, f"{NAME}.bnb_4bit_quant_storage", [getattr(torch, s) for s in STORAGE])
         f.notes.append(f"{NAME}: bnb_4bit_quant_storage={storage!r} accepted; the packed bytes are the same "
                        "(fxquant stores them as uint8)")
-    if eight:
-        scheme = LLMInt8(threshold=float(threshold))
+    if eight:  # bitsandbytes decomposes outlier columns only when threshold > 0: else plain w8a8
+        scheme = LLMInt8(threshold=float(threshold)) if threshold > 0 else Int8DynamicActivation()
         for name in ("bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype"):
             if f.d.get(name) not in (None, False, "fp4", "float32"):
                 f.notes.append(f"{NAME}: {name}={f.d[name]!r} has no effect with load_in_8bit")
@@ -81,12 +81,13 @@ def write(spec: Spec) -> dict:
 
     scheme, skip = default_only(spec, "bitsandbytes")
     d = {"quant_method": "bitsandbytes", "llm_int8_skip_modules": skip}
-    if isinstance(scheme, LLMInt8):
-        return {**d, "load_in_8bit": True, "load_in_4bit": False, "llm_int8_threshold": scheme.threshold}
-    if isinstance(scheme, (NF4, FP4)) and scheme.blocksize == 64:
+    if isinstance(scheme, (LLMInt8, Int8DynamicActivation)) and scheme.compute_dtype is None and scheme.method is None:
+        threshold = scheme.threshold if isinstance(scheme, LLMInt8) else 0.0
+        return {**d, "load_in_8bit": True, "load_in_4bit": False, "llm_int8_threshold": threshold}
+    if isinstance(scheme, (NF4, FP4)) and scheme.blocksize == 64 and scheme.method is None:
         dtype = scheme.compute_dtype
         return {**d, "load_in_8bit": False, "load_in_4bit": True, "bnb_4bit_quant_type": scheme.quant_type,
                 "bnb_4bit_use_double_quant": scheme.double_quant, "bnb_4bit_quant_storage": "uint8",
                 "bnb_4bit_compute_dtype": None if dtype is None else str(dtype).removeprefix("torch.")}
     raise ValueError(f"Spec.to_config('bitsandbytes'): {scheme} has no BitsAndBytesConfig; valid: llm.int8[-<t>], "
-                     "nf4-64[+dq], fp4-64[+dq]")
+                     "int8dq (llm_int8_threshold=0), nf4-64[+dq], fp4-64[+dq]")
