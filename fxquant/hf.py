@@ -100,7 +100,7 @@ def _register(cls, registry, decorator, name):
     return registry[name]
 
 
-class _FxQuantConfig(FxQuantConfigFields, QuantizationConfigMixin):
+class FxQuantConfig(FxQuantConfigFields, QuantizationConfigMixin):
     """transformers' ``quantization_config`` for fxquant (see :class:`FxQuantConfigFields`)."""
 
     @classmethod
@@ -109,7 +109,7 @@ class _FxQuantConfig(FxQuantConfigFields, QuantizationConfigMixin):
         return (config, kwargs) if return_unused_kwargs else config
 
 
-FxQuantConfig = _register(_FxQuantConfig, AUTO_QUANTIZATION_CONFIG_MAPPING, register_quantization_config,
+FxQuantConfig = _register(FxQuantConfig, AUTO_QUANTIZATION_CONFIG_MAPPING, register_quantization_config,
                           QUANT_METHOD)
 
 
@@ -183,7 +183,7 @@ def _untie_packed_heads(model: torch.nn.Module) -> None:
             c.tie_word_embeddings = False
 
 
-class _FxQuantHfQuantizer(HfQuantizer):
+class FxQuantHfQuantizer(HfQuantizer):
     """transformers' quantizer for ``quant_method="fxquant"`` (module docstring)."""
 
     requires_calibration = False
@@ -211,4 +211,4 @@ class _FxQuantHfQuantizer(HfQuantizer):
         return True
 
 
-FxQuantHfQuantizer = _register(_FxQuantHfQuantizer, AUTO_QUANTIZER_MAPPING, register_quantizer, QUANT_METHOD)
+FxQuantHfQuantizer = _register(FxQuantHfQuantizer, AUTO_QUANTIZER_MAPPING, register_quantizer, QUANT_METHOD)

@@ -24,7 +24,7 @@ from .hf import QUANT_METHOD, FxQuantConfigFields, QuantizerSteps
 __all__ = ["FxQuantDiffusersConfig", "FxQuantDiffusersQuantizer"]
 
 
-class _FxQuantDiffusersConfig(FxQuantConfigFields, QuantizationConfigMixin):
+class FxQuantDiffusersConfig(FxQuantConfigFields, QuantizationConfigMixin):
     """diffusers' ``quantization_config`` for fxquant (:class:`fxquant.hf.FxQuantConfigFields`)."""
 
     @classmethod
@@ -33,7 +33,7 @@ class _FxQuantDiffusersConfig(FxQuantConfigFields, QuantizationConfigMixin):
         return (config, kwargs) if return_unused_kwargs else config
 
 
-class _FxQuantDiffusersQuantizer(DiffusersQuantizer):
+class FxQuantDiffusersQuantizer(DiffusersQuantizer):
     requires_calibration = False
 
     def _process_model_before_weight_loading(self, model, **kwargs):
@@ -57,5 +57,5 @@ class _FxQuantDiffusersQuantizer(DiffusersQuantizer):
         return True
 
 
-FxQuantDiffusersConfig = _auto.AUTO_QUANTIZATION_CONFIG_MAPPING.setdefault(QUANT_METHOD, _FxQuantDiffusersConfig)
-FxQuantDiffusersQuantizer = _auto.AUTO_QUANTIZER_MAPPING.setdefault(QUANT_METHOD, _FxQuantDiffusersQuantizer)
+FxQuantDiffusersConfig = _auto.AUTO_QUANTIZATION_CONFIG_MAPPING.setdefault(QUANT_METHOD, FxQuantDiffusersConfig)
+FxQuantDiffusersQuantizer = _auto.AUTO_QUANTIZER_MAPPING.setdefault(QUANT_METHOD, FxQuantDiffusersQuantizer)

@@ -2,7 +2,7 @@
 rebuilding those layers on a float skeleton (any device, the meta device included).
 
 ``packed_layout(model)`` is JSON: per packed site the op, its scalar arguments, each packed
-tensor's shape and dtype, the scheme and what surrounds it (bias, AWQ input scale, transposed).
+tensor's name, shape and dtype (a list, in the op's argument order), the scheme and what surrounds it (bias, AWQ input scale, transposed).
 ``build_packed(model, layout)`` replaces the skeleton's layers by packed ones holding empty tensors
 of exactly those shapes and dtypes, so that loading a state dict (``load_state_dict(assign=True)``,
 transformers' loader) fills them with the stored bytes: no float copy of a weight is ever made.
@@ -69,7 +69,7 @@ def packed_layout(model: nn.Module) -> dict:
             modules[path] = {
                 "op": m.op_name, "scheme": m.scheme, "attrs": _attrs_to_json(m.op_attrs),
                 "in_features": m.in_features, "out_features": m.out_features,
-                "tensors": {n: _tensor_spec(getattr(m, n)) for n in m.tensor_names},
+                "tensors": [{"name": n, **_tensor_spec(getattr(m, n))} for n in m.tensor_names],
                 "bias": None if m.bias is None else {**_tensor_spec(m.bias), "parameter": isinstance(m.bias, nn.Parameter)},
                 "input_scale": None if m.input_scale is None else _tensor_spec(m.input_scale),
                 "aliases": [],
@@ -82,7 +82,8 @@ def packed_layout(model: nn.Module) -> dict:
         q = t.packed
         tensors[path] = {
             "op": q.op, "attrs": _attrs_to_json(q.attrs), "in_features": q.in_features,
-            "out_features": q.out_features, "tensors": {n: _tensor_spec(v) for n, v in q.tensors.items()},
+            "out_features": q.out_features,
+            "tensors": [{"name": n, **_tensor_spec(v)} for n, v in q.tensors.items()],
             "transposed": t.transposed, "dtype": _dtype_name(t.dtype), "parameter": isinstance(t, nn.Parameter),
             "float_data": None if t.float_data is None else _tensor_spec(t.float_data), "aliases": [],
         }
@@ -132,7 +133,10 @@ def _qweight(entry: Mapping[str, Any], device, where: str) -> QuantizedWeight:
         raise ValueError(f"{where}: malformed layout entry ({e!r})") from None
     if not hasattr(torch.ops.fxquant, op):
         raise ValueError(f"{where}: op {op!r} is not one of this fxquant's ops (written by a newer fxquant?)")
-    tensors = {name: _empty(s, device, f"{where}.{name}") for name, s in specs.items()}
+    # a list: the op takes the tensors in this order (JSON writers may sort a dict's keys)
+    if not isinstance(specs, list) or not all(isinstance(s, Mapping) and "name" in s for s in specs):
+        raise ValueError(f"{where}: malformed layout entry: 'tensors' must be a list of {{name, shape, dtype}}")
+    tensors = {s["name"]: _empty(s, device, f"{where}.{s['name']}") for s in specs}
     return QuantizedWeight(op, tensors, _attrs_from_json(attrs, f"{where}.attrs"), n, k)
 
 
