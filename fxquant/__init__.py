@@ -1,6 +1,7 @@
 """fxquant: quantize PyTorch models as compiler passes over a traced graph."""
 from . import methods, schemes
 from .api import compile, quantize_
+from .checkpoints import load_compressed_tensors, save_compressed_tensors
 from .pipeline import quantize_pipeline
 from .report import Report, report
 from .schemes import Int4WeightOnly, Int8WeightOnly, Scheme
@@ -8,6 +9,7 @@ from .serialize import load, save
 from .spec import Spec
 
 __all__ = ["compile", "quantize_", "Spec", "report", "Report", "save", "load", "schemes", "methods", "Scheme", "Int8WeightOnly", "Int4WeightOnly"]
+__all__ += ["save_compressed_tensors", "load_compressed_tensors"]
 __all__ += ["quantize_pipeline"]
 __version__ = "0.1.0"
 
