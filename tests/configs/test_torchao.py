@@ -111,6 +111,27 @@ def test_serialised_configs(cfg, scheme):
     assert bool(spec.notes) == (getattr(cfg, "int4_packing_format", "plain") != "plain")
 
 
+def _older(typ, data):
+    return {"quant_method": "torchao", "quant_type": {"default": {"_type": typ, "_version": 1, "_data": data}},
+            "modules_to_not_convert": None}
+
+
+@pytest.mark.parametrize("cfg,scheme", [
+    # version-1 classes torchao 0.9 .. 0.12 serialised (no longer constructible with the installed torchao)
+    (_older("Int4WeightOnlyConfig", {"group_size": 64, "layout": {"_type": "TensorCoreTiledLayout", "_version": 1,
+                                                                  "_data": {"inner_k_tiles": 8}},
+                                     "use_hqq": False, "zero_point_domain": {"_type": "ZeroPointDomain", "_data": "NONE"},
+                                     "set_inductor_config": True, "preserve_zero": None}), "int4wo-64"),
+    (_older("UIntXWeightOnlyConfig", {"dtype": {"_type": "torch.dtype", "_data": "uint3"}, "group_size": 32,
+                                      "pack_dim": -1, "use_hqq": True, "set_inductor_config": True}), "uint3wo-32@hqq"),
+    (_older("FPXWeightOnlyConfig", {"ebits": 3, "mbits": 2, "set_inductor_config": True}), "fp6_e3m2"),
+], ids=["int4-v1", "uintx", "fpx"])
+def test_older_serialised_configs(cfg, scheme):
+    spec = Spec.from_config(cfg)
+    assert str(spec.default) == scheme
+    assert all("layout" in n for n in spec.notes)
+
+
 def test_serialised_object_and_dict_agree():
     cfg = transformers.TorchAoConfig(Int4WeightOnlyConfig(group_size=64))
     assert Spec.from_config(cfg) == Spec.from_config(cfg.to_dict())
