@@ -53,7 +53,8 @@ def read(f: Fields) -> Spec:
     double = f.take("bnb_4bit_use_double_quant", False, choices=(True, False))
     compute = f.take("bnb_4bit_compute_dtype", None)
     f.inert("llm_int8_has_fp16_weight", "llm_int8_enable_fp32_cpu_offload",
-            defaults={"llm_int8_enable_fp32_cpu_offload": False, "llm_int8_has_fp16_weight": False}, unless={"llm_int8_has_fp16_weight": (False,)})
+            defaults={"llm_int8_enable_fp32_cpu_offload": False, "llm_int8_has_fp16_weight": False},
+            unless={"llm_int8_has_fp16_weight": (False,)})
     storage = f.take("bnb_4bit_quant_storage", None)
     if storage is not None and str(storage).removeprefix("torch.") != "uint8":
         torch_dtype(storage, f"{NAME}.bnb_4bit_quant_storage", [getattr(torch, s) for s in STORAGE])

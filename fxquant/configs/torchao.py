@@ -351,7 +351,8 @@ def read(f: Fields) -> Spec:
         if set(qt) != {"default"}:
             raise f.error("quant_type", f"keys {sorted(qt)}: valid: one key, 'default' (as TorchAoConfig writes)")
         if kwargs:
-            raise f.error("quant_type_kwargs", "given with a serialised quant_type; valid: {} (the arguments are in _data)")
+            raise f.error("quant_type_kwargs", "given with a serialised quant_type; valid: {} (the arguments are "
+                          "in _data)")
         obj = qt["default"]
         if isinstance(obj, Mapping) and obj.get("_type") in ("FqnToConfig", "ModuleFqnToConfig"):
             default, rules = _fqn(obj.get("_data") or {}, f"{NAME}.quant_type[{obj['_type']}]", f.notes)
