@@ -8,7 +8,7 @@
 
 | ``quant_backend`` | config read |
 |---|---|
-| ``bitsandbytes_4bit`` / ``bitsandbytes_8bit`` | ``BitsAndBytesConfig(**quant_kwargs)``; ``load_in_4bit`` / ``load_in_8bit`` default to what the backend name says (a contradiction is an error) |
+| ``bitsandbytes_4bit`` / ``bitsandbytes_8bit`` | ``BitsAndBytesConfig(**quant_kwargs)`` with its constructor defaults (``bnb_4bit_compute_dtype`` float32); ``load_in_4bit`` / ``load_in_8bit`` default to what the backend name says (a contradiction is an error) |
 | ``quanto`` | ``QuantoConfig(**quant_kwargs)`` (``weights_dtype``) |
 | ``torchao`` | ``TorchAoConfig(**quant_kwargs)`` (``quant_type``: a string or an ``AOBaseConfig``; its ``to_dict()`` when it has one) |
 | ``fxquant`` | ``{"spec": <Spec / scheme / spec dict / outside config>}`` or a ``Spec.to_dict()`` |
@@ -110,6 +110,7 @@ def backend_config(backend: Any, kwargs: Any) -> Any:
         if kwargs.setdefault("load_in_4bit", four) != four or kwargs.setdefault("load_in_8bit", not four) == four:
             raise ValueError(f"{NAME}.quant_kwargs: load_in_4bit={kwargs['load_in_4bit']!r} / load_in_8bit="
                              f"{kwargs['load_in_8bit']!r} contradict quant_backend={backend!r}")
+        kwargs.setdefault("bnb_4bit_compute_dtype", "float32")  # BitsAndBytesConfig's constructor default
     if method == "torchao" and not isinstance(kwargs.get("quant_type"), (str, Mapping, type(None))):
         from torchao.core.config import config_to_dict  # an AOBaseConfig object: torchao is installed
 
