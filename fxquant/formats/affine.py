@@ -60,16 +60,22 @@ def packed_words(cols: int, bits: int) -> int:
     return -(-cols * bits // 32)
 
 
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with row-major strides (``contiguous()`` keeps any stride on a size-1 dim, which a dtype
+    view refuses)."""
+    return t if t.is_contiguous() and t.stride(-1) == 1 else t.clone(memory_format=torch.contiguous_format)
+
+
 def _to_words(b: torch.Tensor) -> torch.Tensor:
     """uint8 ``[R, 4W]`` (little-endian words) -> int32 ``[R, W]``."""
     if sys.byteorder == "big":
         b = b.reshape(b.shape[0], -1, 4).flip(-1).reshape(b.shape[0], -1)
-    return b.contiguous().view(torch.int32)
+    return _dense(b).view(torch.int32)
 
 
 def _to_bytes(w: torch.Tensor) -> torch.Tensor:
     """int32 ``[R, W]`` -> uint8 ``[R, 4W]``, the bytes of little-endian words."""
-    b = w.contiguous().view(torch.uint8)
+    b = _dense(w).view(torch.uint8)
     if sys.byteorder == "big":
         b = b.reshape(b.shape[0], -1, 4).flip(-1).reshape(b.shape[0], -1)
     return b

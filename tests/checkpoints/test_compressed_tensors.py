@@ -341,3 +341,36 @@ def test_loading_into_a_quantized_model_is_refused(tmp_path):
     write_with_compressed_tensors(tmp_path / "ck", mlp())
     with pytest.raises(ValueError, match="already quantized"):
         fxquant.load_compressed_tensors(tmp_path / "ck", quantized("int8wo"))
+
+
+class ScaledLinear(nn.Linear):
+    """An nn.Linear subclass with its own forward: quantize_ swaps its weight for a PackedWeight."""
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight, self.bias) * 0.5
+
+
+def test_a_linear_subclass_keeps_its_forward(tmp_path):
+    def build(device="cpu"):
+        torch.manual_seed(0)
+        with torch.device(device):
+            return nn.Sequential(ScaledLinear(64, 32), nn.Linear(32, 16))
+
+    m = fxquant.quantize_(build(), "affine4-g16", (torch.randn(2, 64),))
+    assert isinstance(m[0].weight, fxquant.modules.PackedWeight)
+    fxquant.save_compressed_tensors(m, tmp_path / "ck")
+    ref = decompress_with_compressed_tensors(tmp_path / "ck", build())
+    assert torch.equal(ref[0].weight, fxquant.modules._dequantize(m[0].weight.packed).to(torch.bfloat16))
+    back = fxquant.load_compressed_tensors(tmp_path / "ck", build("meta"))
+    assert type(back[0]) is ScaledLinear and isinstance(back[0].weight, fxquant.modules.PackedWeight)
+    x = torch.randn(3, 64)
+    assert torch.equal(back(x), m(x))
+
+
+def test_a_meta_skeleton_with_buffers_no_checkpoint_holds_is_refused(tmp_path):
+    fxquant.save_compressed_tensors(quantized("affine4-g8"), tmp_path / "ck")
+    sk = mlp(device="meta")
+    sk.register_buffer("positions", torch.arange(4, device="meta"), persistent=False)
+    with pytest.raises(ValueError, match=r"buffer .*'positions' is on the meta device .*non-persistent"):
+        fxquant.load_compressed_tensors(tmp_path / "ck", sk)
+    assert all(t.is_meta for t in sk.state_dict().values())

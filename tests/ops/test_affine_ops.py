@@ -55,6 +55,22 @@ def test_dequantization_is_the_direct_formula(scheme, n, k):
     assert torch.equal(got, want.float())
 
 
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("rows,cols", [(1, 1), (3, 7), (2, 32), (5, 33), (8, 100)])
+def test_packing_is_compressed_tensors_pack_to_int32(bits, rows, cols):
+    """Rows (weight_packed) and columns (weight_zero_point, packed along N) as compressed-tensors packs
+    them, and back; transposed views and size-1 dims included."""
+    helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+    q = torch.randint(0, 1 << bits, (rows, cols), dtype=torch.uint8, generator=torch.Generator().manual_seed(bits))
+    signed = (q.to(torch.int16) - (1 << (bits - 1))).to(torch.int8)
+    theirs = helpers.pack_to_int32(signed, bits)
+    assert torch.equal(fmt.pack_rows(q, bits), theirs)
+    assert torch.equal(fmt.unpack_rows(theirs, bits, cols), q)
+    theirs0 = helpers.pack_to_int32(signed, bits, packed_dim=0)
+    assert torch.equal(fmt.pack_rows(q.t(), bits).t(), theirs0)
+    assert torch.equal(fmt.unpack_rows(theirs0.t(), bits, rows).t(), q)
+
+
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_reference_is_a_float_linear_on_that_weight(scheme):
     _, qw, args, attrs = build(scheme, 19, 70, 3)
