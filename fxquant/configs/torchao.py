@@ -1,7 +1,8 @@
 """torchao (transformers' and diffusers' ``TorchAoConfig``).
 
 Both dict forms are read: the string ``quant_type`` with ``quant_type_kwargs`` that the seeds
-document (function names and diffusers' shorthands), and the serialised torchao config newer
+document (function names and diffusers' shorthands; the constructor's form, the arguments beside
+``quant_type`` as in ``TorchAoConfig("int4wo", group_size=32)``, is read as ``quant_type_kwargs``), and the serialised torchao config newer
 versions write, ``{"quant_type": {"default": {"_type": "Int4WeightOnlyConfig", "_data": {...}}}}``
 (``FqnToConfig`` included).  The string form is what ``Spec.to_config("torchao")`` writes.
 
@@ -335,6 +336,11 @@ def _fqn(data: Mapping, where: str, notes: list[str]) -> tuple[Scheme | None, li
 def read(f: Fields) -> Spec:
     qt = f.take("quant_type")
     kwargs = f.take("quant_type_kwargs", {}, check=lambda v: isinstance(v, Mapping), valid="a dict")
+    extra = {k: v for k, v in f.d.items() if k not in f.known}
+    if isinstance(qt, str) and extra and "quant_type_kwargs" not in f:  # TorchAoConfig("int4wo", group_size=32)
+        kwargs = extra  # the old constructor's kwargs.get("quant_type_kwargs", kwargs)
+        f.known.update(extra)
+        f.used.update(extra)
     skip = hf_module_patterns(f.take("modules_to_not_convert", DEFAULT_SKIP), f"{NAME}.modules_to_not_convert")
     f.take("include_input_output_embeddings", False, choices=(False,),
            valid="False (fxquant quantizes linear layers; an nn.Embedding is not one)")

@@ -81,6 +81,15 @@ def test_string_quant_types(quant_type, kwargs, scheme):
     assert spec.skip == (LM_HEAD,) and spec.rules == ()
 
 
+def test_constructor_form_arguments_are_quant_type_kwargs():
+    """Seed 001's ``TorchAoConfig("int4_weight_only", group_size=32)``: the old class kept the
+    arguments beside quant_type as quant_type_kwargs."""
+    cfg = {"quant_method": "torchao", "quant_type": "int4_weight_only", "group_size": 32}
+    assert str(Spec.from_config(cfg).default) == "int4wo-32"
+    with pytest.raises(ValueError, match="TorchAoConfig\\('int4wo'\\).quant_type_kwargs.foo: no version"):
+        Spec.from_config({"quant_method": "torchao", "quant_type": "int4wo", "foo": 1})
+
+
 SERIALISED = [
     (Int4WeightOnlyConfig(group_size=32), "int4wo-32"),
     (Int4WeightOnlyConfig(), "int4wo-128"),
