@@ -5,6 +5,11 @@ import os
 if not os.environ.get("CUDA_VISIBLE_DEVICES") and not os.path.exists("/dev/nvidia0"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Tests never download: huggingface_hub reads these once, when first imported (by any test module
+# that imports transformers / diffusers), so they are set here, before every test module.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
 import pytest
 import torch
 from hypothesis import HealthCheck, settings

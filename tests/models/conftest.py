@@ -69,3 +69,11 @@ def smollm2_int8wo_compiled(smollm2):
 
     model, tokenizer = smollm2
     return fxquant.compile(model, fxquant.Spec.from_dict(INT8WO_SPEC), (), smollm2_example(tokenizer))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2):
+    """The folder of SmolLM2's float32 checkpoint (``from_pretrained`` reads it; do not write to it)."""
+    from _load import _smollm2_cache_dir
+
+    return _smollm2_cache_dir(smollm2_gguf())
