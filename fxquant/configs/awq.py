@@ -50,7 +50,7 @@ def read(f: Fields) -> Spec:
         value = f.take(field, default)
         if value != default:
             f.notes.append(f"{NAME}: {field}={value!r} accepted; AWQ does not use it (zero_point chooses the grid)")
-    f.take("checkpoint_format", None)  # GPTQConfig's alias of format; AwqConfig.to_dict drops it
+    f.inert("checkpoint_format")  # GPTQConfig's alias of format; AwqConfig.to_dict drops it
     gptq.read_inert(f, {"do_fuse": None, "fuse_max_seq_len": None, "modules_to_fuse": None, "backend": "auto"})
     return f.finish(Spec(calibration_texts=texts, **where))
 

@@ -69,7 +69,8 @@ def read_dataset(f: Fields) -> tuple[str, ...]:
         return (isinstance(v, str) and v in DATASETS) or (
             isinstance(v, (list, tuple)) and len(v) > 0 and all(isinstance(t, str) for t in v))
 
-    ds = f.take("dataset", None, check=ok, valid="a non-empty list of texts, or one of " + ", ".join(map(repr, DATASETS)))
+    valid = "a non-empty list of texts, or one of " + ", ".join(map(repr, DATASETS))
+    ds = f.take("dataset", None, check=ok, valid=valid)
     if isinstance(ds, str):
         f.notes.append(f"{f.name}: dataset={ds!r} accepted by name: fxquant downloads no data set; pass the "
                        "calibration inputs with calibration= when quantizing")

@@ -174,7 +174,8 @@ def test_notes_for_storage_and_calibration_fields():
     ({"NVFP4": ["Linear"]}, {}, r"\['NVFP4'\]\.weights\.strategy: 'tensor_group' is not supported"),
     ({"W4A8": ["Linear"]}, {}, r"weights int4 group sym with input activations int8 token sym has no fxquant scheme"),
     ({"FP8_BLOCK": ["Linear"]}, {}, r"strategy: 'block' is not supported"),
-    ({"W4A16": ["Linear"]}, {"kv_cache_scheme": {"num_bits": 8, "type": "float"}}, r"\.kv_cache_scheme: .* valid: None"),
+    ({"W4A16": ["Linear"]}, {"kv_cache_scheme": {"num_bits": 8, "type": "float"}},
+     r"\.kv_cache_scheme: .* valid: None"),
     ({"W4A16": ["Linear"]}, {"sparsity_config": {"format": "sparse-24-bitmask"}}, r"\.sparsity_config: "),
     ({"W4A16": ["Linear"]}, {"format": "marlin-24"}, r"\.format: 'marlin-24' is not supported"),
     ({"W4A16": ["LlamaAttention"]}, {}, r"class name 'LlamaAttention' is not supported; valid: 'Linear'"),
@@ -204,7 +205,8 @@ def test_bad_weight_args(weights, match):
 
 def test_output_activations_and_static_int8_are_errors():
     w8 = QuantizationArgs(num_bits=8, strategy="channel")
-    out = QuantizationScheme(targets=["Linear"], weights=w8, output_activations=QuantizationArgs(num_bits=8, dynamic=True))
+    out = QuantizationScheme(targets=["Linear"], weights=w8,
+                             output_activations=QuantizationArgs(num_bits=8, dynamic=True))
     with pytest.raises(ValueError, match=r"output_activations: .* valid: None"):
         Spec.from_config(cfg({"g": out}))
     static = QuantizationScheme(targets=["Linear"], weights=w8, input_activations=QuantizationArgs(num_bits=8))

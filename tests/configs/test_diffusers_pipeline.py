@@ -147,8 +147,8 @@ def test_quant_mapping_takes_specs_and_transformers_configs():
     cfg = {"quant_mapping": {"unet": Spec(default="int4wo-64"), "text_encoder": transformers.GPTQConfig(bits=4),
                              "transformer": {"quant_method": "fxquant", "spec": Spec(default="int8dq").to_dict()}}}
     specs = specs_of(cfg)
-    assert specs == {"unet": Spec(default="int4wo-64"), "text_encoder": Spec.from_config(transformers.GPTQConfig(bits=4)),
-                     "transformer": Spec(default="int8dq")}
+    assert specs == {"unet": Spec(default="int4wo-64"), "transformer": Spec(default="int8dq"),
+                     "text_encoder": Spec.from_config(transformers.GPTQConfig(bits=4))}
 
 
 @pytest.mark.parametrize("cfg,match", [
@@ -169,7 +169,8 @@ def test_quant_mapping_takes_specs_and_transformers_configs():
      r"fxquant config field 'calibration' is not supported"),
     ({"quant_mapping": {"unet": {"quant_method": "gptq", "bits": 4, "colour": 1}}},
      r"quant_mapping\['unet'\]: GPTQConfig\.colour: no version"),
-    ({"quant_backend": "fxquant", "quant_kwargs": {"spec": "int8wo"}, "colour": 1}, r"PipelineQuantizationConfig\.colour"),
+    ({"quant_backend": "fxquant", "quant_kwargs": {"spec": "int8wo"}, "colour": 1},
+     r"PipelineQuantizationConfig\.colour"),
 ])
 def test_config_errors(cfg, match):
     with pytest.raises(ValueError, match=match):
