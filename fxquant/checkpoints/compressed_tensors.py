@@ -214,38 +214,7 @@ def load_compressed_tensors(directory_or_state_dict: str | os.PathLike | Mapping
     check_not_quantized(model)
     qc, tensors = _source(directory_or_state_dict, config, model)
     groups, ignore = _parse_config(qc)
-    by_module = collections.defaultdict(dict)
-    for key, t in tensors.items():
-        mod, _, local = key.rpartition(".")
-        by_module[mod][local] = t
-    by_target = {t: g for g in groups for t in g[1]}
-    used: set[str] = set()
-    layers, rows = [], []
-    for path, m in model.named_modules():
-        if not isinstance(m, nn.Linear):
-            continue
-        where = f"layer {path!r}"
-        group = None if any(_matches(path, m, t) for t in ignore) else _group_of(path, m, by_target)
-        n, k = m.weight.shape
-        if group is None:
-            rows.append(Row(fqn=path, status="skipped", scheme=None, shape=(n, k), kind="linear",
-                            reason="ignored by the checkpoint" if any(_matches(path, m, t) for t in ignore)
-                            else "targeted by no config group", bytes_before=_nbytes(m.weight),
-                            bytes_after=_nbytes(m.weight), rel_error=None))
-            continue
-        gname, _, args, fmt = group
-        local = by_module.get(path, {})
-        names = PACKED_NAMES if fmt == "pack-quantized" else INT8_NAMES
-        extra = sorted(set(local) - names - {"bias"})
-        if extra:
-            what = "act-order g_idx is not supported" if "weight_g_idx" in extra else "not a tensor of this format"
-            raise ValueError(f"{where}.{extra[0]}: {what} (config group {gname!r}, format {fmt})")
-        qw, scheme = import_layer(where, args, fmt, local, n, k, prefer_affine)
-        used.update(f"{path}.{x}" for x in local if x != "bias")
-        layers.append((path, m, qw, scheme))
-        rows.append(Row(fqn=path, status="quantized", scheme=scheme, shape=(n, k), kind="linear", reason="",
-                        rule=f"config_groups[{gname!r}]", bytes_before=_nbytes(m.weight), bytes_after=qw.nbytes,
-                        rel_error=None, method="checkpoint"))
+    layers, rows, used = _plan_layers(model, tensors, groups, ignore, prefer_affine)
     quantized = {p for p, *_ in layers}
     floats = _float_plan(model, tensors, quantized, used)
     meta_buffers = _meta_buffers(model)
@@ -261,6 +230,42 @@ def load_compressed_tensors(directory_or_state_dict: str | os.PathLike | Mapping
         notes=[f"loaded {len(layers)} quantized layers from a compressed-tensors checkpoint (rel_error unknown: "
                "no float weights)"]))
     return model
+
+
+def _plan_layers(model: nn.Module, tensors: Mapping[str, torch.Tensor], groups, ignore: list[str],
+                 prefer_affine: bool) -> tuple[list, list[Row], set[str]]:
+    """Every ``nn.Linear`` of the skeleton: its config group (or none), and for a quantized one its packed
+    weight from the checkpoint's tensors.  Returns ``(layers, report rows, tensor names used)``."""
+    by_module = collections.defaultdict(dict)
+    for key, t in tensors.items():
+        mod, _, local = key.rpartition(".")
+        by_module[mod][local] = t
+    by_target = {t: g for g in groups for t in g[1]}
+    used: set[str] = set()
+    layers, rows = [], []
+    for path, m in model.named_modules():
+        if not isinstance(m, nn.Linear):
+            continue
+        where, (n, k) = f"layer {path!r}", m.weight.shape
+        ignored = any(_matches(path, m, t) for t in ignore)
+        group = None if ignored else _group_of(path, m, by_target)
+        row = dict(fqn=path, shape=(n, k), kind="nn.Linear", bytes_before=_nbytes(m.weight), rel_error=None)
+        if group is None:
+            rows.append(Row(**row, status="skipped", scheme=None, bytes_after=_nbytes(m.weight),
+                            reason="ignored by the checkpoint" if ignored else "targeted by no config group"))
+            continue
+        gname, _, args, fmt = group
+        local = by_module.get(path, {})
+        extra = sorted(set(local) - (PACKED_NAMES if fmt == "pack-quantized" else INT8_NAMES) - {"bias"})
+        if extra:
+            what = "act-order g_idx is not supported" if "weight_g_idx" in extra else "not a tensor of this format"
+            raise ValueError(f"{where}.{extra[0]}: {what} (config group {gname!r}, format {fmt})")
+        qw, scheme = import_layer(where, args, fmt, local, n, k, prefer_affine)
+        used.update(f"{path}.{x}" for x in local if x != "bias")
+        layers.append((path, m, qw, scheme))
+        rows.append(Row(**row, status="quantized", scheme=scheme, bytes_after=qw.nbytes, reason="",
+                        rule=f"config_groups[{gname!r}]", method="checkpoint"))
+    return layers, rows, used
 
 
 def _nbytes(t: torch.Tensor) -> int:
