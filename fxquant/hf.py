@@ -134,12 +134,19 @@ class QuantizerSteps:
                 raise ValueError(f"fxquant: {len(left)} tensors were not in the checkpoint, e.g. {left[:3]}: the "
                                  "checkpoint does not match its quantization_config's layout")
             return
-        example = dict(config.example_inputs) if config.example_inputs is not None else _dummy_inputs(model)
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        example = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in example.items()}
         calibration = config.calibration
         if calibration is None and config.spec.calibration_texts:
             calibration = _tokenized(model, config.spec.calibration_texts)
+        if calibration is not None:
+            calibration = list(calibration)
+        if config.example_inputs is not None:
+            example = dict(config.example_inputs)
+        elif calibration and isinstance(calibration[0], Mapping):
+            example = dict(calibration[0])  # traced as it will be calibrated (shape guards hold)
+        else:
+            example = _dummy_inputs(model)
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        example = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in example.items()}
         # no example: the model's nn.Linear modules, as module-swapping quantizers see them
         frontend = "auto" if example else "modules"
         quantize_(model, config.spec, example_kwargs=example, calibration=calibration, frontend=frontend)

@@ -174,3 +174,32 @@ def test_bad_configs_and_checkpoints(float_dir, tmp_path):
     (tmp_path / "nolayout" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="model.layers.0.mlp.up_proj.*shape"):
         _load(tmp_path / "nolayout")
+
+
+CONFIGS = {  # every ecosystem's dict form, as a config.json holds it, through FxQuantConfig(spec=...)
+    "torchao": {"quant_method": "torchao", "quant_type": "int4_weight_only", "quant_type_kwargs": {"group_size": 32}},
+    "hqq": {"quant_method": "hqq", "nbits": 4, "group_size": 32, "axis": 1},
+    "quanto": {"quant_method": "quanto", "weights": "int8"},
+    "eetq": {"quant_method": "eetq", "weights": "int8"},
+    "fbgemm_fp8": {"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0},
+    "gptq": {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": True, "sym": True},
+    "awq": {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True},
+    "compressed-tensors": {"quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
+                           "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+                               "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group",
+                               "group_size": 32}}}},
+}
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_every_config_kind_through_fxquant_config(float_dir, tmp_path, kind):
+    cfg = CONFIGS[kind]
+    spec = fxquant.Spec.from_config(cfg)
+    needs_data = spec.default.method is not None and spec.default.method.needs_data
+    calibration = [{"input_ids": IDS}, {"input_ids": IDS.flip(1)}] if needs_data else None
+    q = _load(float_dir, quantization_config=FxQuantConfig(spec=cfg, calibration=calibration))
+    direct = fxquant.quantize_(_load(float_dir), spec, example_kwargs=dict(input_ids=IDS), calibration=calibration)
+    assert torch.equal(q(IDS).logits, direct(IDS).logits)
+    assert {r.scheme for r in fxquant.report(q).rows if r.status == "quantized"} == {str(spec.default)}
+    q.save_pretrained(tmp_path)
+    assert torch.equal(_load(tmp_path)(IDS).logits, q(IDS).logits)

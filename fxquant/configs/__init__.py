@@ -23,6 +23,8 @@ def _kind(d: dict) -> str:
     kind = d.get("quant_method")
     if kind is None and any(k in d for k in ("load_in_4bit", "load_in_8bit")):
         return "bitsandbytes"  # bitsandbytes' own dicts carry no quant_method
+    if kind is None and "config_groups" in d:
+        return "compressed-tensors"  # compressed-tensors' QuantizationConfig.model_dump() carries none
     if hasattr(kind, "value"):  # a QuantizationMethod enum
         kind = kind.value
     if not isinstance(kind, str):
