@@ -102,7 +102,7 @@ def _compare(path: str, t: torch.Tensor, obj: Mapping[str, Any], specs: Mapping[
         want = specs.get(name)
         if want is None:
             return [f"{name!r}: listed by the document but not stored"]
-        if have is None or [want["dtype"], list(want["shape"])] != [str(have.dtype).removeprefix("torch."), list(have.shape)]:
+        if have is None or f"{want['dtype']} {list(want['shape'])}" != _spec(have):
             return [f"{path!r}: {want['dtype']} {want['shape']} in the file, "
                     f"{'nothing' if have is None else _spec(have)} in the model"]
         return []

@@ -193,6 +193,10 @@ def build_packed(model: nn.Module, layout: Mapping[str, Any], device: torch.devi
                 if isinstance(bias, nn.Parameter) else torch.empty_like(bias, device=device)
         scale = None if entry.get("input_scale") is None else _empty(entry["input_scale"], dev, path)
         new = QuantizedLinear(qw, bias, entry.get("scheme", ""), scale)
+        new.train(old.training)  # as quantize_ does: the layer's mode and hooks carry over
+        for hooks in ("_forward_pre_hooks", "_forward_hooks", "_forward_hooks_with_kwargs",
+                      "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called"):
+            getattr(new, hooks).update(getattr(old, hooks))
         for p in [path] + list(entry.get("aliases", [])):
             parent_path, _, child = p.rpartition(".")
             setattr(model.get_submodule(parent_path) if parent_path else model, child, new)

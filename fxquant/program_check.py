@@ -40,6 +40,7 @@ _IDENT = re.compile(r"(?!__)[A-Za-z_][A-Za-z0-9_]*")
 _PATH = re.compile(r"(?!__)[A-Za-z0-9_]+(\.(?!__)[A-Za-z0-9_]+)*")
 _SYMBOL = re.compile(r"[a-z]+[0-9]+")
 _SAFE_STR = re.compile(r"[A-Za-z0-9_ .\-]*")
+_NUMBER = re.compile(r"-?[0-9.e+]+")
 _OPERATORS = {"getitem", "add", "sub", "mul", "floordiv", "truediv", "mod", "pow", "neg", "pos", "eq", "ne",
               "lt", "le", "gt", "ge", "and_", "or_", "not_", "abs"}
 _SYM_FNS = {"sym_int", "sym_float", "sym_ite", "sym_max", "sym_min", "sym_sqrt", "sym_not"}
@@ -100,9 +101,9 @@ def _sympy_expr(s: str) -> None:
         if _operators_ok(node) or isinstance(node, ast.keyword) and node.arg and _IDENT.fullmatch(node.arg):
             continue
         if isinstance(node, ast.Constant) and (type(node.value) in (int, float, bool) or (
-                isinstance(node.value, str) and (_SYMBOL.fullmatch(node.value) or re.fullmatch(r"-?[0-9.e+]+", node.value)))):
+                isinstance(node.value, str) and (_SYMBOL.fullmatch(node.value) or _NUMBER.fullmatch(node.value)))):
             continue
-        if isinstance(node, ast.Name) and (node.id in _SYMPY_FNS or node.id in _SYMPY_CONSTS or _SYMBOL.fullmatch(node.id)):
+        if isinstance(node, ast.Name) and (node.id in _SYMPY_FNS | _SYMPY_CONSTS or _SYMBOL.fullmatch(node.id)):
             continue
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _SYMPY_FNS:
             continue

@@ -140,7 +140,8 @@ def _header(path: str) -> tuple[dict, dict, int]:
         try:
             code, shape, (a, b) = e["dtype"], [int(s) for s in e["shape"]], e["data_offsets"]
             nbytes = math.prod(shape) * _CODES[code].itemsize
-            ok = isinstance(a, int) and isinstance(b, int) and 0 <= a <= b and b - a == nbytes and min(shape, default=0) >= 0
+            ok = (isinstance(a, int) and isinstance(b, int) and 0 <= a <= b and b - a == nbytes
+                  and min(shape, default=0) >= 0)
         except (KeyError, TypeError, ValueError):
             ok = False
         if not ok:
@@ -205,8 +206,11 @@ def read_tensors(path: str | os.PathLike, doc: Mapping[str, Any], device: torch.
         for name, spec in doc["tensors"].items():
             t = f.get_tensor(name)
             if _sha256(t) != spec["sha256"]:
-                raise FileError(f"{path}: the bytes of tensor {name!r} do not match their checksum; the file is corrupt")
-            out[name] = t.to(device)
+                raise FileError(f"{path}: the bytes of tensor {name!r} do not match their checksum; the file is "
+                                "corrupt")
+            # a fresh allocation: the file's tensors sit at arbitrary byte offsets, and a kernel may take
+            # another path (another summation order) on a misaligned weight; nor should the model alias the file
+            out[name] = torch.empty_like(t, device=device).copy_(t)
     for alias, target in doc.get("aliases", {}).items():
         out[alias] = out[target]
     return out

@@ -72,7 +72,8 @@ def save(obj: nn.Module, path: str | os.PathLike, *, format: str = "safetensors"
         doc, tensors = inplace_file.document(obj)
     else:
         raise ValueError("fxquant.save expects the module fxquant.compile returned or a model fxquant.quantize_ "
-                         f"converted (or one fxquant.load returned); got a {type(obj).__name__} fxquant did not quantize")
+                         f"converted (or one fxquant.load returned); got a {type(obj).__name__} fxquant did not "
+                         "quantize")
     safefile.write(path, doc, tensors)
 
 
@@ -96,8 +97,9 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, format: str
     if format not in (None, "safetensors"):
         raise ValueError(f"format={format!r} is not valid; choose one of {', '.join(FORMATS)}")
     if safefile.is_zip(path):
-        raise ValueError(f"fxquant.load: {path} is a zip archive (a torch.export .pt2 file?), not fxquant's safetensors "
-                         "file; loading an archive unpickles its example inputs, so pass format='pt2' if you trust it")
+        raise ValueError(f"fxquant.load: {path} is a zip archive (a torch.export .pt2 file?), not fxquant's "
+                         "safetensors file; loading an archive unpickles its example inputs, so pass format='pt2' if "
+                         "you trust it")
     doc = safefile.read_document(path)
     device = torch.device(device if device is not None else "cpu")
     if doc.get("kind") == "graph":

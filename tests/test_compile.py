@@ -125,7 +125,7 @@ def test_compile_twice_is_independent(tiny_llama_model, ids):
 @pytest.mark.parametrize("fe", ["export", "fx"])
 def test_save_load_bit_for_bit(tiny_llama_model, ids, tmp_path, fe):
     qm = fxquant.compile(tiny_llama_model, ISSUE_SPEC, (ids,), frontend=fe)
-    path = tmp_path / "q.pt2"
+    path = tmp_path / "q.safetensors"
     fxquant.save(qm, path)
     lm = fxquant.load(path)
     sd, sd2 = qm.state_dict(), lm.state_dict()
@@ -136,8 +136,8 @@ def test_save_load_bit_for_bit(tiny_llama_model, ids, tmp_path, fe):
     for shape in [(2, 16), (1, 1), (3, 5)]:
         x = torch.randint(0, 512, shape)
         assert torch.equal(lm(x), qm(x))
-    fxquant.save(lm, tmp_path / "again.pt2")  # a loaded module can be saved again
-    assert torch.equal(fxquant.load(tmp_path / "again.pt2")(ids), qm(ids))
+    fxquant.save(lm, tmp_path / "again.safetensors")  # a loaded module can be saved again
+    assert torch.equal(fxquant.load(tmp_path / "again.safetensors")(ids), qm(ids))
 
 
 # one layer per format family (hidden 256, intermediate 512): every op in one graph
@@ -183,8 +183,8 @@ def test_every_format_family_in_one_model(tiny_llama_model, ids, tmp_path):
             assert rel(cm(x), qm(x)) < 1e-2, shape
         ep = torch.export.export(qm, (ids,))
         assert torch.equal(ep.module()(ids), qm(ids))
-    fxquant.save(qm, tmp_path / "all.pt2")
-    lm = fxquant.load(tmp_path / "all.pt2")
+    fxquant.save(qm, tmp_path / "all.safetensors")
+    lm = fxquant.load(tmp_path / "all.safetensors")
     assert all(torch.equal(t, lm.state_dict()[k]) and t.dtype == lm.state_dict()[k].dtype for k, t in sd.items())
     assert torch.equal(lm(ids), qm(ids))
 
@@ -217,7 +217,7 @@ def test_partial_groups_compile_save_load(ids, tmp_path):
         "int4wo-128", "uint2wo-64-axis0", "uint3wo-64", "nf4-128"}
     with torch.no_grad():
         assert rel(qm(ids), oracle(ids)) < 5e-3  # the CPU paths' bf16 roundings (measured 1.6e-3)
-    fxquant.save(qm, tmp_path / "partial.pt2")
-    lm = fxquant.load(tmp_path / "partial.pt2")
+    fxquant.save(qm, tmp_path / "partial.safetensors")
+    lm = fxquant.load(tmp_path / "partial.safetensors")
     assert all(torch.equal(t, lm.state_dict()[k]) for k, t in sd.items())
     assert torch.equal(lm(ids), qm(ids))

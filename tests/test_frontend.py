@@ -31,8 +31,8 @@ def test_model_branch_on_size_one_is_guarded(tmp_path):
     # at batch 1 the model computes h * 2; the graph holds the h * 3 path: it must refuse, not answer
     with pytest.raises(Exception, match=r"Guard failed: x.size\(\)\[0\] != 1"):
         qm(torch.randn(1, 4, 32))
-    fxquant.save(qm, tmp_path / "b.pt2")
-    lm = fxquant.load(tmp_path / "b.pt2")
+    fxquant.save(qm, tmp_path / "b.safetensors")
+    lm = fxquant.load(tmp_path / "b.safetensors")
     with pytest.raises(Exception, match="Guard failed"):
         lm(torch.randn(1, 4, 32))
     assert torch.equal(lm(x2), qm(x2))
@@ -49,8 +49,8 @@ def test_framework_exclusions_are_dropped(tiny_llama_model, tmp_path):
     qm = fxquant.compile(tiny_llama_model, "int8wo", (ids,))
     one = torch.randint(0, 512, (1, 1))
     assert torch.allclose(qm(one), tiny_llama_model(one), rtol=0.05, atol=0.05)
-    fxquant.save(qm, tmp_path / "l.pt2")
-    assert torch.equal(fxquant.load(tmp_path / "l.pt2")(one), qm(one))
+    fxquant.save(qm, tmp_path / "l.safetensors")
+    assert torch.equal(fxquant.load(tmp_path / "l.safetensors")(one), qm(one))
 
 
 def test_user_branch_guard_is_not_droppable():

@@ -186,5 +186,5 @@ def test_pipeline_mixing_formats_compiles_fullgraph_and_saves(tiny_llama_model, 
     cm = torch.compile(qm, fullgraph=True)
     x = torch.randint(0, 512, (1, 1))  # one decode token: M = 1
     torch.testing.assert_close(cm(x), qm(x), rtol=2e-2, atol=2e-2)
-    fxquant.save(qm, tmp_path / "m.pt2")
-    assert torch.equal(fxquant.load(tmp_path / "m.pt2")(ids), qm(ids))
+    fxquant.save(qm, tmp_path / "m.safetensors")
+    assert torch.equal(fxquant.load(tmp_path / "m.safetensors")(ids), qm(ids))

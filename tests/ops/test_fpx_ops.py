@@ -155,5 +155,5 @@ def test_model_mixing_float8_and_fpx_compiles_fullgraph_and_saves(tiny_llama_mod
     for shape in [(1, 1), (2, 16)]:  # one decode token (M = 1), then a prefill
         x = torch.randint(0, 512, shape)
         torch.testing.assert_close(cm(x), qm(x), rtol=2e-2, atol=2e-2)
-    fxquant.save(qm, tmp_path / "m.pt2")
-    assert torch.equal(fxquant.load(tmp_path / "m.pt2")(ids), qm(ids))
+    fxquant.save(qm, tmp_path / "m.safetensors")
+    assert torch.equal(fxquant.load(tmp_path / "m.safetensors")(ids), qm(ids))
