@@ -8,9 +8,10 @@ anything is deserialized, :func:`check_program` walks the whole program (the sch
 as the deserializer will see them) and accepts a string only where a rule for that field says what it
 may be; a field without a rule must hold no string:
 
-- node targets: ``torch.ops.aten.*`` (not ``from_file``), ``torch.ops.fxquant.*`` ops this fxquant has,
-  Python's operators (``_operator.add``, ``getitem``, ...) and ``torch.sym_*``; no higher-order ops,
-  no operator arguments, no custom (torchbind) objects;
+- node targets: op overloads registered under ``torch.ops.aten`` (not ``from_file``) or
+  ``torch.ops.fxquant`` (looked up in the op registry), Python's operators (``_operator.add``,
+  ``getitem``, ...) and ``torch.sym_*``; no higher-order ops, no operator arguments, no custom
+  (torchbind) objects;
 - names (nodes, values, arguments, inputs): Python identifiers without ``__``; parameter, buffer and
   constant names: dotted paths of such words;
 - shape expressions: Python expressions of numbers, shape symbols (``s0``) and a fixed list of
@@ -47,16 +48,29 @@ _SYM_FNS = {"sym_int", "sym_float", "sym_ite", "sym_max", "sym_min", "sym_sqrt",
 _DENIED_ATEN = {"from_file"}
 
 
+def _overload(namespace: str, name: str, overload: str) -> bool:
+    """Whether ``torch.ops.<namespace>.<name>.<overload>`` is a registered op overload (looked up in
+    the op registry; dunder names are aten's own, such as ``__and__``)."""
+    if not (_IDENT.fullmatch(name) or re.fullmatch(r"__[a-z]+__", name)) or not _IDENT.fullmatch(overload):
+        return False
+    try:
+        op = getattr(getattr(getattr(torch.ops, namespace), name), overload)
+    except (AttributeError, RuntimeError):
+        return False
+    return isinstance(op, torch._ops.OpOverload)
+
+
 def _target(s: str) -> None:
     parts = s.split(".")
-    if len(parts) == 5 and parts[:3] == ["torch", "ops", "aten"] and all(_IDENT.fullmatch(p) for p in parts[3:]):
+    if len(parts) == 5 and parts[:3] == ["torch", "ops", "aten"]:
         if parts[3] in _DENIED_ATEN:
             raise ProgramError(f"op {s} reads files; a saved fxquant program may not call it")
-        return
-    if len(parts) == 5 and parts[:3] == ["torch", "ops", "fxquant"] and all(_IDENT.fullmatch(p) for p in parts[3:]):
-        if not hasattr(torch.ops.fxquant, parts[3]):
-            raise ProgramError(f"op {s} is not one of this fxquant's ops (written by a newer fxquant?)")
-        return
+        if _overload(*parts[2:]):
+            return
+    if len(parts) == 5 and parts[:3] == ["torch", "ops", "fxquant"]:
+        if _overload(*parts[2:]):
+            return
+        raise ProgramError(f"op {s} is not one of this fxquant's ops (written by a newer fxquant?)")
     if (len(parts) == 2 and ((parts[0] == "_operator" and parts[1] in _OPERATORS)
                              or (parts[0] == "torch" and parts[1] in _SYM_FNS) or s == "math.trunc")):
         return
@@ -187,7 +201,8 @@ def _pytree_spec(s: str) -> None:
             raise ProgramError(f"pytree spec node {str(spec)[:80]!r} is malformed")
         typ, ctx = spec.get("type"), spec.get("context")
         if typ is not None and typ not in SERIALIZED_TYPE_TO_PYTHON_TYPE:
-            raise ProgramError(f"pytree spec names type {typ!r}, which is not a registered pytree node type")
+            raise ProgramError(f"pytree spec names type {typ!r}, which is not a registered pytree node type "
+                               "(import the library that defines it, e.g. transformers, before loading)")
         try:
             parsed = json.loads(ctx) if isinstance(ctx, str) else ctx
         except json.JSONDecodeError:

@@ -105,7 +105,7 @@ def test_compiled_module_round_trip(tmp_path, no_pickle):
         fxquant.load(path, model=skeleton(True))
 
 
-def test_pt2_archive_is_opt_in(tmp_path):
+def test_pt2_archive_is_opt_in(tmp_path, no_pickle):
     qm = fxquant.compile(tiny_llama(seed=0, **SIZE), "int8wo", (ids(),))
     with pytest.raises(ValueError, match="ends in .pt2 but format='safetensors'"):
         fxquant.save(qm, tmp_path / "m.pt2")
@@ -113,6 +113,8 @@ def test_pt2_archive_is_opt_in(tmp_path):
     fxquant.save(qm, tmp_path / "m.pt2", format="pt2")
     with pytest.raises(ValueError, match="zip archive .* unpickles .* format='pt2'"):
         fxquant.load(tmp_path / "m.pt2")
+    with no_pickle(), pytest.raises(AssertionError, match="unpickled"):  # the guard the other tests rely on
+        fxquant.load(tmp_path / "m.pt2", format="pt2")
     lm = fxquant.load(tmp_path / "m.pt2", format="pt2")
     assert torch.equal(lm(ids()), qm(ids()))
     with pytest.raises(ValueError, match="format='pt2' is for modules fxquant.compile returned"):
@@ -402,3 +404,39 @@ def test_graph_file_strings_never_run(graph_file, tmp_path, case, no_pickle):
     with no_pickle(), pytest.raises(ValueError, match=message):
         fxquant.load(bad)
     assert not marker.exists()
+
+
+# ---- a Hugging Face model ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def hf_llama():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM, cfg
+
+
+def test_hf_model_both_forms(hf_llama, tmp_path):
+    """quantize_: loads into a meta skeleton (its non-persistent rotary buffers come from the file) and
+    generates the same tokens; compile: keyword example inputs and a ModelOutput round trip."""
+    cls, cfg = hf_llama
+    x = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    spec = fxquant.Spec(default="int4wo-32", skip=["lm_head"])
+    model = fxquant.quantize_(cls(cfg).eval(), spec, example_kwargs=dict(input_ids=x))
+    fxquant.save(model, tmp_path / "hf.safetensors")
+    with torch.device("meta"):
+        sk = cls(cfg).eval()
+    fxquant.load(tmp_path / "hf.safetensors", model=sk)
+    assert_same_tensors(sk, model)
+    with torch.no_grad():
+        assert torch.equal(sk(x).logits, model(x).logits)
+        assert torch.equal(sk.generate(x, max_new_tokens=4, do_sample=False),
+                           model.generate(x, max_new_tokens=4, do_sample=False))
+    kwargs = dict(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False)
+    qm = fxquant.compile(cls(cfg).eval(), spec, example_kwargs=kwargs)
+    fxquant.save(qm, tmp_path / "hfg.safetensors")
+    lm = fxquant.load(tmp_path / "hfg.safetensors")
+    y = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        call = dict(input_ids=y, attention_mask=torch.ones_like(y), use_cache=False)
+        assert torch.equal(lm(**call).logits, qm(**call).logits)
