@@ -136,6 +136,8 @@ def _plan(model: nn.Module, objects: list, specs: Mapping[str, dict]) -> list:
                 problems.append(f"{path!r}: a {obj['kind']} in the file, a {'parameter' if is_param else 'buffer'} "
                                 "in the model")
             problems += _compare(path, t, obj, specs)
+            if obj.get("requires_grad") and not t.dtype.is_floating_point:
+                problems.append(f"{path!r}: requires_grad on a {t.dtype} tensor")
             covered.add(path)
             targets.append((owner, name, is_param))
             template = t if template is None else template

@@ -25,7 +25,7 @@ from typing import Any, Mapping
 
 import torch
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "write", "read_document", "read_tensors", "is_zip"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "FileError", "write", "read_document", "read_tensors", "is_zip"]
 
 FORMAT = "fxquant"
 #: the document's version: a file of another version is refused with an error naming both
@@ -120,19 +120,19 @@ def _header(path: str) -> tuple[dict, dict, int]:
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise FileError(f"{path}: {size} bytes; a safetensors file starts with an 8-byte header length "
+            raise FileError(f"fxquant.load: {path}: {size} bytes; a safetensors file starts with an 8-byte header length "
                             "(truncated, or not a safetensors file)")
         n = int.from_bytes(head, "little")
         if n > min(size - 8, _MAX_HEADER):
-            raise FileError(f"{path}: its header claims {n} bytes but the file has {size - 8} after the length "
+            raise FileError(f"fxquant.load: {path}: its header claims {n} bytes but the file has {size - 8} after the length "
                             "(truncated, or not a safetensors file)")
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FileError(f"{path}: the safetensors header is not valid JSON ({e}); the file is corrupt") from None
+        raise FileError(f"fxquant.load: {path}: the safetensors header is not valid JSON ({e}); the file is corrupt") from None
     if not isinstance(header, dict):
-        raise FileError(f"{path}: the safetensors header is a {type(header).__name__}, expected an object")
+        raise FileError(f"fxquant.load: {path}: the safetensors header is a {type(header).__name__}, expected an object")
     meta = header.pop("__metadata__", None) or {}
     data = size - 8 - n
     spans = []
@@ -145,16 +145,16 @@ def _header(path: str) -> tuple[dict, dict, int]:
         except (KeyError, TypeError, ValueError):
             ok = False
         if not ok:
-            raise FileError(f"{path}: header entry for tensor {name!r} is malformed: {e!r}")
+            raise FileError(f"fxquant.load: {path}: header entry for tensor {name!r} is malformed: {e!r}")
         spans.append((a, b, name))
     pos = 0
     for a, b, name in sorted(spans):
         if a != pos:
-            raise FileError(f"{path}: tensor {name!r} starts at byte {a} of the data, expected {pos} (corrupt header)")
+            raise FileError(f"fxquant.load: {path}: tensor {name!r} starts at byte {a} of the data, expected {pos} (corrupt header)")
         pos = b
     if pos != data:
         what = "truncated" if pos > data else "has trailing bytes"
-        raise FileError(f"{path}: the header's tensors span {pos} bytes of data, the file holds {data} ({what})")
+        raise FileError(f"fxquant.load: {path}: the header's tensors span {pos} bytes of data, the file holds {data} ({what})")
     return header, meta, data
 
 
@@ -163,34 +163,34 @@ def read_document(path: str | os.PathLike) -> dict:
     path = os.fspath(path)
     header, meta, _ = _header(path)
     if _DOC_KEY not in meta:
-        raise FileError(f"{path}: not a file fxquant.save wrote (its safetensors metadata has no {_DOC_KEY!r} "
+        raise FileError(f"fxquant.load: {path}: not a file fxquant.save wrote (its safetensors metadata has no {_DOC_KEY!r} "
                         f"entry; keys: {sorted(meta) or 'none'}); a plain safetensors checkpoint loads with "
                         "safetensors.torch.load_file / model.load_state_dict")
     text = meta[_DOC_KEY]
     if hashlib.sha256(text.encode()).hexdigest() != meta.get(_SUM_KEY):
-        raise FileError(f"{path}: the fxquant document does not match its checksum ({_SUM_KEY}); the file is corrupt")
+        raise FileError(f"fxquant.load: {path}: the fxquant document does not match its checksum ({_SUM_KEY}); the file is corrupt")
     doc = json.loads(text)
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise FileError(f"{path}: document format {doc.get('format') if isinstance(doc, dict) else doc!r}, "
+        raise FileError(f"fxquant.load: {path}: document format {doc.get('format') if isinstance(doc, dict) else doc!r}, "
                         f"expected {FORMAT!r}")
     if doc.get("version") != FORMAT_VERSION:
-        raise FileError(f"{path}: fxquant file format version {doc.get('version')!r}; this fxquant reads version "
+        raise FileError(f"fxquant.load: {path}: fxquant file format version {doc.get('version')!r}; this fxquant reads version "
                         f"{FORMAT_VERSION} (written by {'a newer' if _newer(doc.get('version')) else 'another'} "
                         "fxquant?)")
     listed = doc.get("tensors", {})
     missing, extra = sorted(set(listed) - set(header)), sorted(set(header) - set(listed))
     if missing or extra:
-        raise FileError(f"{path}: the document lists tensors the file does not hold ({_few(missing)}) or the file "
+        raise FileError(f"fxquant.load: {path}: the document lists tensors the file does not hold ({_few(missing)}) or the file "
                         f"holds tensors the document does not list ({_few(extra)})")
     for name, spec in listed.items():
         h = header[name]
         if _CODES.get(h["dtype"]) is None or dtype_name(_CODES[h["dtype"]]) != spec.get("dtype") \
                 or list(h["shape"]) != spec.get("shape"):
-            raise FileError(f"{path}: tensor {name!r} is {h['dtype']} {h['shape']} in the file, "
+            raise FileError(f"fxquant.load: {path}: tensor {name!r} is {h['dtype']} {h['shape']} in the file, "
                             f"{spec.get('dtype')} {spec.get('shape')} in the document (changed after saving?)")
     for alias, target in doc.get("aliases", {}).items():
         if target not in listed:
-            raise FileError(f"{path}: alias {alias!r} names tensor {target!r}, which the file does not hold")
+            raise FileError(f"fxquant.load: {path}: alias {alias!r} names tensor {target!r}, which the file does not hold")
     return doc
 
 
@@ -206,7 +206,7 @@ def read_tensors(path: str | os.PathLike, doc: Mapping[str, Any], device: torch.
         for name, spec in doc["tensors"].items():
             t = f.get_tensor(name)
             if _sha256(t) != spec["sha256"]:
-                raise FileError(f"{path}: the bytes of tensor {name!r} do not match their checksum; the file is "
+                raise FileError(f"fxquant.load: {path}: the bytes of tensor {name!r} do not match their checksum; the file is "
                                 "corrupt")
             # a fresh allocation: the file's tensors sit at arbitrary byte offsets, and a kernel may take
             # another path (another summation order) on a misaligned weight; nor should the model alias the file
