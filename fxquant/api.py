@@ -78,7 +78,7 @@ def compile(model: torch.nn.Module, spec: SpecLike, example_inputs: Any = (),
     gm.meta[REPORT_KEY] = build_report(
         ctx.sites, frontend=traced.frontend, export_error=traced.export_error, dynamic_dims=traced.dynamic_dims,
         notes=ctx.notes, model_bytes_before=tensor_bytes(model), model_bytes_after=tensor_bytes(gm),
-        op_counts_before=counts_before)
+        op_counts_before=counts_before, spec=spec)
     return gm
 
 
@@ -137,6 +137,6 @@ def quantize_(model: torch.nn.Module, spec: SpecLike, example_inputs: Any = (),
     inplace.apply_folds(model, ctx.folds)
     note_kept_float_weights(ctx.sites, model)
     rep = build_report(ctx.sites, **info, notes=ctx.notes, model_bytes_before=bytes_before,
-                       model_bytes_after=tensor_bytes(model), op_counts_before=counts_before)
+                       model_bytes_after=tensor_bytes(model), op_counts_before=counts_before, spec=spec)
     setattr(model, INPLACE_REPORT_ATTR, rep)
     return model

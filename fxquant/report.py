@@ -46,6 +46,8 @@ class Report:
     #: ``output_squared_error`` / ``mean_...`` / ``relative_...`` and ``calibration_tokens``; AWQ adds
     #: ``alpha`` and where its input scale went (``awq_input_scale``)
     results: dict[str, dict] = field(default_factory=dict)
+    #: the spec that was applied (``Spec.to_dict()``, canonical form): ``Spec.from_dict(report.spec)``
+    spec: dict[str, Any] | None = None
 
     @property
     def quantized(self) -> list[Row]:
@@ -142,7 +144,8 @@ INPLACE_REPORT_ATTR = "_fxquant_report"
 
 
 def build_report(sites, *, frontend: str, export_error: str | None, dynamic_dims: dict, notes: list[str],
-                 model_bytes_before: int, model_bytes_after: int, op_counts_before: dict) -> Report:
+                 model_bytes_before: int, model_bytes_after: int, op_counts_before: dict,
+                 spec: Any = None) -> Report:
     """The report of a plan (the passes' sites), the same for both emits."""
     rows = [Row(fqn=s.name, status=s.status, scheme=str(s.scheme) if s.scheme else None, reason=s.reason,
                 bytes_before=s.bytes_before,
@@ -157,7 +160,8 @@ def build_report(sites, *, frontend: str, export_error: str | None, dynamic_dims
         notes.append("no linear layer found in the traced graph")
     return Report(rows=rows, frontend=frontend, export_error=export_error, notes=notes, dynamic_dims=dynamic_dims,
                   model_bytes_before=model_bytes_before, model_bytes_after=model_bytes_after,
-                  op_counts_before=dict(op_counts_before), results=results)
+                  op_counts_before=dict(op_counts_before), results=results,
+                  spec=None if spec is None else spec.to_dict())
 
 
 def _plain(d: dict) -> dict:

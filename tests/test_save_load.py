@@ -93,6 +93,7 @@ def test_compiled_module_round_trip(tmp_path, no_pickle):
     sd, sd2 = qm.state_dict(), lm.state_dict()
     assert sd.keys() == sd2.keys() and all(sd[k].dtype == sd2[k].dtype and torch.equal(sd[k], sd2[k]) for k in sd)
     assert fxquant.report(lm).to_dict() == fxquant.report(qm).to_dict()
+    assert fxquant.Spec.from_dict(fxquant.report(lm).spec) == spec  # the spec travels with the report
     with torch.no_grad():
         for i, shape in enumerate(SHAPES):
             assert torch.equal(lm(ids(shape, i)), qm(ids(shape, i))), shape
@@ -142,6 +143,7 @@ def test_quantized_model_round_trip(every_scheme, tmp_path, meta, no_pickle):
     assert out is sk
     assert_same_tensors(sk, model)
     assert fxquant.report(sk).to_dict() == fxquant.report(model).to_dict()
+    assert fxquant.report(sk).spec["version"] == 2 and fxquant.Spec.from_dict(fxquant.report(sk).spec).rules
     assert [(n, type(m)) for n, m in sk.named_modules()] == [(n, type(m)) for n, m in model.named_modules()]
     assert sk.lm_head.weight is sk.model.embed_tokens.weight  # the tie, one Parameter again
     with safe_open(path, "pt") as f:  # ... stored once
