@@ -10,6 +10,7 @@ from . import float8, fpx  # noqa: F401
 from . import int8dq  # noqa: F401
 from . import onebit  # noqa: F401
 from . import bnb4  # noqa: F401
+from . import bnb8  # noqa: F401  (bitsandbytes 8-bit checkpoints)
 from . import affine  # noqa: F401
 
 __all__ = ["int4wo", "int8wo"]

@@ -13,6 +13,7 @@ from .float8 import Float8DynamicActivation, Float8WeightOnly
 from .fpx import FPx
 from .int8dq import Int8DynamicActivation, LLMInt8
 from .bnb4 import FP4, NF4
+from .bnb8 import Bnb8
 from .onebit import OneBit
 from .affine import Affine
 
@@ -22,5 +23,6 @@ __all__ += ["IntX"]
 __all__ += ["Float8WeightOnly", "Float8DynamicActivation", "FPx"]
 __all__ += ["Int8DynamicActivation", "LLMInt8"]
 __all__ += ["NF4", "FP4"]
+__all__ += ["Bnb8"]
 __all__ += ["OneBit"]
 __all__ += ["Affine"]
