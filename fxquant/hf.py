@@ -190,13 +190,10 @@ def _untie_packed_heads(model: torch.nn.Module) -> None:
             c.tie_word_embeddings = False
 
 
-class FxQuantHfQuantizer(HfQuantizer):
-    """transformers' quantizer for ``quant_method="fxquant"`` (module docstring)."""
+class QuantizerHooks:
+    """The hooks both libraries' quantizer base classes call, as :class:`QuantizerSteps` does them."""
 
     requires_calibration = False
-
-    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
-        return False  # float weights load as they are and are quantized after; packed ones load as stored
 
     def _process_model_before_weight_loading(self, model, **kwargs):
         QuantizerSteps.before_loading(self.quantization_config, model, self.pre_quantized)
@@ -206,15 +203,22 @@ class FxQuantHfQuantizer(HfQuantizer):
         QuantizerSteps.after_loading(self.quantization_config, model, self.pre_quantized)
         return model
 
-    def is_serializable(self, *args, **kwargs) -> bool:
-        return True
-
     @property
     def is_trainable(self) -> bool:
         return False
 
     @property
     def is_compileable(self) -> bool:
+        return True
+
+
+class FxQuantHfQuantizer(QuantizerHooks, HfQuantizer):
+    """transformers' quantizer for ``quant_method="fxquant"`` (module docstring)."""
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        return False  # float weights load as they are and are quantized after; packed ones load as stored
+
+    def is_serializable(self, *args, **kwargs) -> bool:  # a method here, a property in diffusers
         return True
 
 

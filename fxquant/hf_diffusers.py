@@ -19,7 +19,7 @@ from diffusers.quantizers import auto as _auto
 from diffusers.quantizers.base import DiffusersQuantizer
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 
-from .hf import QUANT_METHOD, FxQuantConfigFields, QuantizerSteps
+from .hf import QUANT_METHOD, FxQuantConfigFields, QuantizerHooks
 
 __all__ = ["FxQuantDiffusersConfig", "FxQuantDiffusersQuantizer"]
 
@@ -33,27 +33,11 @@ class FxQuantDiffusersConfig(FxQuantConfigFields, QuantizationConfigMixin):
         return (config, kwargs) if return_unused_kwargs else config
 
 
-class FxQuantDiffusersQuantizer(DiffusersQuantizer):
-    requires_calibration = False
-
-    def _process_model_before_weight_loading(self, model, **kwargs):
-        QuantizerSteps.before_loading(self.quantization_config, model, self.pre_quantized)
-        return model
-
-    def _process_model_after_weight_loading(self, model, **kwargs):
-        QuantizerSteps.after_loading(self.quantization_config, model, self.pre_quantized)
-        return model
+class FxQuantDiffusersQuantizer(QuantizerHooks, DiffusersQuantizer):
+    """diffusers' quantizer for ``quant_method="fxquant"`` (module docstring)."""
 
     @property
     def is_serializable(self) -> bool:
-        return True
-
-    @property
-    def is_trainable(self) -> bool:
-        return False
-
-    @property
-    def is_compileable(self) -> bool:
         return True
 
 
