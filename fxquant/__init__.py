@@ -2,6 +2,7 @@
 from . import methods, schemes
 from .api import compile, quantize_
 from .checkpoints import load_compressed_tensors, save_compressed_tensors
+from .checkpoints import load_bnb, save_bnb
 from .checkpoints import load_awq, load_gptq, save_awq, save_gptq
 from .pipeline import quantize_pipeline
 from .report import Report, report
@@ -11,6 +12,7 @@ from .spec import Spec
 
 __all__ = ["compile", "quantize_", "Spec", "report", "Report", "save", "load", "schemes", "methods", "Scheme", "Int8WeightOnly", "Int4WeightOnly"]
 __all__ += ["save_compressed_tensors", "load_compressed_tensors"]
+__all__ += ["load_bnb", "save_bnb"]
 __all__ += ["load_gptq", "save_gptq", "load_awq", "save_awq"]
 __all__ += ["quantize_pipeline"]
 __version__ = "0.1.0"
