@@ -91,7 +91,8 @@ def _check_state(name: str, state: dict, quant_type: str, n: int, k: int, nested
         raise _bad(name, f"quant_state quant_type={state['quant_type']!r} disagrees with its key ({quant_type!r})")
     bs = state["blocksize"]
     if type(bs) is not int or bs not in fmt4.BLOCKSIZES:
-        raise _bad(name, f"quant_state blocksize={bs!r} is not supported; valid: {', '.join(map(str, fmt4.BLOCKSIZES))}")
+        raise _bad(name, f"quant_state blocksize={bs!r} is not supported; valid: "
+                         f"{', '.join(map(str, fmt4.BLOCKSIZES))}")
     if state["shape"] != [n, k]:
         raise _bad(name, f"quant_state shape={state['shape']!r} disagrees with the model's layer [{n}, {k}]")
     if state["dtype"] not in DTYPES:
@@ -206,7 +207,8 @@ def export_layer(path: str, scheme: str, qw: QuantizedWeight, dtype: str) -> tup
     what = f"layer {path!r} ({scheme or qw.op})"
     if qw.op == "linear_bnb8":
         info = {"threshold": a["threshold"], "compute_dtype": a.get("compute_dtype")}
-        return "8bit", {"weight": t["qweight"], "SCB": t["scb"], "weight_format": torch.tensor(0, dtype=torch.uint8)}, info
+        row = torch.tensor(0, dtype=torch.uint8)  # weight_format "row"
+        return "8bit", {"weight": t["qweight"], "SCB": t["scb"], "weight_format": row}, info
     if qw.op not in ("linear_bnb4", "linear_bnb4_dq"):
         raise ValueError(f"{what}: no bitsandbytes form; exportable: {EXPORTABLE}")
     quant_type = quant_type_of(t["code_table"])

@@ -62,7 +62,8 @@ def skeleton(*dims, device="cpu", bias=True):
 
 
 def snapshot(model):
-    return [(k, type(m).__name__) for k, m in model.named_modules()], {k: v.clone() for k, v in model.state_dict().items()}
+    modules = [(k, type(m).__name__) for k, m in model.named_modules()]
+    return modules, {k: v.clone() for k, v in model.state_dict().items()}
 
 
 # ---- 4-bit state dicts bitsandbytes wrote ------------------------------------------------------------------
@@ -74,9 +75,8 @@ CASES4 = [(64, 128, 64), (24, 96, 32), (40, 200, 128), (7, 9, 64), (96, 256, 256
 @pytest.mark.parametrize("n,k,blocksize", CASES4, ids=str)
 def test_4bit_state_dict_loads_bit_exact(n, k, blocksize, quant_type, double):
     layer = linear4(n, k, quant_type, double, blocksize, seed=n + k)
-    m = fxquant.load_bnb(prefixed("0.", layer.state_dict()), skeleton((n, k)), config={**CFG4, "bnb_4bit_quant_type":
-                                                                                     quant_type,
-                                                                                     "bnb_4bit_use_double_quant": double})
+    cfg = {**CFG4, "bnb_4bit_quant_type": quant_type, "bnb_4bit_use_double_quant": double}
+    m = fxquant.load_bnb(prefixed("0.", layer.state_dict()), skeleton((n, k)), config=cfg)
     q = m[0]
     assert isinstance(q, QuantizedLinear) and q.scheme == f"{quant_type}-{blocksize}{'+dq' if double else ''}"
     assert torch.equal(q.codes, layer.weight.data.reshape(-1))  # the stored bytes themselves
@@ -167,7 +167,8 @@ def bnb_from_export(sd, prefix, n, k):
     """What transformers does with a pre-quantized 4-bit layer: Params4bit.from_prequantized."""
     stats = {key[len(prefix) + len("weight."):]: v for key, v in sd.items() if key.startswith(prefix + "weight.")}
     layer = bnb.nn.Linear4bit(k, n, bias=prefix + "bias" in sd)
-    layer.weight = bnb.nn.Params4bit.from_prequantized(sd[prefix + "weight"], {f"weight.{s}": v for s, v in stats.items()},
+    layer.weight = bnb.nn.Params4bit.from_prequantized(sd[prefix + "weight"],
+                                                       {f"weight.{s}": v for s, v in stats.items()},
                                                        device="cpu", module=layer)
     if prefix + "bias" in sd:
         layer.bias = nn.Parameter(sd[prefix + "bias"])
@@ -294,8 +295,8 @@ def test_transformers_8bit_checkpoint(tmp_path):
     q = m.model.layers[0].self_attn.q_proj
     assert q.scheme == "bnb8"
     theirs = hf.model.layers[0].self_attn.q_proj
-    assert torch.equal(q.dequantize(), F.int8_vectorwise_dequant(theirs.weight.data, theirs.weight.SCB
-                                                                 if theirs.weight.SCB is not None else theirs.state.SCB))
+    scb = theirs.weight.SCB if theirs.weight.SCB is not None else theirs.state.SCB
+    assert torch.equal(q.dequantize(), F.int8_vectorwise_dequant(theirs.weight.data, scb))
     with torch.no_grad():
         ours, ref = m(IDS).logits, hf.eval()(IDS).logits
     assert rel(ours, ref) < 0.02  # bitsandbytes quantizes fp16 activations, fxquant fp32 ones
@@ -407,8 +408,8 @@ def test_corrupt_8bit_tensors_are_refused_by_name(corrupt, tensor, match):
 
 
 @pytest.mark.parametrize("config,match", [
-    ({"quant_method": "bitsandbytes", "load_in_8bit": True}, "layer '0': the checkpoint stores a packed quant_state "
-                                                             r"\(4-bit\), but its quantization_config says load_in_8bit"),
+    ({"quant_method": "bitsandbytes", "load_in_8bit": True},
+     r"layer '0': the checkpoint stores a packed quant_state \(4-bit\), but its quantization_config says load_in_8bit"),
     ({**CFG4, "bnb_4bit_quant_type": "fp4"}, "layer '0': its quant_state is nf4 with double quant.*says "
                                              "bnb_4bit_quant_type='fp4'"),
     ({**CFG4, "bnb_4bit_use_double_quant": False}, "bnb_4bit_use_double_quant=False"),
