@@ -48,7 +48,7 @@ from ..formats.intx import SHARDS
 #: compiled together into one library: the AVX2 kernels (fxq_*), their AVX-512 variants (fxq512_*,
 #: empty unless the compiler targets AVX-512) and the scalar helpers both include
 SOURCES = tuple(Path(__file__).with_name(n) for n in ("native_cpu.c", "native_avx512.c", "native_avx512_bf16.c",
-                                                       "native_avx512_gemm.c"))
+                                                       "native_avx512_gemm.c", "native_gguf.c"))
 HEADERS = tuple(Path(__file__).with_name(n) for n in ("native_common.h", "native_avx512.h"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 
@@ -66,6 +66,10 @@ _SIGNATURES = {
     "fxq_fpx_gemv": _FPX_ARGS + (_c_int, _c_int),
     "fxq_onebit_gemv": (_c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_ptr, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_int, _c_int),
     "fxq_int8_to_bf16": (_c_ptr, _c_i64, _c_ptr, _c_int),
+    # GGUF block types (native_gguf.c; wrappers in native_gguf.py): type, x, M, K, blocks, row_bytes, N, y, ldy,
+    # round_x, threads / type, blocks, rows, row_bytes, out, ld, out dtype, threads
+    "fxq_gguf_gemv": (_c_int, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_int, _c_int),
+    "fxq_gguf_dequant": (_c_int, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_int, _c_int),
 }
 
 #: AVX-512 kernels with no AVX2 twin (None in the AVX2 set)

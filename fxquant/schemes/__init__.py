@@ -16,6 +16,7 @@ from .bnb4 import FP4, NF4
 from .bnb8 import Bnb8
 from .onebit import OneBit
 from .affine import Affine
+from .gguf import GGUF
 
 __all__ = ["Scheme", "QuantizedWeight", "parse_scheme", "valid_scheme_names", "scheme_to_json",
            "scheme_from_json", "Int8WeightOnly", "Int4WeightOnly"]
@@ -26,3 +27,4 @@ __all__ += ["NF4", "FP4"]
 __all__ += ["Bnb8"]
 __all__ += ["OneBit"]
 __all__ += ["Affine"]
+__all__ += ["GGUF"]
