@@ -4,6 +4,7 @@ from .api import compile, quantize_
 from .checkpoints import load_compressed_tensors, save_compressed_tensors
 from .checkpoints import load_bnb, save_bnb
 from .checkpoints import load_awq, load_gptq, save_awq, save_gptq
+from .checkpoints import from_gguf
 from .pipeline import quantize_pipeline
 from .report import Report, report
 from .schemes import Int4WeightOnly, Int8WeightOnly, Scheme
@@ -14,6 +15,7 @@ __all__ = ["compile", "quantize_", "Spec", "report", "Report", "save", "load", "
 __all__ += ["save_compressed_tensors", "load_compressed_tensors"]
 __all__ += ["load_bnb", "save_bnb"]
 __all__ += ["load_gptq", "save_gptq", "load_awq", "save_awq"]
+__all__ += ["from_gguf"]
 __all__ += ["quantize_pipeline"]
 __version__ = "0.1.0"
 

@@ -87,6 +87,11 @@ def _as_spec(spec: Any) -> Spec:
                          "or a quantization config Spec.from_config reads")
     if isinstance(spec, Spec):
         return spec
+    if isinstance(spec, str) and spec.strip().lower().startswith("gguf"):  # "gguf": a GGUF file's own types
+        from .checkpoints._gguf_hf import GgufFileSpec
+
+        if (gguf := GgufFileSpec.parse(spec)) is not None:
+            return gguf
     if isinstance(spec, Mapping) and ("quant_method" in spec or "load_in_4bit" in spec or "load_in_8bit" in spec):
         return Spec.from_config(spec)
     if not isinstance(spec, (str, Mapping)) and hasattr(spec, "to_dict") and not hasattr(spec, "family"):
@@ -214,6 +219,13 @@ class QuantizerHooks:
 
 class FxQuantHfQuantizer(QuantizerHooks, HfQuantizer):
     """transformers' quantizer for ``quant_method="fxquant"`` (module docstring)."""
+
+    def __new__(cls, quantization_config=None, *args, **kwargs):
+        from .checkpoints._gguf_hf import FxQuantGgufHfQuantizer, GgufFileSpec
+
+        if cls is FxQuantHfQuantizer and isinstance(getattr(quantization_config, "spec", None), GgufFileSpec):
+            cls = FxQuantGgufHfQuantizer  # spec="gguf": a GGUF file loaded packed (checkpoints/_gguf_hf.py)
+        return super().__new__(cls)
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         return False  # float weights load as they are and are quantized after; packed ones load as stored

@@ -4,7 +4,9 @@ from .compressed_tensors import load_compressed_tensors, save_compressed_tensors
 from .bnb import load_bnb, save_bnb
 from .gptq import load_gptq, save_gptq
 from .awq import load_awq, save_awq
+from .gguf import from_gguf
 
 __all__ = ["save_compressed_tensors", "load_compressed_tensors"]
 __all__ += ["load_bnb", "save_bnb"]
 __all__ += ["load_gptq", "save_gptq", "load_awq", "save_awq"]
+__all__ += ["from_gguf"]

@@ -74,7 +74,6 @@ class PackedItem:
     k: int
     data: _Bytes
     compute_dtype: torch.dtype | None
-    embed_scale: torch.Tensor | None = None
 
     @property
     def scheme(self) -> str:
@@ -96,6 +95,7 @@ class Plan:
     meta_buffers: list[nn.Module] = field(default_factory=list)
     float_reasons: dict[str, str] = field(default_factory=dict)  # linear path -> why it stays float
     notes: list[str] = field(default_factory=list)
+    float_bytes: int = 0  # the model's tensors as floats in dtype (tied ones once): the report's "before"
 
 
 def _row_permutation(processor, name: str, n: int, key_map: dict) -> np.ndarray | None | bool:
@@ -167,7 +167,6 @@ def plan_model(f: GgufFile, model: nn.Module, dtype: torch.dtype, compute_dtype:
                 cache[e.name] = _Bytes(f.raw(e), perm)
                 item = PackedItem(path, e.name, e.type_name, e.shape[0], e.shape[-1], cache[e.name], compute_dtype)
                 if isinstance(m, nn.Embedding):
-                    item.embed_scale = scaled_embedding_scale(m)
                     plan.embeddings.append(item)
                 else:
                     plan.linears.append(item)
@@ -188,6 +187,7 @@ def plan_model(f: GgufFile, model: nn.Module, dtype: torch.dtype, compute_dtype:
     _plan_floats(f, model, plan, dense, sources, dtype)
     _plan_ties(f, model, plan, modules)
     _check_complete(f, model, plan)
+    plan.float_bytes = _float_bytes(model, plan, dtype)
     plan.meta_buffers = _meta_buffer_modules(f, model)
     if unmapped:
         plan.notes.append(f"{len(unmapped)} tensors of the file have no place in {type(model).__name__} and were "
@@ -198,13 +198,13 @@ def plan_model(f: GgufFile, model: nn.Module, dtype: torch.dtype, compute_dtype:
 
 def _packable(e: TensorEntry, m: nn.Module) -> str | None:
     """``None`` when module ``m`` can hold tensor ``e`` packed, else why not."""
+    if not isinstance(m, (nn.Linear, nn.Embedding)):
+        return f"{type(m).__name__} is not a linear layer or an embedding"
     if len(e.shape) != 2:
         return f"a {len(e.shape)}-D tensor"
     if isinstance(m, nn.Linear):
         return None if type(m).forward is nn.Linear.forward else f"{type(m).__name__} has its own forward"
-    if isinstance(m, nn.Embedding):
-        return None if scaled_embedding_scale(m) is not False else f"{type(m).__name__} has its own forward"
-    return f"{type(m).__name__} is not a linear layer or an embedding"
+    return None if scaled_embedding_scale(m) is not False else f"{type(m).__name__} has its own forward"
 
 
 def _check_shape(f: GgufFile, e: TensorEntry, name: str, shape: tuple) -> None:
@@ -266,6 +266,21 @@ def _check_complete(f: GgufFile, model: nn.Module, plan: Plan) -> None:
     if missing:
         raise ValueError(f"{f.path}: {len(missing)} tensors of {type(model).__name__} are not in the file, e.g. "
                          f"{', '.join(repr(n) for n in missing[:3])} (a file of another architecture or size?)")
+
+
+def _float_bytes(model: nn.Module, plan: Plan, dtype: torch.dtype) -> int:
+    """Bytes of the model's tensors as transformers' dequantize-at-load model holds them: floats in
+    ``dtype``, a tied output head once."""
+    tied = {t for t, _ in plan.tied_floats} | {f"{i.path}.weight" for i in plan.linears
+                                                if any(i.data is e.data for e in plan.embeddings)}
+    size, seen, total = torch.finfo(dtype).bits // 8, set(), 0
+    named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    for name, t in named:
+        if name in tied or id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += t.numel() * (size if t.is_floating_point() else t.element_size())
+    return total
 
 
 def _meta_buffer_modules(f: GgufFile, model: nn.Module) -> list[nn.Module]:

@@ -20,7 +20,7 @@ from torch import nn
 from ..inplace import check_not_quantized
 from ..modules import QuantizedLinear
 from ..report import INPLACE_REPORT_ATTR, Report, Row, tensor_bytes
-from ._gguf_embedding import PackedEmbedding
+from ._gguf_embedding import PackedEmbedding, scaled_embedding_scale
 from ._gguf_file import GgufFile
 from ._gguf_plan import Plan, check_types, plan_model
 
@@ -62,12 +62,11 @@ def from_gguf(path: str | os.PathLike, model: nn.Module | None = None, *, dtype:
         check_not_quantized(model)
     plan = plan_model(f, model, dtype, compute_dtype)
     # -- nothing has changed so far; from here on every step succeeds --
-    before = _float_bytes(model, dtype)
     apply_plan(model, plan, dtype)
     f.close()
     rows = _report_rows(model, plan, dtype)
     setattr(model, INPLACE_REPORT_ATTR, Report(
-        rows=rows, frontend="GGUF file", model_bytes_before=before, model_bytes_after=tensor_bytes(model),
+        rows=rows, frontend="GGUF file", model_bytes_before=plan.float_bytes, model_bytes_after=tensor_bytes(model),
         notes=plan.notes))
     return model.eval()
 
@@ -107,7 +106,7 @@ def apply_plan(model: nn.Module, plan: Plan, dtype: torch.dtype) -> None:
         _replace(model, old, new)
     for item in plan.embeddings:
         old = model.get_submodule(item.path)
-        new = PackedEmbedding(item.qweight(), dtype, old.padding_idx, item.embed_scale, item.scheme)
+        new = PackedEmbedding(item.qweight(), dtype, old.padding_idx, scaled_embedding_scale(old), item.scheme)
         _replace(model, old, new)
 
 
@@ -148,6 +147,8 @@ def _fill_meta_buffers(model: nn.Module, modules: list[nn.Module]) -> None:
     ``embed_scale``), recomputed by the model's ``_init_weights`` on the module, its parameters hidden
     behind meta copies meanwhile (so a parameter it would re-initialise is not touched)."""
     for m in modules:
+        if not any(b is not None and b.is_meta for n, b in m._buffers.items() if n in m._non_persistent_buffers_set):
+            continue
         for name in list(m._non_persistent_buffers_set):
             b = m._buffers.get(name)
             if b is not None and b.is_meta:
@@ -161,16 +162,6 @@ def _fill_meta_buffers(model: nn.Module, modules: list[nn.Module]) -> None:
                 model._init_weights(m)
         finally:
             m._parameters.update(saved)
-
-
-def _float_bytes(model: nn.Module, dtype: torch.dtype) -> int:
-    """What the model's parameters and buffers take as floats in ``dtype`` (tied ones once)."""
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) not in seen:
-            seen.add(id(t))
-            total += t.numel() * (torch.finfo(dtype).bits // 8 if t.is_floating_point() else t.element_size())
-    return total
 
 
 def _report_rows(model: nn.Module, plan: Plan, dtype: torch.dtype) -> list[Row]:

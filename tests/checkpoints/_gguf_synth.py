@@ -129,7 +129,8 @@ def tensors_for(shapes: dict, types: dict, seed: int = 0, norm_offset: float = 0
         elif qtype == Q.F16:
             out.append((name, None, (rng.standard_normal(shape) * 0.05).astype(np.float16)))
         else:
-            out.append((name, qtype, quantized(rng, qtype, shape[0], shape[-1])))
+            rows = int(np.prod(shape[:-1], dtype=np.int64))
+            out.append((name, qtype, quantized(rng, qtype, rows, shape[-1]).reshape(*shape[:-1], -1)))
     return out
 
 
