@@ -44,7 +44,9 @@ def write(path, arch: str, metadata: dict, tensors: list) -> None:
     """``tensors``: ``(name, qtype or None, array)``; ``None``: the array as stored (F32 / F16)."""
     w = gguf.GGUFWriter(str(path), arch)
     for key, value in metadata.items():
-        if isinstance(value, bool):
+        if key == "general.alignment":
+            w.add_custom_alignment(value)  # the writer pads to it too
+        elif isinstance(value, bool):
             w.add_bool(key, value)
         elif isinstance(value, int):
             w.add_uint32(key, value)
