@@ -49,6 +49,7 @@ from ..formats.intx import SHARDS
 #: empty unless the compiler targets AVX-512) and the scalar helpers both include
 SOURCES = tuple(Path(__file__).with_name(n) for n in ("native_cpu.c", "native_avx512.c", "native_avx512_bf16.c",
                                                        "native_avx512_gemm.c", "native_gguf.c"))
+SOURCES += (Path(__file__).with_name("native_affine.c"),)  # affine (GPTQ / AWQ / compressed-tensors) GEMV
 HEADERS = tuple(Path(__file__).with_name(n) for n in ("native_common.h", "native_avx512.h"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 
@@ -71,6 +72,11 @@ _SIGNATURES = {
     "fxq_gguf_gemv": (_c_int, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_int, _c_int),
     "fxq_gguf_dequant": (_c_int, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_int, _c_int),
 }
+
+# affine (native_affine.c; wrapper in native_affine.py): x, M, K, qweight, words, bits, N, group_size, scale fp32,
+# zero u8 | NULL, mid, y, ldy, round_x, threads
+_SIGNATURES["fxq_affine_gemv"] = (_c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_int, _c_i64, _c_i64, _c_ptr, _c_ptr,
+                                  _c_float, _c_ptr, _c_i64, _c_int, _c_int)
 
 #: AVX-512 kernels with no AVX2 twin (None in the AVX2 set)
 _AVX512_SIGNATURES = {

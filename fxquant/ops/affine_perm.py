@@ -13,9 +13,10 @@ columns), so sorting the columns by group makes the groups contiguous again and 
 codes), the affine CPU path unchanged, and one gather of ``x`` (``M x K`` elements) per call instead
 of gathering the per-group scale and zero for every weight element decoded.
 
-CPU (every M): ``x`` gathered to the stored order once, then exactly the ``linear_affine`` path (rows of
-``Ws`` decoded a block at a time and multiplied while in cache, under the ``compute_dtype`` policy of
-:func:`._cpu.numerics`).  ``compute_dtype=float16``: the fp16 reference.  CUDA: the reference.
+CPU (every M): ``x`` gathered to the stored order once, then exactly the ``linear_affine`` paths (the
+native GEMV up to ``affine.NATIVE_MAX_ROWS`` rows, else rows of ``Ws`` decoded a block at a time and
+multiplied while in cache, under the ``compute_dtype`` policy of :func:`._cpu.numerics`).
+``compute_dtype=float16``: the fp16 reference.  CUDA: the reference.
 """
 from __future__ import annotations
 
@@ -49,8 +50,12 @@ def check(x: torch.Tensor, bias: torch.Tensor | None, qweight: torch.Tensor, sca
 
 
 def _cpu_fast(xs: torch.Tensor, qweight, scale, zero_point, perm, bits, group_size, symmetric, in_features, nm):
-    """``x`` gathered into the stored column order, then the ``linear_affine`` blocked path."""
+    """``x`` gathered into the stored column order, then the ``linear_affine`` paths: the native GEMV at
+    small M, else the blocked dequantize path."""
     xp = xs.index_select(1, perm)
+    y = affine.native_linear(xp, qweight, scale, zero_point, bits, group_size, symmetric, nm)
+    if y is not None:
+        return y
     dt = nm.gemm_dtype(xp)
     decode, row_scale, mult = affine._block_decoder(qweight, scale, zero_point, bits, group_size, symmetric,
                                                     in_features, dt)
