@@ -98,6 +98,8 @@ _BF16DOT_SIGNATURES = {
     "fxq512_int4t_bf16_gemm": (_c_ptr, _c_i64, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_i64,
                                _c_float, _c_ptr, _c_i64, _c_int, _c_int),
     "fxq512_bf16_gemm": (_c_ptr, _c_i64, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_int, _c_int),
+    # GGUF bf16 dot-product GEMV (native_gguf.c): type, x bf16, M, K, blocks, row_bytes, N, y, ldy, threads
+    "fxq512_gguf_bf16_gemv": (_c_int, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_int),
 }
 #: the kernels' status codes (native_common.h): FXQ_ENOMEM, FXQ_EARG
 _ENOMEM, _EARG = -1, -2

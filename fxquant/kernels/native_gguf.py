@@ -29,19 +29,37 @@ def _rows_fit(wrapper: str, blocks: torch.Tensor, q: fmt.QType, k: int) -> int:
     return rb
 
 
+#: the types the bf16 dot-product GEMV takes (the others: the fp32 one)
+BF16_DOT_TYPES = frozenset({"q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"})
+
+
 def gguf_gemv(x2: torch.Tensor, blocks: torch.Tensor, qtype: "str | fmt.QType", *,
-              round_x: bool = False) -> torch.Tensor | None:
+              round_x: bool = False, bf16_dot: bool = True) -> torch.Tensor | None:
     """``x2 [M, K]`` (any float dtype) times the GGUF rows ``blocks`` uint8 ``[N, row_bytes]`` -> fp32
-    ``[M, N]``: exact weight values, fp32 products and sums (``round_x``: x rounded to bf16 first, in
-    the kernel).  None without the native library."""
+    ``[M, N]``, None without the native library.  ``round_x``: x's values rounded to bf16 first.
+
+    On bf16 values of x (bf16 x, or ``round_x``) with AVX512-BF16, for :data:`BF16_DOT_TYPES` unless
+    ``bf16_dot`` is False: the bf16 dot-product kernel (per block ``A * sum(c x) + B * sum(x)`` with
+    the integer codes ``c``: exact products, fp32 sums); otherwise the fp32 kernel (the reference's
+    weight values times x, fp32 sums).  Either way only the order of fp32 sums differs from the
+    reference on those x values."""
     q = fmt.qtype(qtype)
     k = x2.shape[1]
     rb = _rows_fit("gguf_gemv", blocks, q, k)
     lib = native_cpu._lib()
     if lib is None:
         return None
-    x, w = _fp32_rows(x2), blocks.contiguous()
+    w = blocks.contiguous()
     n = w.shape[0]
+    fn = getattr(lib, "fxq512_gguf_bf16_gemv", None)
+    if bf16_dot and fn is not None and q.name in BF16_DOT_TYPES and (round_x or x2.dtype == torch.bfloat16):
+        xb = x2.to(torch.bfloat16).contiguous()
+        y = _out(xb.shape[0], n)
+        st = fn(q.ggml_type, _ptr(xb), xb.shape[0], k, _ptr(w), rb, n, _ptr(y), n, torch.get_num_threads())
+        if st:
+            _raise(st, fn, qtype=q.name, M=xb.shape[0], K=k, N=n)
+        return y
+    x = _fp32_rows(x2)
     y = _out(x.shape[0], n)
     st = lib.fxq_gguf_gemv(q.ggml_type, _ptr(x), x.shape[0], k, _ptr(w), rb, n, _ptr(y), n, _round_in_c(x2, round_x),
                            torch.get_num_threads())

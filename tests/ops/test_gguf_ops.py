@@ -178,19 +178,51 @@ def test_native_decoder_is_the_reference_bit_for_bit(isa, qtype):
 @pytest.mark.parametrize("qtype", ALL)
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9])
 def test_native_gemv_against_exact_products(isa, qtype, m):
-    """x times the reference's weight values, summed in fp32 (fp64 oracle), both rounding modes of x."""
+    """x times the reference's weight values, summed in fp32 (fp64 oracle): fp32 x as it is, fp32 x rounded
+    to bf16, bf16 x; on bf16 values both kernels (the bf16 dot-product one where it exists for the type:
+    per block A * sum(c x) + B * sum(x), exact products, a reordered fp32 sum)."""
     q = fmt.QTYPES[qtype]
     k = 5 * q.block_size if q.block_size == 32 else 2 * q.block_size
     blocks = random_blocks(qtype, 37, k, m)
     w = fmt.dequantize(blocks, qtype).double()
     x = torch.randn(m, k)
+    cases = [(x, False, False), (x, True, False), (x, True, True), (x.bfloat16(), False, True)]
     with using(isa):
-        for round_x in (False, True):
-            y = native_gguf.gguf_gemv(x, blocks, qtype, round_x=round_x)
-            xv = x.to(torch.bfloat16).double() if round_x else x.double()
+        for xin, round_x, bf16_dot in cases:
+            y = native_gguf.gguf_gemv(xin, blocks, qtype, round_x=round_x, bf16_dot=bf16_dot)
+            xv = xin.to(torch.bfloat16).double() if round_x else xin.double()
             exact = xv @ w.T
             bound = 2 * k * 2**-24 * (xv.abs() @ w.abs().T)
-            assert y.dtype == torch.float32 and ((y.double() - exact).abs() <= bound + 1e-30).all()
+            assert y.dtype == torch.float32 and ((y.double() - exact).abs() <= bound + 1e-30).all(), (round_x, bf16_dot)
+
+
+@needs_native
+def test_bf16_dot_kernel_runs_for_its_types():
+    """bf16 values of x take the bf16 dot-product kernel for BF16_DOT_TYPES (AVX512-BF16 CPUs), fp32 ones the
+    fp32 kernel; the AVX2 set has no bf16 kernel and computes the same."""
+    lib = native_cpu._lib()
+    if getattr(lib, "fxq512_gguf_bf16_gemv", None) is None:
+        pytest.skip("no AVX512-BF16 kernels on this CPU")
+    calls = []
+    real = lib.fxq512_gguf_bf16_gemv
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(lib, name)
+
+        def fxq512_gguf_bf16_gemv(self, *args):
+            calls.append(args[0])
+            return real(*args)
+
+    native_cpu._lib, saved = (lambda: Spy()), native_cpu._lib
+    try:
+        for qtype in fmt.QTYPES:
+            blocks = random_blocks(qtype, 8, 256)
+            native_gguf.gguf_gemv(torch.randn(2, 256, dtype=torch.bfloat16), blocks, qtype)
+            native_gguf.gguf_gemv(torch.randn(2, 256), blocks, qtype)
+    finally:
+        native_cpu._lib = saved
+    assert sorted(calls) == sorted(fmt.QTYPES[t].ggml_type for t in native_gguf.BF16_DOT_TYPES)
 
 
 @needs_native
