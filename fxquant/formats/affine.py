@@ -28,14 +28,12 @@ Storage (``N`` rows, ``K`` columns, ``G = ceil(K / g)`` groups):
   this layout; for the other widths versions before its dense packing left bits unused.
 - ``scale`` ``[N, G]`` in ``scale_dtype``; ``zero_point`` uint8 ``[N, G]`` (empty ``(0,)`` when symmetric).
 
-Extensions for a later loader (GPTQ / AWQ), kept out of this layout on purpose: GPTQ's act-order
-``g_idx`` (column ``k`` in group ``g_idx[k]``, not ``k // g``) becomes either a permutation of the
-columns applied once at load (``qweight`` and x permuted: the exllama approach) or one more stored
-tensor ``g_idx`` int32 ``[K]`` that :func:`decode_rows` reads instead of ``k // g``; GPTQ's
-``[K*b/32, N]`` (packed along K) and AWQ's ``[K, N*b/32]`` (packed along N in the order
-0, 2, 4, 6, 1, 3, 5, 7) int32 packings become a ``packing`` scalar of the op with one unpacker each
-beside :func:`unpack_rows`; their packed zero points are small and are converted to ``zero_point``
-uint8 at load time (GPTQ v1's ``zeros - 1`` included).
+GPTQ and AWQ checkpoints (:mod:`fxquant.checkpoints.gptq`, :mod:`fxquant.checkpoints.awq`) load into this
+layout: GPTQ's ``qweight`` ``[K*b/32, N]`` is these rows transposed (its 3-bit packing included), AWQ's
+``[K, N/8]`` (packed along N in the order 0, 2, 4, 6, 1, 3, 5, 7) is repacked once at load, their packed
+zero points become ``zero_point`` uint8 (GPTQ v1's ``zeros - 1`` included).  GPTQ's act-order ``g_idx``
+is a permutation of the columns applied once at load (the exllama approach): the op
+``linear_affine_perm`` (:mod:`fxquant.ops.affine_perm`) holds this layout plus ``perm`` and gathers x.
 """
 from __future__ import annotations
 
