@@ -172,7 +172,8 @@ def write(model: nn.Module, directory: str | os.PathLike, layers: dict[str, dict
 
 
 # ---- reading ----------------------------------------------------------------------------------------------
-def read_source(directory_or_state_dict, config, model: nn.Module, layout: str) -> tuple[dict, Mapping[str, torch.Tensor]]:
+def read_source(directory_or_state_dict, config, model: nn.Module,
+                layout: str) -> tuple[dict, Mapping[str, torch.Tensor]]:
     """``(quantization_config dict, tensors)`` of a checkpoint directory (its ``config.json``'s
     ``quantization_config``, else AutoGPTQ's ``quantize_config.json``; weights in ``model.safetensors``, its
     shards, or the ``<model_file_base_name>.safetensors`` AutoGPTQ names) or of a state dict (its config

@@ -88,7 +88,8 @@ def _check_shape(path: str, n: int, k: int, g: int) -> None:
                          f"multiple of 8 and in_features a multiple of group_size={g}")
 
 
-def import_layer(lay: AwqLayout, path: str, t: Mapping[str, torch.Tensor], n: int, k: int) -> tuple[QuantizedWeight, str]:
+def import_layer(lay: AwqLayout, path: str, t: Mapping[str, torch.Tensor], n: int,
+                 k: int) -> tuple[QuantizedWeight, str]:
     """The AWQ tensors of one layer (local names) -> ``(packed weight, scheme string)``."""
     g = k if lay.group_size == -1 else lay.group_size
     _check_shape(path, n, k, g)

@@ -122,13 +122,14 @@ def _column_order(path: str, g_idx: torch.Tensor | None, k: int, g: int, groups:
     if not torch.equal(gi[perm], natural):
         counts = torch.bincount(gi, minlength=groups)
         bad = int((counts != torch.bincount(natural, minlength=groups)).nonzero()[0])
-        raise ValueError(f"{LAYOUT} checkpoint: tensor {path + '.g_idx'!r}: group {bad} has {int(counts[bad])} columns; "
-                         f"fxquant holds act-order g_idx whose groups have group_size={g} columns (the last one "
-                         "the rest), as GPTQ's desc_act writes them")
+        raise ValueError(f"{LAYOUT} checkpoint: tensor {path + '.g_idx'!r}: group {bad} has {int(counts[bad])} "
+                         f"columns; fxquant holds act-order g_idx whose groups have group_size={g} columns (the "
+                         "last one the rest), as GPTQ's desc_act writes them")
     return perm.to(torch.int32)
 
 
-def import_layer(lay: GptqLayout, path: str, t: Mapping[str, torch.Tensor], n: int, k: int) -> tuple[QuantizedWeight, str]:
+def import_layer(lay: GptqLayout, path: str, t: Mapping[str, torch.Tensor], n: int,
+                 k: int) -> tuple[QuantizedWeight, str]:
     """The GPTQ tensors of one layer (local names) -> ``(packed weight, scheme string)``, never through a
     float weight."""
     b = lay.bits
@@ -143,7 +144,8 @@ def import_layer(lay: GptqLayout, path: str, t: Mapping[str, torch.Tensor], n: i
                            "fp16 [groups, out_features]")
     g_idx = None
     if "g_idx" in t or lay.desc_act:
-        g_idx = common.expect(t, path, "g_idx", (torch.int32,), (k,), LAYOUT, "int32 [in_features]: each column's group")
+        g_idx = common.expect(t, path, "g_idx", (torch.int32,), (k,), LAYOUT,
+                              "int32 [in_features]: each column's group")
     zero = _zeros(path, qzeros, lay, n).t().contiguous()
     symmetric = lay.sym and bool((zero == 1 << (b - 1)).all())
     perm = _column_order(path, g_idx, k, g, groups)

@@ -559,7 +559,8 @@ def test_unreadable_files_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize("change,cfg,match", [
-    (lambda L: L["fc1"].update(qzeros=L["fc1"]["qzeros"][:, :4].contiguous()), {}, r"tensor 'fc1.qzeros': expected .* \(4, 8\)"),
+    (lambda L: L["fc1"].update(qzeros=L["fc1"]["qzeros"][:, :4].contiguous()), {},
+     r"tensor 'fc1.qzeros': expected .* \(4, 8\)"),
     (lambda L: None, {"bits": 8}, r"bits=8 is not supported; valid: 4"),
     (lambda L: None, {"version": "gemv"}, r"version='gemv' is not supported; valid: 'gemm'"),
     (lambda L: None, {"zero_point": False}, r"zero_point=False is not supported"),
