@@ -51,6 +51,8 @@ SOURCES = tuple(Path(__file__).with_name(n) for n in ("native_cpu.c", "native_av
                                                        "native_avx512_gemm.c", "native_gguf.c"))
 SOURCES += (Path(__file__).with_name("native_affine.c"),)  # affine (GPTQ / AWQ / compressed-tensors) GEMV
 HEADERS = tuple(Path(__file__).with_name(n) for n in ("native_common.h", "native_avx512.h"))
+SOURCES += tuple(Path(__file__).with_name(n) for n in ("native_gguf_avx512.c", "native_gguf_bf16.c"))  # GGUF
+HEADERS += (Path(__file__).with_name("native_gguf.h"),)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 
 _c_i64, _c_int, _c_float, _c_ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
@@ -98,7 +100,7 @@ _BF16DOT_SIGNATURES = {
     "fxq512_int4t_bf16_gemm": (_c_ptr, _c_i64, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_i64,
                                _c_float, _c_ptr, _c_i64, _c_int, _c_int),
     "fxq512_bf16_gemm": (_c_ptr, _c_i64, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_int, _c_int),
-    # GGUF bf16 dot-product GEMV (native_gguf.c): type, x bf16, M, K, blocks, row_bytes, N, y, ldy, threads
+    # GGUF bf16 dot-product GEMV (native_gguf_bf16.c): type, x bf16, M, K, blocks, row_bytes, N, y, ldy, threads
     "fxq512_gguf_bf16_gemv": (_c_int, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_int),
 }
 #: the kernels' status codes (native_common.h): FXQ_ENOMEM, FXQ_EARG
