@@ -5,9 +5,11 @@
 string argument); ``out_features`` = N, ``in_features`` = K (a multiple of the type's block size).
 
 CPU, under the ``compute_dtype`` policy (:func:`._cpu.numerics`): at M <= :data:`NATIVE_MAX_ROWS` the
-native GEMV (:func:`fxquant.kernels.native_gguf.gguf_gemv`, every type) decodes each row a piece at a
-time into L1 and dots every row of x with it: the reference's weight values, fp32 products and sums.
-Above, and without the native library, rows of ``W`` are decoded a block at a time into one reused
+native GEMV (:func:`fxquant.kernels.native_gguf.gguf_gemv`, every type) reads the blocks in place: on
+bf16 values of x with AVX512-BF16, for the 4/5/6-bit types, per block ``A * sum(c x) + B * sum(x)``
+with the integer codes looked up as bf16 (exact products, fp32 sums); otherwise the reference's weight
+values decoded in registers times x in fp32.  Either way only the order of fp32 sums differs from the
+reference.  Above, and without the native library, rows of ``W`` are decoded a block at a time into one reused
 buffer (the native row decoder, else the torch decoders of the format) and multiplied while in cache
 (:func:`._dequant_gemm.blocked_linear`): fp32 GEMM on x's values where the result must be fp32-exact,
 bf16 (``W`` rounded once to bf16) where a bf16 result is allowed, fp16 for ``compute_dtype=float16``.
