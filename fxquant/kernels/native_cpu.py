@@ -75,6 +75,15 @@ _SIGNATURES = {
     "fxq_gguf_dequant": (_c_int, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_int, _c_int),
 }
 
+# VPTQ (native_vptq.c; wrappers in native_vptq.py): x, M, K, indices, G, R, W, gs, o, ib, tb, cent, C, res | NULL, CR,
+# v, outlier idx | NULL, outlier cent | NULL, vo, N, y, ldy, threads / the same layout args, scale | NULL, n0, n1, out,
+# ld, out dtype, threads
+SOURCES += (Path(__file__).with_name("native_vptq.c"),)
+_VPTQ_LAYOUT = (_c_ptr, _c_i64, _c_i64, _c_i64, _c_i64, _c_i64, _c_int, _c_int, _c_ptr, _c_i64, _c_ptr, _c_i64, _c_i64,
+                _c_ptr, _c_ptr, _c_i64, _c_i64)
+_SIGNATURES["fxq_vptq_gemv"] = (_c_ptr, _c_i64, _c_i64) + _VPTQ_LAYOUT + (_c_ptr, _c_i64, _c_int)
+_SIGNATURES["fxq_vptq_decode"] = _VPTQ_LAYOUT + (_c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_int, _c_int)
+
 # affine (native_affine.c; wrapper in native_affine.py): x, M, K, qweight, words, bits, N, group_size, scale fp32,
 # zero u8 | NULL, mid, y, ldy, round_x, threads
 _SIGNATURES["fxq_affine_gemv"] = (_c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_int, _c_i64, _c_i64, _c_ptr, _c_ptr,

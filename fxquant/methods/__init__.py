@@ -12,8 +12,10 @@ from .onebit import OneBit
 from .hqq import HQQ
 from .gptq import GPTQ
 from .awq import AWQ
+from .vptq import VPTQ
 
 __all__ = ["Method", "MethodResult", "Stats", "parse_method", "method_to_json", "method_from_json",
            "method_names", "RTN", "HQQ"]
 __all__ += ["GPTQ", "AWQ"]
 __all__ += ["OneBit"]
+__all__ += ["VPTQ"]

@@ -12,6 +12,7 @@ from . import onebit  # noqa: F401
 from . import bnb4  # noqa: F401
 from . import bnb8  # noqa: F401  (bitsandbytes 8-bit checkpoints)
 from . import affine  # noqa: F401
+from . import vptq  # noqa: F401  (VPTQ codebooks)
 from . import gguf  # noqa: F401  (GGUF block types)
 from . import affine_perm  # noqa: F401  (GPTQ act-order layers)
 

@@ -16,6 +16,7 @@ from .bnb4 import FP4, NF4
 from .bnb8 import Bnb8
 from .onebit import OneBit
 from .affine import Affine
+from .vptq import VPTQ
 from .gguf import GGUF
 
 __all__ = ["Scheme", "QuantizedWeight", "parse_scheme", "valid_scheme_names", "scheme_to_json",
@@ -28,3 +29,4 @@ __all__ += ["Bnb8"]
 __all__ += ["OneBit"]
 __all__ += ["Affine"]
 __all__ += ["GGUF"]
+__all__ += ["VPTQ"]
