@@ -2,7 +2,7 @@
 
 | field | fxquant |
 |---|---|
-| ``load_in_8bit`` | ``llm.int8-<llm_int8_threshold>`` on every linear; threshold 0 (no outlier columns): ``int8dq`` |
+| ``load_in_8bit`` | ``bnb8-<llm_int8_threshold>`` on every linear: bitsandbytes' own LLM.int8 layout (int8 codes, fp32 row absmax ``SCB``; threshold 0 = no outlier columns) |
 | ``load_in_4bit`` + ``bnb_4bit_quant_type`` nf4 / fp4 | ``nf4-64`` / ``fp4-64`` (bitsandbytes' blocksize 64) |
 | ``bnb_4bit_use_double_quant`` | ``+dq`` (absmax quantized again, blocks of 256) |
 | ``bnb_4bit_compute_dtype`` | the scheme's ``compute_dtype`` |
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..schemes import FP4, NF4, Int8DynamicActivation, LLMInt8
+from ..schemes import FP4, NF4, Bnb8
 from ..spec import Spec
 from ._base import Fields, hf_module_patterns, reader, torch_dtype, writer
 
@@ -60,8 +60,8 @@ def read(f: Fields) -> Spec:
         torch_dtype(storage, f"{NAME}.bnb_4bit_quant_storage", [getattr(torch, s) for s in STORAGE])
         f.notes.append(f"{NAME}: bnb_4bit_quant_storage={storage!r} accepted; the packed bytes are the same "
                        "(fxquant stores them as uint8)")
-    if eight:  # bitsandbytes decomposes outlier columns only when threshold > 0: else plain w8a8
-        scheme = LLMInt8(threshold=float(threshold)) if threshold > 0 else Int8DynamicActivation()
+    if eight:  # bnb8: what Linear8bitLt stores and computes (outlier columns only when threshold > 0)
+        scheme = Bnb8(threshold=float(threshold))
         for name in ("bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype"):
             if f.d.get(name) not in (None, False, "fp4", "float32"):
                 f.notes.append(f"{NAME}: {name}={f.d[name]!r} has no effect with load_in_8bit")
@@ -82,13 +82,12 @@ def write(spec: Spec) -> dict:
 
     scheme, skip = default_only(spec, "bitsandbytes")
     d = {"quant_method": "bitsandbytes", "llm_int8_skip_modules": skip}
-    if isinstance(scheme, (LLMInt8, Int8DynamicActivation)) and scheme.compute_dtype is None and scheme.method is None:
-        threshold = scheme.threshold if isinstance(scheme, LLMInt8) else 0.0
-        return {**d, "load_in_8bit": True, "load_in_4bit": False, "llm_int8_threshold": threshold}
+    if isinstance(scheme, Bnb8) and scheme.compute_dtype is None and scheme.method is None:
+        return {**d, "load_in_8bit": True, "load_in_4bit": False, "llm_int8_threshold": scheme.threshold}
     if isinstance(scheme, (NF4, FP4)) and scheme.blocksize == 64 and scheme.method is None:
         dtype = scheme.compute_dtype
         return {**d, "load_in_8bit": False, "load_in_4bit": True, "bnb_4bit_quant_type": scheme.quant_type,
                 "bnb_4bit_use_double_quant": scheme.double_quant, "bnb_4bit_quant_storage": "uint8",
                 "bnb_4bit_compute_dtype": None if dtype is None else str(dtype).removeprefix("torch.")}
-    raise ValueError(f"Spec.to_config('bitsandbytes'): {scheme} has no BitsAndBytesConfig; valid: llm.int8[-<t>], "
-                     "int8dq (llm_int8_threshold=0), nf4-64[+dq], fp4-64[+dq]")
+    raise ValueError(f"Spec.to_config('bitsandbytes'): {scheme} has no BitsAndBytesConfig; valid: bnb8[-<t>] "
+                     "(bitsandbytes' 8-bit layout; llm.int8 / int8dq store bf16 scales), nf4-64[+dq], fp4-64[+dq]")

@@ -10,7 +10,7 @@ from torch import nn
 import fxquant
 from fxquant import Spec
 from fxquant.modules import QuantizedLinear
-from fxquant.schemes import FP4, NF4, Int8DynamicActivation, LLMInt8
+from fxquant.schemes import FP4, NF4, Bnb8
 
 transformers = pytest.importorskip("transformers")
 diffusers = pytest.importorskip("diffusers")
@@ -19,9 +19,9 @@ CONFIGS = [transformers.BitsAndBytesConfig, diffusers.BitsAndBytesConfig]
 
 @pytest.mark.parametrize("cls", CONFIGS, ids=lambda c: c.__module__.split(".")[0])
 @pytest.mark.parametrize("kwargs,scheme", [
-    (dict(load_in_8bit=True), LLMInt8(threshold=6.0)),
-    (dict(load_in_8bit=True, llm_int8_threshold=4.5), LLMInt8(threshold=4.5)),
-    (dict(load_in_8bit=True, llm_int8_threshold=0.0), Int8DynamicActivation()),  # no outlier columns
+    (dict(load_in_8bit=True), Bnb8(threshold=6.0)),
+    (dict(load_in_8bit=True, llm_int8_threshold=4.5), Bnb8(threshold=4.5)),
+    (dict(load_in_8bit=True, llm_int8_threshold=0.0), Bnb8(threshold=0.0)),  # no outlier columns
     (dict(load_in_4bit=True), FP4(blocksize=64, compute_dtype=torch.float32)),  # fp4 and fp32 by default
     (dict(load_in_4bit=True, bnb_4bit_quant_type="nf4"), NF4(blocksize=64, compute_dtype=torch.float32)),
     (dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -86,7 +86,7 @@ def test_bitsandbytes_own_dict_has_no_quant_method():
     assert isinstance(Spec.from_config(d).default, NF4)
 
 
-@pytest.mark.parametrize("scheme", ["llm.int8", "llm.int8-4.5", "int8dq", "nf4-64", "fp4-64+dq",
+@pytest.mark.parametrize("scheme", ["bnb8", "bnb8-4.5", "bnb8-0.0", "nf4-64", "fp4-64+dq",
                                     NF4(blocksize=64, double_quant=True, compute_dtype=torch.bfloat16)], ids=str)
 @pytest.mark.parametrize("cls", CONFIGS, ids=lambda c: c.__module__.split(".")[0])
 def test_round_trip_through_the_real_config(scheme, cls):
@@ -100,7 +100,7 @@ def test_round_trip_through_the_real_config(scheme, cls):
     back = Spec.from_config(real)
     assert back.skip == spec.skip
     dtype = spec.default.compute_dtype
-    assert back.default == (spec.default if dtype is not None or isinstance(spec.default, (LLMInt8, Int8DynamicActivation))
+    assert back.default == (spec.default if dtype is not None or isinstance(spec.default, Bnb8)
                             else type(spec.default)(blocksize=64, double_quant=spec.default.double_quant,
                                                     compute_dtype=torch.float32))  # the class's fp32 default
 

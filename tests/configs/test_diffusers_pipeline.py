@@ -88,7 +88,7 @@ def test_mapping_form_one_spec_per_component(models):
     specs = fxquant.quantize_pipeline(comps, cfg, {"unet": inputs["unet"], "transformer": inputs["transformer"]})
     assert specs["unet"] == Spec.from_config(BitsAndBytesConfig(load_in_8bit=True))
     assert specs["transformer"] == Spec.from_config(torchao_cfg)
-    for name, scheme in (("unet", "llm.int8"), ("transformer", "int8wo")):
+    for name, scheme in (("unet", "bnb8"), ("transformer", "int8wo")):
         report = fxquant.report(comps[name])
         assert {r.fqn for r in report.rows} == {r.fqn for r in report.quantized} == names[name]
         assert {r.scheme for r in report.rows} == {scheme}
