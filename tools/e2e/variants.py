@@ -63,6 +63,24 @@ def _fxquant(scheme: str) -> Callable:
     return make
 
 
+def _gguf_file(model: torch.nn.Module, ids: torch.Tensor) -> torch.nn.Module:
+    """SmolLM2's own GGUF file (Q4_1, Q8_0 embedding) loaded packed by ``fxquant.from_gguf`` in bf16: the
+    bf16 / fp32 rows are transformers' dequantize-at-load model of the same file (the copy is unused)."""
+    import sys
+    from pathlib import Path
+
+    import fxquant
+
+    if "smollm2" not in str(getattr(model, "name_or_path", "")).lower():
+        raise Unavailable("no GGUF file for this model (the gguf row runs on smollm2)")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "models"))
+    try:
+        from _load import smollm2_gguf
+    finally:
+        sys.path.pop(0)
+    return fxquant.from_gguf(smollm2_gguf(), dtype=BF16)
+
+
 # ---- peers, through their own public APIs -----------------------------------------------------
 def _torchao(config: Callable[[], Any]) -> Callable:
     def make(model: torch.nn.Module, ids: torch.Tensor) -> torch.nn.Module:
@@ -148,6 +166,7 @@ VARIANTS: list[Variant] = [
     Variant(name="fp32", kind="baseline", bits=32, make=_fp32),
     *(Variant(name=s, kind="fxquant", bits=b, make=_fxquant(s))
       for s, b in (("int8wo", 8), ("int4wo-128", 4), ("int4wo-64", 4), ("nf4", 4), ("int8dq", 8))),
+    Variant(name="gguf", kind="fxquant", bits=4, make=_gguf_file),
     Variant(name="torchao-int8wo", kind="peer", bits=8, make=_torchao(_torchao_int8wo)),
     Variant(name="torchao-int4wo-128", kind="peer", bits=4, make=_torchao(_torchao_int4wo)),
     Variant(name="torchao-int8dq", kind="peer", bits=8, make=_torchao(_torchao_int8dq)),
