@@ -36,7 +36,6 @@ the last place of the model dtype at most per step); without residual and norm i
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -147,9 +146,9 @@ def packed_words(count: int, bits: int) -> int:
 
 
 # ---- the index bit streams -------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=64)
-def _positions(count: int, bits: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(word, shift)`` int64 ``[count]``: where index ``c`` starts in its row's stream."""
+def _positions(count: int, bits: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(word, shift)`` int64 ``[count]``: where index ``c`` starts in its row's stream (made per call: a cached
+    tensor would leak into fake-tensor tracing)."""
     start = torch.arange(count, dtype=torch.int64, device=device) * bits
     return start // 32, start % 32
 
@@ -162,7 +161,7 @@ def pack_indices(codes: torch.Tensor, bits: int) -> torch.Tensor:
     lead, count = codes.shape[:-1], codes.shape[-1]
     words = packed_words(count, bits)
     c = codes.reshape(-1, count).to(torch.int64) & ((1 << bits) - 1)
-    word, shift = _positions(count, bits, str(codes.device))
+    word, shift = _positions(count, bits, codes.device)
     acc = torch.zeros(c.shape[0], words + 1, dtype=torch.int64, device=codes.device)
     # bit ranges never overlap, so a sum is an OR; the part past bit 31 goes to the next word
     acc.index_add_(1, word, (c << shift) & 0xFFFFFFFF)
@@ -179,7 +178,7 @@ def unpack_indices(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
                          f"got {packed.dtype} of shape {tuple(packed.shape)}")
     w = packed.to(torch.int64) & 0xFFFFFFFF
     w = torch.cat([w, torch.zeros_like(w[..., :1])], -1)  # a zero word after the last: the high half's source
-    word, shift = _positions(count, bits, str(packed.device))
+    word, shift = _positions(count, bits, packed.device)
     both = w[..., word] | (w[..., word + 1] << 32)  # bits >= 63 may wrap: only bits shift..shift+31 are kept
     return (both >> shift) & ((1 << bits) - 1)
 

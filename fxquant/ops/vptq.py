@@ -105,7 +105,7 @@ def check(x: torch.Tensor, bias: torch.Tensor | None, indices: torch.Tensor, cen
         t = given[name]
         dtypes = _INDEX_DTYPES.get(name, fmt.FLOAT_DTYPES)
         if t.dtype not in dtypes or t.shape != shape:
-            v.stored_any(OP_NAME, name, t, dtypes, (shape,), _LAYOUTS[name] if shape != (0,) else "(absent)")
+            v.stored_any(OP_NAME, name, t, dtypes, (tuple(shape),), _LAYOUTS[name] if shape != (0,) else "(absent)")
     v.activations(OP_NAME, x, in_features)
     v.bias(OP_NAME, bias, out_features)
 
