@@ -85,7 +85,8 @@ INLINE void gd512_q2_k(const uint8_t *b, GG_EMIT_ARGS) {
             const __m512i w = gg_w32(gg_ld16(qs + 32 * h + 16 * half));
             for (int s = 0; s < 4; s++) {
                 const int j = 8 * h + 2 * s + half;
-                const __m512 dl = _mm512_set1_ps(d * (float)(sc[j] & 15)), ml = _mm512_set1_ps(-(dmin * (float)(sc[j] >> 4)));
+                const __m512 dl = _mm512_set1_ps(d * (float)(sc[j] & 15));
+                const __m512 ml = _mm512_set1_ps(-(dmin * (float)(sc[j] >> 4)));
                 const __m512 q = gg_f(gg_and(_mm512_srli_epi32(w, 2 * s), 3));
                 GG_EMIT(_mm512_fmadd_ps(dl, q, ml), 128 * h + 32 * s + 16 * half);
             }

@@ -56,10 +56,19 @@ INLINE void gb_row_legacy(int t, const uint8_t *row, int64_t nb, const gb_x *X, 
         const uint8_t *blk;
         __m512i idx;
         float d, mn = 0.f;
-        if (t == 2) { blk = row + 18 * b; d = gg_f16(blk); idx = gb_legacy_words(blk + 2, 0, 0); }
-        else if (t == 3) { blk = row + 20 * b; d = gg_f16(blk); mn = gg_f16(blk + 2); idx = gb_legacy_words(blk + 4, 0, 0); }
-        else if (t == 6) { blk = row + 22 * b; d = gg_f16(blk); idx = gb_legacy_words(blk + 6, 1, gg_u32(blk + 2)); }
-        else { blk = row + 24 * b; d = gg_f16(blk); mn = gg_f16(blk + 2); idx = gb_legacy_words(blk + 8, 1, gg_u32(blk + 4)); }
+        if (t == 2) {
+            blk = row + 18 * b, d = gg_f16(blk);
+            idx = gb_legacy_words(blk + 2, 0, 0);
+        } else if (t == 3) {
+            blk = row + 20 * b, d = gg_f16(blk), mn = gg_f16(blk + 2);
+            idx = gb_legacy_words(blk + 4, 0, 0);
+        } else if (t == 6) {
+            blk = row + 22 * b, d = gg_f16(blk);
+            idx = gb_legacy_words(blk + 6, 1, gg_u32(blk + 2));
+        } else {
+            blk = row + 24 * b, d = gg_f16(blk), mn = gg_f16(blk + 2);
+            idx = gb_legacy_words(blk + 8, 1, gg_u32(blk + 4));
+        }
         _mm_prefetch((const char *)blk + GG_PF, _MM_HINT_T0);
         const __m512i w = _mm512_permutexvar_epi16(idx, t0);
         const __m512 dv = _mm512_set1_ps(d);
@@ -81,7 +90,8 @@ INLINE void gb_row_k45(int t, const uint8_t *row, int64_t nb, const gb_x *X, con
         const uint8_t *blk = row + ts * b, *qs = blk + (t == 12 ? 16 : 48);
         _mm_prefetch((const char *)blk + GG_PF, _MM_HINT_T0);
         const float d = gg_f16(blk), dmin = gg_f16(blk + 2);
-        const __m512i qh = t == 13 ? _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(blk + 16))) : _mm512_setzero_si512();
+        const __m512i qh = t == 13 ? _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(blk + 16)))
+                                   : _mm512_setzero_si512();
         for (int j = 0; j < 4; j++) {
             int s0, n0, s1, n1;
             gg_scale_min(2 * j, blk + 4, &s0, &n0);
@@ -126,13 +136,15 @@ INLINE void gb_row_q6k(const uint8_t *row, int64_t nb, const gb_x *X, const uint
             for (int s = 0; s < 4; s++) {
                 const __m512i l = s & 1 ? l1 : l0;
                 const __m512i lo = _mm512_and_si512(s < 2 ? l : _mm512_srli_epi16(l, 4), f15);
-                const __m512i idx = _mm512_or_si512(lo, _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(qh, 2 * s), three), 4));
+                const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(qh, 2 * s), three);
+                const __m512i idx = _mm512_or_si512(lo, _mm512_slli_epi16(hi, 4));
                 const __m512i w = _mm512_permutex2var_epi16(t0, idx, t1);
                 const int j = 8 * h + 2 * s; /* sub-blocks j (values 0..15 of the 32) and j + 1 */
                 const __m512 a = _mm512_mask_blend_ps((__mmask16)0xFF00, _mm512_set1_ps(d * (float)sc[j]),
                                                       _mm512_set1_ps(d * (float)sc[j + 1]));
                 for (int m = 0; m < mb; m++)
-                    acc[m][s & 1] = _mm512_fmadd_ps(a, gb_dot(w, x + m * X->K + 256 * b + 128 * h + 32 * s), acc[m][s & 1]);
+                    acc[m][s & 1] =
+                        _mm512_fmadd_ps(a, gb_dot(w, x + m * X->K + 256 * b + 128 * h + 32 * s), acc[m][s & 1]);
             }
         }
     }

@@ -53,7 +53,8 @@ def check(x: torch.Tensor, bias: torch.Tensor | None, blocks: torch.Tensor, qtyp
     if type(in_features) is int and in_features % q.block_size:
         v.fail(op, f"in_features={in_features} is not a multiple of the {qtype} block size {q.block_size}")
     v.stored(op, "blocks", blocks, torch.uint8, (out_features, in_features // q.block_size * q.type_size),
-             f"[N, K / {q.block_size} * {q.type_size}] ({qtype} blocks of {q.block_size} values in {q.type_size} bytes)")
+             f"[N, K / {q.block_size} * {q.type_size}] ({qtype} blocks of {q.block_size} values in "
+             f"{q.type_size} bytes)")
     v.activations(op, x, in_features)
     v.bias(op, bias, out_features)
 

@@ -254,9 +254,11 @@ def test_pack_rows_views_the_file_bytes():
 
 @pytest.mark.parametrize("raw,n,k,match", [
     (torch.zeros(6, 287, dtype=torch.uint8), 6, 512,
-     r"GGUF q4_k weight \[6, 512\] is uint8 \[6, 288\] \(2 blocks of 144 bytes per row\), got torch.uint8 of shape \(6, 287\)"),
+     r"GGUF q4_k weight \[6, 512\] is uint8 \[6, 288\] \(2 blocks of 144 bytes per row\), "
+     r"got torch.uint8 of shape \(6, 287\)"),
     (torch.zeros(6, 288, dtype=torch.int8), 6, 512, r"got torch.int8 of shape \(6, 288\)"),
-    (torch.zeros(6, 288, dtype=torch.uint8), 6, 500, r"GGUF q4_k: in_features=500 is not a multiple of its block size 256"),
+    (torch.zeros(6, 288, dtype=torch.uint8), 6, 500,
+     r"GGUF q4_k: in_features=500 is not a multiple of its block size 256"),
     (np.zeros((6, 288), dtype=np.uint8), 6, 512, r"got ndarray"),
 ])
 def test_pack_rows_refuses_mismatched_bytes(raw, n, k, match):

@@ -64,8 +64,9 @@ def test_strided_activation():
 
 def test_launcher_checks_arguments():
     blocks = random_blocks("q8_0", 8, 64).to(DEVICE)
-    with pytest.raises(ValueError, match=r"gguf_linear: fxquant::linear_gguf: blocks must be torch.uint8 of shape \(8, 34\)"):
-        kernel.gguf_linear(torch.randn(2, 32, device=DEVICE), blocks, None, qtype="q8_0", out_features=8, in_features=32)
+    shapes = dict(qtype="q8_0", out_features=8)
+    with pytest.raises(ValueError, match=r"gguf_linear: fxquant::linear_gguf: blocks must be torch.uint8 of shape "
+                                         r"\(8, 34\)"):
+        kernel.gguf_linear(torch.randn(2, 32, device=DEVICE), blocks, None, **shapes, in_features=32)
     with pytest.raises(ValueError, match=r"gguf_linear: x2d must be a 2-D"):
-        kernel.gguf_linear(torch.randn(2, 64, device=DEVICE).to(torch.int32), blocks, None, qtype="q8_0", out_features=8,
-                           in_features=64)
+        kernel.gguf_linear(torch.randn(2, 64, device=DEVICE).to(torch.int32), blocks, None, **shapes, in_features=64)

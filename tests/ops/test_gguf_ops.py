@@ -386,8 +386,8 @@ def test_real_gguf_tensors_through_every_path():
             qw = fmt.pack_rows(name, torch.from_numpy(np.asarray(t.data)), n, k)
             blocks = qw.tensors["blocks"]
             w = fmt.dequantize(blocks, name, k)
-            assert torch.equal(w.view(torch.int32), torch.from_numpy(
-                np.ascontiguousarray(gguf.quants.dequantize(np.asarray(t.data), t.tensor_type))).view(torch.int32)), t.name
+            theirs = np.ascontiguousarray(gguf.quants.dequantize(np.asarray(t.data), t.tensor_type))
+            assert torch.equal(w.view(torch.int32), torch.from_numpy(theirs).view(torch.int32)), t.name
             for m in (1, 5, 20):
                 x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
                 for dtype in (torch.float32, torch.bfloat16):
