@@ -1,6 +1,6 @@
 """Latency of ``torch.ops.fxquant.linear_gguf`` per GGUF type vs bf16 ``F.linear``, one layer.
 
-    python tools/bench_gguf_ops.py                 # 5632x2048 and 2048x5632, M = 1 and 64
+    python tools/bench_gguf_ops.py                 # 2048x2048, 5632x2048 and 2048x5632 (N x K), M = 1 and 64
     python tools/bench_gguf_ops.py --quick         # one small shape, few repetitions
     python tools/bench_gguf_ops.py --types q4_k q8_0 --m 1 8 16 32
 
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--types", nargs="+", default=list(fmt.QTYPES), choices=list(fmt.QTYPES))
     p.add_argument("--m", nargs="+", type=int, default=[1, 64])
-    p.add_argument("--shapes", nargs="+", default=["5632x2048", "2048x5632"], help="NxK (out x in)")
+    p.add_argument("--shapes", nargs="+", default=["2048x2048", "5632x2048", "2048x5632"], help="NxK (out x in)")
     p.add_argument("--rounds", type=int, default=40)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="one 512x512 layer, 5 rounds")
