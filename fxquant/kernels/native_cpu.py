@@ -89,6 +89,15 @@ _SIGNATURES["fxq_vptq_decode"] = _VPTQ_LAYOUT + (_c_ptr, _c_i64, _c_i64, _c_ptr,
 _SIGNATURES["fxq_affine_gemv"] = (_c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_int, _c_i64, _c_i64, _c_ptr, _c_ptr,
                                   _c_float, _c_ptr, _c_i64, _c_int, _c_int)
 
+# AQLM (native_aqlm.c; wrappers in native_aqlm.py): x, M, KP, codes, code bytes, nbits, O, G, NC, codebooks, og, ig,
+# scales, N, y, ldy, round_x, threads / codes, code bytes, nbits, O, G, NC, codebooks, og, ig, scales, o0, o1, out,
+# ld, out dtype, threads
+SOURCES += (Path(__file__).with_name("native_aqlm.c"),)
+_SIGNATURES["fxq_aqlm_lut_gemv"] = (_c_ptr, _c_i64, _c_i64, _c_ptr, _c_int, _c_int, _c_i64, _c_i64, _c_i64, _c_ptr,
+                                    _c_i64, _c_i64, _c_ptr, _c_i64, _c_ptr, _c_i64, _c_int, _c_int)
+_SIGNATURES["fxq_aqlm_decode"] = (_c_ptr, _c_int, _c_int, _c_i64, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_ptr,
+                                  _c_i64, _c_i64, _c_ptr, _c_i64, _c_int, _c_int)
+
 #: AVX-512 kernels with no AVX2 twin (None in the AVX2 set)
 _AVX512_SIGNATURES = {
     "fxq512_int4t_axis0_gemv": (_c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_i64,

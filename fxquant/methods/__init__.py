@@ -12,6 +12,7 @@ from .onebit import OneBit
 from .hqq import HQQ
 from .gptq import GPTQ
 from .awq import AWQ
+from .aqlm import AQLM
 from .vptq import VPTQ
 
 __all__ = ["Method", "MethodResult", "Stats", "parse_method", "method_to_json", "method_from_json",
@@ -19,3 +20,4 @@ __all__ = ["Method", "MethodResult", "Stats", "parse_method", "method_to_json", 
 __all__ += ["GPTQ", "AWQ"]
 __all__ += ["OneBit"]
 __all__ += ["VPTQ"]
+__all__ += ["AQLM"]

@@ -15,6 +15,7 @@ from . import affine  # noqa: F401
 from . import vptq  # noqa: F401  (VPTQ codebooks)
 from . import gguf  # noqa: F401  (GGUF block types)
 from . import affine_perm  # noqa: F401  (GPTQ act-order layers)
+from . import aqlm  # noqa: F401  (AQLM codebooks)
 
 __all__ = ["int4wo", "int8wo"]
 

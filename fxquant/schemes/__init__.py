@@ -18,6 +18,7 @@ from .onebit import OneBit
 from .affine import Affine
 from .vptq import VPTQ
 from .gguf import GGUF
+from .aqlm import AQLM
 
 __all__ = ["Scheme", "QuantizedWeight", "parse_scheme", "valid_scheme_names", "scheme_to_json",
            "scheme_from_json", "Int8WeightOnly", "Int4WeightOnly"]
@@ -30,3 +31,4 @@ __all__ += ["OneBit"]
 __all__ += ["Affine"]
 __all__ += ["GGUF"]
 __all__ += ["VPTQ"]
+__all__ += ["AQLM"]
