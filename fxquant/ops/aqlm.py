@@ -151,8 +151,9 @@ def _cuda(x2, codes, codebooks, scales, *, bias, num_codebooks, nbits_per_codebo
           out_features, in_features):
     from ..kernels import aqlm as kernel
 
-    return kernel.aqlm_linear(x2, codes, codebooks, scales, bias, nbits_per_codebook=nbits_per_codebook,
-                              out_features=out_features, in_features=in_features)
+    return kernel.aqlm_linear(x2, codes, codebooks, scales, bias, num_codebooks=num_codebooks,
+                              nbits_per_codebook=nbits_per_codebook, in_group_size=in_group_size,
+                              out_group_size=out_group_size, out_features=out_features, in_features=in_features)
 
 
 OP = LinearOpDef(
