@@ -119,6 +119,8 @@ def _import_layer(path: str, where: str, d: Any, local: dict[str, torch.Tensor],
         raise ValueError(f"tensor {path + '.centroids.weight'!r}: dtype {dtype} is not supported; valid: bfloat16, "
                          "float16, float32")
     scheme = dataclasses.replace(scheme, codebook_dtype=dtype)
+    if scheme.group_size is not None and scheme.outlier_size + scheme.group_num * scheme.group_size == k:
+        scheme = dataclasses.replace(scheme, group_size=None)  # the layer's shape says it: a shorter scheme string
     try:
         lay = scheme.layout(n, k)
     except ValueError as e:
