@@ -9,7 +9,10 @@ Codebooks and scales are fp16, as in the published checkpoints (the checkpoints 
 dtype; ``load_aqlm`` keeps whatever dtype they have).  No method is attached: the scheme's own fit (residual
 k-means, beam search, least squares on the weight error) quantizes a float model; ``@aqlm`` with
 ``AQLM(calibrated=True)`` fits the output error instead.  The writer emits the five fields for a spec whose
-default is an fp16 ``aqlm`` scheme and whose skips are module names.
+default is an fp16 ``aqlm`` scheme and whose skips are module names; each skipped module is listed twice, as
+``<module>.weight`` (the aqlm library's and transformers 4's meaning) and as ``<module>`` (transformers 5.25's
+``replace_with_aqlm_linear`` matches the list against module names, so ``lm_head.weight`` alone would not keep
+its ``lm_head`` in float).
 """
 from __future__ import annotations
 
@@ -73,7 +76,8 @@ def write(spec: Spec) -> dict:
         if names is None:
             raise ValueError(f"Spec.to_config('aqlm'): skip pattern {s!r} has no AqlmConfig form; valid: module names "
                              "(written as '<module>.weight')")
-        skip.extend(f"{n}.weight" for n in names)
+        skip.extend(names)
+    skip = [f"{n}.weight" for n in skip] + skip  # weight names (the aqlm library's meaning), module names (transformers 5)
     return {"quant_method": "aqlm", "num_codebooks": scheme.num_codebooks,
             "nbits_per_codebook": scheme.nbits_per_codebook, "in_group_size": scheme.in_group_size,
             "out_group_size": scheme.out_group_size, "linear_weights_not_to_quantize": skip}

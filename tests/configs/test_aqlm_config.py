@@ -85,7 +85,8 @@ def test_round_trip_through_the_real_config():
                                   linear_weights_not_to_quantize=["lm_head.weight", "model.layers.0.mlp.down_proj.weight"])
     spec = Spec.from_config(cfg)
     d = spec.to_config("aqlm")
-    assert d["linear_weights_not_to_quantize"] == ["lm_head.weight", "model.layers.0.mlp.down_proj.weight"]
+    assert d["linear_weights_not_to_quantize"] == ["lm_head.weight", "model.layers.0.mlp.down_proj.weight", "lm_head",
+                                                   "model.layers.0.mlp.down_proj"]
     assert Spec.from_config(d) == spec == Spec.from_config(transformers.AqlmConfig.from_dict(d))
     assert Spec.from_config(Spec(default="aqlm-2x8-g8@aqlm").to_config("aqlm")).default == AQLM(num_codebooks=2,
                                                                                                 nbits_per_codebook=8)
