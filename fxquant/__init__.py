@@ -6,7 +6,6 @@ from .checkpoints import load_vptq, save_vptq
 from .checkpoints import load_bnb, save_bnb
 from .checkpoints import load_awq, load_gptq, save_awq, save_gptq
 from .checkpoints import load_aqlm, save_aqlm
-from .checkpoints import load_aqlm, save_aqlm
 from .checkpoints import from_gguf
 from .pipeline import quantize_pipeline
 from .report import Report, report
@@ -19,7 +18,6 @@ __all__ += ["save_compressed_tensors", "load_compressed_tensors"]
 __all__ += ["load_vptq", "save_vptq"]
 __all__ += ["load_bnb", "save_bnb"]
 __all__ += ["load_gptq", "save_gptq", "load_awq", "save_awq"]
-__all__ += ["load_aqlm", "save_aqlm"]
 __all__ += ["load_aqlm", "save_aqlm"]
 __all__ += ["from_gguf"]
 __all__ += ["quantize_pipeline"]

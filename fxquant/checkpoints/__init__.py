@@ -7,12 +7,10 @@ from .gptq import load_gptq, save_gptq
 from .awq import load_awq, save_awq
 from .gguf import from_gguf
 from .aqlm import load_aqlm, save_aqlm
-from .aqlm import load_aqlm, save_aqlm
 
 __all__ = ["save_compressed_tensors", "load_compressed_tensors"]
 __all__ += ["load_bnb", "save_bnb"]
 __all__ += ["load_gptq", "save_gptq", "load_awq", "save_awq"]
 __all__ += ["from_gguf"]
 __all__ += ["load_vptq", "save_vptq"]
-__all__ += ["load_aqlm", "save_aqlm"]
 __all__ += ["load_aqlm", "save_aqlm"]
