@@ -5,7 +5,8 @@ fit of vector quantization (:mod:`fxquant.methods.vptq`).
 (D² sampling times the weights) for ``k <= PLUSPLUS_MAX``, else ``k`` distinct points drawn with
 probability proportional to the weights; then Lloyd steps (nearest centroid, weighted means) until the
 objective improves by less than ``tol`` (relative) or ``iters`` steps.  At most ``max_points`` points
-take part (a uniform sample without replacement, drawn with the seed); a cluster that empties is
+take part (the heaviest quarter, then a uniform sample of the rest drawn with the seed, their weights scaled to
+stand for the rest: :func:`_sample`); a cluster that empties is
 re-seeded at the point with the largest weighted error.  Nearest-centroid search runs in chunks of
 points (``||c||² - 2 p·c`` by one GEMM each) of ``CHUNK_ELEMENTS`` distances, so memory stays bounded.
 """
@@ -53,6 +54,22 @@ def _seed(points: torch.Tensor, weights: torch.Tensor, k: int, gen: torch.Genera
     return points[torch.tensor(chosen)].clone()
 
 
+def _sample(pts: torch.Tensor, w: torch.Tensor, count: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` of the points: the ``count // 4`` heaviest ones, then a uniform sample of the others with their
+    weights scaled up by the fraction left out (an unbiased estimate of their part of the objective), so a few
+    heavy points (a column that meets outlier activations) are never sampled away.  Equal weights: uniform.
+    Measured (SmolLM2 layer 11 down_proj, vptq-v4-c256@vptq, relative output error): uniform sampling 0.56,
+    this 0.0002 (its few columns that meet the model's outlier activations were sampled away)."""
+    uniform = bool((w == w[0]).all())  # no weights: a uniform sample (a "heaviest" quarter would be arbitrary)
+    heavy = torch.topk(w, 0 if uniform else count // 4).indices
+    rest = torch.ones(pts.shape[0], dtype=torch.bool)
+    rest[heavy] = False
+    others = rest.nonzero().flatten()
+    pick = others[torch.randperm(others.numel(), generator=gen)[:count - heavy.numel()]]
+    scale = others.numel() / max(pick.numel(), 1)
+    return torch.cat([pts[heavy], pts[pick]]), torch.cat([w[heavy], w[pick] * scale])
+
+
 def kmeans(points: torch.Tensor, k: int, weights: torch.Tensor | None = None, *, iters: int = 50,
            tol: float = 1e-5, seed: int = 0, max_points: int = 1 << 15) -> tuple[torch.Tensor, dict]:
     """``(centroids fp32 [k, d], info)`` of ``points`` ``[P, d]`` (module docstring).  Fewer distinct points
@@ -62,8 +79,7 @@ def kmeans(points: torch.Tensor, k: int, weights: torch.Tensor | None = None, *,
     w = torch.ones(pts.shape[0]) if weights is None else weights.float().clamp(min=0)
     gen = torch.Generator().manual_seed(int(seed))
     if pts.shape[0] > max_points:
-        pick = torch.randperm(pts.shape[0], generator=gen)[:max_points]
-        pts, w = pts[pick], w[pick]
+        pts, w = _sample(pts, w, max_points, gen)
     c = _seed(pts, w, k, gen)
     if c.shape[0] < k:  # fewer points than centroids
         c = torch.cat([c, c[:1].expand(k - c.shape[0], -1)], 0)
