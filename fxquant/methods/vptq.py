@@ -94,7 +94,11 @@ class VPTQ(Method):
         if reason:
             raise ValueError(reason)
         hessian = None if stats is None else stats.hessian
-        if hessian is not None and hessian.shape != (weight.shape[1], weight.shape[1]):
+        if hessian is None:
+            raise ValueError(f"VPTQ needs calibration statistics with a Hessian (Stats.hessian = XᵀX) for {scheme}; "
+                             f"got {'no stats' if stats is None else 'stats without a hessian'} (the scheme without "
+                             "a method fits data-free)")
+        if hessian.shape != (weight.shape[1], weight.shape[1]):
             raise ValueError(f"VPTQ: hessian has shape {tuple(hessian.shape)}, expected [{weight.shape[1]}] * 2 for "
                              f"a weight of shape {tuple(weight.shape)}")
         qw, info = fit(scheme.format, weight, hessian, self)

@@ -12,13 +12,16 @@ per-row sum, so every CPU and Triton path below works on ``Wp`` in the stored co
 CPU (any M, under the ``compute_dtype`` policy of :func:`._cpu.numerics`; everything in fp32 on x's
 values, rounded to bf16 first where the policy says, the result cast to x's dtype):
 
-- small M (``M * G * R * C <= LUT_MAX_ELEMENTS`` and ``C <= LUT_MAX_CENTROIDS``), the *centroid table*:
-  ``A[m, g, r, t] = Σ_{c : idx[g, r, c] = t} x'[m, c]``, the activations summed per (output block, centroid)
-  by one ``index_add`` over the indices, then ``y[m, r*v + j] = Σ_{g, t} A[m, g, r, t] C_g[t, j]`` (one
-  batched GEMM against the codebooks; the residual codebook the same way with its own table, outlier
-  columns as a small dense product).  Work ``M (N K / v + N C)`` instead of decoding ``N K`` weights;
-- otherwise rows of ``Wp * s[perm]`` decoded a block at a time into a reused buffer and multiplied while
-  in cache (:func:`._dequant_gemm.blocked_linear`; bf16 GEMM only where a bf16 result is allowed).
+- up to :func:`native_max_rows` rows (``4 v``), the native GEMV (:mod:`fxquant.kernels.native_vptq`): the index streams
+  read in place, one fused multiply-add of ``v`` lanes per index and row of x;
+- without the native library, small M (``M * G * R * C <= LUT_MAX_ELEMENTS`` and ``C <= LUT_MAX_CENTROIDS``):
+  the *centroid table* ``A[m, g, r, t] = Σ_{c : idx[g, r, c] = t} x'[m, c]``, the activations summed per
+  (output block, centroid) by one ``index_add`` over the indices, then ``y[m, r*v + j] = Σ_{g, t} A[m, g, r, t]
+  C_g[t, j]`` (one batched GEMM against the codebooks; the residual codebook the same way with its own table,
+  outlier columns as a small dense product).  Work ``M (N K / v + N C)`` instead of decoding ``N K`` weights;
+- otherwise rows of ``Wp * s[perm]`` decoded a block at a time (by the native decoder, else torch) into a
+  reused buffer and multiplied while in cache (:func:`._dequant_gemm.blocked_linear`; bf16 GEMM only where a
+  bf16 result is allowed).
 
 CUDA: the Triton kernel of :mod:`fxquant.kernels.vptq` (indices unpacked and codebooks gathered per tile).
 """
@@ -45,9 +48,18 @@ _SCALAR_NAMES = tuple(n for n, _ in SCALARS)
 
 #: Largest centroid table ``M * G * R * C`` (fp32 elements) of the small-M path.
 LUT_MAX_ELEMENTS = 1 << 21
-#: Largest M for the native GEMV (:mod:`fxquant.kernels.native_vptq`); above it, rows of the weight decoded by
-#: the native decoder and a dense GEMM.
-NATIVE_MAX_ROWS = 8
+#: The native GEMV (:mod:`fxquant.kernels.native_vptq`) runs up to ``NATIVE_ROWS_PER_LANE * v`` rows of x (at
+#: least 8); above, rows of the weight decoded by the native decoder and a dense GEMM.  Its work per row of x is
+#: one decode per index and ``v`` lanes, so longer vectors carry it further.  Measured (4096 x 4096, one thread,
+#: loaded 2-core Zen 4, ms, GEMV / decode + GEMM / dense fp32): v8-c256-r256 M=1 2.4 / 20.0 / 4.4, M=32 23.5 /
+#: 33.4, M=64 46.2 / 45.4; v4-c256 M=16 23.7 / 25.7, M=32 46.7 / 31.1.
+NATIVE_ROWS_PER_LANE = 4
+
+
+def native_max_rows(lay: fmt.Layout) -> int:
+    """Largest M the native GEMV takes for this layout (``NATIVE_ROWS_PER_LANE``)."""
+    return max(8, NATIVE_ROWS_PER_LANE * lay.vector_len)
+
 #: Largest codebook the table path takes: its GEMM against the codebooks costs ``N C`` per row of x,
 #: which beats decoding ``N K`` weights only while ``C`` is well below ``K``.
 LUT_MAX_CENTROIDS = 1024
@@ -182,9 +194,10 @@ def _cpu_fast(x2: torch.Tensor, *, nm: _cpu.Numerics, **kw) -> torch.Tensor:
     xv = nm.rounded(x2)
     m = x2.shape[0]
     y = None
-    if m <= NATIVE_MAX_ROWS or (table_applies(m, lay) and not native_vptq.available()):
+    gemv = m <= native_max_rows(lay)
+    if gemv or (table_applies(m, lay) and not native_vptq.available()):
         xp, _, beta = moved_to_activations(xv, t, lay, scale_x=True)
-        y = native_vptq.gemv(xp, t, lay) if m <= NATIVE_MAX_ROWS else None
+        y = native_vptq.gemv(xp, t, lay) if gemv else None
         if y is None and table_applies(m, lay):
             y = table_linear(xp, t, lay)
     if y is None:

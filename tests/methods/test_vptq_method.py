@@ -187,6 +187,8 @@ def test_method_rejects_other_formats_and_missing_hessian(layer):
         VPTQ().quantize(parse_scheme("int4wo-64"), w, stats)
     with pytest.raises(ValueError, match="method 'vptq' cannot quantize int8wo"):
         parse_scheme("int8wo@vptq")
+    with pytest.raises(ValueError, match=r"VPTQ needs calibration statistics with a Hessian .* got no stats"):
+        VPTQ().quantize(parse_scheme("vptq-v4-c16"), w, None)
     bad = Stats(k=10)
     bad.update(torch.randn(5, 10), hessian=True)
     with pytest.raises(ValueError, match=r"VPTQ: hessian has shape \(10, 10\)"):
