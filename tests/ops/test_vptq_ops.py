@@ -13,7 +13,7 @@ from torch.library import opcheck
 
 import fxquant
 from fxquant.formats import vptq as fmt
-from fxquant.kernels import native_vptq
+from fxquant.kernels import native_cpu, native_vptq
 from fxquant.ops import vptq as op
 from fxquant.schemes import VPTQ, parse_scheme, scheme_from_json, scheme_to_json
 from helpers import assert_linear_close, policy_x, rel
@@ -342,3 +342,43 @@ def test_bad_activations_and_bias():
         _call(args, attrs, torch.randn(2, 35))
     with pytest.raises(ValueError, match=r"bias must be None or a floating-point tensor of shape \(24,\)"):
         _call(args, attrs, bias=torch.randn(23))
+
+
+# ---- the native kernels of every instruction set --------------------------------------------------------------
+ISAS = native_cpu.isas()
+
+
+@pytest.mark.skipif(not ISAS, reason="native kernels unavailable")
+@pytest.mark.parametrize("isa", ISAS or ["none"])
+@pytest.mark.parametrize("scheme", SCHEMES + ["vptq-v8-c65536-r256", "vptq-v4-c256-r65536"])
+def test_native_kernels_of_each_isa(monkeypatch, isa, scheme):
+    """GEMV (M = 1..9, every rows-of-x remainder) and decoder (fp32 exactly the torch decode of Wp times the
+    scale; bf16 that rounded once) of both instruction sets against the reference."""
+    monkeypatch.setattr(native_cpu, "_lib", lambda: native_cpu.kernels(isa))
+    _, qw, args, attrs = build(scheme, 37, 36, 3)
+    t, lay = qw.tensors, op.layout_of(attrs)
+    w = op.dequantize_weight(*args, **attrs)
+    for m in range(1, 10):
+        x = torch.randn(m, 36)
+        xp, _, beta = op.moved_to_activations(x, t, lay, scale_x=True)
+        y = native_vptq.gemv(xp, t, lay) + (0 if beta is None else beta[:, None])
+        assert rel(y, x @ w.t()) < 1e-5, m
+    _, s_p, _ = op.moved_to_activations(torch.zeros(1, 36), t, lay, scale_x=False)
+    decode = native_vptq.decoder(t, lay, s_p)
+    want = fmt.decode_permuted_rows(t, lay, 0, 37) * (1 if s_p is None else s_p)
+    for dtype in (torch.float32, torch.bfloat16):
+        for n0, n1 in ((0, 37), (5, 22), (36, 37)):
+            out = torch.empty(n1 - n0, 36, dtype=dtype)
+            assert decode(n0, n1, out)
+            assert torch.equal(out, want[n0:n1].to(dtype)), (dtype, n0, n1)
+    assert not decode(0, 4, torch.empty(4, 36, dtype=torch.float16))  # an output it does not write
+
+
+def test_native_refuses_long_vectors():
+    """Vectors longer than the kernels take (64 lanes): the wrappers decline and the op takes the torch paths."""
+    _, qw, args, attrs = build("vptq-v80-c4", 90, 8)
+    lay = op.layout_of(attrs)
+    assert native_vptq.gemv(torch.randn(1, 8), qw.tensors, lay) is None
+    assert native_vptq.decoder(qw.tensors, lay, None) is None
+    x = torch.randn(2, 8)
+    assert rel(torch.ops.fxquant.linear_vptq(x, *args, None, **attrs), op.reference(policy_x(x), *args, None, **attrs)) < 1e-5
