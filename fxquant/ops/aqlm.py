@@ -34,9 +34,11 @@ from ._linear import LinearOpDef, define
 
 OP_NAME = "linear_aqlm"
 
-#: Largest M for the table path (the blocked decode + GEMM above).  Measured (2x8-g8 and 1x8-g4,
-#: 1536x576 and 576x1536, 2 threads, a machine shared with other jobs): see docs/formats.md, "aqlm".
-LUT_MAX_ROWS = 8
+#: Largest M for the table path (the blocked decode + GEMM above).  Measured with tools/bench_aqlm_ops.py (2 threads,
+#: the 2-core Zen 4 shared with other jobs, minimum us, table / blocked): M = 4: 1536x576 2x8-g8 317 / 536,
+#: 576x1536 1x8-g4 468 / 555, 576x576 2x8-g8 185 / 195, 4096x4096 2x8-g8 9784 / 17318; M = 8: 624 / 605,
+#: 926 / 658, 346 / 240, 21013 / 24647 (the table's cost grows with M, the decode's does not).
+LUT_MAX_ROWS = 4
 
 
 def dequantize_weight(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor, num_codebooks: int,
