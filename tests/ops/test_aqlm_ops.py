@@ -282,3 +282,34 @@ def test_module_compiles_fullgraph():
     assert fxquant.report(m).row("2").scheme == "aqlm-1x6-g4"
     w0 = parse_scheme("aqlm-2x8-g8").dequantize(m[0].packed())
     assert rel(m[0](x), F.linear(policy_x(x), w0, m[0].bias)) < 1e-5
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+def test_a_failed_allocation_raises_and_computes_nothing(isa, monkeypatch):
+    """The fault-injection build (``native_cpu.fault_injection_kernels``): each allocation of the table GEMV
+    (rounded x, table, sums) and of the row decoder (its scratch for uncommon block sizes) fails once in turn;
+    the op raises MemoryError naming the kernel, or completes only when the armed request was never reached."""
+    if isa not in native_cpu.isas():
+        pytest.skip(f"native {isa} kernels do not run here ({native_cpu.status()})")
+    lib = native_cpu.fault_injection_kernels(isa)
+    monkeypatch.setattr(native_cpu, "_lib", lambda: lib)
+    try:
+        for layout, n, m, kernel in (((2, 8, 8, 1), 300, 2, "fxq_aqlm_lut_gemv"), ((1, 5, 6, 1), 40, 9, "fxq_aqlm_decode")):
+            args, attrs = random_layer(n, 48, *layout)
+            x = torch.randn(m, 48)
+            failures = 0
+            for nth in range(1, 16):
+                lib.fail_alloc(nth)
+                try:
+                    y = torch.ops.fxquant.linear_aqlm(x, *args, None, **attrs)
+                except MemoryError as e:
+                    assert kernel.replace("fxq_", "") in str(e) and "nothing was computed" in str(e), str(e)
+                    assert lib.fail_alloc_pending() == 0
+                    failures += 1
+                    continue
+                assert lib.fail_alloc_pending() > 0
+                assert rel(y, op.reference(policy_x(x), *args, None, **attrs)) < 1e-5
+                break
+            assert failures >= 1, kernel
+    finally:
+        lib.fail_alloc(0)
