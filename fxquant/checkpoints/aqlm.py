@@ -108,8 +108,8 @@ def import_layer(path: str, local: Mapping[str, torch.Tensor], sizes: dict[str, 
                     transposed=(g, o, m))
     cb = _expect(path, "codebooks", local, fmt.PARAM_DTYPES, (m, 1 << b, og, ig),
                  "[num_codebooks, 2**nbits_per_codebook, out_group_size, in_group_size]")
-    sc = _expect(path, "scales", local, (cb.dtype,), (o, 1, 1, 1), "the codebooks' dtype, [out_features/out_group_size, "
-                 "1, 1, 1]")
+    sc = _expect(path, "scales", local, (cb.dtype,), (o, 1, 1, 1),
+                 "the codebooks' dtype, [out_features/out_group_size, 1, 1, 1]")
     scheme = AQLM(num_codebooks=m, nbits_per_codebook=b, in_group_size=ig, out_group_size=og, param_dtype=cb.dtype)
     try:
         qw = scheme.packed(codes, cb, sc, n, k)
@@ -160,7 +160,8 @@ def load_aqlm(directory_or_state_dict: str | os.PathLike | Mapping[str, torch.Te
         rows.append(Row(**row, status="quantized", scheme=scheme, bytes_after=qw.nbytes, reason="",
                         rule="AQLM checkpoint", method="checkpoint"))
     if not layers:
-        raise ValueError("AQLM checkpoint: the config keeps every nn.Linear of the model in float; nothing is quantized")
+        raise ValueError("AQLM checkpoint: the config keeps every nn.Linear of the model in float; nothing is "
+                         "quantized")
     floats = _float_plan(model, tensors, {p for p, *_ in layers}, used)
     meta_buffers = _meta_buffers(model)
     before = sum(t.numel() * t.element_size()
@@ -194,8 +195,9 @@ def _packed_layers(model: nn.Module):
             qw = w.packed
         if qw is not None:
             if qw.op != "linear_aqlm":
-                raise ValueError(f"layer {path!r}: op {qw.op} is not an AQLM layer; an AQLM checkpoint holds aqlm-<M>x<B>-"
-                                 "g<in> layers only (quantize with an aqlm scheme, or save with another writer)")
+                raise ValueError(f"layer {path!r}: op {qw.op} is not an AQLM layer; an AQLM checkpoint holds "
+                                 "aqlm-<M>x<B>-g<in> layers only (quantize with an aqlm scheme, or save with another "
+                                 "writer)")
             yield path, qw, m
 
 

@@ -56,7 +56,8 @@ def _pattern_names(pattern: str) -> list[str] | None:
 
 @reader("aqlm", name=NAME, fields=FIELDS)
 def read(f: Fields) -> Spec:
-    scheme = AQLM(num_codebooks=_int(f, "num_codebooks", 1, 1), nbits_per_codebook=_int(f, "nbits_per_codebook", 16, 1, 16),
+    scheme = AQLM(num_codebooks=_int(f, "num_codebooks", 1, 1),
+                  nbits_per_codebook=_int(f, "nbits_per_codebook", 16, 1, 16),
                   in_group_size=_int(f, "in_group_size", 8, 1), out_group_size=_int(f, "out_group_size", 1, 1))
     return f.finish(Spec(default=scheme, skip=_skip(f)))
 
@@ -77,7 +78,8 @@ def write(spec: Spec) -> dict:
             raise ValueError(f"Spec.to_config('aqlm'): skip pattern {s!r} has no AqlmConfig form; valid: module names "
                              "(written as '<module>.weight')")
         skip.extend(names)
-    skip = [f"{n}.weight" for n in skip] + skip  # weight names (the aqlm library's meaning), module names (transformers 5)
+    # weight names (the aqlm library's meaning), then module names (transformers 5)
+    skip = [f"{n}.weight" for n in skip] + skip
     return {"quant_method": "aqlm", "num_codebooks": scheme.num_codebooks,
             "nbits_per_codebook": scheme.nbits_per_codebook, "in_group_size": scheme.in_group_size,
             "out_group_size": scheme.out_group_size, "linear_weights_not_to_quantize": skip}

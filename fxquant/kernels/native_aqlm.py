@@ -58,7 +58,8 @@ def lut_gemv(x2: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, sca
     return y
 
 
-def decoder(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor) -> Callable[[int, int, torch.Tensor], bool] | None:
+def decoder(codes: torch.Tensor, codebooks: torch.Tensor,
+            scales: torch.Tensor) -> Callable[[int, int, torch.Tensor], bool] | None:
     """``decode(o0, o1, out)`` writes out groups ``o0 .. o1`` of the scaled weight (rows ``o0*og .. o1*og``,
     ``G*ig`` columns) into ``out`` (fp32 or bf16, rows of stride ``out.stride(0)``) and returns True, or
     False for an output dtype the kernel does not write; None without the native library."""

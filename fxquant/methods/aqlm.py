@@ -44,14 +44,11 @@ from typing import ClassVar
 import torch
 
 from ..formats import aqlm as fmt
+from ._aqlm_search import beam_search, kmeans, nearest
 from ._base import Method, MethodResult, Stats, check_number
 
 __all__ = ["AQLM"]
 
-#: floats of the ``[points, beams, E]`` score tensor per chunk of the beam search (bounds its memory)
-BEAM_CHUNK_FLOATS = 1 << 22
-#: distances per chunk of the k-means assignment
-KMEANS_CHUNK_FLOATS = 1 << 22
 #: input columns per block of lazy updates of ``(W - Ŵ) H`` in the calibrated code sweep (GPTQ's lazy batch)
 LAZY_COLUMNS = 128
 #: proximal weight of the codebook least squares, relative to the mean of its preconditioner
@@ -202,8 +199,8 @@ class _Fit:
         codes = torch.empty(x.shape[0], self.nc, dtype=torch.int64)
         cbs = []
         for c in range(self.nc):
-            cb = _kmeans(x, self.e, self.method.kmeans_iters, self.method.kmeans_points, self.gen)
-            codes[:, c] = _nearest(x, cb)
+            cb = kmeans(x, self.e, self.method.kmeans_iters, self.method.kmeans_points, self.gen)
+            codes[:, c] = nearest(x, cb)
             x = x - cb[codes[:, c]]
             cbs.append(cb)
         return codes.view(self.o, self.g, self.nc), torch.stack(cbs), s
@@ -212,7 +209,7 @@ class _Fit:
         if self.h is None:  # blocks independent: all at once, Q = s² |v'|² - 2 s v'ᵀ w
             z = (s[:, None, None] * self.groups(self.w)).reshape(-1, self.d)
             s2 = (s * s)[:, None].expand(self.o, self.g).reshape(-1)
-            new, _ = _beam_search(cb, codes.reshape(-1, self.nc), z, s2, None, cb.square().sum(-1), beam)
+            new, _ = beam_search(cb, codes.reshape(-1, self.nc), z, s2, None, cb.square().sum(-1), beam)
             return new.view(self.o, self.g, self.nc)
         codes = codes.clone()
         v = self.decode(codes, cb)  # [O, G, d]
@@ -232,7 +229,7 @@ class _Fit:
                 vj = v[:, j]
                 z = s2[:, None] * (vj @ abig) + s[:, None] * gh[:, cols].reshape(self.o, self.d)
                 ea = ((cb @ abig) * cb).sum(-1)  # [M, E]: e A eᵀ
-                new, _ = _beam_search(cb, codes[:, j], z, s2, abig, ea, beam)
+                new, _ = beam_search(cb, codes[:, j], z, s2, abig, ea, beam)
                 if bool((new == codes[:, j]).all()):
                     continue
                 codes[:, j] = new
@@ -338,98 +335,3 @@ class _Fit:
             ref = float(((self.w @ self.h_plain) * self.w).sum(dtype=torch.float64))
             out.update(output_squared_error=err, relative_output_squared_error=err / ref if ref > 0 else 0.0)
         return out
-
-
-# ---- k-means and beam search -----------------------------------------------------------------------------
-def _nearest(points: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest centroid of each point (ties: the lowest index), in chunks of points."""
-    cn = centroids.square().sum(1)
-    out = torch.empty(points.shape[0], dtype=torch.int64)
-    step = max(1, KMEANS_CHUNK_FLOATS // max(1, centroids.shape[0]))
-    for i in range(0, points.shape[0], step):
-        out[i:i + step] = torch.addmm(cn[None, :], points[i:i + step], centroids.t(), alpha=-2).argmin(1)
-    return out
-
-
-def _kmeans(points: torch.Tensor, k: int, iters: int, max_points: int, gen: torch.Generator) -> torch.Tensor:
-    """``k`` centroids ``[k, d]`` of ``points`` ``[P, d]``: Lloyd steps from ``k`` distinct points drawn
-    with ``gen`` (on a sample of at most ``max_points``); an emptied cluster takes the worst-fitted point.
-    Fewer points than ``k``: every point is a centroid, the rest repeat them."""
-    p = points.shape[0]
-    if p > max_points:
-        points = points[torch.randperm(p, generator=gen)[:max_points]]
-        p = max_points
-    first = torch.randperm(p, generator=gen)[:k]
-    c = points[first].clone()
-    if c.shape[0] < k:
-        c = c[torch.arange(k) % c.shape[0]].clone()
-        return c
-    for _ in range(iters):
-        a = _nearest(points, c)
-        mass = torch.zeros(k).index_add_(0, a, torch.ones(p))
-        total = torch.zeros_like(c).index_add_(0, a, points)
-        live = mass > 0
-        new = torch.where(live[:, None], total / mass.clamp(min=1)[:, None], c)
-        dead = (~live).nonzero().flatten()
-        if dead.numel():
-            err = (points - new[a]).square().sum(1)
-            new[dead] = points[err.topk(min(dead.numel(), p)).indices[:dead.numel()]]
-        if torch.equal(new, c):
-            break
-        c = new
-    return c
-
-
-def _beam_search(cb: torch.Tensor, codes: torch.Tensor, z: torch.Tensor, s2: torch.Tensor, a: torch.Tensor | None,
-                 ea: torch.Tensor, beam: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Code tuples ``[P, M]`` minimising ``Q(v) = s2 vᵀ A v - 2 vᵀ z`` per point (``A = I`` when ``a`` is
-    None; ``ea[c, e] = C_c[e]ᵀ A C_c[e]``), from ``codes`` (module docstring) -> (codes, ``Q``)."""
-    p_total, nc = codes.shape
-    e = cb.shape[1]
-    step = max(1, BEAM_CHUNK_FLOATS // (beam * e))
-    out_codes = torch.empty_like(codes)
-    out_q = torch.empty(p_total)
-    for i in range(0, p_total, step):
-        sl = slice(i, i + step)
-        out_codes[sl], out_q[sl] = _beam_chunk(cb, codes[sl], z[sl], s2[sl], a, ea, beam)
-    return out_codes, out_q
-
-
-def _beam_chunk(cb, codes, z, s2, a, ea, beam):
-    p, nc = codes.shape
-    e, d = cb.shape[1], cb.shape[2]
-    bits = max(1, (e - 1).bit_length())
-    kept = codes[:, None, :]  # [P, B, M]
-    v = cb[0][codes[:, 0]]
-    for c in range(1, nc):
-        v = v + cb[c][codes[:, c]]
-    v = v[:, None, :]  # [P, B, d]
-    q = None
-    for c in range(nc):
-        other = v - cb[c][kept[..., c]]  # [P, B, d]: the other codebooks' sum
-        ao = other if a is None else other @ a
-        base = s2[:, None] * (other * ao).sum(-1) - 2 * (other * z[:, None, :]).sum(-1)  # [P, B]
-        y = s2[:, None, None] * ao - z[:, None, :]
-        # scores[p, b, e] = base + s2 * ea[c, e] + 2 y · C_c[e]: one GEMM with the constant terms as two more columns
-        lhs = torch.cat([2 * y, s2[:, None, None].expand(-1, y.shape[1], 1), base[..., None]], -1)
-        rhs = torch.cat([cb[c].t(), ea[c][None, :], torch.ones(1, e)], 0)  # [d + 2, E]
-        flat = (lhs.reshape(-1, d + 2) @ rhs).view(p, -1)  # [P, B*E]
-        take = min(beam * beam if beam > 1 and kept.shape[1] > 1 else beam, flat.shape[1])
-        vals, idx = flat.topk(take, dim=1, largest=False, sorted=True)
-        src, ent = idx // e, idx % e
-        cand = kept.gather(1, src[..., None].expand(-1, -1, nc)).clone()
-        cand[..., c] = ent
-        if kept.shape[1] > 1 and take > 1:  # one tuple reached from two kept ones: keep its first (best) copy
-            if nc * bits <= 62:  # a tuple as one integer
-                key = (cand << (torch.arange(nc) * bits)).sum(-1)
-                same = key[:, :, None] == key[:, None, :]
-            else:
-                same = (cand[:, :, None, :] == cand[:, None, :, :]).all(-1)
-            dup = (same & torch.ones(take, take, dtype=torch.bool).tril(-1)).any(-1)
-            vals = vals.masked_fill(dup, float("inf"))
-            vals, pick = vals.topk(min(beam, take), dim=1, largest=False, sorted=True)
-            src, cand = src.gather(1, pick), cand.gather(1, pick[..., None].expand(-1, -1, nc))
-        kept = cand
-        v = other.gather(1, src[..., None].expand(-1, -1, d)) + cb[c][kept[..., c]]
-        q = vals
-    return kept[:, 0], q[:, 0]

@@ -46,7 +46,8 @@ class Net(nn.Module):
 def known_layer(n, k, nc, nbits, ig, og, seed, dtype=torch.float16):
     g = torch.Generator().manual_seed(seed)
     u = torch.randint(0, 1 << nbits, (n // og, k // ig, nc), generator=g)
-    return {"codes": fmt.to_stored(u, nbits), "codebooks": (torch.randn(nc, 1 << nbits, og, ig, generator=g) / nc).to(dtype),
+    return {"codes": fmt.to_stored(u, nbits),
+            "codebooks": (torch.randn(nc, 1 << nbits, og, ig, generator=g) / nc).to(dtype),
             "scales": (torch.rand(n // og, 1, 1, 1, generator=g) * 0.1 + 0.01).to(dtype)}
 
 
@@ -204,8 +205,10 @@ def _state(model):
     (lambda t: t.update({"fc1.zeros": torch.zeros(3)}), r"tensor 'fc1.zeros': not a tensor of an AQLM layer"),
     (lambda t: t.update({"norm.codes": torch.zeros(3, dtype=torch.int8)}),
      r"tensor 'norm.codes': the model has a LayerNorm, not an nn.Linear"),
-    (lambda t: t.update({"head.codes": t["fc2.codes"]}), r"tensor 'head.codes': the config keeps 'head.weight' in float"),
-    (lambda t: t.update({"extra.weight": torch.zeros(2)}), r"tensor 'extra.weight' .*in the checkpoint but not in the model"),
+    (lambda t: t.update({"head.codes": t["fc2.codes"]}),
+     r"tensor 'head.codes': the config keeps 'head.weight' in float"),
+    (lambda t: t.update({"extra.weight": torch.zeros(2)}),
+     r"tensor 'extra.weight' .*in the checkpoint but not in the model"),
 ])
 def test_corrupt_tensors_are_refused_by_name(tmp_path, change, match):
     tensors = write_checkpoint(tmp_path / "ck", aqlm_config())

@@ -29,7 +29,8 @@ def test_default_config_is_1x16_g8_everywhere():
         assert spec.choose("lm_head").scheme == spec.default  # AqlmConfig skips nothing unless it is named
 
 
-@pytest.mark.parametrize("kw", [dict(num_codebooks=2, nbits_per_codebook=8), dict(in_group_size=4, nbits_per_codebook=8),
+@pytest.mark.parametrize("kw", [dict(num_codebooks=2, nbits_per_codebook=8),
+                                dict(in_group_size=4, nbits_per_codebook=8),
                                 dict(num_codebooks=1, nbits_per_codebook=16, in_group_size=8, out_group_size=2)])
 def test_sizes_are_the_aqlm_layers_sizes(kw):
     """The scheme's stored tensors have the shapes and dtypes of the aqlm library's QuantizedLinear built from
@@ -82,7 +83,8 @@ def test_invalid_configs_name_config_and_field(cfg, field, valid):
 
 def test_round_trip_through_the_real_config():
     cfg = transformers.AqlmConfig(num_codebooks=2, nbits_per_codebook=8, in_group_size=8,
-                                  linear_weights_not_to_quantize=["lm_head.weight", "model.layers.0.mlp.down_proj.weight"])
+                                  linear_weights_not_to_quantize=["lm_head.weight",
+                                                                  "model.layers.0.mlp.down_proj.weight"])
     spec = Spec.from_config(cfg)
     d = spec.to_config("aqlm")
     assert d["linear_weights_not_to_quantize"] == ["lm_head.weight", "model.layers.0.mlp.down_proj.weight", "lm_head",

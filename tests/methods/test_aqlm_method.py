@@ -10,6 +10,7 @@ import torch
 import fxquant
 from fxquant.formats import aqlm as fmt
 from fxquant.methods import AQLM, Stats, method_from_json, method_to_json
+from fxquant.methods import _aqlm_search as search
 from fxquant.methods import aqlm as method
 from fxquant.schemes import AQLM as AQLMScheme
 from fxquant.schemes import parse_scheme
@@ -67,9 +68,9 @@ def test_beam_search_with_a_full_beam_is_exhaustive(full_a):
 
     tuples = torch.tensor(list(itertools.product(range(e), repeat=nc)))
     best = torch.stack([q(tuples[i].expand(p, -1)) for i in range(len(tuples))], 1).min(1).values
-    codes, qv = method._beam_search(cb, start, z, s2, a, ea, beam=e)
+    codes, qv = search.beam_search(cb, start, z, s2, a, ea, beam=e)
     assert torch.allclose(q(codes), best, atol=1e-4) and torch.allclose(qv, q(codes), atol=1e-4)
-    one, _ = method._beam_search(cb, start, z, s2, a, ea, beam=1)
+    one, _ = search.beam_search(cb, start, z, s2, a, ea, beam=1)
     assert (q(one) <= q(start) + 1e-5).all()
 
 

@@ -145,7 +145,8 @@ def test_native_kernels_and_torch_fallback(isa, layout, monkeypatch):
             op.lut_linear(x, *args, nbits, n)
         assert rel(got, x @ w[:n].T) < 1e-6
         if isa != "torch":  # round_x: x rounded to bf16 in the kernel
-            assert rel(native_aqlm.lut_gemv(x, *args, out_features=n, round_x=True), x.bfloat16().float() @ w[:n].T) < 1e-6
+            rounded = native_aqlm.lut_gemv(x, *args, out_features=n, round_x=True)
+            assert rel(rounded, x.bfloat16().float() @ w[:n].T) < 1e-6
     decode = native_aqlm.decoder(*args)
     assert (decode is None) == (isa == "torch")
     if decode is not None:
@@ -254,7 +255,8 @@ def test_bad_strings_name_the_scheme():
         parse_scheme("int4wo-64@aqlm")
 
 
-@pytest.mark.parametrize("text,n,k", [("aqlm-2x8-g8", 96, 64), ("aqlm-1x16-g8", 40, 30), ("aqlm-1x4-g4-o2-fp32", 9, 10)])
+@pytest.mark.parametrize("text,n,k", [("aqlm-2x8-g8", 96, 64), ("aqlm-1x16-g8", 40, 30),
+                                      ("aqlm-1x4-g4-o2-fp32", 9, 10)])
 def test_quantize_packs_the_layout_and_counts_every_byte(text, n, k):
     s = parse_scheme(text)
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(0))
@@ -294,7 +296,8 @@ def test_a_failed_allocation_raises_and_computes_nothing(isa, monkeypatch):
     lib = native_cpu.fault_injection_kernels(isa)
     monkeypatch.setattr(native_cpu, "_lib", lambda: lib)
     try:
-        for layout, n, m, kernel in (((2, 8, 8, 1), 300, 2, "fxq_aqlm_lut_gemv"), ((1, 5, 6, 1), 40, 9, "fxq_aqlm_decode")):
+        for layout, n, m, kernel in (((2, 8, 8, 1), 300, 2, "fxq_aqlm_lut_gemv"),
+                                     ((1, 5, 6, 1), 40, 9, "fxq_aqlm_decode")):
             args, attrs = random_layer(n, 48, *layout)
             x = torch.randn(m, 48)
             failures = 0
