@@ -16,6 +16,15 @@ from ..schemes import QuantizedWeight
 
 __all__ = ["PackedEmbedding", "scaled_embedding_scale"]
 
+_DEFS: dict = {}  # op name -> its LinearOpDef (``op_def`` searches every loaded module: ~1 ms a call)
+
+
+def _dequantized(op: str, tensors: dict, attrs: dict) -> torch.Tensor:
+    d = _DEFS.get(op)
+    if d is None:
+        d = _DEFS[op] = op_def(op)
+    return d.dequantized(tensors, attrs)
+
 
 class PackedEmbedding(nn.Module):
     """``nn.Embedding`` whose table ``[num_embeddings, embedding_dim]`` is stored packed, one stored row
@@ -47,7 +56,7 @@ class PackedEmbedding(nn.Module):
         flat = input_ids.reshape(-1)
         rows = {n: getattr(self, n).index_select(0, flat) for n in self.tensor_names}
         attrs = {**self.op_attrs, "out_features": flat.shape[0]}
-        out = op_def(self.op_name).dequantized(rows, attrs).to(self.dtype)
+        out = _dequantized(self.op_name, rows, attrs).to(self.dtype)
         if self.embed_scale is not None:
             out = out * self.embed_scale.to(self.dtype)
         return out.reshape(*input_ids.shape, self.embedding_dim)
@@ -59,7 +68,7 @@ class PackedEmbedding(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """The whole table, float32 ``[num_embeddings, embedding_dim]`` (unscaled)."""
-        return op_def(self.op_name).dequantized({n: getattr(self, n) for n in self.tensor_names}, self.op_attrs)
+        return _dequantized(self.op_name, {n: getattr(self, n) for n in self.tensor_names}, self.op_attrs)
 
     def extra_repr(self) -> str:
         scale = "" if self.embed_scale is None else ", scaled"

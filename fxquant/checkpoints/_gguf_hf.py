@@ -7,8 +7,9 @@ model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, quantizatio
 transformers (5.25) reads a ``gguf_file=`` with whatever quantizer the config names, but refuses any
 quantizer whose config is not a GGUF one (``get_hf_quantizer``), and asks it for the file's header
 (``read_header``) and its state dict (``get_state_dict``).  :class:`FxQuantGgufHfQuantizer` is what
-``FxQuantConfig(spec="gguf")`` selects: its config reports ``quant_method`` ``"gguf"`` while transformers
-loads (``"fxquant"`` again afterwards; the config always serialises as ``"fxquant"``), it plans the
+``FxQuantConfig(spec="gguf")`` selects: its config says ``quant_method`` ``"gguf"`` only between the
+quantizer's creation and transformers' check of it (``"fxquant"`` again from the next hook on; it
+always serialises as ``"fxquant"``), it plans the
 model with :func:`~fxquant.checkpoints._gguf_plan.plan_model` before any weight is read, installs the
 packed modules with empty tensors on the meta device, and hands transformers a state dict of the
 file's row bytes (``<layer>.blocks``) and float tensors, which its loader assigns.  The result equals
@@ -20,7 +21,6 @@ layout); ``fxquant.from_gguf`` is the way to reload it.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from ..hf import FxQuantHfQuantizer
 from ..modules import QuantizedLinear
@@ -70,11 +70,18 @@ class FxQuantGgufHfQuantizer(FxQuantHfQuantizer):
         self.dtype = torch.float32
         from transformers.utils.quantization_config import QuantizationMethod
 
-        # transformers' gguf_file= path accepts only a quantizer whose config says "gguf" (restored after loading)
+        # transformers' gguf_file= path accepts only a quantizer whose config says "gguf": it checks right
+        # after making the quantizer, and the next hook (read_header, or the model hook without a file) restores it
         quantization_config.quant_method = QuantizationMethod.GGUF
+
+    def _restore_quant_method(self) -> None:
+        from ..hf import FxQuantMethod
+
+        self.quantization_config.quant_method = FxQuantMethod.FXQUANT
 
     def read_header(self, gguf_file: str) -> None:
         """The file's tensor table, checked (unsupported types, truncation) before the model is built."""
+        self._restore_quant_method()
         self.file = GgufFile(gguf_file)
         check_types(self.file)
 
@@ -83,6 +90,7 @@ class FxQuantGgufHfQuantizer(FxQuantHfQuantizer):
         return self.dtype
 
     def _process_model_before_weight_loading(self, model, **kwargs):
+        self._restore_quant_method()
         if self.file is None:
             raise ValueError('FxQuantConfig(spec="gguf") loads GGUF files: pass gguf_file= to from_pretrained')
         self.plan = plan_model(self.file, model, self.dtype, self.quantization_config.spec.compute_dtype)
@@ -108,8 +116,6 @@ class FxQuantGgufHfQuantizer(FxQuantHfQuantizer):
         return state
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        from ..hf import FxQuantMethod
-
         plan = self.plan
         for item in plan.linears + plan.embeddings:  # one tensor per file tensor, whatever the loader copied
             model.get_submodule(item.path).blocks = item.data.tensor()
@@ -128,7 +134,6 @@ class FxQuantGgufHfQuantizer(FxQuantHfQuantizer):
             rows=_report_rows(model, plan, self.dtype), frontend="GGUF file (transformers from_pretrained)",
             model_bytes_before=plan.float_bytes, model_bytes_after=tensor_bytes(model),
             notes=plan.notes))
-        self.quantization_config.quant_method = FxQuantMethod.FXQUANT
         self.file.close()
         self.plan = None
         return model

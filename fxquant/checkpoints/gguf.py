@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -172,8 +171,8 @@ def _report_rows(model: nn.Module, plan: Plan, dtype: torch.dtype) -> list[Row]:
     for path, m in model.named_modules():
         if isinstance(m, QuantizedLinear):
             item = packed.get(path)
-            rows.append(Row(fqn=path, status="quantized", scheme=m.scheme, reason="", shape=(m.out_features, m.in_features),
-                            bytes_before=m.out_features * m.in_features * size, bytes_after=m.packed().nbytes,
+            rows.append(Row(fqn=path, status="quantized", scheme=m.scheme, reason="",
+                            shape=(m.out_features, m.in_features), bytes_before=m.out_features * m.in_features * size, bytes_after=m.packed().nbytes,
                             rel_error=None, rule=f"gguf tensor {item.source!r} ({item.type_name})" if item else "gguf",
                             kind="nn.Linear", method="checkpoint"))
         elif isinstance(m, nn.Linear):
@@ -183,11 +182,3 @@ def _report_rows(model: nn.Module, plan: Plan, dtype: torch.dtype) -> list[Row]:
                             bytes_before=nbytes, bytes_after=nbytes, rel_error=None, kind="nn.Linear"))
     return rows
 
-
-def file_quantized_bytes(path: str | os.PathLike) -> int:
-    """Bytes of every quantized (non-float) tensor of a GGUF file: what :func:`from_gguf` keeps packed."""
-    f = GgufFile(path)
-    try:
-        return int(np.sum([e.nbytes for e in f.tensors.values() if not e.is_float], dtype=np.int64))
-    finally:
-        f.close()

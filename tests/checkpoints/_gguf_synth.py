@@ -108,7 +108,8 @@ def gemma3_shapes(c: dict = GEMMA3) -> dict[str, tuple[int, ...]]:
     shapes = {"token_embd.weight": (c["vocab"], h), "output_norm.weight": (h,)}
     for b in range(c["layers"]):
         shapes.update({f"blk.{b}.attn_q.weight": (c["heads"] * d, h), f"blk.{b}.attn_k.weight": (c["kv_heads"] * d, h),
-                       f"blk.{b}.attn_v.weight": (c["kv_heads"] * d, h), f"blk.{b}.attn_output.weight": (h, c["heads"] * d),
+                       f"blk.{b}.attn_v.weight": (c["kv_heads"] * d, h),
+                       f"blk.{b}.attn_output.weight": (h, c["heads"] * d),
                        f"blk.{b}.ffn_gate.weight": (i, h), f"blk.{b}.ffn_up.weight": (i, h),
                        f"blk.{b}.ffn_down.weight": (h, i), f"blk.{b}.attn_q_norm.weight": (d,),
                        f"blk.{b}.attn_k_norm.weight": (d,), f"blk.{b}.attn_norm.weight": (h,),

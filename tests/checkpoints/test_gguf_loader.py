@@ -112,9 +112,9 @@ def test_every_type_stays_packed_as_the_file_holds_it(tmp_path, qtype):
     c = S.LLAMA
     head = {"attn_q": c["heads"], "attn_k": c["kv_heads"]}
     for b in range(c["layers"]):
-        for gname, hf in [("attn_q", "self_attn.q_proj"), ("attn_k", "self_attn.k_proj"), ("attn_v", "self_attn.v_proj"),
-                          ("attn_output", "self_attn.o_proj"), ("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj"),
-                          ("ffn_down", "mlp.down_proj")]:
+        for gname, hf in [("attn_q", "self_attn.q_proj"), ("attn_k", "self_attn.k_proj"),
+                          ("attn_v", "self_attn.v_proj"), ("attn_output", "self_attn.o_proj"),
+                          ("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj"), ("ffn_down", "mlp.down_proj")]:
             t = reader[f"blk.{b}.{gname}.weight"]
             rows = np.arange(t.data.shape[0]) if gname not in head else S.hf_row_order(t.data.shape[0], head[gname])
             m = model.get_submodule(f"model.layers.{b}.{hf}")
@@ -224,7 +224,8 @@ def test_report_rows_and_float_linears(tmp_path):
     model = fxquant.from_gguf(_file(tmp_path, "r.gguf", "llama", S.llama_metadata(), tensors), dtype=torch.bfloat16)
     rep = fxquant.report(model)
     v = rep.row("model.layers.0.self_attn.v_proj")
-    assert v.status == "skipped" and "F16" in v.reason and model.model.layers[0].self_attn.v_proj.weight.dtype == torch.bfloat16
+    assert v.status == "skipped" and "F16" in v.reason
+    assert model.model.layers[0].self_attn.v_proj.weight.dtype == torch.bfloat16
     q = rep.row("model.layers.1.mlp.down_proj")
     assert q.status == "quantized" and q.scheme == "gguf-q4_k" and q.method == "checkpoint"
     assert q.bytes_after == 256 * (512 // 256 * 144) and q.bytes_before == 256 * 512 * 2
@@ -242,6 +243,17 @@ def test_packed_embedding_follows_dtype_casts(files):
     scale = model.model.embed_tokens.embed_scale.to(torch.bfloat16)
     assert out.dtype == torch.bfloat16
     assert torch.equal(out, (rows / 16).to(torch.bfloat16) * scale)  # embed_scale sqrt(256): the fp32 rows, exact
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_torch_compile(files, arch):
+    """The packed model (its PackedEmbedding and linear_gguf layers) under torch.compile: the eager logits."""
+    model = fxquant.from_gguf(files[arch], **F32)
+    ids = _ids(model.config.vocab_size)
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        _close(compiled(ids).logits, model(ids).logits)
 
 
 def test_loading_never_unpickles(files, monkeypatch):
@@ -337,7 +349,8 @@ def test_a_model_of_another_shape_is_refused_unchanged(files):
     model = _cpu_skeleton(files["llama"], intermediate_size=768)
     snap = _snapshot(model)
     with pytest.raises(ValueError, match=r"tensor 'blk\.0\.ffn_gate\.weight' \(Q2_K, shape \[512, 256\]\) is "
-                                         r"'model\.layers\.0\.mlp\.gate_proj\.weight' of shape \[768, 256\] in the model"):
+                                         r"'model\.layers\.0\.mlp\.gate_proj\.weight' of shape \[768, 256\] in "
+                                         r"the model"):
         fxquant.from_gguf(files["llama"], model)
     _unchanged(model, snap)
 
