@@ -14,8 +14,10 @@ real SmolLM2-135M in bf16 and a random-weight Llama with TinyLlama-1.1B's shapes
 Modes: ``eager`` (default dynamic cache) and ``compiled`` (``model.forward = torch.compile(...)``,
 static caches sized as ``generate`` sizes them, one for the decode calls and one for the prefill; graphs are compiled in untimed warm-up calls, and the graphs
 compiled during the timed calls are counted: 0 means no recompilation per token or per call).
-Rows (``tools/e2e/variants.py``): bf16, fp32, fxquant ``quantize_`` with each scheme, and the peers
-(torchao, optimum-quanto, bitsandbytes) through their own APIs; a row that fails shows its error.
+Rows (``tools/e2e/variants.py``): bf16, fp32, fxquant ``quantize_`` with each scheme, ``gguf`` (SmolLM2's
+own Q4_1 GGUF file loaded packed by ``fxquant.from_gguf``; bf16 / fp32 are transformers' dequantize-at-load
+model of that file), and the peers (torchao, optimum-quanto, bitsandbytes) through their own APIs; a row
+that fails shows its error.
 
 Timing: each variant is made from a fresh deep copy of the bf16 model and freed after its rows;
 its timed calls are interleaved with those of a bf16 reference model kept for the whole mode (a new
