@@ -27,7 +27,7 @@ from ..modules import PackedWeight, QuantizedLinear
 from ..report import INPLACE_REPORT_ATTR, Report, Row, tensor_bytes
 from ..schemes import QuantizedWeight
 from . import _files
-from .compressed_tensors import _assign_floats, _fill_meta_buffers, _float_plan, _install, _meta_buffers, _nbytes
+from ._loading import assign_floats, fill_meta_buffers, float_plan, install, meta_buffers, nbytes
 
 #: AutoGPTQ's separate quantization config file (older checkpoints keep it beside config.json)
 QUANTIZE_CONFIG = "quantize_config.json"
@@ -275,9 +275,9 @@ def load(model: nn.Module, tensors: Mapping[str, torch.Tensor], import_layer: Im
             continue
         n, k = m.weight.shape
         local = by_module.get(path, {})
-        row = dict(fqn=path, shape=(n, k), kind="nn.Linear", bytes_before=_nbytes(m.weight), rel_error=None)
+        row = dict(fqn=path, shape=(n, k), kind="nn.Linear", bytes_before=nbytes(m.weight), rel_error=None)
         if "qweight" not in local:
-            rows.append(Row(**row, status="skipped", scheme=None, bytes_after=_nbytes(m.weight),
+            rows.append(Row(**row, status="skipped", scheme=None, bytes_after=nbytes(m.weight),
                             reason="stored in float by the checkpoint"))
             continue
         extra = sorted(set(local) - names - {"bias"})
@@ -292,14 +292,14 @@ def load(model: nn.Module, tensors: Mapping[str, torch.Tensor], import_layer: Im
     if not layers:
         raise ValueError(f"{layout} checkpoint: no tensor '<layer>.qweight' of any nn.Linear of the model; nothing "
                          "is quantized (is this the right checkpoint and model?)")
-    floats = _float_plan(model, tensors, {p for p, *_ in layers}, used)
-    meta_buffers = _meta_buffers(model)
-    before = sum(_nbytes(t) for t in {id(t): t for t in list(model.parameters()) + list(model.buffers())}.values())
+    floats = float_plan(model, tensors, {p for p, *_ in layers}, used)
+    on_meta = meta_buffers(model)
+    before = sum(nbytes(t) for t in {id(t): t for t in list(model.parameters()) + list(model.buffers())}.values())
     # -- nothing has changed so far; from here on every step succeeds --
-    _assign_floats(model, floats)
+    assign_floats(model, floats)
     for path, m, qw, scheme in layers:
-        _install(model, path, m, qw, scheme)
-    _fill_meta_buffers(model, meta_buffers)
+        install(model, path, m, qw, scheme)
+    fill_meta_buffers(model, on_meta)
     setattr(model, INPLACE_REPORT_ATTR, Report(
         rows=rows, frontend=f"{layout} checkpoint", model_bytes_before=before, model_bytes_after=tensor_bytes(model),
         notes=[f"loaded {len(layers)} quantized layers from a {layout} checkpoint (rel_error unknown: no float "

@@ -40,7 +40,7 @@ from ..modules import PackedWeight, QuantizedLinear
 from ..report import INPLACE_REPORT_ATTR, Report, Row, tensor_bytes
 from ..schemes import AQLM
 from . import _files
-from .compressed_tensors import _assign_floats, _fill_meta_buffers, _float_plan, _install, _meta_buffers, _source
+from ._loading import assign_floats, fill_meta_buffers, float_plan, install, meta_buffers, source
 
 __all__ = ["load_aqlm", "save_aqlm"]
 
@@ -128,7 +128,7 @@ def load_aqlm(directory_or_state_dict: str | os.PathLike | Mapping[str, torch.Te
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_not_quantized(model)
-    qc, tensors = _source(directory_or_state_dict, config, model)
+    qc, tensors = source(directory_or_state_dict, config, model)
     sizes, keep_float = _parse(qc)
     by_module = collections.defaultdict(dict)
     for key, t in tensors.items():
@@ -162,15 +162,15 @@ def load_aqlm(directory_or_state_dict: str | os.PathLike | Mapping[str, torch.Te
     if not layers:
         raise ValueError("AQLM checkpoint: the config keeps every nn.Linear of the model in float; nothing is "
                          "quantized")
-    floats = _float_plan(model, tensors, {p for p, *_ in layers}, used)
-    meta_buffers = _meta_buffers(model)
+    floats = float_plan(model, tensors, {p for p, *_ in layers}, used)
+    on_meta = meta_buffers(model)
     before = sum(t.numel() * t.element_size()
                  for t in {id(t): t for t in list(model.parameters()) + list(model.buffers())}.values())
     # -- nothing has changed so far; from here on every step succeeds --
-    _assign_floats(model, floats)
+    assign_floats(model, floats)
     for path, m, qw, scheme in layers:
-        _install(model, path, m, qw, scheme)
-    _fill_meta_buffers(model, meta_buffers)
+        install(model, path, m, qw, scheme)
+    fill_meta_buffers(model, on_meta)
     setattr(model, INPLACE_REPORT_ATTR, Report(
         rows=rows, frontend="AQLM checkpoint", model_bytes_before=before, model_bytes_after=tensor_bytes(model),
         notes=[f"loaded {len(layers)} quantized layers from an AQLM checkpoint (rel_error unknown: no float weights)"]))

@@ -25,7 +25,7 @@ from ..modules import PackedWeight, QuantizedLinear
 from ..report import INPLACE_REPORT_ATTR, Report, Row, tensor_bytes
 from . import _files
 from ._bnb_layers import export_layer, import_4bit, import_8bit, layer_kind
-from .compressed_tensors import _assign_floats, _fill_meta_buffers, _float_plan, _install, _meta_buffers, _nbytes
+from ._loading import assign_floats, fill_meta_buffers, float_plan, install, meta_buffers, nbytes
 
 __all__ = ["load_bnb", "save_bnb"]
 
@@ -41,7 +41,7 @@ def _settings(qc: Any) -> dict[str, Any]:
         return {"kind": None, "compute_dtype": None, "threshold": int8dq.DEFAULT_THRESHOLD}
     from ..configs import spec_from_config
     from ..configs._base import as_dict
-    from ..schemes import FP4, NF4, LLMInt8
+    from ..schemes import FP4, NF4
 
     d = as_dict(qc, "quantization_config")
     method = d.get("quant_method", QUANT_METHOD)
@@ -53,11 +53,10 @@ def _settings(qc: Any) -> dict[str, Any]:
     if isinstance(scheme, (NF4, FP4)):
         return {"kind": "4bit", "quant_type": scheme.quant_type, "double_quant": scheme.double_quant,
                 "compute_dtype": scheme.compute_dtype, "threshold": int8dq.DEFAULT_THRESHOLD}
-    return {"kind": "8bit", "compute_dtype": None,
-            "threshold": scheme.threshold if isinstance(scheme, LLMInt8) else 0.0}
+    return {"kind": "8bit", "compute_dtype": None, "threshold": scheme.threshold}  # Bnb8 (configs/bitsandbytes)
 
 
-def _source(directory_or_state_dict, config) -> tuple[Any, Mapping[str, torch.Tensor]]:
+def source(directory_or_state_dict, config) -> tuple[Any, Mapping[str, torch.Tensor]]:
     if isinstance(directory_or_state_dict, (str, os.PathLike)):
         cfg = _files.read_config(directory_or_state_dict) if config is None else config
         return _unwrap(cfg), _files.read_tensors(directory_or_state_dict)
@@ -109,17 +108,17 @@ def load_bnb(directory_or_state_dict: str | os.PathLike | Mapping[str, torch.Ten
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_not_quantized(model)
-    qc, tensors = _source(directory_or_state_dict, config)
+    qc, tensors = source(directory_or_state_dict, config)
     settings = _settings(qc)
     layers, rows, used = _plan_layers(model, tensors, settings)
-    floats = _float_plan(model, tensors, {p for p, *_ in layers}, used)
-    meta_buffers = _meta_buffers(model)
-    before = sum(_nbytes(t) for t in {id(t): t for t in list(model.parameters()) + list(model.buffers())}.values())
+    floats = float_plan(model, tensors, {p for p, *_ in layers}, used)
+    on_meta = meta_buffers(model)
+    before = sum(nbytes(t) for t in {id(t): t for t in list(model.parameters()) + list(model.buffers())}.values())
     # -- nothing has changed so far; from here on every step succeeds --
-    _assign_floats(model, floats)
+    assign_floats(model, floats)
     for path, m, qw, scheme in layers:
-        _install(model, path, m, qw, scheme)
-    _fill_meta_buffers(model, meta_buffers)
+        install(model, path, m, qw, scheme)
+    fill_meta_buffers(model, on_meta)
     setattr(model, INPLACE_REPORT_ATTR, Report(
         rows=rows, frontend="bitsandbytes checkpoint", model_bytes_before=before, model_bytes_after=tensor_bytes(model),
         notes=[f"loaded {len(layers)} quantized layers from a bitsandbytes checkpoint (rel_error unknown: "
@@ -144,9 +143,9 @@ def _plan_layers(model: nn.Module, tensors: Mapping[str, torch.Tensor],
         local = {name: t for name, t in by_module.get(path, {}).items()
                  if name in ("weight", "bias", "SCB", "weight_format") or name.startswith("weight.")}
         kind = layer_kind(local)
-        row = dict(fqn=path, shape=(n, k), kind="nn.Linear", bytes_before=_nbytes(m.weight), rel_error=None)
+        row = dict(fqn=path, shape=(n, k), kind="nn.Linear", bytes_before=nbytes(m.weight), rel_error=None)
         if kind is None:
-            rows.append(Row(**row, status="skipped", scheme=None, bytes_after=_nbytes(m.weight),
+            rows.append(Row(**row, status="skipped", scheme=None, bytes_after=nbytes(m.weight),
                             reason="stored in float by the checkpoint"))
             continue
         _check_kind(path, kind, settings)

@@ -45,7 +45,7 @@ from ..report import INPLACE_REPORT_ATTR, Report, Row, tensor_bytes
 from ..schemes import VPTQ
 from ..spec import Pattern
 from . import _files
-from .compressed_tensors import _assign_floats, _fill_meta_buffers, _float_plan, _install, _meta_buffers, _source
+from ._loading import assign_floats, fill_meta_buffers, float_plan, install, meta_buffers, source
 
 __all__ = ["load_vptq", "save_vptq"]
 
@@ -174,7 +174,7 @@ def load_vptq(directory_or_state_dict: str | os.PathLike | Mapping[str, torch.Te
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_not_quantized(model)
-    qc, tensors = _source(directory_or_state_dict, config, model)
+    qc, tensors = source(directory_or_state_dict, config, model)
     layers_cfg, shared_cfg, skip, notes = _parse(qc)
     by_module = collections.defaultdict(dict)
     for key, t in tensors.items():
@@ -208,14 +208,14 @@ def load_vptq(directory_or_state_dict: str | os.PathLike | Mapping[str, torch.Te
         raise ValueError("quantization_config: no linear of the model is named by config_for_layers or "
                          "shared_layer_config (or all are in modules_to_not_convert)")
     quantized = {p for p, *_ in layers}
-    floats = _float_plan(model, tensors, quantized, used)
-    meta_buffers = _meta_buffers(model)
+    floats = float_plan(model, tensors, quantized, used)
+    on_meta = meta_buffers(model)
     before = tensor_bytes(model)
     # -- nothing has changed so far; from here on every step succeeds --
-    _assign_floats(model, floats)
+    assign_floats(model, floats)
     for path, m, qw, scheme in layers:
-        _install(model, path, m, qw, scheme)
-    _fill_meta_buffers(model, meta_buffers)
+        install(model, path, m, qw, scheme)
+    fill_meta_buffers(model, on_meta)
     setattr(model, INPLACE_REPORT_ATTR, Report(
         rows=rows, frontend="VPTQ checkpoint", model_bytes_before=before, model_bytes_after=tensor_bytes(model),
         notes=[f"loaded {len(layers)} VPTQ layers (rel_error unknown: no float weights)", *notes]))

@@ -223,13 +223,15 @@ def test_gptq_policy_outputs_and_compile(tmp_path):
     model = fxquant.load_gptq(tmp_path, Net())
     from helpers import policy_x
 
-    x = torch.randn(3, 7, 128)
+    x = torch.randn(3, 7, 128, generator=torch.Generator().manual_seed(0))
     w1, w2 = (torch.from_numpy(gptq_dequantize(layers[p], 4, False)).float() for p in ("fc1", "fc2"))
     h = torch.relu(F.linear(policy_x(x), w1, tensors["fc1.bias"].float()))
     h = torch.relu(F.linear(policy_x(h), w2))
     want = F.linear(h, tensors["head.weight"], tensors["head.bias"])
     got = model(x)
-    assert (got - want).abs().max() < 1e-4 * want.abs().max()
+    # the hidden activations are rounded to bf16 (the policy) in both: a summation-order difference
+    # before that rounding can flip one element by a bf16 step (2**-8 relative), hence 1e-3, not 1e-4
+    assert (got - want).abs().max() < 1e-3 * want.abs().max()
     assert torch.allclose(torch.compile(model, fullgraph=True)(x), got, atol=1e-5)
 
 
