@@ -10,7 +10,6 @@ and the changes llama.cpp made to some tensors, undone with transformers' own GG
 """
 from __future__ import annotations
 
-import logging
 import os
 
 import torch
@@ -24,8 +23,6 @@ from ._gguf_file import GgufFile
 from ._gguf_plan import Plan, check_types, plan_model
 
 __all__ = ["from_gguf", "PackedEmbedding"]
-
-log = logging.getLogger(__name__)
 
 
 def from_gguf(path: str | os.PathLike, model: nn.Module | None = None, *, dtype: torch.dtype = torch.bfloat16,
@@ -50,6 +47,9 @@ def from_gguf(path: str | os.PathLike, model: nn.Module | None = None, *, dtype:
     model is changed.  ``fxquant.report(model)`` lists every linear layer."""
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"from_gguf: dtype={dtype!r}; valid: torch.float32, torch.bfloat16, torch.float16")
+    if compute_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"from_gguf: compute_dtype={compute_dtype!r}; valid: None, torch.float32, torch.bfloat16, "
+                         "torch.float16")
     f = GgufFile(path)
     check_types(f)
     if model is None:

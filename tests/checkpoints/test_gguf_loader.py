@@ -374,6 +374,8 @@ def test_other_refusals(files):
         fxquant.from_gguf(files["llama"], torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match=r"dtype=torch\.int8; valid: torch\.float32"):
         fxquant.from_gguf(files["llama"], dtype=torch.int8)
+    with pytest.raises(ValueError, match=r"compute_dtype=torch\.int8; valid: None, torch\.float32"):
+        fxquant.from_gguf(files["llama"], compute_dtype=torch.int8)
     from fxquant.checkpoints._gguf_hf import FxQuantGgufHfQuantizer
 
     with pytest.raises(ValueError, match=r"loads GGUF files: pass gguf_file= to from_pretrained"):
