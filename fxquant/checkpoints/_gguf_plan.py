@@ -150,7 +150,6 @@ def plan_model(f: GgufFile, model: nn.Module, dtype: torch.dtype, compute_dtype:
     processor, key_map = _processor(f, model)
     modules = dict(model.named_modules())
     plan, parsed, dense, sources = Plan(), {"tensors": {}}, {}, {}
-    cache: dict[str, _Bytes] = {}
     unmapped = []
     for e in f.tensors.values():
         hf = key_map.get(e.name)
@@ -164,8 +163,8 @@ def plan_model(f: GgufFile, model: nn.Module, dtype: torch.dtype, compute_dtype:
                 why = None if perm is not False else "transformers' processor changes more than its row order"
             if why is None:
                 _check_shape(f, e, hf, tuple(m.weight.shape))
-                cache[e.name] = _Bytes(f.raw(e), perm)
-                item = PackedItem(path, e.name, e.type_name, e.shape[0], e.shape[-1], cache[e.name], compute_dtype)
+                item = PackedItem(path, e.name, e.type_name, e.shape[0], e.shape[-1], _Bytes(f.raw(e), perm),
+                                  compute_dtype)
                 if isinstance(m, nn.Embedding):
                     plan.embeddings.append(item)
                 else:
