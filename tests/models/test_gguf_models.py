@@ -128,6 +128,7 @@ def test_smollm2_default_bf16_generates(smollm2, smollm2_path):
     assert out.shape == (1, 14)
 
 
+@pytest.mark.slow  # CI time; torch.compile of GGUF layers is also covered by tests/ops/test_gguf_ops.py
 def test_smollm2_torch_compile(smollm2, smollm2_packed):
     _, tok = smollm2
     ids = tok(PROMPTS[0], return_tensors="pt").input_ids
@@ -176,6 +177,7 @@ def test_gemma_is_the_files_bytes(gemma_path, gemma_packed):
     assert emb.blocks.untyped_storage().data_ptr() == gemma_packed.lm_head.blocks.untyped_storage().data_ptr()
 
 
+@pytest.mark.slow  # CI time; torch.compile of GGUF layers is also covered by tests/ops/test_gguf_ops.py
 def test_gemma_torch_compile(gemma_packed):
     ids = torch.tensor([GEMMA_PROMPTS[0]])
     compiled = torch.compile(gemma_packed)
@@ -198,6 +200,7 @@ print(json.dumps({"rss": rss() - before, "tensors": fxquant.report(model).model_
 """
 
 
+@pytest.mark.slow  # CI time; torch.compile of GGUF layers is also covered by tests/ops/test_gguf_ops.py
 @pytest.mark.parametrize("which", ["smollm2", "gemma"])
 def test_resident_memory_is_about_the_file(request, which):
     """RSS added by from_gguf (bf16), in a fresh process: about the file's size (its quantized tensors

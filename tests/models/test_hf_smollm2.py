@@ -35,6 +35,7 @@ def test_from_pretrained_generate_save_reload(smollm2, smollm2_dir, tmp_path):
     assert torch.equal(r.generate(ids, max_new_tokens=12, do_sample=False, cache_implementation="static"), out)
 
 
+@pytest.mark.slow  # CI time; the same path on a tiny model in tests/test_hf.py
 def test_bitsandbytes_config_through_fxquant(smollm2, smollm2_dir):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 

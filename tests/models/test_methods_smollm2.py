@@ -67,6 +67,7 @@ def test_hqq_below_rtn_in_weight_error(captured):
             assert hqq < rtn, (scheme, name)
 
 
+@pytest.mark.slow  # CI time: ~2 min / ~1 min on 2 cores
 def test_onebit_below_its_init_on_real_layers(captured):
     s = parse_scheme("onebit")
     for name, (w, st) in captured.items():
@@ -75,6 +76,7 @@ def test_onebit_below_its_init_on_real_layers(captured):
         assert fit < init, name
 
 
+@pytest.mark.slow  # CI time: ~2 min / ~1 min on 2 cores
 def test_calibrated_spec_on_the_real_model_both_emits(smollm2):
     model, tok = smollm2
     enc = tok([TEXT, TEXT[:120]], return_tensors="pt", padding=True)

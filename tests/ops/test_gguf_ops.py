@@ -364,6 +364,7 @@ def _installed_gguf_files():
     return files
 
 
+@pytest.mark.slow  # CI time (~30 s); the real files are also read in tests/models/test_gguf_models.py
 @pytest.mark.models
 @pytest.mark.filterwarnings("ignore:The given NumPy array is not writable")  # the file's read-only memmap, viewed
 def test_real_gguf_tensors_through_every_path():
