@@ -24,10 +24,10 @@ from ..formats import affine as affine_fmt
 from ..formats import intx as intx_fmt
 from ..inplace import check_not_quantized
 from ..modules import PackedWeight, QuantizedLinear
-from ..report import INPLACE_REPORT_ATTR, Report, Row, tensor_bytes
+from ..report import Row
 from ..schemes import QuantizedWeight
 from . import _files
-from ._loading import assign_floats, fill_meta_buffers, float_plan, install, meta_buffers, nbytes
+from ._loading import apply_plan, nbytes
 
 #: AutoGPTQ's separate quantization config file (older checkpoints keep it beside config.json)
 QUANTIZE_CONFIG = "quantize_config.json"
@@ -292,16 +292,4 @@ def load(model: nn.Module, tensors: Mapping[str, torch.Tensor], import_layer: Im
     if not layers:
         raise ValueError(f"{layout} checkpoint: no tensor '<layer>.qweight' of any nn.Linear of the model; nothing "
                          "is quantized (is this the right checkpoint and model?)")
-    floats = float_plan(model, tensors, {p for p, *_ in layers}, used)
-    on_meta = meta_buffers(model)
-    before = sum(nbytes(t) for t in {id(t): t for t in list(model.parameters()) + list(model.buffers())}.values())
-    # -- nothing has changed so far; from here on every step succeeds --
-    assign_floats(model, floats)
-    for path, m, qw, scheme in layers:
-        install(model, path, m, qw, scheme)
-    fill_meta_buffers(model, on_meta)
-    setattr(model, INPLACE_REPORT_ATTR, Report(
-        rows=rows, frontend=f"{layout} checkpoint", model_bytes_before=before, model_bytes_after=tensor_bytes(model),
-        notes=[f"loaded {len(layers)} quantized layers from a {layout} checkpoint (rel_error unknown: no float "
-               "weights)", *notes]))
-    return model
+    return apply_plan(model, tensors, layers, rows, used, layout, notes)

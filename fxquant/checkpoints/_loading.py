@@ -129,3 +129,25 @@ def fill_meta_buffers(model: nn.Module, found: list[tuple[nn.Module, str]]) -> N
     with torch.no_grad():
         for m in modules.values():
             model._init_weights(m)
+
+
+def apply_plan(model: nn.Module, tensors: Mapping[str, torch.Tensor], layers: list, rows: list, used: set[str],
+               what: str, notes: tuple[str, ...] | list[str] = ()) -> nn.Module:
+    """The last step of every reader: check the float tensors against the file (:func:`float_plan`), then
+    change the model: floats assigned, each ``(path, old linear, QuantizedWeight, scheme)`` of ``layers``
+    installed, meta buffers recomputed, the report (``rows``; ``what`` names the checkpoint kind) set."""
+    from ..report import INPLACE_REPORT_ATTR, Report, tensor_bytes
+
+    floats = float_plan(model, tensors, {p for p, *_ in layers}, used)
+    on_meta = meta_buffers(model)
+    before = sum(nbytes(t) for t in {id(t): t for t in list(model.parameters()) + list(model.buffers())}.values())
+    # -- nothing has changed so far; from here on every step succeeds --
+    assign_floats(model, floats)
+    for path, m, qw, scheme in layers:
+        install(model, path, m, qw, scheme)
+    fill_meta_buffers(model, on_meta)
+    setattr(model, INPLACE_REPORT_ATTR, Report(
+        rows=rows, frontend=f"{what} checkpoint", model_bytes_before=before, model_bytes_after=tensor_bytes(model),
+        notes=[f"loaded {len(layers)} quantized layers from the {what} checkpoint (rel_error unknown: no float "
+               "weights)", *notes]))
+    return model

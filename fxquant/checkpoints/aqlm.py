@@ -37,10 +37,10 @@ from ..configs.aqlm import NAME as CONFIG_NAME
 from ..formats import aqlm as fmt
 from ..inplace import check_not_quantized
 from ..modules import PackedWeight, QuantizedLinear
-from ..report import INPLACE_REPORT_ATTR, Report, Row, tensor_bytes
+from ..report import Row
 from ..schemes import AQLM
 from . import _files
-from ._loading import assign_floats, fill_meta_buffers, float_plan, install, meta_buffers, source
+from ._loading import apply_plan, source
 
 __all__ = ["load_aqlm", "save_aqlm"]
 
@@ -162,19 +162,7 @@ def load_aqlm(directory_or_state_dict: str | os.PathLike | Mapping[str, torch.Te
     if not layers:
         raise ValueError("AQLM checkpoint: the config keeps every nn.Linear of the model in float; nothing is "
                          "quantized")
-    floats = float_plan(model, tensors, {p for p, *_ in layers}, used)
-    on_meta = meta_buffers(model)
-    before = sum(t.numel() * t.element_size()
-                 for t in {id(t): t for t in list(model.parameters()) + list(model.buffers())}.values())
-    # -- nothing has changed so far; from here on every step succeeds --
-    assign_floats(model, floats)
-    for path, m, qw, scheme in layers:
-        install(model, path, m, qw, scheme)
-    fill_meta_buffers(model, on_meta)
-    setattr(model, INPLACE_REPORT_ATTR, Report(
-        rows=rows, frontend="AQLM checkpoint", model_bytes_before=before, model_bytes_after=tensor_bytes(model),
-        notes=[f"loaded {len(layers)} quantized layers from an AQLM checkpoint (rel_error unknown: no float weights)"]))
-    return model
+    return apply_plan(model, tensors, layers, rows, used, "AQLM")
 
 
 # ---- export -----------------------------------------------------------------------------------------------

@@ -22,10 +22,10 @@ from torch import nn
 from ..formats import int8dq
 from ..inplace import check_not_quantized
 from ..modules import PackedWeight, QuantizedLinear
-from ..report import INPLACE_REPORT_ATTR, Report, Row, tensor_bytes
+from ..report import Row
 from . import _files
 from ._bnb_layers import export_layer, import_4bit, import_8bit, layer_kind
-from ._loading import assign_floats, fill_meta_buffers, float_plan, install, meta_buffers, nbytes
+from ._loading import apply_plan, nbytes
 
 __all__ = ["load_bnb", "save_bnb"]
 
@@ -111,19 +111,7 @@ def load_bnb(directory_or_state_dict: str | os.PathLike | Mapping[str, torch.Ten
     qc, tensors = source(directory_or_state_dict, config)
     settings = _settings(qc)
     layers, rows, used = _plan_layers(model, tensors, settings)
-    floats = float_plan(model, tensors, {p for p, *_ in layers}, used)
-    on_meta = meta_buffers(model)
-    before = sum(nbytes(t) for t in {id(t): t for t in list(model.parameters()) + list(model.buffers())}.values())
-    # -- nothing has changed so far; from here on every step succeeds --
-    assign_floats(model, floats)
-    for path, m, qw, scheme in layers:
-        install(model, path, m, qw, scheme)
-    fill_meta_buffers(model, on_meta)
-    setattr(model, INPLACE_REPORT_ATTR, Report(
-        rows=rows, frontend="bitsandbytes checkpoint", model_bytes_before=before, model_bytes_after=tensor_bytes(model),
-        notes=[f"loaded {len(layers)} quantized layers from a bitsandbytes checkpoint (rel_error unknown: "
-               "no float weights)"]))
-    return model
+    return apply_plan(model, tensors, layers, rows, used, "bitsandbytes")
 
 
 def _plan_layers(model: nn.Module, tensors: Mapping[str, torch.Tensor],

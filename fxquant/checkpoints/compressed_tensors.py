@@ -25,9 +25,9 @@ from torch import nn
 
 from ..inplace import check_not_quantized
 from ..modules import PackedWeight, QuantizedLinear
-from ..report import INPLACE_REPORT_ATTR, Report, Row, tensor_bytes
+from ..report import Row
 from . import _files
-from ._loading import assign_floats, fill_meta_buffers, float_plan, install, meta_buffers, nbytes, source
+from ._loading import apply_plan, nbytes, source
 from ._ct_layers import INT8_NAMES, PACKED_NAMES, LayerArgs, export_layer, import_layer
 
 __all__ = ["save_compressed_tensors", "load_compressed_tensors"]
@@ -197,21 +197,7 @@ def load_compressed_tensors(directory_or_state_dict: str | os.PathLike | Mapping
     qc, tensors = source(directory_or_state_dict, config, model)
     groups, ignore = _parse_config(qc)
     layers, rows, used = _plan_layers(model, tensors, groups, ignore, prefer_affine)
-    quantized = {p for p, *_ in layers}
-    floats = float_plan(model, tensors, quantized, used)
-    on_meta = meta_buffers(model)
-    before = sum(nbytes(t) for t in {id(t): t for t in list(model.parameters()) + list(model.buffers())}.values())
-    # -- nothing has changed so far; from here on every step succeeds --
-    assign_floats(model, floats)
-    for path, m, qw, scheme in layers:
-        install(model, path, m, qw, scheme)
-    fill_meta_buffers(model, on_meta)
-    setattr(model, INPLACE_REPORT_ATTR, Report(
-        rows=rows, frontend="compressed-tensors checkpoint", model_bytes_before=before,
-        model_bytes_after=tensor_bytes(model),
-        notes=[f"loaded {len(layers)} quantized layers from a compressed-tensors checkpoint (rel_error unknown: "
-               "no float weights)"]))
-    return model
+    return apply_plan(model, tensors, layers, rows, used, "compressed-tensors")
 
 
 def _plan_layers(model: nn.Module, tensors: Mapping[str, torch.Tensor], groups, ignore: list[str],

@@ -41,11 +41,11 @@ from ..configs._base import hf_module_patterns
 from ..formats import vptq as fmt
 from ..inplace import check_not_quantized
 from ..modules import PackedWeight, QuantizedLinear
-from ..report import INPLACE_REPORT_ATTR, Report, Row, tensor_bytes
+from ..report import Row
 from ..schemes import VPTQ
 from ..spec import Pattern
 from . import _files
-from ._loading import assign_floats, fill_meta_buffers, float_plan, install, meta_buffers, source
+from ._loading import apply_plan, source
 
 __all__ = ["load_vptq", "save_vptq"]
 
@@ -207,19 +207,7 @@ def load_vptq(directory_or_state_dict: str | os.PathLike | Mapping[str, torch.Te
     if not layers:
         raise ValueError("quantization_config: no linear of the model is named by config_for_layers or "
                          "shared_layer_config (or all are in modules_to_not_convert)")
-    quantized = {p for p, *_ in layers}
-    floats = float_plan(model, tensors, quantized, used)
-    on_meta = meta_buffers(model)
-    before = tensor_bytes(model)
-    # -- nothing has changed so far; from here on every step succeeds --
-    assign_floats(model, floats)
-    for path, m, qw, scheme in layers:
-        install(model, path, m, qw, scheme)
-    fill_meta_buffers(model, on_meta)
-    setattr(model, INPLACE_REPORT_ATTR, Report(
-        rows=rows, frontend="VPTQ checkpoint", model_bytes_before=before, model_bytes_after=tensor_bytes(model),
-        notes=[f"loaded {len(layers)} VPTQ layers (rel_error unknown: no float weights)", *notes]))
-    return model
+    return apply_plan(model, tensors, layers, rows, used, "VPTQ")
 
 
 # ---- export -----------------------------------------------------------------------------------------------
