@@ -87,9 +87,31 @@ def packed_layout(model: nn.Module) -> dict:
             "transposed": t.transposed, "dtype": _dtype_name(t.dtype), "parameter": isinstance(t, nn.Parameter),
             "float_data": None if t.float_data is None else _tensor_spec(t.float_data), "aliases": [],
         }
+    embeddings = _embedding_layout(model)
     rep = getattr(model, INPLACE_REPORT_ATTR, None)
-    return {"version": LAYOUT_VERSION, "modules": modules, "tensors": tensors,
+    return {"version": LAYOUT_VERSION, "modules": modules, "tensors": tensors, "embeddings": embeddings,
             "report": rep.to_dict() if isinstance(rep, Report) else None}
+
+
+def _embedding_layout(model: nn.Module) -> dict:
+    """Packed token tables (``PackedEmbedding``, a GGUF file's quantized embedding): as a packed layer,
+    plus the float dtype it returns, ``padding_idx`` and its ``embed_scale`` buffer."""
+    from .checkpoints._gguf_embedding import PackedEmbedding
+
+    out, seen = {}, {}
+    for path, m in model.named_modules(remove_duplicate=False):
+        if not isinstance(m, PackedEmbedding):
+            continue
+        if id(m) in seen:
+            out[seen[id(m)]]["aliases"].append(path)
+            continue
+        seen[id(m)] = path
+        out[path] = {"op": m.op_name, "scheme": m.scheme, "attrs": _attrs_to_json(m.op_attrs),
+                     "in_features": m.embedding_dim, "out_features": m.num_embeddings,
+                     "tensors": [{"name": n, **_tensor_spec(getattr(m, n))} for n in m.tensor_names],
+                     "dtype": _dtype_name(m.dtype), "padding_idx": m.padding_idx,
+                     "embed_scale": None if m.embed_scale is None else _tensor_spec(m.embed_scale), "aliases": []}
+    return out
 
 
 def _packed_weights(model: nn.Module):
@@ -186,6 +208,21 @@ def build_packed(model: nn.Module, layout: Mapping[str, Any], device: torch.devi
             raise ValueError(f"{where}: shape {list(old.shape)} in the model, [{n}, {k}] packed in the file")
         dev = device if device is not None else old.device
         tplan.append((path, entry, _qweight(entry, dev, where), dev))
+    eplan = []
+    for path, entry in layout.get("embeddings", {}).items():
+        where = f"fxquant layout: embedding {path!r}"
+        try:
+            old = model.get_submodule(path)
+        except AttributeError:
+            raise ValueError(f"{where}: the model has no such module") from None
+        if not isinstance(old, nn.Embedding) and type(old).__name__ != "PackedEmbedding":
+            raise ValueError(f"{where}: expected an nn.Embedding in the model, found {type(old).__name__}")
+        shape = (getattr(old, "num_embeddings", None), getattr(old, "embedding_dim", None))
+        if shape != (entry["out_features"], entry["in_features"]):
+            raise ValueError(f"{where}: table [{entry['out_features']}, {entry['in_features']}] in the file, "
+                             f"{list(shape)} in the model")
+        dev = device if device is not None else _device_of(old)
+        eplan.append((path, entry, _qweight(entry, dev, where), dev))
     for path, entry, old, qw, dev in plan:
         bias = old.bias
         if bias is not None and device is not None:
@@ -208,6 +245,14 @@ def build_packed(model: nn.Module, layout: Mapping[str, Any], device: torch.devi
             owner_path, _, name = p.rpartition(".")
             owner = model.get_submodule(owner_path) if owner_path else model
             (owner._parameters if name in owner._parameters else owner._buffers)[name] = new
+    for path, entry, qw, dev in eplan:
+        from .checkpoints._gguf_embedding import PackedEmbedding
+
+        scale = None if entry.get("embed_scale") is None else _empty(entry["embed_scale"], dev, path)
+        new = PackedEmbedding(qw, _dtype(entry["dtype"], path), entry.get("padding_idx"), scale, entry.get("scheme", ""))
+        for p in [path] + list(entry.get("aliases", [])):
+            parent_path, _, child = p.rpartition(".")
+            setattr(model.get_submodule(parent_path) if parent_path else model, child, new)
     if layout.get("report") is not None:
         setattr(model, INPLACE_REPORT_ATTR, Report.from_dict(layout["report"]))
     return model

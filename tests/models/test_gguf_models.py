@@ -218,3 +218,22 @@ def test_resident_memory_is_about_the_file(request, which):
     print(f"\n{which}: file {size / 2**20:.0f} MiB, tensors {got['tensors'] / 2**20:.0f} MiB, "
           f"RSS after from_gguf +{got['rss'] / 2**20:.0f} MiB")
     assert got["tensors"] < 1.1 * size and got["rss"] < 1.5 * size + 64 * 2**20
+
+
+def test_smollm2_saves_and_loads_bit_identical(smollm2_packed, tmp_path):
+    """fxquant.save of a from_gguf model (packed linears and the packed token table) and fxquant.load into a
+    meta-device skeleton: the same outputs bit for bit, the table still packed."""
+    from transformers import AutoModelForCausalLM
+
+    import fxquant
+    from fxquant.checkpoints._gguf_embedding import PackedEmbedding
+
+    ids = torch.tensor([[1, 42, 7, 99, 100, 3]])
+    path = tmp_path / "m.safetensors"
+    fxquant.save(smollm2_packed, path)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(smollm2_packed.config)
+    loaded = fxquant.load(path, model=skeleton)
+    assert isinstance(loaded.model.embed_tokens, PackedEmbedding)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, smollm2_packed(ids).logits)
