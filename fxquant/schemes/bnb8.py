@@ -8,8 +8,6 @@ transformers ``BitsAndBytesConfig(load_in_8bit=True)`` layer, its int8 codes and
 """
 from __future__ import annotations
 
-import math
-import re
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -17,13 +15,14 @@ import torch
 
 from ..formats import bnb8 as fmt
 from ..formats import int8dq
-from ._base import QuantizedWeight, Scheme
+from ._base import QuantizedWeight
+from .int8dq import OutlierThreshold
 
 __all__ = ["Bnb8"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class Bnb8(Scheme):
+class Bnb8(OutlierThreshold):
     """``bnb8[-<threshold>]``: LLM.int8 on bitsandbytes' stored layout (codes + fp32 row absmax)."""
 
     family: ClassVar[str] = "bnb8"
@@ -31,31 +30,10 @@ class Bnb8(Scheme):
     forms: ClassVar[tuple[str, ...]] = ("bnb8[-<threshold>]",)
     examples: ClassVar[tuple[str, ...]] = ("bnb8", "bnb8-0.0", "bnb8-4.5")
     row_split: ClassVar[dict] = {"qweight": 0, "scb": 0}
+    name: ClassVar[str] = "bnb8"
+    zero_ok: ClassVar[bool] = True
+    zero_hint: ClassVar[str] = "0: no outlier columns"
     threshold: float = int8dq.DEFAULT_THRESHOLD
-
-    def __post_init__(self):
-        super().__post_init__()
-        t = self.threshold
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
-            raise ValueError(f"Bnb8.threshold={t!r} is not supported; valid: a finite number >= 0 "
-                             f"(default {int8dq.DEFAULT_THRESHOLD}; 0: no outlier columns)")
-        object.__setattr__(self, "threshold", float(t))
-
-    def __str__(self) -> str:
-        return "bnb8" if self.threshold == int8dq.DEFAULT_THRESHOLD else f"bnb8-{self.threshold!r}"
-
-    @classmethod
-    def parse(cls, text: str) -> "Bnb8 | None":
-        m = re.fullmatch(r"bnb8(?:-(.+))?", text)
-        if m is None:
-            return None
-        if m.group(1) is None:
-            return cls()
-        try:
-            threshold = float(m.group(1))
-        except ValueError:
-            raise ValueError(f"Bnb8.threshold={m.group(1)!r} is not a number; write e.g. 'bnb8-4.5'") from None
-        return cls(threshold=threshold)
 
     def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
         q, scb = fmt.quantize_weight(weight)

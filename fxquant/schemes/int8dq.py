@@ -18,6 +18,42 @@ from ._base import QuantizedWeight, Scheme
 __all__ = ["Int8DynamicActivation", "LLMInt8"]
 
 
+class OutlierThreshold(Scheme):
+    """``<name>[-<threshold>]`` strings of the LLM.int8 schemes (``llm.int8``, ``bnb8``): input columns
+    with ``|x| >= threshold`` run in float.  Subclasses set ``name``, ``zero_ok`` (whether 0, no outlier
+    columns, is a valid threshold) and ``zero_hint``, and declare the ``threshold`` field."""
+
+    name: ClassVar[str]
+    zero_ok: ClassVar[bool]
+    zero_hint: ClassVar[str]
+
+    def __post_init__(self):
+        super().__post_init__()
+        t = self.threshold
+        if (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t)
+                or t < 0 or (t == 0 and not self.zero_ok)):
+            raise ValueError(f"{type(self).__name__}.threshold={t!r} is not supported; valid: a finite number "
+                             f"{'>=' if self.zero_ok else '>'} 0 (default {fmt.DEFAULT_THRESHOLD}; {self.zero_hint})")
+        object.__setattr__(self, "threshold", float(t))
+
+    def __str__(self) -> str:
+        return self.name if self.threshold == fmt.DEFAULT_THRESHOLD else f"{self.name}-{self.threshold!r}"
+
+    @classmethod
+    def parse(cls, text: str) -> "OutlierThreshold | None":
+        m = re.fullmatch(re.escape(cls.name) + r"(?:-(.+))?", text)
+        if m is None:
+            return None
+        if m.group(1) is None:
+            return cls()
+        try:
+            threshold = float(m.group(1))
+        except ValueError:
+            raise ValueError(f"{cls.__name__}.threshold={m.group(1)!r} is not a number; write e.g. "
+                             f"'{cls.name}-4.5'") from None
+        return cls(threshold=threshold)
+
+
 class _Int8Weights(Scheme):
     """Weight side shared by both schemes: symmetric per-output-channel int8."""
 
@@ -53,7 +89,7 @@ class Int8DynamicActivation(_Int8Weights):
 
 
 @dataclass(frozen=True, kw_only=True)
-class LLMInt8(_Int8Weights):
+class LLMInt8(OutlierThreshold, _Int8Weights):
     """``llm.int8`` / ``llm.int8-<threshold>``: LLM.int8 (bitsandbytes ``Linear8bitLt``): input
     columns with ``|x| >= threshold`` in any row run in float, the rest as ``int8dq``."""
 
@@ -61,31 +97,10 @@ class LLMInt8(_Int8Weights):
     op: ClassVar[str] = "linear_llm_int8"
     forms: ClassVar[tuple[str, ...]] = ('llm.int8[-<threshold>]',)
     examples: ClassVar[tuple[str, ...]] = ("llm.int8", "llm.int8-4.5")
+    name: ClassVar[str] = "llm.int8"
+    zero_ok: ClassVar[bool] = False
+    zero_hint: ClassVar[str] = "for no outlier columns use 'int8dq'"
     threshold: float = fmt.DEFAULT_THRESHOLD
-
-    def __post_init__(self):
-        super().__post_init__()
-        t = self.threshold
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
-            raise ValueError(f"LLMInt8.threshold={t!r} is not supported; valid: a finite number > 0 "
-                             f"(default {fmt.DEFAULT_THRESHOLD}; for no outlier columns use 'int8dq')")
-        object.__setattr__(self, "threshold", float(t))
-
-    def __str__(self) -> str:
-        return "llm.int8" if self.threshold == fmt.DEFAULT_THRESHOLD else f"llm.int8-{self.threshold!r}"
-
-    @classmethod
-    def parse(cls, text: str) -> "LLMInt8 | None":
-        m = re.fullmatch(r"llm\.int8(?:-(.+))?", text)
-        if m is None:
-            return None
-        if m.group(1) is None:
-            return cls()
-        try:
-            threshold = float(m.group(1))
-        except ValueError:
-            raise ValueError(f"LLMInt8.threshold={m.group(1)!r} is not a number; write e.g. 'llm.int8-4.5'") from None
-        return cls(threshold=threshold)
 
     def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
         return self._quantize(weight, threshold=self.threshold)
