@@ -64,6 +64,8 @@ def format_graph(gm: torch.fx.GraphModule, color: bool) -> str:
         info = node.meta.get("fxquant", {})
         if node.op == "call_function" and str(node.target).startswith("fxquant."):
             text = f"{text}    # {info.get('site')}: {info.get('scheme')} via {info.get('rule')}"
+            if "awq_fold" in info:
+                text = f"{text}; {info['awq_fold']}"
             text = f"\033[1;32m{text}\033[0m" if color else f">> {text}"
         elif "awq_fold" in info or "awq_input_scale" in info:  # AWQ's graph rewrites
             note = info.get("awq_fold") or f"{info.get('site')}: AWQ {info['awq_input_scale']}"

@@ -18,10 +18,14 @@ Two ways to run the data, both over the traced graph (the same for ``compile`` a
 
 Sites reading the same input share one :class:`Stats` (q / k / v); AWQ quantizes such a group
 together (one input scale) and its inverse scale is folded into the op that produces the input when
-that op is a multiplication by a 1-D parameter (a norm's weight) feeding only these sites;
-otherwise the input is divided by it just before each site (``site.input_scale``).  Folds are
-recorded in ``ctx.folds`` and applied by the emit (the user's model is changed only by
-``quantize_``).
+that op feeds only these sites and is a multiplication by a 1-D parameter (a norm's weight), a
+linear, or a product with such a linear (``down_proj(act(gate_proj(x)) * up_proj(x))``: ``up_proj``'s
+output rows); otherwise the input is divided by it just before each site (``site.input_scale``).
+Folds into a linear are made in observer mode only, where the groups are quantized last site first
+(the folded linear, quantized after the site whose scale it takes, is quantized with its rows
+divided); the sequential walk has already run the linear when it meets the later site.  Folds into
+parameters are recorded in ``ctx.folds`` and applied by the emit (the user's model is changed only
+by ``quantize_``).
 """
 from __future__ import annotations
 
@@ -51,10 +55,16 @@ class Fold:
     attr: str
     scale: torch.Tensor
     sites: list[str]
+    axis: int = 0  # the axis of a 2-D parameter (a linear's weight) the scale runs along
 
     def divided(self, p: torch.Tensor) -> torch.Tensor:
-        """``p / scale`` in ``p``'s dtype (what the folded parameter becomes, in either emit)."""
-        return (p.detach().float() / self.scale).to(p.dtype)
+        """``p / scale`` along ``axis``, in ``p``'s dtype (what the folded parameter becomes, in either emit)."""
+        shape = [1] * p.dim()
+        shape[self.axis] = -1
+        return (p.detach().float() / self.scale.reshape(shape)).to(p.dtype)
+
+    def note(self) -> str:
+        return f"divided by the AWQ input scale of {', '.join(self.sites)}"
 
 
 def calibrate(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -84,8 +94,10 @@ def calibrate(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
 
 # -- shared -----------------------------------------------------------------------------------------
 def _weight(gm: torch.fx.GraphModule, site: Site) -> torch.Tensor:
+    """The site's float weight ``[N, K]``, with the rows an AWQ fold divides divided."""
     w = get_attr_path(gm, site.weight_attr).detach()
-    return w.t() if site.transposed else w
+    w = w.t() if site.transposed else w
+    return w if site.out_fold is None else site.out_fold.divided(w)
 
 
 def _x_node(site: Site):
@@ -101,12 +113,13 @@ def _groups(sites: list[Site]) -> dict:
 
 
 def _quantize_group(gm, ctx: PassContext, x_node, group: list[Site], stats: Stats | None,
-                    out_err: dict | None = None) -> None:
-    """Quantize one input group's sites (AWQ ones together) and decide where AWQ's scale goes."""
+                    out_err: dict | None = None, linears: bool = False) -> None:
+    """Quantize one input group's sites (AWQ ones together) and decide where AWQ's scale goes
+    (``linears``: it may go into a preceding linear not quantized yet)."""
     awq = [s for s in group if method_of(s).name == "awq" and s.qweight is None]
     if awq:
         weights = [_weight(gm, s) for s in awq]
-        fold = _fold_target(gm, x_node, group) if len(awq) == len(group) else None
+        fold = _fold_target(gm, ctx, x_node, group, linears) if len(awq) == len(group) else None
         movable = fold is not None or all(ctx.input_scale_ok is None or ctx.input_scale_ok(s) for s in awq)
         t0 = time.perf_counter()
         results = method_of(awq[0]).quantize_group([s.scheme.format for s in awq], weights, stats,
@@ -119,7 +132,9 @@ def _quantize_group(gm, ctx: PassContext, x_node, group: list[Site], stats: Stat
                 s.result["awq_input_scale"] = ("none: the input is not a norm / mul feeding only these sites and "
                                                "this site is not an nn.Linear module (clip search only)")
         if scale is not None:
-            if fold is not None:
+            if isinstance(fold, Site):
+                where = _fold_into_linear(gm, ctx, fold, scale, [s.name for s in awq])
+            elif fold is not None:
                 ctx.folds.append(Fold(fold, scale, [s.name for s in awq]))
                 where = f"folded into {fold}"
             else:
@@ -150,19 +165,74 @@ def _hessian_errors(site: Site, w: torch.Tensor, h: torch.Tensor) -> tuple[float
     return quadratic_error(w - _effective(site), h), quadratic_error(w, h)
 
 
-def _fold_target(gm, x_node, group: list[Site]) -> str | None:
-    """The 1-D parameter ``p`` when ``x_node`` is ``p * t`` (a norm's weight) and feeds only ``group``."""
-    if not isinstance(x_node, torch.fx.Node) or x_node.op != "call_function" or x_node.target not in _MULS:
-        return None
-    if set(x_node.users) != {s.node for s in group}:
+def _fold_target(gm, ctx: PassContext, x_node, group: list[Site], linears: bool) -> str | Site | None:
+    """Where the inverse scale of ``group``'s input ``x_node`` can go, if it feeds only ``group``: the
+    1-D parameter ``p`` when ``x_node`` is ``p * t`` (a norm's weight); with ``linears``, the linear
+    site that computes ``x_node``, or one factor of ``x_node = a * b`` (``up_proj`` in
+    ``act(gate_proj(x)) * up_proj(x)``)."""
+    if not isinstance(x_node, torch.fx.Node) or set(x_node.users) != {s.node for s in group}:
         return None
     k = group[0].out_shape[1]
-    for a in x_node.args[:2]:
+    if linears and (site := _foldable_linear(gm, ctx, x_node, k)) is not None:
+        return site
+    if x_node.op != "call_function" or x_node.target not in _MULS:
+        return None
+    factors = x_node.args[:2]
+    for a in factors:
         if isinstance(a, torch.fx.Node) and a.op == "get_attr" and len(a.users) == 1:
             p = get_attr_path(gm, a.target)
             if isinstance(p, torch.Tensor) and p.shape == (k,):
                 return a.target
+    if linears and len(factors) == 2 and factors[0] is not factors[1]:  # x * x would be divided twice
+        for a in factors:
+            if isinstance(a, torch.fx.Node) and set(a.users) == {x_node}:
+                site = _foldable_linear(gm, ctx, a, k)
+                if site is not None:
+                    return site
     return None
+
+
+def _foldable_linear(gm, ctx: PassContext, node: torch.fx.Node, k: int) -> Site | None:
+    """The linear site computing ``node`` with ``k`` outputs, when its rows can still take a fold: not
+    quantized yet, its weight read by nothing else, its bias (if any) a parameter."""
+    site = next((s for s in ctx.sites if s.node is node), None)
+    if (site is None or site.out_shape is None or site.out_shape[0] != k or site.qweight is not None
+            or site.out_fold is not None or site.weight_attr is None
+            or sum(s.weight_attr == site.weight_attr for s in ctx.sites) != 1):
+        return None
+    if _bias_attr(site) is False:
+        return None
+    for use in gm.graph.nodes:  # the weight's get_attr feeds this site only (directly or by a transpose)
+        if use.op == "get_attr" and use.target == site.weight_attr:
+            for user in use.users:
+                if user is not node and not (set(user.users) == {node} and user.op == "call_function"):
+                    return None
+    return site
+
+
+def _bias_attr(site: Site) -> str | None | bool:
+    """The dotted path of the site's bias parameter, ``None`` without a bias, ``False`` when it is
+    computed by the graph (no parameter to fold into)."""
+    ref = site.graph
+    if site.kind == "call_module":
+        return ref.bias or None
+    b = node_arg(site.node, ref.bias)
+    if b is None:
+        return None
+    return b.target if isinstance(b, torch.fx.Node) and b.op == "get_attr" else False
+
+
+def _fold_into_linear(gm, ctx: PassContext, site: Site, scale: torch.Tensor, names: list[str]) -> str:
+    """Divide ``site``'s output rows (weight and bias) by ``scale``: a float site's weight through
+    ``ctx.folds``, a site still to be quantized by quantizing its divided rows (``site.out_fold``)."""
+    site.out_fold = Fold(site.weight_attr, scale, names, axis=1 if site.transposed else 0)
+    if site.scheme is None or site.reason:  # stays float: the emit divides the parameter
+        ctx.folds.append(site.out_fold)
+        site.result["awq_fold"] = f"output rows {site.out_fold.note()}"
+    bias = _bias_attr(site)
+    if bias:
+        ctx.folds.append(Fold(bias, scale, names))
+    return f"folded into {site.name} (its output rows)"
 
 
 def _output_errors(err: float, ref: float, tokens: int, n: int) -> dict:
@@ -220,8 +290,9 @@ def _observe(gm: torch.fx.GraphModule, ctx: PassContext, sites: list[Site]) -> N
         gm.recompile()
     if observers and observers[0][2].stats.tokens == 0:
         raise InputError("calibration is empty: it yielded no batch")
-    for (x_node, group), (_, _, obs) in zip(groups.items(), observers):
-        _quantize_group(gm, ctx, x_node, group, obs.stats, obs.err)
+    # last group first: a linear that takes a later group's AWQ scale in its rows is quantized after it
+    for (x_node, group), (_, _, obs) in reversed(list(zip(groups.items(), observers))):
+        _quantize_group(gm, ctx, x_node, group, obs.stats, obs.err, linears=True)
         obs.stats.hessian = None
 
 
@@ -322,10 +393,11 @@ def traced_layout(gm: torch.fx.GraphModule, model, args: tuple, kwargs: dict) ->
     position, as the model's own ``forward`` allows."""
     info = getattr(gm.graph._codegen, "pytree_info", None)
     spec = getattr(info, "in_spec", None)
-    if spec is None or model is None or len(getattr(spec, "children_specs", ())) != 2:
+    children = list(spec.children()) if spec is not None else []
+    if model is None or len(children) != 2:
         return args, kwargs
-    n_args = spec.children_specs[0].num_children
-    names = list(spec.children_specs[1].context or ())
+    n_args = children[0].num_children
+    names = list(children[1].context or ())
     if len(args) == n_args and sorted(kwargs) == sorted(names):
         return args, {k: kwargs[k] for k in names}
     try:

@@ -60,6 +60,8 @@ def _rewrite(gm: torch.fx.GraphModule, site: Site, owners: dict[int, str]) -> No
         new = graph.call_function(op, (node_arg(node, ref.x_arg), *tensor_nodes, bias), dict(qw.attrs))
     new.meta.update({k: v for k, v in node.meta.items() if k != "fxquant"})
     meta(new).update(site=site.name, scheme=str(site.scheme), rule=site.rule, replaced=str(node.target))
+    if site.out_fold is not None:
+        meta(new)["awq_fold"] = f"output rows {site.out_fold.note()}"
     node.replace_all_uses_with(new)
     graph.erase_node(node)
     ref.node = new
@@ -79,7 +81,7 @@ def _apply_folds(gm: torch.fx.GraphModule, ctx: PassContext) -> None:
             setattr(mod, name, new)
         for node in gm.graph.nodes:
             if node.op == "get_attr" and node.target == fold.attr:
-                meta(node)["awq_fold"] = f"divided by the AWQ input scale of {', '.join(fold.sites)}"
+                meta(node)["awq_fold"] = fold.note()
 
 
 def _divide_input(gm: torch.fx.GraphModule, site: Site, scales: dict) -> None:

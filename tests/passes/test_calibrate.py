@@ -117,6 +117,86 @@ def test_awq_fold_changes_the_norm_only_in_the_emitted_model():
     torch.testing.assert_close(m2.get_parameter(norm), ours)
 
 
+class GatedMLP(nn.Module):
+    """``down(silu(gate(x)) * up(x))``, up with a bias: AWQ's down_proj scale can go into up's rows."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.gate, self.up, self.down = nn.Linear(64, 128, bias=False), nn.Linear(64, 128), nn.Linear(128, 64)
+        with torch.no_grad():
+            for lin in (self.gate, self.up, self.down):
+                lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * 0.1)
+            self.up.bias.copy_(torch.randn(128, generator=g))
+            self.down.bias.copy_(torch.randn(64, generator=g) * 0.1)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
+
+
+def _awq_down_scale(model, xs):
+    """down's AWQ input scale, as the method finds it from the float model's activations (oracle)."""
+    h = torch.cat([torch.nn.functional.silu(model.gate(x)) * model.up(x) for x in xs]).detach()
+    stats = Stats(128)
+    stats.update(h, hessian=True)
+    res = AWQ().quantize_group([parse_scheme("int4wo-32").format], [model.down.weight.detach()], stats)[0]
+    return res.input_scale
+
+
+@pytest.mark.parametrize("up_scheme", ["int4wo-32@awq", None])
+def test_awq_folds_down_scale_into_up_rows(up_scheme):
+    """down_proj's inverse scale goes into up_proj's output rows (weight and bias), through the
+    gate product: quantized with its rows divided when up is quantized, the float weight divided
+    when up stays float; no division is left before down, and both emits agree."""
+    model = GatedMLP().eval()
+    xs = _xs(3)
+    spec = fxquant.Spec(default="int4wo-32@awq", rules={"up": up_scheme})
+    qm = fxquant.compile(model, spec, example_inputs=(xs[0],), calibration=xs)
+    res = fxquant.report(qm).results
+    assert res["down"]["awq_input_scale"] == "folded into up (its output rows)"
+    divs = [n.meta["fxquant"]["site"] for n in qm.graph.nodes if n.target == torch.ops.aten.div.Tensor]
+    assert "down" not in divs  # nothing applied to down's input (gate and up read x itself: they divide it)
+    s = _awq_down_scale(model, xs)
+    bias = qm.get_parameter("up.bias") if "up.bias" in dict(qm.named_parameters()) else qm.get_buffer("up.bias")
+    torch.testing.assert_close(bias, model.up.bias.detach() / s)
+    if up_scheme is None:  # float: the weight's rows divided
+        w = dict(qm.named_parameters()).get("up.weight", None)
+        w = w if w is not None else qm.get_buffer("up.weight")
+        torch.testing.assert_close(w, model.up.weight.detach() / s[:, None])
+    else:
+        assert res["up"]["awq_fold"] == "output rows divided by the AWQ input scale of down"
+    x = torch.cat(xs)
+    ref = model(x)
+    out = qm(x)
+    rtn = fxquant.compile(model, fxquant.Spec(default="int4wo-32", rules={"up": up_scheme and "int4wo-32"}),
+                          example_inputs=(xs[0],))
+    assert _rel(out, ref) < 0.9 * _rel(rtn(x), ref)
+    m2 = GatedMLP().eval()
+    fxquant.quantize_(m2, spec, example_inputs=(xs[0],), calibration=xs)
+    assert isinstance(m2.down, fxquant.inplace.QuantizedLinear) and m2.down.input_scale is None
+    # up's own output is the float one divided by s, up to int4 error where it is quantized
+    assert _rel(m2.up(x) * s, model.up(x)) < (0.1 if up_scheme else 1e-6)
+    torch.testing.assert_close(m2(x), out, rtol=1e-5, atol=1e-5)
+    assert torch.equal(model(x), ref)  # compile left the user's model as it was
+
+
+def test_awq_without_linear_fold_in_the_sequential_walk():
+    """GPTQ's sequential walk has already run up_proj when it meets down_proj: the scale is applied
+    to down's input instead, and the output matches the observer-mode model's closely."""
+    model = GatedMLP().eval()
+    xs = _xs(3)
+    walk = fxquant.Spec(default="int4wo-32@awq", rules={"gate": "int4wo-32@gptq"})
+    qm = fxquant.compile(model, walk, example_inputs=(xs[0],), calibration=xs)
+    assert fxquant.report(qm).results["down"]["awq_input_scale"] == "applied to the input before the op"
+    x = torch.cat(xs)
+    rtn = fxquant.compile(model, "int4wo-32", example_inputs=(xs[0],))
+    assert _rel(qm(x), model(x)) < 0.9 * _rel(rtn(x), model(x))
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
 class TwoLinears(nn.Module):
     def __init__(self):
         super().__init__()
