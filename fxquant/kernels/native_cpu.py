@@ -48,9 +48,10 @@ from ..formats.intx import SHARDS
 #: compiled together into one library: the AVX2 kernels (fxq_*), their AVX-512 variants (fxq512_*,
 #: empty unless the compiler targets AVX-512) and the scalar helpers both include
 SOURCES = tuple(Path(__file__).with_name(n) for n in ("native_cpu.c", "native_avx512.c", "native_avx512_bf16.c",
-                                                       "native_avx512_gemm.c", "native_gguf.c"))
+                                                       "native_avx512_gemm.c", "native_avx512_gemm4.c",
+                                                       "native_gguf.c"))
 SOURCES += (Path(__file__).with_name("native_affine.c"),)  # affine (GPTQ / AWQ / compressed-tensors) GEMV
-HEADERS = tuple(Path(__file__).with_name(n) for n in ("native_common.h", "native_avx512.h"))
+HEADERS = tuple(Path(__file__).with_name(n) for n in ("native_common.h", "native_avx512.h", "native_avx512_gemm.h"))
 SOURCES += tuple(Path(__file__).with_name(n) for n in ("native_gguf_avx512.c", "native_gguf_bf16.c"))  # GGUF
 HEADERS += (Path(__file__).with_name("native_gguf.h"),)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
@@ -118,6 +119,8 @@ _BF16DOT_SIGNATURES = {
     "fxq512_int4t_bf16_gemm": (_c_ptr, _c_i64, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_i64,
                                _c_float, _c_ptr, _c_i64, _c_int, _c_int),
     "fxq512_bf16_gemm": (_c_ptr, _c_i64, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_int, _c_int),
+    "fxq512_lut4_bf16_gemm": (_c_ptr, _c_i64, _c_i64, _c_i64, _c_ptr, _c_i64, _c_ptr, _c_ptr, _c_int, _c_ptr, _c_i64,
+                              _c_int, _c_int),
     # GGUF bf16 dot-product GEMV (native_gguf_bf16.c): type, x bf16, M, K, blocks, row_bytes, N, y, ldy, threads
     "fxq512_gguf_bf16_gemv": (_c_int, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_int),
 }
@@ -586,6 +589,27 @@ def int4_gemm(x2: torch.Tensor, qweight: torch.Tensor, *, block_n: int, group_si
     return _gemm_rows(x2, n, lib.fxq512_int4t_bf16_gemm, lambda xp, rows, lda, yp, ldc, io: lib.fxq512_int4t_bf16_gemm(
         xp, rows, k, lda, _ptr(w), n, group_size, _ptr(scale), _ptr(zero), sr, sg, float(mid), yp, ldc, io, nt),
         _GEMM_EXACT if exact else 0)
+
+
+def lut4_gemm(x2: torch.Tensor, codes: torch.Tensor, *, rows: int, table: torch.Tensor, scale: torch.Tensor,
+              piece: int) -> torch.Tensor | None:
+    """4-bit table codes at large M (AVX512-BF16): ``x2 [M, K]`` -> ``[M, rows]`` ``= x2 @ W.T`` with
+    ``W[n, k] = table[code] * scale[(n * K + k) // piece]`` (codes flat uint8, two per byte, the first in the
+    high nibble, ``K / 2`` bytes per row; ``scale`` fp32 per piece), ``W`` rounded once to bf16, bf16
+    activations (fp32 ones rounded in the kernel), fp32 sums; fp32 for fp32 ``x2``, else bf16.  None
+    where it does not apply (no AVX512-BF16; ``piece`` not a power of two >= 32 dividing ``K``)."""
+    n, k = rows, x2.shape[1]
+    if codes.numel() < n * k // 2 or scale.numel() < n * k // max(piece, 1) or table.numel() != 16:
+        _refuse("lut4_gemm", f"codes {codes.numel()} bytes, scale {scale.numel()} values, table {table.numel()} "
+                             f"entries: not {n} rows of K={k} in pieces of {piece} and a 16-entry table")
+    lib = _lib()
+    if (lib is None or lib.fxq512_lut4_bf16_gemm is None or piece < 32 or piece & (piece - 1) or k % piece
+            or scale.dtype != torch.float32):
+        return None
+    c, sc, t, nt = codes.contiguous(), scale.contiguous(), table.float().contiguous(), torch.get_num_threads()
+    shift = piece.bit_length() - 1
+    return _gemm_rows(x2, n, lib.fxq512_lut4_bf16_gemm, lambda xp, m, lda, yp, ldc, io: lib.fxq512_lut4_bf16_gemm(
+        xp, m, k, lda, _ptr(c), n, _ptr(t), _ptr(sc), shift, yp, ldc, io, nt))
 
 
 def lut4_gemv(xh: torch.Tensor, xl: torch.Tensor, codes: torch.Tensor, *, rows: int, row_bytes: int,

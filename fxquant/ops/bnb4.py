@@ -18,7 +18,10 @@ instead: blocks of whole rows as they are, blocks that straddle rows (``K % bloc
 bitsandbytes' flat layout kept bit for bit) as pieces of ``gcd(K, blocksize) >= NATIVE_MIN_PIECE``
 elements with a scale each (see :func:`_native`); on bf16 values its bf16 dot-product form, which
 multiplies the table rounded to bf16 (NF4's values and FP4's, which are sixths, move by up to 2^-9,
-so fp32-exact results take the fp32 form: :func:`table_in_bf16`).
+so fp32-exact results take the fp32 form: :func:`table_in_bf16`).  From ``NATIVE_GEMM_MIN_ROWS`` rows,
+where a bf16 GEMM computes the call (bf16 x, AVX512-BF16 without AMX), the native GEMM
+(:func:`fxquant.kernels.native_cpu.lut4_gemm`) decodes panels of codes to bf16 inside its microkernel
+calls instead of the chunked path (level with bf16 ``F.linear`` at M=512; see :func:`_native_gemm`).
 CUDA: the Triton kernel in :mod:`fxquant.kernels.bnb4`.
 """
 from __future__ import annotations
@@ -140,6 +143,11 @@ def _chunked_linear(x2: torch.Tensor, codes: torch.Tensor, code_table: torch.Ten
 #: op, native / chunked decode + GEMM): M=1 3.8 / 68, M=8 25 / 105, M=16 50 / 72, M=32 100 / 104,
 #: M=64 197 / 136.
 NATIVE_MAX_ROWS = 16
+#: Fewest rows for the native large-M GEMM (:func:`native_cpu.lut4_gemm`) where it applies (bf16 x, AVX512-BF16,
+#: no AMX).  Measured (Zen 4, 2 threads, bf16 x, nf4, ms, GEMV / GEMM): 5632x2048 M=8 0.70 / 1.25, M=12
+#: 1.42 / 1.22, M=16 1.80 / 1.19; 2048x2048 M=8 0.26 / 0.45, M=12 0.48 / 0.44.  At M=512 the GEMM is level
+#: with bf16 F.linear (27.2 / 27.2 at 5632x2048; the chunked decode + GEMM it replaces: 38.7).
+NATIVE_GEMM_MIN_ROWS = 11
 #: Smallest piece (elements) of a block that straddles rows the native GEMV takes (K % blocksize != 0,
 #: pieces of gcd(K, blocksize)): its 16-byte step.  Below it every piece would be a masked tail plus
 #: a scale multiply; not measured (no quiet machine was available), those shapes keep the chunked path.
@@ -182,9 +190,28 @@ def _native(x2, codes, code_table, blocksize, out_features, in_features, scale, 
                                   table_to_bf16=bf16_table)
 
 
+def _native_gemm(x2, codes, code_table, blocksize, out_features, in_features, nm, absmax):
+    """The native large-M GEMM (decode inside the GEMM, W rounded to bf16 once, as the chunked path's
+    bf16 GEMM) when it applies: from :data:`NATIVE_GEMM_MIN_ROWS` rows, a bf16 GEMM allowed (:meth:`._cpu.Numerics.bf16_gemm`),
+    AVX512-BF16 without AMX (there dequantize + oneDNN's AMX GEMM is faster: :func:`._cpu.amx`), pieces of
+    ``gcd(K, blocksize) >= 32`` elements; else None.  ``absmax()``: the fp32 absmax of every block."""
+    if (x2.shape[0] < NATIVE_GEMM_MIN_ROWS or not nm.bf16_gemm(x2) or _cpu.dense_dtype() != torch.bfloat16
+            or _cpu.amx() or not native_cpu.has_bf16_gemm()):
+        return None
+    piece = math.gcd(in_features, blocksize)
+    if piece < 32:
+        return None
+    scale = absmax()
+    if piece != blocksize:  # blocks straddling rows: one scale per piece (as the GEMV's)
+        scale = scale.repeat_interleave(blocksize // piece)[: out_features * in_features // piece]
+    return native_cpu.lut4_gemm(x2, codes, rows=out_features, table=code_table, scale=scale, piece=piece)
+
+
 def _cpu_fast(x2, codes, absmax, code_table, blocksize, out_features, in_features, *, nm: _cpu.Numerics):
-    y = _native(x2, codes, code_table, blocksize, out_features, in_features, absmax, nm,
-                absmax=lambda: absmax.float())
+    y = _native_gemm(x2, codes, code_table, blocksize, out_features, in_features, nm, lambda: absmax.float())
+    if y is None:
+        y = _native(x2, codes, code_table, blocksize, out_features, in_features, absmax, nm,
+                    absmax=lambda: absmax.float())
     if y is not None:
         return y
     return _chunked_linear(nm.rounded(x2), codes, code_table, blocksize, out_features, lambda b0, b1: absmax[b0:b1],
@@ -197,9 +224,12 @@ def _cpu_fast_dq(x2, codes, absmax_q, absmax_code, absmax_scale, absmax_offset, 
         return fmt.double_dequantize_span(absmax_q, absmax_code, absmax_scale, absmax_offset, absmax_blocksize,
                                           b0, b1)
 
-    y = _native(x2, codes, code_table, blocksize, out_features, in_features, absmax_q, nm,
-                dq=(absmax_code, absmax_scale, absmax_offset, absmax_blocksize),
-                absmax=lambda: span_absmax(0, absmax_q.numel()))
+    y = _native_gemm(x2, codes, code_table, blocksize, out_features, in_features, nm,
+                     lambda: span_absmax(0, absmax_q.numel()))
+    if y is None:
+        y = _native(x2, codes, code_table, blocksize, out_features, in_features, absmax_q, nm,
+                    dq=(absmax_code, absmax_scale, absmax_offset, absmax_blocksize),
+                    absmax=lambda: span_absmax(0, absmax_q.numel()))
     if y is not None:
         return y
     return _chunked_linear(nm.rounded(x2), codes, code_table, blocksize, out_features, span_absmax, nm.gemm_dtype(x2))

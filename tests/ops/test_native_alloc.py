@@ -105,6 +105,7 @@ def test_gemv_allocation_failure_raises(isa, case):
     ("int4wo-64", 70, 256, 130, "fxq512_int4t_bf16_gemm", torch.float32),   # grouped GEMM: packed x, group sums,
     ("int4wo-64", 70, 256, 130, "fxq512_int4t_bf16_gemm", torch.bfloat16),  # per-thread scratch; W-rounding one
     ("int8wo", 50, 384, 70, "fxq512_int8_bf16_gemm", torch.float32),
+    ("nf4", 33, 128, 70, "fxq512_lut4_bf16_gemm", torch.bfloat16),
 ])
 def test_bf16_kernel_allocation_failure_raises(scheme, n, k, m, kernel, dtype):
     assert _every_allocation_fails_once("avx512", scheme, n, k, m, kernel, dtype) >= 1

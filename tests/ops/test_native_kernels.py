@@ -2,6 +2,7 @@
 them at small M, against each op's plain-torch reference (the oracle); which M takes them; and
 what happens when they cannot be built or are turned off."""
 import contextlib
+import math
 import os
 import subprocess
 import sys
@@ -122,10 +123,19 @@ def native_route(op_name: str):
         int4wo.native_row_limit = real
 
 
+def takes_lut4_gemm(qw, m: int, dtype: torch.dtype) -> bool:
+    """Whether bnb4's op runs the native large-M GEMM on these rows here (bf16 x from its row threshold,
+    AVX512-BF16 under the active ISA, pieces of at least 32 elements) instead of the GEMV."""
+    lib = native_cpu._lib()
+    return (qw.op.startswith("linear_bnb4") and dtype == torch.bfloat16 and m >= bnb4.NATIVE_GEMM_MIN_ROWS
+            and lib is not None and getattr(lib, "fxq512_lut4_bf16_gemm", None) is not None
+            and math.gcd(qw.attrs["in_features"], qw.attrs["blocksize"]) >= 32)
+
+
 def check(scheme: str, n: int, k: int, m: int, dtype: torch.dtype, with_bias: bool, seed: int = 0) -> None:
     qw, op = quantized(scheme, n, k, seed)
     reference, module, _ = OPS[qw.op]
-    wrapper = wrapper_of(qw)
+    wrapper = "lut4_gemm" if takes_lut4_gemm(qw, m, dtype) else wrapper_of(qw)
     gen = torch.Generator().manual_seed(seed + 1)
     x = (torch.randn(m, k, generator=gen) + 0.3).to(dtype)  # non-zero group sums: zero points matter
     bias = torch.randn(n, generator=gen).to(dtype) if with_bias else None
@@ -389,7 +399,8 @@ def check_route(scheme: str, n: int, k: int, m: int, wrapper: str, dtype: torch.
     with spy(wrapper) as calls:
         y = op(x, *args, None, **qw.attrs)
     assert calls
-    w = module.OP.dequantized(qw.tensors, {**qw.attrs, "compute_dtype": None})
+    op_def = module.OP_DQ if qw.op.endswith("_dq") else module.OP
+    w = op_def.dequantized(qw.tensors, {**qw.attrs, "compute_dtype": None})
     # fp32 x: exact products on the policy's values; bf16 x: a bf16 result (and weight, on the GEMMs)
     tol = FP32_TOL if dtype == torch.float32 else BF16_TOL
     assert_linear_close(y, reference(policy_x(x), *args, None, **qw.attrs), x, w, tol)
@@ -403,8 +414,53 @@ def test_int4wo_large_m_takes_the_native_gemm():
 
 
 @needs_bf16_dot
+@pytest.mark.parametrize("scheme,n,k", [("nf4", 200, 512), ("fp4-128", 70, 576), ("nf4-64+dq", 45, 1152)])
+def test_nf4_large_m_takes_the_native_gemm(scheme, n, k):
+    """Above the GEMV's rows, NF4 / FP4 on bf16 x run the native GEMM that decodes the table codes
+    inside it (blocks straddling rows at K=576, blocksize 128: pieces of 64; double-quant absmax
+    decoded first); the reference within bf16. fp32 x with compute_dtype None (fp32 exact) does not."""
+    from fxquant.ops import bnb4
+
+    check_route(scheme, n, k, bnb4.NATIVE_GEMM_MIN_ROWS + 3, "lut4_gemm", torch.bfloat16)
+    qw, op = quantized(scheme, n, k, 3)
+    with spy("lut4_gemm") as calls:
+        op(torch.randn(40, k), *qw.tensors.values(), None, **qw.attrs)
+    assert not calls
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize("m,n,k,piece", [(17, 15, 64, 64), (33, 29, 1088, 64), (70, 45, 2048, 128), (40, 1009, 1152, 64),
+                                         (native_cpu.GEMM_ROWS + 44, 14, 96, 32), (20, 30, 2560, 512)])
+def test_lut4_gemm_kernel_against_exact_products(m, n, k, piece):
+    """The large-M 4-bit table GEMM against float64 products of the same bf16 x and the weight it
+    multiplies, ``bf16(table[code] * scale[piece])`` (rounded once): fp32 output off only by fp32
+    summation, bf16 output rounded once more; across panel, x-block, k-chunk (1024) and piece edges, and
+    the wrapper's row chunks; a piece below 32 or not dividing K is not taken."""
+    gen = torch.Generator().manual_seed(m * n + k)
+    codes = torch.randint(0, 256, (n * k // 2,), dtype=torch.uint8, generator=gen)
+    table = torch.randn(16, generator=gen)
+    scale = torch.rand(n * k // piece, generator=gen) + 0.5
+    hi, lo = (codes >> 4).long(), (codes & 15).long()
+    idx = torch.stack([hi, lo], 1).reshape(n, k)
+    w = (table[idx] * scale.repeat_interleave(piece).reshape(n, k)).to(torch.bfloat16)  # fp32 product, rounded once
+    x = torch.randn(m, k, generator=gen)
+    xb = x.to(torch.bfloat16)
+    exact = xb.double() @ w.double().t()
+    size = xb.double().abs() @ w.double().abs().t()
+    y = native_cpu.lut4_gemm(x, codes, rows=n, table=table, scale=scale, piece=piece)
+    assert y.dtype == torch.float32 and y.shape == (m, n)
+    assert ((y.double() - exact).abs() <= 1e-5 * size + 1e-30).all()
+    yb = native_cpu.lut4_gemm(xb, codes, rows=n, table=table, scale=scale, piece=piece)
+    assert yb.dtype == torch.bfloat16 and torch.equal(yb, y.to(torch.bfloat16))
+    small = scale.repeat_interleave(piece // 16)  # pieces of 16 elements: below a 32-element unit
+    assert native_cpu.lut4_gemm(x, codes, rows=n, table=table, scale=small, piece=16) is None
+    with pytest.raises(ValueError, match="lut4_gemm"):
+        native_cpu.lut4_gemm(x, codes[:-1], rows=n, table=table, scale=scale, piece=piece)
+
+
+@needs_bf16_dot
 @pytest.mark.parametrize("scheme,wrapper", [("int4wo-128", "int4_gemm"), ("uint4wo-64", "int4_gemm"),
-                                            ("int8wo", "int8_gemm")])
+                                            ("int8wo", "int8_gemm"), ("nf4", "lut4_gemm")])
 def test_with_amx_large_m_dequantizes_for_the_dense_gemm(scheme, wrapper, monkeypatch):
     """With AMX (oneDNN's bf16 GEMM ~9x the native GEMMs there), large M skips the native
     decode-in-GEMM kernels for blocked dequantize + dense GEMM; same result within bf16."""
