@@ -343,10 +343,12 @@ class _Walk:
         last_use = _last_uses(self.gm.graph)
         bar = tqdm(total=len(self.by_node), desc="fxquant: calibrating (sequential)", unit="layer",
                    disable=None, leave=False)
+        left = len(self.by_node)
         with torch.no_grad():
             for node in self.gm.graph.nodes:
-                if node.op == "output":
-                    break
+                if node.op == "output" or left == 0:  # nothing after the last site is needed (a float
+                    break  # lm_head over every batch at once would be vocab x tokens x 4 bytes)
+                left -= node in self.by_node
                 site = self.by_node.get(node)
                 if site is None:
                     for it in interps:

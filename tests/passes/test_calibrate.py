@@ -338,3 +338,24 @@ def test_calibrated_model_saves_loads_and_compiles(tmp_path):
     fxquant.quantize_(m2, spec, example_inputs=(IDS,), calibration=_batches(2))
     torch.testing.assert_close(_logits(torch.compile(m2, fullgraph=True)(IDS)), _logits(m2(IDS)),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_sequential_walk_stops_after_the_last_site(monkeypatch):
+    """Nothing after the last calibrated site runs in the walk (a float lm_head over every batch at
+    once would be vocab x tokens x 4 bytes: 34 GB for Gemma-3 at 64 x 512 tokens)."""
+    class Headed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = nn.Linear(64, 64), nn.Linear(64, 500)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.body(x)))
+
+    ran = []
+    real = torch.fx.Interpreter.run_node
+    monkeypatch.setattr(torch.fx.Interpreter, "run_node", lambda self, n: ran.append(str(n.target)) or real(self, n))
+    xs = _xs(2)
+    qm = fxquant.compile(Headed().eval(), fxquant.Spec(default="int4wo-32@gptq", skip=["head"]),
+                         example_inputs=(xs[0],), calibration=xs)
+    assert fxquant.report(qm).results["body"]["calibration_tokens"] == 8
+    assert ran and not any("relu" in t for t in ran)  # the walk ended at body, before relu and head

@@ -45,6 +45,12 @@ def compile_stats() -> tuple[int, int]:
 
 
 def _generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, kw: dict[str, Any]) -> torch.Tensor:
+    # transformers sizes a new static cache to the largest it ever made on this model (to spare a
+    # recompilation when a later call needs more): after the 513-slot prefill call every decode call
+    # would attend over 513 slots.  Each call gets the cache a first call of its size would get (both
+    # sizes are compiled in the warm-up; the timed calls count any graph compiled in them).
+    if kw.get("cache_implementation") == "static" and hasattr(model, "_previous_max_cache_length"):
+        model._previous_max_cache_length = -1
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
