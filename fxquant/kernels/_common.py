@@ -40,6 +40,19 @@ def store_tile(acc, y_ptr, bias_ptr, offs_m, offs_n, m_mask, n_mask, stride_ym, 
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
+@triton.jit
+def dot(x, w, acc, DOT_IN_FP32: tl.constexpr):
+    """``acc + x @ w`` (``acc`` fp32).  ``DOT_IN_FP32``: both operands upcast to fp32 first (exact; fp32
+    activations, or bf16 under the interpreter: see :func:`bf16_via_fp32`), else ``w`` cast to x's
+    dtype.  ``"ieee"``: fp32 operands use exact fp32 products as the reference does (tf32 would keep
+    ~10 mantissa bits); 16-bit operands are unaffected."""
+    if DOT_IN_FP32:
+        out = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+    else:
+        out = tl.dot(x, w.to(x.dtype), acc, input_precision="ieee")
+    return out
+
+
 def config(block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int) -> triton.Config:
     """One autotune point of a GEMM kernel with ``BLOCK_M/N/K`` and ``GROUP_M`` = 8."""
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8},

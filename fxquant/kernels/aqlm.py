@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ..ops import aqlm as op
-from ._common import bf16_via_fp32, check_launch, config, grouped_tile, store_tile, tuned
+from ._common import bf16_via_fp32, check_launch, config, dot, grouped_tile, store_tile, tuned
 
 
 @triton.jit
@@ -54,10 +54,7 @@ def _aqlm_kernel(x_ptr, codes_ptr, cb_ptr, scales_ptr, bias_ptr, y_ptr, M, N, K,
             entry = ((c * CODEBOOK_SIZE + code.to(tl.int64)) * OUT_GROUP + r[None, :]) * IN_GROUP + i[:, None]
             w += tl.load(cb_ptr + entry, mask=w_mask, other=0.0).to(tl.float32)
         w = tl.where(w_mask, w * scale[None, :], 0.0)
-        if DOT_IN_FP32:  # fp32 activations, or bf16 under the interpreter (see _common.bf16_via_fp32)
-            acc = tl.dot(x.to(tl.float32), w, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, w.to(x.dtype), acc)
+        acc = dot(x, w, acc, DOT_IN_FP32)  # fp32: fp32 activations, or bf16 under the interpreter
 
     store_tile(acc, y_ptr, bias_ptr, offs_m, offs_n, m_mask, n_mask, stride_ym, stride_yn, HAS_BIAS)
 

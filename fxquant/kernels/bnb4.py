@@ -21,7 +21,7 @@ import triton.language as tl
 
 from ..formats import bnb4 as fmt
 from ..ops import bnb4 as op
-from ._common import check_launch, bf16_via_fp32, config, grouped_tile, store_tile, tuned
+from ._common import check_launch, bf16_via_fp32, config, dot, grouped_tile, store_tile, tuned
 
 
 @triton.jit
@@ -61,11 +61,7 @@ def _bnb4_kernel(x_ptr, codes_ptr, absmax_ptr, aq_ptr, acode_ptr, ascale_ptr, ao
         else:
             absmax = tl.load(absmax_ptr + blk, mask=w_mask, other=0.0)
         w = tl.where(w_mask, value * absmax, 0.0)
-        if DOT_IN_FP32:  # fp32 activations, or bf16 under the interpreter (see _common.bf16_via_fp32)
-            # "ieee": exact fp32 products as the reference computes (tf32 keeps ~10 mantissa bits).
-            acc = tl.dot(x.to(tl.float32), w, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, w.to(x.dtype), acc)
+        acc = dot(x, w, acc, DOT_IN_FP32)  # fp32: fp32 activations, or bf16 under the interpreter
 
     store_tile(acc, y_ptr, bias_ptr, offs_m, offs_n, m_mask, n_mask, stride_ym, stride_yn, HAS_BIAS)
 

@@ -29,7 +29,7 @@ import triton.language as tl
 
 from ..formats import float8 as fmt
 from ..ops import float8 as op
-from ._common import check_launch, bf16_via_fp32, config, grouped_tile, store_tile, tuned
+from ._common import check_launch, bf16_via_fp32, config, dot, grouped_tile, store_tile, tuned
 
 
 @triton.jit
@@ -63,11 +63,9 @@ def _float8_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, y_ptr,
             else:  # fp16 holds every e4m3 value exactly; products are exact in the fp32 accumulator
                 acc = tl.dot(x.to(tl.float16), q.to(tl.float16), acc)
         else:
-            if DOT_IN_FP32:  # exact upcast, interpreter only: see _common.bf16_via_fp32
-                x = x.to(tl.float32)
-            # float8 -> x's dtype is exact (fp32, bf16 and fp16 hold every e4m3 / e5m2 value);
-            # "ieee": fp32 operands use exact fp32 products as the reference does.
-            acc = tl.dot(x, q.to(x.dtype), acc, input_precision="ieee")
+            # float8 -> x's dtype is exact (fp32, bf16 and fp16 hold every e4m3 / e5m2 value); fp32
+            # with DOT_IN_FP32: interpreter only, see _common.bf16_via_fp32
+            acc = dot(x, q, acc, DOT_IN_FP32)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from ..formats import fpx as fmt
 from ..ops import fpx as op
-from ._common import check_launch, bf16_via_fp32, config, grouped_tile, store_tile, tuned
+from ._common import check_launch, bf16_via_fp32, config, dot, grouped_tile, store_tile, tuned
 
 
 @triton.jit
@@ -67,8 +67,6 @@ def _fpx_kernel(x_ptr, qw_ptr, scale_ptr, lut_ptr, bias_ptr, y_ptr,
         k_mask = kk < K
         w_mask = k_mask & n_mask[None, :]
         x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask.reshape(1, BLOCK_K), other=0.0)
-        if DOT_IN_FP32:  # exact upcast: bf16 under the interpreter, or fp16 x with values past fp16's range
-            x = x.to(tl.float32)
         code = _plane_bits(qw_ptr, row_off, kk, w_mask, 0, KP8 * W0, W0, S0)
         if W1 > 0:
             code |= _plane_bits(qw_ptr, row_off, kk, w_mask, KP8 * W0, KP8 * W1, W1, S1)
@@ -82,8 +80,8 @@ def _fpx_kernel(x_ptr, qw_ptr, scale_ptr, lut_ptr, bias_ptr, y_ptr,
             w = h.to(tl.float16, bitcast=True)
         else:
             w = tl.load(lut_ptr + code)  # masked codes are 0 -> +0.0
-        # "ieee": fp32 operands use exact fp32 products as the reference does.
-        acc = tl.dot(x, w.to(x.dtype), acc, input_precision="ieee")
+        # fp32 with DOT_IN_FP32 (exact upcast): bf16 under the interpreter, or fp16 x with values past fp16's range
+        acc = dot(x, w, acc, DOT_IN_FP32)
         x_ptrs += BLOCK_K * stride_xk
 
     acc = acc * (tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32) * SCALE_FACTOR)[None, :]

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from ..formats import gguf as fmt
 from ..ops import gguf as op
-from ._common import bf16_via_fp32, check_launch, config, grouped_tile, store_tile, tuned
+from ._common import bf16_via_fp32, check_launch, config, dot, grouped_tile, store_tile, tuned
 
 
 @triton.jit
@@ -139,10 +139,7 @@ def _gguf_kernel(x_ptr, blocks_ptr, bias_ptr, y_ptr, M, N, K, M_BUCKET, stride_x
         base = offs_n[None, :] * row_bytes + (offs_k[:, None] // QK) * TS  # [BLOCK_K, BLOCK_N] block starts
         i = (offs_k[:, None] % QK + 0 * offs_n[None, :]).to(tl.int32)
         w = tl.where(w_mask, _value(blocks_ptr, base, i, w_mask, QTYPE), 0.0)
-        if DOT_IN_FP32:  # fp32 activations, or bf16 under the interpreter (see _common.bf16_via_fp32)
-            acc = tl.dot(x.to(tl.float32), w, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, w.to(x.dtype), acc)
+        acc = dot(x, w, acc, DOT_IN_FP32)  # fp32: fp32 activations, or bf16 under the interpreter
 
     store_tile(acc, y_ptr, bias_ptr, offs_m, offs_n, m_mask, n_mask, stride_ym, stride_yn, HAS_BIAS)
 

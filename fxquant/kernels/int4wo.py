@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ..ops import int4wo as op
-from ._common import INTERPRETED, check_launch, bf16_via_fp32, config, grouped_tile, store_tile, tuned
+from ._common import INTERPRETED, check_launch, bf16_via_fp32, config, dot, grouped_tile, store_tile, tuned
 
 
 @triton.jit
@@ -58,13 +58,9 @@ def _int4wo_kernel(x_ptr, qw_ptr, sz_ptr, bias_ptr, y_ptr,
         for kk in range(0, GROUP_SIZE, BLOCK_K):  # K steps inside the group; x is 0 past K (padding)
             k_mask = grp * GROUP_SIZE + kk + offs_k < K
             x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            if DOT_IN_FP32:  # exact upcast, interpreter only: see _common.bf16_via_fp32
-                x = x.to(tl.float32)
             b = tl.load(q_ptrs, mask=n_load[None, :], other=0).to(tl.int32)
             q = ((b >> shift[None, :]) & 0xF) - 8
-            # "ieee": fp32 operands use exact fp32 products as the reference does (tf32 would keep
-            # ~10 mantissa bits); 16-bit operands are unaffected.
-            dot_q = tl.dot(x, q.to(x.dtype), dot_q, input_precision="ieee")
+            dot_q = dot(x, q, dot_q, DOT_IN_FP32)  # fp32: interpreter only, see _common.bf16_via_fp32
             x_sum += tl.sum(x.to(tl.float32), axis=1)
             x_ptrs += BLOCK_K * stride_xk
             q_ptrs += BLOCK_K * HALF

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ..ops import int8wo as op
-from ._common import check_launch, bf16_via_fp32, config, grouped_tile, store_tile, tuned
+from ._common import check_launch, bf16_via_fp32, config, dot, grouped_tile, store_tile, tuned
 
 
 @triton.jit
@@ -43,11 +43,7 @@ def _int8wo_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr,
         k_mask = (k0 + offs_k) < K
         x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         q = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0)
-        if DOT_IN_FP32:  # exact upcast, interpreter only: see _common.bf16_via_fp32
-            x = x.to(tl.float32)
-        # "ieee": fp32 operands use exact fp32 products as the reference does (tf32 would keep
-        # ~10 mantissa bits); 16-bit operands are unaffected.
-        acc = tl.dot(x, q.to(x.dtype), acc, input_precision="ieee")
+        acc = dot(x, q, acc, DOT_IN_FP32)  # fp32: interpreter only, see _common.bf16_via_fp32
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 

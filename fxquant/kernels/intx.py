@@ -30,7 +30,7 @@ import triton.language as tl
 from ..formats import int4
 from ..formats import intx as fmt
 from ..ops import intx as op
-from ._common import check_launch, bf16_via_fp32, config, grouped_tile, store_tile, tuned
+from ._common import check_launch, bf16_via_fp32, config, dot, grouped_tile, store_tile, tuned
 
 
 @triton.jit
@@ -91,21 +91,18 @@ def _intx_kernel(x_ptr, lo_ptr, hi_ptr, s_ptr, o_ptr, bias_ptr, y_ptr,
         k_mask = offs_k < K
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        if DOT_IN_FP32:  # exact upcast, interpreter only: see _common.bf16_via_fp32
-            x = x.to(tl.float32)
         valid = k_mask[:, None] & n_mask[None, :]                       # [BLOCK_K, BLOCK_N]
         j = byte_n[None, :] + offs_k[:, None] * HALF
         q = _plane(lo_ptr, j, nib_shift[None, :], LO_BITS, half_len, valid)
         if BITS > 4:
             q = q | (_plane(hi_ptr, j, nib_shift[None, :], BITS - 4, half_len, valid) << 4)
-        # "ieee": fp32 operands use exact fp32 products as the reference does (tf32 would keep
-        # ~10 mantissa bits); 16-bit operands are unaffected.
+        # the dots in fp32 with DOT_IN_FP32: interpreter only, see _common.bf16_via_fp32
         if FACTORED:
             # The K step lies in one group: sum_k x (c s + o) = s * sum_k x c + o * sum_k x, with the
             # centred codes c = q - MID (|c| <= 128: exact in every x dtype) fed to the dot.
             p_idx = param_n + (k0 // GROUP_SIZE) * N
             scale = tl.load(s_ptr + p_idx, mask=n_mask, other=0.0).to(tl.float32)
-            part = tl.dot(x, (q - MID).to(x.dtype), input_precision="ieee") * scale[None, :]
+            part = dot(x, q - MID, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_IN_FP32) * scale[None, :]
             if HAS_OFFSET:
                 x_sum = tl.sum(x.to(tl.float32), axis=1)
                 part += x_sum[:, None] * tl.load(o_ptr + p_idx, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -120,7 +117,7 @@ def _intx_kernel(x_ptr, lo_ptr, hi_ptr, s_ptr, o_ptr, bias_ptr, y_ptr,
             if HAS_OFFSET:
                 base += tl.load(o_ptr + p_idx, mask=valid, other=0.0).to(tl.float32)
             w = q.to(tl.float32) * scale + base  # rounded to x's dtype below (16-bit x on a GPU)
-            acc = tl.dot(x, w.to(x.dtype), acc, input_precision="ieee")
+            acc = dot(x, w, acc, DOT_IN_FP32)
 
     store_tile(acc, y_ptr, bias_ptr, offs_m, offs_n, m_mask, n_mask, stride_ym, stride_yn, HAS_BIAS)
 

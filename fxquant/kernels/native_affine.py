@@ -1,5 +1,5 @@
 """ctypes wrapper of the affine GEMV in ``native_affine.c`` (built into the one library of
-:mod:`fxquant.kernels.native_cpu`): ``linear_affine``'s small-M path, reading ``qweight`` in place.
+:mod:`fxquant.kernels.native_build`): ``linear_affine``'s small-M path, reading ``qweight`` in place.
 
 It returns ``None`` where it does not apply (no native library), raises ``ValueError`` when ``x``'s K is
 not the stored rows' and ``MemoryError`` when the kernel's allocation fails (nothing written), as the
@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from . import native_cpu
-from .native_cpu import _fp32_rows, _out, _ptr, _raise, _refuse, _round_in_c
+from . import native_build
+from .native_build import _raise
+from .native_cpu import _fp32_rows, _out, _ptr, _refuse, _round_in_c
 
 
 def affine_gemv(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, *,
@@ -20,7 +21,7 @@ def affine_gemv(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, ze
     (each row a little-endian bit stream of codes), ``scale`` fp32 ``[N, ceil(K/group_size)]`` (the stored
     scales, converted exactly), ``zero`` uint8 like ``scale`` or ``None`` (symmetric: ``z = 2**(bits-1)``)
     -> fp32 ``[M, N]``: fp32 products and sums (``round_x``: x rounded to bf16 first, in the kernel).
-    ``kernels``: one instruction set's (:func:`native_cpu.kernels`), default the ops' own.  None without
+    ``kernels``: one instruction set's (:func:`native_build.kernels`), default the ops' own.  None without
     the native library."""
     k = x2.shape[1]
     n, words = qweight.shape if qweight.dim() == 2 else (-1, -1)
@@ -31,7 +32,7 @@ def affine_gemv(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, ze
         _refuse("affine_gemv", f"qweight {qweight.dtype} {tuple(qweight.shape)}, scale {scale.dtype} "
                                f"{tuple(scale.shape)}, zero {None if zero is None else (zero.dtype, tuple(zero.shape))}"
                                f" are not the {bits}-bit affine layout of K={k} inputs in groups of {group_size}")
-    lib = kernels or native_cpu._lib()
+    lib = kernels or native_build._lib()
     if lib is None:
         return None
     x, w, s = _fp32_rows(x2), qweight.contiguous(), scale.contiguous()

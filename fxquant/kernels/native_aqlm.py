@@ -1,5 +1,5 @@
 """ctypes wrappers of the AQLM kernels in ``native_aqlm.c`` (built into the one library of
-:mod:`fxquant.kernels.native_cpu`): the small-M table GEMV and the row decoder of the large-M path.
+:mod:`fxquant.kernels.native_build`): the small-M table GEMV and the row decoder of the large-M path.
 
 Both read the stored ``codes`` (int8 / int16 ``[O, G, M]``, :mod:`fxquant.formats.aqlm`) in place; the
 codebooks and scales are passed as fp32 copies made once per tensor (cached while the stored tensor lives
@@ -14,8 +14,9 @@ from typing import Callable
 import torch
 
 from ..ops import _cpu
-from . import native_cpu
-from .native_cpu import _fp32_rows, _out, _ptr, _raise, _refuse, _round_in_c
+from . import native_build
+from .native_build import _raise
+from .native_cpu import _fp32_rows, _out, _ptr, _refuse, _round_in_c
 
 #: the decoder's output dtypes (``out_dtype`` of ``fxq_aqlm_decode``)
 _OUT_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
@@ -43,7 +44,7 @@ def lut_gemv(x2: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, sca
     o, g, nc, nbits, og, ig, cbytes = _codes_fit("aqlm_lut_gemv", codes, codebooks, scales)
     if x2.dim() != 2 or x2.shape[1] != g * ig:
         _refuse("aqlm_lut_gemv", f"x has {x2.shape[-1]} columns, the stored groups take {g * ig}")
-    lib = native_cpu._lib()
+    lib = native_build._lib()
     if lib is None:
         return None
     x, c = _fp32_rows(x2), codes.contiguous()
@@ -64,7 +65,7 @@ def decoder(codes: torch.Tensor, codebooks: torch.Tensor,
     ``G*ig`` columns) into ``out`` (fp32 or bf16, rows of stride ``out.stride(0)``) and returns True, or
     False for an output dtype the kernel does not write; None without the native library."""
     o, g, nc, nbits, og, ig, cbytes = _codes_fit("aqlm_decoder", codes, codebooks, scales)
-    lib = native_cpu._lib()
+    lib = native_build._lib()
     if lib is None:
         return None
     c = codes.contiguous()

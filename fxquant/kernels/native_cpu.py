@@ -15,7 +15,9 @@ Build: ``cc -O3 -march=native -fopenmp -shared`` into a cache directory (``$FXQU
 else ``$XDG_CACHE_HOME/fxquant`` or ``~/.cache/fxquant``; a private directory under the system temp
 dir when that one is not writable), keyed by the sources, the flags, the compiler and this CPU, so
 a later process loads it in milliseconds.  OpenMP resolves to the
-``libgomp.so.1`` torch has already loaded: one thread pool for both.
+``libgomp.so.1`` torch has already loaded: one thread pool for both.  The build and loading live in
+:mod:`fxquant.kernels.native_build`; this module holds the per-format wrappers and re-exports the
+build's public names (and ``_lib``, ``_raise``), so ``native_cpu.X`` works for each.
 
 When the build fails (no compiler), the CPU has no AVX2/FMA, or ``FXQUANT_NATIVE=0`` is set,
 :func:`available` is False and every op keeps its ATen path; the reason is in :func:`status`.
@@ -28,291 +30,23 @@ from then on fail.
 """
 from __future__ import annotations
 
-import ctypes
-import functools
-import hashlib
-import os
-import platform
-import subprocess
-import tempfile
 import threading
-import types
-import warnings
-from pathlib import Path
 
 import torch
 
 from ..formats import int4 as int4_fmt
 from ..formats.intx import SHARDS
-
-#: compiled together into one library: the AVX2 kernels (fxq_*), their AVX-512 variants (fxq512_*,
-#: empty unless the compiler targets AVX-512) and the scalar helpers both include
-SOURCES = tuple(Path(__file__).with_name(n) for n in ("native_cpu.c", "native_avx512.c", "native_avx512_bf16.c",
-                                                       "native_avx512_gemm.c", "native_avx512_gemm4.c",
-                                                       "native_gguf.c"))
-SOURCES += (Path(__file__).with_name("native_affine.c"),)  # affine (GPTQ / AWQ / compressed-tensors) GEMV
-HEADERS = tuple(Path(__file__).with_name(n) for n in ("native_common.h", "native_avx512.h", "native_avx512_gemm.h"))
-SOURCES += tuple(Path(__file__).with_name(n) for n in ("native_gguf_avx512.c", "native_gguf_bf16.c"))  # GGUF
-HEADERS += (Path(__file__).with_name("native_gguf.h"),)
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
-
-_c_i64, _c_int, _c_float, _c_ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
-#: the fp32 kernels (AVX2 fxq_*, AVX-512 fxq512_*): every one takes ``round_x`` before the thread count
-#: (x rounded to bf16 in C first: the compute_dtype policy, :func:`fxquant.ops._cpu.numerics`)
-_LUT4_ARGS = (_c_ptr, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_int, _c_ptr, _c_ptr, _c_ptr,
-              _c_float, _c_i64, _c_ptr, _c_i64)  # xh, xl, M, C, codes, .., y, ldy
-_FPX_ARGS = (_c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_int, _c_ptr, _c_ptr, _c_float, _c_ptr, _c_i64)
-_SIGNATURES = {
-    "fxq_int8_gemv": (_c_ptr, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_ptr, _c_i64, _c_int, _c_int),
-    "fxq_int4t_gemv": (_c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_i64, _c_i64,
-                       _c_i64, _c_ptr, _c_ptr, _c_i64, _c_i64, _c_float, _c_ptr, _c_i64, _c_int, _c_int),
-    "fxq_lut4_gemv": _LUT4_ARGS + (_c_int, _c_int),
-    "fxq_fpx_gemv": _FPX_ARGS + (_c_int, _c_int),
-    "fxq_onebit_gemv": (_c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_ptr, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_int, _c_int),
-    "fxq_int8_to_bf16": (_c_ptr, _c_i64, _c_ptr, _c_int),
-    # GGUF block types (native_gguf.c; wrappers in native_gguf.py): type, x, M, K, blocks, row_bytes, N, y, ldy,
-    # round_x, threads / type, blocks, rows, row_bytes, out, ld, out dtype, threads
-    "fxq_gguf_gemv": (_c_int, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_int, _c_int),
-    "fxq_gguf_dequant": (_c_int, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_int, _c_int),
-}
-
-# VPTQ (native_vptq.c; wrappers in native_vptq.py): x, M, K, indices, G, R, W, gs, o, ib, tb, cent, C, res | NULL, CR,
-# v, outlier idx | NULL, outlier cent | NULL, vo, N, y, ldy, threads / the same layout args, scale | NULL, n0, n1, out,
-# ld, out dtype, threads
-SOURCES += (Path(__file__).with_name("native_vptq.c"),)
-_VPTQ_LAYOUT = (_c_ptr, _c_i64, _c_i64, _c_i64, _c_i64, _c_i64, _c_int, _c_int, _c_ptr, _c_i64, _c_ptr, _c_i64, _c_i64,
-                _c_ptr, _c_ptr, _c_i64, _c_i64)
-_SIGNATURES["fxq_vptq_gemv"] = (_c_ptr, _c_i64, _c_i64) + _VPTQ_LAYOUT + (_c_ptr, _c_i64, _c_int)
-_SIGNATURES["fxq_vptq_decode"] = _VPTQ_LAYOUT + (_c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_int, _c_int)
-
-# affine (native_affine.c; wrapper in native_affine.py): x, M, K, qweight, words, bits, N, group_size, scale fp32,
-# zero u8 | NULL, mid, y, ldy, round_x, threads
-_SIGNATURES["fxq_affine_gemv"] = (_c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_int, _c_i64, _c_i64, _c_ptr, _c_ptr,
-                                  _c_float, _c_ptr, _c_i64, _c_int, _c_int)
-
-# AQLM (native_aqlm.c; wrappers in native_aqlm.py): x, M, KP, codes, code bytes, nbits, O, G, NC, codebooks, og, ig,
-# scales, N, y, ldy, round_x, threads / codes, code bytes, nbits, O, G, NC, codebooks, og, ig, scales, o0, o1, out,
-# ld, out dtype, threads
-SOURCES += (Path(__file__).with_name("native_aqlm.c"),)
-_SIGNATURES["fxq_aqlm_lut_gemv"] = (_c_ptr, _c_i64, _c_i64, _c_ptr, _c_int, _c_int, _c_i64, _c_i64, _c_i64, _c_ptr,
-                                    _c_i64, _c_i64, _c_ptr, _c_i64, _c_ptr, _c_i64, _c_int, _c_int)
-_SIGNATURES["fxq_aqlm_decode"] = (_c_ptr, _c_int, _c_int, _c_i64, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_ptr,
-                                  _c_i64, _c_i64, _c_ptr, _c_i64, _c_int, _c_int)
-
-#: AVX-512 kernels with no AVX2 twin (None in the AVX2 set)
-_AVX512_SIGNATURES = {
-    "fxq512_int4t_axis0_gemv": (_c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_i64,
-                                _c_i64, _c_ptr, _c_ptr, _c_i64, _c_float, _c_ptr, _c_i64, _c_ptr, _c_int, _c_int,
-                                _c_int),
-}
-
-#: AVX-512 kernels with no AVX2 twin, bound only where the CPU has AVX512-BF16 and VBMI
-_BF16DOT_SIGNATURES = {
-    "fxq512_int4t_bf16_gemv": (_c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_i64,
-                               _c_float, _c_ptr, _c_i64, _c_int),
-    "fxq512_int4t_bf16_gemv_x": (_c_ptr, _c_int, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_i64,
-                                 _c_i64, _c_float, _c_ptr, _c_int, _c_i64, _c_int),
-    "fxq512_lut4_bf16_gemv": _LUT4_ARGS + (_c_int,),
-    "fxq512_lut4_bf16_gemv_x": (_c_ptr, _c_int) + _LUT4_ARGS[2:] + (_c_int,),
-    "fxq512_fpx3_bf16_gemv": _FPX_ARGS + (_c_int,),
-    "fxq512_int8_bf16_gemm": (_c_ptr, _c_i64, _c_i64, _c_i64, _c_ptr, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_int, _c_int),
-    "fxq512_int4t_bf16_gemm": (_c_ptr, _c_i64, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_i64,
-                               _c_float, _c_ptr, _c_i64, _c_int, _c_int),
-    "fxq512_bf16_gemm": (_c_ptr, _c_i64, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_int, _c_int),
-    "fxq512_lut4_bf16_gemm": (_c_ptr, _c_i64, _c_i64, _c_i64, _c_ptr, _c_i64, _c_ptr, _c_ptr, _c_int, _c_ptr, _c_i64,
-                              _c_int, _c_int),
-    # GGUF bf16 dot-product GEMV (native_gguf_bf16.c): type, x bf16, M, K, blocks, row_bytes, N, y, ldy, threads
-    "fxq512_gguf_bf16_gemv": (_c_int, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_int),
-}
-#: the kernels' status codes (native_common.h): FXQ_ENOMEM, FXQ_EARG
-_ENOMEM, _EARG = -1, -2
-#: the build flags of the fault-injection library (tests only; see native_common.h): -O1 after -O3,
-#: since it is built once per source version for tests that run small shapes (measured here: 3.4 s
-#: at -O1, 24 s at -O3, on the loaded 2-core machine)
-FAULT_FLAGS = ("-DFXQ_FAULT_INJECT", "-O1")
-
-_status = "not loaded yet"
+from . import native_build
+# re-exported (the ops, the other native_* modules, tools and tests use them as native_cpu.X); patch
+# native_build's own names (e.g. native_build._lib), which every caller reads at call time
+from .native_build import (FAULT_FLAGS, FLAGS, HEADERS, SOURCES, _raise, available,  # noqa: F401
+                           fault_injection_kernels, has_bf16_dot, has_bf16_gemm, isa, isas, kernels, status)
 
 
-def _cache_dir() -> Path:
-    if os.environ.get("FXQUANT_CACHE_DIR"):
-        return Path(os.environ["FXQUANT_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "fxquant"
-
-
-def _cpu_id() -> str:
-    """What ``-march=native`` depends on: the CPU model and its feature flags."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = [ln for ln in f.read().splitlines() if ln.startswith(("model name", "flags"))]
-        return "\n".join(sorted(set(lines)))
-    except OSError:
-        return platform.processor() + platform.machine()
-
-
-def _compiler() -> str:
-    return os.environ.get("CC", "cc")
-
-
-def _build(extra_flags: tuple[str, ...] = ()) -> Path:
-    cc = _compiler()
-    flags = (*FLAGS, *extra_flags)
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
-    texts = [p.read_text() for p in (*SOURCES, *HEADERS)]
-    key = hashlib.sha256("\0".join([*texts, " ".join(flags), version, _cpu_id()]).encode())
-    name = f"fxquant_native_{key.hexdigest()[:16]}.so"
-    out_dir = _cache_dir()
-    if (out_dir / name).exists():
-        return out_dir / name
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
-    except OSError:  # read-only or unusable cache directory: build into a private temp directory
-        out_dir = Path(tempfile.gettempdir()) / f"fxquant-{os.getuid()}"
-        if (out_dir / name).exists():
-            return out_dir / name
-        out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
-    lib = out_dir / name
-    os.close(fd)
-    try:
-        proc = subprocess.run([cc, *flags, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[:2000]}")
-        os.replace(tmp, lib)  # atomic: a concurrent process sees the whole library or none
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return lib
-
-
-@functools.lru_cache(maxsize=None)
-def _library():
-    """The loaded shared library, or None (reason in :func:`status`)."""
-    global _status
-    if os.environ.get("FXQUANT_NATIVE", "1") == "0":
-        _status = "disabled by FXQUANT_NATIVE=0"
-        return None
-    if platform.system() != "Linux":
-        _status = f"not built on {platform.system()} (Linux only)"
-        return None
-    try:
-        lib = ctypes.CDLL(str(_build()))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        _status = f"build failed: {e}"
-        warnings.warn(f"fxquant native CPU kernels unavailable ({_status}); using the ATen paths",
-                      stacklevel=4)
-        return None
-    if not lib.fxq_simd():
-        _status = "this CPU has no AVX2 + FMA"
-        return None
-    _status = "loaded"
-    return lib
-
-
-def isas() -> tuple[str, ...]:
-    """Instruction sets whose kernels run here, widest first: ``("avx512", "avx2")`` when the
-    compiler targets AVX-512 F/BW/VL/DQ on this CPU, ``("avx2",)``, or ``()`` when unavailable."""
-    lib = _library()
-    if lib is None:
-        return ()
-    return ("avx512", "avx2") if lib.fxq_avx512() else ("avx2",)
-
-
-@functools.lru_cache(maxsize=None)
-def kernels(isa: str) -> types.SimpleNamespace:
-    """The kernels of one instruction set of :func:`isas` (attributes named as in the C source)."""
-    if isa not in isas():
-        raise ValueError(f"native kernels for {isa!r} do not run here; available: {list(isas())}")
-    return _bind(_library(), isa)
-
-
-def _bind(lib: ctypes.CDLL, isa: str) -> types.SimpleNamespace:
-    """``lib``'s kernels of ``isa`` as attributes named as in the C source (every one returns an int
-    status), None for kernels this CPU or instruction set lacks."""
-    ns = types.SimpleNamespace(isa=isa)
-    for name, argtypes in _SIGNATURES.items():
-        fn = getattr(lib, name.replace("fxq_", "fxq512_") if isa == "avx512" else name)
-        fn.argtypes, fn.restype = list(argtypes), ctypes.c_int
-        setattr(ns, name, fn)
-    for name, argtypes in _AVX512_SIGNATURES.items():
-        fn = None
-        if isa == "avx512":
-            fn = getattr(lib, name)
-            fn.argtypes, fn.restype = list(argtypes), ctypes.c_int
-        setattr(ns, name, fn)
-    # kernels of one instruction set only (None elsewhere): bf16 dot products need AVX512-BF16
-    for name, argtypes in _BF16DOT_SIGNATURES.items():
-        fn = None
-        if isa == "avx512" and lib.fxq512_bf16dot():
-            fn = getattr(lib, name)
-            fn.argtypes, fn.restype = list(argtypes), ctypes.c_int
-        setattr(ns, name, fn)
-    return ns
-
-
-@functools.lru_cache(maxsize=None)
-def fault_injection_kernels(isa: str) -> types.SimpleNamespace:
-    """Tests only: the kernels of ``isa`` from a separate build with :data:`FAULT_FLAGS`, plus
-    ``fail_alloc(n)`` (the n-th allocation request of any kernel from now fails; 0 disarms) and
-    ``fail_alloc_pending()`` (requests left before it; 0 once it fired).  Production builds have
-    neither the hook nor its check."""
-    if isa not in isas():
-        raise ValueError(f"native kernels for {isa!r} do not run here; available: {list(isas())}")
-    lib = ctypes.CDLL(str(_build(FAULT_FLAGS)))
-    ns = _bind(lib, isa)
-    ns.fail_alloc, ns.fail_alloc_pending = lib.fxq_fail_alloc, lib.fxq_fail_alloc_pending
-    ns.fail_alloc.argtypes, ns.fail_alloc.restype = [ctypes.c_int], None
-    ns.fail_alloc_pending.argtypes, ns.fail_alloc_pending.restype = [], ctypes.c_int
-    return ns
-
-
-def _raise(status: int, fn, **sizes) -> None:
-    """A kernel's non-zero status as an exception naming the C kernel and the sizes it was given."""
-    what = ", ".join(f"{k}={v}" for k, v in sizes.items())
-    if status == _ENOMEM:
-        raise MemoryError(f"native kernel {fn.__name__}: allocation failed ({what}); nothing was computed")
-    raise ValueError(f"native kernel {fn.__name__}: status {status} for {what} (a layout it does not compute)")
-
-
-@functools.lru_cache(maxsize=None)
-def _lib() -> types.SimpleNamespace | None:
-    """The kernels the ops use: the widest of :func:`isas`, or AVX2 with ``FXQUANT_NATIVE_ISA=avx2``
-    (read once per process: every op call asks)."""
-    here = isas()
-    if not here:
-        return None
-    return kernels("avx2" if os.environ.get("FXQUANT_NATIVE_ISA", "").lower() == "avx2" else here[0])
-
-
-def available() -> bool:
-    """True when the kernels are built and this CPU runs them."""
-    return _lib() is not None
-
-
-def isa() -> str | None:
-    """The instruction set of the kernels the ops use (see :func:`_lib`), or None when unavailable."""
-    lib = _lib()
-    return None if lib is None else lib.isa
-
-
-def has_bf16_dot() -> bool:
-    """Whether the kernels the ops use include the bf16 dot-product ones (AVX512-BF16 + VBMI)."""
-    lib = _lib()
-    return lib is not None and lib.fxq512_int4t_bf16_gemv is not None
-
-
-def has_bf16_gemm() -> bool:
-    """Whether the kernels the ops use include the bf16-weight GEMM (:func:`bf16_gemm`, AVX512-BF16)."""
-    lib = _lib()
-    return lib is not None and lib.fxq512_bf16_gemm is not None
-
-
-def status() -> str:
-    """Why :func:`available` is what it is (``"loaded"`` when it is True)."""
-    _library()
-    return _status
+def _lib():
+    """The kernels the ops use (:func:`native_build._lib`, None when unavailable), looked up on
+    :mod:`native_build` at every call so that a patch of ``native_build._lib`` reaches every wrapper."""
+    return native_build._lib()
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:

@@ -1,5 +1,5 @@
 """ctypes wrappers of the GGUF kernels in ``native_gguf.c`` (built into the one library of
-:mod:`fxquant.kernels.native_cpu`): the small-M GEMV and the row decoder of the large-M path.
+:mod:`fxquant.kernels.native_build`): the small-M GEMV and the row decoder of the large-M path.
 
 Both read ``blocks`` uint8 ``[N, row_bytes]`` (:mod:`fxquant.formats.gguf`) in place and decode each
 value exactly as the reference does.  They return ``None`` where they do not apply (no native
@@ -13,8 +13,9 @@ from typing import Callable
 import torch
 
 from ..formats import gguf as fmt
-from . import native_cpu
-from .native_cpu import _fp32_rows, _out, _ptr, _raise, _refuse, _round_in_c
+from . import native_build
+from .native_build import _raise
+from .native_cpu import _fp32_rows, _out, _ptr, _refuse, _round_in_c
 
 #: the row decoder's output dtypes (``out_dtype`` of ``fxq_gguf_dequant``)
 _OUT_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -46,7 +47,7 @@ def gguf_gemv(x2: torch.Tensor, blocks: torch.Tensor, qtype: "str | fmt.QType", 
     q = fmt.qtype(qtype)
     k = x2.shape[1]
     rb = _rows_fit("gguf_gemv", blocks, q, k)
-    lib = native_cpu._lib()
+    lib = native_build._lib()
     if lib is None:
         return None
     w = blocks.contiguous()
@@ -75,7 +76,7 @@ def gguf_decoder(blocks: torch.Tensor, qtype: "str | fmt.QType",
     None without the native library."""
     q = fmt.qtype(qtype)
     rb = _rows_fit("gguf_decoder", blocks, q, in_features)
-    lib = native_cpu._lib()
+    lib = native_build._lib()
     if lib is None:
         return None
     w = blocks.contiguous()

@@ -1,5 +1,5 @@
 """ctypes wrappers of the VPTQ kernels in ``native_vptq.c`` (built into the one library of
-:mod:`fxquant.kernels.native_cpu`): the small-M GEMV and the row decoder of the large-M path.
+:mod:`fxquant.kernels.native_build`): the small-M GEMV and the row decoder of the large-M path.
 
 Both read the stored ``indices`` (int32 bit streams) and ``outlier_indices`` (int16) in place; the codebooks
 are passed as fp32 copies made once per tensor (cached while the stored tensor lives unchanged: a few KB to
@@ -16,8 +16,9 @@ import torch
 
 from ..formats import vptq as fmt
 from ..ops import _cpu
-from . import native_cpu
-from .native_cpu import _out, _ptr, _raise
+from . import native_build
+from .native_build import _raise
+from .native_cpu import _out, _ptr
 
 #: longest vector the kernels take (VQ_MAX_V in native_vptq.c)
 MAX_VECTOR_LEN = 64
@@ -32,7 +33,7 @@ def _book(t: torch.Tensor) -> torch.Tensor | None:
 
 
 def _layout_args(t: dict, lay: fmt.Layout) -> tuple | None:
-    """The kernels' layout arguments (see ``native_cpu._VPTQ_LAYOUT``), or None when they do not apply."""
+    """The kernels' layout arguments (see ``native_build._VPTQ_LAYOUT``), or None when they do not apply."""
     if lay.vector_len > MAX_VECTOR_LEN or (lay.outlier_size and lay.outlier_vector_len > MAX_VECTOR_LEN):
         return None
     idx = t["indices"].contiguous()
@@ -48,7 +49,7 @@ def _layout_args(t: dict, lay: fmt.Layout) -> tuple | None:
 def gemv(xp: torch.Tensor, t: dict, lay: fmt.Layout) -> torch.Tensor | None:
     """``xp`` fp32 ``[M, K]`` (stored column order, scaled) -> ``xp @ Wp.T`` fp32 ``[M, N]``; None when the
     native library is missing or the layout is not one the kernel takes."""
-    lib = native_cpu._lib()
+    lib = native_build._lib()
     if lib is None:
         return None
     args = _layout_args(t, lay)
@@ -68,7 +69,7 @@ def decoder(t: dict, lay: fmt.Layout, scale: torch.Tensor | None) -> Callable[[i
     """``decode(n0, n1, out)`` writes rows ``n0 .. n1`` of ``Wp * scale`` (``scale`` fp32 ``[K]`` in the stored
     order, or None) into ``out`` (fp32 or bf16, unit column stride) and returns True, or False for an output
     it does not write; None without the native library."""
-    lib = native_cpu._lib()
+    lib = native_build._lib()
     if lib is None:
         return None
     args = _layout_args(t, lay)
@@ -92,4 +93,4 @@ def decoder(t: dict, lay: fmt.Layout, scale: torch.Tensor | None) -> Callable[[i
 
 def available() -> bool:
     """Whether the native library (and so these kernels) loaded."""
-    return native_cpu._lib() is not None
+    return native_build._lib() is not None

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from ..formats import vptq as fmt
 from ..ops import vptq as op
-from ._common import bf16_via_fp32, check_launch, config, grouped_tile, tuned
+from ._common import bf16_via_fp32, check_launch, config, dot, grouped_tile, tuned
 
 
 @triton.jit
@@ -74,10 +74,7 @@ def _vptq_kernel(x_ptr, idx_ptr, cent_ptr, res_ptr, oidx_ptr, ocent_ptr, sp_ptr,
         if HAS_SCALE:
             w = w * tl.load(sp_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)[:, None]
         w = tl.where(k_mask[:, None] & n_mask[None, :], w, 0.0)
-        if DOT_IN_FP32:  # fp32 activations, or bf16 under the interpreter (see _common.bf16_via_fp32)
-            acc = tl.dot(x.to(tl.float32), w, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, w.to(x.dtype), acc)
+        acc = dot(x, w, acc, DOT_IN_FP32)  # fp32: fp32 activations, or bf16 under the interpreter
 
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
     tl.store(y_ptrs, acc, mask=m_mask[:, None] & n_mask[None, :])

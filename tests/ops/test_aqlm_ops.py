@@ -12,7 +12,7 @@ from torch.library import opcheck
 
 import fxquant
 from fxquant.formats import aqlm as fmt
-from fxquant.kernels import native_aqlm, native_cpu
+from fxquant.kernels import native_aqlm, native_build, native_cpu
 from fxquant.ops import aqlm as op
 from fxquant.schemes import AQLM, parse_scheme, scheme_from_json, scheme_to_json
 from helpers import assert_linear_close, policy_x, rel
@@ -133,7 +133,7 @@ def test_native_kernels_and_torch_fallback(isa, layout, monkeypatch):
     the reference's weight bit for bit (decoder, fp32 and bf16), its product up to fp32 sums (table)."""
     if isa != "torch" and isa not in native_cpu.isas():
         pytest.skip(f"native {isa} kernels do not run here ({native_cpu.status()})")
-    monkeypatch.setattr(native_cpu, "_lib", lambda: None if isa == "torch" else native_cpu.kernels(isa))
+    monkeypatch.setattr(native_build, "_lib", lambda: None if isa == "torch" else native_cpu.kernels(isa))
     nc, nbits, ig, og = layout
     n, k = 61, 90
     args, attrs = random_layer(n, k, nc, nbits, ig, og, 5)
@@ -294,7 +294,7 @@ def test_a_failed_allocation_raises_and_computes_nothing(isa, monkeypatch):
     if isa not in native_cpu.isas():
         pytest.skip(f"native {isa} kernels do not run here ({native_cpu.status()})")
     lib = native_cpu.fault_injection_kernels(isa)
-    monkeypatch.setattr(native_cpu, "_lib", lambda: lib)
+    monkeypatch.setattr(native_build, "_lib", lambda: lib)
     try:
         for layout, n, m, kernel in (((2, 8, 8, 1), 300, 2, "fxq_aqlm_lut_gemv"),
                                      ((1, 5, 6, 1), 40, 9, "fxq_aqlm_decode")):

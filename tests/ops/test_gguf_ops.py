@@ -14,7 +14,7 @@ from torch.library import opcheck
 
 import fxquant
 from fxquant.formats import gguf as fmt
-from fxquant.kernels import native_cpu, native_gguf
+from fxquant.kernels import native_build, native_cpu, native_gguf
 from fxquant.ops import _cpu
 from fxquant.ops import gguf as op
 from helpers import assert_linear_close, policy_x
@@ -42,12 +42,12 @@ def random_blocks(qtype: str, n: int, k: int, seed: int = 0) -> torch.Tensor:
 @contextmanager
 def using(isa: str):
     """Route the native wrappers to the kernels of ``isa``."""
-    real = native_cpu._lib
-    native_cpu._lib = lambda: native_cpu.kernels(isa)
+    real = native_build._lib
+    native_build._lib = lambda: native_cpu.kernels(isa)
     try:
         yield
     finally:
-        native_cpu._lib = real
+        native_build._lib = real
 
 
 @contextmanager
@@ -146,7 +146,7 @@ def test_routing_by_rows():
 
 
 def test_without_native_kernels_the_torch_decoders_run(monkeypatch):
-    monkeypatch.setattr(native_cpu, "_lib", lambda: None)
+    monkeypatch.setattr(native_build, "_lib", lambda: None)
     blocks = random_blocks("q5_k", 30, 512, 4)
     for m in (1, 20):
         x = torch.randn(m, 512)
@@ -215,14 +215,14 @@ def test_bf16_dot_kernel_runs_for_its_types():
             calls.append(args[0])
             return real(*args)
 
-    native_cpu._lib, saved = (lambda: Spy()), native_cpu._lib
+    native_build._lib, saved = (lambda: Spy()), native_build._lib
     try:
         for qtype in fmt.QTYPES:
             blocks = random_blocks(qtype, 8, 256)
             native_gguf.gguf_gemv(torch.randn(2, 256, dtype=torch.bfloat16), blocks, qtype)
             native_gguf.gguf_gemv(torch.randn(2, 256), blocks, qtype)
     finally:
-        native_cpu._lib = saved
+        native_build._lib = saved
     assert sorted(calls) == sorted(fmt.QTYPES[t].ggml_type for t in native_gguf.BF16_DOT_TYPES)
 
 

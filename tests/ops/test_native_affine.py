@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from fxquant.kernels import native_affine, native_cpu
+from fxquant.kernels import native_affine, native_build, native_cpu
 from fxquant.ops import _cpu
 from fxquant.ops import affine as affine_op
 from fxquant.ops import affine_perm
@@ -106,7 +106,7 @@ def test_policy_holds_on_every_path(scheme, permuted, cd):
 def test_without_the_native_library_the_blocked_path_runs(monkeypatch):
     qw, opdef, op, x, w = _op_case("affine4-g32-fp16", False)
     want = op(x[:3], *qw.tensors.values(), None, **qw.attrs)
-    monkeypatch.setattr(native_cpu, "_lib", lambda: None)
+    monkeypatch.setattr(native_build, "_lib", lambda: None)
     assert native_affine.affine_gemv(x[:3], qw.tensors["qweight"], qw.tensors["scale"].float(),
                                      qw.tensors["zero_point"], bits=4, group_size=32) is None
     assert_linear_close(op(x[:3], *qw.tensors.values(), None, **qw.attrs), want, x[:3], w, 8e-6)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers import assert_linear_close
-from fxquant.kernels import native_cpu
+from fxquant.kernels import native_build, native_cpu
 from fxquant.schemes import parse_scheme
 
 pytestmark = pytest.mark.usefixtures("no_amx")  # the native large-M kernels are what these test
@@ -23,13 +23,13 @@ needs_bf16_dot = pytest.mark.skipif(not native_cpu.has_bf16_dot(), reason="no AV
 @contextmanager
 def fault_kernels(isa: str):
     """Route the ops to ``isa``'s kernels from the fault-injection build (disarmed on exit)."""
-    lib, real = native_cpu.fault_injection_kernels(isa), native_cpu._lib
-    native_cpu._lib = lambda: lib
+    lib, real = native_cpu.fault_injection_kernels(isa), native_build._lib
+    native_build._lib = lambda: lib
     try:
         yield lib
     finally:
         lib.fail_alloc(0)
-        native_cpu._lib = real
+        native_build._lib = real
 
 
 def _case(scheme: str, n: int, k: int, m: int, dtype: torch.dtype):

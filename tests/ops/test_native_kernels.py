@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from helpers import assert_linear_close, intx_code_part, policy_x
 from fxquant.formats import int4
-from fxquant.kernels import native_cpu
+from fxquant.kernels import native_build, native_cpu
 from fxquant.ops import _cpu, bnb4, fpx, int4wo, int8wo, intx, onebit
 from fxquant.schemes import parse_scheme
 
@@ -30,13 +30,13 @@ each_isa = pytest.mark.parametrize("isa", native_cpu.isas() or ["none"])
 
 @contextmanager
 def using(isa: str):
-    """Route the ops to the kernels of ``isa`` (the ops look ``native_cpu._lib`` up at call time)."""
-    real = native_cpu._lib
-    native_cpu._lib = lambda: native_cpu.kernels(isa)
+    """Route the ops to the kernels of ``isa`` (the ops look ``native_build._lib`` up at call time)."""
+    real = native_build._lib
+    native_build._lib = lambda: native_cpu.kernels(isa)
     try:
         yield
     finally:
-        native_cpu._lib = real
+        native_build._lib = real
 
 #: op name -> (its reference, the module whose NATIVE_MAX_ROWS applies, the native wrapper it calls)
 OPS = {

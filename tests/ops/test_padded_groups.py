@@ -8,7 +8,7 @@ import torch
 from helpers import assert_linear_close
 from fxquant.formats import bnb4 as bnb4_fmt
 from fxquant.formats import int4
-from fxquant.kernels import native_cpu
+from fxquant.kernels import native_build, native_cpu
 from fxquant.ops import _linear, bnb4, int4wo, intx
 from fxquant.schemes import parse_scheme
 
@@ -53,7 +53,7 @@ def run_path(scheme, k, m, dtype, monkeypatch, spy, native=True, cd=None):
     """The op at ``m`` rows (``compute_dtype`` ``cd``) against its reference; ``spy`` = (module, name)
     must have run and returned."""
     if not native:
-        monkeypatch.setattr(native_cpu, "_lib", lambda: None)
+        monkeypatch.setattr(native_build, "_lib", lambda: None)
     w, qw, op = quantized(scheme, N, k)
     s = Spy(monkeypatch, *spy)
     x = (torch.randn(m, k, generator=torch.Generator().manual_seed(m)) + 0.2).to(dtype)

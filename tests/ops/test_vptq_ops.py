@@ -13,7 +13,7 @@ from torch.library import opcheck
 
 import fxquant
 from fxquant.formats import vptq as fmt
-from fxquant.kernels import native_cpu, native_vptq
+from fxquant.kernels import native_build, native_cpu, native_vptq
 from fxquant.ops import vptq as op
 from fxquant.schemes import VPTQ, parse_scheme, scheme_from_json, scheme_to_json
 from helpers import assert_linear_close, policy_x, rel
@@ -354,7 +354,7 @@ ISAS = native_cpu.isas()
 def test_native_kernels_of_each_isa(monkeypatch, isa, scheme):
     """GEMV (M = 1..9, every rows-of-x remainder) and decoder (fp32 exactly the torch decode of Wp times the
     scale; bf16 that rounded once) of both instruction sets against the reference."""
-    monkeypatch.setattr(native_cpu, "_lib", lambda: native_cpu.kernels(isa))
+    monkeypatch.setattr(native_build, "_lib", lambda: native_cpu.kernels(isa))
     _, qw, args, attrs = build(scheme, 37, 36, 3)
     t, lay = qw.tensors, op.layout_of(attrs)
     w = op.dequantize_weight(*args, **attrs)

@@ -7,7 +7,7 @@ from torch.library import opcheck
 
 from helpers import FAST_PATH_TOL, assert_linear_close, rel
 from fxquant.formats import int4, int8
-from fxquant.kernels import native_cpu
+from fxquant.kernels import native_build, native_cpu
 from fxquant.ops import _cpu, int4wo, int8wo
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -55,7 +55,7 @@ def test_op_matches_reference(name, m, n, k, dtype, with_bias, lead, seed):
 def test_int8wo_aten_path_at_any_k(k, m, monkeypatch):
     """With the native kernels off, small M runs ``_weight_int8pack_mm`` where it is right
     (K % 16 == 0 on the AVX-512 build) and the dequantize path elsewhere: right at every K."""
-    monkeypatch.setattr(native_cpu, "_lib", lambda: None)
+    monkeypatch.setattr(native_build, "_lib", lambda: None)
     _, op, ref = int8_case(40, k, k + m)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(torch.bfloat16)
     y, r = op(x, None), ref(x, None)
