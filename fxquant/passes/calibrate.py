@@ -96,8 +96,9 @@ def calibrate(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
 def _weight(gm: torch.fx.GraphModule, site: Site) -> torch.Tensor:
     """The site's float weight ``[N, K]``, with the rows an AWQ fold divides divided."""
     w = get_attr_path(gm, site.weight_attr).detach()
-    w = w.t() if site.transposed else w
-    return w if site.out_fold is None else site.out_fold.divided(w)
+    if site.out_fold is not None:  # the stored parameter divided along its output axis, as the emit does
+        w = site.out_fold.divided(w)
+    return w.t() if site.transposed else w
 
 
 def _x_node(site: Site):

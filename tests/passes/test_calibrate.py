@@ -359,3 +359,39 @@ def test_sequential_walk_stops_after_the_last_site(monkeypatch):
                          example_inputs=(xs[0],), calibration=xs)
     assert fxquant.report(qm).results["body"]["calibration_tokens"] == 8
     assert ran and not any("relu" in t for t in ran)  # the walk ended at body, before relu and head
+
+
+class GatedMatmul(GatedMLP):
+    """GatedMLP with up as ``x @ W`` against a ``[K, N]`` parameter (a transposed site, no bias)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w_up = nn.Parameter(self.up.weight.detach().t().contiguous())
+        del self.up
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.silu(self.gate(x)) * (x @ self.w_up))
+
+
+def _no_up_bias(m):
+    with torch.no_grad():
+        m.up.bias.zero_()
+    return m
+
+
+def test_awq_fold_into_a_transposed_linear():
+    """A ``[K, N]`` weight takes the fold along its columns (its output axis); quantized or float, the
+    model's output matches the nn.Linear form's."""
+    xs = _xs(3)
+    x = torch.cat(xs)
+    for up_scheme in ("int4wo-32@awq", None):
+        ref = _no_up_bias(GatedMLP().eval())
+        m = GatedMatmul().eval()
+        torch.testing.assert_close(m(x), ref(x))
+        qa = fxquant.compile(ref, fxquant.Spec(default="int4wo-32@awq", rules={"up": up_scheme}),
+                             example_inputs=(xs[0],), calibration=xs)
+        qb = fxquant.compile(m, fxquant.Spec(default="int4wo-32@awq", rules={"w_up": up_scheme}),
+                             example_inputs=(xs[0],), calibration=xs)
+        res = fxquant.report(qb).results
+        assert res["down"]["awq_input_scale"].startswith("folded into w_up"), res["down"]
+        torch.testing.assert_close(qb(x), qa(x), rtol=1e-4, atol=1e-4)
