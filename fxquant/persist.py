@@ -170,6 +170,14 @@ def _check_version(layout: Mapping[str, Any]) -> None:
                          f"version {LAYOUT_VERSION}")
 
 
+def _submodule(model: nn.Module, path: str, missing: str) -> nn.Module:
+    """``model.get_submodule(path)``, or ``ValueError(missing)`` when there is none."""
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        raise ValueError(missing) from None
+
+
 def build_packed(model: nn.Module, layout: Mapping[str, Any], device: torch.device | str | None = None) -> nn.Module:
     """Replace ``model``'s layers named in ``layout`` by packed ones with empty tensors on ``device``
     (default: where the skeleton's layer is, e.g. ``meta``); returns ``model``.  Every entry is
@@ -179,10 +187,7 @@ def build_packed(model: nn.Module, layout: Mapping[str, Any], device: torch.devi
     plan = []
     for path, entry in layout.get("modules", {}).items():
         where = f"fxquant layout: layer {path!r}"
-        try:
-            old = model.get_submodule(path)
-        except AttributeError:
-            raise ValueError(f"{where}: the model has no such module (is it the model the file was saved from?)") from None
+        old = _submodule(model, path, f"{where}: the model has no such module (is it the model the file was saved from?)")
         if not isinstance(old, (nn.Linear, QuantizedLinear)):
             raise ValueError(f"{where}: expected an nn.Linear in the model, found {type(old).__name__}")
         if (old.out_features, old.in_features) != (entry["out_features"], entry["in_features"]):
@@ -196,10 +201,7 @@ def build_packed(model: nn.Module, layout: Mapping[str, Any], device: torch.devi
     for path, entry in layout.get("tensors", {}).items():
         where = f"fxquant layout: weight {path!r}"
         owner_path, _, name = path.rpartition(".")
-        try:
-            owner = model.get_submodule(owner_path)
-        except AttributeError:
-            raise ValueError(f"{where}: the model has no module {owner_path!r}") from None
+        owner = _submodule(model, owner_path, f"{where}: the model has no module {owner_path!r}")
         old = owner._parameters.get(name, owner._buffers.get(name))
         if old is None:
             raise ValueError(f"{where}: the model has no such tensor")
@@ -211,10 +213,7 @@ def build_packed(model: nn.Module, layout: Mapping[str, Any], device: torch.devi
     eplan = []
     for path, entry in layout.get("embeddings", {}).items():
         where = f"fxquant layout: embedding {path!r}"
-        try:
-            old = model.get_submodule(path)
-        except AttributeError:
-            raise ValueError(f"{where}: the model has no such module") from None
+        old = _submodule(model, path, f"{where}: the model has no such module")
         if not isinstance(old, nn.Embedding) and type(old).__name__ != "PackedEmbedding":
             raise ValueError(f"{where}: expected an nn.Embedding in the model, found {type(old).__name__}")
         shape = (getattr(old, "num_embeddings", None), getattr(old, "embedding_dim", None))

@@ -126,6 +126,16 @@ def load(name: str):
     return load_smollm2()
 
 
+def _skipped(name: str, skip: list[str]) -> bool:
+    """Whether the linear ``name`` is one of ``skip`` (a full name or its last components)."""
+    return any(name == s or name.endswith("." + s) for s in skip)
+
+
+def _failed(spec_text: str, error: str, seconds: float = 0.0) -> dict:
+    """The row of a peer that could not run (its library missing, or refusing the spec)."""
+    return {"spec": spec_text, "ppl": float("nan"), "seconds": seconds, "error": error}
+
+
 def run_peer_hqq(model, spec_text: str, skip: list[str], wins) -> dict:
     """``hqq-<bits>-<group>-axis<a>``: the hqq library's own ``Quantizer.quantize(optimize=True)`` on every
     decoder projection, its dequantized weights put back (what ``HQQLinear`` computes with, in fp32)."""
@@ -137,13 +147,13 @@ def run_peer_hqq(model, spec_text: str, skip: list[str], wins) -> dict:
     try:
         from hqq.core.quantize import Quantizer
     except Exception as e:  # noqa: BLE001
-        return {"spec": spec_text, "ppl": float("nan"), "seconds": 0.0, "error": f"hqq not importable: {e}"}
+        return _failed(spec_text, f"hqq not importable: {e}")
     bits, group, axis = (int(v) for v in m.groups())
     q = copy.deepcopy(model)
     t0 = time.perf_counter()
     with torch.no_grad():
         for name, mod in q.named_modules():
-            if isinstance(mod, torch.nn.Linear) and not any(name == s or name.endswith("." + s) for s in skip):
+            if isinstance(mod, torch.nn.Linear) and not _skipped(name, skip):
                 w = mod.weight.detach().float()
                 wq, meta = Quantizer.quantize(w, nbits=bits, group_size=group, optimize=True, axis=axis,
                                               bitpack=False, device="cpu")
@@ -176,11 +186,11 @@ def run_peer_llmc(model, spec_text: str, skip: list[str], calib: list[torch.Tens
         from llmcompressor.modifiers.transform.awq import AWQModifier
         from llmcompressor.pipelines.cache import IntermediatesCache
     except Exception as e:  # noqa: BLE001
-        return {"spec": spec_text, "ppl": float("nan"), "seconds": 0.0, "error": f"llmcompressor not importable: {e}"}
+        return _failed(spec_text, f"llmcompressor not importable: {e}")
     method, bits, group, asym = m.group(1), int(m.group(2)), int(m.group(3)), m.group(4) is not None
     q = copy.deepcopy(model)
     ignore = [name for name, mod in q.named_modules() if isinstance(mod, torch.nn.Linear)
-              and any(name == s or name.endswith("." + s) for s in skip)]
+              and _skipped(name, skip)]
     groups = {"group_0": {"targets": ["Linear"], "weights": {"num_bits": bits, "type": "int", "symmetric": not asym,
                                                              "strategy": "group", "group_size": group}}}
     recipe = GPTQModifier(ignore=ignore, config_groups=groups) if method == "gptq" else \
@@ -197,8 +207,7 @@ def run_peer_llmc(model, spec_text: str, skip: list[str], calib: list[torch.Tens
             oneshot(model=q, processor=tokenizer, recipe=recipe, dataset=data, num_calibration_samples=len(calib),
                     max_seq_length=calib[0].shape[1], shuffle_calibration_samples=False)
         except Exception as e:  # noqa: BLE001 - e.g. a group size that does not divide a layer's width
-            return {"spec": spec_text, "ppl": float("nan"), "seconds": time.perf_counter() - t0,
-                    "error": f"oneshot failed: {type(e).__name__}: {e}"}
+            return _failed(spec_text, f"oneshot failed: {type(e).__name__}: {e}", time.perf_counter() - t0)
         seconds = time.perf_counter() - t0
     with torch.no_grad():  # GPTQ leaves its weights quantize-dequantized, AWQ its scaled float ones
         for mod in q.modules():

@@ -168,6 +168,14 @@ def _exact_in_bf16(table: torch.Tensor) -> bool:
     return bool(torch.equal(t.to(torch.bfloat16).float(), t))
 
 
+def _piece_scales(absmax: torch.Tensor, blocksize: int, piece: int, out_features: int, k: int) -> torch.Tensor:
+    """One scale per piece of ``piece`` elements (``gcd(K, blocksize)``: inside one block and one row) from
+    the per-block ``absmax``: the block's value repeated ``blocksize / piece`` times (itself when equal)."""
+    if piece == blocksize:
+        return absmax
+    return absmax.repeat_interleave(blocksize // piece)[: out_features * k // piece]
+
+
 def _native(x2, codes, code_table, blocksize, out_features, in_features, scale, nm, dq=None, absmax=None):
     """The native GEMV when it applies (small M, rows starting on a byte: K even), else None.
 
@@ -183,7 +191,7 @@ def _native(x2, codes, code_table, blocksize, out_features, in_features, scale, 
     if piece != blocksize:
         if piece < NATIVE_MIN_PIECE:
             return None
-        scale, dq = absmax().repeat_interleave(blocksize // piece)[: out_features * k // piece], None
+        scale, dq = _piece_scales(absmax(), blocksize, piece, out_features, k), None
     bf16_table = not nm.exact or not nm.bf16_values(x2) or table_in_bf16(code_table)
     return native_cpu.lut4_gemv_x(x2, codes, rows=out_features, row_bytes=k // 2, table=code_table,
                                   block_bytes=piece // 2, scale=scale, dq=dq, round_x=nm.round_x,
@@ -199,11 +207,9 @@ def _native_gemm(x2, codes, code_table, blocksize, out_features, in_features, nm
             or _cpu.amx() or not native_cpu.has_bf16_gemm()):
         return None
     piece = math.gcd(in_features, blocksize)
-    if piece < 32:
+    if piece < NATIVE_MIN_PIECE:  # the kernel's unit: 32 codes
         return None
-    scale = absmax()
-    if piece != blocksize:  # blocks straddling rows: one scale per piece (as the GEMV's)
-        scale = scale.repeat_interleave(blocksize // piece)[: out_features * in_features // piece]
+    scale = _piece_scales(absmax(), blocksize, piece, out_features, in_features)
     return native_cpu.lut4_gemm(x2, codes, rows=out_features, table=code_table, scale=scale, piece=piece)
 
 

@@ -56,6 +56,7 @@ class Fold:
     scale: torch.Tensor
     sites: list[str]
     axis: int = 0  # the axis of a 2-D parameter (a linear's weight) the scale runs along
+    rows: bool = False  # a linear's output rows (its weight), not a 1-D parameter
 
     def divided(self, p: torch.Tensor) -> torch.Tensor:
         """``p / scale`` along ``axis``, in ``p``'s dtype (what the folded parameter becomes, in either emit)."""
@@ -64,7 +65,7 @@ class Fold:
         return (p.detach().float() / self.scale.reshape(shape)).to(p.dtype)
 
     def note(self) -> str:
-        return f"divided by the AWQ input scale of {', '.join(self.sites)}"
+        return f"{'output rows ' if self.rows else ''}divided by the AWQ input scale of {', '.join(self.sites)}"
 
 
 def calibrate(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -226,10 +227,9 @@ def _bias_attr(site: Site) -> str | None | bool:
 def _fold_into_linear(gm, ctx: PassContext, site: Site, scale: torch.Tensor, names: list[str]) -> str:
     """Divide ``site``'s output rows (weight and bias) by ``scale``: a float site's weight through
     ``ctx.folds``, a site still to be quantized by quantizing its divided rows (``site.out_fold``)."""
-    site.out_fold = Fold(site.weight_attr, scale, names, axis=1 if site.transposed else 0)
+    site.out_fold = Fold(site.weight_attr, scale, names, axis=1 if site.transposed else 0, rows=True)
     if site.scheme is None or site.reason:  # stays float: the emit divides the parameter
         ctx.folds.append(site.out_fold)
-        site.result["awq_fold"] = f"output rows {site.out_fold.note()}"
     bias = _bias_attr(site)
     if bias:
         ctx.folds.append(Fold(bias, scale, names))

@@ -70,7 +70,7 @@ def quantize_site(site: Site, w: torch.Tensor, stats: Stats | None = None, resul
                    "weight_squared_error": sq, "mean_weight_squared_error": sq / max(w.numel(), 1),
                    "relative_weight_squared_error": rel * rel, **info}
     if site.out_fold is not None:  # its rows took a later site's AWQ scale (quantized divided)
-        site.result["awq_fold"] = f"output rows {site.out_fold.note()}"
+        site.result["awq_fold"] = site.out_fold.note()
 
 
 def quantize_weights(gm: torch.fx.GraphModule | None, ctx: PassContext) -> PassResult:

@@ -61,7 +61,7 @@ def _rewrite(gm: torch.fx.GraphModule, site: Site, owners: dict[int, str]) -> No
     new.meta.update({k: v for k, v in node.meta.items() if k != "fxquant"})
     meta(new).update(site=site.name, scheme=str(site.scheme), rule=site.rule, replaced=str(node.target))
     if site.out_fold is not None:
-        meta(new)["awq_fold"] = f"output rows {site.out_fold.note()}"
+        meta(new)["awq_fold"] = site.out_fold.note()
     node.replace_all_uses_with(new)
     graph.erase_node(node)
     ref.node = new
