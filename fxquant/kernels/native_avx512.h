@@ -1,5 +1,5 @@
-/* Shared by native_avx512.c and native_avx512_bf16.c: ISA detection, the tiling constants and the
- * small decode helpers both kernel families use.  Only static inline code: each .c includes it. */
+/* Shared by every AVX-512 kernel file (native_avx512*.c, native_affine.c, ...): ISA detection, the tiling
+ * constants and the small decode helpers.  Only static inline code: each .c includes it. */
 #ifndef FXQ_NATIVE_AVX512_H
 #define FXQ_NATIVE_AVX512_H
 
@@ -145,6 +145,41 @@ INLINE void row_scales512(int64_t n, int64_t nblk, int mode, const void *sc, con
             }                                                                                           \
         }                                                                                               \
     }
+
+/* 4-bit codes in int4pack's tile order (native_avx512.c's GEMV and native_avx512_axis0.c's): the
+ * nibble-pair bytes of one k, rebuilt from sub-4-bit shards where needed */
+struct np_src {      /* where the 16 nibble-pair bytes of one k come from */
+    const uint8_t *q0, *q1;  /* shard bytes at k = 0 of the group (q1 NULL: one shard) */
+    __m128i c0, c1, mk0, mk1, sh1;
+    int fast4;       /* the stored 4-bit bytes themselves */
+};
+
+/* the shard-independent fields of an np_src: shard widths w0 (and w1 when s1 is set) */
+INLINE struct np_src np_src_init(int64_t w0, const uint8_t *s1, int64_t w1) {
+    struct np_src s;
+    memset(&s, 0, sizeof s);
+    s.fast4 = w0 == 4 && s1 == NULL;
+    s.sh1 = _mm_cvtsi32_si128((int)w0);
+    s.mk0 = _mm_set1_epi8(w0 == 1 ? 0x11 : 0x33);
+    s.mk1 = _mm_set1_epi8(w1 == 1 ? 0x11 : 0x33);
+    return s;
+}
+
+INLINE __m128i np16(const struct np_src *s, int64_t off) {
+    const __m128i v0 = _mm_loadu_si128((const __m128i *)(s->q0 + off));
+    if (s->fast4) return v0;
+    __m128i v = _mm_and_si128(_mm_srl_epi16(v0, s->c0), s->mk0);
+    if (s->q1)
+        v = _mm_or_si128(v, _mm_sll_epi16(_mm_and_si128(_mm_srl_epi16(_mm_loadu_si128((const __m128i *)(s->q1 + off)),
+                                                                       s->c1), s->mk1), s->sh1));
+    return v;
+}
+
+
+/* the codes of one nibble-pair byte vector as fp32 lanes: vpermps reads the low 4 bits of each
+ * lane, so the identity table 0..15 turns a widened byte into its low nibble without a mask */
+#define I4_LO(v, ident) _mm512_permutexvar_ps((v), (ident))
+#define I4_HI(v, ident) _mm512_permutexvar_ps(_mm512_srli_epi32((v), 4), (ident))
 
 #if FXQ_BF16DOT
 /* The int4 bf16-dot decode (i4b_tile's comment): a 64-byte load holds the 32 nibble-pair bytes of k

@@ -23,7 +23,8 @@ from pathlib import Path
 
 #: compiled together into one library: the AVX2 kernels (fxq_*), their AVX-512 variants (fxq512_*,
 #: empty unless the compiler targets AVX-512) and the scalar helpers both include
-SOURCES = tuple(Path(__file__).with_name(n) for n in ("native_cpu.c", "native_avx512.c", "native_avx512_bf16.c",
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("native_cpu.c", "native_avx512.c", "native_avx512_axis0.c",
+                                                       "native_avx512_bf16.c",
                                                        "native_avx512_gemm.c", "native_avx512_gemm4.c",
                                                        "native_gguf.c"))
 SOURCES += (Path(__file__).with_name("native_affine.c"),)  # affine (GPTQ / AWQ / compressed-tensors) GEMV
