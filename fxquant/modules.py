@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from .kernels import native_entry
 from .ops import op_def
 from .schemes import QuantizedWeight
 
@@ -67,11 +68,32 @@ class QuantizedLinear(nn.Module):
         if type(x) is torch.Tensor and x.device.type == "cpu" and _plain_eager_call(x, self.bias):
             bound = self._bound
             if bound is None:
-                bound = self._bound = op_def(self.op_name).cpu_bound(
-                    {n: getattr(self, n) for n in self.tensor_names}, self.bias, self.op_attrs)
+                bound = self._bound = self._cpu_fn()
             return bound(x)
         tensors = [getattr(self, n) for n in self.tensor_names]
         return self._fn(x, *tensors, self.bias, **self.op_attrs)
+
+    def _cpu_fn(self):
+        """What a plain eager CPU call runs: bf16 activations of an op the C++ entry takes
+        (:mod:`fxquant.kernels.native_entry`) go through the dispatcher to it, outside inference
+        mode (which skips the AutogradCPU key it sits at); everything else runs the op's CPU impl
+        with this module's arguments bound (:meth:`LinearOpDef.cpu_bound`): the same result, without
+        the Python kernel's per-call work."""
+        od = op_def(self.op_name)
+        tensors = {n: getattr(self, n) for n in self.tensor_names}
+        python = od.cpu_bound(tensors, self.bias, self.op_attrs)
+        if self.op_name not in native_entry.OPS or not native_entry.ensure():
+            return python
+        # the op's arguments after x in schema order
+        fn, args = self._fn, (*(tensors[n] for n in od.tensors), self.bias,
+                              *(self.op_attrs.get(n) for n in od.arg_names[2 + len(od.tensors):]))
+        inference = torch.is_inference_mode_enabled
+
+        def call(x: torch.Tensor) -> torch.Tensor:
+            if x.dtype != torch.bfloat16 or inference():
+                return python(x)
+            return fn(x, *args)
+        return call
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in ("bias", *getattr(self, "tensor_names", ())):

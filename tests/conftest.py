@@ -41,6 +41,16 @@ def fp32_dense(monkeypatch):
 
 
 @pytest.fixture
+def python_kernels():
+    """The ops' Python CPU kernels on every call (the C++ entry of
+    :mod:`fxquant.kernels.native_entry` off): for tests that patch or spy on the Python routing."""
+    from fxquant.kernels import native_entry
+
+    with native_entry.disabled():
+        yield
+
+
+@pytest.fixture
 def no_amx(monkeypatch):
     """Route as on an AVX512-BF16 CPU without AMX (``fxquant.ops._cpu.amx`` False): large M takes the
     native decode-in-GEMM kernels, so their tests run on AMX machines too (where the ops prefer

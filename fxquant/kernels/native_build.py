@@ -138,7 +138,12 @@ def _build(extra_flags: tuple[str, ...] = ()) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
     texts = [p.read_text() for p in (*SOURCES, *HEADERS)]
     key = hashlib.sha256("\0".join([*texts, " ".join(flags), version, _cpu_id()]).encode())
-    name = f"fxquant_native_{key.hexdigest()[:16]}.so"
+    return build_cached(f"fxquant_native_{key.hexdigest()[:16]}.so", [cc, *flags, *map(str, SOURCES)])
+
+
+def build_cached(name: str, command: list[str]) -> Path:
+    """The library ``name`` in the cache directory, built by ``command + ["-o", path]`` unless it is
+    there (``name`` carries the hash of everything the build depends on)."""
     out_dir = _cache_dir()
     if (out_dir / name).exists():
         return out_dir / name
@@ -154,9 +159,9 @@ def _build(extra_flags: tuple[str, ...] = ()) -> Path:
     lib = out_dir / name
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *flags, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True)
+        proc = subprocess.run([*command, "-o", tmp], capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[:2000]}")
+            raise RuntimeError(f"{command[0]} failed: {proc.stderr.strip()[:2000]}")
         os.replace(tmp, lib)  # atomic: a concurrent process sees the whole library or none
     finally:
         if os.path.exists(tmp):

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from . import _cpu
 from ._dequant_gemm import block_rows, blocked_linear
+from ..kernels import native_entry
 
 LIB = torch.library.Library("fxquant", "DEF")
 
@@ -255,7 +256,7 @@ def _register_autograd(op: LinearOpDef, qualname: str) -> None:
         @staticmethod
         def forward(ctx, *args):
             with torch._C._AutoDispatchBelowAutograd():
-                y = overload(*args)
+                y = getattr(torch.ops.fxquant, op.name).default(*args)
             x, tensors, bias, scalars = op.split(args, {})
             ctx.tensors, ctx.scalars = tensors, scalars
             ctx.x_dtype, ctx.has_bias = x.dtype, bias is not None
@@ -270,17 +271,26 @@ def _register_autograd(op: LinearOpDef, qualname: str) -> None:
             grads[0], grads[i_bias] = dx, db
             return tuple(grads)
 
+    def with_grad(*args, **kwargs):
+        bound = dict(zip(names, args), **kwargs)
+        return Linear.apply(*(bound.get(n) for n in names))
+
     def autograd_kernel(*args, **kwargs):
         nonlocal overload
         if overload is None:
             overload = getattr(torch.ops.fxquant, op.name).default
         x, bias = args[0], (args[i_bias] if len(args) > i_bias else kwargs.get("bias"))
         if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
-            bound = dict(zip(names, args), **kwargs)
-            return Linear.apply(*(bound.get(n) for n in names))
+            return with_grad(*args, **kwargs)
         if type(x) is torch.Tensor and x.device.type == "cpu" and _get_current_dispatch_mode() is None:
+            if not native_entry.tried:  # first plain CPU call: the C++ entry takes the next ones
+                native_entry.ensure()
             return op.cpu(*args, **kwargs)
         with torch._C._AutoDispatchBelowAutograd():
             return overload(*args, **kwargs)
 
     torch.library.impl(qualname, "Autograd", func=autograd_kernel, lib=LIB)
+    # the twin the C++ entry (fxquant/kernels/native_entry.cpp) hands calls that need a gradient to: it
+    # shadows this Autograd kernel on CPU tensors
+    LIB.define(op.schema.replace(op.name, f"_grad_{op.name}", 1))
+    torch.library.impl(f"fxquant::_grad_{op.name}", "Autograd", func=with_grad, lib=LIB)

@@ -105,9 +105,10 @@ def test_sampling_runs_and_is_seeded(smollm2, int8wo_inplace):
     assert int(runs[0].max()) < int8wo_inplace.config.vocab_size
 
 
-def test_prefill_takes_the_gemm_decode_the_gemv(smollm2, int8wo_inplace, monkeypatch):
+def test_prefill_takes_the_gemm_decode_the_gemv(smollm2, int8wo_inplace, monkeypatch, python_kernels):
     """A 64-token prompt (64 rows per projection) goes through the large-M kernel, each decoded token
-    (1 row) through the GEMV: counted at the native kernels' wrappers."""
+    (1 row) through the GEMV: counted at the native kernels' Python wrappers (the C++ entry, which
+    calls the same GEMV without them, off: tests/ops/test_native_entry.py)."""
     if not native_cpu.available():
         pytest.skip(f"native kernels unavailable: {native_cpu.status()}")
     _, tokenizer = smollm2

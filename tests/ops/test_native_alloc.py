@@ -14,7 +14,9 @@ from helpers import assert_linear_close
 from fxquant.kernels import native_build, native_cpu
 from fxquant.schemes import parse_scheme
 
-pytestmark = pytest.mark.usefixtures("no_amx")  # the native large-M kernels are what these test
+# the native large-M kernels are what these test; the Python routing to each library (the C++ entry
+# of native_entry.cpp, which calls the loaded kernels without it: test_native_entry.py) is what they spy on
+pytestmark = pytest.mark.usefixtures("no_amx", "python_kernels")
 
 needs_native = pytest.mark.skipif(not native_cpu.available(), reason=f"native kernels: {native_cpu.status()}")
 needs_bf16_dot = pytest.mark.skipif(not native_cpu.has_bf16_dot(), reason="no AVX512-BF16 kernels here")

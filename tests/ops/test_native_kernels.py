@@ -20,7 +20,9 @@ from fxquant.kernels import native_build, native_cpu
 from fxquant.ops import _cpu, bnb4, fpx, int4wo, int8wo, intx, onebit
 from fxquant.schemes import parse_scheme
 
-pytestmark = pytest.mark.usefixtures("no_amx")  # the native large-M kernels are what these test
+# the native large-M kernels are what these test, through the Python routing to each library (which they
+# spy on or swap; the C++ entry, which calls the loaded kernels directly: test_native_entry.py)
+pytestmark = pytest.mark.usefixtures("no_amx", "python_kernels")
 
 needs_native = pytest.mark.skipif(not native_cpu.available(), reason=f"native kernels: {native_cpu.status()}")
 #: every instruction set whose kernels run here (AVX-512 and AVX2 on an AVX-512 CPU): the

@@ -52,7 +52,7 @@ def test_op_matches_reference(name, m, n, k, dtype, with_bias, lead, seed):
 
 @pytest.mark.parametrize("k", [8, 24, 130, 136, 200, 4112])
 @pytest.mark.parametrize("m", [1, 2, 9])
-def test_int8wo_aten_path_at_any_k(k, m, monkeypatch):
+def test_int8wo_aten_path_at_any_k(k, m, monkeypatch, python_kernels):
     """With the native kernels off, small M runs ``_weight_int8pack_mm`` where it is right
     (K % 16 == 0 on the AVX-512 build) and the dequantize path elsewhere: right at every K."""
     monkeypatch.setattr(native_build, "_lib", lambda: None)
@@ -107,7 +107,7 @@ def test_int8wo_switches_kernels_at_its_own_crossover(monkeypatch):
         assert len(calls) == packed, m
 
 
-def test_int4_foreign_block_n_uses_dequant_path(monkeypatch, fp32_dense):
+def test_int4_foreign_block_n_uses_dequant_path(monkeypatch, fp32_dense, python_kernels):
     """Weights packed for another CPU's tile height still compute the right thing: the native GEMV
     reads any tile height at small M; above it, the dequantize path (with a warning)."""
     monkeypatch.setattr(int4wo, "_warned_layout", False)
@@ -183,7 +183,7 @@ def test_compute_dtype_is_honoured(name, cd):
 
 
 @pytest.mark.parametrize("bf16_dot", [False, True])
-def test_int4wo_bf16_decode_route(monkeypatch, bf16_dot):
+def test_int4wo_bf16_decode_route(monkeypatch, bf16_dot, python_kernels):
     """bf16 activations without the bf16 dot-product kernel: int4pack at every M below its limit
     (the fp32 native GEMV is compute-bound there), for weights tiled for this CPU only; fp32 x stays
     on the native GEMV (an exact result); the result is the reference's either way."""

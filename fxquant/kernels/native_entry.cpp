@@ -1,0 +1,207 @@
+// The ops' decode fast path as a C++ kernel of the dispatcher (fxquant/kernels/native_entry.py).
+//
+// A Python op kernel costs ~20-30 us per call before its C kernel runs (argument binding, the checks,
+// the routing, ctypes); a decoding LLM calls ~7 linear ops per layer per token.  This file registers,
+// for the ops listed in kEntries, a boxed kernel at the AutogradCPU key (it shadows the Python
+// Autograd kernel on CPU tensors; the Python one stays for every other backend):
+//
+//  - x or bias needs a gradient: the call goes to the op's twin fxquant::_grad_<op> (defined in
+//    Python, fxquant/ops/_linear.py): the Python autograd Function, as before;
+//  - plain dense CPU tensors below autograd (no Python key: no fake / functional tensors, no dispatch
+//    mode) and a call the fast path takes (activations and layout as in its `accepts` conditions):
+//    the C kernel the Python CPU impl would call for it, with the same arguments, so the result is the
+//    same bit for bit;
+//  - anything else (another dtype, a padded layout, more rows, a wrong shape, which then raises the
+//    Python check's error): redispatched below autograd to the Python CPU impl, as the Python Autograd
+//    kernel does.
+//
+// The C kernels are the ones the Python wrappers call (fxquant/kernels/native_build.py loads them);
+// Python passes their addresses and the row limits it routes by (fxquant_native::configure), so the
+// thresholds have one source.  Nothing here allocates outside ATen, and a kernel that fails leaves the
+// call to the Python path, which runs it again and raises its error.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/empty.h>
+#include <c10/core/GradMode.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cstdint>
+#include <string>
+
+namespace {
+
+using Stack = torch::jit::Stack;
+
+// the C kernels' signatures (native_avx512_bf16.c, native_avx512.c / native_cpu.c)
+using Int4Gemv = int (*)(const void *, int, int64_t, int64_t, const uint8_t *, int64_t, int64_t, const uint16_t *,
+                         const uint16_t *, int64_t, int64_t, float, void *, int, int64_t, int);
+using Int8Gemv = int (*)(const float *, int64_t, int64_t, const int8_t *, const uint16_t *, int64_t, float *, int64_t,
+                         int, int);
+using Lut4Gemv = int (*)(const void *, int, int64_t, int64_t, const uint8_t *, int64_t, int64_t, const float *,
+                         int64_t, int, const void *, const float *, const float *, float, int64_t, float *, int64_t,
+                         int);
+
+struct Config {
+    std::atomic<bool> enabled{false};
+    Int4Gemv int4 = nullptr;  // fxq512_int4t_bf16_gemv_x: int4wo, bf16 x, tiles of 64 rows
+    int64_t int4_rows = 0;
+    Int8Gemv int8 = nullptr;  // fxq(512)_int8_gemv: int8wo, fp32 x
+    int64_t int8_rows = 0;
+    Lut4Gemv lut4 = nullptr;  // fxq512_lut4_bf16_gemv_x: bnb4, bf16 x
+    int64_t lut4_rows = 0;
+};
+Config cfg;
+
+bool cpu(const at::Tensor &t) { return t.device().is_cpu() && !t.is_sparse(); }
+
+// x: a contiguous bf16 CPU tensor [..., k], k > 0, at least one row; its rows, or 0 when not.
+int64_t bf16_rows(const at::Tensor &x, int64_t k) {
+    if (x.scalar_type() != at::kBFloat16 || x.dim() < 1 || !cpu(x) || !x.is_contiguous() || k <= 0 ||
+        x.size(-1) != k)
+        return 0;
+    return x.numel() / k;
+}
+
+bool bias_ok(const c10::IValue &b, int64_t n) {
+    if (b.isNone()) return true;
+    if (!b.isTensor()) return false;
+    const at::Tensor &t = b.toTensor();
+    return cpu(t) && t.dim() == 1 && t.size(0) == n && at::isFloatingType(t.scalar_type());
+}
+
+at::Tensor with_bias(at::Tensor y, const c10::IValue &b) {
+    if (!b.isNone()) y.add_(b.toTensor().to(y.scalar_type()));  // the Python path: y + bias.to(x.dtype)
+    return y;
+}
+
+at::Tensor out(const at::Tensor &x, int64_t n, at::ScalarType dtype) {
+    auto sizes = x.sizes().vec();
+    sizes.back() = n;
+    return at::empty(sizes, x.options().dtype(dtype));
+}
+
+// linear_int4wo(x, qweight, scales_and_zeros, bias, group_size, block_n, out_features, in_features,
+// compute_dtype): ops/int4wo.py's _cpu_fast, native GEMV branch, for bf16 x with the bf16 dot kernel
+at::Tensor int4wo(const c10::IValue *a) {
+    if (!cfg.int4 || !a[8].isNone()) return {};
+    const at::Tensor &x = a[0].toTensor(), &w = a[1].toTensor(), &sz = a[2].toTensor();
+    int64_t g = a[4].toInt(), bn = a[5].toInt(), n = a[6].toInt(), k = a[7].toInt();
+    int64_t m = bf16_rows(x, k);
+    if (m < 1 || m > cfg.int4_rows || bn != 64 || n <= 0 || !(g == 32 || g == 64 || g == 128 || g == 256) || k % g)
+        return {};
+    int64_t np = (n + 63) / 64 * 64;
+    if (w.scalar_type() != at::kByte || !cpu(w) || !w.is_contiguous() || w.dim() != 2 || w.size(0) != np ||
+        w.size(1) != k / 2)
+        return {};
+    if (sz.scalar_type() != at::kBFloat16 || !cpu(sz) || !sz.is_contiguous() || sz.dim() != 3 ||
+        sz.size(0) != k / g || sz.size(1) != np || sz.size(2) != 2 || !bias_ok(a[3], n))
+        return {};
+    at::Tensor y = out(x, n, at::kBFloat16);
+    auto s = reinterpret_cast<const uint16_t *>(sz.data_ptr());
+    if (cfg.int4(x.data_ptr(), 1, m, k, w.data_ptr<uint8_t>(), n, g, s, s + 1, 2, 2 * np, 8.0f, y.data_ptr(), 1, n,
+                 at::get_num_threads()))
+        return {};
+    return with_bias(y, a[3]);
+}
+
+// linear_int8wo(x, qweight, scale, bias, compute_dtype): ops/int8wo.py's native GEMV branch, bf16 x
+// (fp32 copy of x, fp32 result rounded to bf16 once, as the Python path)
+at::Tensor int8wo(const c10::IValue *a) {
+    if (!cfg.int8 || !a[4].isNone()) return {};
+    const at::Tensor &x = a[0].toTensor(), &w = a[1].toTensor(), &s = a[2].toTensor();
+    if (w.scalar_type() != at::kChar || !cpu(w) || !w.is_contiguous() || w.dim() != 2) return {};
+    int64_t n = w.size(0), k = w.size(1);
+    int64_t m = bf16_rows(x, k);
+    if (m < 1 || m > cfg.int8_rows || n <= 0 || s.scalar_type() != at::kBFloat16 || !cpu(s) ||
+        !s.is_contiguous() || s.dim() != 1 || s.size(0) != n || !bias_ok(a[3], n))
+        return {};
+    at::Tensor xf = x.to(at::kFloat).contiguous();
+    at::Tensor y = out(x, n, at::kFloat);
+    if (cfg.int8(xf.data_ptr<float>(), m, k, w.data_ptr<int8_t>(), reinterpret_cast<const uint16_t *>(s.data_ptr()),
+                 n, y.data_ptr<float>(), n, 0, at::get_num_threads()))
+        return {};
+    return with_bias(y.to(at::kBFloat16), a[3]);
+}
+
+// linear_bnb4(x, codes, absmax, code_table, bias, blocksize, out_features, in_features, compute_dtype):
+// ops/bnb4.py's _native for bf16 x below the native GEMM's rows, blocks not straddling rows, fp32
+// absmax (the bf16 dot kernel; the fp32 result rounded to bf16 once)
+at::Tensor bnb4(const c10::IValue *a) {
+    if (!cfg.lut4 || !a[8].isNone()) return {};
+    const at::Tensor &x = a[0].toTensor(), &c = a[1].toTensor(), &am = a[2].toTensor(), &t = a[3].toTensor();
+    int64_t bs = a[5].toInt(), n = a[6].toInt(), k = a[7].toInt();
+    int64_t m = bf16_rows(x, k);
+    if (m < 1 || m > cfg.lut4_rows || n <= 0 || bs < 32 || bs > 4096 || (bs & (bs - 1)) || k % bs)
+        return {};  // blocksize: formats/bnb4.py's BLOCKSIZES
+    if (c.scalar_type() != at::kByte || !cpu(c) || !c.is_contiguous() || c.dim() != 1 || c.numel() != n * k / 2)
+        return {};
+    if (am.scalar_type() != at::kFloat || !cpu(am) || !am.is_contiguous() || am.dim() != 1 ||
+        am.numel() != n * k / bs || t.scalar_type() != at::kFloat || !cpu(t) || !t.is_contiguous() ||
+        t.dim() != 1 || t.numel() != 16 || !bias_ok(a[4], n))
+        return {};
+    at::Tensor y = out(x, n, at::kFloat);
+    if (cfg.lut4(x.data_ptr(), 1, m, k / 2, c.data_ptr<uint8_t>(), k / 2, n, t.data_ptr<float>(), bs / 2, 0,
+                 am.data_ptr(), nullptr, nullptr, 0.0f, 1, y.data_ptr<float>(), n, at::get_num_threads()))
+        return {};
+    return with_bias(y.to(at::kBFloat16), a[4]);
+}
+
+using Fast = at::Tensor (*)(const c10::IValue *);
+
+template <Fast fast, int kBias>
+void entry(const c10::OperatorHandle &op, c10::DispatchKeySet ks, Stack *stack) {
+    const size_t nargs = op.schema().arguments().size();
+    const c10::IValue *a = stack->data() + (stack->size() - nargs);
+    const at::Tensor &x = a[0].toTensor();
+    if (c10::GradMode::is_enabled() &&
+        (x.requires_grad() || (a[kBias].isTensor() && a[kBias].toTensor().requires_grad()))) {
+        const auto &name = op.schema().name();  // "fxquant::linear_..."
+        auto twin = c10::Dispatcher::singleton().findSchemaOrThrow(
+            ("fxquant::_grad_" + name.substr(name.find("::") + 2)).c_str(), "");
+        twin.callBoxed(stack);
+        return;
+    }
+    const c10::DispatchKeySet below = ks & c10::after_autograd_keyset;
+    if (cfg.enabled.load(std::memory_order_relaxed) &&
+        (below & c10::after_ADInplaceOrView_keyset).highestPriorityTypeId() == c10::DispatchKey::CPU) {
+        at::Tensor y = fast(a);
+        if (y.defined()) {
+            torch::jit::drop(*stack, nargs);
+            stack->emplace_back(std::move(y));
+            return;
+        }
+    }
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatchBoxed(below, stack);
+}
+
+void configure(std::string kernel, int64_t address, int64_t rows) {
+    if (kernel == "enabled") {
+        cfg.enabled.store(address != 0);
+    } else if (kernel == "int4") {
+        cfg.int4 = reinterpret_cast<Int4Gemv>(address), cfg.int4_rows = rows;
+    } else if (kernel == "int8") {
+        cfg.int8 = reinterpret_cast<Int8Gemv>(address), cfg.int8_rows = rows;
+    } else if (kernel == "lut4") {
+        cfg.lut4 = reinterpret_cast<Lut4Gemv>(address), cfg.lut4_rows = rows;
+    } else {
+        TORCH_CHECK(false, "fxquant_native::configure: unknown kernel '", kernel, "'; valid: enabled, int4, int8, lut4");
+    }
+}
+
+bool enabled() { return cfg.enabled.load(); }
+
+}  // namespace
+
+TORCH_LIBRARY(fxquant_native, m) {
+    m.def("configure(str kernel, int address, int rows) -> ()", &configure);
+    m.def("enabled() -> bool", &enabled);
+}
+
+TORCH_LIBRARY_IMPL(fxquant, AutogradCPU, m) {
+    m.impl("linear_int4wo", torch::CppFunction::makeFromBoxedFunction<&entry<&int4wo, 3>>());
+    m.impl("linear_int8wo", torch::CppFunction::makeFromBoxedFunction<&entry<&int8wo, 3>>());
+    m.impl("linear_bnb4", torch::CppFunction::makeFromBoxedFunction<&entry<&bnb4, 4>>());
+}

@@ -1,0 +1,178 @@
+"""The C++ op entry (fxquant/kernels/native_entry.cpp): where it takes a call it computes exactly what
+the Python CPU kernel computes (the same C kernel: bit for bit), it is taken only where the Python
+routing would call that kernel, and everything else (gradients, bad input, other dtypes, padded
+layouts, fake tensors, inference mode) keeps the Python kernels' behaviour."""
+import pytest
+import torch
+
+from helpers import assert_linear_close
+from fxquant.formats import bnb4 as bnb4_fmt
+from fxquant.formats import int4, int8
+from fxquant.kernels import native_cpu, native_entry
+from fxquant.ops import bnb4, int4wo, int8wo
+
+pytestmark = pytest.mark.skipif(not native_entry.ensure(), reason=f"C++ entry: {native_entry.status()}")
+
+BF16_TOL = 2**-7
+
+
+def int4_op(n, k, group=128):
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(n + k))
+    st = int4.to_storage(w, group, 64)
+    args = (st["qweight"], st["scales_and_zeros"])
+    attrs = dict(group_size=group, block_n=64, out_features=n, in_features=k)
+    return torch.ops.fxquant.linear_int4wo.default, args, attrs, int4wo.OP, (native_cpu, "int4_tiled_gemv")
+
+
+def int8_op(n, k):
+    q, s = int8.quantize(torch.randn(n, k, generator=torch.Generator().manual_seed(n + k)))
+    return torch.ops.fxquant.linear_int8wo.default, (q, s), {}, int8wo.OP, (native_cpu, "int8_gemv")
+
+
+def nf4_op(n, k, blocksize=64):
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(n + k))
+    args = tuple(bnb4_fmt.to_storage(w, "nf4", blocksize, double_quant=False).values())
+    attrs = dict(blocksize=blocksize, out_features=n, in_features=k)
+    return torch.ops.fxquant.linear_bnb4.default, args, attrs, bnb4.OP, (native_cpu, "lut4_gemv_x")
+
+
+OPS = {"int4wo": int4_op, "int8wo": int8_op, "nf4": nf4_op}
+ROWS = {"int4wo": int4wo.NATIVE_MAX_ROWS_BF16DOT, "int8wo": int8wo.native_max_rows(),
+        "nf4": bnb4.NATIVE_GEMM_MIN_ROWS - 1}
+
+
+class Spy:
+    """Counts calls of a Python kernel wrapper (looked up by the ops at call time)."""
+
+    def __init__(self, monkeypatch, module, name):
+        real, self.calls = getattr(module, name), 0
+
+        def counted(*a, **k):
+            self.calls += 1
+            return real(*a, **k)
+        monkeypatch.setattr(module, name, counted)
+
+
+def run(op, x, args, bias, attrs, python=False):
+    if python:
+        with native_entry.disabled():
+            return op(x, *args, bias, **attrs)
+    return op(x, *args, bias, **attrs)
+
+
+@pytest.mark.parametrize("name", OPS)
+@pytest.mark.parametrize("shape", [(1,), (3,), (2, 1), ("max",), (1, "max")])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_same_bits_as_the_python_kernel_and_python_wrapper_skipped(name, shape, with_bias, monkeypatch):
+    n, k = 200, 512
+    op, args, attrs, od, spy_at = OPS[name](n, k)
+    shape = tuple(ROWS[name] if d == "max" else d for d in shape)
+    x = torch.randn(*shape, k, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    bias = torch.randn(n).to(torch.bfloat16) if with_bias else None
+    spy = Spy(monkeypatch, *spy_at)
+    y = run(op, x, args, bias, attrs)
+    assert spy.calls == 0, "the C++ entry did not take a call it covers"
+    y_py = run(op, x, args, bias, attrs, python=True)
+    assert spy.calls == 1
+    assert y.dtype == torch.bfloat16 and y.shape == (*shape, n)
+    assert torch.equal(y, y_py)
+    ref = od.reference(x, *args, bias, **attrs)
+    w = od.dequantized(dict(zip(od.tensors, args)), {**attrs, "compute_dtype": None})
+    assert_linear_close(y, ref, x, w, BF16_TOL, bias)
+
+
+def _python_takes(op, x, args, bias, attrs, spy_at, monkeypatch, raises=None):
+    """The call goes to the Python kernels (the spied wrapper runs, or the Python check raises) and
+    gives what they give with the entry off."""
+    spy = Spy(monkeypatch, *spy_at)
+    if raises is not None:
+        with pytest.raises(raises) as on:
+            run(op, x, args, bias, attrs)
+        with pytest.raises(raises) as off:
+            run(op, x, args, bias, attrs, python=True)
+        assert str(on.value) == str(off.value)
+        return
+    y = run(op, x, args, bias, attrs)
+    assert spy.calls == 1
+    assert torch.equal(y, run(op, x, args, bias, attrs, python=True))
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_other_activations_take_the_python_kernels(name, monkeypatch):
+    """fp32 x, more rows than the GEMV's, a non-contiguous x, compute_dtype set."""
+    n, k = 96, 256
+    op, args, attrs, _, spy_at = OPS[name](n, k)
+    x = torch.randn(2, k)
+    _python_takes(op, x, args, None, attrs, spy_at, monkeypatch)
+    xt = torch.randn(k, 2).to(torch.bfloat16).t()
+    _python_takes(op, xt, args, None, attrs, spy_at, monkeypatch)
+    _python_takes(op, x.to(torch.bfloat16), args, None, {**attrs, "compute_dtype": torch.float32}, spy_at,
+                  monkeypatch)
+    y = run(op, torch.randn(ROWS[name] + 1, k).to(torch.bfloat16), args, None, attrs)
+    assert y.shape == (ROWS[name] + 1, n)
+
+
+def test_padded_layouts_take_the_python_kernels(monkeypatch):
+    """int4wo with a padded last group (K = 576 at g128), nf4 with blocks straddling rows."""
+    op, args, attrs, _, spy_at = int4_op(64, 576)
+    _python_takes(op, torch.randn(1, 576).to(torch.bfloat16), args, None, attrs, spy_at, monkeypatch)
+    op, args, attrs, _, spy_at = nf4_op(64, 576, blocksize=128)
+    _python_takes(op, torch.randn(1, 576).to(torch.bfloat16), args, None, attrs, spy_at, monkeypatch)
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_bad_input_raises_the_python_check(name, monkeypatch):
+    """x with the wrong K (K/2 and 2K), a bias of the wrong length: the Python check's ValueError."""
+    n, k = 64, 256
+    op, args, attrs, _, spy_at = OPS[name](n, k)
+    for kk in (k // 2, 2 * k):
+        _python_takes(op, torch.randn(1, kk).to(torch.bfloat16), args, None, attrs, spy_at, monkeypatch,
+                      raises=ValueError)
+    _python_takes(op, torch.randn(1, k).to(torch.bfloat16), args, torch.randn(n + 1).to(torch.bfloat16), attrs,
+                  spy_at, monkeypatch, raises=ValueError)
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_gradients_go_through_the_autograd_twin(name):
+    """x requiring grad: the autograd Function (dx = grad @ W), the same forward values."""
+    n, k = 48, 128
+    op, args, attrs, od, _ = OPS[name](n, k)
+    x = torch.randn(2, k).to(torch.bfloat16).requires_grad_()
+    bias = torch.randn(n).to(torch.bfloat16).requires_grad_()
+    y = op(x, *args, bias, **attrs)
+    assert y.grad_fn is not None
+    g = torch.randn_like(y)
+    y.backward(g)
+    w = od.dequantized(dict(zip(od.tensors, args)), {**attrs, "compute_dtype": None})
+    torch.testing.assert_close(x.grad.float(), (g.float() @ w), rtol=2**-7, atol=1e-2)
+    torch.testing.assert_close(bias.grad, g.sum(0))
+    with torch.no_grad():
+        assert torch.equal(y.detach(), op(x, *args, bias, **attrs))
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_inference_mode_fake_tensors_and_compile(name):
+    """Inference mode skips the AutogradCPU key (the Python CPU kernel runs: the same bits); fake
+    tensors get the fake impl; a compiled function calling the op matches eager."""
+    n, k = 64, 256
+    op, args, attrs, _, _ = OPS[name](n, k)
+    x = torch.randn(1, k).to(torch.bfloat16)
+    y = op(x, *args, None, **attrs)
+    with torch.inference_mode():
+        assert torch.equal(op(x, *args, None, **attrs), y)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fy = op(mode.from_tensor(x), *(mode.from_tensor(a) for a in args), None, **attrs)
+    assert fy.shape == y.shape and fy.dtype == y.dtype
+    compiled = torch.compile(lambda t: op(t, *args, None, **attrs), fullgraph=True, dynamic=False)
+    assert torch.equal(compiled(x), y)
+
+
+def test_disabled_restores_and_status():
+    assert native_entry.status() == "loaded" and torch.ops.fxquant_native.enabled()
+    with native_entry.disabled():
+        assert not torch.ops.fxquant_native.enabled()
+    assert torch.ops.fxquant_native.enabled()
+    with pytest.raises(RuntimeError, match="unknown kernel"):
+        torch.ops.fxquant_native.configure("int5", 0, 0)
