@@ -75,10 +75,9 @@ class QuantizedLinear(nn.Module):
 
     def _cpu_fn(self):
         """What a plain eager CPU call runs: bf16 activations of an op the C++ entry takes
-        (:mod:`fxquant.kernels.native_entry`) go through the dispatcher to it, outside inference
-        mode (which skips the AutogradCPU key it sits at); everything else runs the op's CPU impl
-        with this module's arguments bound (:meth:`LinearOpDef.cpu_bound`): the same result, without
-        the Python kernel's per-call work."""
+        (:mod:`fxquant.kernels.native_entry`) go through the dispatcher to it; everything else runs
+        the op's CPU impl with this module's arguments bound (:meth:`LinearOpDef.cpu_bound`): the same
+        result, without the Python kernel's per-call work."""
         od = op_def(self.op_name)
         tensors = {n: getattr(self, n) for n in self.tensor_names}
         python = od.cpu_bound(tensors, self.bias, self.op_attrs)
@@ -87,12 +86,9 @@ class QuantizedLinear(nn.Module):
         # the op's arguments after x in schema order
         fn, args = self._fn, (*(tensors[n] for n in od.tensors), self.bias,
                               *(self.op_attrs.get(n) for n in od.arg_names[2 + len(od.tensors):]))
-        inference = torch.is_inference_mode_enabled
 
         def call(x: torch.Tensor) -> torch.Tensor:
-            if x.dtype != torch.bfloat16 or inference():
-                return python(x)
-            return fn(x, *args)
+            return fn(x, *args) if x.dtype == torch.bfloat16 else python(x)
         return call
 
     def __setattr__(self, name: str, value: Any) -> None:

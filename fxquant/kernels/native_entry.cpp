@@ -15,6 +15,9 @@
 //    Python check's error): redispatched below autograd to the Python CPU impl, as the Python Autograd
 //    kernel does.
 //
+// torch.inference_mode skips the autograd keys, so the same fast path also sits at the BackendSelect
+// key (always in a call's key set, just above the backends), handing on what it declines.
+//
 // The C kernels are the ones the Python wrappers call (fxquant/kernels/native_build.py loads them);
 // Python passes their addresses and the row limits it routes by (fxquant_native::configure), so the
 // thresholds have one source.  Nothing here allocates outside ATen, and a kernel that fails leaves the
@@ -148,6 +151,35 @@ at::Tensor bnb4(const c10::IValue *a) {
     return with_bias(y.to(at::kBFloat16), a[4]);
 }
 
+// linear_bnb4_dq(x, codes, absmax_q, absmax_code, absmax_scale, absmax_offset, code_table, bias, blocksize,
+// absmax_blocksize, out_features, in_features, compute_dtype): the same with the absmax double-quantized
+// (bitsandbytes' double quant: the kernel decodes absmax_code[q] * absmax_scale[b / absmax_blocksize] + offset)
+at::Tensor bnb4_dq(const c10::IValue *a) {
+    if (!cfg.lut4 || !a[12].isNone()) return {};
+    const at::Tensor &x = a[0].toTensor(), &c = a[1].toTensor(), &q = a[2].toTensor(), &dc = a[3].toTensor(),
+                     &ds = a[4].toTensor(), &off = a[5].toTensor(), &t = a[6].toTensor();
+    int64_t bs = a[8].toInt(), dbs = a[9].toInt(), n = a[10].toInt(), k = a[11].toInt();
+    int64_t m = bf16_rows(x, k);
+    if (m < 1 || m > cfg.lut4_rows || n <= 0 || bs < 32 || bs > 4096 || (bs & (bs - 1)) || k % bs || dbs < 1)
+        return {};
+    int64_t blocks = n * k / bs;
+    auto f32 = [](const at::Tensor &v, int64_t numel) {
+        return v.scalar_type() == at::kFloat && cpu(v) && v.is_contiguous() && v.numel() == numel;
+    };
+    if (c.scalar_type() != at::kByte || !cpu(c) || !c.is_contiguous() || c.dim() != 1 || c.numel() != n * k / 2 ||
+        q.scalar_type() != at::kByte || !cpu(q) || !q.is_contiguous() || q.dim() != 1 || q.numel() != blocks)
+        return {};
+    if (!f32(dc, 256) || dc.dim() != 1 || !f32(ds, (blocks + dbs - 1) / dbs) || ds.dim() != 1 || !f32(off, 1) ||
+        off.dim() > 1 || !f32(t, 16) || t.dim() != 1 || !bias_ok(a[7], n))
+        return {};
+    at::Tensor y = out(x, n, at::kFloat);
+    if (cfg.lut4(x.data_ptr(), 1, m, k / 2, c.data_ptr<uint8_t>(), k / 2, n, t.data_ptr<float>(), bs / 2, 2,
+                 q.data_ptr(), dc.data_ptr<float>(), ds.data_ptr<float>(), *off.data_ptr<float>(), dbs,
+                 y.data_ptr<float>(), n, at::get_num_threads()))
+        return {};
+    return with_bias(y.to(at::kBFloat16), a[7]);
+}
+
 using Fast = at::Tensor (*)(const c10::IValue *);
 
 template <Fast fast, int kBias>
@@ -177,6 +209,24 @@ void entry(const c10::OperatorHandle &op, c10::DispatchKeySet ks, Stack *stack) 
     op.redispatchBoxed(below, stack);
 }
 
+// The same at the BackendSelect key (always in a call's key set, below autograd and the Python key):
+// the calls that skip the AutogradCPU key, i.e. under torch.inference_mode.  Calls that came through
+// the entry above reach it only when the fast path declined them.
+template <Fast fast>
+void below_autograd(const c10::OperatorHandle &op, c10::DispatchKeySet ks, Stack *stack) {
+    const c10::DispatchKeySet rest = ks & c10::DispatchKeySet(c10::DispatchKeySet::FULL_AFTER, c10::DispatchKey::BackendSelect);
+    if (cfg.enabled.load(std::memory_order_relaxed) && rest.highestPriorityTypeId() == c10::DispatchKey::CPU) {
+        const size_t nargs = op.schema().arguments().size();
+        at::Tensor y = fast(stack->data() + (stack->size() - nargs));
+        if (y.defined()) {
+            torch::jit::drop(*stack, nargs);
+            stack->emplace_back(std::move(y));
+            return;
+        }
+    }
+    op.redispatchBoxed(rest, stack);
+}
+
 void configure(std::string kernel, int64_t address, int64_t rows) {
     if (kernel == "enabled") {
         cfg.enabled.store(address != 0);
@@ -204,4 +254,12 @@ TORCH_LIBRARY_IMPL(fxquant, AutogradCPU, m) {
     m.impl("linear_int4wo", torch::CppFunction::makeFromBoxedFunction<&entry<&int4wo, 3>>());
     m.impl("linear_int8wo", torch::CppFunction::makeFromBoxedFunction<&entry<&int8wo, 3>>());
     m.impl("linear_bnb4", torch::CppFunction::makeFromBoxedFunction<&entry<&bnb4, 4>>());
+    m.impl("linear_bnb4_dq", torch::CppFunction::makeFromBoxedFunction<&entry<&bnb4_dq, 7>>());
+}
+
+TORCH_LIBRARY_IMPL(fxquant, BackendSelect, m) {
+    m.impl("linear_int4wo", torch::CppFunction::makeFromBoxedFunction<&below_autograd<&int4wo>>());
+    m.impl("linear_int8wo", torch::CppFunction::makeFromBoxedFunction<&below_autograd<&int8wo>>());
+    m.impl("linear_bnb4", torch::CppFunction::makeFromBoxedFunction<&below_autograd<&bnb4>>());
+    m.impl("linear_bnb4_dq", torch::CppFunction::makeFromBoxedFunction<&below_autograd<&bnb4_dq>>());
 }

@@ -36,9 +36,17 @@ def nf4_op(n, k, blocksize=64):
     return torch.ops.fxquant.linear_bnb4.default, args, attrs, bnb4.OP, (native_cpu, "lut4_gemv_x")
 
 
-OPS = {"int4wo": int4_op, "int8wo": int8_op, "nf4": nf4_op}
+def nf4_dq_op(n, k, blocksize=64):
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(n + k))
+    st = bnb4_fmt.to_storage(w, "nf4", blocksize, double_quant=True)
+    args = tuple(st[t] for t in bnb4.OP_DQ.tensors)
+    attrs = dict(blocksize=blocksize, absmax_blocksize=bnb4_fmt.NESTED_BLOCKSIZE, out_features=n, in_features=k)
+    return torch.ops.fxquant.linear_bnb4_dq.default, args, attrs, bnb4.OP_DQ, (native_cpu, "lut4_gemv_x")
+
+
+OPS = {"int4wo": int4_op, "int8wo": int8_op, "nf4": nf4_op, "nf4+dq": nf4_dq_op}
 ROWS = {"int4wo": int4wo.NATIVE_MAX_ROWS_BF16DOT, "int8wo": int8wo.native_max_rows(),
-        "nf4": bnb4.NATIVE_GEMM_MIN_ROWS - 1}
+        "nf4": bnb4.NATIVE_GEMM_MIN_ROWS - 1, "nf4+dq": bnb4.NATIVE_GEMM_MIN_ROWS - 1}
 
 
 class Spy:
@@ -151,15 +159,20 @@ def test_gradients_go_through_the_autograd_twin(name):
 
 
 @pytest.mark.parametrize("name", OPS)
-def test_inference_mode_fake_tensors_and_compile(name):
-    """Inference mode skips the AutogradCPU key (the Python CPU kernel runs: the same bits); fake
-    tensors get the fake impl; a compiled function calling the op matches eager."""
+def test_inference_mode_fake_tensors_and_compile(name, monkeypatch):
+    """Inference mode skips the AutogradCPU key: the entry at BackendSelect takes the call (the same
+    bits, the Python wrapper skipped); fake tensors get the fake impl; a compiled function calling
+    the op matches eager."""
     n, k = 64, 256
-    op, args, attrs, _, _ = OPS[name](n, k)
+    op, args, attrs, _, spy_at = OPS[name](n, k)
     x = torch.randn(1, k).to(torch.bfloat16)
     y = op(x, *args, None, **attrs)
+    spy = Spy(monkeypatch, *spy_at)
     with torch.inference_mode():
         assert torch.equal(op(x, *args, None, **attrs), y)
+        assert spy.calls == 0
+        assert torch.equal(op(x.float(), *args, None, **attrs), run(op, x.float(), args, None, attrs, python=True))
+        assert spy.calls == 2
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
