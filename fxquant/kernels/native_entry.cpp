@@ -8,10 +8,10 @@
 //  - x or bias needs a gradient: the call goes to the op's twin fxquant::_grad_<op> (defined in
 //    Python, fxquant/ops/_linear.py): the Python autograd Function, as before;
 //  - plain dense CPU tensors below autograd (no Python key: no fake / functional tensors, no dispatch
-//    mode) and a call the fast path takes (activations and layout as in its `accepts` conditions):
+//    mode) and a call the fast path takes (the conditions in each op's function below):
 //    the C kernel the Python CPU impl would call for it, with the same arguments, so the result is the
 //    same bit for bit;
-//  - anything else (another dtype, a padded layout, more rows, a wrong shape, which then raises the
+//  - anything else (another dtype, nf4 blocks straddling rows, more rows, a wrong shape, which raises the
 //    Python check's error): redispatched below autograd to the Python CPU impl, as the Python Autograd
 //    kernel does.
 //
@@ -25,6 +25,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/GradMode.h>
 #include <torch/library.h>
@@ -92,18 +93,20 @@ at::Tensor int4wo(const c10::IValue *a) {
     const at::Tensor &x = a[0].toTensor(), &w = a[1].toTensor(), &sz = a[2].toTensor();
     int64_t g = a[4].toInt(), bn = a[5].toInt(), n = a[6].toInt(), k = a[7].toInt();
     int64_t m = bf16_rows(x, k);
-    if (m < 1 || m > cfg.int4_rows || bn != 64 || n <= 0 || !(g == 32 || g == 64 || g == 128 || g == 256) || k % g)
+    if (m < 1 || m > cfg.int4_rows || bn != 64 || n <= 0 || !(g == 32 || g == 64 || g == 128 || g == 256))
         return {};
-    int64_t np = (n + 63) / 64 * 64;
+    int64_t np = (n + 63) / 64 * 64, kp = (k + g - 1) / g * g;  // stored: whole groups, rows of 64-row tiles
     if (w.scalar_type() != at::kByte || !cpu(w) || !w.is_contiguous() || w.dim() != 2 || w.size(0) != np ||
-        w.size(1) != k / 2)
+        w.size(1) != kp / 2)
         return {};
     if (sz.scalar_type() != at::kBFloat16 || !cpu(sz) || !sz.is_contiguous() || sz.dim() != 3 ||
-        sz.size(0) != k / g || sz.size(1) != np || sz.size(2) != 2 || !bias_ok(a[3], n))
+        sz.size(0) != kp / g || sz.size(1) != np || sz.size(2) != 2 || !bias_ok(a[3], n))
         return {};
+    // a partial last group: x zero-padded to the stored width, as the Python path does (F.pad)
+    at::Tensor xs = kp == k ? x : at::constant_pad_nd(x.reshape({m, k}), {0, kp - k});
     at::Tensor y = out(x, n, at::kBFloat16);
     auto s = reinterpret_cast<const uint16_t *>(sz.data_ptr());
-    if (cfg.int4(x.data_ptr(), 1, m, k, w.data_ptr<uint8_t>(), n, g, s, s + 1, 2, 2 * np, 8.0f, y.data_ptr(), 1, n,
+    if (cfg.int4(xs.data_ptr(), 1, m, kp, w.data_ptr<uint8_t>(), n, g, s, s + 1, 2, 2 * np, 8.0f, y.data_ptr(), 1, n,
                  at::get_num_threads()))
         return {};
     return with_bias(y, a[3]);

@@ -120,10 +120,23 @@ def test_other_activations_take_the_python_kernels(name, monkeypatch):
     assert y.shape == (ROWS[name] + 1, n)
 
 
-def test_padded_layouts_take_the_python_kernels(monkeypatch):
-    """int4wo with a padded last group (K = 576 at g128), nf4 with blocks straddling rows."""
-    op, args, attrs, _, spy_at = int4_op(64, 576)
-    _python_takes(op, torch.randn(1, 576).to(torch.bfloat16), args, None, attrs, spy_at, monkeypatch)
+@pytest.mark.parametrize("k", [576, 100])
+def test_int4wo_partial_last_group(k, monkeypatch):
+    """K not a multiple of the group (576, 100 at g128): x zero-padded to the stored width in C++, the
+    same bits as the Python path's padding."""
+    op, args, attrs, od, spy_at = int4_op(72, k)
+    x = torch.randn(2, 3, k).to(torch.bfloat16)
+    bias = torch.randn(72).to(torch.bfloat16)
+    spy = Spy(monkeypatch, *spy_at)
+    y = run(op, x, args, bias, attrs)
+    assert spy.calls == 0
+    assert torch.equal(y, run(op, x, args, bias, attrs, python=True)) and spy.calls == 1
+    w = od.dequantized(dict(zip(od.tensors, args)), {**attrs, "compute_dtype": None})
+    assert_linear_close(y, od.reference(x, *args, bias, **attrs), x, w, BF16_TOL, bias)
+
+
+def test_straddling_blocks_take_the_python_kernels(monkeypatch):
+    """nf4 with blocks straddling rows (K = 576 at blocksize 128): the Python path's piece scales."""
     op, args, attrs, _, spy_at = nf4_op(64, 576, blocksize=128)
     _python_takes(op, torch.randn(1, 576).to(torch.bfloat16), args, None, attrs, spy_at, monkeypatch)
 
