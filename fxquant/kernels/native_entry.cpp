@@ -1,22 +1,20 @@
 // The ops' decode fast path as a C++ kernel of the dispatcher (fxquant/kernels/native_entry.py).
 //
 // A Python op kernel costs ~20-30 us per call before its C kernel runs (argument binding, the checks,
-// the routing, ctypes); a decoding LLM calls ~7 linear ops per layer per token.  This file registers,
-// for the ops listed in kEntries, a boxed kernel at the AutogradCPU key (it shadows the Python
-// Autograd kernel on CPU tensors; the Python one stays for every other backend):
+// the routing, ctypes); a decoding LLM calls ~7 linear ops per layer per token.  For the ops registered
+// at the bottom of this file (native_entry.py's OPS), two boxed kernels:
 //
-//  - x or bias needs a gradient: the call goes to the op's twin fxquant::_grad_<op> (defined in
-//    Python, fxquant/ops/_linear.py): the Python autograd Function, as before;
-//  - plain dense CPU tensors below autograd (no Python key: no fake / functional tensors, no dispatch
-//    mode) and a call the fast path takes (the conditions in each op's function below):
-//    the C kernel the Python CPU impl would call for it, with the same arguments, so the result is the
-//    same bit for bit;
-//  - anything else (another dtype, nf4 blocks straddling rows, more rows, a wrong shape, which raises the
-//    Python check's error): redispatched below autograd to the Python CPU impl, as the Python Autograd
-//    kernel does.
-//
-// torch.inference_mode skips the autograd keys, so the same fast path also sits at the BackendSelect
-// key (always in a call's key set, just above the backends), handing on what it declines.
+//  - at the AutogradCPU key (shadowing the Python Autograd kernel on CPU tensors; the Python one stays
+//    for every other backend): a call where x or bias needs a gradient goes to the op's twin
+//    fxquant::_grad_<op> (defined in Python, fxquant/ops/_linear.py: the autograd Function, as
+//    before); every other call goes below autograd;
+//  - at the BackendSelect key (in every call's key set, below autograd and the Python key, just above
+//    the backends; torch.inference_mode calls, which skip the autograd keys, reach it too): plain dense
+//    CPU tensors (no Python key: no fake / functional tensors, no dispatch mode) and a call the fast
+//    path takes (the conditions in each op's function below) run the C kernel the Python CPU impl
+//    would call for it, with the same arguments, so the result is the same bit for bit; anything
+//    else (another dtype, nf4 blocks straddling rows, more rows, a wrong shape, which raises the
+//    Python check's error) goes on to the backend's kernel: the Python CPU impl.
 //
 // The C kernels are the ones the Python wrappers call (fxquant/kernels/native_build.py loads them);
 // Python passes their addresses and the row limits it routes by (fxquant_native::configure), so the
@@ -185,7 +183,21 @@ at::Tensor bnb4_dq(const c10::IValue *a) {
 
 using Fast = at::Tensor (*)(const c10::IValue *);
 
-template <Fast fast, int kBias>
+// Whether the fast path computed the call (its result replacing the nargs arguments on the stack):
+// only when enabled and the next kernel below would be the CPU backend's (plain dense CPU tensors).
+bool took(Fast fast, c10::DispatchKeySet below, size_t nargs, Stack *stack) {
+    if (!cfg.enabled.load(std::memory_order_relaxed) || below.highestPriorityTypeId() != c10::DispatchKey::CPU)
+        return false;
+    at::Tensor y = fast(stack->data() + (stack->size() - nargs));
+    if (!y.defined()) return false;
+    torch::jit::drop(*stack, nargs);
+    stack->emplace_back(std::move(y));
+    return true;
+}
+
+// At the AutogradCPU key: a call that needs a gradient goes to the op's Python autograd twin, every
+// other one below autograd (to below_autograd), as the Python Autograd kernel does.
+template <int kBias>
 void entry(const c10::OperatorHandle &op, c10::DispatchKeySet ks, Stack *stack) {
     const size_t nargs = op.schema().arguments().size();
     const c10::IValue *a = stack->data() + (stack->size() - nargs);
@@ -198,35 +210,18 @@ void entry(const c10::OperatorHandle &op, c10::DispatchKeySet ks, Stack *stack) 
         twin.callBoxed(stack);
         return;
     }
-    const c10::DispatchKeySet below = ks & c10::after_autograd_keyset;
-    if (cfg.enabled.load(std::memory_order_relaxed) &&
-        (below & c10::after_ADInplaceOrView_keyset).highestPriorityTypeId() == c10::DispatchKey::CPU) {
-        at::Tensor y = fast(a);
-        if (y.defined()) {
-            torch::jit::drop(*stack, nargs);
-            stack->emplace_back(std::move(y));
-            return;
-        }
-    }
     at::AutoDispatchBelowADInplaceOrView guard;
-    op.redispatchBoxed(below, stack);
+    op.redispatchBoxed(ks & c10::after_autograd_keyset, stack);
 }
 
-// The same at the BackendSelect key (always in a call's key set, below autograd and the Python key):
-// the calls that skip the AutogradCPU key, i.e. under torch.inference_mode.  Calls that came through
-// the entry above reach it only when the fast path declined them.
+// The fast path, at the BackendSelect key: always in a call's key set, below autograd and the Python
+// key, just above the backends, so it sees the calls the autograd entry hands on and those that skip
+// the autograd keys (torch.inference_mode) alike.
 template <Fast fast>
 void below_autograd(const c10::OperatorHandle &op, c10::DispatchKeySet ks, Stack *stack) {
-    const c10::DispatchKeySet rest = ks & c10::DispatchKeySet(c10::DispatchKeySet::FULL_AFTER, c10::DispatchKey::BackendSelect);
-    if (cfg.enabled.load(std::memory_order_relaxed) && rest.highestPriorityTypeId() == c10::DispatchKey::CPU) {
-        const size_t nargs = op.schema().arguments().size();
-        at::Tensor y = fast(stack->data() + (stack->size() - nargs));
-        if (y.defined()) {
-            torch::jit::drop(*stack, nargs);
-            stack->emplace_back(std::move(y));
-            return;
-        }
-    }
+    const c10::DispatchKeySet rest =
+        ks & c10::DispatchKeySet(c10::DispatchKeySet::FULL_AFTER, c10::DispatchKey::BackendSelect);
+    if (took(fast, rest, op.schema().arguments().size(), stack)) return;
     op.redispatchBoxed(rest, stack);
 }
 
@@ -254,10 +249,10 @@ TORCH_LIBRARY(fxquant_native, m) {
 }
 
 TORCH_LIBRARY_IMPL(fxquant, AutogradCPU, m) {
-    m.impl("linear_int4wo", torch::CppFunction::makeFromBoxedFunction<&entry<&int4wo, 3>>());
-    m.impl("linear_int8wo", torch::CppFunction::makeFromBoxedFunction<&entry<&int8wo, 3>>());
-    m.impl("linear_bnb4", torch::CppFunction::makeFromBoxedFunction<&entry<&bnb4, 4>>());
-    m.impl("linear_bnb4_dq", torch::CppFunction::makeFromBoxedFunction<&entry<&bnb4_dq, 7>>());
+    m.impl("linear_int4wo", torch::CppFunction::makeFromBoxedFunction<&entry<3>>());  // the bias's index
+    m.impl("linear_int8wo", torch::CppFunction::makeFromBoxedFunction<&entry<3>>());
+    m.impl("linear_bnb4", torch::CppFunction::makeFromBoxedFunction<&entry<4>>());
+    m.impl("linear_bnb4_dq", torch::CppFunction::makeFromBoxedFunction<&entry<7>>());
 }
 
 TORCH_LIBRARY_IMPL(fxquant, BackendSelect, m) {

@@ -2,9 +2,10 @@
 
 Why: at M = 1 a small layer's C kernel takes ~10 us and a Python op kernel ~20-30 us more before it
 runs (argument binding, checks, routing, ctypes); a compiled graph calls the ops through the
-dispatcher, ~7 per decoder layer per token.  The C++ kernel sits at the ops' AutogradCPU key and
-runs, for plain CPU tensors, the same C kernel the Python CPU impl would (bf16 activations at decode
-sizes: ``linear_int4wo``, ``linear_int8wo``, ``linear_bnb4`` / ``_dq``), else hands the call to the Python
+dispatcher, ~7 per decoder layer per token.  The C++ kernels sit at the ops' AutogradCPU key
+(gradients to the Python autograd Function) and BackendSelect key (just above the backends) and run,
+for plain CPU tensors, the same C kernel the Python CPU impl would (bf16 activations at decode
+sizes: ``linear_int4wo``, ``linear_int8wo``, ``linear_bnb4`` / ``_dq``), else hand the call to the Python
 kernels unchanged (the cpp file's header says exactly when).  Measured (Zen 4, 2 threads, bf16 x,
 M = 1, 256x2048 int4wo-128, warm): 35 us per ``torch.ops`` call through Python, 13 us through it.
 
