@@ -73,3 +73,18 @@ def same_report(a, b) -> bool:
         d["results"] = {k: {f: v for f, v in r.items() if f != "quantization_time"} for k, r in d["results"].items()}
         return d
     return strip(a) == strip(b)
+
+
+class Spy:
+    """Patches ``module.name`` (a function the ops look up at call time) to record each call:
+    ``calls`` holds, per call, whether it returned something (not ``None``)."""
+
+    def __init__(self, monkeypatch, module, name):
+        real, self.calls = getattr(module, name), []
+
+        def counted(*args, **kwargs):
+            y = real(*args, **kwargs)
+            self.calls.append(y is not None)
+            return y
+
+        monkeypatch.setattr(module, name, counted)

@@ -58,6 +58,11 @@ Config cfg;
 
 bool cpu(const at::Tensor &t) { return t.device().is_cpu() && !t.is_sparse(); }
 
+// a 1-D contiguous CPU tensor of `dtype` with `numel` elements
+bool flat(const at::Tensor &t, at::ScalarType dtype, int64_t numel) {
+    return t.scalar_type() == dtype && cpu(t) && t.is_contiguous() && t.dim() == 1 && t.numel() == numel;
+}
+
 // x: a contiguous bf16 CPU tensor [..., k], k > 0, at least one row; its rows, or 0 when not.
 int64_t bf16_rows(const at::Tensor &x, int64_t k) {
     if (x.scalar_type() != at::kBFloat16 || x.dim() < 1 || !cpu(x) || !x.is_contiguous() || k <= 0 ||
@@ -118,9 +123,7 @@ at::Tensor int8wo(const c10::IValue *a) {
     if (w.scalar_type() != at::kChar || !cpu(w) || !w.is_contiguous() || w.dim() != 2) return {};
     int64_t n = w.size(0), k = w.size(1);
     int64_t m = bf16_rows(x, k);
-    if (m < 1 || m > cfg.int8_rows || n <= 0 || s.scalar_type() != at::kBFloat16 || !cpu(s) ||
-        !s.is_contiguous() || s.dim() != 1 || s.size(0) != n || !bias_ok(a[3], n))
-        return {};
+    if (m < 1 || m > cfg.int8_rows || n <= 0 || !flat(s, at::kBFloat16, n) || !bias_ok(a[3], n)) return {};
     at::Tensor xf = x.to(at::kFloat).contiguous();
     at::Tensor y = out(x, n, at::kFloat);
     if (cfg.int8(xf.data_ptr<float>(), m, k, w.data_ptr<int8_t>(), reinterpret_cast<const uint16_t *>(s.data_ptr()),
@@ -129,27 +132,39 @@ at::Tensor int8wo(const c10::IValue *a) {
     return with_bias(y.to(at::kBFloat16), a[3]);
 }
 
+// The bnb4 ops' common part: bf16 x [..., k] at the GEMV's rows, a blocksize of formats/bnb4.py's
+// BLOCKSIZES dividing k (blocks not straddling rows), the codes and the fp32 table; x's rows or 0.
+int64_t lut4_rows(const at::Tensor &x, const at::Tensor &codes, const at::Tensor &table, int64_t bs, int64_t n,
+                  int64_t k) {
+    int64_t m = bf16_rows(x, k);
+    if (m < 1 || m > cfg.lut4_rows || n <= 0 || bs < 32 || bs > 4096 || (bs & (bs - 1)) || k % bs ||
+        !flat(codes, at::kByte, n * k / 2) || !flat(table, at::kFloat, 16))
+        return 0;
+    return m;
+}
+
+// ops/bnb4.py's _native for those calls (the bf16 dot kernel; the fp32 result rounded to bf16 once).
+// mode 0: `sc` the fp32 absmax per block; 2: uint8 indices into `dq_code` (double quant)
+at::Tensor lut4(const at::Tensor &x, int64_t m, const at::Tensor &codes, const at::Tensor &table, int64_t bs,
+                int64_t n, int64_t k, int mode, const at::Tensor &sc, const float *dq_code, const float *dq_scale,
+                float dq_offset, int64_t dq_block, const c10::IValue &bias) {
+    at::Tensor y = out(x, n, at::kFloat);
+    if (cfg.lut4(x.data_ptr(), 1, m, k / 2, codes.data_ptr<uint8_t>(), k / 2, n, table.data_ptr<float>(), bs / 2,
+                 mode, sc.data_ptr(), dq_code, dq_scale, dq_offset, dq_block, y.data_ptr<float>(), n,
+                 at::get_num_threads()))
+        return {};
+    return with_bias(y.to(at::kBFloat16), bias);
+}
+
 // linear_bnb4(x, codes, absmax, code_table, bias, blocksize, out_features, in_features, compute_dtype):
-// ops/bnb4.py's _native for bf16 x below the native GEMM's rows, blocks not straddling rows, fp32
-// absmax (the bf16 dot kernel; the fp32 result rounded to bf16 once)
+// bf16 x below the native GEMM's rows, blocks not straddling rows, fp32 absmax
 at::Tensor bnb4(const c10::IValue *a) {
     if (!cfg.lut4 || !a[8].isNone()) return {};
     const at::Tensor &x = a[0].toTensor(), &c = a[1].toTensor(), &am = a[2].toTensor(), &t = a[3].toTensor();
     int64_t bs = a[5].toInt(), n = a[6].toInt(), k = a[7].toInt();
-    int64_t m = bf16_rows(x, k);
-    if (m < 1 || m > cfg.lut4_rows || n <= 0 || bs < 32 || bs > 4096 || (bs & (bs - 1)) || k % bs)
-        return {};  // blocksize: formats/bnb4.py's BLOCKSIZES
-    if (c.scalar_type() != at::kByte || !cpu(c) || !c.is_contiguous() || c.dim() != 1 || c.numel() != n * k / 2)
-        return {};
-    if (am.scalar_type() != at::kFloat || !cpu(am) || !am.is_contiguous() || am.dim() != 1 ||
-        am.numel() != n * k / bs || t.scalar_type() != at::kFloat || !cpu(t) || !t.is_contiguous() ||
-        t.dim() != 1 || t.numel() != 16 || !bias_ok(a[4], n))
-        return {};
-    at::Tensor y = out(x, n, at::kFloat);
-    if (cfg.lut4(x.data_ptr(), 1, m, k / 2, c.data_ptr<uint8_t>(), k / 2, n, t.data_ptr<float>(), bs / 2, 0,
-                 am.data_ptr(), nullptr, nullptr, 0.0f, 1, y.data_ptr<float>(), n, at::get_num_threads()))
-        return {};
-    return with_bias(y.to(at::kBFloat16), a[4]);
+    int64_t m = lut4_rows(x, c, t, bs, n, k);
+    if (m < 1 || !flat(am, at::kFloat, n * k / bs) || !bias_ok(a[4], n)) return {};
+    return lut4(x, m, c, t, bs, n, k, 0, am, nullptr, nullptr, 0.0f, 1, a[4]);
 }
 
 // linear_bnb4_dq(x, codes, absmax_q, absmax_code, absmax_scale, absmax_offset, code_table, bias, blocksize,
@@ -160,25 +175,13 @@ at::Tensor bnb4_dq(const c10::IValue *a) {
     const at::Tensor &x = a[0].toTensor(), &c = a[1].toTensor(), &q = a[2].toTensor(), &dc = a[3].toTensor(),
                      &ds = a[4].toTensor(), &off = a[5].toTensor(), &t = a[6].toTensor();
     int64_t bs = a[8].toInt(), dbs = a[9].toInt(), n = a[10].toInt(), k = a[11].toInt();
-    int64_t m = bf16_rows(x, k);
-    if (m < 1 || m > cfg.lut4_rows || n <= 0 || bs < 32 || bs > 4096 || (bs & (bs - 1)) || k % bs || dbs < 1)
+    int64_t m = lut4_rows(x, c, t, bs, n, k), blocks = n * k / bs;
+    if (m < 1 || dbs < 1 || !flat(q, at::kByte, blocks) || !flat(dc, at::kFloat, 256) ||
+        !flat(ds, at::kFloat, (blocks + dbs - 1) / dbs) || off.scalar_type() != at::kFloat || !cpu(off) ||
+        off.numel() != 1 || off.dim() > 1 || !bias_ok(a[7], n))
         return {};
-    int64_t blocks = n * k / bs;
-    auto f32 = [](const at::Tensor &v, int64_t numel) {
-        return v.scalar_type() == at::kFloat && cpu(v) && v.is_contiguous() && v.numel() == numel;
-    };
-    if (c.scalar_type() != at::kByte || !cpu(c) || !c.is_contiguous() || c.dim() != 1 || c.numel() != n * k / 2 ||
-        q.scalar_type() != at::kByte || !cpu(q) || !q.is_contiguous() || q.dim() != 1 || q.numel() != blocks)
-        return {};
-    if (!f32(dc, 256) || dc.dim() != 1 || !f32(ds, (blocks + dbs - 1) / dbs) || ds.dim() != 1 || !f32(off, 1) ||
-        off.dim() > 1 || !f32(t, 16) || t.dim() != 1 || !bias_ok(a[7], n))
-        return {};
-    at::Tensor y = out(x, n, at::kFloat);
-    if (cfg.lut4(x.data_ptr(), 1, m, k / 2, c.data_ptr<uint8_t>(), k / 2, n, t.data_ptr<float>(), bs / 2, 2,
-                 q.data_ptr(), dc.data_ptr<float>(), ds.data_ptr<float>(), *off.data_ptr<float>(), dbs,
-                 y.data_ptr<float>(), n, at::get_num_threads()))
-        return {};
-    return with_bias(y.to(at::kBFloat16), a[7]);
+    return lut4(x, m, c, t, bs, n, k, 2, q, dc.data_ptr<float>(), ds.data_ptr<float>(), *off.data_ptr<float>(), dbs,
+                a[7]);
 }
 
 using Fast = at::Tensor (*)(const c10::IValue *);

@@ -33,7 +33,7 @@ import torch
 from . import native_build
 
 SOURCE = Path(__file__).with_name("native_entry.cpp")
-#: the ops whose AutogradCPU key the C++ entry registers (``TORCH_LIBRARY_IMPL`` in the source)
+#: the ops the C++ entry registers kernels for (the ``TORCH_LIBRARY_IMPL`` blocks of the source)
 OPS = frozenset({"linear_int4wo", "linear_int8wo", "linear_bnb4", "linear_bnb4_dq"})
 FLAGS = ("-O2", "-std=c++20", "-shared", "-fPIC", "-w")
 

@@ -245,18 +245,20 @@ def _register_autograd(op: LinearOpDef, qualname: str) -> None:
     impl is 16 us here against 29 us with it (medians, warm), which a model's many small layers at
     M = 1 add up.  Here a plain CPU call with nothing requiring grad and no dispatch mode active
     goes straight to the CPU impl; everything else (grad, fake / functional tensors of
-    torch.compile and export, tracing modes, CUDA) redispatches below autograd as usual."""
+    torch.compile and export, tracing modes, CUDA) redispatches below autograd as usual.  Once the
+    C++ entry is loaded (:mod:`fxquant.kernels.native_entry`), it shadows this kernel on CPU tensors
+    of the ops it covers and hands their gradient calls to the twin ``_grad_<op>`` defined here."""
     from torch.utils._python_dispatch import _get_current_dispatch_mode
 
     names = op.arg_names
     i_bias = 1 + len(op.tensors)
-    overload = None  # the OpOverload, looked up on first use (defined after this registration)
+    overload = getattr(torch.ops.fxquant, op.name).default  # defined (LIB.define) before this runs
 
     class Linear(torch.autograd.Function):
         @staticmethod
         def forward(ctx, *args):
             with torch._C._AutoDispatchBelowAutograd():
-                y = getattr(torch.ops.fxquant, op.name).default(*args)
+                y = overload(*args)
             x, tensors, bias, scalars = op.split(args, {})
             ctx.tensors, ctx.scalars = tensors, scalars
             ctx.x_dtype, ctx.has_bias = x.dtype, bias is not None
@@ -276,9 +278,6 @@ def _register_autograd(op: LinearOpDef, qualname: str) -> None:
         return Linear.apply(*(bound.get(n) for n in names))
 
     def autograd_kernel(*args, **kwargs):
-        nonlocal overload
-        if overload is None:
-            overload = getattr(torch.ops.fxquant, op.name).default
         x, bias = args[0], (args[i_bias] if len(args) > i_bias else kwargs.get("bias"))
         if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
             return with_grad(*args, **kwargs)
@@ -290,7 +289,6 @@ def _register_autograd(op: LinearOpDef, qualname: str) -> None:
             return overload(*args, **kwargs)
 
     torch.library.impl(qualname, "Autograd", func=autograd_kernel, lib=LIB)
-    # the twin the C++ entry (fxquant/kernels/native_entry.cpp) hands calls that need a gradient to: it
-    # shadows this Autograd kernel on CPU tensors
+    # the twin the C++ entry (fxquant/kernels/native_entry.cpp) hands calls that need a gradient to
     LIB.define(op.schema.replace(op.name, f"_grad_{op.name}", 1))
     torch.library.impl(f"fxquant::_grad_{op.name}", "Autograd", func=with_grad, lib=LIB)

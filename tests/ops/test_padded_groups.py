@@ -5,7 +5,7 @@ the float weight within the formats' per-element bounds."""
 import pytest
 import torch
 
-from helpers import assert_linear_close
+from helpers import Spy, assert_linear_close
 from fxquant.formats import bnb4 as bnb4_fmt
 from fxquant.formats import int4
 from fxquant.kernels import native_build, native_cpu, native_entry
@@ -33,20 +33,6 @@ def quantized(scheme: str, n: int, k: int):
 def op_def(qw) -> _linear.LinearOpDef:
     return {"linear_int4wo": int4wo.OP, "linear_intx": intx.OP, "linear_bnb4": bnb4.OP,
             "linear_bnb4_dq": bnb4.OP_DQ}[qw.op]
-
-
-class Spy:
-    """Count calls of ``module.name`` (looked up at call time by the op) and whether they returned."""
-
-    def __init__(self, monkeypatch, module, name):
-        real, self.calls = getattr(module, name), []
-
-        def counted(*args, **kwargs):
-            y = real(*args, **kwargs)
-            self.calls.append(y is not None)
-            return y
-
-        monkeypatch.setattr(module, name, counted)
 
 
 def run_path(scheme, k, m, dtype, monkeypatch, spy, native=True, cd=None):
