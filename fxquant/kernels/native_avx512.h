@@ -214,6 +214,16 @@ INLINE void i4pair_words_k(__m512i v, __m512i idx0, __m512i idx1, __m512i m78, _
 INLINE void i4pair_words(__m512i v, __m512i idx0, __m512i idx1, __m512i w[4]) {
     i4pair_words_k(v, idx0, idx1, _mm512_set1_epi32(I4PAIR_M78), _mm512_set1_epi32(I4PAIR_C41), w);
 }
+
+/* 32 4-bit table codes (16 bytes, the first of each pair in the high nibble) -> their 32 bf16 values
+ * tbl[code] * sv in fp32 rounded once, in order; ilv: the vpermw order {0, 16, 1, 17, ...} interleaving
+ * the high- and low-nibble halves.  vpermps reads an index's low 4 bits: no mask for the low nibble. */
+INLINE __m512i l4_bf16x32(__m128i b, __m512 tbl, __m512 sv, __m512i ilv) {
+    const __m512i w = _mm512_cvtepu8_epi32(b);
+    const __m512 hi = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(w, 4), tbl), sv); /* elements 2j */
+    const __m512 lo = _mm512_mul_ps(_mm512_permutexvar_ps(w, tbl), sv); /* 2j + 1 */
+    return _mm512_permutexvar_epi16(ilv, (__m512i)_mm512_cvtne2ps_pbh(lo, hi));
+}
 #endif /* FXQ_BF16DOT */
 
 #endif /* FXQ_AVX512 */

@@ -124,12 +124,9 @@ INLINE void gm_l4_unit(struct gm_cur *c) {
     const int64_t rest = c->kc - c->col, ahead = c->col + 256; /* 128 bytes ahead, into the next row at its end */
     _mm_prefetch((const char *)(ahead < c->kc ? s + 128 : row + c->ld + (ahead - c->kc) / 2), _MM_HINT_T0);
     const __m128i b = rest >= 32 ? _mm_loadu_si128((const __m128i *)s) : _mm_maskz_loadu_epi8(tail16((rest + 1) / 2), s);
-    const __m512i w = _mm512_cvtepu8_epi32(b);
-    const __m512 t = _mm512_load_ps(c->l4->tbl), sv = _mm512_set1_ps(c->sc[(c->k0 + c->col) >> c->l4->shift]);
-    const __m512 hi = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(w, 4), t), sv); /* elements 2j */
-    const __m512 lo = _mm512_mul_ps(_mm512_permutexvar_ps(w, t), sv); /* 2j + 1: vpermps reads the low 4 bits */
-    _mm512_store_si512(c->dst + c->col, _mm512_permutexvar_epi16(_mm512_loadu_si512(c->l4->ilv),
-                                                                 (__m512i)_mm512_cvtne2ps_pbh(lo, hi)));
+    _mm512_store_si512(c->dst + c->col, l4_bf16x32(b, _mm512_load_ps(c->l4->tbl),
+                                                   _mm512_set1_ps(c->sc[(c->k0 + c->col) >> c->l4->shift]),
+                                                   _mm512_loadu_si512(c->l4->ilv)));
     if ((c->col += 32) >= c->kc) c->col = 0, c->src = row + c->ld, c->dst += GM_WS, c->sc += c->l4->sc_ld;
     c->left--;
 }

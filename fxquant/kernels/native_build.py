@@ -26,7 +26,7 @@ from pathlib import Path
 SOURCES = tuple(Path(__file__).with_name(n) for n in ("native_cpu.c", "native_avx512.c", "native_avx512_axis0.c",
                                                        "native_avx512_bf16.c",
                                                        "native_avx512_gemm.c", "native_avx512_gemm4.c",
-                                                       "native_gguf.c"))
+                                                       "native_avx512_decode.c", "native_gguf.c"))
 SOURCES += (Path(__file__).with_name("native_affine.c"),)  # affine (GPTQ / AWQ / compressed-tensors) GEMV
 HEADERS = tuple(Path(__file__).with_name(n) for n in ("native_common.h", "native_avx512.h", "native_avx512_gemm.h"))
 SOURCES += tuple(Path(__file__).with_name(n) for n in ("native_gguf_avx512.c", "native_gguf_bf16.c"))  # GGUF
@@ -98,6 +98,12 @@ _BF16DOT_SIGNATURES = {
     "fxq512_bf16_gemm": (_c_ptr, _c_i64, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_int, _c_int),
     "fxq512_lut4_bf16_gemm": (_c_ptr, _c_i64, _c_i64, _c_i64, _c_ptr, _c_i64, _c_ptr, _c_ptr, _c_int, _c_ptr, _c_i64,
                               _c_int, _c_int),
+    # weight decoders to bf16 (native_avx512_decode.c): int4 tiles -> W.T (w, K, n0, n1, gs, scale, zero, sz_row,
+    # sz_grp, n_sz, mid, out, ldo, threads); 4-bit table codes -> W (codes, K, n0, n1, table, scale, shift, out, ldo,
+    # threads)
+    "fxq512_int4t_to_bf16t": (_c_ptr, _c_i64, _c_i64, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_i64, _c_i64, _c_float,
+                              _c_ptr, _c_i64, _c_int),
+    "fxq512_lut4_to_bf16": (_c_ptr, _c_i64, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_int, _c_ptr, _c_i64, _c_int),
     # GGUF bf16 dot-product GEMV (native_gguf_bf16.c): type, x bf16, M, K, blocks, row_bytes, N, y, ldy, threads
     "fxq512_gguf_bf16_gemv": (_c_int, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_int),
 }

@@ -31,7 +31,10 @@ from ..kernels import native_cpu
 #: for a descheduled worker thread: see docs/formats/float8.md, "CPU speed").
 BLOCK_BYTES = 4 << 20
 
-#: ``decode(r0, r1, out)`` writes rows ``r0:r1`` of the unscaled weight into ``out`` ``[r1 - r0, K]``.
+#: ``decode(r0, r1, out)`` writes rows ``r0:r1`` of the unscaled weight into ``out`` ``[r1 - r0, K]``;
+#: a decoder with ``transposed = True`` writes them transposed into ``out [K, r1 - r0]`` (unit column
+#: stride; bf16 only, never float16's in-weight scaling): the layout int4 tiles decode to without a
+#: transpose (:func:`fxquant.kernels.native_decode.int4_tiles_decoder_t`).
 Decoder = Callable[[int, int, torch.Tensor], None]
 
 
@@ -73,6 +76,14 @@ def blocked_linear(x2: torch.Tensor, n: int, k: int, decode: Decoder, row_scale:
     rows = min(n, rows or block_rows(k, dtype))
     xd = x2.to(dtype)
     y = torch.empty(x2.shape[0], n, dtype=dtype, device=x2.device)
+    if getattr(decode, "transposed", False):  # writes W[r0:r1].T [K, rows]: the GEMM reads it as it is
+        buf_t = torch.empty(k, rows, dtype=dtype, device=x2.device)
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            block_t = buf_t[:, : r1 - r0]
+            decode(r0, r1, block_t)
+            torch.mm(xd, block_t, out=y[:, r0:r1])
+        return y if row_scale is None else y.mul_(row_scale.to(dtype))
     buf = torch.empty(rows, k, dtype=dtype, device=x2.device)
     in_weight = row_scale is not None and dtype == torch.float16  # scale each block, not the output
     if in_weight:

@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 
 from ..formats import bnb4 as fmt
-from ..kernels import native_cpu
+from ..kernels import native_cpu, native_decode
 from . import _cpu
 from . import _validate as v
 from ._linear import LinearOpDef, define
@@ -128,10 +128,19 @@ def _chunked_linear(x2: torch.Tensor, codes: torch.Tensor, code_table: torch.Ten
     xt = x2.to(dt).t()
     yt = torch.empty(n, x2.shape[0], dtype=dt)  # rows of y.T are contiguous: mm writes them in place
     rows = _chunk_rows(k, blocksize)
+    piece = math.gcd(k, blocksize)
+    flat = codes.reshape(-1)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         e0, e1 = r0 * k, r1 * k
         absmax = span_absmax(e0 // blocksize, -(-e1 // blocksize))
+        if dt == torch.bfloat16:  # the native decoder (AVX512-BF16): the same bf16 values, at memory speed
+            w = fmt.buffer(ws, "cast", (r1 - r0) * k, dt).view(r1 - r0, k)
+            if native_decode.lut4_into(flat[e0 // 2:e1 // 2], k=k, r0=0, r1=r1 - r0, table=code_table,
+                                       scale=_piece_scales(absmax.float(), blocksize, piece, r1 - r0, k), piece=piece,
+                                       out=w):
+                torch.mm(w, xt, out=yt[r0:r1])
+                continue
         w = fmt.dequantize_span(codes, absmax, code_table, blocksize, e0, e1, workspace=ws).view(r1 - r0, k)
         if dt != torch.float32:
             w = fmt.buffer(ws, "cast", w.numel(), dt).view_as(w).copy_(w)
