@@ -140,19 +140,21 @@ def _dequantize(qw: QuantizedWeight) -> torch.Tensor:
 _LINEAR = {F.linear, torch._C._nn.linear}
 _MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm}
 _ADDMM = {torch.addmm, torch.Tensor.addmm}
-_TRANSPOSE = {torch.t, torch.Tensor.t, torch.transpose, torch.Tensor.transpose, torch.permute,
-              torch.Tensor.permute}
-_PROPS = (torch.Tensor.T, torch.Tensor.mT)
+_SWAP = {torch.t, torch.Tensor.t, torch.adjoint, torch.Tensor.adjoint}
+_TRANSPOSE = {torch.transpose, torch.Tensor.transpose, torch.swapaxes, torch.Tensor.swapaxes, torch.swapdims,
+              torch.Tensor.swapdims}
+_PERMUTE = {torch.permute, torch.Tensor.permute}
+_PROPS = (torch.Tensor.T, torch.Tensor.mT, torch.Tensor.mH, torch.Tensor.H)
 _warned: set[str] = set()
 _INNER = "packed_"
 
 
 def _is_swap(func, args) -> bool:
-    """Whether ``func(*args)`` swaps the two dims of a 2-D tensor (``.t()``, ``.T``, ``.mT``,
-    ``transpose(0, 1)``, ``permute(1, 0)``)."""
-    if func in (torch.t, torch.Tensor.t) or getattr(func, "__self__", None) in _PROPS:
+    """Whether ``func(*args)`` swaps the two dims of a 2-D tensor (``.t()``, ``.T``, ``.mT``, ``.mH``,
+    ``adjoint()``, ``transpose(0, 1)`` / ``swapaxes``, ``permute(1, 0)``; a packed weight is real)."""
+    if func in _SWAP or getattr(func, "__self__", None) in _PROPS:
         return True
-    if func in (torch.transpose, torch.Tensor.transpose):
+    if func in _TRANSPOSE:
         return len(args) == 3 and sorted(int(d) % 2 for d in args[1:]) == [0, 1]
     dims = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
     return [int(d) % 2 for d in dims] == [1, 0]
@@ -244,7 +246,8 @@ class PackedWeight(torch.Tensor):
             if (type(w) is cls and w.transposed and type(x) is not cls and kwargs.get("beta", 1) == 1
                     and kwargs.get("alpha", 1) == 1 and not kwargs.keys() - {"beta", "alpha"}):
                 return w._linear(x, b)
-        elif (func in _TRANSPOSE or getattr(func, "__self__", None) in _PROPS) and type(args[0]) is cls:
+        elif (func in _SWAP or func in _TRANSPOSE or func in _PERMUTE or getattr(func, "__self__", None) in _PROPS) \
+                and type(args[0]) is cls:
             if args[0].dim() == 2 and _is_swap(func, args):
                 return args[0]._flipped()
         elif func in (torch.Tensor.to, torch.Tensor.cpu, torch.Tensor.cuda) and type(args[0]) is cls:

@@ -120,6 +120,46 @@ def test_linear_subclass_keeps_its_forward():
     assert torch.equal(m(x), qm(x))
 
 
+class _TransposeSpellings(nn.Module):
+    """``x @ W.T`` in every spelling a model uses (Falcon's ``FalconLinear``: ``input @ self.weight.T``,
+    which torch.export records as ``aten.numpy_T``), plus a Falcon-like nn.Linear subclass."""
+
+    class WeightT(nn.Linear):
+        def forward(self, x):
+            return x @ self.weight.T + self.bias
+
+    def __init__(self):
+        super().__init__()
+        self.ws = nn.ParameterList([nn.Parameter(torch.randn(32, 32) / 6) for _ in range(6)])
+        self.sub = self.WeightT(32, 32)
+
+    def forward(self, x):
+        w = self.ws
+        x = x @ w[0].T
+        x = x @ w[1].mT
+        x = x @ w[2].swapaxes(0, 1)
+        x = x @ w[3].adjoint()
+        x = torch.matmul(x, w[4].permute(-1, -2))
+        x = x @ torch.transpose(w[5], 1, 0)
+        return self.sub(x)
+
+
+@pytest.mark.parametrize("frontend", ["export", "fx"])
+def test_every_transpose_spelling_is_a_site(frontend):
+    torch.manual_seed(0)
+    m = _TransposeSpellings()
+    x = torch.randn(2, 3, 32)
+    with torch.no_grad():
+        ref = m(x)
+    qm, m = both(m, "int8wo", (x,), frontend=frontend)
+    rows = fxquant.report(m).rows
+    assert len(rows) == 7 and all(r.status == "quantized" for r in rows), fxquant.report(m)
+    assert same_report(fxquant.report(m), fxquant.report(qm))
+    assert all(isinstance(p, PackedWeight) for p in m.ws) and isinstance(m.sub.weight, PackedWeight)
+    with torch.no_grad():
+        assert torch.equal(m(x), qm(x))
+        assert rel(m(x), ref) < 0.02  # int8 weights, per-channel scales
+
 def test_module_called_twice_and_shared_module():
     class Twice(nn.Module):
         def __init__(self):

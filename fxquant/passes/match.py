@@ -1,7 +1,7 @@
 """Match pass: find every linear site in the graph and record it in ``ctx.sites``.
 
 Patterns (``W`` is the ``[N, K]`` weight, ``param`` a get_attr tensor, ``param.T`` any 2-D
-transpose of it: ``aten.t``, ``permute(1, 0)``, ``transpose(0, 1)``, ``.t()``, ``.T``):
+transpose of it: ``.t()``, ``.T``, ``.mT``, ``permute(1, 0)``, ``transpose(0, 1)``, ``swapaxes``):
 - ``aten.linear(x, W[, b])`` and ``F.linear`` in FX graphs;
 - ``aten.addmm(b, x, W.T)`` / ``aten.mm(x, W.T)``: against ``param.T`` (W = param) or a raw
   ``[K, N]`` param (W = param.T, e.g. GPT-2's Conv1D);
@@ -31,6 +31,11 @@ _LINEAR_TARGETS = {aten.linear.default: "aten.linear", F.linear: "F.linear", tor
 _MM_TARGETS = {aten.mm.default: "mm", aten.matmul.default: "matmul", torch.matmul: "matmul",
                operator.matmul: "matmul", torch.mm: "mm"}
 _ADDMM_TARGETS = {aten.addmm.default: "addmm", torch.addmm: "addmm"}
+# ops that swap the two dims of a 2-D tensor (``W.T`` exports as ``aten.numpy_T``, ``W.mT`` as ``aten.mT``)
+_SWAPS = {aten.t.default, aten.t_copy.default, aten.numpy_T.default, aten.mT.default, aten.mH.default,
+          aten.adjoint.default, torch.t, torch.adjoint}
+_TRANSPOSES = {aten.transpose.int, aten.transpose_copy.int, aten.swapaxes.default, aten.swapdims.default,
+               torch.transpose, torch.swapaxes, torch.swapdims}
 
 
 def _param(gm: torch.fx.GraphModule, node) -> tuple[str, bool] | None:
@@ -43,21 +48,21 @@ def _param(gm: torch.fx.GraphModule, node) -> tuple[str, bool] | None:
     base = node.args[0] if node.args else None
     transposes = False
     if node.op == "call_function":
-        if node.target in (aten.t.default, torch.t):
+        if node.target in _SWAPS:  # on a 2-D tensor (checked below): .t(), .T, .mT, .mH / adjoint (real)
             transposes = True
-        elif node.target in (aten.permute.default, torch.permute):
-            transposes = list(node.args[1]) in ([1, 0], [-1, -2], [-1, 0], [1, -2])
-        elif node.target in (aten.transpose.int, torch.transpose):
+        elif node.target in (aten.permute.default, aten.permute_copy.default, torch.permute):
+            transposes = [d % 2 for d in node.args[1]] == [1, 0]
+        elif node.target in _TRANSPOSES:
             transposes = sorted(d % 2 for d in node.args[1:3]) == [0, 1]
-        elif node.target is getattr and node.args[1] in ("T", "mT"):
+        elif node.target is getattr and node.args[1] in ("T", "mT", "mH", "H"):
             transposes = True
     elif node.op == "call_method":
-        if node.target == "t":
+        if node.target in ("t", "adjoint"):
             transposes = True
         elif node.target == "permute":
             dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
             transposes = [d % 2 for d in dims] == [1, 0]
-        elif node.target == "transpose":
+        elif node.target in ("transpose", "swapaxes", "swapdims"):
             transposes = sorted(d % 2 for d in node.args[1:3]) == [0, 1]
     if not transposes:
         return None
