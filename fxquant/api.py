@@ -8,7 +8,6 @@ site into the user's module tree (:mod:`fxquant.inplace`) as soon as it is packe
 from __future__ import annotations
 
 import collections
-import functools
 import gc
 import logging
 from typing import Any, Iterable, Mapping
@@ -70,7 +69,12 @@ def compile(model: torch.nn.Module, spec: SpecLike, example_inputs: Any = (),
                          "without a graph); fxquant.compile needs frontend 'auto', 'export' or 'fx'")
     traced = _trace(model, example_inputs, example_kwargs, frontend, dynamic)
     if traced.frontend == "modules":
-        raise RuntimeError(f"fxquant.compile could not trace the model ({traced.export_error}); "
+        hint = ""
+        if "use_cache" not in (example_kwargs or {}) and "use_cache" in inplace.planning_kwargs(model, example_kwargs):
+            hint = ("; this model's forward takes use_cache: a Hugging Face model returns its KV cache object, which "
+                    "a graph cannot output, unless called with use_cache=False: pass it in example_kwargs (and when "
+                    "calling the result), or use fxquant.quantize_ to keep generate")
+        raise RuntimeError(f"fxquant.compile could not trace the model ({traced.export_error}){hint}; "
                            "fxquant.quantize_ can still quantize its nn.Linear modules in place")
     ctx = PassContext(spec=spec, model=model, calibration=calibration)
     counts_before = _op_counts(traced.gm)
@@ -116,7 +120,7 @@ def quantize_(model: torch.nn.Module, spec: SpecLike, example_inputs: Any = (),
                          f"({traced.export_error or 'frontend=modules'}); pass example inputs it can be exported with")
     calls = None if calibration is None else inplace.calibration_calls(model, calibration)
     ctx = PassContext(spec=spec, model=model, calibration=calls,
-                      input_scale_ok=functools.partial(inplace.takes_input_scale, model))
+                      input_scale_ok=inplace.takes_input_scale)
     counts_before = _op_counts(traced.gm)
     bytes_before = tensor_bytes(model)
     if traced.frontend == "modules":

@@ -93,14 +93,11 @@ def calibration_calls(model: nn.Module, calibration):
         yield Call((args, planning_kwargs(model, kwargs)))
 
 
-def takes_input_scale(model: nn.Module, site: Site) -> bool:
-    """Whether ``site`` will become a :class:`QuantizedLinear` (which can divide its input by an AWQ scale)."""
-    try:
-        module = model.get_submodule(site.name)
-    except AttributeError:
-        return False
-    plain = isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
-    return plain and not site.transposed and module.weight is get_attr_path(model, site.weight_attr)
+def takes_input_scale(site: Site, sites: list[Site]) -> bool:
+    """Whether ``site``'s lowering can divide its input by an AWQ scale: a :class:`QuantizedLinear` and a
+    :class:`PackedWeight` both can, unless the weight also serves another site (one module or packed
+    tensor per weight, so one scale; the graph emit divides before each op and has no such limit)."""
+    return sum(s.weight_attr == site.weight_attr for s in sites) == 1
 
 
 def apply_folds(model: nn.Module, folds) -> None:
@@ -196,7 +193,7 @@ class Lowering:
     def _swap_module(self, site: Site, module: nn.Module) -> None:
         if isinstance(module, QuantizedLinear):
             return
-        new = QuantizedLinear(site.qweight, module.bias, str(site.scheme), site.input_scale)
+        new = QuantizedLinear(site.qweight, module.bias, str(site.scheme), site.input_scale, module.weight.dtype)
         new.train(module.training)
         for hooks in ("_forward_pre_hooks", "_forward_hooks", "_forward_hooks_with_kwargs",
                       "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called"):
@@ -211,7 +208,7 @@ class Lowering:
 
     def _swap_tensor(self, site: Site, weight: torch.Tensor) -> None:
         keep = weight if site.weight_attr in self.extra_uses else None  # the same tensor: still the model's
-        packed = PackedWeight(site.qweight, site.transposed, weight.dtype, keep)
+        packed = PackedWeight(site.qweight, site.transposed, weight.dtype, keep, site.input_scale)
         is_param = isinstance(weight, nn.Parameter)
         new = nn.Parameter(packed, requires_grad=False) if is_param else packed
         for parent, name, as_param in self.tensor_paths.pop(id(weight), []):

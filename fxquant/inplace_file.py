@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from .modules import _INNER, PackedWeight, QuantizedLinear
+from .modules import _EXTRAS, _INNER, PackedWeight, QuantizedLinear
 from .persist import build_packed, is_packed, packed_layout
 from .report import INPLACE_REPORT_ATTR
 from .schemes import QuantizedWeight
@@ -58,9 +58,11 @@ def document(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
             for name, inner in t.packed.tensors.items():
                 tensors[f"{path}.{_INNER}{name}"] = inner
                 entry["packed"][name] = f"{path}.{_INNER}{name}"
-            entry["float_data"] = None if t.float_data is None else f"{path}.float_data"
-            if t.float_data is not None:
-                tensors[f"{path}.float_data"] = t.float_data
+            for name in _EXTRAS:  # float_data, input_scale
+                extra = getattr(t, name)
+                entry[name] = None if extra is None else f"{path}.{name}"
+                if extra is not None:
+                    tensors[f"{path}.{name}"] = extra
         else:
             tensors[path] = t
             entry["tensor"] = path
@@ -111,10 +113,11 @@ def _compare(path: str, t: torch.Tensor, obj: Mapping[str, Any], specs: Mapping[
         if not isinstance(t, PackedWeight):
             return [f"{path!r}: packed in the file, a float {_spec(t)} in the model"]
         inner = t.packed.tensors
-        if set(inner) != set(obj["packed"]) or (t.float_data is None) != (obj["float_data"] is None):
+        extras = {n: obj.get(n) for n in _EXTRAS}
+        if set(inner) != set(obj["packed"]) or any((getattr(t, n) is None) != (f is None) for n, f in extras.items()):
             return [f"{path!r}: packed tensors {sorted(obj['packed'])} in the file, {sorted(inner)} in the layout"]
         out = [m for n, name in obj["packed"].items() for m in differs(name, inner[n])]
-        return out + (differs(obj["float_data"], t.float_data) if obj["float_data"] else [])
+        return out + [m for n, f in extras.items() if f for m in differs(f, getattr(t, n))]
     if isinstance(t, PackedWeight):
         return [f"{path!r}: a plain tensor in the file, packed in the layout"]
     return differs(obj["tensor"], t)
@@ -202,8 +205,8 @@ def load_into(model: nn.Module, doc: Mapping[str, Any], tensors_of: Callable[[],
             q = template.packed
             qw = QuantizedWeight(q.op, {n: tensors[obj["packed"][n]] for n in q.tensors}, dict(q.attrs),
                                  q.out_features, q.in_features)
-            fd = None if obj["float_data"] is None else tensors[obj["float_data"]]
-            new = PackedWeight(qw, template.transposed, template.dtype, fd)
+            fd, scale = (None if obj.get(n) is None else tensors[obj[n]] for n in _EXTRAS)
+            new = PackedWeight(qw, template.transposed, template.dtype, fd, scale)
             new = nn.Parameter(new, requires_grad=False) if obj["kind"] == "parameter" else new
         else:
             t = tensors[obj["tensor"]]

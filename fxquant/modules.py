@@ -39,12 +39,19 @@ class QuantizedLinear(nn.Module):
 
     ``in_features`` / ``out_features`` as ``nn.Linear``; ``scheme`` names the format.  Moving the
     module (``.to(device)``) moves the packed buffers; a dtype cast (``.to(torch.bfloat16)``,
-    ``.half()``) changes the bias only: the packed layout fixes the buffers' dtypes, and the op
-    computes in the activations' dtype (or the scheme's ``compute_dtype``)."""
+    ``.half()``) changes the bias (and :attr:`weight`'s dtype) only: the packed layout fixes the
+    buffers' dtypes, and the op computes in the activations' dtype (or the scheme's ``compute_dtype``).
+
+    ``weight`` reads as a :class:`PackedWeight` over the buffers, with the float weight's shape and
+    dtype (``weight_dtype``): model code that inspects ``layer.weight.dtype`` / ``.shape`` (T5 casts
+    its hidden states to ``wo.weight.dtype``) or calls ``F.linear(x, layer.weight)`` keeps working."""
 
     def __init__(self, qweight: QuantizedWeight, bias: torch.Tensor | None, scheme: str = "",
-                 input_scale: torch.Tensor | None = None):
+                 input_scale: torch.Tensor | None = None, weight_dtype: torch.dtype | None = None):
         super().__init__()
+        if weight_dtype is None or not weight_dtype.is_floating_point:
+            weight_dtype = bias.dtype if bias is not None and bias.is_floating_point() else torch.get_default_dtype()
+        self.weight_dtype = weight_dtype
         self.in_features, self.out_features = qweight.in_features, qweight.out_features
         self.scheme = scheme
         self.op_name = qweight.op
@@ -96,6 +103,11 @@ class QuantizedLinear(nn.Module):
             self.__dict__["_bound"] = None
         super().__setattr__(name, value)
 
+    @property
+    def weight(self) -> "PackedWeight":
+        """The packed weight as a read-only tensor (``[out_features, in_features]``, ``weight_dtype``)."""
+        return PackedWeight(self.packed(), False, self.weight_dtype, None, self.input_scale)
+
     def packed(self) -> QuantizedWeight:
         """The packed weight as the quantize pass produced it (the module's own buffers)."""
         return QuantizedWeight(self.op_name, {n: getattr(self, n) for n in self.tensor_names}, dict(self.op_attrs),
@@ -118,6 +130,9 @@ class QuantizedLinear(nn.Module):
             for n, t in packed.items():
                 moved = fn(t)
                 self._buffers[n] = moved if moved.dtype == t.dtype else t.to(device=moved.device)
+        cast = fn(torch.empty(0, dtype=self.weight_dtype)).dtype  # a float cast: what weight reads as
+        if cast.is_floating_point:
+            self.weight_dtype = cast
         return self
 
 
@@ -147,6 +162,7 @@ _PERMUTE = {torch.permute, torch.Tensor.permute}
 _PROPS = (torch.Tensor.T, torch.Tensor.mT, torch.Tensor.mH, torch.Tensor.H)
 _warned: set[str] = set()
 _INNER = "packed_"
+_EXTRAS = ("float_data", "input_scale")  # the optional plain tensors a PackedWeight holds besides the packed ones
 
 
 def _is_swap(func, args) -> bool:
@@ -167,66 +183,78 @@ class PackedWeight(torch.Tensor):
 
     Shape, dtype and device are the float parameter's; ``float_data`` is that tensor when the plan
     found uses other than linear ones (a tied embedding), else ``None``.  Other operations run on
-    ``float_data`` or, without it, on the dequantized weight (correct, slower, warned once)."""
+    ``float_data`` or, without it, on the dequantized weight (correct, slower, warned once).
+    ``input_scale`` (``[K]``, AWQ's scale where it could not be folded): the packed weight holds
+    ``W * input_scale`` (per input channel) and the linear uses divide ``x`` by it first."""
 
     @staticmethod
     def __new__(cls, qweight: QuantizedWeight, transposed: bool, dtype: torch.dtype,
-                float_data: torch.Tensor | None = None):
+                float_data: torch.Tensor | None = None, input_scale: torch.Tensor | None = None):
         n, k = qweight.out_features, qweight.in_features
         device = next(iter(qweight.tensors.values())).device
         return torch.Tensor._make_wrapper_subclass(cls, (k, n) if transposed else (n, k), dtype=dtype,
                                                    device=device, requires_grad=False)
 
     def __init__(self, qweight: QuantizedWeight, transposed: bool, dtype: torch.dtype,
-                 float_data: torch.Tensor | None = None):
+                 float_data: torch.Tensor | None = None, input_scale: torch.Tensor | None = None):
         self.packed, self.transposed, self.float_data = qweight, transposed, float_data
+        self.input_scale = input_scale
         for name, t in qweight.tensors.items():  # flattened under a prefix: no clash with attribute names
             setattr(self, _INNER + name, t)
         self._fn = _op(qweight.op)
 
     def __repr__(self) -> str:
         return (f"PackedWeight(shape={tuple(self.shape)}, dtype={self.dtype}, op={self.packed.op}, "
-                f"transposed={self.transposed})")
+                f"transposed={self.transposed}{', input_scale' if self.input_scale is not None else ''})")
 
     # -- torch.compile / export: flatten into the packed tensors -------------------------------------
     def __tensor_flatten__(self):
-        names = [_INNER + n for n in self.packed.tensors] + (["float_data"] if self.float_data is not None else [])
+        names = [_INNER + n for n in self.packed.tensors] + [n for n in _EXTRAS if getattr(self, n) is not None]
         q = self.packed
         return names, (q.op, tuple(q.attrs.items()), q.out_features, q.in_features, self.transposed, self.dtype)
 
     @classmethod
     def __tensor_unflatten__(cls, inner: dict, ctx, outer_size, outer_stride):
         op, attrs, n, k, transposed, dtype = ctx
-        tensors = {name[len(_INNER):]: t for name, t in inner.items() if name != "float_data"}
-        return cls(QuantizedWeight(op, tensors, dict(attrs), n, k), transposed, dtype, inner.get("float_data"))
+        tensors = {name[len(_INNER):]: t for name, t in inner.items() if name not in _EXTRAS}
+        return cls(QuantizedWeight(op, tensors, dict(attrs), n, k), transposed, dtype, inner.get("float_data"),
+                   inner.get("input_scale"))
 
     def _stable_hash_for_caching(self) -> str:
         q = self.packed
-        return f"PackedWeight:{q.op}:{sorted(q.attrs.items())}:{q.out_features}x{q.in_features}:{self.transposed}"
+        return (f"PackedWeight:{q.op}:{sorted(q.attrs.items())}:{q.out_features}x{q.in_features}:{self.transposed}"
+                f":{self.input_scale is not None}")
 
     # -- helpers ----------------------------------------------------------------------------------
     def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.input_scale is not None:
+            x = x / self.input_scale.to(x.dtype)
         return self._fn(x, *self.packed.tensors.values(), bias, **self.packed.attrs)
 
     def _flipped(self) -> "PackedWeight":
         fd = None if self.float_data is None else self.float_data.t()
-        return PackedWeight(self.packed, not self.transposed, self.dtype, fd)
+        return PackedWeight(self.packed, not self.transposed, self.dtype, fd, self.input_scale)
 
     def dense(self) -> torch.Tensor:
         """The float tensor this stands for: ``float_data``, or the dequantized weight in ``dtype``."""
         if self.float_data is not None:
             return self.float_data
-        w = _dequantize(self.packed).to(self.dtype)
+        w = _dequantize(self.packed)
+        if self.input_scale is not None:
+            w = w / self.input_scale.float()
+        w = w.to(self.dtype)
         return w.t() if self.transposed else w
 
     def _moved(self, device, dtype) -> "PackedWeight":
         tensors = {k: t.to(device) for k, t in self.packed.tensors.items()} if device is not None else None
         q = self.packed if tensors is None else QuantizedWeight(self.packed.op, tensors, dict(self.packed.attrs),
                                                                  self.packed.out_features, self.packed.in_features)
-        fd = self.float_data
+        fd, s = self.float_data, self.input_scale
         if fd is not None:
             fd = fd.to(device=device if device is not None else fd.device, dtype=dtype or fd.dtype)
-        return PackedWeight(q, self.transposed, dtype or self.dtype, fd)
+        if s is not None and device is not None:
+            s = s.to(device)
+        return PackedWeight(q, self.transposed, dtype or self.dtype, fd, s)
 
     # -- routing ----------------------------------------------------------------------------------
     @classmethod
@@ -261,7 +289,7 @@ class PackedWeight(torch.Tensor):
         aten = torch.ops.aten
         if func in (aten.detach.default, aten.alias.default):
             w = args[0]
-            return PackedWeight(w.packed, w.transposed, w.dtype, w.float_data)
+            return PackedWeight(w.packed, w.transposed, w.dtype, w.float_data, w.input_scale)
         if func is aten._to_copy.default and type(args[0]) is cls:
             return args[0]._moved(kwargs.get("device"), kwargs.get("dtype"))
         if func is aten.t.default and type(args[0]) is cls:

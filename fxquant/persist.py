@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .modules import _INNER, PackedWeight, QuantizedLinear
+from .modules import _EXTRAS, _INNER, PackedWeight, QuantizedLinear
 from .report import INPLACE_REPORT_ATTR, Report
 from .schemes import QuantizedWeight
 
@@ -85,7 +85,8 @@ def packed_layout(model: nn.Module) -> dict:
             "out_features": q.out_features,
             "tensors": [{"name": n, **_tensor_spec(v)} for n, v in q.tensors.items()],
             "transposed": t.transposed, "dtype": _dtype_name(t.dtype), "parameter": isinstance(t, nn.Parameter),
-            "float_data": None if t.float_data is None else _tensor_spec(t.float_data), "aliases": [],
+            "float_data": None if t.float_data is None else _tensor_spec(t.float_data),
+            "input_scale": None if t.input_scale is None else _tensor_spec(t.input_scale), "aliases": [],
         }
     embeddings = _embedding_layout(model)
     rep = getattr(model, INPLACE_REPORT_ATTR, None)
@@ -124,14 +125,15 @@ def _packed_weights(model: nn.Module):
 
 def packed_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """``model.state_dict()`` with every :class:`PackedWeight` replaced by its plain tensors
-    (``<param>.packed_<name>``, and ``<param>.float_data`` when it keeps one)."""
+    (``<param>.packed_<name>``, and ``<param>.float_data`` / ``<param>.input_scale`` when it holds them)."""
     out = {}
     for key, t in model.state_dict().items():
         if isinstance(t, PackedWeight):
             for name, inner in t.packed.tensors.items():
                 out[f"{key}.{_INNER}{name}"] = inner
-            if t.float_data is not None:
-                out[f"{key}.float_data"] = t.float_data
+            for name in _EXTRAS:
+                if getattr(t, name) is not None:
+                    out[f"{key}.{name}"] = getattr(t, name)
         else:
             out[key] = t
     return out
@@ -228,7 +230,7 @@ def build_packed(model: nn.Module, layout: Mapping[str, Any], device: torch.devi
             bias = nn.Parameter(torch.empty_like(bias, device=device), requires_grad=bias.requires_grad) \
                 if isinstance(bias, nn.Parameter) else torch.empty_like(bias, device=device)
         scale = None if entry.get("input_scale") is None else _empty(entry["input_scale"], dev, path)
-        new = QuantizedLinear(qw, bias, entry.get("scheme", ""), scale)
+        new = QuantizedLinear(qw, bias, entry.get("scheme", ""), scale, old.weight.dtype)
         new.train(old.training)  # as quantize_ does: the layer's mode and hooks carry over
         for hooks in ("_forward_pre_hooks", "_forward_hooks", "_forward_hooks_with_kwargs",
                       "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called"):
@@ -237,8 +239,8 @@ def build_packed(model: nn.Module, layout: Mapping[str, Any], device: torch.devi
             parent_path, _, child = p.rpartition(".")
             setattr(model.get_submodule(parent_path) if parent_path else model, child, new)
     for path, entry, qw, dev in tplan:
-        fd = None if entry.get("float_data") is None else _empty(entry["float_data"], dev, path)
-        packed = PackedWeight(qw, entry["transposed"], _dtype(entry["dtype"], path), fd)
+        fd, scale = (None if entry.get(n) is None else _empty(entry[n], dev, path) for n in _EXTRAS)
+        packed = PackedWeight(qw, entry["transposed"], _dtype(entry["dtype"], path), fd, scale)
         new = nn.Parameter(packed, requires_grad=False) if entry.get("parameter", True) else packed
         for p in [path] + list(entry.get("aliases", [])):
             owner_path, _, name = p.rpartition(".")

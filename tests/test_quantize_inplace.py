@@ -273,3 +273,24 @@ def test_packed_weight_other_uses_run_on_dequantized_weight():
     with pytest.warns(UserWarning, match="not a linear use of a packed weight"):
         s = m.w_fn.sum()
     assert torch.allclose(s, _dequantize(m.w_fn.packed).sum(), atol=1e-4)
+
+
+def test_quantized_linear_weight_reads_as_the_float_weight():
+    """Model code reads ``layer.weight`` (T5: ``hidden.to(self.wo.weight.dtype)``; others: ``.shape``,
+    ``F.linear(x, layer.weight)``): a PackedWeight with the float weight's shape and dtype, following
+    dtype casts of the module, and no parameter or state-dict entry of its own."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 32).to(torch.bfloat16))
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    fxquant.quantize_(m, "int8wo", (x,))
+    layer = m[0]
+    w = layer.weight
+    assert isinstance(w, PackedWeight) and w.shape == (32, 64) and w.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.equal(F.linear(x, w, layer.bias), layer(x))
+        assert torch.equal(w.dense(), layer.dequantize().to(torch.bfloat16))
+    assert set(layer.state_dict()) == {*layer.tensor_names, "bias"} and "weight" not in layer.tensor_names
+    layer.float()
+    assert layer.weight.dtype == torch.float32 and layer.bias.dtype == torch.float32
+    with pytest.raises(KeyError, match="weight"):
+        layer.weight = nn.Parameter(torch.zeros(32, 64))

@@ -96,7 +96,7 @@ class FxQuantGgufHfQuantizer(FxQuantHfQuantizer):
         self.plan = plan_model(self.file, model, self.dtype, self.quantization_config.spec.compute_dtype)
         for item in self.plan.linears:
             old = model.get_submodule(item.path)
-            _replace(model, old, QuantizedLinear(_meta_qweight(item), old.bias, item.scheme))
+            _replace(model, old, QuantizedLinear(_meta_qweight(item), old.bias, item.scheme, weight_dtype=old.weight.dtype))
         self.replaced_embeddings = {}
         for item in self.plan.embeddings:
             old = self.replaced_embeddings[item.path] = model.get_submodule(item.path)

@@ -99,7 +99,7 @@ def install(model: nn.Module, path: str, old: nn.Linear, qw, scheme: str) -> Non
                                                               old.weight.dtype.is_floating_point else torch.float32),
                                                  requires_grad=False)
         return
-    new = QuantizedLinear(qw, old.bias, scheme)
+    new = QuantizedLinear(qw, old.bias, scheme, weight_dtype=old.weight.dtype)
     new.train(old.training)
     for hooks in ("_forward_pre_hooks", "_forward_hooks", "_forward_hooks_with_kwargs",
                   "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called"):

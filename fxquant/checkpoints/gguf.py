@@ -101,7 +101,7 @@ def apply_plan(model: nn.Module, plan: Plan, dtype: torch.dtype) -> None:
         _assign(model, tied_to, _get(model, source))
     for item in plan.linears:
         old = model.get_submodule(item.path)
-        new = QuantizedLinear(item.qweight(), old.bias, item.scheme)
+        new = QuantizedLinear(item.qweight(), old.bias, item.scheme, weight_dtype=old.weight.dtype)
         _replace(model, old, new)
     for item in plan.embeddings:
         old = model.get_submodule(item.path)

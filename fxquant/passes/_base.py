@@ -95,8 +95,8 @@ class PassContext:
     calibration: Any = None
     #: AWQ scales folded into 1-D parameters (``fxquant.passes.calibrate.Fold``), applied by the emit
     folds: list = field(default_factory=list)
-    #: whether a site's emit can divide its input by an AWQ scale (``None``: every site can)
-    input_scale_ok: Callable[[Site], bool] | None = None
+    #: whether a site's emit can divide its input by an AWQ scale, given all sites (``None``: every site can)
+    input_scale_ok: Callable[[Site, list], bool] | None = None
 
 
 @dataclass

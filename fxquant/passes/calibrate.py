@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import inspect
 import operator
+import re
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -39,7 +41,7 @@ import torch.fx
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..frontend import EXAMPLE_KEY
+from ..frontend import EXAMPLE_KEY, GUARDS_KEY
 from ..methods import Stats
 from ..methods._base import quadratic_error
 from ._base import InputError, PassContext, PassResult, Site, get_attr_path, meta, node_arg
@@ -90,7 +92,24 @@ def calibrate(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         _Walk(gm, ctx, sites).run(list(ctx.calibration))
     else:
         _observe(gm, ctx, sites)
+    _few_tokens(ctx, sites)
     return PassResult(gm)
+
+
+def _few_tokens(ctx: PassContext, sites: list[Site]) -> None:
+    """Warn (and note in the report) when a Hessian method saw fewer tokens than its layers' inputs:
+    ``H = XᵀX`` is then rank-deficient and the method fits the calibration data, not the model."""
+    thin = [(s, s.result.get("calibration_tokens", 0)) for s in sites
+            if method_of(s).needs_hessian and s.result.get("calibration_tokens", 0) < s.out_shape[1]]
+    if not thin:
+        return
+    site, tokens = thin[0]
+    msg = (f"calibration gave {tokens} tokens, fewer than the {site.out_shape[1]} inputs of {site.name} "
+           f"({len(thin)} such sites, method {method_of(site).name}): the Hessian XᵀX is rank-deficient and the "
+           "result can be worse than round-to-nearest; give many more tokens than any layer has inputs "
+           "(GPTQ is usually calibrated on 128 samples x 2048 tokens)")
+    warnings.warn(f"fxquant: {msg}", stacklevel=2)
+    ctx.notes.append(msg)
 
 
 # -- shared -----------------------------------------------------------------------------------------
@@ -122,7 +141,7 @@ def _quantize_group(gm, ctx: PassContext, x_node, group: list[Site], stats: Stat
     if awq:
         weights = [_weight(gm, s) for s in awq]
         fold = _fold_target(gm, ctx, x_node, group, linears) if len(awq) == len(group) else None
-        movable = fold is not None or all(ctx.input_scale_ok is None or ctx.input_scale_ok(s) for s in awq)
+        movable = fold is not None or all(ctx.input_scale_ok is None or ctx.input_scale_ok(s, ctx.sites) for s in awq)
         t0 = time.perf_counter()
         results = method_of(awq[0]).quantize_group([s.scheme.format for s in awq], weights, stats,
                                                    scale_search=movable)
@@ -132,7 +151,7 @@ def _quantize_group(gm, ctx: PassContext, x_node, group: list[Site], stats: Stat
             quantize_site(s, w, stats, result=r, seconds=seconds)
             if not movable:
                 s.result["awq_input_scale"] = ("none: the input is not a norm / mul feeding only these sites and "
-                                               "this site is not an nn.Linear module (clip search only)")
+                                               "this site's weight also serves another site (clip search only)")
         if scale is not None:
             if isinstance(fold, Site):
                 where = _fold_into_linear(gm, ctx, fold, scale, [s.name for s in awq])
@@ -282,8 +301,8 @@ def _observe(gm: torch.fx.GraphModule, ctx: PassContext, sites: list[Site]) -> N
         with torch.no_grad():
             for args, kwargs in tqdm(_batches(ctx.calibration), desc="fxquant: calibrating", unit="batch",
                                      disable=None, leave=False):
-                args, kwargs = traced_layout(gm, ctx.model, args, kwargs)
-                gm(*args, **kwargs)
+                for args, kwargs in batch_rows(gm, *traced_layout(gm, ctx.model, args, kwargs)):
+                    gm(*args, **kwargs)
     finally:
         for name, node, _ in observers:
             gm.graph.erase_node(node)
@@ -336,8 +355,9 @@ class _Walk:
         if not calls:
             raise InputError("calibration is empty: it yielded no batch")
         interps = []
-        for args, kwargs in calls:
-            args, kwargs = traced_layout(self.gm, self.ctx.model, args, kwargs)
+        rows = [row for args, kwargs in calls
+                for row in batch_rows(self.gm, *traced_layout(self.gm, self.ctx.model, args, kwargs))]
+        for args, kwargs in rows:
             it = torch.fx.Interpreter(self.gm, garbage_collect_values=False)
             it.args_iter = iter(_flat_inputs(self.gm, args, kwargs))
             interps.append(it)
@@ -425,6 +445,35 @@ def traced_layout(gm: torch.fx.GraphModule, model, args: tuple, kwargs: dict) ->
         raise InputError(f"a calibration batch must give the arguments the model was traced with "
                          f"({n_args} positional, keywords {names}); missing {missing or params[len(new_args):n_args]}")
     return new_args, {k: bound.arguments[k] for k in names}
+
+
+_BATCH_ONE = re.compile(r"L\['(\w+)'\]\.size\(\)\[0\] == 1")  # a guard pinning an input's batch to 1
+
+
+def batch_rows(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> list[tuple[tuple, dict]]:
+    """A calibration call as the graph can run it: itself, or, when the graph was traced with a batch of
+    one that the model's code pinned (Hugging Face's mask code branches on ``batch_size == 1``, so
+    the exported graph guards on it) and the call has ``B > 1`` rows, ``B`` calls of one row each
+    (every tensor whose first dim is ``B`` sliced; the others, such as a ``[1, T]`` position
+    tensor, as given).  Every statistic is a sum over tokens, so the rows give the batch's values."""
+    pinned = {m.group(1) for g in gm.meta.get(GUARDS_KEY, ()) if (m := _BATCH_ONE.fullmatch(g.strip()))}
+    if not pinned:
+        return [(args, kwargs)]
+    flat = _flat_inputs(gm, args, kwargs)
+    holders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    rows = None
+    for node, value in zip(holders, flat):
+        if node.target in pinned and isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] > 1:
+            rows = value.shape[0]
+            break
+    if rows is None:
+        return [(args, kwargs)]
+    from torch.utils._pytree import tree_map
+
+    def row(i):
+        return tree_map(lambda t: t[i:i + 1] if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == rows
+                        else t, (args, kwargs))
+    return [row(i) for i in range(rows)]
 
 
 def _flat_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> list:

@@ -158,4 +158,50 @@ def match_linears(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         if site is not None:
             ctx.sites.append(site)
             meta(node)["site"] = site.name
+    batched = _batched_weights(gm)
+    if batched:
+        mb = sum(b for *_, b in batched) / 2**20
+        shown = "; ".join(f"{p} {list(shape)} ({op})" for p, shape, op, _ in batched[:3])
+        more = f"; and {len(batched) - 3} more" if len(batched) > 3 else ""
+        ctx.notes.append(f"left float: {len(batched)} weight tensors of 3 or more dims used in matrix products "
+                         f"({mb:.3g} MiB; e.g. mixture-of-experts weights): {shown}{more}. fxquant quantizes 2-D "
+                         "linear weights; these stay in float")
     return PassResult(gm, modified=False)
+
+
+_LAYOUT_OPS = {"transpose", "permute", "view", "reshape", "expand", "contiguous", "select", "index", "getitem",
+               "slice", "t", "unsqueeze", "squeeze", "clone", "alias", "numpy_T", "mT"}
+
+
+def _op_name(node: torch.fx.Node) -> str:
+    t = node.target
+    if isinstance(t, str):
+        return t
+    return getattr(t, "__name__", None) or str(t)
+
+
+def _batched_weights(gm: torch.fx.GraphModule) -> list[tuple[str, tuple, str, int]]:
+    """Parameters of 3+ dims that reach a matrix product (``bmm``, ``matmul``, ``einsum``, a grouped
+    mm, through layout ops only): ``(path, shape, the product's op, bytes)`` each, once."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        t = get_attr_path(gm, node.target)
+        if not isinstance(t, torch.nn.Parameter) or t.dim() < 3:
+            continue
+        frontier, seen, product = list(node.users), set(), None
+        while frontier and product is None and len(seen) < 64:
+            user = frontier.pop()
+            if user in seen or user.op not in ("call_function", "call_method"):
+                continue
+            seen.add(user)
+            name = _op_name(user).split(".")
+            base = name[-2] if len(name) > 1 and name[-1] in ("default", "int", "Tensor") else name[-1]
+            if any(k in base for k in ("mm", "matmul", "einsum")):
+                product = _op_name(user).removesuffix(".default")
+            elif base.rstrip("_") in _LAYOUT_OPS or base.endswith("_copy"):
+                frontier.extend(user.users)
+        if product is not None:
+            out.append((node.target, tuple(t.shape), product, t.numel() * t.element_size()))
+    return out

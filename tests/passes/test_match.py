@@ -121,3 +121,30 @@ def test_buffer_weight_needs_a_rule(emit):
     row = fxquant.report(opted).row("proj")
     assert row.status == "quantized" and row.rule == "rules['proj']"
     assert ((opted(x) - m(x)).norm() / m(x).norm()).item() < 0.03
+
+
+class _Experts(nn.Module):
+    """Expert weights as 3-D parameters (transformers 5's MoE layout) next to a 2-D linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = nn.Linear(32, 4)
+        self.w_up = nn.Parameter(torch.randn(4, 64, 32) / 6)  # [E, N, K]
+        self.w_down = nn.Parameter(torch.randn(4, 32, 64) / 8)
+        self.conv = nn.Conv1d(4, 4, 3)  # a 3-D weight that is not a matrix product's: no note
+
+    def forward(self, x):  # x [E, T, 32]
+        h = torch.bmm(x, self.w_up.transpose(1, 2))
+        y = torch.einsum("etn,ekn->etk", h, self.w_down)
+        return y + self.router(x).sum() + self.conv(x[:, :, :8].transpose(0, 1)).sum()
+
+
+@pytest.mark.parametrize("frontend", ["export", "fx"])
+def test_batched_expert_weights_are_named_in_a_note(frontend):
+    m = _Experts()
+    x = torch.randn(4, 5, 32)
+    rep = fxquant.report(fxquant.compile(m, "int8wo", (x,), frontend=frontend))
+    assert [r.fqn for r in rep.rows] == ["router"] and rep.rows[0].status == "quantized"
+    note = [n for n in rep.notes if n.startswith("left float")]
+    assert len(note) == 1 and "2 weight tensors" in note[0], rep.notes
+    assert "w_up [4, 64, 32]" in note[0] and "w_down [4, 32, 64]" in note[0] and "conv" not in note[0]
