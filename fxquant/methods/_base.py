@@ -61,8 +61,27 @@ class Stats:
         if hessian:
             if self.hessian is None:
                 self.hessian = torch.zeros(self.k, self.k, dtype=torch.float32, device=x2.device)
-            self.hessian.addmm_(x2.t(), x2)
+            add_gram(self.hessian, x2)
         self.tokens += x2.shape[0]
+
+
+#: ``add_gram`` splits K into row bands of about this many channels (at most 4 bands)
+GRAM_BAND = 128
+
+
+def add_gram(h: torch.Tensor, x: torch.Tensor) -> None:
+    """``h += xᵀx`` (``x`` ``[T, K]``, ``h`` ``[K, K]`` symmetric) computing only the bands on and above the
+    diagonal and mirroring the rest: 3/4 of the multiply-adds with 2 bands, 5/8 with 4 (the calibration
+    pass's largest cost for GPTQ is this product, over every token of every group's input)."""
+    k = x.shape[1]
+    bands = max(1, min(4, k // GRAM_BAND))
+    if bands == 1:
+        h.addmm_(x.t(), x)
+        return
+    edges = [k * i // bands for i in range(bands + 1)]
+    for a0, a1 in zip(edges[:-1], edges[1:]):
+        h[a0:a1, a0:].addmm_(x[:, a0:a1].t(), x[:, a0:])
+        h[a1:, a0:a1].copy_(h[a0:a1, a1:].t())
 
 
 @dataclass

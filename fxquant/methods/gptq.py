@@ -100,26 +100,28 @@ def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, grid, damp_percent: 
         scale = torch.empty(n, ngroups)
         offset = torch.empty(n, ngroups)
     invperm = torch.argsort(perm)
-    w, h = w[:, perm], h[perm][:, perm]
+    # one row per input column, in visiting order: each step of the column loop reads and updates
+    # contiguous rows of N values
+    wt, h = w.t()[perm].contiguous(), h[perm][:, perm]
     damp = damp_percent * torch.diagonal(h).mean()
     h.diagonal().add_(damp)
     hinv = _upper_inverse_cholesky(h)
-    codes = torch.empty(n, k)
+    codes = torch.empty(k, n)
     threads = torch.get_num_threads()
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.empty(n, i2 - i1)
+        w1 = wt[i1:i2].clone()
+        err1 = torch.empty(i2 - i1, n)
         hinv1 = hinv[i1:i2, i1:i2]
         # the column loop runs vector ops of N elements: one thread (OpenMP's fork/join per op costs
         # more than the op: 576x1536 took 11.8 s with 2 threads on a busy machine, 0.32 s with 1)
         torch.set_num_threads(1)
         try:
-            _columns(w, w1, err1, hinv1, codes, scale, offset, grid, perm, i1, i2, g, act_order)
+            _columns(wt, w1, err1, hinv1, codes, scale, offset, grid, perm, i1, i2, g, act_order)
         finally:
             torch.set_num_threads(threads)
-        w[:, i2:].sub_(err1 @ hinv[i1:i2, i2:])
-    codes = codes[:, invperm]
+        wt[i2:].sub_(hinv[i1:i2, i2:].t() @ err1)
+    codes = codes[invperm].t().add_(grid.mid)
     kp = ngroups * g
     if kp > k:  # padded columns: copies of column K - 1's code (they meet only zero activations)
         codes = torch.cat([codes, codes[:, -1:].expand(n, kp - k)], 1)
@@ -127,23 +129,32 @@ def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, grid, damp_percent: 
     return codes.reshape(-1, g), scale.reshape(-1), offset.reshape(-1), info
 
 
-def _columns(w, w1, err1, hinv1, codes, scale, offset, grid, perm, i1, i2, g, act_order) -> None:
-    """One block of GPTQ's column loop (columns ``i1 .. i2`` in visiting order)."""
-    for i in range(i2 - i1):
-            col = int(perm[i1 + i])
+def _columns(wt, w1, err1, hinv1, codes, scale, offset, grid, perm, i1, i2, g, act_order) -> None:
+    """One block of GPTQ's column loop (columns ``i1 .. i2`` in visiting order; ``wt`` / ``w1`` / ``err1``
+    / ``codes`` hold one input column per row)."""
+    cols = perm[i1:i2].tolist()
+    diag = hinv1.diagonal().tolist()
+    lo, hi = grid.qlo - grid.mid, grid.qhi - grid.mid
+    if act_order:  # static groups: every column's parameters are known, gathered once per block
+        grps = perm[i1:i2] // g
+        s_blk, o_blk = scale[:, grps].t().contiguous(), offset[:, grps].t().contiguous()
+    for i, col in enumerate(cols):
+        if act_order:
+            s, o = s_blk[i], o_blk[i]
+        else:
             grp = col // g
-            if not act_order and col % g == 0:  # the group starts here: fit it on the updated weights
-                cur = torch.cat([w1[:, i:], w[:, i2:]], 1)[:, :g]
-                s, o = grid.fit(cur)
-                scale[:, grp], offset[:, grp] = s, o
+            if col % g == 0:  # the group starts here: fit it on the updated weights
+                cur = torch.cat([w1[i:], wt[i2:]])[:g]
+                scale[:, grp], offset[:, grp] = grid.fit(cur.t())
             s, o = scale[:, grp], offset[:, grp]
-            col_w = w1[:, i]
-            # Grid.encode / decode of one column, inline (this loop runs once per input column)
-            q = torch.round((col_w - o) / s + grid.mid).clamp_(grid.qlo, grid.qhi)
-            codes[:, i1 + i] = q
-            e = (col_w - ((q - grid.mid) * s + o)).div_(hinv1[i, i])
-            w1[:, i:].sub_(torch.outer(e, hinv1[i, i:]))
-            err1[:, i] = e
+        col_w = w1[i]
+        # Grid.encode / decode of one column, inline (this loop runs once per input column), in
+        # codes relative to mid
+        u = torch.sub(col_w, o).div_(s).round_().clamp_(lo, hi)
+        codes[i1 + i] = u
+        e = col_w.sub(torch.addcmul(o, u, s)).div_(diag[i])
+        w1[i:].addr_(hinv1[i, i:], e, alpha=-1.0)  # the OBS update, rank one, in place
+        err1[i] = e
 
 
 def _upper_inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
