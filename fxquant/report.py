@@ -158,6 +158,13 @@ def build_report(sites, *, frontend: str, export_error: str | None, dynamic_dims
     notes = list(notes)
     if not rows:
         notes.append("no linear layer found in the traced graph")
+    grown = [r for r in rows if r.status == "quantized" and r.bytes_after > r.bytes_before]
+    if grown:
+        shown = ", ".join(f"{r.fqn} ({r.shape[0]}x{r.shape[1]}, {r.scheme}: {r.bytes_before} -> {r.bytes_after} bytes)"
+                          for r in grown[:3])
+        notes.append(f"{len(grown)} quantized layers are larger than in float: {shown}"
+                     f"{' ...' if len(grown) > 3 else ''}. Layers with few output rows (a mixture-of-experts "
+                     "router, a classification head) do not shrink under formats that pad rows to tiles; skip them")
     return Report(rows=rows, frontend=frontend, export_error=export_error, notes=notes, dynamic_dims=dynamic_dims,
                   model_bytes_before=model_bytes_before, model_bytes_after=model_bytes_after,
                   op_counts_before=dict(op_counts_before), results=results,

@@ -294,3 +294,17 @@ def test_quantized_linear_weight_reads_as_the_float_weight():
     assert layer.weight.dtype == torch.float32 and layer.bias.dtype == torch.float32
     with pytest.raises(KeyError, match="weight"):
         layer.weight = nn.Parameter(torch.zeros(32, 64))
+
+
+def test_report_notes_layers_that_grow():
+    """A layer with few output rows padded to int4wo's 64-row tiles takes more bytes than its float
+    weight (a MoE router, a classifier): the report's notes name it; int8wo (no row tiles) does not."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 256, dtype=torch.bfloat16)
+    for scheme, grows in [("int4wo-64", True), ("int8wo", False)]:
+        m = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 4)).to(torch.bfloat16)
+        rep = fxquant.report(fxquant.quantize_(m, scheme, (x,)))
+        small = next(r for r in rep.rows if r.shape == (4, 256))
+        assert (small.bytes_after > small.bytes_before) == grows
+        noted = [n for n in rep.notes if "larger than in float" in n]
+        assert len(noted) == grows and (not grows or "1 (4x256" in noted[0]), rep.notes
