@@ -31,7 +31,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .api import quantize_
-from .persist import build_packed, packed_layout
+from .persist import build_packed, finish_staged, hf_state_dict, packed_layout
 from .spec import Spec
 
 __all__ = ["FxQuantConfig", "FxQuantHfQuantizer", "QUANT_METHOD"]
@@ -129,11 +129,12 @@ class QuantizerSteps:
         if not config.layout:
             raise ValueError("fxquant: this checkpoint's quantization_config has no 'layout' (it was not written by "
                              "save_pretrained of an fxquant-quantized model); cannot rebuild its packed layers")
-        build_packed(model, config.layout)
+        build_packed(model, config.layout, staged=True)
 
     @staticmethod
     def after_loading(config: FxQuantConfigFields, model: torch.nn.Module, pre_quantized: bool) -> None:
         if pre_quantized:
+            finish_staged(model, config.layout)
             left = [n for n, t in list(model.named_buffers()) + list(model.named_parameters()) if t.is_meta]
             if left:
                 raise ValueError(f"fxquant: {len(left)} tensors were not in the checkpoint, e.g. {left[:3]}: the "
@@ -229,6 +230,11 @@ class FxQuantHfQuantizer(QuantizerHooks, HfQuantizer):
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         return False  # float weights load as they are and are quantized after; packed ones load as stored
+
+    def get_state_dict_and_metadata(self, model):
+        """The checkpoint's tensors: packed weights (PackedWeight) as the plain tensors loading fills
+        (diffusers' hook of the same name takes a state dict: its models keep the default)."""
+        return hf_state_dict(model), {}
 
     def is_serializable(self, *args, **kwargs) -> bool:  # a method here, a property in diffusers
         return True

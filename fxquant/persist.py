@@ -180,11 +180,57 @@ def _submodule(model: nn.Module, path: str, missing: str) -> nn.Module:
         raise ValueError(missing) from None
 
 
-def build_packed(model: nn.Module, layout: Mapping[str, Any], device: torch.device | str | None = None) -> nn.Module:
+#: a transformers checkpoint holds a PackedWeight ``<param>``'s tensors as ``<param>__packed_<name>``
+#: (and ``<param>__float_data`` / ``<param>__input_scale``): names of plain buffers of its module
+STAGED = "__"
+
+
+def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` as ``save_pretrained`` writes it: every :class:`PackedWeight` as the plain
+    tensors :func:`build_packed` with ``staged=True`` registers, which transformers' loader fills."""
+    out = {}
+    for key, t in model.state_dict().items():
+        if isinstance(t, PackedWeight):
+            out.update({f"{key}{STAGED}{name}": v for name, v in _parts(t).items()})
+        else:
+            out[key] = t
+    return out
+
+
+def _parts(t: PackedWeight) -> dict[str, torch.Tensor]:
+    parts = {f"{_INNER}{name}": v for name, v in t.packed.tensors.items()}
+    parts.update({name: getattr(t, name) for name in _EXTRAS if getattr(t, name) is not None})
+    return parts
+
+
+def finish_staged(model: nn.Module, layout: Mapping[str, Any]) -> None:
+    """After a staged :func:`build_packed` and the loader: each weight's filled buffers become its
+    :class:`PackedWeight` again, at every path it had."""
+    for path, entry in layout.get("tensors", {}).items():
+        owner_path, _, name = path.rpartition(".")
+        owner = model.get_submodule(owner_path) if owner_path else model
+        pop = lambda part: owner._buffers.pop(f"{name}{STAGED}{part}")  # noqa: E731
+        tensors = {s["name"]: pop(_INNER + s["name"]) for s in entry["tensors"]}
+        fd, scale = (None if entry.get(n) is None else pop(n) for n in _EXTRAS)
+        qw = QuantizedWeight(entry["op"], tensors, _attrs_from_json(entry["attrs"], path), entry["out_features"],
+                             entry["in_features"])
+        packed = PackedWeight(qw, entry["transposed"], _dtype(entry["dtype"], path), fd, scale)
+        new = nn.Parameter(packed, requires_grad=False) if entry.get("parameter", True) else packed
+        for p in [path] + list(entry.get("aliases", [])):
+            o_path, _, n = p.rpartition(".")
+            o = model.get_submodule(o_path) if o_path else model
+            (o._buffers if not entry.get("parameter", True) else o._parameters)[n] = new
+
+
+def build_packed(model: nn.Module, layout: Mapping[str, Any], device: torch.device | str | None = None,
+                 staged: bool = False) -> nn.Module:
     """Replace ``model``'s layers named in ``layout`` by packed ones with empty tensors on ``device``
     (default: where the skeleton's layer is, e.g. ``meta``); returns ``model``.  Every entry is
     checked against the skeleton first (a missing layer, a different shape: ``ValueError`` naming
-    it), so a mismatched model is left as it was."""
+    it), so a mismatched model is left as it was.  ``staged`` (transformers' loader, which fills
+    parameters and buffers by name): a packed *weight* (not a layer) becomes plain buffers named as
+    :func:`hf_state_dict` writes them, the float parameter removed; :func:`finish_staged` then
+    builds the :class:`PackedWeight`."""
     _check_version(layout)
     plan = []
     for path, entry in layout.get("modules", {}).items():
@@ -241,6 +287,22 @@ def build_packed(model: nn.Module, layout: Mapping[str, Any], device: torch.devi
     for path, entry, qw, dev in tplan:
         fd, scale = (None if entry.get(n) is None else _empty(entry[n], dev, path) for n in _EXTRAS)
         packed = PackedWeight(qw, entry["transposed"], _dtype(entry["dtype"], path), fd, scale)
+        if staged:
+            for p in [path] + list(entry.get("aliases", [])):
+                o_path, _, n = p.rpartition(".")
+                o = model.get_submodule(o_path) if o_path else model
+                o._parameters.pop(n, None)
+                o._buffers.pop(n, None)
+                # transformers' weight init must not look for the removed weight: a module's _init_weights
+                # may reach its children's (GPT-2's MLP inits c_proj.weight); every tensor comes from the file
+                parts = o_path.split(".") if o_path else []
+                for i in range(len(parts) + 1):
+                    model.get_submodule(".".join(parts[:i]))._is_hf_initialized = True
+            owner_path, _, name = path.rpartition(".")
+            owner = model.get_submodule(owner_path) if owner_path else model
+            for part, t in _parts(packed).items():
+                owner.register_buffer(f"{name}{STAGED}{part}", t)
+            continue
         new = nn.Parameter(packed, requires_grad=False) if entry.get("parameter", True) else packed
         for p in [path] + list(entry.get("aliases", [])):
             owner_path, _, name = p.rpartition(".")

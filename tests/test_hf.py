@@ -118,10 +118,10 @@ def test_reload_never_materialises_float_weights(float_dir, tmp_path, monkeypatc
     seen = {}
     real = hf.build_packed
 
-    def spy(model, layout, device=None):
+    def spy(model, layout, device=None, staged=False):
         q_proj = model.get_submodule("model.layers.0.self_attn.q_proj")
         seen["meta"] = q_proj.weight.is_meta
-        out = real(model, layout, device)
+        out = real(model, layout, device, staged)
         seen["buffers"] = [t.is_meta for t in model.get_submodule("model.layers.0.self_attn.q_proj").buffers()]
         return out
 

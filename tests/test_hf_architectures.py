@@ -151,3 +151,33 @@ def test_compile_without_use_cache_says_how():
         fxquant.compile(model, SPEC, example_kwargs=dict(input_ids=ids))
     qm = fxquant.compile(model, SPEC, example_kwargs=dict(input_ids=ids, use_cache=False))
     assert len(fxquant.report(qm).quantized) == 7
+
+
+def test_gpt2_save_pretrained_round_trip(tmp_path):
+    """``from_pretrained(quantization_config=FxQuantConfig(...))`` on GPT-2, whose Conv1D weights become
+    PackedWeight parameters (AWQ input scales included), then ``save_pretrained`` / ``from_pretrained``:
+    the packed tensors are written as plain ones and rebuilt, outputs equal bit for bit."""
+    from fxquant.hf import FxQuantConfig
+
+    cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=64)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "float")
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 256, (1, 16), generator=g)
+    calib = [dict(input_ids=torch.randint(0, 256, (2, 32), generator=g)) for _ in range(2)]
+    qc = FxQuantConfig(spec=fxquant.Spec(default="int4wo-32@awq", skip=["lm_head"]), calibration=calib,
+                       example_inputs=dict(input_ids=ids))
+    q = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=qc)
+    packed = {n: p for n, p in q.named_parameters() if isinstance(p, PackedWeight)}
+    assert len(packed) == 8 and any(p.input_scale is not None for p in packed.values())
+    q.save_pretrained(tmp_path / "q")
+    r = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    for n, p in packed.items():
+        p2 = r.get_parameter(n)
+        assert isinstance(p2, PackedWeight) and (p2.transposed, p2.shape, p2.dtype) == (p.transposed, p.shape, p.dtype)
+        assert all(torch.equal(a, b) for a, b in zip(p.packed.tensors.values(), p2.packed.tensors.values())), n
+        assert (p.input_scale is None) == (p2.input_scale is None)
+        assert p.input_scale is None or torch.equal(p.input_scale, p2.input_scale)
+    with torch.no_grad():
+        assert torch.equal(q(ids).logits, r(ids).logits)
+    assert r.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 19)
