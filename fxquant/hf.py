@@ -31,7 +31,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .api import quantize_
-from .persist import build_packed, finish_staged, hf_state_dict, packed_layout
+from .persist import STAGED, build_packed, finish_staged, packed_layout, packed_state_dict
 from .spec import Spec
 
 __all__ = ["FxQuantConfig", "FxQuantHfQuantizer", "QUANT_METHOD"]
@@ -234,7 +234,7 @@ class FxQuantHfQuantizer(QuantizerHooks, HfQuantizer):
     def get_state_dict_and_metadata(self, model):
         """The checkpoint's tensors: packed weights (PackedWeight) as the plain tensors loading fills
         (diffusers' hook of the same name takes a state dict: its models keep the default)."""
-        return hf_state_dict(model), {}
+        return packed_state_dict(model, sep=STAGED), {}
 
     def is_serializable(self, *args, **kwargs) -> bool:  # a method here, a property in diffusers
         return True

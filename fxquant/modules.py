@@ -160,6 +160,7 @@ _TRANSPOSE = {torch.transpose, torch.Tensor.transpose, torch.swapaxes, torch.Ten
               torch.Tensor.swapdims}
 _PERMUTE = {torch.permute, torch.Tensor.permute}
 _PROPS = (torch.Tensor.T, torch.Tensor.mT, torch.Tensor.mH, torch.Tensor.H)
+_LAYOUT = _SWAP | _TRANSPOSE | _PERMUTE  # the functions _is_swap tells apart
 _warned: set[str] = set()
 _INNER = "packed_"
 _EXTRAS = ("float_data", "input_scale")  # the optional plain tensors a PackedWeight holds besides the packed ones
@@ -274,8 +275,7 @@ class PackedWeight(torch.Tensor):
             if (type(w) is cls and w.transposed and type(x) is not cls and kwargs.get("beta", 1) == 1
                     and kwargs.get("alpha", 1) == 1 and not kwargs.keys() - {"beta", "alpha"}):
                 return w._linear(x, b)
-        elif (func in _SWAP or func in _TRANSPOSE or func in _PERMUTE or getattr(func, "__self__", None) in _PROPS) \
-                and type(args[0]) is cls:
+        elif (func in _LAYOUT or getattr(func, "__self__", None) in _PROPS) and type(args[0]) is cls:
             if args[0].dim() == 2 and _is_swap(func, args):
                 return args[0]._flipped()
         elif func in (torch.Tensor.to, torch.Tensor.cpu, torch.Tensor.cuda) and type(args[0]) is cls:

@@ -123,17 +123,14 @@ def _packed_weights(model: nn.Module):
                     yield (f"{mod_path}.{name}" if mod_path else name), t
 
 
-def packed_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def packed_state_dict(model: nn.Module, sep: str = ".") -> dict[str, torch.Tensor]:
     """``model.state_dict()`` with every :class:`PackedWeight` replaced by its plain tensors
-    (``<param>.packed_<name>``, and ``<param>.float_data`` / ``<param>.input_scale`` when it holds them)."""
+    (``<param>.packed_<name>``, and ``<param>.float_data`` / ``<param>.input_scale`` when it holds them;
+    ``sep=STAGED``: the names a transformers checkpoint holds, see :func:`build_packed`)."""
     out = {}
     for key, t in model.state_dict().items():
         if isinstance(t, PackedWeight):
-            for name, inner in t.packed.tensors.items():
-                out[f"{key}.{_INNER}{name}"] = inner
-            for name in _EXTRAS:
-                if getattr(t, name) is not None:
-                    out[f"{key}.{name}"] = getattr(t, name)
+            out.update({f"{key}{sep}{name}": v for name, v in _parts(t).items()})
         else:
             out[key] = t
     return out
@@ -182,19 +179,25 @@ def _submodule(model: nn.Module, path: str, missing: str) -> nn.Module:
 
 #: a transformers checkpoint holds a PackedWeight ``<param>``'s tensors as ``<param>__packed_<name>``
 #: (and ``<param>__float_data`` / ``<param>__input_scale``): names of plain buffers of its module
+#: (``packed_state_dict(model, sep=STAGED)`` writes them, ``build_packed(staged=True)`` registers them)
 STAGED = "__"
 
 
-def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``model.state_dict()`` as ``save_pretrained`` writes it: every :class:`PackedWeight` as the plain
-    tensors :func:`build_packed` with ``staged=True`` registers, which transformers' loader fills."""
-    out = {}
-    for key, t in model.state_dict().items():
-        if isinstance(t, PackedWeight):
-            out.update({f"{key}{STAGED}{name}": v for name, v in _parts(t).items()})
-        else:
-            out[key] = t
-    return out
+def _owners(model: nn.Module, path: str, entry: Mapping[str, Any]):
+    """``(module, attribute name)`` of ``path`` and of each of the entry's aliases."""
+    for p in [path] + list(entry.get("aliases", [])):
+        owner_path, _, name = p.rpartition(".")
+        yield (model.get_submodule(owner_path) if owner_path else model), name
+
+
+def _install_weight(model: nn.Module, path: str, entry: Mapping[str, Any], packed: PackedWeight,
+                    by_entry: bool) -> None:
+    """``packed`` at every path of the entry: as a parameter where the entry says so (``by_entry``) or
+    where the model holds a parameter of that name."""
+    new = nn.Parameter(packed, requires_grad=False) if entry.get("parameter", True) else packed
+    for owner, name in _owners(model, path, entry):
+        as_param = entry.get("parameter", True) if by_entry else name in owner._parameters
+        (owner._parameters if as_param else owner._buffers)[name] = new
 
 
 def _parts(t: PackedWeight) -> dict[str, torch.Tensor]:
@@ -207,19 +210,14 @@ def finish_staged(model: nn.Module, layout: Mapping[str, Any]) -> None:
     """After a staged :func:`build_packed` and the loader: each weight's filled buffers become its
     :class:`PackedWeight` again, at every path it had."""
     for path, entry in layout.get("tensors", {}).items():
-        owner_path, _, name = path.rpartition(".")
-        owner = model.get_submodule(owner_path) if owner_path else model
+        owner, name = next(_owners(model, path, {}))
         pop = lambda part: owner._buffers.pop(f"{name}{STAGED}{part}")  # noqa: E731
         tensors = {s["name"]: pop(_INNER + s["name"]) for s in entry["tensors"]}
         fd, scale = (None if entry.get(n) is None else pop(n) for n in _EXTRAS)
         qw = QuantizedWeight(entry["op"], tensors, _attrs_from_json(entry["attrs"], path), entry["out_features"],
                              entry["in_features"])
-        packed = PackedWeight(qw, entry["transposed"], _dtype(entry["dtype"], path), fd, scale)
-        new = nn.Parameter(packed, requires_grad=False) if entry.get("parameter", True) else packed
-        for p in [path] + list(entry.get("aliases", [])):
-            o_path, _, n = p.rpartition(".")
-            o = model.get_submodule(o_path) if o_path else model
-            (o._buffers if not entry.get("parameter", True) else o._parameters)[n] = new
+        _install_weight(model, path, entry, PackedWeight(qw, entry["transposed"], _dtype(entry["dtype"], path), fd,
+                                                         scale), by_entry=True)
 
 
 def build_packed(model: nn.Module, layout: Mapping[str, Any], device: torch.device | str | None = None,
@@ -229,7 +227,7 @@ def build_packed(model: nn.Module, layout: Mapping[str, Any], device: torch.devi
     checked against the skeleton first (a missing layer, a different shape: ``ValueError`` naming
     it), so a mismatched model is left as it was.  ``staged`` (transformers' loader, which fills
     parameters and buffers by name): a packed *weight* (not a layer) becomes plain buffers named as
-    :func:`hf_state_dict` writes them, the float parameter removed; :func:`finish_staged` then
+    ``packed_state_dict(model, sep=STAGED)`` writes them, the float parameter removed; :func:`finish_staged` then
     builds the :class:`PackedWeight`."""
     _check_version(layout)
     plan = []
@@ -287,27 +285,21 @@ def build_packed(model: nn.Module, layout: Mapping[str, Any], device: torch.devi
     for path, entry, qw, dev in tplan:
         fd, scale = (None if entry.get(n) is None else _empty(entry[n], dev, path) for n in _EXTRAS)
         packed = PackedWeight(qw, entry["transposed"], _dtype(entry["dtype"], path), fd, scale)
-        if staged:
-            for p in [path] + list(entry.get("aliases", [])):
-                o_path, _, n = p.rpartition(".")
-                o = model.get_submodule(o_path) if o_path else model
-                o._parameters.pop(n, None)
-                o._buffers.pop(n, None)
-                # transformers' weight init must not look for the removed weight: a module's _init_weights
-                # may reach its children's (GPT-2's MLP inits c_proj.weight); every tensor comes from the file
-                parts = o_path.split(".") if o_path else []
-                for i in range(len(parts) + 1):
-                    model.get_submodule(".".join(parts[:i]))._is_hf_initialized = True
-            owner_path, _, name = path.rpartition(".")
-            owner = model.get_submodule(owner_path) if owner_path else model
-            for part, t in _parts(packed).items():
-                owner.register_buffer(f"{name}{STAGED}{part}", t)
+        if not staged:
+            _install_weight(model, path, entry, packed, by_entry=False)
             continue
-        new = nn.Parameter(packed, requires_grad=False) if entry.get("parameter", True) else packed
-        for p in [path] + list(entry.get("aliases", [])):
-            owner_path, _, name = p.rpartition(".")
-            owner = model.get_submodule(owner_path) if owner_path else model
-            (owner._parameters if name in owner._parameters else owner._buffers)[name] = new
+        for owner, name in _owners(model, path, entry):
+            owner._parameters.pop(name, None)
+            owner._buffers.pop(name, None)
+        # transformers' weight init must not look for the removed weight: a module's _init_weights may
+        # reach its children's (GPT-2's MLP inits c_proj.weight); every tensor comes from the file
+        for alias in [path] + list(entry.get("aliases", [])):
+            parts = alias.split(".")[:-1]
+            for i in range(len(parts) + 1):
+                model.get_submodule(".".join(parts[:i]))._is_hf_initialized = True
+        owner, name = next(_owners(model, path, {}))
+        for part, t in _parts(packed).items():
+            owner.register_buffer(f"{name}{STAGED}{part}", t)
     for path, entry, qw, dev in eplan:
         from .checkpoints._gguf_embedding import PackedEmbedding
 

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 import torch.nn.functional as F
+from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
 from ..frontend import EXAMPLE_KEY, GUARDS_KEY
@@ -468,7 +469,6 @@ def batch_rows(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> list[tupl
             break
     if rows is None:
         return [(args, kwargs)]
-    from torch.utils._pytree import tree_map
 
     def row(i):
         return tree_map(lambda t: t[i:i + 1] if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == rows

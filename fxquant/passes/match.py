@@ -196,10 +196,11 @@ def _batched_weights(gm: torch.fx.GraphModule) -> list[tuple[str, tuple, str, in
             if user in seen or user.op not in ("call_function", "call_method"):
                 continue
             seen.add(user)
-            name = _op_name(user).split(".")
+            op = _op_name(user)
+            name = op.split(".")
             base = name[-2] if len(name) > 1 and name[-1] in ("default", "int", "Tensor") else name[-1]
             if any(k in base for k in ("mm", "matmul", "einsum")):
-                product = _op_name(user).removesuffix(".default")
+                product = op.removesuffix(".default")
             elif base.rstrip("_") in _LAYOUT_OPS or base.endswith("_copy"):
                 frontier.extend(user.users)
         if product is not None:
