@@ -28,7 +28,7 @@ from torch import nn
 from .modules import PackedWeight, QuantizedLinear
 from .passes import Site
 from .passes._base import get_attr_path
-from .passes.match import _param
+from .passes.match import _expert_param, _param
 from .report import INPLACE_REPORT_ATTR, REPORT_KEY
 
 
@@ -120,7 +120,8 @@ def weights_used_outside_sites(gm: torch.fx.GraphModule, sites: list[Site]) -> s
         for user in node.users:
             if user in site_nodes:
                 continue
-            transpose = user.op != "get_attr" and _param(gm, user) is not None  # param.T feeding sites
+            # param.T (param.mT for experts) feeding sites
+            transpose = user.op != "get_attr" and (_param(gm, user) or _expert_param(gm, user)) is not None
             if transpose and user.users and all(u in site_nodes for u in user.users):
                 continue
             out.add(node.target)

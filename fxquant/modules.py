@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from . import experts
 from .kernels import native_entry
 from .ops import op_def
 from .schemes import QuantizedWeight
@@ -193,8 +194,10 @@ class PackedWeight(torch.Tensor):
                 float_data: torch.Tensor | None = None, input_scale: torch.Tensor | None = None):
         n, k = qweight.out_features, qweight.in_features
         device = next(iter(qweight.tensors.values())).device
-        return torch.Tensor._make_wrapper_subclass(cls, (k, n) if transposed else (n, k), dtype=dtype,
-                                                   device=device, requires_grad=False)
+        shape = (k, n) if transposed else (n, k)
+        if qweight.experts:
+            shape = (qweight.experts, *shape)
+        return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=device, requires_grad=False)
 
     def __init__(self, qweight: QuantizedWeight, transposed: bool, dtype: torch.dtype,
                  float_data: torch.Tensor | None = None, input_scale: torch.Tensor | None = None):
@@ -212,18 +215,20 @@ class PackedWeight(torch.Tensor):
     def __tensor_flatten__(self):
         names = [_INNER + n for n in self.packed.tensors] + [n for n in _EXTRAS if getattr(self, n) is not None]
         q = self.packed
-        return names, (q.op, tuple(q.attrs.items()), q.out_features, q.in_features, self.transposed, self.dtype)
+        return names, (q.op, tuple(q.attrs.items()), q.out_features, q.in_features, self.transposed, self.dtype,
+                       q.experts)
 
     @classmethod
     def __tensor_unflatten__(cls, inner: dict, ctx, outer_size, outer_stride):
-        op, attrs, n, k, transposed, dtype = ctx
+        op, attrs, n, k, transposed, dtype, n_experts = ctx
         tensors = {name[len(_INNER):]: t for name, t in inner.items() if name not in _EXTRAS}
-        return cls(QuantizedWeight(op, tensors, dict(attrs), n, k), transposed, dtype, inner.get("float_data"),
+        return cls(QuantizedWeight(op, tensors, dict(attrs), n, k, n_experts), transposed, dtype, inner.get("float_data"),
                    inner.get("input_scale"))
 
     def _stable_hash_for_caching(self) -> str:
         q = self.packed
-        return (f"PackedWeight:{q.op}:{sorted(q.attrs.items())}:{q.out_features}x{q.in_features}:{self.transposed}"
+        return (f"PackedWeight:{q.op}:{sorted(q.attrs.items())}:{q.experts}x{q.out_features}x{q.in_features}:"
+                f"{self.transposed}"
                 f":{self.input_scale is not None}")
 
     # -- helpers ----------------------------------------------------------------------------------
@@ -233,23 +238,25 @@ class PackedWeight(torch.Tensor):
         return self._fn(x, *self.packed.tensors.values(), bias, **self.packed.attrs)
 
     def _flipped(self) -> "PackedWeight":
-        fd = None if self.float_data is None else self.float_data.t()
+        fd = None if self.float_data is None else self.float_data.transpose(-2, -1)
         return PackedWeight(self.packed, not self.transposed, self.dtype, fd, self.input_scale)
 
     def dense(self) -> torch.Tensor:
         """The float tensor this stands for: ``float_data``, or the dequantized weight in ``dtype``."""
         if self.float_data is not None:
             return self.float_data
-        w = _dequantize(self.packed)
+        q = self.packed
+        w = torch.stack([_dequantize(e) for e in experts.each(q)]) if q.experts else _dequantize(q)
         if self.input_scale is not None:
             w = w / self.input_scale.float()
         w = w.to(self.dtype)
-        return w.t() if self.transposed else w
+        return w.transpose(-2, -1) if self.transposed else w
 
     def _moved(self, device, dtype) -> "PackedWeight":
         tensors = {k: t.to(device) for k, t in self.packed.tensors.items()} if device is not None else None
         q = self.packed if tensors is None else QuantizedWeight(self.packed.op, tensors, dict(self.packed.attrs),
-                                                                 self.packed.out_features, self.packed.in_features)
+                                                                 self.packed.out_features, self.packed.in_features,
+                                                                 self.packed.experts)
         fd, s = self.float_data, self.input_scale
         if fd is not None:
             fd = fd.to(device=device if device is not None else fd.device, dtype=dtype or fd.dtype)
@@ -261,18 +268,22 @@ class PackedWeight(torch.Tensor):
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if any(type(a) is cls and a.packed.experts for a in args[:3]):  # a mixture-of-experts weight
+            out = experts.route(cls, func, args, kwargs)
+            if out is not NotImplemented:
+                return out
         if func in _LINEAR:
             x, w = args[0], (args[1] if len(args) > 1 else kwargs.get("weight"))
             b = args[2] if len(args) > 2 else kwargs.get("bias")
-            if type(w) is cls and not w.transposed and type(x) is not cls:
+            if type(w) is cls and not w.transposed and type(x) is not cls and not w.packed.experts:
                 return w._linear(x, b)
         elif func in _MATMUL:
             x, w = args[0], args[1]
-            if type(w) is cls and w.transposed and type(x) is not cls and not kwargs:
+            if type(w) is cls and w.transposed and type(x) is not cls and not kwargs and not w.packed.experts:
                 return w._linear(x, None)
         elif func in _ADDMM:
             b, x, w = args[0], args[1], args[2]
-            if (type(w) is cls and w.transposed and type(x) is not cls and kwargs.get("beta", 1) == 1
+            if (type(w) is cls and w.transposed and type(x) is not cls and not w.packed.experts and kwargs.get("beta", 1) == 1
                     and kwargs.get("alpha", 1) == 1 and not kwargs.keys() - {"beta", "alpha"}):
                 return w._linear(x, b)
         elif (func in _LAYOUT or getattr(func, "__self__", None) in _PROPS) and type(args[0]) is cls:

@@ -25,7 +25,7 @@ class Row:
     rel_error: float | None
     rule: str = ""
     kind: str = ""
-    shape: tuple[int, int] | None = None
+    shape: tuple[int, ...] | None = None  # (N, K); (E, N, K) for a mixture of experts
     method: str = ""  # the algorithm that chose the stored values ("rtn", "gptq", ...); "" when skipped
     #: ``sum ||x (W - Ŵ)ᵀ||² / sum ||x Wᵀ||²`` on the calibration data (``None`` without data)
     rel_output_error: float | None = None
@@ -150,7 +150,8 @@ def build_report(sites, *, frontend: str, export_error: str | None, dynamic_dims
     rows = [Row(fqn=s.name, status=s.status, scheme=str(s.scheme) if s.scheme else None, reason=s.reason,
                 bytes_before=s.bytes_before,
                 bytes_after=s.bytes_after if s.status == "quantized" else s.bytes_before,  # float stays
-                rel_error=s.rel_error, rule=s.rule, kind=s.kind, shape=s.out_shape,
+                rel_error=s.rel_error, rule=s.rule, kind=s.kind,
+                shape=(s.experts, *s.out_shape) if s.experts and s.out_shape else s.out_shape,
                 method=s.result.get("method", "") if s.status == "quantized" else "",
                 rel_output_error=s.result.get("relative_output_squared_error") if s.status == "quantized" else None)
             for s in sites]
@@ -160,7 +161,7 @@ def build_report(sites, *, frontend: str, export_error: str | None, dynamic_dims
         notes.append("no linear layer found in the traced graph")
     grown = [r for r in rows if r.status == "quantized" and r.bytes_after > r.bytes_before]
     if grown:
-        shown = ", ".join(f"{r.fqn} ({r.shape[0]}x{r.shape[1]}, {r.scheme}: {r.bytes_before} -> {r.bytes_after} bytes)"
+        shown = ", ".join(f"{r.fqn} ({'x'.join(map(str, r.shape))}, {r.scheme}: {r.bytes_before} -> {r.bytes_after} bytes)"
                           for r in grown[:3])
         notes.append(f"{len(grown)} quantized layers are larger than in float: {shown}"
                      f"{' ...' if len(grown) > 3 else ''}. Layers with few output rows (a mixture-of-experts "

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from . import _cpu
 from ._dequant_gemm import block_rows, blocked_linear
+from ._experts import define_experts
 from ..kernels import native_entry
 
 LIB = torch.library.Library("fxquant", "DEF")
@@ -232,6 +233,7 @@ def define(op: LinearOpDef):
     torch.library.impl(qualname, "CUDA", func=op.cuda_impl, lib=LIB)
     torch.library.register_fake(qualname, op.fake, lib=LIB)
     _register_autograd(op, qualname)
+    define_experts(op, LIB)  # fxquant::<name>_experts: the same op over a stack of experts' weights
     packet = getattr(torch.ops.fxquant, op.name)
     packet.__doc__ = op.doc
     return packet

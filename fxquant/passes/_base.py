@@ -32,11 +32,13 @@ class GraphRef:
     node: torch.fx.Node
     x_arg: int = 0  # index of x in node.args (read at rewrite time: earlier rewrites replace nodes)
     bias: Any = None  # arg index / kwarg name of the bias on node, dotted attr path (call_module), or None
+    offs: Any = None  # a grouped matmul's (experts): arg index / kwarg name of each expert's end row
 
 
 @dataclass
 class Site:
-    """One linear site: ``y = x @ W.T + b`` with ``W = param`` or ``param.T`` (``transposed``).
+    """One linear site: ``y = x @ W.T + b`` with ``W = param`` or ``param.T`` (``transposed``); for a
+    mixture of experts (``experts`` > 0) ``W`` is ``[E, N, K]`` and the rows of x go to their expert's.
 
     Filled in by the passes in order: match (name ... weight_kind), resolve (scheme, rule),
     quantize (qweight, status, reason, rel_error, bytes), rewrite (``graph.node`` becomes the op call).
@@ -48,7 +50,8 @@ class Site:
     weight_attr: str | None = None  # dotted path of the weight tensor (same on the model and its trace)
     transposed: bool = False
     weight_kind: str = "parameter"  # "parameter" | "buffer" (a buffer or constant tensor: rules opt it in)
-    out_shape: tuple[int, int] | None = None  # (N, K) of W
+    out_shape: tuple[int, int] | None = None  # (N, K) of W (of each expert's W for a mixture of experts)
+    experts: int = 0  # a mixture-of-experts weight ``[E, N, K]`` (kind "grouped_mm"): E, else 0
     weight_dtype: torch.dtype | None = None
     weight_storage: tuple | None = None  # (device, data_ptr) of the float weight's storage
     #: the float weight, weakly: its storage address means the same tensor only while it is alive

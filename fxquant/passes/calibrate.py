@@ -218,7 +218,7 @@ def _foldable_linear(gm, ctx: PassContext, node: torch.fx.Node, k: int) -> Site 
     """The linear site computing ``node`` with ``k`` outputs, when its rows can still take a fold: not
     quantized yet, its weight read by nothing else, its bias (if any) a parameter."""
     site = next((s for s in ctx.sites if s.node is node), None)
-    if (site is None or site.out_shape is None or site.out_shape[0] != k or site.qweight is not None
+    if (site is None or site.experts or site.out_shape is None or site.out_shape[0] != k or site.qweight is not None
             or site.out_fold is not None or site.weight_attr is None
             or sum(s.weight_attr == site.weight_attr for s in ctx.sites) != 1):
         return None

@@ -23,6 +23,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
+from .. import experts
 from ._base import GraphRef, PassContext, PassResult, Site, get_attr_path, meta, node_arg
 
 aten = torch.ops.aten
@@ -70,6 +71,40 @@ def _param(gm: torch.fx.GraphModule, node) -> tuple[str, bool] | None:
     return (inner[0], not inner[1]) if inner else None
 
 
+def _expert_param(gm: torch.fx.GraphModule, node) -> tuple[str, bool] | None:
+    """``(attr_path, transposed)`` if ``node`` is a 3-D get_attr tensor (a mixture-of-experts weight) or
+    that tensor with its last two dims swapped (``.mT``, ``transpose(-2, -1)``, ``permute(0, 2, 1)``)."""
+    if not isinstance(node, torch.fx.Node):
+        return None
+    if node.op == "get_attr":
+        t = get_attr_path(gm, node.target)
+        return (node.target, False) if isinstance(t, torch.Tensor) and t.dim() == 3 else None
+    if node.op != "call_function" or not node.args:
+        return None
+    if node.target in _TRANSPOSES:
+        swaps = sorted(d % 3 for d in node.args[1:3]) == [1, 2]
+    elif node.target in (aten.permute.default, aten.permute_copy.default, torch.permute):
+        swaps = [d % 3 for d in node.args[1]] == [0, 2, 1]
+    else:
+        swaps = node.target in (aten.mT.default,)
+    inner = _expert_param(gm, node.args[0]) if swaps else None
+    return (inner[0], not inner[1]) if inner else None
+
+
+def _experts_site(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Site | None:
+    """``grouped_mm(x, M, offs)`` against a 3-D parameter: ``M = param.mT`` (W = param, ``[E, N, K]``) or
+    ``M = param`` (W = param.mT: stored ``[E, K, N]``).  Named by the parameter's path."""
+    if node.op != "call_function" or not experts.is_grouped_mm(node.target) or len(node.args) < 2:
+        return None
+    offs = 2 if len(node.args) > 2 else ("offs" if node.kwargs.get("offs") is not None else None)
+    p = _expert_param(gm, node.args[1])
+    if p is None or offs is None or set(node.kwargs) - {"offs"} or _expert_param(gm, node.args[0]) is not None:
+        return None
+    site = Site(name=p[0], kind="grouped_mm", graph=GraphRef(node, 0, None, offs), weight_attr=p[0],
+                transposed=not p[1])
+    return _finish(gm, site)
+
+
 def _clean_path(path: str) -> str:
     path = re.sub(r"^L\['self'\]\.?", "", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)
@@ -96,6 +131,8 @@ def _calling_linear(node: torch.fx.Node, model: torch.nn.Module | None) -> str |
 
 def _site_for(gm: torch.fx.GraphModule, node: torch.fx.Node, model) -> Site | None:
     kind, x_arg, w_node, bias = None, 0, None, None
+    if node.op == "call_function" and experts.is_grouped_mm(node.target):
+        return _experts_site(gm, node)
     if node.op == "call_function" and node.target in _LINEAR_TARGETS:
         kind = _LINEAR_TARGETS[node.target]
         w_node = node_arg(node, 1 if len(node.args) > 1 else "weight")
@@ -140,7 +177,9 @@ def _site_for(gm: torch.fx.GraphModule, node: torch.fx.Node, model) -> Site | No
 
 def _finish(gm: torch.fx.GraphModule, site: Site) -> Site:
     w = get_attr_path(gm, site.weight_attr)
-    n, k = (w.shape[1], w.shape[0]) if site.transposed else tuple(w.shape)
+    if w.dim() == 3:
+        site.experts = int(w.shape[0])
+    n, k = (w.shape[-1], w.shape[-2]) if site.transposed else tuple(w.shape[-2:])
     site.out_shape = (int(n), int(k))
     site.weight_dtype = w.dtype
     site.weight_storage = (w.device, w.untyped_storage().data_ptr())
@@ -158,7 +197,8 @@ def match_linears(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         if site is not None:
             ctx.sites.append(site)
             meta(node)["site"] = site.name
-    batched = _batched_weights(gm)
+    sited = {s.weight_attr for s in ctx.sites if s.experts}
+    batched = [b for b in _batched_weights(gm) if b[0] not in sited]
     if batched:
         mb = sum(b for *_, b in batched) / 2**20
         shown = "; ".join(f"{p} {list(shape)} ({op})" for p, shape, op, _ in batched[:3])

@@ -17,6 +17,7 @@ import torch
 import torch.fx
 from tqdm.auto import tqdm
 
+from .. import experts
 from ..formats import _common
 from ..methods import RTN, Method, MethodResult, Stats
 from ._base import PassContext, PassResult, Site, get_attr_path
@@ -29,8 +30,9 @@ BLOCK_ELEMENTS = 4 << 20
 
 
 def _as_nk(w: torch.Tensor, site: Site) -> torch.Tensor:
+    """``[N, K]`` (``[E, N, K]`` for experts) as the site multiplies by it."""
     w = w.detach()
-    return w.t() if site.transposed else w
+    return w.transpose(-2, -1) if site.transposed else w
 
 
 def method_of(site: Site) -> Method:
@@ -41,7 +43,8 @@ def check_supported(sites: list[Site], read) -> None:
     """Set ``site.reason`` for every site whose scheme cannot take its weight (before any work)."""
     for site in sites:
         if not site.reason and site.qweight is None:
-            reason = site.scheme.unsupported_reason(read(site))
+            w = read(site)
+            reason = site.scheme.unsupported_reason(w[0] if site.experts else w)
             if reason:
                 site.reason = f"{site.scheme}: {reason}"
 
@@ -52,6 +55,8 @@ def quantize_site(site: Site, w: torch.Tensor, stats: Stats | None = None, resul
     ``site.qweight``, ``rel_error`` and the weight part of ``site.result``."""
     method, fmt = method_of(site), site.scheme.format
     t0 = time.perf_counter()
+    if site.experts:
+        return _quantize_experts(site, w, t0)
     with torch.no_grad():
         if result is None and method.name == "rtn":
             qw, rel = fmt.quantize_in_blocks(w, BLOCK_ELEMENTS)
@@ -62,6 +67,33 @@ def quantize_site(site: Site, w: torch.Tensor, stats: Stats | None = None, resul
             deq = fmt.dequantize(qw)
             rel = _common.rel_error(w, deq if result.input_scale is None else deq / result.input_scale)
             del deq
+    _record(site, qw, rel, w, info, t0, seconds)
+
+
+def _quantize_experts(site: Site, w: torch.Tensor, t0: float) -> None:
+    """Each expert's ``[N, K]`` by the site's (data-free) method, stacked (``experts.stack``); the
+    errors are over all experts.  A format whose layout differs between experts keeps the float weight."""
+    method, fmt = method_of(site), site.scheme.format
+    parts, err_sq, norm_sq = [], 0.0, 0.0
+    with torch.no_grad():
+        for e in range(site.experts):
+            if method.name == "rtn":
+                qw, rel = fmt.quantize_in_blocks(w[e], BLOCK_ELEMENTS)
+            else:
+                qw = method.quantize(fmt, w[e].float(), None).qweight
+                rel = _common.rel_error(w[e], fmt.dequantize(qw))
+            n2 = float(torch.linalg.vector_norm(w[e], dtype=torch.float32)) ** 2
+            err_sq, norm_sq = err_sq + rel * rel * n2, norm_sq + n2
+            parts.append(qw)
+    stacked = experts.stack(parts)
+    if isinstance(stacked, str):
+        site.reason = f"{site.scheme}: {stacked}"
+        return
+    _record(site, stacked, (err_sq / norm_sq) ** 0.5 if norm_sq else 0.0, w, {"experts": site.experts}, t0, None)
+
+
+def _record(site: Site, qw, rel: float, w: torch.Tensor, info: dict, t0: float, seconds: float | None) -> None:
+    method = method_of(site)
     norm_sq = float(torch.linalg.vector_norm(w, dtype=torch.float32)) ** 2
     sq = rel * rel * norm_sq
     site.qweight, site.rel_error = qw, rel
@@ -96,6 +128,8 @@ def quantize_weights(gm: torch.fx.GraphModule | None, ctx: PassContext) -> PassR
                 w = _as_nk(read(site), site)
                 quantize_site(site, w)
                 del w
+                if site.qweight is None:  # the method could not produce it (site.reason says why)
+                    continue
             done[key] = site
         site.status = "quantized"
         site.bytes_after = 0 if site.shared_with else site.qweight.nbytes

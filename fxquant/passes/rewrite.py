@@ -56,8 +56,13 @@ def _rewrite(gm: torch.fx.GraphModule, site: Site, owners: dict[int, str]) -> No
             bias = graph.get_attr(f"{site.name}.bias") if ref.bias else None
         else:
             bias = node_arg(node, ref.bias)
-        op = getattr(torch.ops.fxquant, qw.op).default
-        new = graph.call_function(op, (node_arg(node, ref.x_arg), *tensor_nodes, bias), dict(qw.attrs))
+        x = node_arg(node, ref.x_arg)
+        if site.experts:  # a grouped matmul over the experts' stacked weights
+            op = getattr(torch.ops.fxquant, qw.op + "_experts").default
+            new = graph.call_function(op, (x, node_arg(node, ref.offs), *tensor_nodes), dict(qw.attrs))
+        else:
+            op = getattr(torch.ops.fxquant, qw.op).default
+            new = graph.call_function(op, (x, *tensor_nodes, bias), dict(qw.attrs))
     new.meta.update({k: v for k, v in node.meta.items() if k != "fxquant"})
     meta(new).update(site=site.name, scheme=str(site.scheme), rule=site.rule, replaced=str(node.target))
     if site.out_fold is not None:

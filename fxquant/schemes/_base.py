@@ -30,6 +30,9 @@ class QuantizedWeight:
     attrs: dict[str, Any]
     out_features: int
     in_features: int
+    #: a mixture-of-experts weight: every tensor is stacked over this many experts (dim 0), each
+    #: expert's slice the packed ``[out_features, in_features]`` weight (``torch.ops.fxquant.<op>_experts``)
+    experts: int = 0
 
     @property
     def nbytes(self) -> int:

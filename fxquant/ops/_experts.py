@@ -1,0 +1,81 @@
+"""The mixture-of-experts twin of every weight-only linear op: one packed weight per expert.
+
+``fxquant::<op>_experts(Tensor x, Tensor offs, <the op's tensors, each stacked over experts>,
+<the op's scalars>, ScalarType? compute_dtype=None) -> Tensor`` is a grouped matmul, as
+``torch._grouped_mm(x, W.mT, offs)`` computes it: ``x`` ``[S, K]`` holds the rows of each expert in
+turn, ``offs`` ``[E]`` (int) the end of each expert's rows (a cumulative count, as transformers'
+``grouped_mm_experts_forward`` builds it), and the rows of expert ``e`` are multiplied by expert
+``e``'s weight: ``y[s:t] = <op>(x[s:t], tensors[e]...)``.  Rows past ``offs[-1]`` (transformers'
+expert-parallel sentinels) are zeros.  Each expert with rows is one call of the per-expert op, so
+every kernel of the format (CPU native, Triton) serves experts unchanged.
+
+The op is opaque to ``torch.compile`` / ``torch.export`` (its fake impl gives the ``[S, N]`` shape),
+so a quantized MoE layer traces without a data-dependent loop, as transformers' own float fallback
+(``transformers::grouped_mm_fallback``) does.
+"""
+from __future__ import annotations
+
+import torch
+
+SUFFIX = "_experts"
+
+
+def _split(op, args: tuple, kwargs: dict):
+    names = ("x", "offs", *op.tensors, *(n for n, _ in op.scalars), "compute_dtype")
+    bound = dict(zip(names, args), **kwargs)
+    bound.setdefault("compute_dtype", None)
+    scalars = {n: bound[n] for n, _ in op.scalars}
+    scalars["compute_dtype"] = bound["compute_dtype"]
+    return bound["x"], bound["offs"], [bound[t] for t in op.tensors], scalars
+
+
+def _check(op, x: torch.Tensor, offs: torch.Tensor, tensors: list) -> int:
+    """Shapes common to every format; returns the number of experts."""
+    e = tensors[0].shape[0] if tensors and tensors[0].dim() > 0 else 0
+    if x.dim() != 2:
+        raise ValueError(f"fxquant.{op.name}{SUFFIX}: x must be [rows, in_features], got {list(x.shape)}")
+    if offs.dim() != 1 or offs.dtype.is_floating_point or offs.shape[0] != e:
+        raise ValueError(f"fxquant.{op.name}{SUFFIX}: offs must be an integer [{e}] tensor (one end per expert), "
+                         f"got {offs.dtype} {list(offs.shape)}")
+    for name, t in zip(op.tensors, tensors):
+        if t.dim() == 0 or t.shape[0] != e:
+            raise ValueError(f"fxquant.{op.name}{SUFFIX}: {name} must be stacked over the {e} experts (dim 0), "
+                             f"got {list(t.shape)}")
+    return e
+
+
+def define_experts(op, lib) -> None:
+    """Register ``fxquant::<op.name>_experts`` (schema, fake, one impl for every backend)."""
+    name = op.name + SUFFIX
+    args = ["Tensor x", "Tensor offs", *(f"Tensor {t}" for t in op.tensors),
+            *(f"{typ} {n}" for n, typ in op.scalars), "ScalarType? compute_dtype=None"]
+    lib.define(f"{name}({', '.join(args)}) -> Tensor")
+    base = getattr(torch.ops.fxquant, op.name).default
+
+    def impl(*args, **kwargs):
+        x, offs, tensors, scalars = _split(op, args, kwargs)
+        e = _check(op, x, offs, tensors)
+        ends = [int(v) for v in offs.tolist()]
+        if any(b < a for a, b in zip([0] + ends, ends)) or (ends and ends[-1] > x.shape[0]):
+            raise ValueError(f"fxquant.{name}: offs must be non-decreasing ends of each expert's rows, at most "
+                             f"{x.shape[0]}; got {ends}")
+        n = op.n_out({t: v[0] for t, v in zip(op.tensors, tensors)}, scalars) if e else 0
+        y = x.new_zeros((x.shape[0], n))
+        start = 0
+        for i, end in enumerate(ends):
+            if end > start:
+                y[start:end] = base(x[start:end], *(t[i] for t in tensors), None, **scalars)
+            start = end
+        return y
+
+    def fake(*args, **kwargs):
+        x, offs, tensors, scalars = _split(op, args, kwargs)
+        e = _check(op, x, offs, tensors)
+        if e == 0:
+            return x.new_empty((x.shape[0], 0))
+        first = {t: v[0] for t, v in zip(op.tensors, tensors)}
+        op.checked(x, first, None, scalars)
+        return x.new_empty((x.shape[0], op.n_out(first, scalars)))
+
+    torch.library.impl(f"fxquant::{name}", "CompositeExplicitAutograd", func=impl, lib=lib)
+    torch.library.register_fake(f"fxquant::{name}", fake, lib=lib)
