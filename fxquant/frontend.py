@@ -14,6 +14,7 @@ tree (sharing tensors), the modules graph only references the model's modules.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import os
 import warnings
@@ -144,23 +145,65 @@ def module_of(ep: torch.export.ExportedProgram, droppable: list[str] | None = No
     if codes and drop:
         ep._guards_code = [g for g in codes if g not in drop]
     gm = ep.module()
+    bound = getattr(ep, "_fxquant_bound", None)
+    if bound:
+        gm.register_forward_pre_hook(functools.partial(_drop_bound, bound), with_kwargs=True, prepend=True)
     # what the module enforces (a re-export for fxquant.save sees these as PyTorch's own guards)
     gm.meta[GUARDS_KEY] = list(getattr(ep, "_guards_code", None) or [])
     return gm
 
 
 def _export(model, args, kwargs, dynamic_shapes):
-    if dynamic_shapes is not None and kwargs:
-        # export wants dynamic_shapes keyed like the forward signature: flatten args+kwargs by name.
-        import inspect
+    import inspect
 
-        params = list(inspect.signature(model.forward).parameters)
+    sig = inspect.signature(model.forward).parameters
+    var_kw = next((n for n, p in sig.items() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+    # non-tensor keywords the signature does not name (use_cache=False into a **kwargs): torch.export cannot
+    # take a dynamic_shapes entry for them (a None leaf under **kwargs fails its tree matching), so they are
+    # bound to forward for the trace instead of passed
+    bound = {k: v for k, v in (kwargs or {}).items()
+             if var_kw is not None and k not in sig and not any(isinstance(t, torch.Tensor) for t in _leaves(v))}
+    kwargs = {k: v for k, v in (kwargs or {}).items() if k not in bound}
+    if dynamic_shapes is not None and kwargs:
+        # export wants dynamic_shapes keyed like the forward signature: flatten args+kwargs by name;
+        # a keyword the signature does not name goes through its **kwargs, nested under that name
+        params = list(sig)
         spec = {}
         for i, a in enumerate(args):
             spec[params[i]] = dynamic_shapes["args"][i]
-        spec.update(dynamic_shapes["kwargs"])
+        for name, dims in dynamic_shapes["kwargs"].items():
+            if name in bound:
+                continue
+            if name in sig or var_kw is None:
+                spec[name] = dims
+            else:
+                spec.setdefault(var_kw, {})[name] = dims
         dynamic_shapes = spec
-    return torch.export.export(model, args, kwargs=kwargs or None, dynamic_shapes=dynamic_shapes, strict=False)
+    elif dynamic_shapes is not None and isinstance(dynamic_shapes, dict) and "args" in dynamic_shapes:
+        dynamic_shapes = dynamic_shapes["args"]
+    if not bound:
+        return torch.export.export(model, args, kwargs=kwargs or None, dynamic_shapes=dynamic_shapes, strict=False)
+    model.forward = functools.partial(type(model).forward, model, **bound)
+    try:
+        ep = torch.export.export(model, args, kwargs=kwargs or None, dynamic_shapes=dynamic_shapes, strict=False)
+    finally:
+        del model.forward
+    ep._fxquant_bound = bound  # module_of: the graph takes them (as traced) and drops them
+    return ep
+
+
+def _drop_bound(bound: dict, module, args, kwargs):
+    """The keywords the trace bound (``_export``): accepted with the traced value, dropped before the graph."""
+    for k, v in bound.items():
+        if k in kwargs:
+            if kwargs[k] != v:
+                raise ValueError(f"this graph was traced with {k}={v!r}; it cannot run with {k}={kwargs[k]!r}")
+            kwargs = {n: a for n, a in kwargs.items() if n != k}
+    return args, kwargs
+
+
+def _leaves(v):
+    return torch.utils._pytree.tree_leaves(v)
 
 
 def fx_trace(model: torch.nn.Module) -> torch.fx.GraphModule:

@@ -74,9 +74,13 @@ def planning_kwargs(model: nn.Module, example_kwargs) -> dict:
     same with or without a cache, and ``quantize_`` keeps only the sites, not the graph)."""
     kwargs = dict(example_kwargs or {})
     try:
-        takes_cache = "use_cache" in inspect.signature(model.forward).parameters
+        params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
-        takes_cache = False
+        params = {}
+    # named, or taken by **kwargs on a model whose config has use_cache (a transformers model)
+    takes_cache = "use_cache" in params or (
+        any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        and isinstance(getattr(getattr(model, "config", None), "use_cache", None), bool))
     if takes_cache:
         kwargs.setdefault("use_cache", False)
     return kwargs

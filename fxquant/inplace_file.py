@@ -204,7 +204,7 @@ def load_into(model: nn.Module, doc: Mapping[str, Any], tensors_of: Callable[[],
         if "packed" in obj:
             q = template.packed
             qw = QuantizedWeight(q.op, {n: tensors[obj["packed"][n]] for n in q.tensors}, dict(q.attrs),
-                                 q.out_features, q.in_features)
+                                 q.out_features, q.in_features, q.experts)
             fd, scale = (None if obj.get(n) is None else tensors[obj[n]] for n in _EXTRAS)
             new = PackedWeight(qw, template.transposed, template.dtype, fd, scale)
             new = nn.Parameter(new, requires_grad=False) if obj["kind"] == "parameter" else new

@@ -82,7 +82,7 @@ def packed_layout(model: nn.Module) -> dict:
         q = t.packed
         tensors[path] = {
             "op": q.op, "attrs": _attrs_to_json(q.attrs), "in_features": q.in_features,
-            "out_features": q.out_features,
+            "out_features": q.out_features, "experts": q.experts,
             "tensors": [{"name": n, **_tensor_spec(v)} for n, v in q.tensors.items()],
             "transposed": t.transposed, "dtype": _dtype_name(t.dtype), "parameter": isinstance(t, nn.Parameter),
             "float_data": None if t.float_data is None else _tensor_spec(t.float_data),
@@ -149,7 +149,7 @@ def _empty(spec: Mapping[str, Any], device, where: str) -> torch.Tensor:
 def _qweight(entry: Mapping[str, Any], device, where: str) -> QuantizedWeight:
     try:
         op, n, k = entry["op"], int(entry["out_features"]), int(entry["in_features"])
-        specs, attrs = entry["tensors"], entry["attrs"]
+        specs, attrs, experts = entry["tensors"], entry["attrs"], int(entry.get("experts", 0))
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{where}: malformed layout entry ({e!r})") from None
     if not hasattr(torch.ops.fxquant, op):
@@ -158,7 +158,7 @@ def _qweight(entry: Mapping[str, Any], device, where: str) -> QuantizedWeight:
     if not isinstance(specs, list) or not all(isinstance(s, Mapping) and "name" in s for s in specs):
         raise ValueError(f"{where}: malformed layout entry: 'tensors' must be a list of {{name, shape, dtype}}")
     tensors = {s["name"]: _empty(s, device, f"{where}.{s['name']}") for s in specs}
-    return QuantizedWeight(op, tensors, _attrs_from_json(attrs, f"{where}.attrs"), n, k)
+    return QuantizedWeight(op, tensors, _attrs_from_json(attrs, f"{where}.attrs"), n, k, experts)
 
 
 def _check_version(layout: Mapping[str, Any]) -> None:
@@ -215,7 +215,7 @@ def finish_staged(model: nn.Module, layout: Mapping[str, Any]) -> None:
         tensors = {s["name"]: pop(_INNER + s["name"]) for s in entry["tensors"]}
         fd, scale = (None if entry.get(n) is None else pop(n) for n in _EXTRAS)
         qw = QuantizedWeight(entry["op"], tensors, _attrs_from_json(entry["attrs"], path), entry["out_features"],
-                             entry["in_features"])
+                             entry["in_features"], int(entry.get("experts", 0)))
         _install_weight(model, path, entry, PackedWeight(qw, entry["transposed"], _dtype(entry["dtype"], path), fd,
                                                          scale), by_entry=True)
 
@@ -251,9 +251,10 @@ def build_packed(model: nn.Module, layout: Mapping[str, Any], device: torch.devi
         old = owner._parameters.get(name, owner._buffers.get(name))
         if old is None:
             raise ValueError(f"{where}: the model has no such tensor")
-        n, k = entry["out_features"], entry["in_features"]
-        if list(old.shape) != ([k, n] if entry["transposed"] else [n, k]):
-            raise ValueError(f"{where}: shape {list(old.shape)} in the model, [{n}, {k}] packed in the file")
+        n, k, e = entry["out_features"], entry["in_features"], int(entry.get("experts", 0))
+        shape = ([e] if e else []) + ([k, n] if entry["transposed"] else [n, k])
+        if list(old.shape) != shape:
+            raise ValueError(f"{where}: shape {list(old.shape)} in the model, {shape} packed in the file")
         dev = device if device is not None else old.device
         tplan.append((path, entry, _qweight(entry, dev, where), dev))
     eplan = []

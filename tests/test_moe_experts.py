@@ -1,0 +1,201 @@
+"""Mixture-of-experts weights: transformers 5's 3-D expert parameters, quantized per expert.
+
+Oracles: each expert's format math (``Scheme.quantize`` / ``dequantize``) applied to a float copy of
+the model, the per-expert op, ``fxquant.compile`` on a copy (same decisions and outputs as
+``quantize_``), and the float model's own experts implementations."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fxquant
+from fxquant import experts
+from fxquant.modules import PackedWeight
+from fxquant.schemes import parse_scheme
+from helpers import FAST_PATH_TOL, policy_x, rel, same_report
+
+transformers = pytest.importorskip("transformers")
+
+EXPERTS_ONLY = fxquant.Spec(default=None, rules={"re:.*experts.*": "int4wo-64"})
+
+
+def _mixtral(dtype=torch.float32, experts=4, layers=2):
+    cfg = transformers.MixtralConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                                     num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                                     num_local_experts=experts, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    return transformers.MixtralForCausalLM(cfg).eval().to(dtype)
+
+
+def _ids(rows=1, n=12, seed=5):
+    return torch.randint(3, 256, (rows, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _fake_quantized(model, scheme: str):
+    """A float copy whose expert weights are each expert's quantized-dequantized weight (the format's math)."""
+    s = parse_scheme(scheme)
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if p.dim() == 3 and "experts" in name:
+                kn = getattr(ref.get_submodule(name.rsplit(".", 1)[0]), "is_transposed", False)  # stored [E, K, N]
+                for e in range(p.shape[0]):
+                    w = p[e].float().T if kn else p[e].float()
+                    d = s.dequantize(s.quantize(w))
+                    p[e] = (d.T if kn else d).to(p.dtype)
+    return ref
+
+
+@pytest.mark.parametrize("scheme", ["int4wo-64", "int8wo", "nf4", "uint3wo-32"])
+def test_experts_op_is_the_per_expert_op(scheme):
+    """``fxquant::<op>_experts`` on rows grouped by expert (an expert without rows, rows past the last
+    end) equals the per-expert op on each group, and is close to each expert's dequantized weight."""
+    s = parse_scheme(scheme)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(3, 48, 96, generator=g)
+    q = experts.stack([s.quantize(w[e]) for e in range(3)])
+    x = torch.randn(10, 96, generator=g)
+    offs = torch.tensor([4, 4, 9], dtype=torch.int32)
+    y = experts.grouped(x, q, offs)
+    base = getattr(torch.ops.fxquant, q.op).default
+    for e, (a, b) in enumerate([(0, 4), (4, 4), (4, 9)]):
+        one = experts.select(q, e)
+        if b > a:
+            assert torch.equal(y[a:b], base(x[a:b], *one.tensors.values(), None, **one.attrs))
+            ref = F.linear(policy_x(x[a:b]), s.dequantize(one))
+            assert rel(y[a:b], ref) < FAST_PATH_TOL[torch.float32]
+    assert torch.equal(y[9:], torch.zeros(1, 48))
+    torch.library.opcheck(experts.experts_op(q), (x, offs, *q.tensors.values()), dict(q.attrs),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_experts_op_rejects_bad_offsets():
+    s = parse_scheme("int8wo")
+    q = experts.stack([s.quantize(torch.randn(8, 16)) for _ in range(2)])
+    x = torch.randn(5, 16)
+    with pytest.raises(ValueError, match="offs must be an integer \\[2\\]"):
+        experts.grouped(x, q, torch.tensor([5], dtype=torch.int32))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        experts.grouped(x, q, torch.tensor([4, 2], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mixtral_experts_quantized_both_emits(dtype):
+    """Every expert weight is a quantized site (shape E x N x K in the report), ``compile`` and
+    ``quantize_`` agree exactly, and the outputs match the float model with each expert fake-quantized."""
+    model = _mixtral(dtype)
+    ids = _ids()
+    ref = _fake_quantized(model, "int4wo-64")
+    qm = fxquant.compile(copy.deepcopy(model), EXPERTS_ONLY, example_kwargs=dict(input_ids=ids, use_cache=False))
+    fxquant.quantize_(model, EXPERTS_ONLY, example_kwargs=dict(input_ids=ids))
+    rep = fxquant.report(model)
+    assert same_report(rep, fxquant.report(qm))
+    rows = {r.fqn: r for r in rep.rows if r.status == "quantized"}
+    assert sorted(rows) == [f"model.layers.{i}.mlp.experts.{p}" for i in range(2) for p in ("down_proj", "gate_up_proj")]
+    assert rows["model.layers.0.mlp.experts.gate_up_proj"].shape == (4, 192, 64)
+    assert not any(n.startswith("left float") for n in rep.notes)
+    w = model.model.layers[0].mlp.experts.gate_up_proj
+    assert isinstance(w, PackedWeight) and w.shape == (4, 192, 64) and w.dtype == dtype
+    assert rep.rows[0].bytes_before > 0 and sum(r.bytes_after for r in rows.values()) < \
+        sum(r.bytes_before for r in rows.values()) / 3
+    with torch.no_grad():
+        out = model(ids).logits
+        assert torch.equal(out, qm(input_ids=ids, use_cache=False).logits)
+        assert rel(out, ref(ids).logits) < (1e-2 if dtype == torch.float32 else 3e-2)
+
+
+def test_every_experts_implementation_runs_packed(recwarn):
+    """transformers' ``grouped_mm``, ``batched_mm`` and ``eager`` experts code all run on the packed
+    experts (no dequantized fallback), with the same result; generate runs with both caches."""
+    model = _mixtral()
+    ids = _ids(rows=2, n=9, seed=2)
+    fxquant.quantize_(model, EXPERTS_ONLY, example_kwargs=dict(input_ids=_ids()))
+    outs = {}
+    with torch.no_grad():
+        for impl in ("grouped_mm", "batched_mm", "eager"):
+            model.set_experts_implementation(impl)
+            outs[impl] = model(ids).logits
+    assert rel(outs["batched_mm"], outs["grouped_mm"]) < 1e-5 and rel(outs["eager"], outs["grouped_mm"]) < 1e-5
+    assert not [w for w in recwarn if "dequantized weight" in str(w.message)]
+    model.set_experts_implementation("grouped_mm")
+    dyn = model.generate(ids, max_new_tokens=4, do_sample=False)
+    static = model.generate(ids, max_new_tokens=4, do_sample=False, cache_implementation="static")
+    assert torch.equal(dyn, static)
+
+
+def test_data_methods_leave_experts_float_with_reason():
+    """GPTQ / AWQ need each expert's own inputs: the experts stay float, the report says why and what to
+    write instead; the 2-D layers take the method."""
+    model = _mixtral(layers=1)
+    ids = _ids()
+    spec = fxquant.Spec(default="int4wo-64@gptq", skip=["lm_head", "re:.*mlp.gate.weight"])
+    fxquant.quantize_(model, spec, example_kwargs=dict(input_ids=ids), calibration=[dict(input_ids=_ids(2, 64, 9))])
+    rep = fxquant.report(model)
+    ex = [r for r in rep.rows if "experts" in r.fqn]
+    assert len(ex) == 2 and all(r.status == "skipped" and "data-free methods only" in r.reason
+                                and "'re:.*experts.*': 'int4wo-64'" in r.reason for r in ex)
+    assert sum(r.status == "quantized" for r in rep.rows) == 4
+    hqq = _mixtral(layers=1)
+    fxquant.quantize_(hqq, fxquant.Spec(default=None, rules={"re:.*experts.*": "int4wo-64@hqq"}),
+                      example_kwargs=dict(input_ids=ids))
+    res = fxquant.report(hqq).results["model.layers.0.mlp.experts.gate_up_proj"]
+    assert res["method"] == "hqq" and res["experts"] == 4
+
+
+def test_experts_save_load_round_trip(tmp_path):
+    """fxquant.save / load and transformers' save_pretrained / from_pretrained keep the packed experts bit
+    for bit."""
+    from fxquant.hf import FxQuantConfig
+
+    model = _mixtral()
+    ids = _ids()
+    model.save_pretrained(tmp_path / "float")
+    fxquant.quantize_(model, EXPERTS_ONLY, example_kwargs=dict(input_ids=ids))
+    fxquant.save(model, tmp_path / "m.safetensors")
+    with torch.device("meta"):
+        skeleton = transformers.MixtralForCausalLM(model.config)
+    back = fxquant.load(tmp_path / "m.safetensors", model=skeleton).eval()
+    with torch.no_grad():
+        want = model(ids).logits
+        assert torch.equal(back(ids).logits, want)
+    qc = FxQuantConfig(spec=EXPERTS_ONLY, example_inputs=dict(input_ids=ids))
+    q = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=qc)
+    q.save_pretrained(tmp_path / "q")
+    r = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    p = r.model.layers[1].mlp.experts.down_proj
+    assert isinstance(p, PackedWeight) and p.shape == (4, 64, 96)
+    with torch.no_grad():
+        assert torch.equal(q(ids).logits, r(ids).logits)
+        assert torch.equal(r(ids).logits, want)
+
+
+@pytest.mark.parametrize("arch", ["gpt_oss", "granitemoe", "qwen3_moe"])
+def test_other_moe_families(arch):
+    """gpt-oss stores its experts transposed ``[E, K, N]`` with biases; GraniteMoE's forward takes
+    ``use_cache`` through ``**kwargs`` (the trace binds it); Qwen3-MoE as Mixtral.  Every expert weight
+    is quantized, both emits agree, the outputs follow the fake-quantized float model."""
+    base = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=256, max_position_embeddings=64)
+    cfgs = {"gpt_oss": ("GptOss", {**base, "num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16,
+                                   "layer_types": ["full_attention", "sliding_attention"], "sliding_window": 8}),
+            "granitemoe": ("GraniteMoe", {**base, "num_local_experts": 4, "num_experts_per_tok": 2}),
+            "qwen3_moe": ("Qwen3Moe", {**base, "num_experts": 4, "num_experts_per_tok": 2,
+                                       "moe_intermediate_size": 64})}
+    name, kw = cfgs[arch]
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{name}ForCausalLM")(getattr(transformers, f"{name}Config")(**kw)).eval()
+    ids = _ids()
+    ref = _fake_quantized(model, "int4wo-64")
+    qm = fxquant.compile(copy.deepcopy(model), EXPERTS_ONLY, example_kwargs=dict(input_ids=ids, use_cache=False))
+    fxquant.quantize_(model, EXPERTS_ONLY, example_kwargs=dict(input_ids=ids))
+    rep = fxquant.report(model)
+    assert same_report(rep, fxquant.report(qm))
+    assert len(rep.quantized) == 4 and all(len(r.shape) == 3 for r in rep.quantized)
+    with torch.no_grad():
+        out = model(ids).logits
+        assert torch.equal(out, qm(input_ids=ids, use_cache=False).logits)
+        assert rel(out, ref(ids).logits) < 1e-2
+    assert model.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 15)
