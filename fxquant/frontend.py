@@ -148,6 +148,7 @@ def module_of(ep: torch.export.ExportedProgram, droppable: list[str] | None = No
     bound = getattr(ep, "_fxquant_bound", None)
     if bound:
         gm.register_forward_pre_hook(functools.partial(_drop_bound, bound), with_kwargs=True, prepend=True)
+        gm.meta[BOUND_KEY] = dict(bound)
     # what the module enforces (a re-export for fxquant.save sees these as PyTorch's own guards)
     gm.meta[GUARDS_KEY] = list(getattr(ep, "_guards_code", None) or [])
     return gm
@@ -190,6 +191,10 @@ def _export(model, args, kwargs, dynamic_shapes):
         del model.forward
     ep._fxquant_bound = bound  # module_of: the graph takes them (as traced) and drops them
     return ep
+
+
+#: ``gm.meta`` key: the non-tensor keywords the trace bound to forward (``_export``) -> their values
+BOUND_KEY = "fxquant_bound_kwargs"
 
 
 def _drop_bound(bound: dict, module, args, kwargs):

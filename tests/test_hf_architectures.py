@@ -125,21 +125,29 @@ def test_calibration_batches_wider_than_a_batch_one_trace():
         assert rel(wide(batch).logits, rows(batch).logits) < 1e-4
 
 
-def test_mixtral_expert_weights_are_reported_float():
-    """transformers 5 stores a MoE layer's experts as 3-D parameters read by a grouped matmul: fxquant
-    quantizes the 2-D linears around them and says, in the report's notes, which tensors stay float."""
+def test_mixtral_expert_weights_quantized_or_reported_float():
+    """transformers 5 stores a MoE layer's experts as 3-D parameters: read by a grouped matmul (the
+    default experts implementation) they are quantized sites (tests/test_moe_experts.py); read another
+    way (``batched_mm``: gathered per token, then ``bmm``) they stay float and the report's notes say
+    which tensors, while quantize_'s packed experts still run under either implementation."""
     cfg = transformers.MixtralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                      num_key_value_heads=2, vocab_size=256, num_local_experts=4, num_experts_per_tok=2)
     torch.manual_seed(0)
     model = transformers.MixtralForCausalLM(cfg).eval()
     ids = torch.randint(3, 256, (1, 12), generator=torch.Generator().manual_seed(5))
+    batched = copy.deepcopy(model)
     qm, m = _both(model, dict(input_ids=ids))
     rep = fxquant.report(m)
     assert same_report(rep, fxquant.report(qm))
+    assert all(r.status == "quantized" for r in rep.rows if r.fqn != "lm_head") and len(rep.rows) == 15
+    assert not any(n.startswith("left float") for n in rep.notes)
+    assert m.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 15)
+    batched.set_experts_implementation("batched_mm")
+    fxquant.quantize_(batched, SPEC, example_kwargs=dict(input_ids=ids))
+    rep = fxquant.report(batched)
     note = next(n for n in rep.notes if n.startswith("left float"))
     assert "4 weight tensors" in note and "model.layers.0.mlp.experts.gate_up_proj [4, 256, 64]" in note
-    assert all(r.status == "quantized" for r in rep.rows if r.fqn != "lm_head")
-    assert m.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 15)
+    assert len(rep.rows) == 11 and all(r.status == "quantized" for r in rep.rows if r.fqn != "lm_head")
 
 
 def test_compile_without_use_cache_says_how():

@@ -199,3 +199,28 @@ def test_other_moe_families(arch):
         assert torch.equal(out, qm(input_ids=ids, use_cache=False).logits)
         assert rel(out, ref(ids).logits) < 1e-2
     assert model.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 15)
+
+
+def test_torch_compile_adds_no_graph_break():
+    """``torch._dynamo.explain`` of the quantized model: one graph, as the float model (the packed experts'
+    grouped matmul is one opaque op, as transformers' own float fallback is)."""
+    model = _mixtral()
+    ids = _ids()
+    fxquant.quantize_(model, fxquant.Spec(default="int4wo-64", skip=["lm_head"]), example_kwargs=dict(input_ids=ids))
+    torch._dynamo.reset()
+    ex = torch._dynamo.explain(model)(ids)
+    assert (ex.graph_count, ex.graph_break_count) == (1, 0), ex.break_reasons
+
+
+def test_calibration_through_kwargs_forward():
+    """GraniteMoE's forward takes use_cache through ``**kwargs``: calibration batches (which quantize_ gives
+    use_cache=False, as the trace bound it) run the traced graph; GPTQ quantizes the 2-D layers."""
+    base = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=256, num_local_experts=4, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    model = transformers.GraniteMoeForCausalLM(transformers.GraniteMoeConfig(**base)).eval()
+    spec = fxquant.Spec(default="int4wo-32@gptq", skip=["lm_head"])
+    fxquant.quantize_(model, spec, example_kwargs=dict(input_ids=_ids()), calibration=[dict(input_ids=_ids(2, 40, 7))])
+    rep = fxquant.report(model)
+    assert sorted(r.method for r in rep.quantized) == ["gptq"] * 5
+    assert all(r.rel_output_error is not None for r in rep.quantized)

@@ -89,6 +89,12 @@ ARCHS = {
                   "moe_intermediate_size": 128, "shared_expert_intermediate_size": 256}, "causal"),
     "qwen3_moe": ("Qwen3MoeForCausalLM", "Qwen3MoeConfig", {**L, "num_experts": 4, "num_experts_per_tok": 2,
                   "moe_intermediate_size": 128}, "causal"),
+    "olmoe": ("OlmoeForCausalLM", "OlmoeConfig", {**L, "num_experts": 4, "num_experts_per_tok": 2}, "causal"),
+    "gpt_oss": ("GptOssForCausalLM", "GptOssConfig", {**L, "num_local_experts": 4, "num_experts_per_tok": 2,
+                "head_dim": 32, "layer_types": ["full_attention", "sliding_attention"], "sliding_window": 8}, "causal"),
+    "phimoe": ("PhimoeForCausalLM", "PhimoeConfig", {**L, "num_local_experts": 4, "num_experts_per_tok": 2}, "causal"),
+    "granitemoe": ("GraniteMoeForCausalLM", "GraniteMoeConfig", {**L, "num_local_experts": 4,
+                   "num_experts_per_tok": 2}, "causal"),
     "gptj": ("GPTJForCausalLM", "GPTJConfig", {**GPT, "rotary_dim": 16}, "causal"),
     "bloom": ("BloomForCausalLM", "BloomConfig", dict(hidden_size=128, n_layer=2, n_head=4, vocab_size=V), "causal"),
     "gpt_bigcode": ("GPTBigCodeForCausalLM", "GPTBigCodeConfig", GPT, "causal"),
@@ -174,6 +180,13 @@ def reference_error(fm, rep, spec: str, ex: dict, float_out: torch.Tensor) -> fl
     m = copy.deepcopy(fm)
     with torch.no_grad():
         for row in rep.quantized:
+            if row.shape is not None and len(row.shape) == 3:  # experts [E, N, K] ([E, K, N] when is_transposed)
+                w = m.get_parameter(row.fqn)
+                kn = getattr(m.get_submodule(row.fqn.rsplit(".", 1)[0]), "is_transposed", False)
+                for e in range(w.shape[0]):
+                    w32 = w[e].detach().float()
+                    w[e].copy_(fn(w32.T).T if kn else fn(w32))
+                continue
             path = row.fqn if row.fqn.endswith(".weight") else row.fqn + ".weight"
             w = m.get_parameter(path)
             conv1d = type(m.get_submodule(path.rsplit(".", 1)[0])).__name__ == "Conv1D"  # GPT-2: [K, N]
@@ -217,6 +230,7 @@ def generate_checks(model, kind: str, vocab: int) -> dict:
 
 def run_case(fm, kind: str, spec_str: str, ex: dict, float_out: torch.Tensor, calib: list) -> dict:
     import fxquant
+    from fxquant.inplace import planning_kwargs
     from fxquant.modules import PackedWeight
 
     spec = fxquant.Spec(default=spec_str, skip=["lm_head"])
@@ -228,8 +242,11 @@ def run_case(fm, kind: str, spec_str: str, ex: dict, float_out: torch.Tensor, ca
     rep = fxquant.report(m)
     embeddings = {n for n, mod in m.named_modules() if isinstance(mod, torch.nn.Embedding)}
     r.update(frontend=rep.frontend, sites=len(rep.rows), notes=rep.notes,
-             skipped=[f"{x.fqn} ({x.reason})" for x in rep.skipped if not x.fqn.startswith("lm_head")],
+             skipped=[f"{x.fqn} ({x.reason})" for x in rep.skipped if not x.fqn.startswith("lm_head")
+                      and "data-free methods only" not in x.reason],
+             experts_float=[x.fqn for x in rep.skipped if "data-free methods only" in x.reason],
              float_left={n: p.ndim for n, p in m.named_parameters() if p.ndim >= 2 and not n.startswith("lm_head")
+                         and not n.endswith("bias")  # gpt-oss: per-expert biases [E, N]
                          and not isinstance(p, PackedWeight) and n.rsplit(".", 1)[0] not in embeddings})
     outs, r["forward"] = attempt(lambda: (logits(m, **ex), logits(m, **inputs(kind, vocab, b=3, t=5, seed=5))))
     if outs is None:
@@ -239,7 +256,7 @@ def run_case(fm, kind: str, spec_str: str, ex: dict, float_out: torch.Tensor, ca
     if kind != "encoder":
         r["gen"] = generate_checks(m, kind, vocab)
     before = {k: v.clone() for k, v in fm.state_dict().items()}
-    ckw = {**ex, "use_cache": False} if "use_cache" in inspect.signature(fm.forward).parameters else dict(ex)
+    ckw = planning_kwargs(fm, ex)  # use_cache=False where the forward takes it (by name or **kwargs)
     qm, r["compile"] = attempt(fxquant.compile, fm, spec, example_kwargs=ckw, **qkw)
     if qm is not None:
         a, b = ([(x.fqn, x.status, x.scheme, x.rule, x.reason, x.method) for x in rp.rows]
@@ -299,6 +316,9 @@ def verdict(d: dict | None, fl: dict | None) -> tuple[list[tuple[str, str]], lis
     if flat:
         fail("2-D weights float", "float 2-D weights, not report sites: " + ", ".join(flat))
     noted = sum(int(re.match(r"left float: (\d+)", n)[1]) for n in d["notes"] if n.startswith("left float: "))
+    noted += len(d.get("experts_float", []))  # report rows: experts under GPTQ / AWQ, float with the reason
+    if d.get("experts_float"):
+        notes.append("experts float (gptq / awq: reason)")
     if deep and noted != len(deep):
         fail("experts float, not noted", f"{len(deep)} 3+-D weights float ({', '.join(deep)}), notes count {noted}")
     if d["forward"]:

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
-from ..frontend import EXAMPLE_KEY, GUARDS_KEY
+from ..frontend import BOUND_KEY, EXAMPLE_KEY, GUARDS_KEY
 from ..methods import Stats
 from ..methods._base import quadratic_error
 from ._base import InputError, PassContext, PassResult, Site, get_attr_path, meta, node_arg
@@ -430,6 +430,13 @@ def traced_layout(gm: torch.fx.GraphModule, model, args: tuple, kwargs: dict) ->
     except TypeError as e:
         raise InputError(f"a calibration batch does not fit the model's forward: {e}") from None
     params = list(sig.parameters)
+    for p, par in sig.parameters.items():  # keywords taken by **kwargs: by their own names
+        if par.kind is inspect.Parameter.VAR_KEYWORD and p in bound.arguments:
+            bound.arguments.update(bound.arguments.pop(p))
+    traced_bound = gm.meta.get(BOUND_KEY, {})  # non-tensor keywords the trace bound (use_cache=False)
+    for k, v in traced_bound.items():
+        if k in bound.arguments and bound.arguments[k] == v:
+            del bound.arguments[k]
     new_args = tuple(bound.arguments[p] for p in params[:n_args] if p in bound.arguments)
     # a non-tensor keyword the model was traced with (use_cache=False) and the batch leaves out
     _, example_kwargs = gm.meta.get(EXAMPLE_KEY, ((), {}))

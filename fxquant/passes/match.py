@@ -205,7 +205,8 @@ def match_linears(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         more = f"; and {len(batched) - 3} more" if len(batched) > 3 else ""
         ctx.notes.append(f"left float: {len(batched)} weight tensors of 3 or more dims used in matrix products "
                          f"({mb:.3g} MiB; e.g. mixture-of-experts weights): {shown}{more}. fxquant quantizes 2-D "
-                         "linear weights; these stay in float")
+                         "linear weights and expert weights read by a grouped matmul (transformers' default "
+                         "experts_implementation, 'grouped_mm'); these stay in float")
     return PassResult(gm, modified=False)
 
 
