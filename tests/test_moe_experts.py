@@ -126,16 +126,61 @@ def test_every_experts_implementation_runs_packed(recwarn):
     assert torch.equal(dyn, static)
 
 
-def test_data_methods_leave_experts_float_with_reason():
-    """GPTQ / AWQ need each expert's own inputs: the experts stay float, the report says why and what to
-    write instead; the 2-D layers take the method."""
+def _calib(n=4, rows=2, t=48):
+    return [dict(input_ids=_ids(rows, t, 100 + i)) for i in range(n)]
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_gptq_quantizes_each_expert_from_its_rows(sequential):
+    """GPTQ on experts: each expert from the calibration rows routed to it (its own Hessian), in the
+    sequential walk and with observers; both emits agree; the output error on the calibration data is
+    below round-to-nearest's, expert by expert (each expert's ``tr(D H Dᵀ)``, H from its rows)."""
+    from fxquant.methods import GPTQ
+    from fxquant.methods._base import quadratic_error
+
+    model = _mixtral()
+    ids, calib = _ids(), _calib()
+    spec = fxquant.Spec(default=None, rules={"re:.*experts.*": "int4wo-32"}, method=GPTQ(true_sequential=sequential))
+    qm = fxquant.compile(copy.deepcopy(model), spec, example_kwargs=dict(input_ids=ids, use_cache=False),
+                         calibration=calib)
+    float_model = copy.deepcopy(model)
+    fxquant.quantize_(model, spec, example_kwargs=dict(input_ids=ids), calibration=calib)
+    rep = fxquant.report(model)
+    assert same_report(rep, fxquant.report(qm)) and len(rep.quantized) == 4
+    res = rep.results["model.layers.0.mlp.experts.gate_up_proj"]
+    assert res["method"] == "gptq" and sum(res["expert_tokens"]) == 4 * 2 * 48 * 2  # tokens x top-2
+    assert 0 < rep.quantized[0].rel_output_error < 0.05
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, qm(input_ids=ids, use_cache=False).logits)
+    # layer 0's experts see the float model's routing: GPTQ's error below RTN's on each expert's rows
+    rtn = parse_scheme("int4wo-32")
+    cap = {}
+    h = float_model.model.layers[0].mlp.experts.register_forward_pre_hook(
+        lambda mod, args: cap.setdefault("x", []).append(args))
+    with torch.no_grad():
+        for c in calib:
+            float_model(**c)
+    h.remove()
+    w = float_model.model.layers[0].mlp.experts.gate_up_proj.detach()
+    packed = model.model.layers[0].mlp.experts.gate_up_proj.packed
+    for e in range(4):
+        xs = torch.cat([x[(idx == e).any(-1)] for x, idx, _ in cap["x"]])
+        hess = xs.T.float() @ xs.float()
+        g = quadratic_error(w[e] - rtn.dequantize(experts.select(packed, e)), hess)
+        r = quadratic_error(w[e] - rtn.dequantize(rtn.quantize(w[e])), hess)
+        assert g < r, (e, g, r)
+
+
+def test_methods_that_fit_one_statistic_leave_experts_float_with_reason():
+    """AWQ fits one input scale per layer: the experts stay float, the report says why and what to write
+    instead; the 2-D layers take the method; HQQ and RTN need no data and do quantize them."""
     model = _mixtral(layers=1)
     ids = _ids()
-    spec = fxquant.Spec(default="int4wo-64@gptq", skip=["lm_head", "re:.*mlp.gate.weight"])
-    fxquant.quantize_(model, spec, example_kwargs=dict(input_ids=ids), calibration=[dict(input_ids=_ids(2, 64, 9))])
+    spec = fxquant.Spec(default="int4wo-64@awq", skip=["lm_head", "re:.*mlp.gate.weight"])
+    fxquant.quantize_(model, spec, example_kwargs=dict(input_ids=ids), calibration=_calib(2))
     rep = fxquant.report(model)
     ex = [r for r in rep.rows if "experts" in r.fqn]
-    assert len(ex) == 2 and all(r.status == "skipped" and "data-free methods only" in r.reason
+    assert len(ex) == 2 and all(r.status == "skipped" and "take rtn, hqq and gptq" in r.reason
                                 and "'re:.*experts.*': 'int4wo-64'" in r.reason for r in ex)
     assert sum(r.status == "quantized" for r in rep.rows) == 4
     hqq = _mixtral(layers=1)
@@ -214,7 +259,7 @@ def test_torch_compile_adds_no_graph_break():
 
 def test_calibration_through_kwargs_forward():
     """GraniteMoE's forward takes use_cache through ``**kwargs``: calibration batches (which quantize_ gives
-    use_cache=False, as the trace bound it) run the traced graph; GPTQ quantizes the 2-D layers."""
+    use_cache=False, as the trace bound it) run the traced graph; GPTQ quantizes every layer, experts included."""
     base = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=256, num_local_experts=4, num_experts_per_tok=2)
     torch.manual_seed(0)
@@ -222,5 +267,5 @@ def test_calibration_through_kwargs_forward():
     spec = fxquant.Spec(default="int4wo-32@gptq", skip=["lm_head"])
     fxquant.quantize_(model, spec, example_kwargs=dict(input_ids=_ids()), calibration=[dict(input_ids=_ids(2, 40, 7))])
     rep = fxquant.report(model)
-    assert sorted(r.method for r in rep.quantized) == ["gptq"] * 5
+    assert sorted(r.method for r in rep.quantized) == ["gptq"] * 7
     assert all(r.rel_output_error is not None for r in rep.quantized)

@@ -104,6 +104,9 @@ class Method:
     needs_data: ClassVar[bool] = False
     #: the method needs ``Stats.hessian``
     needs_hessian: ClassVar[bool] = False
+    #: the method can quantize mixture-of-experts weights expert by expert (a data method from each
+    #: expert's own inputs: the rows routed to it)
+    per_expert: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)

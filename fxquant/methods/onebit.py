@@ -116,6 +116,7 @@ class OneBit(Method):
 
     name: ClassVar[str] = "onebit"
     needs_data: ClassVar[bool] = True
+    per_expert: ClassVar[bool] = False  # one input statistic per layer
     needs_hessian: ClassVar[bool] = True
 
     iters: int = 10

@@ -61,6 +61,7 @@ class VPTQ(Method):
 
     name: ClassVar[str] = "vptq"
     needs_data: ClassVar[bool] = True
+    per_expert: ClassVar[bool] = False  # one input statistic per layer
     needs_hessian: ClassVar[bool] = True
     seed: int = 0
     kmeans_iters: int = 30

@@ -42,11 +42,12 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
+from .. import experts
 from ..frontend import BOUND_KEY, EXAMPLE_KEY, GUARDS_KEY
 from ..methods import Stats
 from ..methods._base import quadratic_error
 from ._base import InputError, PassContext, PassResult, Site, get_attr_path, meta, node_arg
-from .quantize import check_supported, method_of, quantize_site
+from .quantize import check_supported, method_of, quantize_experts, quantize_site
 
 _MULS = {torch.ops.aten.mul.Tensor, operator.mul, torch.mul}
 
@@ -86,7 +87,9 @@ def calibrate(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
                              "calibration=<iterable of model inputs> (RTN and HQQ need none)")
         return PassResult(gm)
     check_supported(candidates, lambda site: _weight(gm, site))
-    sites = [s for s in candidates if not s.reason]
+    # experts: calibrated only by a data method (each expert on the rows routed to it); data-free ones
+    # are quantized by the quantize pass
+    sites = [s for s in candidates if not s.reason and (not s.experts or method_of(s).needs_data)]
     if not sites:
         return PassResult(gm)
     if any(method_of(s).sequential for s in sites):
@@ -100,8 +103,9 @@ def calibrate(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
 def _few_tokens(ctx: PassContext, sites: list[Site]) -> None:
     """Warn (and note in the report) when a Hessian method saw fewer tokens than its layers' inputs:
     ``H = XᵀX`` is then rank-deficient and the method fits the calibration data, not the model."""
-    thin = [(s, s.result.get("calibration_tokens", 0)) for s in sites
-            if method_of(s).needs_hessian and s.result.get("calibration_tokens", 0) < s.out_shape[1]]
+    _unseen_experts(ctx, sites)
+    thin = [(s, s.result.get("calibration_tokens", 0)) for s in sites if not s.experts
+            and method_of(s).needs_hessian and s.result.get("calibration_tokens", 0) < s.out_shape[1]]
     if not thin:
         return
     site, tokens = thin[0]
@@ -113,13 +117,85 @@ def _few_tokens(ctx: PassContext, sites: list[Site]) -> None:
     ctx.notes.append(msg)
 
 
+def _unseen_experts(ctx: PassContext, sites: list[Site]) -> None:
+    """Note the experts no calibration token was routed to (rounded to nearest instead)."""
+    unseen = [(s.name, s.result["experts_rounded_to_nearest"]) for s in sites
+              if s.experts and s.result.get("experts_rounded_to_nearest")]
+    if unseen:
+        shown = ", ".join(f"{name} ({n})" for name, n in unseen[:3])
+        ctx.notes.append(f"{sum(n for _, n in unseen)} experts saw no calibration token and were rounded to nearest "
+                         f"(by weight: {shown}{' ...' if len(unseen) > 3 else ''}); more or more varied calibration "
+                         "data reaches more experts")
+
+
+# -- experts ---------------------------------------------------------------------------------------
+def _expert_rows(offs: torch.Tensor):
+    """``(expert, start, end)`` of each expert with rows (``offs``: each expert's end row)."""
+    start = 0
+    for e, end in enumerate(int(v) for v in offs.tolist()):
+        if end > start:
+            yield e, start, end
+        start = end
+
+
+def _expert_stats(site: Site, pairs) -> list[Stats]:
+    """Each expert's statistics over the ``(x, offs)`` pairs of the calibration batches."""
+    stats = [Stats(site.out_shape[1]) for _ in range(site.experts)]
+    hessian = method_of(site).needs_hessian
+    for x, offs in pairs:
+        for e, a, b in _expert_rows(offs):
+            stats[e].update(x[a:b], hessian)
+    return stats
+
+
+def _quantize_experts(gm, site: Site, stats: list[Stats]) -> None:
+    """The site's experts, each from its own statistics; output errors from the Hessians when taken."""
+    w = _weight(gm, site)
+    quantize_experts(site, w, stats)
+    if site.qweight is not None and all(st.hessian is not None or st.tokens == 0 for st in stats):
+        err = ref = 0.0
+        for e, st in enumerate(stats):
+            if st.tokens:
+                deq = site.scheme.format.dequantize(experts.select(site.qweight, e))
+                we = w[e].float()
+                err, ref = err + quadratic_error(we - deq, st.hessian), ref + quadratic_error(we, st.hessian)
+        site.result.update(_output_errors(err, ref, sum(st.tokens for st in stats), site.out_shape[0]))
+    for st in stats:
+        st.hessian = None
+
+
+def _experts_output(gm, site: Site, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """The grouped matmul with the site's quantized experts (the float ones if it stayed float)."""
+    y = x.new_zeros((x.shape[0], site.out_shape[0]))
+    w = _weight(gm, site) if site.qweight is None else None
+    for e, a, b in _expert_rows(offs):
+        we = w[e] if w is not None else site.scheme.format.dequantize(experts.select(site.qweight, e))
+        y[a:b] = F.linear(x[a:b], we.to(x.dtype))
+    return y
+
+
+class _ExpertObserver(torch.nn.Module):
+    """Keeps each calibration batch's rows per expert as statistics (``forward(x, offs)``)."""
+
+    def __init__(self, site: Site):
+        super().__init__()
+        self.site = [site]
+        self.stats = [Stats(site.out_shape[1]) for _ in range(site.experts)]
+
+    def forward(self, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        hessian = method_of(self.site[0]).needs_hessian
+        for e, a, b in _expert_rows(offs):
+            self.stats[e].update(x[a:b], hessian)
+        return x
+
+
 # -- shared -----------------------------------------------------------------------------------------
 def _weight(gm: torch.fx.GraphModule, site: Site) -> torch.Tensor:
     """The site's float weight ``[N, K]``, with the rows an AWQ fold divides divided."""
     w = get_attr_path(gm, site.weight_attr).detach()
     if site.out_fold is not None:  # the stored parameter divided along its output axis, as the emit does
         w = site.out_fold.divided(w)
-    return w.t() if site.transposed else w
+    return w.transpose(-2, -1) if site.transposed else w  # experts: [E, N, K]
 
 
 def _x_node(site: Site):
@@ -288,7 +364,7 @@ def _observe(gm: torch.fx.GraphModule, ctx: PassContext, sites: list[Site]) -> N
     for s in sites:  # data-free methods first: their observers measure the output error as data runs
         if not method_of(s).needs_data:
             quantize_site(s, _weight(gm, s), None)
-    groups = _groups(sites)
+    groups = _groups([s for s in sites if not s.experts])
     observers = []
     for i, (x_node, group) in enumerate(groups.items()):
         obs = _Observer(gm, group, any(method_of(s).needs_hessian for s in group))
@@ -297,6 +373,14 @@ def _observe(gm: torch.fx.GraphModule, ctx: PassContext, sites: list[Site]) -> N
         with gm.graph.inserting_after(x_node):
             node = gm.graph.call_module(name, (x_node,))
         observers.append((name, node, obs))
+    expert_obs = []
+    for i, site in enumerate(s for s in sites if s.experts):
+        obs = _ExpertObserver(site)
+        name = f"_fxquant_expert_observer_{i}"
+        gm.add_submodule(name, obs)
+        with gm.graph.inserting_before(site.node):
+            node = gm.graph.call_module(name, (_x_node(site), node_arg(site.node, site.graph.offs)))
+        expert_obs.append((name, node, obs))
     gm.recompile()
     try:
         with torch.no_grad():
@@ -305,12 +389,14 @@ def _observe(gm: torch.fx.GraphModule, ctx: PassContext, sites: list[Site]) -> N
                 for args, kwargs in batch_rows(gm, *traced_layout(gm, ctx.model, args, kwargs)):
                     gm(*args, **kwargs)
     finally:
-        for name, node, _ in observers:
+        for name, node, _ in observers + expert_obs:
             gm.graph.erase_node(node)
             delattr(gm, name)
         gm.recompile()
     if observers and observers[0][2].stats.tokens == 0:
         raise InputError("calibration is empty: it yielded no batch")
+    for _, _, obs in expert_obs:
+        _quantize_experts(gm, obs.site[0], obs.stats)
     # last group first: a linear that takes a later group's AWQ scale in its rows is quantized after it
     for (x_node, group), (_, _, obs) in reversed(list(zip(groups.items(), observers))):
         _quantize_group(gm, ctx, x_node, group, obs.stats, obs.err, linears=True)
@@ -348,7 +434,7 @@ class _Walk:
     def __init__(self, gm: torch.fx.GraphModule, ctx: PassContext, sites: list[Site]):
         self.gm, self.ctx = gm, ctx
         self.by_node = {s.node: s for s in sites}
-        self.groups = _groups(sites)
+        self.groups = _groups([s for s in sites if not s.experts])
         self.done_groups: set = set()
 
     def run(self, batches: list) -> None:
@@ -375,6 +461,9 @@ class _Walk:
                 if site is None:
                     for it in interps:
                         it.env[node] = it.run_node(node)
+                elif site.experts:
+                    self._experts(site, interps)
+                    bar.update(1)
                 else:
                     self._site(site, interps)
                     bar.update(1)
@@ -402,6 +491,17 @@ class _Walk:
             yq = F.linear(x, wq.to(x.dtype), None)
             it.env[node] = yq if bias is None else yq + bias.to(yq.dtype)
         meta(node)["calibrated"] = True
+
+    def _experts(self, site: Site, interps) -> None:
+        """An experts site: each expert quantized from the rows routed to it, then the grouped product
+        with the quantized experts for the sites after it."""
+        offs_node = node_arg(site.node, site.graph.offs)
+        pairs = [(it.env[_x_node(site)], it.env[offs_node] if isinstance(offs_node, torch.fx.Node) else offs_node)
+                 for it in interps]
+        _quantize_experts(self.gm, site, _expert_stats(site, pairs))
+        for it, (x, offs) in zip(interps, pairs):
+            it.env[site.node] = _experts_output(self.gm, site, x, offs)
+        meta(site.node)["calibrated"] = True
 
     def _bias(self, site: Site, it) -> torch.Tensor | None:
         ref = site.graph

@@ -56,7 +56,7 @@ def quantize_site(site: Site, w: torch.Tensor, stats: Stats | None = None, resul
     method, fmt = method_of(site), site.scheme.format
     t0 = time.perf_counter()
     if site.experts:
-        return _quantize_experts(site, w, t0)
+        return quantize_experts(site, w, stats, t0)
     with torch.no_grad():
         if result is None and method.name == "rtn":
             qw, rel = fmt.quantize_in_blocks(w, BLOCK_ELEMENTS)
@@ -70,17 +70,22 @@ def quantize_site(site: Site, w: torch.Tensor, stats: Stats | None = None, resul
     _record(site, qw, rel, w, info, t0, seconds)
 
 
-def _quantize_experts(site: Site, w: torch.Tensor, t0: float) -> None:
-    """Each expert's ``[N, K]`` by the site's (data-free) method, stacked (``experts.stack``); the
-    errors are over all experts.  A format whose layout differs between experts keeps the float weight."""
+def quantize_experts(site: Site, w: torch.Tensor, stats: list | None = None, t0: float | None = None) -> None:
+    """Each expert's ``[N, K]`` (``w`` ``[E, N, K]``) by the site's method, stacked (``experts.stack``);
+    ``stats``: each expert's input statistics (the rows routed to it) for a data method, where an
+    expert no calibration token reached is rounded to nearest.  The errors are over all experts.  A
+    format whose layout differs between experts keeps the float weight (``site.reason``)."""
+    t0 = time.perf_counter() if t0 is None else t0
     method, fmt = method_of(site), site.scheme.format
-    parts, err_sq, norm_sq = [], 0.0, 0.0
+    parts, err_sq, norm_sq, unseen = [], 0.0, 0.0, 0
     with torch.no_grad():
         for e in range(site.experts):
-            if method.name == "rtn":
+            st = stats[e] if stats is not None else None
+            if method.name == "rtn" or (method.needs_data and (st is None or st.tokens == 0)):
+                unseen += method.name != "rtn"
                 qw, rel = fmt.quantize_in_blocks(w[e], BLOCK_ELEMENTS)
             else:
-                qw = method.quantize(fmt, w[e].float(), None).qweight
+                qw = method.quantize(fmt, w[e].float(), st).qweight
                 rel = _common.rel_error(w[e], fmt.dequantize(qw))
             n2 = float(torch.linalg.vector_norm(w[e], dtype=torch.float32)) ** 2
             err_sq, norm_sq = err_sq + rel * rel * n2, norm_sq + n2
@@ -89,7 +94,13 @@ def _quantize_experts(site: Site, w: torch.Tensor, t0: float) -> None:
     if isinstance(stacked, str):
         site.reason = f"{site.scheme}: {stacked}"
         return
-    _record(site, stacked, (err_sq / norm_sq) ** 0.5 if norm_sq else 0.0, w, {"experts": site.experts}, t0, None)
+    info = {"experts": site.experts}
+    if stats is not None:
+        info["expert_tokens"] = [st.tokens for st in stats]
+        info["calibration_tokens"] = sum(st.tokens for st in stats)
+    if unseen:
+        info["experts_rounded_to_nearest"] = unseen  # no calibration token was routed to them
+    _record(site, stacked, (err_sq / norm_sq) ** 0.5 if norm_sq else 0.0, w, info, t0, None)
 
 
 def _record(site: Site, qw, rel: float, w: torch.Tensor, info: dict, t0: float, seconds: float | None) -> None:

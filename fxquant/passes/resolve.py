@@ -11,10 +11,10 @@ from ._base import PassContext, PassResult, meta
 BUFFER_REASON = ("weight is a buffer, not a parameter: the default scheme applies to parameters only "
                  "(name it in a rule to quantize it)")
 
-#: why a mixture-of-experts weight keeps its float weight under a method that needs calibration data
-EXPERTS_REASON = ("{0}: mixture-of-experts weights take the data-free methods only (rtn, hqq); {1} needs each "
-                  "expert's own inputs, which the calibrate pass does not collect; name them in a rule with "
-                  "one of those, e.g. {{'re:.*experts.*': '{2}'}}")
+#: why a mixture-of-experts weight keeps its float weight under a method that cannot work expert by expert
+EXPERTS_REASON = ("{0}: mixture-of-experts weights take rtn, hqq and gptq (expert by expert); {1} fits one "
+                  "input statistic per layer; name them in a rule with one of those, e.g. "
+                  "{{'re:.*experts.*': '{2}'}}")
 
 
 def resolve_spec(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -32,7 +32,7 @@ def resolve_spec(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             site.scheme, site.reason = None, BUFFER_REASON
         elif choice.scheme.method is not None and (excluded := choice.scheme.method.excluded_reason(site.name)):
             site.scheme, site.reason = None, f"left in float: {excluded}"
-        elif site.experts and choice.scheme.method is not None and choice.scheme.method.needs_data:
+        elif site.experts and choice.scheme.method is not None and not choice.scheme.method.per_expert:
             site.scheme, site.reason = None, EXPERTS_REASON.format(choice.scheme, choice.scheme.method.name,
                                                                    choice.scheme.format)
         if site.node is not None:
