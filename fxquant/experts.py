@@ -21,7 +21,8 @@ import torch
 
 from .schemes import QuantizedWeight
 
-__all__ = ["each", "stack", "experts_op", "is_grouped_mm"]
+__all__ = ["each", "select", "stack", "experts_op", "grouped", "is_grouped_mm"]
+
 
 def is_grouped_mm(func: Any) -> bool:
     """Whether ``func`` is a grouped matmul ``(x [S, K], w [E, K, N], offs [E]) -> [S, N]``: torch's
@@ -107,9 +108,8 @@ def route(cls, func, args: tuple, kwargs: dict):
         return w._flipped()
     if w is not None and func is torch.Tensor.__getitem__ and w.float_data is None:
         idx = _index(args[1])
-        if idx is not None:
-            sel = cls(select(w.packed, idx), w.transposed, w.dtype, None, None)
-            return sel
+        if idx is not None:  # eager's W[e] (a 2-D packed weight) or batched_mm's W[expert_ids]
+            return cls(select(w.packed, idx), w.transposed, w.dtype, None, None)
     if is_grouped_mm(func):
         x = args[0]
         wt = args[1] if len(args) > 1 else kwargs.get("mat2")

@@ -49,6 +49,17 @@ def _fake_quantized(model, scheme: str):
     return ref
 
 
+def _both_emits(model, ids):
+    """``(fake-quantized float reference, compile's module, quantize_'s report)`` under EXPERTS_ONLY;
+    ``model`` is quantized in place; the two reports are the same."""
+    ref = _fake_quantized(model, "int4wo-64")
+    qm = fxquant.compile(copy.deepcopy(model), EXPERTS_ONLY, example_kwargs=dict(input_ids=ids, use_cache=False))
+    fxquant.quantize_(model, EXPERTS_ONLY, example_kwargs=dict(input_ids=ids))
+    rep = fxquant.report(model)
+    assert same_report(rep, fxquant.report(qm))
+    return ref, qm, rep
+
+
 @pytest.mark.parametrize("scheme", ["int4wo-64", "int8wo", "nf4", "uint3wo-32"])
 def test_experts_op_is_the_per_expert_op(scheme):
     """``fxquant::<op>_experts`` on rows grouped by expert (an expert without rows, rows past the last
@@ -88,11 +99,7 @@ def test_mixtral_experts_quantized_both_emits(dtype):
     ``quantize_`` agree exactly, and the outputs match the float model with each expert fake-quantized."""
     model = _mixtral(dtype)
     ids = _ids()
-    ref = _fake_quantized(model, "int4wo-64")
-    qm = fxquant.compile(copy.deepcopy(model), EXPERTS_ONLY, example_kwargs=dict(input_ids=ids, use_cache=False))
-    fxquant.quantize_(model, EXPERTS_ONLY, example_kwargs=dict(input_ids=ids))
-    rep = fxquant.report(model)
-    assert same_report(rep, fxquant.report(qm))
+    ref, qm, rep = _both_emits(model, ids)
     rows = {r.fqn: r for r in rep.rows if r.status == "quantized"}
     assert sorted(rows) == [f"model.layers.{i}.mlp.experts.{p}" for i in range(2) for p in ("down_proj", "gate_up_proj")]
     assert rows["model.layers.0.mlp.experts.gate_up_proj"].shape == (4, 192, 64)
@@ -233,11 +240,7 @@ def test_other_moe_families(arch):
     torch.manual_seed(0)
     model = getattr(transformers, f"{name}ForCausalLM")(getattr(transformers, f"{name}Config")(**kw)).eval()
     ids = _ids()
-    ref = _fake_quantized(model, "int4wo-64")
-    qm = fxquant.compile(copy.deepcopy(model), EXPERTS_ONLY, example_kwargs=dict(input_ids=ids, use_cache=False))
-    fxquant.quantize_(model, EXPERTS_ONLY, example_kwargs=dict(input_ids=ids))
-    rep = fxquant.report(model)
-    assert same_report(rep, fxquant.report(qm))
+    ref, qm, rep = _both_emits(model, ids)
     assert len(rep.quantized) == 4 and all(len(r.shape) == 3 for r in rep.quantized)
     with torch.no_grad():
         out = model(ids).logits

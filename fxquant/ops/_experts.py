@@ -59,14 +59,15 @@ def define_experts(op, lib) -> None:
         if any(b < a for a, b in zip([0] + ends, ends)) or (ends and ends[-1] > x.shape[0]):
             raise ValueError(f"fxquant.{name}: offs must be non-decreasing ends of each expert's rows, at most "
                              f"{x.shape[0]}; got {ends}")
-        n = op.n_out({t: v[0] for t, v in zip(op.tensors, tensors)}, scalars) if e else 0
-        y = x.new_zeros((x.shape[0], n))
-        start = 0
+        pieces, start = [], 0  # each expert's rows in order, then zeros past the last end
         for i, end in enumerate(ends):
             if end > start:
-                y[start:end] = base(x[start:end], *(t[i] for t in tensors), None, **scalars)
+                pieces.append(base(x[start:end], *(t[i] for t in tensors), None, **scalars))
             start = end
-        return y
+        if start < x.shape[0] or not pieces:
+            n = op.n_out({t: v[0] for t, v in zip(op.tensors, tensors)}, scalars) if e else 0
+            pieces.append(x.new_zeros((x.shape[0] - start, n)))
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     def fake(*args, **kwargs):
         x, offs, tensors, scalars = _split(op, args, kwargs)

@@ -6,6 +6,9 @@
 - ``tinyllama-1.1b``: a Llama with TinyLlama-1.1B's shapes and random weights (N(0, 0.02), norms 1,
   seeded), built on the meta device and materialised in bf16 (~12 s); lm_head untied.  Prompts are
   seeded random token ids.
+- ``moe-1b``: a Qwen3-MoE with random weights, built the same way: hidden 1024, 16 layers, 16 heads
+  / 4 KV heads, 32 experts (top 4) of intermediate size 512, vocab 32000, lm_head untied; 0.94 B
+  parameters, ~0.2 B active per token (its expert weights are 3-D parameters read by a grouped matmul).
 - ``tiny-llama``: 2 layers, hidden 256, for the smoke test (``tests/test_bench_e2e.py``).
 """
 from __future__ import annotations
@@ -26,27 +29,29 @@ TESTS_MODELS = Path(__file__).resolve().parents[2] / "tests" / "models"
 TINYLLAMA_SHAPES = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                         num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048,
                         rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
+MOE_SHAPES = dict(hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512, num_hidden_layers=16,
+                  num_attention_heads=16, num_key_value_heads=4, head_dim=64, num_experts=32, num_experts_per_tok=4,
+                  vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False)
 TINY_SHAPES = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, vocab_size=1024, max_position_embeddings=2048, tie_word_embeddings=False)
 
 
-def random_llama(shapes: dict, seed: int = 0) -> torch.nn.Module:
-    """``LlamaForCausalLM`` in eval mode, bf16: linear / embedding weights ~ N(0, 0.02), norms 1.
+def random_llama(shapes: dict, seed: int = 0, family: str = "Llama") -> torch.nn.Module:
+    """``<family>ForCausalLM`` in eval mode, bf16: linear / embedding / expert weights ~ N(0, 0.02), norms 1.
 
     Built on the meta device, then ``to_empty`` + a seeded in-place fill (no fp32 copy, no init pass);
     the rotary embedding, whose buffers are computed at construction, is rebuilt on the CPU."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    import transformers
 
-    config = LlamaConfig(**shapes, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = getattr(transformers, f"{family}Config")(**shapes, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = getattr(transformers, f"{family}ForCausalLM")(config)
     model = model.to(BF16).to_empty(device="cpu")
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, p in model.named_parameters():
             p.fill_(1.0) if p.ndim == 1 else p.normal_(0.0, 0.02, generator=gen)
-    model.model.rotary_emb = LlamaRotaryEmbedding(config)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config)
     return model.eval()
 
 
@@ -65,6 +70,7 @@ def _smollm2() -> torch.nn.Module:
 MODELS: dict[str, Callable[[], tuple[torch.nn.Module, Any]]] = {
     "smollm2": _smollm2,
     "tinyllama-1.1b": lambda: (random_llama(TINYLLAMA_SHAPES), None),
+    "moe-1b": lambda: (random_llama(MOE_SHAPES, family="Qwen3Moe"), None),
     "tiny-llama": lambda: (random_llama(TINY_SHAPES), None),
 }
 
