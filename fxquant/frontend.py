@@ -220,7 +220,9 @@ def fx_trace(model: torch.nn.Module) -> torch.fx.GraphModule:
 
 def modules_graph(model: torch.nn.Module) -> torch.fx.GraphModule:
     """A GraphModule over ``model``'s own modules: one input and one ``call_module`` per ``nn.Linear``
-    (each module once, under its first name), outputs all of them; never meant to run on data."""
+    (each module once, under its first name), and for each transformers experts module (3-D expert
+    weights) the grouped matmul its default implementation computes, ``torch._grouped_mm(x, W.mT, offs)``
+    per weight; outputs all of them; never meant to run on data."""
     graph = torch.fx.Graph()
     outs, seen = [], set()
     for path, m in model.named_modules():
@@ -228,6 +230,15 @@ def modules_graph(model: torch.nn.Module) -> torch.fx.GraphModule:
             seen.add(id(m))
             x = graph.placeholder(f"x_{len(outs)}")
             outs.append(graph.call_module(path, (x,)))
+        elif path and id(m) not in seen and isinstance(getattr(m, "is_transposed", None), bool) and hasattr(m, "has_gate"):
+            seen.add(id(m))
+            for name, p in m.named_parameters(recurse=False):
+                if p.dim() == 3 and name.endswith("proj"):  # gate_up_proj / up_proj / down_proj
+                    x, offs = graph.placeholder(f"x_{len(outs)}"), graph.placeholder(f"offs_{len(outs)}")
+                    w = graph.get_attr(f"{path}.{name}")
+                    if not m.is_transposed:  # stored [E, N, K]: the product takes W.mT
+                        w = graph.call_function(torch.transpose, (w, -2, -1))
+                    outs.append(graph.call_function(torch._grouped_mm, (x, w, offs)))
     graph.output(tuple(outs))
     gm = torch.fx.GraphModule(model, graph)
     gm.meta[MODULES_KEY] = True

@@ -272,3 +272,21 @@ def test_calibration_through_kwargs_forward():
     rep = fxquant.report(model)
     assert sorted(r.method for r in rep.quantized) == ["gptq"] * 7
     assert all(r.rel_output_error is not None for r in rep.quantized)
+
+
+def test_experts_quantized_without_a_graph():
+    """Where torch.export fails (``frontend="modules"``: the model's nn.Linear modules, no trace), the
+    experts modules' weights are still sites: the same decisions and outputs as with the export trace
+    (the routers, F.linear on a parameter, are sites of the trace only: skipped in both here)."""
+    model = _mixtral()
+    ids = _ids()
+    traced = copy.deepcopy(model)
+    spec = fxquant.Spec(default="int4wo-64", skip=["lm_head", "re:.*mlp.gate.weight"])
+    fxquant.quantize_(traced, spec, example_kwargs=dict(input_ids=ids))
+    fxquant.quantize_(model, spec, frontend="modules")
+    rep, want = fxquant.report(model), fxquant.report(traced)
+    assert rep.frontend == "modules"
+    assert {r.fqn: (r.status, r.shape) for r in rep.rows if "experts" in r.fqn} == \
+        {r.fqn: (r.status, r.shape) for r in want.rows if "experts" in r.fqn} and len(rep.quantized) == 12
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, traced(ids).logits)
