@@ -96,8 +96,9 @@ def _swaps_last_two(func, args) -> bool:
     return False
 
 
-def _each_row(x: torch.Tensor) -> torch.Tensor:
-    return torch.arange(1, x.shape[0] + 1, device=x.device, dtype=torch.int32)
+def _ends(n: int, t: int, device) -> torch.Tensor:
+    """``offs`` of ``n`` groups of ``t`` rows each."""
+    return torch.arange(1, n + 1, device=device, dtype=torch.int32) * t
 
 
 def route(cls, func, args: tuple, kwargs: dict):
@@ -120,10 +121,14 @@ def route(cls, func, args: tuple, kwargs: dict):
             return grouped(x.to(wt.dtype) if x.dtype != wt.dtype else x, wt.packed, offs)
         return NotImplemented
     if func in (torch.bmm, torch.Tensor.bmm) and not kwargs and len(args) == 2:
-        # one weight per row s (W[expert_ids]): a grouped product whose groups are single rows
+        # bmm against one weight per batch entry b (W[expert_ids] of batched_mm: T = 1; Llama 4's
+        # [E, T, K] tokens of every expert): a grouped product, entry b's rows ending at (b + 1) * T
         a, b = args
-        if type(a) is cls and not a.transposed and type(b) is not cls and b.dim() == 3 and b.shape[-1] == 1:
-            return grouped(b[..., 0], a.packed, _each_row(b)).unsqueeze(-1)  # W_s @ x_s  (x as a column)
-        if type(b) is cls and b.transposed and type(a) is not cls and a.dim() == 3 and a.shape[1] == 1:
-            return grouped(a[:, 0], b.packed, _each_row(a)).unsqueeze(1)  # x_s @ W_s.T  (x as a row)
+        if type(b) is cls and b.transposed and type(a) is not cls and a.dim() == 3:  # x_b @ W_b.T
+            n_b, t, k = a.shape
+            return grouped(a.reshape(-1, k), b.packed, _ends(n_b, t, a.device)).reshape(n_b, t, -1)
+        if type(a) is cls and not a.transposed and type(b) is not cls and b.dim() == 3:  # W_b @ x_b (columns)
+            n_b, k, t = b.shape
+            y = grouped(b.transpose(1, 2).reshape(-1, k), a.packed, _ends(n_b, t, b.device))
+            return y.reshape(n_b, t, -1).transpose(1, 2)
     return NotImplemented

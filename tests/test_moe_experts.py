@@ -34,14 +34,18 @@ def _ids(rows=1, n=12, seed=5):
     return torch.randint(3, 256, (rows, n), generator=torch.Generator().manual_seed(seed))
 
 
-def _fake_quantized(model, scheme: str):
-    """A float copy whose expert weights are each expert's quantized-dequantized weight (the format's math)."""
+def _fake_quantized(model, scheme: str, rows=None):
+    """A float copy whose expert weights are each expert's quantized-dequantized weight (the format's math).
+    Each 3-D parameter's orientation: the report row's ``E x N x K`` when given (stored ``[E, K, N]`` if
+    it differs), else the experts module's ``is_transposed``."""
     s = parse_scheme(scheme)
     ref = copy.deepcopy(model)
+    shapes = {r.fqn: tuple(r.shape) for r in rows or ()}
     with torch.no_grad():
         for name, p in ref.named_parameters():
             if p.dim() == 3 and "experts" in name:
-                kn = getattr(ref.get_submodule(name.rsplit(".", 1)[0]), "is_transposed", False)  # stored [E, K, N]
+                kn = (shapes[name] != tuple(p.shape)) if name in shapes else \
+                    getattr(ref.get_submodule(name.rsplit(".", 1)[0]), "is_transposed", False)
                 for e in range(p.shape[0]):
                     w = p[e].float().T if kn else p[e].float()
                     d = s.dequantize(s.quantize(w))
@@ -52,12 +56,12 @@ def _fake_quantized(model, scheme: str):
 def _both_emits(model, ids):
     """``(fake-quantized float reference, compile's module, quantize_'s report)`` under EXPERTS_ONLY;
     ``model`` is quantized in place; the two reports are the same."""
-    ref = _fake_quantized(model, "int4wo-64")
+    float_model = copy.deepcopy(model)
     qm = fxquant.compile(copy.deepcopy(model), EXPERTS_ONLY, example_kwargs=dict(input_ids=ids, use_cache=False))
     fxquant.quantize_(model, EXPERTS_ONLY, example_kwargs=dict(input_ids=ids))
     rep = fxquant.report(model)
     assert same_report(rep, fxquant.report(qm))
-    return ref, qm, rep
+    return _fake_quantized(float_model, "int4wo-64", rep.quantized), qm, rep
 
 
 @pytest.mark.parametrize("scheme", ["int4wo-64", "int8wo", "nf4", "uint3wo-32"])
@@ -224,21 +228,25 @@ def test_experts_save_load_round_trip(tmp_path):
         assert torch.equal(r(ids).logits, want)
 
 
-@pytest.mark.parametrize("arch", ["gpt_oss", "granitemoe", "qwen3_moe"])
+@pytest.mark.parametrize("arch", ["gpt_oss", "granitemoe", "qwen3_moe", "llama4"])
 def test_other_moe_families(arch):
     """gpt-oss stores its experts transposed ``[E, K, N]`` with biases; GraniteMoE's forward takes
-    ``use_cache`` through ``**kwargs`` (the trace binds it); Qwen3-MoE as Mixtral.  Every expert weight
-    is quantized, both emits agree, the outputs follow the fake-quantized float model."""
+    ``use_cache`` through ``**kwargs`` (the trace binds it); Qwen3-MoE as Mixtral; Llama 4 multiplies
+    every expert's tokens by ``bmm(x [E, T, K], W [E, K, N])``.  Every expert weight is quantized, both
+    emits agree, the outputs follow the fake-quantized float model."""
     base = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=256, max_position_embeddings=64)
     cfgs = {"gpt_oss": ("GptOss", {**base, "num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16,
                                    "layer_types": ["full_attention", "sliding_attention"], "sliding_window": 8}),
             "granitemoe": ("GraniteMoe", {**base, "num_local_experts": 4, "num_experts_per_tok": 2}),
             "qwen3_moe": ("Qwen3Moe", {**base, "num_experts": 4, "num_experts_per_tok": 2,
-                                       "moe_intermediate_size": 64})}
+                                       "moe_intermediate_size": 64}),
+            "llama4": ("Llama4", {**base, "num_local_experts": 4, "num_experts_per_tok": 1, "head_dim": 16,
+                                  "intermediate_size_mlp": 96, "pad_token_id": 0})}
     name, kw = cfgs[arch]
     torch.manual_seed(0)
-    model = getattr(transformers, f"{name}ForCausalLM")(getattr(transformers, f"{name}Config")(**kw)).eval()
+    config = getattr(transformers, f"{name}TextConfig" if arch == "llama4" else f"{name}Config")(**kw)
+    model = getattr(transformers, f"{name}ForCausalLM")(config).eval()
     ids = _ids()
     ref, qm, rep = _both_emits(model, ids)
     assert len(rep.quantized) == 4 and all(len(r.shape) == 3 for r in rep.quantized)
@@ -290,3 +298,29 @@ def test_experts_quantized_without_a_graph():
         {r.fqn: (r.status, r.shape) for r in want.rows if "experts" in r.fqn} and len(rep.quantized) == 12
     with torch.no_grad():
         assert torch.equal(model(ids).logits, traced(ids).logits)
+
+
+def test_gptq_on_llama4_bmm_experts():
+    """Llama 4's ``bmm`` experts under GPTQ: each expert's Hessian from its ``[T, K]`` slice (every token,
+    scaled by its routing score), both emits equal, output error reported."""
+    from fxquant.methods import GPTQ
+
+    cfg = transformers.Llama4TextConfig(hidden_size=64, intermediate_size=96, intermediate_size_mlp=96,
+                                        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                        vocab_size=256, num_local_experts=4, num_experts_per_tok=1, pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.Llama4ForCausalLM(cfg).eval()
+    ids, calib = _ids(), _calib(2)
+    for sequential in (True, False):
+        spec = fxquant.Spec(default=None, rules={"re:.*experts.*": "int4wo-32"}, method=GPTQ(true_sequential=sequential))
+        qm = fxquant.compile(copy.deepcopy(model), spec, example_kwargs=dict(input_ids=ids, use_cache=False),
+                             calibration=calib)
+        m = copy.deepcopy(model)
+        fxquant.quantize_(m, spec, example_kwargs=dict(input_ids=ids), calibration=calib)
+        rep = fxquant.report(m)
+        assert same_report(rep, fxquant.report(qm)) and [r.kind for r in rep.quantized] == ["bmm", "bmm"]
+        res = rep.results["model.layers.0.feed_forward.experts.gate_up_proj"]
+        assert res["method"] == "gptq" and res["expert_tokens"] == [2 * 2 * 48] * 4
+        assert 0 < rep.quantized[0].rel_output_error < 0.05
+        with torch.no_grad():
+            assert torch.equal(m(ids).logits, qm(input_ids=ids, use_cache=False).logits)

@@ -104,6 +104,8 @@ ARCHS = {
     "phimoe": ("PhimoeForCausalLM", "PhimoeConfig", {**L, "num_local_experts": 4, "num_experts_per_tok": 2}, "causal"),
     "granitemoe": ("GraniteMoeForCausalLM", "GraniteMoeConfig", {**L, "num_local_experts": 4,
                    "num_experts_per_tok": 2}, "causal"),
+    "llama4": ("Llama4ForCausalLM", "Llama4TextConfig", {**L, "num_local_experts": 4, "num_experts_per_tok": 1,
+               "head_dim": 32, "intermediate_size_mlp": 256}, "causal"),
     "gptj": ("GPTJForCausalLM", "GPTJConfig", {**GPT, "rotary_dim": 16}, "causal"),
     "bloom": ("BloomForCausalLM", "BloomConfig", dict(hidden_size=128, n_layer=2, n_head=4, vocab_size=V), "causal"),
     "gpt_bigcode": ("GPTBigCodeForCausalLM", "GPTBigCodeConfig", GPT, "causal"),
@@ -189,9 +191,9 @@ def reference_error(fm, rep, spec: str, ex: dict, float_out: torch.Tensor) -> fl
     m = copy.deepcopy(fm)
     with torch.no_grad():
         for row in rep.quantized:
-            if row.shape is not None and len(row.shape) == 3:  # experts [E, N, K] ([E, K, N] when is_transposed)
+            if row.shape is not None and len(row.shape) == 3:  # experts: the row's E x N x K
                 w = m.get_parameter(row.fqn)
-                kn = getattr(m.get_submodule(row.fqn.rsplit(".", 1)[0]), "is_transposed", False)
+                kn = tuple(w.shape) != tuple(row.shape)  # stored [E, K, N] (gpt-oss, Llama 4)
                 for e in range(w.shape[0]):
                     w32 = w[e].detach().float()
                     w[e].copy_(fn(w32.T).T if kn else fn(w32))

@@ -138,11 +138,21 @@ def _expert_rows(offs: torch.Tensor):
         start = end
 
 
+def _grouped_input(site: Site, x: torch.Tensor, offs) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x [rows, K], offs)`` of an experts site's input: as given for a grouped matmul; for a ``bmm``
+    site x ``[E, T, K]`` flattened, expert e's rows ending at ``(e + 1) * T``."""
+    if site.kind != "bmm":
+        return x, offs
+    e, t, k = x.shape
+    return x.reshape(-1, k), torch.arange(1, e + 1, dtype=torch.int32) * t
+
+
 def _expert_stats(site: Site, pairs) -> list[Stats]:
     """Each expert's statistics over the ``(x, offs)`` pairs of the calibration batches."""
     stats = [Stats(site.out_shape[1]) for _ in range(site.experts)]
     hessian = method_of(site).needs_hessian
     for x, offs in pairs:
+        x, offs = _grouped_input(site, x, offs)
         for e, a, b in _expert_rows(offs):
             stats[e].update(x[a:b], hessian)
     return stats
@@ -166,12 +176,14 @@ def _quantize_experts(gm, site: Site, stats: list[Stats]) -> None:
 
 def _experts_output(gm, site: Site, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """The grouped matmul with the site's quantized experts (the float ones if it stayed float)."""
+    shape = x.shape
+    x, offs = _grouped_input(site, x, offs)
     y = x.new_zeros((x.shape[0], site.out_shape[0]))
     w = _weight(gm, site) if site.qweight is None else None
     for e, a, b in _expert_rows(offs):
         we = w[e] if w is not None else site.scheme.format.dequantize(experts.select(site.qweight, e))
         y[a:b] = F.linear(x[a:b], we.to(x.dtype))
-    return y
+    return y.reshape(shape[0], shape[1], -1) if site.kind == "bmm" else y
 
 
 class _ExpertObserver(torch.nn.Module):
@@ -182,10 +194,11 @@ class _ExpertObserver(torch.nn.Module):
         self.site = [site]
         self.stats = [Stats(site.out_shape[1]) for _ in range(site.experts)]
 
-    def forward(self, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, offs: torch.Tensor | None) -> torch.Tensor:
         hessian = method_of(self.site[0]).needs_hessian
+        xs, offs = _grouped_input(self.site[0], x, offs)
         for e, a, b in _expert_rows(offs):
-            self.stats[e].update(x[a:b], hessian)
+            self.stats[e].update(xs[a:b], hessian)
         return x
 
 

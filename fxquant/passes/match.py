@@ -105,6 +105,21 @@ def _experts_site(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Site | None:
     return _finish(gm, site)
 
 
+def _bmm_experts_site(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Site | None:
+    """``bmm(x, M)`` with ``x`` ``[E, T, K]`` (every expert's tokens, Llama 4) against a 3-D parameter:
+    ``M = param`` (stored ``[E, K, N]``: W = param.mT) or ``M = param.mT`` (W = param)."""
+    if node.op != "call_function" or node.target not in _BMM or len(node.args) != 2 or node.kwargs:
+        return None
+    p = _expert_param(gm, node.args[1])
+    if p is None or _expert_param(gm, node.args[0]) is not None:
+        return None
+    site = Site(name=p[0], kind="bmm", graph=GraphRef(node, 0, None), weight_attr=p[0], transposed=not p[1])
+    return _finish(gm, site)
+
+
+_BMM = {aten.bmm.default, torch.bmm}
+
+
 def _clean_path(path: str) -> str:
     path = re.sub(r"^L\['self'\]\.?", "", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)
@@ -133,6 +148,8 @@ def _site_for(gm: torch.fx.GraphModule, node: torch.fx.Node, model) -> Site | No
     kind, x_arg, w_node, bias = None, 0, None, None
     if node.op == "call_function" and experts.is_grouped_mm(node.target):
         return _experts_site(gm, node)
+    if node.op == "call_function" and node.target in _BMM:
+        return _bmm_experts_site(gm, node)
     if node.op == "call_function" and node.target in _LINEAR_TARGETS:
         kind = _LINEAR_TARGETS[node.target]
         w_node = node_arg(node, 1 if len(node.args) > 1 else "weight")

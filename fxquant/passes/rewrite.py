@@ -59,7 +59,10 @@ def _rewrite(gm: torch.fx.GraphModule, site: Site, owners: dict[int, str]) -> No
         x = node_arg(node, ref.x_arg)
         if site.experts:  # a grouped matmul over the experts' stacked weights
             op = getattr(torch.ops.fxquant, qw.op + "_experts").default
-            new = graph.call_function(op, (x, node_arg(node, ref.offs), *tensor_nodes), dict(qw.attrs))
+            if site.kind == "bmm":  # x [E, T, K]: expert e's rows are x[e], T of them
+                new = _bmm_experts(graph, op, x, site, tensor_nodes)
+            else:
+                new = graph.call_function(op, (x, node_arg(node, ref.offs), *tensor_nodes), dict(qw.attrs))
         else:
             op = getattr(torch.ops.fxquant, qw.op).default
             new = graph.call_function(op, (x, *tensor_nodes, bias), dict(qw.attrs))
@@ -70,6 +73,19 @@ def _rewrite(gm: torch.fx.GraphModule, site: Site, owners: dict[int, str]) -> No
     node.replace_all_uses_with(new)
     graph.erase_node(node)
     ref.node = new
+
+
+def _bmm_experts(graph: torch.fx.Graph, op, x, site: Site, tensor_nodes: list) -> torch.fx.Node:
+    """``bmm(x [E, T, K], W.mT)`` as the experts op: x flattened to ``[E*T, K]``, expert e's rows
+    ending at ``(e + 1) * T``, the result back to ``[E, T, N]``."""
+    aten = torch.ops.aten
+    (n, k), e = site.out_shape, site.experts
+    flat = graph.call_function(aten.reshape.default, (x, [-1, k]))
+    t = graph.call_function(aten.sym_size.int, (x, 1))
+    ends = graph.call_function(aten.arange.start, (1, e + 1), {"dtype": torch.int32})
+    offs = graph.call_function(aten.mul.Tensor, (ends, t))
+    y = graph.call_function(op, (flat, offs, *tensor_nodes), dict(site.qweight.attrs))
+    return graph.call_function(aten.reshape.default, (y, [e, -1, n]))
 
 
 def _apply_folds(gm: torch.fx.GraphModule, ctx: PassContext) -> None:
