@@ -67,9 +67,12 @@ def experts_op(q: QuantizedWeight):
     return getattr(torch.ops.fxquant, q.op + "_experts").default
 
 
-def grouped(x: torch.Tensor, q: QuantizedWeight, offs: torch.Tensor) -> torch.Tensor:
-    """``y[rows of expert e] = x[those rows] @ W_e.T`` (``offs``: each expert's end row)."""
-    return experts_op(q)(x, offs, *q.tensors.values(), **q.attrs)
+def grouped(x: torch.Tensor, q: QuantizedWeight, offs: torch.Tensor,
+            input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``y[rows of expert e] = x[those rows] @ W_e.T`` (``offs``: each expert's end row; ``input_scale``
+    ``[E, K]``: AWQ's, those rows divided by row e first)."""
+    kw = {} if input_scale is None else {"input_scale": input_scale}
+    return experts_op(q)(x, offs, *q.tensors.values(), **q.attrs, **kw)
 
 
 def _index(idx) -> Any:
@@ -110,15 +113,16 @@ def route(cls, func, args: tuple, kwargs: dict):
     if w is not None and func is torch.Tensor.__getitem__ and w.float_data is None:
         idx = _index(args[1])
         if idx is not None:  # eager's W[e] (a 2-D packed weight) or batched_mm's W[expert_ids]
-            return cls(select(w.packed, idx), w.transposed, w.dtype, None, None)
+            scale = None if w.input_scale is None else w.input_scale[idx]
+            return cls(select(w.packed, idx), w.transposed, w.dtype, None, scale)
     if is_grouped_mm(func):
         x = args[0]
         wt = args[1] if len(args) > 1 else kwargs.get("mat2")
         offs = args[2] if len(args) > 2 else kwargs.get("offs")
         extra = {k for k, v in kwargs.items() if v is not None} - {"offs", "mat2"}  # bias, out_dtype
         if (type(wt) is cls and wt.transposed and type(x) is not cls and offs is not None and not extra
-                and x.dim() == 2 and wt.input_scale is None):
-            return grouped(x.to(wt.dtype) if x.dtype != wt.dtype else x, wt.packed, offs)
+                and x.dim() == 2):
+            return grouped(x.to(wt.dtype) if x.dtype != wt.dtype else x, wt.packed, offs, wt.input_scale)
         return NotImplemented
     if func in (torch.bmm, torch.Tensor.bmm) and not kwargs and len(args) == 2:
         # bmm against one weight per batch entry b (W[expert_ids] of batched_mm: T = 1; Llama 4's
@@ -126,9 +130,9 @@ def route(cls, func, args: tuple, kwargs: dict):
         a, b = args
         if type(b) is cls and b.transposed and type(a) is not cls and a.dim() == 3:  # x_b @ W_b.T
             n_b, t, k = a.shape
-            return grouped(a.reshape(-1, k), b.packed, _ends(n_b, t, a.device)).reshape(n_b, t, -1)
+            return grouped(a.reshape(-1, k), b.packed, _ends(n_b, t, a.device), b.input_scale).reshape(n_b, t, -1)
         if type(a) is cls and not a.transposed and type(b) is not cls and b.dim() == 3:  # W_b @ x_b (columns)
             n_b, k, t = b.shape
-            y = grouped(b.transpose(1, 2).reshape(-1, k), a.packed, _ends(n_b, t, b.device))
+            y = grouped(b.transpose(1, 2).reshape(-1, k), a.packed, _ends(n_b, t, b.device), a.input_scale)
             return y.reshape(n_b, t, -1).transpose(1, 2)
     return NotImplemented

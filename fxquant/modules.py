@@ -247,8 +247,8 @@ class PackedWeight(torch.Tensor):
             return self.float_data
         q = self.packed
         w = torch.stack([_dequantize(e) for e in experts.each(q)]) if q.experts else _dequantize(q)
-        if self.input_scale is not None:
-            w = w / self.input_scale.float()
+        if self.input_scale is not None:  # [K], or [E, K] for experts
+            w = w / self.input_scale.float().unsqueeze(-2)
         w = w.to(self.dtype)
         return w.transpose(-2, -1) if self.transposed else w
 

@@ -141,17 +141,18 @@ def _calib(n=4, rows=2, t=48):
     return [dict(input_ids=_ids(rows, t, 100 + i)) for i in range(n)]
 
 
-@pytest.mark.parametrize("sequential", [True, False])
-def test_gptq_quantizes_each_expert_from_its_rows(sequential):
-    """GPTQ on experts: each expert from the calibration rows routed to it (its own Hessian), in the
-    sequential walk and with observers; both emits agree; the output error on the calibration data is
-    below round-to-nearest's, expert by expert (each expert's ``tr(D H Dᵀ)``, H from its rows)."""
-    from fxquant.methods import GPTQ
+@pytest.mark.parametrize("method", ["gptq", "gptq-observers", "awq"])
+def test_data_methods_quantize_each_expert_from_its_rows(method):
+    """GPTQ and AWQ on experts: each expert from the calibration rows routed to it (its own statistics),
+    GPTQ in the sequential walk and with observers; both emits agree; the output error on each expert's
+    own rows (``tr(D H Dᵀ)``, H from those rows, AWQ's input scale included) is below round-to-nearest's."""
+    from fxquant.methods import AWQ, GPTQ
     from fxquant.methods._base import quadratic_error
 
     model = _mixtral()
     ids, calib = _ids(), _calib()
-    spec = fxquant.Spec(default=None, rules={"re:.*experts.*": "int4wo-32"}, method=GPTQ(true_sequential=sequential))
+    m = {"gptq": GPTQ(), "gptq-observers": GPTQ(true_sequential=False), "awq": AWQ()}[method]
+    spec = fxquant.Spec(default=None, rules={"re:.*experts.*": "int4wo-32"}, method=m)
     qm = fxquant.compile(copy.deepcopy(model), spec, example_kwargs=dict(input_ids=ids, use_cache=False),
                          calibration=calib)
     float_model = copy.deepcopy(model)
@@ -159,11 +160,11 @@ def test_gptq_quantizes_each_expert_from_its_rows(sequential):
     rep = fxquant.report(model)
     assert same_report(rep, fxquant.report(qm)) and len(rep.quantized) == 4
     res = rep.results["model.layers.0.mlp.experts.gate_up_proj"]
-    assert res["method"] == "gptq" and sum(res["expert_tokens"]) == 4 * 2 * 48 * 2  # tokens x top-2
+    assert res["method"] == m.name and sum(res["expert_tokens"]) == 4 * 2 * 48 * 2  # tokens x top-2
     assert 0 < rep.quantized[0].rel_output_error < 0.05
     with torch.no_grad():
         assert torch.equal(model(ids).logits, qm(input_ids=ids, use_cache=False).logits)
-    # layer 0's experts see the float model's routing: GPTQ's error below RTN's on each expert's rows
+    # layer 0's experts see the float model's routing: the method's error below RTN's on each expert's rows
     rtn = parse_scheme("int4wo-32")
     cap = {}
     h = float_model.model.layers[0].mlp.experts.register_forward_pre_hook(
@@ -173,26 +174,29 @@ def test_gptq_quantizes_each_expert_from_its_rows(sequential):
             float_model(**c)
     h.remove()
     w = float_model.model.layers[0].mlp.experts.gate_up_proj.detach()
-    packed = model.model.layers[0].mlp.experts.gate_up_proj.packed
+    packed = model.model.layers[0].mlp.experts.gate_up_proj
+    assert (packed.input_scale is not None) == (method == "awq")
     for e in range(4):
         xs = torch.cat([x[(idx == e).any(-1)] for x, idx, _ in cap["x"]])
         hess = xs.T.float() @ xs.float()
-        g = quadratic_error(w[e] - rtn.dequantize(experts.select(packed, e)), hess)
+        eff = rtn.dequantize(experts.select(packed.packed, e))
+        eff = eff if packed.input_scale is None else eff / packed.input_scale[e]
+        g = quadratic_error(w[e] - eff, hess)
         r = quadratic_error(w[e] - rtn.dequantize(rtn.quantize(w[e])), hess)
         assert g < r, (e, g, r)
 
 
 def test_methods_that_fit_one_statistic_leave_experts_float_with_reason():
-    """AWQ fits one input scale per layer: the experts stay float, the report says why and what to write
-    instead; the 2-D layers take the method; HQQ and RTN need no data and do quantize them."""
+    """OneBit fits one statistic per layer: the experts stay float, the report says why and what to write
+    instead; HQQ needs no data and quantizes them."""
     model = _mixtral(layers=1)
     ids = _ids()
-    spec = fxquant.Spec(default="int4wo-64@awq", skip=["lm_head", "re:.*mlp.gate.weight"])
+    spec = fxquant.Spec(default="onebit@onebit", skip=["lm_head", "re:.*mlp.gate.weight"])
     fxquant.quantize_(model, spec, example_kwargs=dict(input_ids=ids), calibration=_calib(2))
     rep = fxquant.report(model)
     ex = [r for r in rep.rows if "experts" in r.fqn]
-    assert len(ex) == 2 and all(r.status == "skipped" and "take rtn, hqq and gptq" in r.reason
-                                and "'re:.*experts.*': 'int4wo-64'" in r.reason for r in ex)
+    assert len(ex) == 2 and all(r.status == "skipped" and "take rtn, hqq, gptq and awq" in r.reason
+                                and "'re:.*experts.*': 'onebit'" in r.reason for r in ex)
     assert sum(r.status == "quantized" for r in rep.rows) == 4
     hqq = _mixtral(layers=1)
     fxquant.quantize_(hqq, fxquant.Spec(default=None, rules={"re:.*experts.*": "int4wo-64@hqq"}),
@@ -324,3 +328,26 @@ def test_gptq_on_llama4_bmm_experts():
         assert 0 < rep.quantized[0].rel_output_error < 0.05
         with torch.no_grad():
             assert torch.equal(m(ids).logits, qm(input_ids=ids, use_cache=False).logits)
+
+
+def test_awq_expert_scales_survive_save_load(tmp_path):
+    """AWQ's per-expert input scales ``[E, K]`` are part of the packed experts: fxquant.save / load and the
+    eager / batched_mm implementations (which index them per expert) keep the outputs."""
+    from fxquant.methods import AWQ
+
+    model = _mixtral()
+    ids = _ids()
+    spec = fxquant.Spec(default=None, rules={"re:.*experts.*": "int4wo-32"}, method=AWQ())
+    fxquant.quantize_(model, spec, example_kwargs=dict(input_ids=ids), calibration=_calib(2))
+    w = model.model.layers[1].mlp.experts.down_proj
+    assert w.input_scale is not None and w.input_scale.shape == (4, 96)
+    fxquant.save(model, tmp_path / "m.safetensors")
+    with torch.device("meta"):
+        skeleton = transformers.MixtralForCausalLM(model.config)
+    back = fxquant.load(tmp_path / "m.safetensors", model=skeleton).eval()
+    with torch.no_grad():
+        want = model(ids).logits
+        assert torch.equal(back(ids).logits, want)
+        for impl in ("batched_mm", "eager"):
+            back.set_experts_implementation(impl)
+            assert rel(back(ids).logits, want) < 1e-5

@@ -41,9 +41,10 @@ Latest results (AMD Zen 4, 2 threads; torch 2.13.0, transformers 5.25.0), ``--jo
   0.0063) while that layer's output matches its dequantized weight (0.0068 relative, the weight's own
   error), and layer 0's router then picks another expert for some token (its logits differ by 0.0019:
   a near tie in a random model); it stays with fp32 compute (0.0304), and int4 / nf4 / HQQ / GPTQ /
-  AWQ pass (GPTQ quantizing the experts expert by expert: re-run with ``--specs int4wo-64@gptq
-  int4wo-64@awq`` after that change, all 28 cases ok).  Notes: "experts float (awq: reason)" (AWQ
-  leaves experts float, by design) and "layers grow" (4-row routers padded to row tiles).
+  AWQ pass.  After GPTQ and AWQ began quantizing experts expert by expert and llama4 was added:
+  ``--archs mixtral qwen2_moe qwen3_moe olmoe gpt_oss phimoe granitemoe llama4 --specs int4wo-64@awq
+  int4wo-64@gptq``: all 32 cases ok; ``--archs llama4``: all 16 ok.  Note: "layers grow" (4-row
+  routers padded to row tiles).
 """
 from __future__ import annotations
 
@@ -254,8 +255,8 @@ def run_case(fm, kind: str, spec_str: str, ex: dict, float_out: torch.Tensor, ca
     embeddings = {n for n, mod in m.named_modules() if isinstance(mod, torch.nn.Embedding)}
     r.update(frontend=rep.frontend, sites=len(rep.rows), notes=rep.notes,
              skipped=[f"{x.fqn} ({x.reason})" for x in rep.skipped if not x.fqn.startswith("lm_head")
-                      and "take rtn, hqq and gptq" not in x.reason],
-             experts_float=[x.fqn for x in rep.skipped if "take rtn, hqq and gptq" in x.reason],
+                      and "take rtn, hqq, gptq and awq" not in x.reason],
+             experts_float=[x.fqn for x in rep.skipped if "take rtn, hqq, gptq and awq" in x.reason],
              float_left={n: p.ndim for n, p in m.named_parameters() if p.ndim >= 2 and not n.startswith("lm_head")
                          and not n.endswith("bias")  # gpt-oss: per-expert biases [E, N]
                          and not isinstance(p, PackedWeight) and n.rsplit(".", 1)[0] not in embeddings})

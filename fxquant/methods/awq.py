@@ -34,7 +34,6 @@ class AWQ(Method):
 
     name: ClassVar[str] = "awq"
     needs_data: ClassVar[bool] = True
-    per_expert: ClassVar[bool] = False  # one input statistic per layer
     needs_hessian: ClassVar[bool] = True
     n_grid: int = 20
     max_shrink: float = 0.5

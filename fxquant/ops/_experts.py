@@ -5,7 +5,8 @@
 ``torch._grouped_mm(x, W.mT, offs)`` computes it: ``x`` ``[S, K]`` holds the rows of each expert in
 turn, ``offs`` ``[E]`` (int) the end of each expert's rows (a cumulative count, as transformers'
 ``grouped_mm_experts_forward`` builds it), and the rows of expert ``e`` are multiplied by expert
-``e``'s weight: ``y[s:t] = <op>(x[s:t], tensors[e]...)``.  Rows past ``offs[-1]`` (transformers'
+``e``'s weight: ``y[s:t] = <op>(x[s:t], tensors[e]...)`` (``x[s:t] / input_scale[e]`` with AWQ's
+per-expert input scales ``[E, K]``).  Rows past ``offs[-1]`` (transformers'
 expert-parallel sentinels) are zeros.  Each expert with rows is one call of the per-expert op, so
 every kernel of the format (CPU native, Triton) serves experts unchanged.
 
@@ -21,15 +22,15 @@ SUFFIX = "_experts"
 
 
 def _split(op, args: tuple, kwargs: dict):
-    names = ("x", "offs", *op.tensors, *(n for n, _ in op.scalars), "compute_dtype")
+    names = ("x", "offs", *op.tensors, *(n for n, _ in op.scalars), "compute_dtype", "input_scale")
     bound = dict(zip(names, args), **kwargs)
     bound.setdefault("compute_dtype", None)
     scalars = {n: bound[n] for n, _ in op.scalars}
     scalars["compute_dtype"] = bound["compute_dtype"]
-    return bound["x"], bound["offs"], [bound[t] for t in op.tensors], scalars
+    return bound["x"], bound["offs"], [bound[t] for t in op.tensors], scalars, bound.get("input_scale")
 
 
-def _check(op, x: torch.Tensor, offs: torch.Tensor, tensors: list) -> int:
+def _check(op, x: torch.Tensor, offs: torch.Tensor, tensors: list, input_scale=None) -> int:
     """Shapes common to every format; returns the number of experts."""
     e = tensors[0].shape[0] if tensors and tensors[0].dim() > 0 else 0
     if x.dim() != 2:
@@ -41,6 +42,9 @@ def _check(op, x: torch.Tensor, offs: torch.Tensor, tensors: list) -> int:
         if t.dim() == 0 or t.shape[0] != e:
             raise ValueError(f"fxquant.{op.name}{SUFFIX}: {name} must be stacked over the {e} experts (dim 0), "
                              f"got {list(t.shape)}")
+    if input_scale is not None and tuple(input_scale.shape) != (e, x.shape[-1]):
+        raise ValueError(f"fxquant.{op.name}{SUFFIX}: input_scale must be [{e}, {x.shape[-1]}] (one scale per "
+                         f"expert and input channel), got {list(input_scale.shape)}")
     return e
 
 
@@ -48,13 +52,13 @@ def define_experts(op, lib) -> None:
     """Register ``fxquant::<op.name>_experts`` (schema, fake, one impl for every backend)."""
     name = op.name + SUFFIX
     args = ["Tensor x", "Tensor offs", *(f"Tensor {t}" for t in op.tensors),
-            *(f"{typ} {n}" for n, typ in op.scalars), "ScalarType? compute_dtype=None"]
+            *(f"{typ} {n}" for n, typ in op.scalars), "ScalarType? compute_dtype=None", "Tensor? input_scale=None"]
     lib.define(f"{name}({', '.join(args)}) -> Tensor")
     base = getattr(torch.ops.fxquant, op.name).default
 
     def impl(*args, **kwargs):
-        x, offs, tensors, scalars = _split(op, args, kwargs)
-        e = _check(op, x, offs, tensors)
+        x, offs, tensors, scalars, scale = _split(op, args, kwargs)
+        e = _check(op, x, offs, tensors, scale)
         ends = [int(v) for v in offs.tolist()]
         if any(b < a for a, b in zip([0] + ends, ends)) or (ends and ends[-1] > x.shape[0]):
             raise ValueError(f"fxquant.{name}: offs must be non-decreasing ends of each expert's rows, at most "
@@ -62,7 +66,8 @@ def define_experts(op, lib) -> None:
         pieces, start = [], 0  # each expert's rows in order, then zeros past the last end
         for i, end in enumerate(ends):
             if end > start:
-                pieces.append(base(x[start:end], *(t[i] for t in tensors), None, **scalars))
+                xe = x[start:end] if scale is None else x[start:end] / scale[i].to(x.dtype)
+                pieces.append(base(xe, *(t[i] for t in tensors), None, **scalars))
             start = end
         if start < x.shape[0] or not pieces:
             n = op.n_out({t: v[0] for t, v in zip(op.tensors, tensors)}, scalars) if e else 0
@@ -70,8 +75,8 @@ def define_experts(op, lib) -> None:
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     def fake(*args, **kwargs):
-        x, offs, tensors, scalars = _split(op, args, kwargs)
-        e = _check(op, x, offs, tensors)
+        x, offs, tensors, scalars, scale = _split(op, args, kwargs)
+        e = _check(op, x, offs, tensors, scale)
         if e == 0:
             return x.new_empty((x.shape[0], 0))
         first = {t: v[0] for t, v in zip(op.tensors, tensors)}

@@ -166,12 +166,18 @@ def _quantize_experts(gm, site: Site, stats: list[Stats]) -> None:
         err = ref = 0.0
         for e, st in enumerate(stats):
             if st.tokens:
-                deq = site.scheme.format.dequantize(experts.select(site.qweight, e))
+                deq = _expert_effective(site, e)
                 we = w[e].float()
                 err, ref = err + quadratic_error(we - deq, st.hessian), ref + quadratic_error(we, st.hessian)
         site.result.update(_output_errors(err, ref, sum(st.tokens for st in stats), site.out_shape[0]))
     for st in stats:
         st.hessian = None
+
+
+def _expert_effective(site: Site, e: int) -> torch.Tensor:
+    """Expert ``e``'s float weight as the quantized site multiplies by it (AWQ's input scale included)."""
+    deq = site.scheme.format.dequantize(experts.select(site.qweight, e))
+    return deq if site.input_scale is None else deq / site.input_scale[e]
 
 
 def _experts_output(gm, site: Site, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -181,7 +187,7 @@ def _experts_output(gm, site: Site, x: torch.Tensor, offs: torch.Tensor) -> torc
     y = x.new_zeros((x.shape[0], site.out_shape[0]))
     w = _weight(gm, site) if site.qweight is None else None
     for e, a, b in _expert_rows(offs):
-        we = w[e] if w is not None else site.scheme.format.dequantize(experts.select(site.qweight, e))
+        we = w[e] if w is not None else _expert_effective(site, e)
         y[a:b] = F.linear(x[a:b], we.to(x.dtype))
     return y.reshape(shape[0], shape[1], -1) if site.kind == "bmm" else y
 

@@ -77,24 +77,33 @@ def quantize_experts(site: Site, w: torch.Tensor, stats: list | None = None, t0:
     format whose layout differs between experts keeps the float weight (``site.reason``)."""
     t0 = time.perf_counter() if t0 is None else t0
     method, fmt = method_of(site), site.scheme.format
-    parts, err_sq, norm_sq, unseen = [], 0.0, 0.0, 0
+    parts, scales, err_sq, norm_sq, unseen = [], [], 0.0, 0.0, 0
+    ones = torch.ones(w.shape[-1])
     with torch.no_grad():
         for e in range(site.experts):
             st = stats[e] if stats is not None else None
+            scale = None
             if method.name == "rtn" or (method.needs_data and (st is None or st.tokens == 0)):
                 unseen += method.name != "rtn"
                 qw, rel = fmt.quantize_in_blocks(w[e], BLOCK_ELEMENTS)
             else:
-                qw = method.quantize(fmt, w[e].float(), st).qweight
-                rel = _common.rel_error(w[e], fmt.dequantize(qw))
+                r = method.quantize(fmt, w[e].float(), st)
+                qw, scale = r.qweight, r.input_scale  # AWQ: this expert's input scale (None: alpha 0)
+                deq = fmt.dequantize(qw)
+                rel = _common.rel_error(w[e], deq if scale is None else deq / scale)
             n2 = float(torch.linalg.vector_norm(w[e], dtype=torch.float32)) ** 2
             err_sq, norm_sq = err_sq + rel * rel * n2, norm_sq + n2
             parts.append(qw)
+            scales.append(scale)
     stacked = experts.stack(parts)
     if isinstance(stacked, str):
         site.reason = f"{site.scheme}: {stacked}"
         return
+    if any(sc is not None for sc in scales):  # the op divides each expert's rows by its row of these
+        site.input_scale = torch.stack([ones if sc is None else sc.float() for sc in scales])
     info = {"experts": site.experts}
+    if site.input_scale is not None:
+        info["awq_input_scale"] = "per expert, applied to each expert's rows in the op"
     if stats is not None:
         info["expert_tokens"] = [st.tokens for st in stats]
         info["calibration_tokens"] = sum(st.tokens for st in stats)

@@ -12,8 +12,8 @@ BUFFER_REASON = ("weight is a buffer, not a parameter: the default scheme applie
                  "(name it in a rule to quantize it)")
 
 #: why a mixture-of-experts weight keeps its float weight under a method that cannot work expert by expert
-EXPERTS_REASON = ("{0}: mixture-of-experts weights take rtn, hqq and gptq (expert by expert); {1} fits one "
-                  "input statistic per layer; name them in a rule with one of those, e.g. "
+EXPERTS_REASON = ("{0}: mixture-of-experts weights take rtn, hqq, gptq and awq (expert by expert); {1} fits "
+                  "one input statistic per layer; name them in a rule with one of those, e.g. "
                   "{{'re:.*experts.*': '{2}'}}")
 
 

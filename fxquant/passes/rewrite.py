@@ -59,10 +59,14 @@ def _rewrite(gm: torch.fx.GraphModule, site: Site, owners: dict[int, str]) -> No
         x = node_arg(node, ref.x_arg)
         if site.experts:  # a grouped matmul over the experts' stacked weights
             op = getattr(torch.ops.fxquant, qw.op + "_experts").default
+            attrs = dict(qw.attrs)
+            if site.input_scale is not None:  # AWQ's per-expert scales [E, K]: the op divides each expert's rows
+                scale = site.input_scale.to(site.weight_dtype or torch.float32)
+                attrs["input_scale"] = graph.get_attr(_register(gm, module_path, prefix + "awq_input_scale", scale))
             if site.kind == "bmm":  # x [E, T, K]: expert e's rows are x[e], T of them
-                new = _bmm_experts(graph, op, x, site, tensor_nodes)
+                new = _bmm_experts(graph, op, x, site, tensor_nodes, attrs)
             else:
-                new = graph.call_function(op, (x, node_arg(node, ref.offs), *tensor_nodes), dict(qw.attrs))
+                new = graph.call_function(op, (x, node_arg(node, ref.offs), *tensor_nodes), attrs)
         else:
             op = getattr(torch.ops.fxquant, qw.op).default
             new = graph.call_function(op, (x, *tensor_nodes, bias), dict(qw.attrs))
@@ -75,7 +79,7 @@ def _rewrite(gm: torch.fx.GraphModule, site: Site, owners: dict[int, str]) -> No
     ref.node = new
 
 
-def _bmm_experts(graph: torch.fx.Graph, op, x, site: Site, tensor_nodes: list) -> torch.fx.Node:
+def _bmm_experts(graph: torch.fx.Graph, op, x, site: Site, tensor_nodes: list, attrs: dict) -> torch.fx.Node:
     """``bmm(x [E, T, K], W.mT)`` as the experts op: x flattened to ``[E*T, K]``, expert e's rows
     ending at ``(e + 1) * T``, the result back to ``[E, T, N]``."""
     aten = torch.ops.aten
@@ -84,7 +88,7 @@ def _bmm_experts(graph: torch.fx.Graph, op, x, site: Site, tensor_nodes: list) -
     t = graph.call_function(aten.sym_size.int, (x, 1))
     ends = graph.call_function(aten.arange.start, (1, e + 1), {"dtype": torch.int32})
     offs = graph.call_function(aten.mul.Tensor, (ends, t))
-    y = graph.call_function(op, (flat, offs, *tensor_nodes), dict(site.qweight.attrs))
+    y = graph.call_function(op, (flat, offs, *tensor_nodes), attrs)
     return graph.call_function(aten.reshape.default, (y, [e, -1, n]))
 
 
@@ -129,8 +133,8 @@ def rewrite_linears(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     modified = bool(ctx.folds)
     _apply_folds(gm, ctx)
     scales: dict = {}
-    for site in ctx.sites:
-        if site.status == "quantized" and site.input_scale is not None:
+    for site in ctx.sites:  # (experts: the op divides each expert's rows by its own scale)
+        if site.status == "quantized" and site.input_scale is not None and not site.experts:
             _divide_input(gm, site, scales)
     for site in ctx.sites:
         if site.status == "quantized":
