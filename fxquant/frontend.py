@@ -230,7 +230,7 @@ def modules_graph(model: torch.nn.Module) -> torch.fx.GraphModule:
             seen.add(id(m))
             x = graph.placeholder(f"x_{len(outs)}")
             outs.append(graph.call_module(path, (x,)))
-        elif path and id(m) not in seen and isinstance(getattr(m, "is_transposed", None), bool) and hasattr(m, "has_gate"):
+        elif path and id(m) not in seen and _is_experts_module(m):
             seen.add(id(m))
             for name, p in m.named_parameters(recurse=False):
                 if p.dim() == 3 and name.endswith("proj"):  # gate_up_proj / up_proj / down_proj
@@ -243,6 +243,11 @@ def modules_graph(model: torch.nn.Module) -> torch.fx.GraphModule:
     gm = torch.fx.GraphModule(model, graph)
     gm.meta[MODULES_KEY] = True
     return gm
+
+
+def _is_experts_module(m: torch.nn.Module) -> bool:
+    """A transformers experts module (``use_experts_implementation`` sets ``is_transposed`` and ``has_gate``)."""
+    return isinstance(getattr(m, "is_transposed", None), bool) and hasattr(m, "has_gate")
 
 
 def trace(model: torch.nn.Module, example_inputs: tuple = (), example_kwargs: dict | None = None,

@@ -222,14 +222,13 @@ class PackedWeight(torch.Tensor):
     def __tensor_unflatten__(cls, inner: dict, ctx, outer_size, outer_stride):
         op, attrs, n, k, transposed, dtype, n_experts = ctx
         tensors = {name[len(_INNER):]: t for name, t in inner.items() if name not in _EXTRAS}
-        return cls(QuantizedWeight(op, tensors, dict(attrs), n, k, n_experts), transposed, dtype, inner.get("float_data"),
-                   inner.get("input_scale"))
+        return cls(QuantizedWeight(op, tensors, dict(attrs), n, k, n_experts), transposed, dtype,
+                   inner.get("float_data"), inner.get("input_scale"))
 
     def _stable_hash_for_caching(self) -> str:
         q = self.packed
         return (f"PackedWeight:{q.op}:{sorted(q.attrs.items())}:{q.experts}x{q.out_features}x{q.in_features}:"
-                f"{self.transposed}"
-                f":{self.input_scale is not None}")
+                f"{self.transposed}:{self.input_scale is not None}")
 
     # -- helpers ----------------------------------------------------------------------------------
     def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -283,8 +282,9 @@ class PackedWeight(torch.Tensor):
                 return w._linear(x, None)
         elif func in _ADDMM:
             b, x, w = args[0], args[1], args[2]
-            if (type(w) is cls and w.transposed and type(x) is not cls and not w.packed.experts and kwargs.get("beta", 1) == 1
-                    and kwargs.get("alpha", 1) == 1 and not kwargs.keys() - {"beta", "alpha"}):
+            if (type(w) is cls and w.transposed and type(x) is not cls and not w.packed.experts
+                    and kwargs.get("beta", 1) == 1 and kwargs.get("alpha", 1) == 1
+                    and not kwargs.keys() - {"beta", "alpha"}):
                 return w._linear(x, b)
         elif (func in _LAYOUT or getattr(func, "__self__", None) in _PROPS) and type(args[0]) is cls:
             if args[0].dim() == 2 and _is_swap(func, args):

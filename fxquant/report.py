@@ -161,7 +161,8 @@ def build_report(sites, *, frontend: str, export_error: str | None, dynamic_dims
         notes.append("no linear layer found in the traced graph")
     grown = [r for r in rows if r.status == "quantized" and r.bytes_after > r.bytes_before]
     if grown:
-        shown = ", ".join(f"{r.fqn} ({'x'.join(map(str, r.shape))}, {r.scheme}: {r.bytes_before} -> {r.bytes_after} bytes)"
+        shown = ", ".join(f"{r.fqn} ({'x'.join(map(str, r.shape))}, {r.scheme}: {r.bytes_before} -> "
+                          f"{r.bytes_after} bytes)"
                           for r in grown[:3])
         notes.append(f"{len(grown)} quantized layers are larger than in float: {shown}"
                      f"{' ...' if len(grown) > 3 else ''}. Layers with few output rows (a mixture-of-experts "

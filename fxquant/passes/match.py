@@ -79,14 +79,17 @@ def _expert_param(gm: torch.fx.GraphModule, node) -> tuple[str, bool] | None:
     if node.op == "get_attr":
         t = get_attr_path(gm, node.target)
         return (node.target, False) if isinstance(t, torch.Tensor) and t.dim() == 3 else None
-    if node.op != "call_function" or not node.args:
+    if node.op not in ("call_function", "call_method") or not node.args:
         return None
-    if node.target in _TRANSPOSES:
+    method = node.op == "call_method"
+    if node.target in _TRANSPOSES or (method and node.target in ("transpose", "swapaxes", "swapdims")):
         swaps = sorted(d % 3 for d in node.args[1:3]) == [1, 2]
-    elif node.target in (aten.permute.default, aten.permute_copy.default, torch.permute):
-        swaps = [d % 3 for d in node.args[1]] == [0, 2, 1]
+    elif node.target in (aten.permute.default, aten.permute_copy.default, torch.permute) or \
+            (method and node.target == "permute"):
+        dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+        swaps = [d % 3 for d in dims] == [0, 2, 1]
     else:
-        swaps = node.target in (aten.mT.default,)
+        swaps = node.target is aten.mT.default or (node.target is getattr and node.args[1:] == ("mT",))
     inner = _expert_param(gm, node.args[0]) if swaps else None
     return (inner[0], not inner[1]) if inner else None
 

@@ -134,17 +134,20 @@ class _Experts(nn.Module):
         self.conv = nn.Conv1d(4, 4, 3)  # a 3-D weight that is not a matrix product's: no note
 
     def forward(self, x):  # x [E, T, 32]
-        h = torch.bmm(x, self.w_up.transpose(1, 2))
-        y = torch.einsum("etn,ekn->etk", h, self.w_down)
+        h = torch.bmm(x, self.w_up.transpose(1, 2))  # a batched linear per expert: a site (kind bmm)
+        y = torch.einsum("etn,ekn->etk", h, self.w_down)  # any other product: float, named in a note
         return y + self.router(x).sum() + self.conv(x[:, :, :8].transpose(0, 1)).sum()
 
 
 @pytest.mark.parametrize("frontend", ["export", "fx"])
-def test_batched_expert_weights_are_named_in_a_note(frontend):
+def test_batched_expert_weights_are_sites_or_named_in_a_note(frontend):
     m = _Experts()
     x = torch.randn(4, 5, 32)
-    rep = fxquant.report(fxquant.compile(m, "int8wo", (x,), frontend=frontend))
-    assert [r.fqn for r in rep.rows] == ["router"] and rep.rows[0].status == "quantized"
+    qm = fxquant.compile(m, "int8wo", (x,), frontend=frontend)
+    rep = fxquant.report(qm)
+    assert {r.fqn: (r.kind, r.shape, r.status) for r in rep.rows} == {
+        "router": (rep.row("router").kind, (4, 32), "quantized"), "w_up": ("bmm", (4, 64, 32), "quantized")}
     note = [n for n in rep.notes if n.startswith("left float")]
-    assert len(note) == 1 and "2 weight tensors" in note[0], rep.notes
-    assert "w_up [4, 64, 32]" in note[0] and "w_down [4, 32, 64]" in note[0] and "conv" not in note[0]
+    assert len(note) == 1 and "1 weight tensors" in note[0], rep.notes
+    assert "w_down [4, 32, 64]" in note[0] and "w_up" not in note[0] and "conv" not in note[0]
+    assert ((qm(x) - m(x)).norm() / m(x).norm()).item() < 0.02
