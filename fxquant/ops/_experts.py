@@ -17,6 +17,7 @@ so a quantized MoE layer traces without a data-dependent loop, as transformers' 
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 SUFFIX = "_experts"
 
@@ -85,3 +86,16 @@ def define_experts(op, lib) -> None:
 
     torch.library.impl(f"fxquant::{name}", "CompositeExplicitAutograd", func=impl, lib=lib)
     torch.library.register_fake(f"fxquant::{name}", fake, lib=lib)
+    overload = getattr(torch.ops.fxquant, name).default
+
+    def autograd_kernel(*args, **kwargs):
+        # a plain eager call (no grad to record, no dispatch mode, a plain tensor) runs the loop right here,
+        # without the redispatch below autograd (a decode step calls this op twice per MoE layer)
+        x = args[0] if args else kwargs["x"]
+        if (type(x) is torch.Tensor and _get_current_dispatch_mode() is None
+                and not (torch.is_grad_enabled() and x.requires_grad)):
+            return impl(*args, **kwargs)
+        with torch._C._AutoDispatchBelowAutograd():
+            return overload(*args, **kwargs)
+
+    torch.library.impl(f"fxquant::{name}", "Autograd", func=autograd_kernel, lib=lib)
