@@ -87,6 +87,23 @@ def test_experts_op_is_the_per_expert_op(scheme):
                           test_utils=("test_schema", "test_faketensor"))
 
 
+def test_experts_op_gradient_for_x():
+    """x's gradient flows through the per-expert ops (the packed weights are frozen, as in QLoRA): it equals
+    the gradient through each expert's dequantized weight."""
+    s = parse_scheme("int4wo-32")
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(3, 16, 64, generator=g)
+    q = experts.stack([s.quantize(w[e]) for e in range(3)])
+    x = torch.randn(7, 64, generator=g, requires_grad=True)
+    offs = torch.tensor([2, 2, 6], dtype=torch.int32)
+    dy = torch.randn(7, 16, generator=g)
+    experts.grouped(x, q, offs).backward(dy)
+    want = torch.zeros(7, 64)
+    for e, (a, b) in enumerate([(0, 2), (2, 2), (2, 6)]):
+        want[a:b] = dy[a:b] @ s.dequantize(experts.select(q, e))
+    assert torch.allclose(x.grad, want, atol=1e-4, rtol=1e-3)
+
+
 def test_experts_op_rejects_bad_offsets():
     s = parse_scheme("int8wo")
     q = experts.stack([s.quantize(torch.randn(8, 16)) for _ in range(2)])

@@ -89,11 +89,11 @@ def define_experts(op, lib) -> None:
     overload = getattr(torch.ops.fxquant, name).default
 
     def autograd_kernel(*args, **kwargs):
-        # a plain eager call (no grad to record, no dispatch mode, a plain tensor) runs the loop right here,
-        # without the redispatch below autograd (a decode step calls this op twice per MoE layer)
+        # a plain eager call (a plain tensor, no dispatch mode) runs the loop right here: no redispatch below
+        # autograd (a decode step calls this op twice per MoE layer), and a gradient for x flows through the
+        # per-expert ops (their own autograd; the packed weights are frozen)
         x = args[0] if args else kwargs["x"]
-        if (type(x) is torch.Tensor and _get_current_dispatch_mode() is None
-                and not (torch.is_grad_enabled() and x.requires_grad)):
+        if type(x) is torch.Tensor and _get_current_dispatch_mode() is None:
             return impl(*args, **kwargs)
         with torch._C._AutoDispatchBelowAutograd():
             return overload(*args, **kwargs)
