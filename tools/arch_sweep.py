@@ -34,16 +34,13 @@ Latest results (AMD Zen 4, 2 threads; torch 2.13.0, transformers 5.25.0), ``--jo
   the four MoE families olmoe / gpt_oss / phimoe / granitemoe were added): 26 archs x 2 dtypes x 8
   specs, 416 cases, 632 s wall: all ok.  Closest to a bound: logit error 0.87 of it (bert_cls float32
   int8wo); generate's step logits 0.23 of theirs; compile's outputs equal quantize_'s exactly.
-- ``python tools/arch_sweep.py --archs mixtral qwen2_moe qwen3_moe olmoe gpt_oss phimoe granitemoe
-  --markdown`` (2026-12-07, expert weights quantized; 112 cases, ~220 s + 60 s): every case ok but one,
-  granitemoe float32 int8wo, logit error 0.0308 against a bound of 0.0143 (reference 0.0098).  That is
-  a routing flip, not a wrong layer: quantizing layer 0's v_proj alone already gives 0.028 (reference
-  0.0063) while that layer's output matches its dequantized weight (0.0068 relative, the weight's own
-  error), and layer 0's router then picks another expert for some token (its logits differ by 0.0019:
-  a near tie in a random model); it stays with fp32 compute (0.0304), and int4 / nf4 / HQQ / GPTQ /
-  AWQ pass.  After GPTQ and AWQ began quantizing experts expert by expert and llama4 was added:
-  ``--archs mixtral qwen2_moe qwen3_moe olmoe gpt_oss phimoe granitemoe llama4 --specs int4wo-64@awq
-  int4wo-64@gptq``: all 32 cases ok; ``--archs llama4``: all 16 ok.  Note: "layers grow" (4-row
+- ``python tools/arch_sweep.py --archs mixtral qwen2_moe qwen3_moe olmoe gpt_oss phimoe granitemoe llama4
+  --markdown`` (2026-12-07, expert weights quantized by every spec, GPTQ / AWQ expert by expert; 128 cases,
+  252 s): every case ok but one, granitemoe float32 int8wo, logit error 0.0308 against a bound of 0.0143
+  (reference 0.0098).  That is a routing flip, not a wrong layer: quantizing layer 0's v_proj alone already
+  gives 0.028 (reference 0.0063) while that layer's output matches its dequantized weight (0.0068 relative,
+  the weight's own error), and layer 0's router then picks another expert for some token (its logits differ
+  by 0.0019: a near tie in a random model); it stays with fp32 compute (0.0304).  Note: "layers grow" (4-row
   routers padded to row tiles).
 """
 from __future__ import annotations
