@@ -31,7 +31,7 @@ names the report notes seen (e.g. "experts float (note)").
 Latest results (AMD Zen 4, 2 threads; torch 2.13.0, transformers 5.25.0), ``--jobs 2``:
 
 - ``python tools/arch_sweep.py --markdown`` (2026-12-07, before MoE experts were quantized and before
-  the four MoE families olmoe / gpt_oss / phimoe / granitemoe were added): 26 archs x 2 dtypes x 8
+  the MoE families olmoe / gpt_oss / phimoe / granitemoe / llama4 were added): 26 archs x 2 dtypes x 8
   specs, 416 cases, 632 s wall: all ok.  Closest to a bound: logit error 0.87 of it (bert_cls float32
   int8wo); generate's step logits 0.23 of theirs; compile's outputs equal quantize_'s exactly.
 - ``python tools/arch_sweep.py --archs mixtral qwen2_moe qwen3_moe olmoe gpt_oss phimoe granitemoe llama4
@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import inspect
 import json
 import os
 import re
