@@ -222,6 +222,18 @@ def test_methods_that_fit_one_statistic_leave_experts_float_with_reason():
     assert res["method"] == "hqq" and res["experts"] == 4
 
 
+def _saved_and_loaded(model, ids, tmp_path):
+    """``(fxquant.load of fxquant.save(model) into a meta skeleton, model's logits)``; the two equal."""
+    fxquant.save(model, tmp_path / "m.safetensors")
+    with torch.device("meta"):
+        skeleton = transformers.MixtralForCausalLM(model.config)
+    back = fxquant.load(tmp_path / "m.safetensors", model=skeleton).eval()
+    with torch.no_grad():
+        want = model(ids).logits
+        assert torch.equal(back(ids).logits, want)
+    return back, want
+
+
 def test_experts_save_load_round_trip(tmp_path):
     """fxquant.save / load and transformers' save_pretrained / from_pretrained keep the packed experts bit
     for bit."""
@@ -231,13 +243,7 @@ def test_experts_save_load_round_trip(tmp_path):
     ids = _ids()
     model.save_pretrained(tmp_path / "float")
     fxquant.quantize_(model, EXPERTS_ONLY, example_kwargs=dict(input_ids=ids))
-    fxquant.save(model, tmp_path / "m.safetensors")
-    with torch.device("meta"):
-        skeleton = transformers.MixtralForCausalLM(model.config)
-    back = fxquant.load(tmp_path / "m.safetensors", model=skeleton).eval()
-    with torch.no_grad():
-        want = model(ids).logits
-        assert torch.equal(back(ids).logits, want)
+    back, want = _saved_and_loaded(model, ids, tmp_path)
     qc = FxQuantConfig(spec=EXPERTS_ONLY, example_inputs=dict(input_ids=ids))
     q = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=qc)
     q.save_pretrained(tmp_path / "q")
@@ -358,13 +364,8 @@ def test_awq_expert_scales_survive_save_load(tmp_path):
     fxquant.quantize_(model, spec, example_kwargs=dict(input_ids=ids), calibration=_calib(2))
     w = model.model.layers[1].mlp.experts.down_proj
     assert w.input_scale is not None and w.input_scale.shape == (4, 96)
-    fxquant.save(model, tmp_path / "m.safetensors")
-    with torch.device("meta"):
-        skeleton = transformers.MixtralForCausalLM(model.config)
-    back = fxquant.load(tmp_path / "m.safetensors", model=skeleton).eval()
+    back, want = _saved_and_loaded(model, ids, tmp_path)
     with torch.no_grad():
-        want = model(ids).logits
-        assert torch.equal(back(ids).logits, want)
         for impl in ("batched_mm", "eager"):
             back.set_experts_implementation(impl)
             assert rel(back(ids).logits, want) < 1e-5
