@@ -369,3 +369,17 @@ def test_awq_expert_scales_survive_save_load(tmp_path):
         for impl in ("batched_mm", "eager"):
             back.set_experts_implementation(impl)
             assert rel(back(ids).logits, want) < 1e-5
+
+
+def test_compressed_tensors_export_refuses_experts(tmp_path):
+    """compressed-tensors holds Linear layers: a model with packed experts is refused before any file is
+    written, the error naming the tensor and what to use instead."""
+    from fxquant.checkpoints.compressed_tensors import save_compressed_tensors
+
+    model = _mixtral(layers=1)
+    spec = fxquant.Spec(default="int8wo", skip=["lm_head", "re:.*mlp.gate.weight"])  # exportable 2-D layers
+    fxquant.quantize_(model, spec, example_kwargs=dict(input_ids=_ids()))
+    with pytest.raises(ValueError, match=r"experts\.gate_up_proj'?: mixture-of-experts weights \(4 experts stacked\)"
+                                         r".*fxquant\.save or save_pretrained"):
+        save_compressed_tensors(model, tmp_path / "ct")
+    assert not (tmp_path / "ct").exists() or not any((tmp_path / "ct").iterdir())

@@ -54,8 +54,11 @@ def _packed_layers(model: nn.Module):
     for mpath, m in model.named_modules():
         for name, t in list(m._parameters.items()) + list(m._buffers.items()):
             if isinstance(t, PackedWeight) and not (isinstance(m, nn.Linear) and name == "weight"):
-                raise ValueError(f"tensor {(mpath + '.' if mpath else '') + name!r}: a packed weight outside an "
-                                 "nn.Linear's 'weight'; compressed-tensors quantizes Linear layers only")
+                what = (f"mixture-of-experts weights ({t.packed.experts} experts stacked)" if t.packed.experts
+                        else "a packed weight outside an nn.Linear's 'weight'")
+                raise ValueError(f"tensor {(mpath + '.' if mpath else '') + name!r}: {what}; compressed-tensors "
+                                 "quantizes Linear layers only (save this model with fxquant.save or "
+                                 "save_pretrained instead)")
 
 
 def compressed_tensors_config(groups: dict[str, tuple[LayerArgs, list[str]]], ignore: list[str],
