@@ -88,7 +88,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     spec = _parse_spec(args)
     model, ex_args, ex_kwargs = load_factory(args.factory)
     # methods that need data (GPTQ, AWQ, OneBit) calibrate on the factory's example inputs
-    from .passes.calibrate import Call
+    from .passes.calibration_inputs import Call
 
     calibration = [Call((ex_args, ex_kwargs))] if args.calibrate_on_example else None
     qm = compile(model, spec, ex_args, ex_kwargs, frontend=args.frontend, calibration=calibration)

@@ -19,6 +19,7 @@ from typing import Any, Iterator
 
 import torch
 
+from .ops._experts import group_ends
 from .schemes import QuantizedWeight
 
 __all__ = ["each", "select", "stack", "experts_op", "grouped", "is_grouped_mm"]
@@ -87,29 +88,11 @@ def _index(idx) -> Any:
     return None
 
 
-def _swaps_last_two(func, args) -> bool:
-    if getattr(func, "__self__", None) is torch.Tensor.mT:
-        return True
-    if func in (torch.transpose, torch.Tensor.transpose, torch.swapaxes, torch.Tensor.swapaxes, torch.swapdims,
-                torch.Tensor.swapdims):
-        return len(args) == 3 and sorted(int(d) % 3 for d in args[1:]) == [1, 2]
-    if func in (torch.permute, torch.Tensor.permute):
-        dims = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
-        return [int(d) % 3 for d in dims] == [0, 2, 1]
-    return False
-
-
-def _ends(n: int, t: int, device) -> torch.Tensor:
-    """``offs`` of ``n`` groups of ``t`` rows each."""
-    return torch.arange(1, n + 1, device=device, dtype=torch.int32) * t
-
-
 def route(cls, func, args: tuple, kwargs: dict):
     """``PackedWeight.__torch_function__`` for a packed experts weight: the grouped / batched / per-expert
-    products and the views they take; ``NotImplemented`` for anything else (the caller's usual handling)."""
+    products and indexing; ``NotImplemented`` for anything else (the caller's usual handling, which also
+    swaps the last two dims)."""
     w = args[0] if args and type(args[0]) is cls else None
-    if w is not None and _swaps_last_two(func, args) and not kwargs:
-        return w._flipped()
     if w is not None and func is torch.Tensor.__getitem__ and w.float_data is None:
         idx = _index(args[1])
         if idx is not None:  # eager's W[e] (a 2-D packed weight) or batched_mm's W[expert_ids]
@@ -130,9 +113,9 @@ def route(cls, func, args: tuple, kwargs: dict):
         a, b = args
         if type(b) is cls and b.transposed and type(a) is not cls and a.dim() == 3:  # x_b @ W_b.T
             n_b, t, k = a.shape
-            return grouped(a.reshape(-1, k), b.packed, _ends(n_b, t, a.device), b.input_scale).reshape(n_b, t, -1)
+            return grouped(a.reshape(-1, k), b.packed, group_ends(n_b, t, a.device), b.input_scale).reshape(n_b, t, -1)
         if type(a) is cls and not a.transposed and type(b) is not cls and b.dim() == 3:  # W_b @ x_b (columns)
             n_b, k, t = b.shape
-            y = grouped(b.transpose(1, 2).reshape(-1, k), a.packed, _ends(n_b, t, b.device), a.input_scale)
+            y = grouped(b.transpose(1, 2).reshape(-1, k), a.packed, group_ends(n_b, t, b.device), a.input_scale)
             return y.reshape(n_b, t, -1).transpose(1, 2)
     return NotImplemented

@@ -163,7 +163,8 @@ def _export(model, args, kwargs, dynamic_shapes):
     # take a dynamic_shapes entry for them (a None leaf under **kwargs fails its tree matching), so they are
     # bound to forward for the trace instead of passed
     bound = {k: v for k, v in (kwargs or {}).items()
-             if var_kw is not None and k not in sig and not any(isinstance(t, torch.Tensor) for t in _leaves(v))}
+             if var_kw is not None and k not in sig
+             and not any(isinstance(t, torch.Tensor) for t in torch.utils._pytree.tree_leaves(v))}
     kwargs = {k: v for k, v in (kwargs or {}).items() if k not in bound}
     if dynamic_shapes is not None and kwargs:
         # export wants dynamic_shapes keyed like the forward signature: flatten args+kwargs by name;
@@ -205,10 +206,6 @@ def _drop_bound(bound: dict, module, args, kwargs):
                 raise ValueError(f"this graph was traced with {k}={v!r}; it cannot run with {k}={kwargs[k]!r}")
             kwargs = {n: a for n, a in kwargs.items() if n != k}
     return args, kwargs
-
-
-def _leaves(v):
-    return torch.utils._pytree.tree_leaves(v)
 
 
 def fx_trace(model: torch.nn.Module) -> torch.fx.GraphModule:

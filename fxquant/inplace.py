@@ -28,7 +28,7 @@ from torch import nn
 from .modules import PackedWeight, QuantizedLinear
 from .passes import Site
 from .passes._base import get_attr_path
-from .passes.match import _expert_param, _param
+from .passes.match import weight_view
 from .report import INPLACE_REPORT_ATTR, REPORT_KEY
 
 
@@ -90,7 +90,7 @@ def calibration_calls(model: nn.Module, calibration):
     """The calibration items as ``quantize_`` traces: each with the planning keyword arguments
     (``use_cache=False`` for a Hugging Face model) added; lazily, in order (the calibrate pass reads
     them once).  ``quantize_`` passes ``None`` on itself."""
-    from .passes.calibrate import Call, as_call
+    from .passes.calibration_inputs import Call, as_call
 
     for i, item in enumerate(calibration):
         args, kwargs = as_call(item, f"calibration[{i}]")
@@ -125,7 +125,7 @@ def weights_used_outside_sites(gm: torch.fx.GraphModule, sites: list[Site]) -> s
             if user in site_nodes:
                 continue
             # param.T (param.mT for experts) feeding sites
-            transpose = user.op != "get_attr" and (_param(gm, user) or _expert_param(gm, user)) is not None
+            transpose = user.op != "get_attr" and weight_view(gm, user) is not None
             if transpose and user.users and all(u in site_nodes for u in user.users):
                 continue
             out.add(node.target)

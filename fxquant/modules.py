@@ -167,15 +167,16 @@ _INNER = "packed_"
 _EXTRAS = ("float_data", "input_scale")  # the optional plain tensors a PackedWeight holds besides the packed ones
 
 
-def _is_swap(func, args) -> bool:
-    """Whether ``func(*args)`` swaps the two dims of a 2-D tensor (``.t()``, ``.T``, ``.mT``, ``.mH``,
-    ``adjoint()``, ``transpose(0, 1)`` / ``swapaxes``, ``permute(1, 0)``; a packed weight is real)."""
-    if func in _SWAP or getattr(func, "__self__", None) in _PROPS:
-        return True
+def _is_swap(func, args, ndim: int) -> bool:
+    """Whether ``func(*args)`` swaps the last two dims of an ``ndim``-D tensor (``.mT``, ``.mH``, ``adjoint()``,
+    ``transpose(-2, -1)`` / ``swapaxes``, ``permute``; ``.t()`` and ``.T`` when 2-D; a packed weight is real)."""
+    prop = getattr(func, "__self__", None)
+    if func in _SWAP or prop in _PROPS:  # .t() / .T / .H reverse every dim: the last two only when 2-D
+        return ndim == 2 or func in (torch.adjoint, torch.Tensor.adjoint) or prop in (torch.Tensor.mT, torch.Tensor.mH)
     if func in _TRANSPOSE:
-        return len(args) == 3 and sorted(int(d) % 2 for d in args[1:]) == [0, 1]
+        return len(args) == 3 and sorted(int(d) % ndim for d in args[1:]) == [ndim - 2, ndim - 1]
     dims = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
-    return [int(d) % 2 for d in dims] == [1, 0]
+    return [int(d) % ndim for d in dims] == [*range(ndim - 2), ndim - 1, ndim - 2]
 
 
 class PackedWeight(torch.Tensor):
@@ -287,7 +288,7 @@ class PackedWeight(torch.Tensor):
                     and not kwargs.keys() - {"beta", "alpha"}):
                 return w._linear(x, b)
         elif (func in _LAYOUT or getattr(func, "__self__", None) in _PROPS) and type(args[0]) is cls:
-            if args[0].dim() == 2 and _is_swap(func, args):
+            if _is_swap(func, args, args[0].dim()):  # [N, K] <-> [K, N]; experts: [E, N, K] <-> [E, K, N]
                 return args[0]._flipped()
         elif func in (torch.Tensor.to, torch.Tensor.cpu, torch.Tensor.cuda) and type(args[0]) is cls:
             return _to(args[0], func, args[1:], kwargs)

@@ -31,6 +31,20 @@ def _split(op, args: tuple, kwargs: dict):
     return bound["x"], bound["offs"], [bound[t] for t in op.tensors], scalars, bound.get("input_scale")
 
 
+def expert_rows(ends: list[int]):
+    """``(expert, start, end)`` of each expert with rows, from each expert's end row (``offs`` as a list)."""
+    start = 0
+    for e, end in enumerate(ends):
+        if end > start:
+            yield e, start, end
+        start = end
+
+
+def group_ends(n: int, t: int, device=None) -> torch.Tensor:
+    """``offs`` of ``n`` groups of ``t`` rows each (a batched product as a grouped one)."""
+    return torch.arange(1, n + 1, device=device, dtype=torch.int32) * t
+
+
 def _check(op, x: torch.Tensor, offs: torch.Tensor, tensors: list, input_scale=None) -> int:
     """Shapes common to every format; returns the number of experts."""
     e = tensors[0].shape[0] if tensors and tensors[0].dim() > 0 else 0
@@ -64,12 +78,11 @@ def define_experts(op, lib) -> None:
         if any(b < a for a, b in zip([0] + ends, ends)) or (ends and ends[-1] > x.shape[0]):
             raise ValueError(f"fxquant.{name}: offs must be non-decreasing ends of each expert's rows, at most "
                              f"{x.shape[0]}; got {ends}")
-        pieces, start = [], 0  # each expert's rows in order, then zeros past the last end
-        for i, end in enumerate(ends):
-            if end > start:
-                xe = x[start:end] if scale is None else x[start:end] / scale[i].to(x.dtype)
-                pieces.append(base(xe, *(t[i] for t in tensors), None, **scalars))
-            start = end
+        pieces = []  # each expert's rows in order, then zeros past the last end
+        for i, a, b in expert_rows(ends):
+            xe = x[a:b] if scale is None else x[a:b] / scale[i].to(x.dtype)
+            pieces.append(base(xe, *(t[i] for t in tensors), None, **scalars))
+        start = ends[-1] if ends else 0
         if start < x.shape[0] or not pieces:
             n = op.n_out({t: v[0] for t, v in zip(op.tensors, tensors)}, scalars) if e else 0
             pieces.append(x.new_zeros((x.shape[0] - start, n)))

@@ -29,9 +29,7 @@ by ``quantize_``).
 """
 from __future__ import annotations
 
-import inspect
 import operator
-import re
 import time
 import warnings
 from dataclasses import dataclass
@@ -39,14 +37,14 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 import torch.nn.functional as F
-from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
 from .. import experts
-from ..frontend import BOUND_KEY, EXAMPLE_KEY, GUARDS_KEY
 from ..methods import Stats
+from ..ops._experts import expert_rows, group_ends
 from ..methods._base import quadratic_error
 from ._base import InputError, PassContext, PassResult, Site, get_attr_path, meta, node_arg
+from .calibration_inputs import as_call, batch_rows, batches, flat_inputs, traced_layout
 from .quantize import check_supported, method_of, quantize_experts, quantize_site
 
 _MULS = {torch.ops.aten.mul.Tensor, operator.mul, torch.mul}
@@ -129,22 +127,13 @@ def _unseen_experts(ctx: PassContext, sites: list[Site]) -> None:
 
 
 # -- experts ---------------------------------------------------------------------------------------
-def _expert_rows(offs: torch.Tensor):
-    """``(expert, start, end)`` of each expert with rows (``offs``: each expert's end row)."""
-    start = 0
-    for e, end in enumerate(int(v) for v in offs.tolist()):
-        if end > start:
-            yield e, start, end
-        start = end
-
-
 def _grouped_input(site: Site, x: torch.Tensor, offs) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x [rows, K], offs)`` of an experts site's input: as given for a grouped matmul; for a ``bmm``
     site x ``[E, T, K]`` flattened, expert e's rows ending at ``(e + 1) * T``."""
     if site.kind != "bmm":
         return x, offs
     e, t, k = x.shape
-    return x.reshape(-1, k), torch.arange(1, e + 1, dtype=torch.int32) * t
+    return x.reshape(-1, k), group_ends(e, t)
 
 
 def _expert_stats(site: Site, pairs) -> list[Stats]:
@@ -153,7 +142,7 @@ def _expert_stats(site: Site, pairs) -> list[Stats]:
     hessian = method_of(site).needs_hessian
     for x, offs in pairs:
         x, offs = _grouped_input(site, x, offs)
-        for e, a, b in _expert_rows(offs):
+        for e, a, b in expert_rows(offs.tolist()):
             stats[e].update(x[a:b], hessian)
     return stats
 
@@ -186,7 +175,7 @@ def _experts_output(gm, site: Site, x: torch.Tensor, offs: torch.Tensor) -> torc
     x, offs = _grouped_input(site, x, offs)
     y = x.new_zeros((x.shape[0], site.out_shape[0]))
     w = _weight(gm, site) if site.qweight is None else None
-    for e, a, b in _expert_rows(offs):
+    for e, a, b in expert_rows(offs.tolist()):
         we = w[e] if w is not None else _expert_effective(site, e)
         y[a:b] = F.linear(x[a:b], we.to(x.dtype))
     return y.reshape(shape[0], shape[1], -1) if site.kind == "bmm" else y
@@ -203,7 +192,7 @@ class _ExpertObserver(torch.nn.Module):
     def forward(self, x: torch.Tensor, offs: torch.Tensor | None) -> torch.Tensor:
         hessian = method_of(self.site[0]).needs_hessian
         xs, offs = _grouped_input(self.site[0], x, offs)
-        for e, a, b in _expert_rows(offs):
+        for e, a, b in expert_rows(offs.tolist()):
             self.stats[e].update(xs[a:b], hessian)
         return x
 
@@ -403,7 +392,7 @@ def _observe(gm: torch.fx.GraphModule, ctx: PassContext, sites: list[Site]) -> N
     gm.recompile()
     try:
         with torch.no_grad():
-            for args, kwargs in tqdm(_batches(ctx.calibration), desc="fxquant: calibrating", unit="batch",
+            for args, kwargs in tqdm(batches(ctx.calibration), desc="fxquant: calibrating", unit="batch",
                                      disable=None, leave=False):
                 for args, kwargs in batch_rows(gm, *traced_layout(gm, ctx.model, args, kwargs)):
                     gm(*args, **kwargs)
@@ -420,30 +409,6 @@ def _observe(gm: torch.fx.GraphModule, ctx: PassContext, sites: list[Site]) -> N
     for (x_node, group), (_, _, obs) in reversed(list(zip(groups.items(), observers))):
         _quantize_group(gm, ctx, x_node, group, obs.stats, obs.err, linears=True)
         obs.stats.hessian = None
-
-
-def _batches(calibration):
-    for i, item in enumerate(calibration):
-        yield as_call(item, f"calibration[{i}]")
-
-
-class Call(tuple):
-    """An ``(args, kwargs)`` pair already in call form."""
-
-
-def as_call(item, where: str = "calibration item") -> tuple[tuple, dict]:
-    """A calibration item -> ``(args, kwargs)``: a tensor, a tuple / list of positional args, or a
-    dict of keyword args (as ``example_inputs`` / ``example_kwargs``)."""
-    if isinstance(item, Call):
-        return item[0], item[1]
-    if isinstance(item, torch.Tensor):
-        return (item,), {}
-    if isinstance(item, (tuple, list)):
-        return tuple(item), {}
-    if isinstance(item, dict):
-        return (), dict(item)
-    raise InputError(f"{where}: expected a tensor, a tuple of positional arguments or a dict of keyword "
-                    f"arguments, got {type(item).__name__}")
 
 
 # -- sequential walk --------------------------------------------------------------------------------
@@ -465,7 +430,7 @@ class _Walk:
                 for row in batch_rows(self.gm, *traced_layout(self.gm, self.ctx.model, args, kwargs))]
         for args, kwargs in rows:
             it = torch.fx.Interpreter(self.gm, garbage_collect_values=False)
-            it.args_iter = iter(_flat_inputs(self.gm, args, kwargs))
+            it.args_iter = iter(flat_inputs(self.gm, args, kwargs))
             interps.append(it)
         last_use = _last_uses(self.gm.graph)
         bar = tqdm(total=len(self.by_node), desc="fxquant: calibrating (sequential)", unit="layer",
@@ -528,99 +493,6 @@ class _Walk:
             return get_attr_path(self.gm, ref.bias) if ref.bias else None
         b = node_arg(site.node, ref.bias)
         return it.env[b] if isinstance(b, torch.fx.Node) else b
-
-
-def traced_layout(gm: torch.fx.GraphModule, model, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """``(args, kwargs)`` rearranged as the exported program was traced (which arguments were passed
-    by position, which by name), so a batch may name a positional parameter or pass a keyword one by
-    position, as the model's own ``forward`` allows."""
-    info = getattr(gm.graph._codegen, "pytree_info", None)
-    spec = getattr(info, "in_spec", None)
-    children = list(spec.children()) if spec is not None else []
-    if model is None or len(children) != 2:
-        return args, kwargs
-    n_args = children[0].num_children
-    names = list(children[1].context or ())
-    if len(args) == n_args and sorted(kwargs) == sorted(names):
-        return args, {k: kwargs[k] for k in names}
-    try:
-        sig = inspect.signature(model.forward)
-        bound = sig.bind(*args, **kwargs)
-    except TypeError as e:
-        raise InputError(f"a calibration batch does not fit the model's forward: {e}") from None
-    params = list(sig.parameters)
-    for p, par in sig.parameters.items():  # keywords taken by **kwargs: by their own names
-        if par.kind is inspect.Parameter.VAR_KEYWORD and p in bound.arguments:
-            bound.arguments.update(bound.arguments.pop(p))
-    traced_bound = gm.meta.get(BOUND_KEY, {})  # non-tensor keywords the trace bound (use_cache=False)
-    for k, v in traced_bound.items():
-        if k in bound.arguments and bound.arguments[k] == v:
-            del bound.arguments[k]
-    new_args = tuple(bound.arguments[p] for p in params[:n_args] if p in bound.arguments)
-    # a non-tensor keyword the model was traced with (use_cache=False) and the batch leaves out
-    _, example_kwargs = gm.meta.get(EXAMPLE_KEY, ((), {}))
-    for k in names:
-        if k not in bound.arguments and k in example_kwargs and not isinstance(example_kwargs[k], torch.Tensor):
-            bound.arguments[k] = example_kwargs[k]
-    missing = [k for k in names if k not in bound.arguments]
-    extra = [k for k, v in bound.arguments.items()
-             if k not in names and k not in params[:n_args] and v is not None]
-    if extra:  # the traced graph has no input for them: running without would silently change the data
-        raise InputError(f"a calibration batch passes {extra}, which the model was not traced with: pass them "
-                         f"in example_inputs / example_kwargs too (traced with {n_args} positional, keywords {names})")
-    if len(new_args) != n_args or missing:
-        raise InputError(f"a calibration batch must give the arguments the model was traced with "
-                         f"({n_args} positional, keywords {names}); missing {missing or params[len(new_args):n_args]}")
-    return new_args, {k: bound.arguments[k] for k in names}
-
-
-_BATCH_ONE = re.compile(r"L\['(\w+)'\]\.size\(\)\[0\] == 1")  # a guard pinning an input's batch to 1
-
-
-def batch_rows(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> list[tuple[tuple, dict]]:
-    """A calibration call as the graph can run it: itself, or, when the graph was traced with a batch of
-    one that the model's code pinned (Hugging Face's mask code branches on ``batch_size == 1``, so
-    the exported graph guards on it) and the call has ``B > 1`` rows, ``B`` calls of one row each
-    (every tensor whose first dim is ``B`` sliced; the others, such as a ``[1, T]`` position
-    tensor, as given).  Every statistic is a sum over tokens, so the rows give the batch's values."""
-    pinned = {m.group(1) for g in gm.meta.get(GUARDS_KEY, ()) if (m := _BATCH_ONE.fullmatch(g.strip()))}
-    if not pinned:
-        return [(args, kwargs)]
-    flat = _flat_inputs(gm, args, kwargs)
-    holders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    rows = None
-    for node, value in zip(holders, flat):
-        if node.target in pinned and isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] > 1:
-            rows = value.shape[0]
-            break
-    if rows is None:
-        return [(args, kwargs)]
-
-    def row(i):
-        return tree_map(lambda t: t[i:i + 1] if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == rows
-                        else t, (args, kwargs))
-    return [row(i) for i in range(rows)]
-
-
-def _flat_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> list:
-    """The placeholder values of ``gm`` for a call ``gm(*args, **kwargs)``."""
-    info = getattr(gm.graph._codegen, "pytree_info", None)
-    if info is not None and info.in_spec is not None:
-        from torch.fx._pytree import tree_flatten_spec
-
-        try:
-            return list(tree_flatten_spec((args, kwargs), info.in_spec))
-        except Exception as e:  # noqa: BLE001
-            raise InputError(f"a calibration batch does not have the structure of the example inputs the model "
-                             f"was traced with ({type(e).__name__}: {e})") from None
-    bound = inspect.signature(gm.forward).bind(*args, **kwargs)
-    bound.apply_defaults()
-    values = []
-    for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            name = node.target.lstrip("*")
-            values.append(bound.arguments.get(name, node.args[0] if node.args else None))
-    return values
 
 
 def _last_uses(graph: torch.fx.Graph) -> dict:

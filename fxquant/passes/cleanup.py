@@ -51,12 +51,11 @@ def _in_use(path: str, read: set[str], modules: set[str]) -> bool:
 def _is_weight_transpose(node: torch.fx.Node) -> bool:
     """A transpose of a get_attr tensor (what the match pass accepts as ``param.T``, or ``param.mT`` of
     experts): pure, so erasable once the site that read it is rewritten."""
-    from .match import _expert_param, _param
+    from .match import weight_view
 
     base = node.args[0] if node.args else None
-    gm = node.graph.owning_module
     return (node.op in ("call_function", "call_method") and isinstance(base, torch.fx.Node)
-            and base.op == "get_attr" and (_param(gm, node) or _expert_param(gm, node)) is not None)
+            and base.op == "get_attr" and weight_view(node.graph.owning_module, node) is not None)
 
 
 def note_kept_float_weights(sites, module: torch.nn.Module) -> None:

@@ -35,63 +35,55 @@ _ADDMM_TARGETS = {aten.addmm.default: "addmm", torch.addmm: "addmm"}
 # ops that swap the two dims of a 2-D tensor (``W.T`` exports as ``aten.numpy_T``, ``W.mT`` as ``aten.mT``)
 _SWAPS = {aten.t.default, aten.t_copy.default, aten.numpy_T.default, aten.mT.default, aten.mH.default,
           aten.adjoint.default, torch.t, torch.adjoint}
+_LAST_TWO = {aten.mT.default, aten.mH.default, aten.adjoint.default, torch.adjoint}  # on any dims
 _TRANSPOSES = {aten.transpose.int, aten.transpose_copy.int, aten.swapaxes.default, aten.swapdims.default,
                torch.transpose, torch.swapaxes, torch.swapdims}
 
 
-def _param(gm: torch.fx.GraphModule, node) -> tuple[str, bool] | None:
-    """``(attr_path, transposed)`` if ``node`` is a 2-D get_attr tensor or a transpose of one."""
+def _param(gm: torch.fx.GraphModule, node, ndim: int = 2) -> tuple[str, bool] | None:
+    """``(attr_path, transposed)`` if ``node`` is an ``ndim``-D get_attr tensor (2-D: a linear weight, 3-D:
+    a mixture-of-experts weight) or that tensor with its last two dims swapped (``.t()``, ``.T``, ``.mT``,
+    ``.mH`` / adjoint (real), ``transpose`` / ``swapaxes``, ``permute``; ``.t()`` / ``.T`` only when 2-D)."""
     if not isinstance(node, torch.fx.Node):
         return None
     if node.op == "get_attr":
         t = get_attr_path(gm, node.target)
-        return (node.target, False) if isinstance(t, torch.Tensor) and t.dim() == 2 else None
+        return (node.target, False) if isinstance(t, torch.Tensor) and t.dim() == ndim else None
     base = node.args[0] if node.args else None
+    last_two = [ndim - 2, ndim - 1]
+    swapped = [*range(ndim - 2), ndim - 1, ndim - 2]
     transposes = False
     if node.op == "call_function":
-        if node.target in _SWAPS:  # on a 2-D tensor (checked below): .t(), .T, .mT, .mH / adjoint (real)
-            transposes = True
+        if node.target in _SWAPS:  # .t() and .T reverse every dim: the last two only on a 2-D tensor
+            transposes = ndim == 2 or node.target in _LAST_TWO
         elif node.target in (aten.permute.default, aten.permute_copy.default, torch.permute):
-            transposes = [d % 2 for d in node.args[1]] == [1, 0]
+            transposes = [d % ndim for d in node.args[1]] == swapped
         elif node.target in _TRANSPOSES:
-            transposes = sorted(d % 2 for d in node.args[1:3]) == [0, 1]
+            transposes = sorted(d % ndim for d in node.args[1:3]) == last_two
         elif node.target is getattr and node.args[1] in ("T", "mT", "mH", "H"):
-            transposes = True
+            transposes = ndim == 2 or node.args[1] in ("mT", "mH")
     elif node.op == "call_method":
         if node.target in ("t", "adjoint"):
-            transposes = True
+            transposes = ndim == 2 or node.target == "adjoint"
         elif node.target == "permute":
             dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
-            transposes = [d % 2 for d in dims] == [1, 0]
+            transposes = [d % ndim for d in dims] == swapped
         elif node.target in ("transpose", "swapaxes", "swapdims"):
-            transposes = sorted(d % 2 for d in node.args[1:3]) == [0, 1]
+            transposes = sorted(d % ndim for d in node.args[1:3]) == last_two
     if not transposes:
         return None
-    inner = _param(gm, base)
+    inner = _param(gm, base, ndim)
     return (inner[0], not inner[1]) if inner else None
 
 
 def _expert_param(gm: torch.fx.GraphModule, node) -> tuple[str, bool] | None:
-    """``(attr_path, transposed)`` if ``node`` is a 3-D get_attr tensor (a mixture-of-experts weight) or
-    that tensor with its last two dims swapped (``.mT``, ``transpose(-2, -1)``, ``permute(0, 2, 1)``)."""
-    if not isinstance(node, torch.fx.Node):
-        return None
-    if node.op == "get_attr":
-        t = get_attr_path(gm, node.target)
-        return (node.target, False) if isinstance(t, torch.Tensor) and t.dim() == 3 else None
-    if node.op not in ("call_function", "call_method") or not node.args:
-        return None
-    method = node.op == "call_method"
-    if node.target in _TRANSPOSES or (method and node.target in ("transpose", "swapaxes", "swapdims")):
-        swaps = sorted(d % 3 for d in node.args[1:3]) == [1, 2]
-    elif node.target in (aten.permute.default, aten.permute_copy.default, torch.permute) or \
-            (method and node.target == "permute"):
-        dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
-        swaps = [d % 3 for d in dims] == [0, 2, 1]
-    else:
-        swaps = node.target is aten.mT.default or (node.target is getattr and node.args[1:] == ("mT",))
-    inner = _expert_param(gm, node.args[0]) if swaps else None
-    return (inner[0], not inner[1]) if inner else None
+    """:func:`_param` of a 3-D (mixture-of-experts) weight."""
+    return _param(gm, node, 3)
+
+
+def weight_view(gm: torch.fx.GraphModule, node) -> tuple[str, bool] | None:
+    """:func:`_param` of a linear weight or of a mixture-of-experts one."""
+    return _param(gm, node) or _param(gm, node, 3)
 
 
 def _experts_site(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Site | None:

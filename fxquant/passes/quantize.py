@@ -57,17 +57,22 @@ def quantize_site(site: Site, w: torch.Tensor, stats: Stats | None = None, resul
     t0 = time.perf_counter()
     if site.experts:
         return quantize_experts(site, w, stats, t0)
+    qw, rel, info, _ = _by_method(method, fmt, w, stats, result)
+    _record(site, qw, rel, w, info, t0, seconds)
+
+
+def _by_method(method: Method, fmt, w: torch.Tensor, stats: Stats | None, result: MethodResult | None = None):
+    """``(packed weight, relative weight error, method info, AWQ input scale or None)`` of ``w`` ``[N, K]``:
+    round-to-nearest in row blocks, else the method's (or its given ``result``); the error is of the
+    effective weight (the dequantized one divided by the input scale)."""
     with torch.no_grad():
         if result is None and method.name == "rtn":
             qw, rel = fmt.quantize_in_blocks(w, BLOCK_ELEMENTS)
-            info = {}
-        else:
-            result = result or method.quantize(fmt, w.float(), stats)
-            qw, info = result.qweight, result.info
-            deq = fmt.dequantize(qw)
-            rel = _common.rel_error(w, deq if result.input_scale is None else deq / result.input_scale)
-            del deq
-    _record(site, qw, rel, w, info, t0, seconds)
+            return qw, rel, {}, None
+        result = result or method.quantize(fmt, w.float(), stats)
+        deq = fmt.dequantize(result.qweight)
+        scale = result.input_scale
+        return result.qweight, _common.rel_error(w, deq if scale is None else deq / scale), result.info, scale
 
 
 def quantize_experts(site: Site, w: torch.Tensor, stats: list | None = None, t0: float | None = None) -> None:
@@ -78,29 +83,22 @@ def quantize_experts(site: Site, w: torch.Tensor, stats: list | None = None, t0:
     t0 = time.perf_counter() if t0 is None else t0
     method, fmt = method_of(site), site.scheme.format
     parts, scales, err_sq, norm_sq, unseen = [], [], 0.0, 0.0, 0
-    ones = torch.ones(w.shape[-1])
-    with torch.no_grad():
-        for e in range(site.experts):
-            st = stats[e] if stats is not None else None
-            scale = None
-            if method.name == "rtn" or (method.needs_data and (st is None or st.tokens == 0)):
-                unseen += method.name != "rtn"
-                qw, rel = fmt.quantize_in_blocks(w[e], BLOCK_ELEMENTS)
-            else:
-                r = method.quantize(fmt, w[e].float(), st)
-                qw, scale = r.qweight, r.input_scale  # AWQ: this expert's input scale (None: alpha 0)
-                deq = fmt.dequantize(qw)
-                rel = _common.rel_error(w[e], deq if scale is None else deq / scale)
-            n2 = float(torch.linalg.vector_norm(w[e], dtype=torch.float32)) ** 2
-            err_sq, norm_sq = err_sq + rel * rel * n2, norm_sq + n2
-            parts.append(qw)
-            scales.append(scale)
+    for e in range(site.experts):
+        st = stats[e] if stats is not None else None
+        unseen_here = method.needs_data and (st is None or st.tokens == 0)  # no row routed to it: RTN
+        unseen += unseen_here
+        # AWQ: this expert's input scale (None: alpha 0)
+        qw, rel, _, scale = _by_method(RTN() if unseen_here else method, fmt, w[e], st)
+        n2 = float(torch.linalg.vector_norm(w[e], dtype=torch.float32)) ** 2
+        err_sq, norm_sq = err_sq + rel * rel * n2, norm_sq + n2
+        parts.append(qw)
+        scales.append(scale)
     stacked = experts.stack(parts)
     if isinstance(stacked, str):
         site.reason = f"{site.scheme}: {stacked}"
         return
     if any(sc is not None for sc in scales):  # the op divides each expert's rows by its row of these
-        site.input_scale = torch.stack([ones if sc is None else sc.float() for sc in scales])
+        site.input_scale = torch.stack([torch.ones(w.shape[-1]) if sc is None else sc.float() for sc in scales])
     info = {"experts": site.experts}
     if site.input_scale is not None:
         info["awq_input_scale"] = "per expert, applied to each expert's rows in the op"

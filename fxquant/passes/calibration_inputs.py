@@ -1,0 +1,133 @@
+"""The calibration batches as the traced graph runs them: a batch in call form (:func:`as_call`), laid
+out as the exported program was traced (:func:`traced_layout`), split into single rows where the graph
+pins its batch to one (:func:`batch_rows`), flattened into the graph's placeholders (:func:`flat_inputs`).
+The calibrate pass (:mod:`.calibrate`) runs these; ``quantize_`` prepares its items with :class:`Call`.
+"""
+from __future__ import annotations
+
+import inspect
+import re
+
+import torch
+import torch.fx
+from torch.utils._pytree import tree_map
+
+from ..frontend import BOUND_KEY, EXAMPLE_KEY, GUARDS_KEY
+from ._base import InputError
+
+
+def batches(calibration):
+    for i, item in enumerate(calibration):
+        yield as_call(item, f"calibration[{i}]")
+
+
+class Call(tuple):
+    """An ``(args, kwargs)`` pair already in call form."""
+
+
+def as_call(item, where: str = "calibration item") -> tuple[tuple, dict]:
+    """A calibration item -> ``(args, kwargs)``: a tensor, a tuple / list of positional args, or a
+    dict of keyword args (as ``example_inputs`` / ``example_kwargs``)."""
+    if isinstance(item, Call):
+        return item[0], item[1]
+    if isinstance(item, torch.Tensor):
+        return (item,), {}
+    if isinstance(item, (tuple, list)):
+        return tuple(item), {}
+    if isinstance(item, dict):
+        return (), dict(item)
+    raise InputError(f"{where}: expected a tensor, a tuple of positional arguments or a dict of keyword "
+                    f"arguments, got {type(item).__name__}")
+
+
+def traced_layout(gm: torch.fx.GraphModule, model, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` rearranged as the exported program was traced (which arguments were passed
+    by position, which by name), so a batch may name a positional parameter or pass a keyword one by
+    position, as the model's own ``forward`` allows."""
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    spec = getattr(info, "in_spec", None)
+    children = list(spec.children()) if spec is not None else []
+    if model is None or len(children) != 2:
+        return args, kwargs
+    n_args = children[0].num_children
+    names = list(children[1].context or ())
+    if len(args) == n_args and sorted(kwargs) == sorted(names):
+        return args, {k: kwargs[k] for k in names}
+    try:
+        sig = inspect.signature(model.forward)
+        bound = sig.bind(*args, **kwargs)
+    except TypeError as e:
+        raise InputError(f"a calibration batch does not fit the model's forward: {e}") from None
+    params = list(sig.parameters)
+    for p, par in sig.parameters.items():  # keywords taken by **kwargs: by their own names
+        if par.kind is inspect.Parameter.VAR_KEYWORD and p in bound.arguments:
+            bound.arguments.update(bound.arguments.pop(p))
+    traced_bound = gm.meta.get(BOUND_KEY, {})  # non-tensor keywords the trace bound (use_cache=False)
+    for k, v in traced_bound.items():
+        if k in bound.arguments and bound.arguments[k] == v:
+            del bound.arguments[k]
+    new_args = tuple(bound.arguments[p] for p in params[:n_args] if p in bound.arguments)
+    # a non-tensor keyword the model was traced with (use_cache=False) and the batch leaves out
+    _, example_kwargs = gm.meta.get(EXAMPLE_KEY, ((), {}))
+    for k in names:
+        if k not in bound.arguments and k in example_kwargs and not isinstance(example_kwargs[k], torch.Tensor):
+            bound.arguments[k] = example_kwargs[k]
+    missing = [k for k in names if k not in bound.arguments]
+    extra = [k for k, v in bound.arguments.items()
+             if k not in names and k not in params[:n_args] and v is not None]
+    if extra:  # the traced graph has no input for them: running without would silently change the data
+        raise InputError(f"a calibration batch passes {extra}, which the model was not traced with: pass them "
+                         f"in example_inputs / example_kwargs too (traced with {n_args} positional, keywords {names})")
+    if len(new_args) != n_args or missing:
+        raise InputError(f"a calibration batch must give the arguments the model was traced with "
+                         f"({n_args} positional, keywords {names}); missing {missing or params[len(new_args):n_args]}")
+    return new_args, {k: bound.arguments[k] for k in names}
+
+
+_BATCH_ONE = re.compile(r"L\['(\w+)'\]\.size\(\)\[0\] == 1")  # a guard pinning an input's batch to 1
+
+
+def batch_rows(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> list[tuple[tuple, dict]]:
+    """A calibration call as the graph can run it: itself, or, when the graph was traced with a batch of
+    one that the model's code pinned (Hugging Face's mask code branches on ``batch_size == 1``, so
+    the exported graph guards on it) and the call has ``B > 1`` rows, ``B`` calls of one row each
+    (every tensor whose first dim is ``B`` sliced; the others, such as a ``[1, T]`` position
+    tensor, as given).  Every statistic is a sum over tokens, so the rows give the batch's values."""
+    pinned = {m.group(1) for g in gm.meta.get(GUARDS_KEY, ()) if (m := _BATCH_ONE.fullmatch(g.strip()))}
+    if not pinned:
+        return [(args, kwargs)]
+    flat = flat_inputs(gm, args, kwargs)
+    holders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    rows = None
+    for node, value in zip(holders, flat):
+        if node.target in pinned and isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] > 1:
+            rows = value.shape[0]
+            break
+    if rows is None:
+        return [(args, kwargs)]
+
+    def row(i):
+        return tree_map(lambda t: t[i:i + 1] if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == rows
+                        else t, (args, kwargs))
+    return [row(i) for i in range(rows)]
+
+
+def flat_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> list:
+    """The placeholder values of ``gm`` for a call ``gm(*args, **kwargs)``."""
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    if info is not None and info.in_spec is not None:
+        from torch.fx._pytree import tree_flatten_spec
+
+        try:
+            return list(tree_flatten_spec((args, kwargs), info.in_spec))
+        except Exception as e:  # noqa: BLE001
+            raise InputError(f"a calibration batch does not have the structure of the example inputs the model "
+                             f"was traced with ({type(e).__name__}: {e})") from None
+    bound = inspect.signature(gm.forward).bind(*args, **kwargs)
+    bound.apply_defaults()
+    values = []
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            name = node.target.lstrip("*")
+            values.append(bound.arguments.get(name, node.args[0] if node.args else None))
+    return values
