@@ -44,7 +44,7 @@ from ..methods import Stats
 from ..ops._experts import expert_rows, group_ends
 from ..methods._base import quadratic_error
 from ._base import InputError, PassContext, PassResult, Site, get_attr_path, meta, node_arg
-from .calibration_inputs import as_call, batch_rows, batches, flat_inputs, traced_layout
+from .calibration_inputs import as_call, batches, flat_inputs, graph_calls
 from .quantize import check_supported, method_of, quantize_experts, quantize_site
 
 _MULS = {torch.ops.aten.mul.Tensor, operator.mul, torch.mul}
@@ -394,7 +394,7 @@ def _observe(gm: torch.fx.GraphModule, ctx: PassContext, sites: list[Site]) -> N
         with torch.no_grad():
             for args, kwargs in tqdm(batches(ctx.calibration), desc="fxquant: calibrating", unit="batch",
                                      disable=None, leave=False):
-                for args, kwargs in batch_rows(gm, *traced_layout(gm, ctx.model, args, kwargs)):
+                for args, kwargs in graph_calls(gm, ctx.model, args, kwargs):
                     gm(*args, **kwargs)
     finally:
         for name, node, _ in observers + expert_obs:
@@ -426,8 +426,7 @@ class _Walk:
         if not calls:
             raise InputError("calibration is empty: it yielded no batch")
         interps = []
-        rows = [row for args, kwargs in calls
-                for row in batch_rows(self.gm, *traced_layout(self.gm, self.ctx.model, args, kwargs))]
+        rows = [row for args, kwargs in calls for row in graph_calls(self.gm, self.ctx.model, args, kwargs)]
         for args, kwargs in rows:
             it = torch.fx.Interpreter(self.gm, garbage_collect_values=False)
             it.args_iter = iter(flat_inputs(self.gm, args, kwargs))

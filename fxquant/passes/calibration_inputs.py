@@ -1,12 +1,15 @@
-"""The calibration batches as the traced graph runs them: a batch in call form (:func:`as_call`), laid
-out as the exported program was traced (:func:`traced_layout`), split into single rows where the graph
-pins its batch to one (:func:`batch_rows`), flattened into the graph's placeholders (:func:`flat_inputs`).
-The calibrate pass (:mod:`.calibrate`) runs these; ``quantize_`` prepares its items with :class:`Call`.
+"""The calibration batches as the traced graph runs them: a batch in call form (:func:`as_call`),
+keywords the trace did not take left out where that keeps the activations (:func:`without_extras`),
+laid out as the exported program was traced (:func:`traced_layout`), split into single rows where the
+graph pins its batch to one (:func:`batch_rows`), flattened into the graph's placeholders
+(:func:`flat_inputs`).  The calibrate pass (:mod:`.calibrate`) runs them through :func:`graph_calls`;
+``quantize_`` prepares its items with :class:`Call`.
 """
 from __future__ import annotations
 
 import inspect
 import re
+from collections.abc import Mapping
 
 import torch
 import torch.fx
@@ -34,10 +37,70 @@ def as_call(item, where: str = "calibration item") -> tuple[tuple, dict]:
         return (item,), {}
     if isinstance(item, (tuple, list)):
         return tuple(item), {}
-    if isinstance(item, dict):
+    if isinstance(item, Mapping):  # a dict, or a tokenizer's BatchEncoding
         return (), dict(item)
     raise InputError(f"{where}: expected a tensor, a tuple of positional arguments or a dict of keyword "
                     f"arguments, got {type(item).__name__}")
+
+
+def graph_calls(gm: torch.fx.GraphModule, model, args: tuple, kwargs: dict) -> list[tuple[tuple, dict]]:
+    """One calibration batch as the calls the traced graph runs: keywords the trace did not take but
+    whose effect is known left out (:func:`without_extras`), laid out as traced (:func:`traced_layout`),
+    split into rows where the graph pins its batch to one (:func:`batch_rows`)."""
+    return [row for a, k in without_extras(gm, args, kwargs)
+            for row in batch_rows(gm, *traced_layout(gm, model, a, k))]
+
+
+def _traced_names(gm: torch.fx.GraphModule) -> set[str] | None:
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    spec = getattr(info, "in_spec", None)
+    children = list(spec.children()) if spec is not None else []
+    return set(children[1].context or ()) if len(children) == 2 else None
+
+
+def without_extras(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> list[tuple[tuple, dict]]:
+    """A batch whose keywords the trace did not take, where leaving them out keeps every activation:
+    ``labels`` (only a loss reads them), an all-zero ``token_type_ids``, an all-ones ``attention_mask``;
+    a padded ``attention_mask`` (a tokenizer's output with ``padding=True``) splits the batch into its
+    rows, each cut to its unpadded tokens (the padding's activations left out of the statistics, as a
+    mask would keep them out of the real tokens').  Other keywords go on (:func:`traced_layout` names them)."""
+    names = _traced_names(gm)
+    if names is None:
+        return [(args, kwargs)]
+    kwargs = dict(kwargs)
+    if "labels" not in names:
+        kwargs.pop("labels", None)
+    tt = kwargs.get("token_type_ids")
+    if "token_type_ids" not in names and isinstance(tt, torch.Tensor) and not tt.any():
+        del kwargs["token_type_ids"]
+    mask = kwargs.get("attention_mask")
+    if "attention_mask" in names or not isinstance(mask, torch.Tensor):
+        return [(args, kwargs)]
+    del kwargs["attention_mask"]
+    if mask.bool().all():
+        return [(args, kwargs)]
+    if mask.dim() != 2:
+        raise InputError(f"a calibration batch passes a padded attention_mask of shape {list(mask.shape)}, which "
+                         f"the model was not traced with: pass attention_mask in example_kwargs too, or unpadded "
+                         f"batches")
+    b, t = mask.shape
+    rows = []
+    for i in range(b):
+        idx = mask[i].nonzero().flatten()
+        if idx.numel() == 0:
+            continue
+        lo, hi = int(idx[0]), int(idx[-1]) + 1
+        if hi - lo != idx.numel():
+            raise InputError(f"calibration: row {i} of a batch's attention_mask is not one span of tokens (packed "
+                             f"sequences?); the model was not traced with attention_mask: pass it in "
+                             f"example_kwargs too")
+
+        def cut(v, i=i, lo=lo, hi=hi):
+            if not isinstance(v, torch.Tensor) or v.dim() == 0 or v.shape[0] != b:
+                return v
+            return v[i:i + 1, lo:hi] if v.dim() >= 2 and v.shape[1] == t else v[i:i + 1]
+        rows.append(tree_map(cut, (args, kwargs)))
+    return rows
 
 
 def traced_layout(gm: torch.fx.GraphModule, model, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

@@ -277,26 +277,58 @@ def test_calibration_items_and_bad_items():
         fxquant.compile(model, spec, example_inputs=(xs[0],), calibration=[])
 
 
+class _Masked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.proj = nn.Embedding(256, 64), nn.Linear(64, 64)
+
+    def forward(self, input_ids, attention_mask=None, labels=None, scale=None):
+        h = self.emb(input_ids)
+        h = h if attention_mask is None else h * attention_mask[..., None]
+        return self.proj(h if scale is None else h * scale)
+
+
 def test_calibration_argument_the_trace_lacks_is_an_error():
-    """An attention_mask in the batches but not in the example would be dropped: refused, named."""
-    class Masked(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb, self.proj = nn.Embedding(256, 64), nn.Linear(64, 64)
-
-        def forward(self, input_ids, attention_mask=None):
-            h = self.emb(input_ids)
-            return self.proj(h if attention_mask is None else h * attention_mask[..., None])
-
-    m = Masked().eval()
-    batches = [{"input_ids": b, "attention_mask": torch.ones_like(b)} for b in _batches(2)]
+    """A keyword the trace did not take and whose effect is unknown would be dropped: refused, named."""
+    m = _Masked().eval()
+    batches = [{"input_ids": b, "scale": torch.tensor(2.0)} for b in _batches(2)]
     for sequential in (True, False):
         spec = fxquant.Spec(default="int4wo-32", method=GPTQ(true_sequential=sequential))
-        with pytest.raises(ValueError, match=r"passes \['attention_mask'\].*example_kwargs"):
+        with pytest.raises(ValueError, match=r"passes \['scale'\].*example_kwargs"):
             fxquant.compile(m, spec, example_kwargs={"input_ids": IDS}, calibration=batches)
-    ok = fxquant.compile(m, "int4wo-32@gptq", example_kwargs={"input_ids": IDS, "attention_mask": torch.ones_like(IDS)},
+    ok = fxquant.compile(m, "int4wo-32@gptq", example_kwargs={"input_ids": IDS, "scale": torch.tensor(1.0)},
                          calibration=batches)
     assert fxquant.report(ok).results["proj"]["calibration_tokens"] == 2 * 2 * 24
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_tokenizer_batches_on_a_trace_without_attention_mask(sequential):
+    """A tokenizer's batches (attention_mask, padding, labels) on a model traced with input_ids only: an
+    all-ones mask and labels are left out, a padded batch runs as its unpadded rows: the same codes as
+    calibrating on those rows by hand; a mask that is not one span per row is refused."""
+    from transformers import BatchEncoding
+
+    m = _Masked().eval()
+    spec = fxquant.Spec(default="int4wo-32", method=GPTQ(true_sequential=sequential))
+    ids = _batches(2, rows=3, seq=20)
+    mask = torch.ones(3, 20, dtype=torch.long)
+    mask[0, :5] = 0  # left padding
+    mask[2, 12:] = 0  # right padding
+    rows = [ids[0][0:1, 5:], ids[0][1:2], ids[0][2:3, :12], ids[1]]
+    got = fxquant.compile(m, spec, example_kwargs={"input_ids": IDS}, calibration=[
+        BatchEncoding({"input_ids": ids[0], "attention_mask": mask, "labels": ids[0]}),
+        {"input_ids": ids[1], "attention_mask": torch.ones_like(ids[1]), "token_type_ids": torch.zeros_like(ids[1])}])
+    want = fxquant.compile(m, spec, example_kwargs={"input_ids": IDS}, calibration=[{"input_ids": r} for r in rows])
+    assert torch.equal(got.get_buffer("proj.qweight"), want.get_buffer("proj.qweight"))
+    assert fxquant.report(got).results["proj"]["calibration_tokens"] == 15 + 20 + 12 + 3 * 20
+    holes = mask.clone()
+    holes[1, 7] = 0
+    with pytest.raises(ValueError, match=r"row 1 of a batch's attention_mask is not one span"):
+        fxquant.compile(m, spec, example_kwargs={"input_ids": IDS},
+                        calibration=[{"input_ids": ids[0], "attention_mask": holes}])
+    with pytest.raises(ValueError, match=r"token_type_ids"):  # not all zeros: its effect is unknown
+        fxquant.compile(m, spec, example_kwargs={"input_ids": IDS},
+                        calibration=[{"input_ids": ids[0], "token_type_ids": torch.ones_like(ids[0])}])
 
 
 def test_bad_method_parameters_name_the_field():
