@@ -19,6 +19,7 @@ from . import inplace
 from . import ops  # noqa: F401  (registers torch.ops.fxquant.*)
 from .frontend import TraceResult, trace
 from .passes import PIPELINE, PLAN, QUANTIZE, PassContext, run_passes
+from .passes.calibration_inputs import with_example
 from .passes.cleanup import note_kept_float_weights
 from .report import INPLACE_REPORT_ATTR, REPORT_KEY, build_report, tensor_bytes
 from .schemes import Scheme
@@ -57,8 +58,9 @@ def compile(model: torch.nn.Module, spec: SpecLike, example_inputs: Any = (),
     are what ``model`` is called with; batch and sequence dims stay dynamic (``dynamic=True``).
     ``frontend``: "auto" (torch.export, FX fallback), "export" or "fx".
     ``calibration``: an iterable of model inputs (each a tensor, a tuple of positional args or a dict
-    of keyword args) for the methods that need data (``"int4wo-128@gptq"``, AWQ, OneBit); RTN and
-    HQQ need none, and with data every quantized layer's output error is reported too.
+    of keyword args; a single tensor or dict is one batch) for the methods that need data
+    (``"int4wo-128@gptq"``, AWQ, OneBit); RTN and HQQ need none, and with data every quantized layer's
+    output error is reported too.  Without example inputs, the first batch is the example.
     The user's model is not modified; ``fxquant.report(result)`` gives the per-layer report.
     """
     spec = Spec.coerce(spec)
@@ -67,6 +69,7 @@ def compile(model: torch.nn.Module, spec: SpecLike, example_inputs: Any = (),
     if frontend == "modules":
         raise ValueError("frontend='modules' is for fxquant.quantize_ (it lists the model's nn.Linear modules "
                          "without a graph); fxquant.compile needs frontend 'auto', 'export' or 'fx'")
+    calibration, example_inputs, example_kwargs = with_example(calibration, example_inputs, example_kwargs)
     traced = _trace(model, example_inputs, example_kwargs, frontend, dynamic)
     if traced.frontend == "modules":
         hint = ""
@@ -114,6 +117,7 @@ def quantize_(model: torch.nn.Module, spec: SpecLike, example_inputs: Any = (),
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     inplace.check_not_quantized(model)
+    calibration, example_inputs, example_kwargs = with_example(calibration, example_inputs, example_kwargs)
     traced = _trace(model, example_inputs, inplace.planning_kwargs(model, example_kwargs), frontend, dynamic)
     if traced.frontend == "modules" and calibration is not None:
         raise ValueError("calibration needs a traced model, and this one could not be traced "

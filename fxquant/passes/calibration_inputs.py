@@ -8,6 +8,7 @@ graph pins its batch to one (:func:`batch_rows`), flattened into the graph's pla
 from __future__ import annotations
 
 import inspect
+import itertools
 import re
 from collections.abc import Mapping
 
@@ -41,6 +42,25 @@ def as_call(item, where: str = "calibration item") -> tuple[tuple, dict]:
         return (), dict(item)
     raise InputError(f"{where}: expected a tensor, a tuple of positional arguments or a dict of keyword "
                     f"arguments, got {type(item).__name__}")
+
+
+def with_example(calibration, example_inputs, example_kwargs) -> tuple:
+    """``(calibration, example_inputs, example_kwargs)`` as the front end and the calibrate pass take them:
+    a single tensor or dict (a tokenizer's output) given as ``calibration`` is one batch (iterating it
+    would give its rows or its keys); with no example inputs, the first batch is the example the model
+    is traced with (the batches stay one pass, in order)."""
+    if isinstance(calibration, (torch.Tensor, Mapping)):
+        calibration = [calibration]
+    no_example = (example_inputs is None or (isinstance(example_inputs, (tuple, list)) and not example_inputs)) \
+        and not example_kwargs
+    if calibration is None or not no_example:
+        return calibration, example_inputs, example_kwargs
+    rest = iter(calibration)
+    first = next(rest, None)
+    if first is None:
+        return [], example_inputs, example_kwargs
+    args, kwargs = as_call(first, "calibration[0]")
+    return itertools.chain([first], rest), args, kwargs
 
 
 def graph_calls(gm: torch.fx.GraphModule, model, args: tuple, kwargs: dict) -> list[tuple[tuple, dict]]:

@@ -264,6 +264,27 @@ def test_gptq_and_awq_beat_rtn_on_the_calibration_data():
         assert errs[f"{base}@awq"] < errs[base]
 
 
+@pytest.mark.parametrize("form", ["compile", "quantize_"])
+def test_one_tensor_or_dict_is_one_batch_and_the_first_batch_is_the_example(form):
+    """``calibration=x`` (a tensor) and ``calibration={"x": x}`` are the batch ``[x]``, not its rows or its
+    keys; without example inputs the model is traced with the first batch: the same codes in every case."""
+    import copy
+
+    model = TwoLinears().eval()
+    x = torch.cat(_xs(2))
+    spec = fxquant.Spec(default="int4wo-32@gptq")
+
+    def codes(**kw):
+        if form == "compile":
+            return fxquant.compile(model, spec, **kw).get_buffer("a.qweight")
+        m = fxquant.quantize_(copy.deepcopy(model), spec, **kw)
+        return m.a.qweight
+    want = codes(example_inputs=(x[:1],), calibration=[x])
+    for kw in (dict(example_inputs=(x[:1],), calibration=x), dict(example_inputs=(x[:1],), calibration={"x": x}),
+               dict(calibration=[x]), dict(calibration=iter([{"x": x}])), dict(calibration=x)):
+        assert torch.equal(codes(**kw), want), kw
+
+
 def test_calibration_items_and_bad_items():
     model = TwoLinears().eval()
     xs = _xs(2)
