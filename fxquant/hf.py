@@ -52,7 +52,8 @@ class FxQuantConfigFields:
     ``spec``: a :class:`~fxquant.Spec`, a scheme string, a spec dict, or any outside config
     :meth:`Spec.from_config` reads (a ``BitsAndBytesConfig``, a GPTQ dict, ...).
     ``example_inputs``: keyword arguments to trace the model with (default: its ``dummy_inputs``);
-    ``calibration``: model inputs for the methods that need data (GPTQ, AWQ): neither is saved.
+    ``calibration``: model inputs for the methods that need data (GPTQ, AWQ), or texts (``str``),
+    tokenized with the model's own tokenizer as a GPTQ config's ``dataset`` is: neither is saved.
     ``layout``: written by fxquant after quantizing (what ``from_pretrained`` rebuilds); not for users.
     """
 
@@ -141,10 +142,14 @@ class QuantizerSteps:
                                  "checkpoint does not match its quantization_config's layout")
             return
         calibration = config.calibration
+        if isinstance(calibration, str):
+            calibration = [calibration]
         if calibration is None and config.spec.calibration_texts:
             calibration = _tokenized(model, config.spec.calibration_texts)
         if calibration is not None:
             calibration = list(calibration)
+            if calibration and all(isinstance(c, str) for c in calibration):
+                calibration = _tokenized(model, calibration)
         if config.example_inputs is not None:
             example = dict(config.example_inputs)
         elif calibration and isinstance(calibration[0], Mapping):
@@ -170,14 +175,14 @@ def _dummy_inputs(model: torch.nn.Module) -> dict[str, Any]:
 
 
 def _tokenized(model: torch.nn.Module, texts) -> list[dict[str, torch.Tensor]]:
-    """The spec's calibration texts tokenized with the model's own tokenizer (``name_or_path``)."""
+    """Calibration texts tokenized with the model's own tokenizer (``name_or_path``)."""
     from transformers import AutoTokenizer
 
     path = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # noqa: BLE001  (any failure: say what to do instead)
-        raise ValueError(f"fxquant: the spec has calibration texts but no tokenizer could be loaded from {path!r} "
+        raise ValueError(f"fxquant: calibration texts need a tokenizer and none could be loaded from {path!r} "
                          f"({e}); pass FxQuantConfig(calibration=[{{'input_ids': ...}}, ...])") from None
     return [dict(tok(t, return_tensors="pt")) for t in texts]
 

@@ -203,3 +203,28 @@ def test_every_config_kind_through_fxquant_config(float_dir, tmp_path, kind):
     assert {r.scheme for r in fxquant.report(q).rows if r.status == "quantized"} == {str(spec.default)}
     q.save_pretrained(tmp_path)
     assert torch.equal(_load(tmp_path)(IDS).logits, q(IDS).logits)
+
+
+def test_calibration_texts_tokenized_with_the_models_tokenizer(float_dir, tmp_path):
+    """``FxQuantConfig(calibration=[texts])``: tokenized with the tokenizer saved beside the model, the
+    same codes as ``quantize_`` calibrated on those tokens by hand."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = "the a of to and in is it that was he for on are with as his they at be this from".split()
+    inner = Tokenizer(models.WordLevel({w: i + 1 for i, w in enumerate(words)} | {"[UNK]": 0}, unk_token="[UNK]"))
+    inner.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=inner, unk_token="[UNK]")
+    path = tmp_path / "with_tokenizer"
+    shutil.copytree(float_dir, path)
+    tok.save_pretrained(path)
+    texts = ["the cat sat on the mat and it was at the door " * 3, "he is with this from that to be a"]
+    spec = fxquant.Spec(default="int4wo-32@gptq", skip=["lm_head"])
+    q = _load(path, quantization_config=FxQuantConfig(spec=spec, calibration=texts))
+    batches = [dict(tok(t, return_tensors="pt")) for t in texts]
+    direct = fxquant.quantize_(_load(path), spec, calibration=batches)
+    assert torch.equal(q(IDS).logits, direct(IDS).logits)
+    rep = fxquant.report(q).results["model.layers.0.mlp.up_proj"]
+    assert rep["calibration_tokens"] == sum(b["input_ids"].numel() for b in batches) > 0

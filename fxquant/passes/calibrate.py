@@ -82,7 +82,8 @@ def calibrate(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             what = "; ".join(f"{m}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''} ({len(names)} sites)"
                              for m, names in by_method.items())
             raise InputError(f"these methods need calibration data and none was given ({what}); pass "
-                             "calibration=<iterable of model inputs> (RTN and HQQ need none)")
+                             "calibration=<iterable of model inputs> to fxquant.compile / quantize_ (to from_pretrained: "
+                             "FxQuantConfig(spec=..., calibration=[texts or model inputs])); RTN and HQQ need none")
         return PassResult(gm)
     check_supported(candidates, lambda site: _weight(gm, site))
     # experts: calibrated only by a data method (each expert on the rows routed to it); data-free ones

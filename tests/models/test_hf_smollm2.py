@@ -51,3 +51,26 @@ def test_bitsandbytes_config_through_fxquant(smollm2, smollm2_dir):
     ids = tok(PROMPT, return_tensors="pt").input_ids
     out = q.generate(ids, max_new_tokens=8, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids.shape[1]:])
+
+
+@pytest.mark.slow  # CI time; the same path with a small tokenizer in tests/test_hf.py
+def test_from_pretrained_calibrates_on_texts(smollm2, smollm2_dir):
+    """``FxQuantConfig(calibration=[texts])`` for a method that needs data: the texts tokenized with the
+    model's own tokenizer, as ``quantize_`` calibrated on those tokens by hand (same codes)."""
+    from transformers import AutoModelForCausalLM
+
+    from fxquant.hf import FxQuantConfig
+
+    _, tok = smollm2
+    texts = ["The quick brown fox jumps over the lazy dog. " * 6, "Paris is the capital and largest city of France."]
+    spec = fxquant.Spec(default=None, rules={"model.layers.3.mlp.down_proj": "int4wo-64@awq"})
+    q = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32,
+                                             quantization_config=FxQuantConfig(spec=spec, calibration=texts)).eval()
+    batches = [dict(tok(t, return_tensors="pt")) for t in texts]
+    direct = fxquant.quantize_(AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval(), spec,
+                               calibration=batches)
+    got, want = q.model.layers[3].mlp, direct.model.layers[3].mlp
+    assert torch.equal(got.down_proj.qweight, want.down_proj.qweight)
+    assert torch.equal(got.up_proj.weight, want.up_proj.weight)  # AWQ's scale, folded into up_proj's rows
+    n_tokens = sum(b["input_ids"].numel() for b in batches)
+    assert fxquant.report(q).results["model.layers.3.mlp.down_proj"]["calibration_tokens"] == n_tokens
