@@ -48,16 +48,17 @@ class Stats:
     def mean_abs(self) -> torch.Tensor:
         return self.abs_sum / max(self.tokens, 1)
 
-    def update(self, x: torch.Tensor, hessian: bool) -> None:
-        """Add the rows of ``x`` ``[..., K]``."""
+    def update(self, x: torch.Tensor, hessian: bool, channels: bool = True) -> None:
+        """Add the rows of ``x`` ``[..., K]`` (``channels``: the per-channel ``absmax`` / ``mean_abs`` too)."""
         x2 = x.detach().reshape(-1, x.shape[-1]).float()
-        a = x2.abs()
-        amax, asum = a.amax(dim=0), a.sum(dim=0)
-        if self.absmax is None:
-            self.absmax, self.abs_sum = amax, asum
-        else:
-            torch.maximum(self.absmax, amax, out=self.absmax)
-            self.abs_sum += asum
+        if channels:
+            a = x2.abs()
+            amax, asum = a.amax(dim=0), a.sum(dim=0)
+            if self.absmax is None:
+                self.absmax, self.abs_sum = amax, asum
+            else:
+                torch.maximum(self.absmax, amax, out=self.absmax)
+                self.abs_sum += asum
         if hessian:
             if self.hessian is None:
                 self.hessian = torch.zeros(self.k, self.k, dtype=torch.float32, device=x2.device)
@@ -104,6 +105,9 @@ class Method:
     needs_data: ClassVar[bool] = False
     #: the method needs ``Stats.hessian``
     needs_hessian: ClassVar[bool] = False
+    #: the method reads the per-channel statistics (``Stats.absmax`` / ``mean_abs``); the sequential
+    #: walk skips them for groups where no method does
+    needs_channel_stats: ClassVar[bool] = False
     #: the method can quantize mixture-of-experts weights expert by expert (a data method from each
     #: expert's own inputs: the rows routed to it)
     per_expert: ClassVar[bool] = True

@@ -35,6 +35,7 @@ class AWQ(Method):
     name: ClassVar[str] = "awq"
     needs_data: ClassVar[bool] = True
     needs_hessian: ClassVar[bool] = True
+    needs_channel_stats: ClassVar[bool] = True
     n_grid: int = 20
     max_shrink: float = 0.5
     clip: bool = True

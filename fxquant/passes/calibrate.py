@@ -464,8 +464,9 @@ class _Walk:
             # each site's output error as tr(D H Dᵀ), cheaper than two more products per batch
             group = self.groups[x_node]
             stats = Stats(site.out_shape[1])
+            channels = any(method_of(s).needs_channel_stats for s in group)
             for x in xs:
-                stats.update(x, hessian=True)
+                stats.update(x, hessian=True, channels=channels)
             _quantize_group(self.gm, self.ctx, x_node, group, stats, out_err={})
             stats.hessian = None
             self.done_groups.add(x_node)
