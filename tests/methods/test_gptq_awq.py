@@ -103,12 +103,14 @@ def test_unsupported_and_missing_data():
             method.quantize(parse_scheme("int4wo-64"), w, None)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("k", [64, 100, 257, 576, 1000])
-def test_stats_hessian_is_xtx_exactly_symmetric(k):
-    """``Stats.update`` builds ``H = XᵀX`` from the bands on and above the diagonal (``add_gram``):
-    the float64 product within float32 rounding, and symmetric bit for bit, over several batches."""
+def test_stats_hessian_is_xtx_exactly_symmetric(k, dtype):
+    """``Stats.update`` builds ``H = XᵀX`` from the bands on and above the diagonal (``add_gram``; bf16
+    activations through the native bf16 GEMM where there is one): the float64 product of the same
+    values within float32 rounding, and symmetric bit for bit, over several batches (odd token counts)."""
     g = torch.Generator().manual_seed(k)
-    xs = [torch.randn(3, 37, k, generator=g) * (1 + torch.rand(k, generator=g)) for _ in range(3)]
+    xs = [(torch.randn(3, 37, k, generator=g) * (1 + torch.rand(k, generator=g))).to(dtype) for _ in range(3)]
     st = Stats(k)
     for x in xs:
         st.update(x, hessian=True)
