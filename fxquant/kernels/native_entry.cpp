@@ -1,4 +1,5 @@
-// The ops' decode fast path as a C++ kernel of the dispatcher (fxquant/kernels/native_entry.py).
+// The ops' decode fast path as a C++ kernel of the dispatcher (fxquant/kernels/native_entry.py), for the
+// linear ops below and their mixture-of-experts twins (fxquant/ops/_experts.py).
 //
 // A Python op kernel costs ~20-30 us per call before its C kernel runs (argument binding, the checks,
 // the routing, ctypes); a decoding LLM calls ~7 linear ops per layer per token.  For the ops registered
@@ -186,6 +187,46 @@ at::Tensor bnb4_dq(const c10::IValue *a) {
 
 using Fast = at::Tensor (*)(const c10::IValue *);
 
+// linear_<op>_experts(x, offs, <T tensors stacked over experts>, <S scalars>, compute_dtype, input_scale):
+// ops/_experts.py's impl, each expert's rows through the per-expert op's fast path above (the same
+// arguments the Python loop passes: x's rows, the expert's tensors, no bias, the scalars), rows past the
+// last end zero.  Any expert the fast path does not take (more rows than the GEMV's, another dtype), an
+// AWQ input_scale or an offs the Python check refuses: the whole call goes on to the Python impl.
+template <Fast fast, int T, int S>
+at::Tensor experts(const c10::IValue *a) {
+    if (!a[2 + T + S + 1].isNone()) return {};
+    const at::Tensor &x = a[0].toTensor(), &offs = a[1].toTensor();
+    if (x.dim() != 2 || !cpu(x) || x.scalar_type() != at::kBFloat16 || !x.is_contiguous() || !cpu(offs) ||
+        offs.dim() != 1 || !(offs.scalar_type() == at::kInt || offs.scalar_type() == at::kLong))
+        return {};
+    const int64_t e = offs.size(0), rows = x.size(0);
+    for (int t = 0; t < T; t++) {
+        const at::Tensor &w = a[2 + t].toTensor();
+        if (w.dim() < 1 || w.size(0) != e || !cpu(w)) return {};
+    }
+    const at::Tensor ends = offs.to(at::kLong).contiguous();
+    const int64_t *end = ends.data_ptr<int64_t>();
+    c10::IValue args[T + S + 3];  // the per-expert op's: x, tensors, bias (None), scalars, compute_dtype
+    for (int s = 0; s < S; s++) args[2 + T + s] = a[2 + T + s];
+    args[2 + T + S] = a[2 + T + S];
+    at::Tensor y;
+    int64_t start = 0;
+    for (int64_t i = 0; i < e; i++) {
+        if (end[i] < start || end[i] > rows) return {};
+        if (end[i] == start) continue;
+        args[0] = x.narrow(0, start, end[i] - start);
+        for (int t = 0; t < T; t++) args[1 + t] = a[2 + t].toTensor().select(0, i);
+        at::Tensor ye = fast(args);
+        if (!ye.defined() || ye.dim() != 2) return {};
+        if (!y.defined()) y = at::empty({rows, ye.size(1)}, ye.options());
+        y.narrow(0, start, end[i] - start).copy_(ye);
+        start = end[i];
+    }
+    if (!y.defined()) return {};
+    if (start < rows) y.narrow(0, start, rows - start).zero_();
+    return y;
+}
+
 // Whether the fast path computed the call (its result replacing the nargs arguments on the stack):
 // only when enabled and the next kernel below would be the CPU backend's (plain dense CPU tensors).
 bool took(Fast fast, c10::DispatchKeySet below, size_t nargs, Stack *stack) {
@@ -256,6 +297,11 @@ TORCH_LIBRARY_IMPL(fxquant, AutogradCPU, m) {
     m.impl("linear_int8wo", torch::CppFunction::makeFromBoxedFunction<&entry<3>>());
     m.impl("linear_bnb4", torch::CppFunction::makeFromBoxedFunction<&entry<4>>());
     m.impl("linear_bnb4_dq", torch::CppFunction::makeFromBoxedFunction<&entry<7>>());
+    // the experts twins have no bias: index 1 is offs (an integer tensor, never needing a gradient)
+    m.impl("linear_int4wo_experts", torch::CppFunction::makeFromBoxedFunction<&entry<1>>());
+    m.impl("linear_int8wo_experts", torch::CppFunction::makeFromBoxedFunction<&entry<1>>());
+    m.impl("linear_bnb4_experts", torch::CppFunction::makeFromBoxedFunction<&entry<1>>());
+    m.impl("linear_bnb4_dq_experts", torch::CppFunction::makeFromBoxedFunction<&entry<1>>());
 }
 
 TORCH_LIBRARY_IMPL(fxquant, BackendSelect, m) {
@@ -263,4 +309,9 @@ TORCH_LIBRARY_IMPL(fxquant, BackendSelect, m) {
     m.impl("linear_int8wo", torch::CppFunction::makeFromBoxedFunction<&below_autograd<&int8wo>>());
     m.impl("linear_bnb4", torch::CppFunction::makeFromBoxedFunction<&below_autograd<&bnb4>>());
     m.impl("linear_bnb4_dq", torch::CppFunction::makeFromBoxedFunction<&below_autograd<&bnb4_dq>>());
+    m.impl("linear_int4wo_experts", torch::CppFunction::makeFromBoxedFunction<&below_autograd<&experts<&int4wo, 2, 4>>>());
+    m.impl("linear_int8wo_experts", torch::CppFunction::makeFromBoxedFunction<&below_autograd<&experts<&int8wo, 2, 0>>>());
+    m.impl("linear_bnb4_experts", torch::CppFunction::makeFromBoxedFunction<&below_autograd<&experts<&bnb4, 3, 3>>>());
+    m.impl("linear_bnb4_dq_experts",
+           torch::CppFunction::makeFromBoxedFunction<&below_autograd<&experts<&bnb4_dq, 6, 4>>>());
 }

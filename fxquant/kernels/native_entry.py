@@ -35,6 +35,8 @@ from . import native_build
 SOURCE = Path(__file__).with_name("native_entry.cpp")
 #: the ops the C++ entry registers kernels for (the ``TORCH_LIBRARY_IMPL`` blocks of the source)
 OPS = frozenset({"linear_int4wo", "linear_int8wo", "linear_bnb4", "linear_bnb4_dq"})
+#: their mixture-of-experts twins (fxquant/ops/_experts.py), each expert's rows through the same fast path
+EXPERTS_OPS = frozenset(f"{op}_experts" for op in OPS)
 FLAGS = ("-O2", "-std=c++20", "-shared", "-fPIC", "-w")
 
 _lock = threading.Lock()

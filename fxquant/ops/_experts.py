@@ -112,3 +112,8 @@ def define_experts(op, lib) -> None:
             return overload(*args, **kwargs)
 
     torch.library.impl(f"fxquant::{name}", "Autograd", func=autograd_kernel, lib=lib)
+    # the twin the C++ entry (fxquant/kernels/native_entry.cpp) hands calls that need a gradient to: this
+    # Python Autograd kernel (eager: the loop over the per-expert ops, whose own autograd gives x's gradient;
+    # fake / traced tensors: the op below autograd, opaque to torch.compile as without the entry)
+    lib.define(f"_grad_{name}({', '.join(args)}) -> Tensor")
+    torch.library.impl(f"fxquant::_grad_{name}", "Autograd", func=autograd_kernel, lib=lib)

@@ -16,28 +16,28 @@ pytestmark = pytest.mark.skipif(not native_entry.ensure(), reason=f"C++ entry: {
 BF16_TOL = 2**-7
 
 
-def int4_op(n, k, group=128):
-    w = torch.randn(n, k, generator=torch.Generator().manual_seed(n + k))
+def int4_op(n, k, group=128, seed=0):
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(n + k + seed))
     st = int4.to_storage(w, group, 64)
     args = (st["qweight"], st["scales_and_zeros"])
     attrs = dict(group_size=group, block_n=64, out_features=n, in_features=k)
     return torch.ops.fxquant.linear_int4wo.default, args, attrs, int4wo.OP, (native_cpu, "int4_tiled_gemv")
 
 
-def int8_op(n, k):
-    q, s = int8.quantize(torch.randn(n, k, generator=torch.Generator().manual_seed(n + k)))
+def int8_op(n, k, seed=0):
+    q, s = int8.quantize(torch.randn(n, k, generator=torch.Generator().manual_seed(n + k + seed)))
     return torch.ops.fxquant.linear_int8wo.default, (q, s), {}, int8wo.OP, (native_cpu, "int8_gemv")
 
 
-def nf4_op(n, k, blocksize=64):
-    w = torch.randn(n, k, generator=torch.Generator().manual_seed(n + k))
+def nf4_op(n, k, blocksize=64, seed=0):
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(n + k + seed))
     args = tuple(bnb4_fmt.to_storage(w, "nf4", blocksize, double_quant=False).values())
     attrs = dict(blocksize=blocksize, out_features=n, in_features=k)
     return torch.ops.fxquant.linear_bnb4.default, args, attrs, bnb4.OP, (native_cpu, "lut4_gemv_x")
 
 
-def nf4_dq_op(n, k, blocksize=64):
-    w = torch.randn(n, k, generator=torch.Generator().manual_seed(n + k))
+def nf4_dq_op(n, k, blocksize=64, seed=0):
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(n + k + seed))
     st = bnb4_fmt.to_storage(w, "nf4", blocksize, double_quant=True)
     args = tuple(st[t] for t in bnb4.OP_DQ.tensors)
     attrs = dict(blocksize=blocksize, absmax_blocksize=bnb4_fmt.NESTED_BLOCKSIZE, out_features=n, in_features=k)
@@ -190,3 +190,50 @@ def test_disabled_restores_and_status():
     assert torch.ops.fxquant_native.enabled()
     with pytest.raises(RuntimeError, match="unknown kernel"):
         torch.ops.fxquant_native.configure("int5", 0, 0)
+
+
+def _experts_op(name, n, k, e):
+    """The experts twin of ``name``'s op over ``e`` experts of different weights, their per-expert args."""
+    built = [OPS[name](n, k, seed=i) for i in range(e)]
+    op, _, attrs, _, spy_at = built[0]
+    stacked = tuple(torch.stack(ts) for ts in zip(*(b[1] for b in built)))
+    return getattr(torch.ops.fxquant, op._schema.name.split("::")[1] + "_experts").default, stacked, attrs, op, spy_at
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_experts_twin_same_bits_as_its_python_loop(name, monkeypatch):
+    """The experts op through the C++ entry: each expert's rows through the per-expert fast path (no Python
+    kernel runs), an expert with no rows skipped, rows past the last end zero: the Python loop's result
+    bit for bit, and each expert's rows equal to the per-expert op on that expert's weight."""
+    n, k, e = 96, 256, 4
+    op, stacked, attrs, base, spy_at = _experts_op(name, n, k, e)
+    x = torch.randn(9, k, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    offs = torch.tensor([2, 2, 5, 8], dtype=torch.int32)  # expert 1 has no rows; row 8 is past the last end
+    from fxquant.ops import _experts
+
+    spy, loop = Spy(monkeypatch, *spy_at), Spy(monkeypatch, _experts, "_split")  # the Python loop's first step
+    y = op(x, offs, *stacked, **attrs)
+    assert len(spy.calls) == len(loop.calls) == 0, "the C++ entry did not take the experts call"
+    with native_entry.disabled():
+        y_py = op(x, offs, *stacked, **attrs)
+    assert len(loop.calls) == 1  # the spy sees the Python loop when the entry is off
+    assert torch.equal(y, y_py) and y.dtype == torch.bfloat16 and y.shape == (9, n)
+    for i, (a, b) in enumerate([(0, 2), (2, 5), (5, 8)]):
+        want = base(x[a:b], *(t[[0, 2, 3][i]] for t in stacked), None, **attrs)
+        assert torch.equal(y[a:b], want)
+    assert not y[8:].any()
+    # a gradient for x: through the autograd twin (the per-expert ops' own autograd)
+    xg = x.float().requires_grad_()
+    op(xg.to(torch.bfloat16), offs, *stacked, **attrs).float().sum().backward()
+    with native_entry.disabled():
+        xg2 = x.float().requires_grad_()
+        op(xg2.to(torch.bfloat16), offs, *stacked, **attrs).float().sum().backward()
+    assert torch.equal(xg.grad, xg2.grad) and xg.grad.abs().sum() > 0
+    # more rows than the fast path takes, and an AWQ input scale: the Python loop, same result as with it off
+    big = torch.randn(ROWS[name] + 3, k).to(torch.bfloat16)
+    big_offs = torch.tensor([0, ROWS[name] + 1, ROWS[name] + 3, ROWS[name] + 3], dtype=torch.int32)
+    scale = torch.rand(e, k) + 0.5
+    for args, kw in [((big, big_offs), {}), ((x, offs), {"input_scale": scale})]:
+        got = op(*args, *stacked, **attrs, **kw)
+        with native_entry.disabled():
+            assert torch.equal(got, op(*args, *stacked, **attrs, **kw))
