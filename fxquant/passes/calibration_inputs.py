@@ -83,11 +83,15 @@ def without_extras(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> list[
     ``labels`` (only a loss reads them), an all-zero ``token_type_ids``, an all-ones ``attention_mask``;
     a padded ``attention_mask`` (a tokenizer's output with ``padding=True``) splits the batch into its
     rows, each cut to its unpadded tokens (the padding's activations left out of the statistics, as a
-    mask would keep them out of the real tokens').  Other keywords go on (:func:`traced_layout` names them)."""
+    mask would keep them out of the real tokens').  A batch without the ``attention_mask`` the trace took
+    gets an all-ones one.  Other keywords go on (:func:`traced_layout` names them)."""
     names = _traced_names(gm)
     if names is None:
         return [(args, kwargs)]
     kwargs = dict(kwargs)
+    ids = kwargs.get("input_ids", args[0] if len(args) == 1 else None)
+    if "attention_mask" in names and kwargs.get("attention_mask") is None and isinstance(ids, torch.Tensor):
+        kwargs["attention_mask"] = torch.ones_like(ids)  # traced with a mask, a batch without: attend to all
     if "labels" not in names:
         kwargs.pop("labels", None)
     tt = kwargs.get("token_type_ids")

@@ -342,6 +342,9 @@ def test_tokenizer_batches_on_a_trace_without_attention_mask(sequential):
     want = fxquant.compile(m, spec, example_kwargs={"input_ids": IDS}, calibration=[{"input_ids": r} for r in rows])
     assert torch.equal(got.get_buffer("proj.qweight"), want.get_buffer("proj.qweight"))
     assert fxquant.report(got).results["proj"]["calibration_tokens"] == 15 + 20 + 12 + 3 * 20
+    traced_with_mask = fxquant.compile(m, spec, example_kwargs={"input_ids": IDS, "attention_mask": torch.ones_like(IDS)},
+                                       calibration=[{"input_ids": r} for r in rows])  # an all-ones mask added
+    assert torch.equal(traced_with_mask.get_buffer("proj.qweight"), want.get_buffer("proj.qweight"))
     holes = mask.clone()
     holes[1, 7] = 0
     with pytest.raises(ValueError, match=r"row 1 of a batch's attention_mask is not one span"):
