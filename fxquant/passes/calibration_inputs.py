@@ -181,6 +181,11 @@ def batch_rows(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> list[tupl
     (every tensor whose first dim is ``B`` sliced; the others, such as a ``[1, T]`` position
     tensor, as given).  Every statistic is a sum over tokens, so the rows give the batch's values."""
     pinned = {m.group(1) for g in gm.meta.get(GUARDS_KEY, ()) if (m := _BATCH_ONE.fullmatch(g.strip()))}
+    for node in gm.graph.nodes:  # a dim 0 the export specialised to 1 (no guard left to read)
+        v = node.meta.get("val") if node.op == "placeholder" else None
+        if isinstance(v, torch.Tensor) and v.dim() > 1 and type(v.shape[0]) is int and v.shape[0] == 1 \
+                and any(type(d) is not int for d in v.shape[1:]):
+            pinned.add(node.target)
     if not pinned:
         return [(args, kwargs)]
     flat = flat_inputs(gm, args, kwargs)

@@ -454,3 +454,17 @@ def test_awq_fold_into_a_transposed_linear():
         res = fxquant.report(qb).results
         assert res["down"]["awq_input_scale"].startswith("folded into w_up"), res["down"]
         torch.testing.assert_close(qb(x), qa(x), rtol=1e-4, atol=1e-4)
+
+
+def test_batch_dim_the_export_specialised_to_one_runs_row_by_row():
+    """A [1]-shaped tensor input makes the export pin the example's batch of one (no guard recorded): the
+    calibration batches of 2 rows run row by row, the same codes as those rows given one by one."""
+    m = _Masked().eval()
+    ex = {"input_ids": IDS, "scale": torch.ones(1)}
+    ids = _batches(2, rows=2, seq=20)
+    got = fxquant.compile(m, "int4wo-32@gptq", example_kwargs=ex,
+                          calibration=[{"input_ids": b, "scale": torch.ones(1)} for b in ids])
+    want = fxquant.compile(m, "int4wo-32@gptq", example_kwargs=ex,
+                           calibration=[{"input_ids": b[i:i + 1], "scale": torch.ones(1)} for b in ids for i in range(2)])
+    assert torch.equal(got.get_buffer("proj.qweight"), want.get_buffer("proj.qweight"))
+    assert fxquant.report(got).results["proj"]["calibration_tokens"] == 2 * 2 * 20
