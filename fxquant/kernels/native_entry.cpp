@@ -31,6 +31,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <limits>
 #include <string>
 
 namespace {
@@ -50,8 +51,9 @@ struct Config {
     std::atomic<bool> enabled{false};
     Int4Gemv int4 = nullptr;  // fxq512_int4t_bf16_gemv_x: int4wo, bf16 x, tiles of 64 rows
     int64_t int4_rows = 0;
-    Int8Gemv int8 = nullptr;  // fxq(512)_int8_gemv: int8wo, fp32 x
+    Int8Gemv int8 = nullptr;  // fxq(512)_int8_gemv: int8wo, fp32 x (and int8dq's int8 codes as fp32)
     int64_t int8_rows = 0;
+    int64_t int8dq_rows = 0;  // int8dq's rows for that GEMV (0: not configured)
     Lut4Gemv lut4 = nullptr;  // fxq512_lut4_bf16_gemv_x: bnb4, bf16 x
     int64_t lut4_rows = 0;
 };
@@ -131,6 +133,30 @@ at::Tensor int8wo(const c10::IValue *a) {
                  n, y.data_ptr<float>(), n, 0, at::get_num_threads()))
         return {};
     return with_bias(y.to(at::kBFloat16), a[3]);
+}
+
+// linear_int8dq(x, qweight, scale, bias, compute_dtype): ops/int8dq.py's _cpu_int8dq at the GEMV's rows, bf16 x:
+// x quantized per row as formats/int8dq.quantize_activations does (the same ATen ops: fp32 absmax / 127
+// clamped to FLT_MIN, codes round-half-even, clamped to +-127), the codes' integer product through the int8
+// GEMV (exact products, fp32 sums, times the weight scale), times the row scale, rounded to bf16 once
+at::Tensor int8dq(const c10::IValue *a) {
+    if (!cfg.int8 || cfg.int8dq_rows <= 0 || !a[4].isNone()) return {};
+    const at::Tensor &x = a[0].toTensor(), &w = a[1].toTensor(), &s = a[2].toTensor();
+    if (w.scalar_type() != at::kChar || !cpu(w) || !w.is_contiguous() || w.dim() != 2) return {};
+    int64_t n = w.size(0), k = w.size(1);
+    int64_t m = bf16_rows(x, k);
+    if (m < 1 || m > cfg.int8dq_rows || n <= 0 || !flat(s, at::kBFloat16, n) || !bias_ok(a[3], n)) return {};
+    at::Tensor xf = x.reshape({m, k}).to(at::kFloat);
+    at::Tensor sx = xf.abs().amax({-1}, true).div(127).clamp_(std::numeric_limits<float>::min());
+    at::Tensor qf = xf.div(sx).round().clamp_(-127, 127).to(at::kChar).to(at::kFloat).contiguous();
+    at::Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat));
+    if (cfg.int8(qf.data_ptr<float>(), m, k, w.data_ptr<int8_t>(), reinterpret_cast<const uint16_t *>(s.data_ptr()),
+                 n, y.data_ptr<float>(), n, 0, at::get_num_threads()))
+        return {};
+    y.mul_(sx);
+    auto sizes = x.sizes().vec();
+    sizes.back() = n;
+    return with_bias(y.to(at::kBFloat16).reshape(sizes), a[3]);
 }
 
 // The bnb4 ops' common part: bf16 x [..., k] at the GEMV's rows, a blocksize of formats/bnb4.py's
@@ -276,10 +302,12 @@ void configure(std::string kernel, int64_t address, int64_t rows) {
         cfg.int4 = reinterpret_cast<Int4Gemv>(address), cfg.int4_rows = rows;
     } else if (kernel == "int8") {
         cfg.int8 = reinterpret_cast<Int8Gemv>(address), cfg.int8_rows = rows;
+    } else if (kernel == "int8dq") {
+        cfg.int8dq_rows = rows;
     } else if (kernel == "lut4") {
         cfg.lut4 = reinterpret_cast<Lut4Gemv>(address), cfg.lut4_rows = rows;
     } else {
-        TORCH_CHECK(false, "fxquant_native::configure: unknown kernel '", kernel, "'; valid: enabled, int4, int8, lut4");
+        TORCH_CHECK(false, "fxquant_native::configure: unknown kernel '", kernel, "'; valid: enabled, int4, int8, int8dq, lut4");
     }
 }
 
@@ -295,11 +323,13 @@ TORCH_LIBRARY(fxquant_native, m) {
 TORCH_LIBRARY_IMPL(fxquant, AutogradCPU, m) {
     m.impl("linear_int4wo", torch::CppFunction::makeFromBoxedFunction<&entry<3>>());  // the bias's index
     m.impl("linear_int8wo", torch::CppFunction::makeFromBoxedFunction<&entry<3>>());
+    m.impl("linear_int8dq", torch::CppFunction::makeFromBoxedFunction<&entry<3>>());
     m.impl("linear_bnb4", torch::CppFunction::makeFromBoxedFunction<&entry<4>>());
     m.impl("linear_bnb4_dq", torch::CppFunction::makeFromBoxedFunction<&entry<7>>());
     // the experts twins have no bias: index 1 is offs (an integer tensor, never needing a gradient)
     m.impl("linear_int4wo_experts", torch::CppFunction::makeFromBoxedFunction<&entry<1>>());
     m.impl("linear_int8wo_experts", torch::CppFunction::makeFromBoxedFunction<&entry<1>>());
+    m.impl("linear_int8dq_experts", torch::CppFunction::makeFromBoxedFunction<&entry<1>>());
     m.impl("linear_bnb4_experts", torch::CppFunction::makeFromBoxedFunction<&entry<1>>());
     m.impl("linear_bnb4_dq_experts", torch::CppFunction::makeFromBoxedFunction<&entry<1>>());
 }
@@ -307,10 +337,12 @@ TORCH_LIBRARY_IMPL(fxquant, AutogradCPU, m) {
 TORCH_LIBRARY_IMPL(fxquant, BackendSelect, m) {
     m.impl("linear_int4wo", torch::CppFunction::makeFromBoxedFunction<&below_autograd<&int4wo>>());
     m.impl("linear_int8wo", torch::CppFunction::makeFromBoxedFunction<&below_autograd<&int8wo>>());
+    m.impl("linear_int8dq", torch::CppFunction::makeFromBoxedFunction<&below_autograd<&int8dq>>());
     m.impl("linear_bnb4", torch::CppFunction::makeFromBoxedFunction<&below_autograd<&bnb4>>());
     m.impl("linear_bnb4_dq", torch::CppFunction::makeFromBoxedFunction<&below_autograd<&bnb4_dq>>());
     m.impl("linear_int4wo_experts", torch::CppFunction::makeFromBoxedFunction<&below_autograd<&experts<&int4wo, 2, 4>>>());
     m.impl("linear_int8wo_experts", torch::CppFunction::makeFromBoxedFunction<&below_autograd<&experts<&int8wo, 2, 0>>>());
+    m.impl("linear_int8dq_experts", torch::CppFunction::makeFromBoxedFunction<&below_autograd<&experts<&int8dq, 2, 0>>>());
     m.impl("linear_bnb4_experts", torch::CppFunction::makeFromBoxedFunction<&below_autograd<&experts<&bnb4, 3, 3>>>());
     m.impl("linear_bnb4_dq_experts",
            torch::CppFunction::makeFromBoxedFunction<&below_autograd<&experts<&bnb4_dq, 6, 4>>>());

@@ -9,7 +9,7 @@ from helpers import Spy, assert_linear_close
 from fxquant.formats import bnb4 as bnb4_fmt
 from fxquant.formats import int4, int8
 from fxquant.kernels import native_cpu, native_entry
-from fxquant.ops import bnb4, int4wo, int8wo
+from fxquant.ops import bnb4, int4wo, int8dq, int8wo
 
 pytestmark = pytest.mark.skipif(not native_entry.ensure(), reason=f"C++ entry: {native_entry.status()}")
 
@@ -29,6 +29,11 @@ def int8_op(n, k, seed=0):
     return torch.ops.fxquant.linear_int8wo.default, (q, s), {}, int8wo.OP, (native_cpu, "int8_gemv")
 
 
+def int8dq_op(n, k, seed=0):
+    q, s = int8.quantize(torch.randn(n, k, generator=torch.Generator().manual_seed(n + k + seed)))
+    return torch.ops.fxquant.linear_int8dq.default, (q, s), {}, int8dq.OP_INT8DQ, (native_cpu, "int8_gemv")
+
+
 def nf4_op(n, k, blocksize=64, seed=0):
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(n + k + seed))
     args = tuple(bnb4_fmt.to_storage(w, "nf4", blocksize, double_quant=False).values())
@@ -44,8 +49,9 @@ def nf4_dq_op(n, k, blocksize=64, seed=0):
     return torch.ops.fxquant.linear_bnb4_dq.default, args, attrs, bnb4.OP_DQ, (native_cpu, "lut4_gemv_x")
 
 
-OPS = {"int4wo": int4_op, "int8wo": int8_op, "nf4": nf4_op, "nf4+dq": nf4_dq_op}
+OPS = {"int4wo": int4_op, "int8wo": int8_op, "int8dq": int8dq_op, "nf4": nf4_op, "nf4+dq": nf4_dq_op}
 ROWS = {"int4wo": int4wo.NATIVE_MAX_ROWS_BF16DOT, "int8wo": int8wo.native_max_rows(),
+        "int8dq": min(int8wo.native_max_rows(), int8dq.INT8PACK_MAX_M),
         "nf4": bnb4.NATIVE_GEMM_MIN_ROWS - 1, "nf4+dq": bnb4.NATIVE_GEMM_MIN_ROWS - 1}
 
 
