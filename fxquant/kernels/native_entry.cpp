@@ -47,6 +47,9 @@ using Lut4Gemv = int (*)(const void *, int, int64_t, int64_t, const uint8_t *, i
                          int64_t, int, const void *, const float *, const float *, float, int64_t, float *, int64_t,
                          int);
 
+using AffineGemv = int (*)(const float *, int64_t, int64_t, const uint32_t *, int64_t, int, int64_t, int64_t,
+                           const float *, const uint8_t *, float, float *, int64_t, int, int);
+
 struct Config {
     std::atomic<bool> enabled{false};
     Int4Gemv int4 = nullptr;  // fxq512_int4t_bf16_gemv_x: int4wo, bf16 x, tiles of 64 rows
@@ -56,6 +59,8 @@ struct Config {
     int64_t int8dq_rows = 0;  // int8dq's rows for that GEMV (0: not configured)
     Lut4Gemv lut4 = nullptr;  // fxq512_lut4_bf16_gemv_x: bnb4, bf16 x
     int64_t lut4_rows = 0;
+    AffineGemv affine = nullptr;  // fxq_affine_gemv: linear_affine (GPTQ / AWQ / compressed-tensors), fp32 x
+    int64_t affine_rows = 0;
 };
 Config cfg;
 
@@ -157,6 +162,36 @@ at::Tensor int8dq(const c10::IValue *a) {
     auto sizes = x.sizes().vec();
     sizes.back() = n;
     return with_bias(y.to(at::kBFloat16).reshape(sizes), a[3]);
+}
+
+// linear_affine(x, qweight, scale, zero_point, bias, bits, group_size, symmetric, in_features, compute_dtype):
+// ops/affine.py's native_linear for bf16 x at the GEMV's rows (x as fp32, the scale converted to fp32 exactly;
+// fp32 result rounded to bf16 once)
+at::Tensor affine(const c10::IValue *a) {
+    if (!cfg.affine || !a[9].isNone()) return {};
+    const at::Tensor &x = a[0].toTensor(), &q = a[1].toTensor(), &sc = a[2].toTensor(), &zp = a[3].toTensor();
+    const int64_t bits = a[5].toInt(), g = a[6].toInt(), k = a[8].toInt();
+    const bool sym = a[7].toBool();
+    if (bits < 1 || bits > 8 || g < 1 || k <= 0) return {};
+    const int64_t m = bf16_rows(x, k);
+    if (m < 1 || m > cfg.affine_rows || q.scalar_type() != at::kInt || !cpu(q) || q.dim() != 2 || !q.is_contiguous())
+        return {};
+    const int64_t n = q.size(0), words = (k * bits + 31) / 32, groups = (k + g - 1) / g;
+    const auto st = sc.scalar_type();
+    if (n <= 0 || q.size(1) != words || !cpu(sc) || sc.dim() != 2 || sc.size(0) != n || sc.size(1) != groups ||
+        !(st == at::kBFloat16 || st == at::kHalf || st == at::kFloat) || !bias_ok(a[4], n))
+        return {};
+    if (sym ? !(zp.dim() == 1 && zp.numel() == 0 && zp.scalar_type() == at::kByte)
+            : !(zp.scalar_type() == at::kByte && cpu(zp) && zp.dim() == 2 && zp.size(0) == n && zp.size(1) == groups))
+        return {};
+    at::Tensor s32 = sc.to(at::kFloat).contiguous(), z = sym ? zp : zp.contiguous();
+    at::Tensor xf = x.to(at::kFloat).contiguous();
+    at::Tensor y = out(x, n, at::kFloat);
+    if (cfg.affine(xf.data_ptr<float>(), m, k, reinterpret_cast<const uint32_t *>(q.data_ptr()), words, (int)bits, n, g,
+                   s32.data_ptr<float>(), sym ? nullptr : z.data_ptr<uint8_t>(), (float)(1 << (bits - 1)),
+                   y.data_ptr<float>(), n, 0, at::get_num_threads()))
+        return {};
+    return with_bias(y.to(at::kBFloat16), a[4]);
 }
 
 // The bnb4 ops' common part: bf16 x [..., k] at the GEMV's rows, a blocksize of formats/bnb4.py's
@@ -304,10 +339,12 @@ void configure(std::string kernel, int64_t address, int64_t rows) {
         cfg.int8 = reinterpret_cast<Int8Gemv>(address), cfg.int8_rows = rows;
     } else if (kernel == "int8dq") {
         cfg.int8dq_rows = rows;
+    } else if (kernel == "affine") {
+        cfg.affine = reinterpret_cast<AffineGemv>(address), cfg.affine_rows = rows;
     } else if (kernel == "lut4") {
         cfg.lut4 = reinterpret_cast<Lut4Gemv>(address), cfg.lut4_rows = rows;
     } else {
-        TORCH_CHECK(false, "fxquant_native::configure: unknown kernel '", kernel, "'; valid: enabled, int4, int8, int8dq, lut4");
+        TORCH_CHECK(false, "fxquant_native::configure: unknown kernel '", kernel, "'; valid: enabled, int4, int8, int8dq, affine, lut4");
     }
 }
 
@@ -325,12 +362,14 @@ TORCH_LIBRARY_IMPL(fxquant, AutogradCPU, m) {
     m.impl("linear_int8wo", torch::CppFunction::makeFromBoxedFunction<&entry<3>>());
     m.impl("linear_int8dq", torch::CppFunction::makeFromBoxedFunction<&entry<3>>());
     m.impl("linear_bnb4", torch::CppFunction::makeFromBoxedFunction<&entry<4>>());
+    m.impl("linear_affine", torch::CppFunction::makeFromBoxedFunction<&entry<4>>());
     m.impl("linear_bnb4_dq", torch::CppFunction::makeFromBoxedFunction<&entry<7>>());
     // the experts twins have no bias: index 1 is offs (an integer tensor, never needing a gradient)
     m.impl("linear_int4wo_experts", torch::CppFunction::makeFromBoxedFunction<&entry<1>>());
     m.impl("linear_int8wo_experts", torch::CppFunction::makeFromBoxedFunction<&entry<1>>());
     m.impl("linear_int8dq_experts", torch::CppFunction::makeFromBoxedFunction<&entry<1>>());
     m.impl("linear_bnb4_experts", torch::CppFunction::makeFromBoxedFunction<&entry<1>>());
+    m.impl("linear_affine_experts", torch::CppFunction::makeFromBoxedFunction<&entry<1>>());
     m.impl("linear_bnb4_dq_experts", torch::CppFunction::makeFromBoxedFunction<&entry<1>>());
 }
 
@@ -339,11 +378,13 @@ TORCH_LIBRARY_IMPL(fxquant, BackendSelect, m) {
     m.impl("linear_int8wo", torch::CppFunction::makeFromBoxedFunction<&below_autograd<&int8wo>>());
     m.impl("linear_int8dq", torch::CppFunction::makeFromBoxedFunction<&below_autograd<&int8dq>>());
     m.impl("linear_bnb4", torch::CppFunction::makeFromBoxedFunction<&below_autograd<&bnb4>>());
+    m.impl("linear_affine", torch::CppFunction::makeFromBoxedFunction<&below_autograd<&affine>>());
     m.impl("linear_bnb4_dq", torch::CppFunction::makeFromBoxedFunction<&below_autograd<&bnb4_dq>>());
     m.impl("linear_int4wo_experts", torch::CppFunction::makeFromBoxedFunction<&below_autograd<&experts<&int4wo, 2, 4>>>());
     m.impl("linear_int8wo_experts", torch::CppFunction::makeFromBoxedFunction<&below_autograd<&experts<&int8wo, 2, 0>>>());
     m.impl("linear_int8dq_experts", torch::CppFunction::makeFromBoxedFunction<&below_autograd<&experts<&int8dq, 2, 0>>>());
     m.impl("linear_bnb4_experts", torch::CppFunction::makeFromBoxedFunction<&below_autograd<&experts<&bnb4, 3, 3>>>());
+    m.impl("linear_affine_experts", torch::CppFunction::makeFromBoxedFunction<&below_autograd<&experts<&affine, 3, 4>>>());
     m.impl("linear_bnb4_dq_experts",
            torch::CppFunction::makeFromBoxedFunction<&below_autograd<&experts<&bnb4_dq, 6, 4>>>());
 }

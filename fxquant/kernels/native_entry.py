@@ -5,8 +5,8 @@ runs (argument binding, checks, routing, ctypes); a compiled graph calls the ops
 dispatcher, ~7 per decoder layer per token.  The C++ kernels sit at the ops' AutogradCPU key
 (gradients to the Python autograd Function) and BackendSelect key (just above the backends) and run,
 for plain CPU tensors, the same C kernel the Python CPU impl would (bf16 activations at decode
-sizes: ``linear_int4wo``, ``linear_int8wo``, ``linear_int8dq``, ``linear_bnb4`` / ``_dq`` and their
-experts twins), else hand the call to the Python kernels unchanged (the cpp file's header says
+sizes: ``linear_int4wo``, ``linear_int8wo``, ``linear_int8dq``, ``linear_bnb4`` / ``_dq``,
+``linear_affine`` and their experts twins), else hand the call to the Python kernels unchanged (the cpp file's header says
 exactly when).  Measured (Zen 4, 2 threads, bf16 x,
 M = 1, 256x2048 int4wo-128, warm): 35 us per ``torch.ops`` call through Python, 13 us through it.
 
@@ -35,7 +35,7 @@ from . import native_build
 
 SOURCE = Path(__file__).with_name("native_entry.cpp")
 #: the ops the C++ entry registers kernels for (the ``TORCH_LIBRARY_IMPL`` blocks of the source)
-OPS = frozenset({"linear_int4wo", "linear_int8wo", "linear_int8dq", "linear_bnb4", "linear_bnb4_dq"})
+OPS = frozenset({"linear_int4wo", "linear_int8wo", "linear_int8dq", "linear_bnb4", "linear_bnb4_dq", "linear_affine"})
 #: their mixture-of-experts twins (fxquant/ops/_experts.py), each expert's rows through the same fast path
 EXPERTS_OPS = frozenset(f"{op}_experts" for op in OPS)
 FLAGS = ("-O2", "-std=c++20", "-shared", "-fPIC", "-w")
@@ -79,7 +79,7 @@ def _load() -> str:
 
 def _configure(lib) -> None:
     """Give the C++ entry the kernels and row limits the Python CPU paths route by (one source)."""
-    from ..ops import bnb4, int4wo, int8dq, int8wo
+    from ..ops import _cpu, affine, bnb4, int4wo, int8dq, int8wo
 
     def address(fn) -> int:
         return ctypes.cast(fn, ctypes.c_void_p).value
@@ -89,6 +89,8 @@ def _configure(lib) -> None:
         cfg("int4", address(lib.fxq512_int4t_bf16_gemv_x), int4wo.NATIVE_MAX_ROWS_BF16DOT)
     cfg("int8", address(lib.fxq_int8_gemv), int8wo.native_max_rows())
     cfg("int8dq", 0, min(int8wo.native_max_rows(), int8dq.INT8PACK_MAX_M))  # int8dq's GEMV branch
+    # affine's GEMV: below its own limit and the rows where the op stops calling it (large M)
+    cfg("affine", address(lib.fxq_affine_gemv), min(affine.NATIVE_MAX_ROWS, _cpu.large_m_threshold() - 1))
     if lib.fxq512_lut4_bf16_gemv_x is not None:  # below the rows where the native GEMM takes over
         cfg("lut4", address(lib.fxq512_lut4_bf16_gemv_x), min(bnb4.NATIVE_MAX_ROWS, bnb4.NATIVE_GEMM_MIN_ROWS - 1))
     cfg("enabled", 1, 0)

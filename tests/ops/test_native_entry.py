@@ -8,8 +8,8 @@ import torch
 from helpers import Spy, assert_linear_close
 from fxquant.formats import bnb4 as bnb4_fmt
 from fxquant.formats import int4, int8
-from fxquant.kernels import native_cpu, native_entry
-from fxquant.ops import bnb4, int4wo, int8dq, int8wo
+from fxquant.kernels import native_affine, native_cpu, native_entry
+from fxquant.ops import _cpu, affine, bnb4, int4wo, int8dq, int8wo
 
 pytestmark = pytest.mark.skipif(not native_entry.ensure(), reason=f"C++ entry: {native_entry.status()}")
 
@@ -34,6 +34,14 @@ def int8dq_op(n, k, seed=0):
     return torch.ops.fxquant.linear_int8dq.default, (q, s), {}, int8dq.OP_INT8DQ, (native_cpu, "int8_gemv")
 
 
+def affine_op(n, k, seed=0, scheme="affine4-g32"):
+    from fxquant.schemes import parse_scheme
+
+    qw = parse_scheme(scheme).quantize(torch.randn(n, k, generator=torch.Generator().manual_seed(n + k + seed)))
+    return (torch.ops.fxquant.linear_affine.default, tuple(qw.tensors.values()), dict(qw.attrs), affine.OP,
+            (native_affine, "affine_gemv"))
+
+
 def nf4_op(n, k, blocksize=64, seed=0):
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(n + k + seed))
     args = tuple(bnb4_fmt.to_storage(w, "nf4", blocksize, double_quant=False).values())
@@ -49,9 +57,13 @@ def nf4_dq_op(n, k, blocksize=64, seed=0):
     return torch.ops.fxquant.linear_bnb4_dq.default, args, attrs, bnb4.OP_DQ, (native_cpu, "lut4_gemv_x")
 
 
-OPS = {"int4wo": int4_op, "int8wo": int8_op, "int8dq": int8dq_op, "nf4": nf4_op, "nf4+dq": nf4_dq_op}
+OPS = {"int4wo": int4_op, "int8wo": int8_op, "int8dq": int8dq_op, "nf4": nf4_op, "nf4+dq": nf4_dq_op,
+       "affine": affine_op,  # GPTQ / AWQ / compressed-tensors checkpoints' layout; symmetric, 3-bit fp16 scales:
+       "affine-sym": lambda n, k, seed=0: affine_op(n, k, seed, "affine4-g32-sym"),
+       "affine3-fp16": lambda n, k, seed=0: affine_op(n, k, seed, "affine3-g16-fp16")}
 ROWS = {"int4wo": int4wo.NATIVE_MAX_ROWS_BF16DOT, "int8wo": int8wo.native_max_rows(),
         "int8dq": min(int8wo.native_max_rows(), int8dq.INT8PACK_MAX_M),
+        **dict.fromkeys(["affine", "affine-sym", "affine3-fp16"], min(affine.NATIVE_MAX_ROWS, _cpu.large_m_threshold() - 1)),
         "nf4": bnb4.NATIVE_GEMM_MIN_ROWS - 1, "nf4+dq": bnb4.NATIVE_GEMM_MIN_ROWS - 1}
 
 
