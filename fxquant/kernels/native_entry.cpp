@@ -29,7 +29,10 @@
 #include <c10/core/GradMode.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cmath>
+#include <cstring>
 #include <cstdint>
 #include <limits>
 #include <string>
@@ -151,9 +154,24 @@ at::Tensor int8dq(const c10::IValue *a) {
     int64_t n = w.size(0), k = w.size(1);
     int64_t m = bf16_rows(x, k);
     if (m < 1 || m > cfg.int8dq_rows || n <= 0 || !flat(s, at::kBFloat16, n) || !bias_ok(a[3], n)) return {};
-    at::Tensor xf = x.reshape({m, k}).to(at::kFloat);
-    at::Tensor sx = xf.abs().amax({-1}, true).div(127).clamp_(std::numeric_limits<float>::min());
-    at::Tensor qf = xf.div(sx).round().clamp_(-127, 127).to(at::kChar).to(at::kFloat).contiguous();
+    // per row, in plain IEEE fp32 (no fast-math): the same values as the Python path's ATen ops
+    at::Tensor qf = at::empty({m, k}, x.options().dtype(at::kFloat)), sx = at::empty({m, 1}, qf.options());
+    const uint16_t *xb = reinterpret_cast<const uint16_t *>(x.data_ptr());
+    float *q = qf.data_ptr<float>(), *sc = sx.data_ptr<float>();
+    for (int64_t r = 0; r < m; r++) {
+        const uint16_t *xr = xb + r * k;
+        float *qr = q + r * k, amax = 0.f;
+        for (int64_t i = 0; i < k; i++) {
+            uint32_t bits = (uint32_t)xr[i] << 16;
+            float v;
+            std::memcpy(&v, &bits, 4);
+            qr[i] = v;
+            amax = std::max(amax, std::fabs(v));
+        }
+        const float scale = std::max(amax / 127.f, std::numeric_limits<float>::min());
+        sc[r] = scale;
+        for (int64_t i = 0; i < k; i++) qr[i] = std::min(127.f, std::max(-127.f, std::nearbyint(qr[i] / scale)));
+    }
     at::Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat));
     if (cfg.int8(qf.data_ptr<float>(), m, k, w.data_ptr<int8_t>(), reinterpret_cast<const uint16_t *>(s.data_ptr()),
                  n, y.data_ptr<float>(), n, 0, at::get_num_threads()))

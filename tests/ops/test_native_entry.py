@@ -255,3 +255,17 @@ def test_experts_twin_same_bits_as_its_python_loop(name, monkeypatch):
         got = op(*args, *stacked, **attrs, **kw)
         with native_entry.disabled():
             assert torch.equal(got, op(*args, *stacked, **attrs, **kw))
+
+
+def test_int8dq_activation_codes_round_ties_to_even_as_python():
+    """int8dq's per-row activation quantization in the C++ entry: ties (x / scale exactly k + 0.5), zero rows
+    and signs give the Python path's codes (round half to even), so the results are bit-equal."""
+    op, args, attrs, _, _ = int8dq_op(64, 128)
+    x = torch.zeros(3, 128)
+    x[0, :8] = torch.tensor([127.0, 2.5, 3.5, -0.5, -1.5, 0.5, 126.5, -126.5])  # scale 1: every one a tie
+    x[1] = torch.linspace(-3, 3, 128)
+    x = x.to(torch.bfloat16)  # row 2 all zeros
+    y = op(x, *args, None, **attrs)
+    with native_entry.disabled():
+        assert torch.equal(y, op(x, *args, None, **attrs))
+    assert not y[2].any()
