@@ -55,12 +55,16 @@ def with_example(calibration, example_inputs, example_kwargs) -> tuple:
         and not example_kwargs
     if calibration is None or not no_example:
         return calibration, example_inputs, example_kwargs
-    rest = iter(calibration)
-    first = next(rest, None)
+    if isinstance(calibration, (list, tuple)):  # re-iterable: left as given
+        first, rest = (calibration[0] if calibration else None), calibration
+    else:
+        it = iter(calibration)
+        first = next(it, None)
+        rest = itertools.chain([first], it) if first is not None else []
     if first is None:
-        return [], example_inputs, example_kwargs
+        return rest, example_inputs, example_kwargs
     args, kwargs = as_call(first, "calibration[0]")
-    return itertools.chain([first], rest), args, kwargs
+    return rest, args, kwargs
 
 
 def graph_calls(gm: torch.fx.GraphModule, model, args: tuple, kwargs: dict) -> list[tuple[tuple, dict]]:
