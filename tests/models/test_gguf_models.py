@@ -158,6 +158,8 @@ def gemma_packed(gemma_path):
     return fxquant.from_gguf(gemma_path, **F32)
 
 
+@pytest.mark.slow  # CI time (~70 s: transformers' dequantized Gemma is the oracle); SmolLM2's twin and the
+# synthetic k-quant files (tests/checkpoints/test_gguf_loader.py) run in CI
 def test_gemma_logits_and_tokens_equal_the_dequantized_model(gemma_reference, gemma_packed):
     for p in GEMMA_PROMPTS:
         ids = torch.tensor([p])
