@@ -126,35 +126,45 @@ at::Tensor int4wo(const c10::IValue *a) {
     return with_bias(y, a[3]);
 }
 
-// linear_int8wo(x, qweight, scale, bias, compute_dtype): ops/int8wo.py's native GEMV branch, bf16 x
-// (fp32 copy of x, fp32 result rounded to bf16 once, as the Python path)
-at::Tensor int8wo(const c10::IValue *a) {
-    if (!cfg.int8 || !a[4].isNone()) return {};
+// The int8 ops' common part (linear_int8wo / linear_int8dq(x, qweight, scale, bias, compute_dtype)): bf16 x at
+// up to `limit` rows, an int8 [n, k] weight, a bf16 [n] scale; x's rows (n, k set), or 0.
+int64_t int8_rows(const c10::IValue *a, int64_t limit, int64_t &n, int64_t &k) {
+    if (!cfg.int8 || !a[4].isNone()) return 0;
     const at::Tensor &x = a[0].toTensor(), &w = a[1].toTensor(), &s = a[2].toTensor();
-    if (w.scalar_type() != at::kChar || !cpu(w) || !w.is_contiguous() || w.dim() != 2) return {};
-    int64_t n = w.size(0), k = w.size(1);
+    if (w.scalar_type() != at::kChar || !cpu(w) || !w.is_contiguous() || w.dim() != 2) return 0;
+    n = w.size(0), k = w.size(1);
     int64_t m = bf16_rows(x, k);
-    if (m < 1 || m > cfg.int8_rows || n <= 0 || !flat(s, at::kBFloat16, n) || !bias_ok(a[3], n)) return {};
-    at::Tensor xf = x.to(at::kFloat).contiguous();
+    return m < 1 || m > limit || n <= 0 || !flat(s, at::kBFloat16, n) || !bias_ok(a[3], n) ? 0 : m;
+}
+
+// The int8 GEMV on fp32 rows xf [m, k] (exact products, fp32 sums, times the weight scale): y fp32 [..., n]
+// shaped as x, or undefined when the kernel failed.
+at::Tensor int8_gemv(const c10::IValue *a, const at::Tensor &xf, int64_t m, int64_t n, int64_t k) {
+    const at::Tensor &x = a[0].toTensor(), &w = a[1].toTensor(), &s = a[2].toTensor();
     at::Tensor y = out(x, n, at::kFloat);
     if (cfg.int8(xf.data_ptr<float>(), m, k, w.data_ptr<int8_t>(), reinterpret_cast<const uint16_t *>(s.data_ptr()),
                  n, y.data_ptr<float>(), n, 0, at::get_num_threads()))
         return {};
-    return with_bias(y.to(at::kBFloat16), a[3]);
+    return y;
 }
 
-// linear_int8dq(x, qweight, scale, bias, compute_dtype): ops/int8dq.py's _cpu_int8dq at the GEMV's rows, bf16 x:
-// x quantized per row as formats/int8dq.quantize_activations does (the same ATen ops: fp32 absmax / 127
-// clamped to FLT_MIN, codes round-half-even, clamped to +-127), the codes' integer product through the int8
-// GEMV (exact products, fp32 sums, times the weight scale), times the row scale, rounded to bf16 once
+// linear_int8wo: ops/int8wo.py's native GEMV branch, bf16 x (fp32 copy of x, fp32 result rounded to bf16
+// once, as the Python path)
+at::Tensor int8wo(const c10::IValue *a) {
+    int64_t n, k, m = int8_rows(a, cfg.int8_rows, n, k);
+    if (!m) return {};
+    at::Tensor y = int8_gemv(a, a[0].toTensor().to(at::kFloat).contiguous(), m, n, k);
+    return y.defined() ? with_bias(y.to(at::kBFloat16), a[3]) : y;
+}
+
+// linear_int8dq: ops/int8dq.py's _cpu_int8dq at the GEMV's rows, bf16 x: x quantized per row as
+// formats/int8dq.quantize_activations does, in plain IEEE fp32 (no fast-math, so the same values as its ATen
+// ops: fp32 absmax / 127 clamped to FLT_MIN, codes x / scale rounded half to even, clamped to +-127), the
+// codes' product through the int8 GEMV, times the row scale, rounded to bf16 once
 at::Tensor int8dq(const c10::IValue *a) {
-    if (!cfg.int8 || cfg.int8dq_rows <= 0 || !a[4].isNone()) return {};
-    const at::Tensor &x = a[0].toTensor(), &w = a[1].toTensor(), &s = a[2].toTensor();
-    if (w.scalar_type() != at::kChar || !cpu(w) || !w.is_contiguous() || w.dim() != 2) return {};
-    int64_t n = w.size(0), k = w.size(1);
-    int64_t m = bf16_rows(x, k);
-    if (m < 1 || m > cfg.int8dq_rows || n <= 0 || !flat(s, at::kBFloat16, n) || !bias_ok(a[3], n)) return {};
-    // per row, in plain IEEE fp32 (no fast-math): the same values as the Python path's ATen ops
+    int64_t n, k, m = cfg.int8dq_rows > 0 ? int8_rows(a, cfg.int8dq_rows, n, k) : 0;
+    if (!m) return {};
+    const at::Tensor &x = a[0].toTensor();
     at::Tensor qf = at::empty({m, k}, x.options().dtype(at::kFloat)), sx = at::empty({m, 1}, qf.options());
     const uint16_t *xb = reinterpret_cast<const uint16_t *>(x.data_ptr());
     float *q = qf.data_ptr<float>(), *sc = sx.data_ptr<float>();
@@ -172,14 +182,10 @@ at::Tensor int8dq(const c10::IValue *a) {
         sc[r] = scale;
         for (int64_t i = 0; i < k; i++) qr[i] = std::min(127.f, std::max(-127.f, std::nearbyint(qr[i] / scale)));
     }
-    at::Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat));
-    if (cfg.int8(qf.data_ptr<float>(), m, k, w.data_ptr<int8_t>(), reinterpret_cast<const uint16_t *>(s.data_ptr()),
-                 n, y.data_ptr<float>(), n, 0, at::get_num_threads()))
-        return {};
-    y.mul_(sx);
-    auto sizes = x.sizes().vec();
-    sizes.back() = n;
-    return with_bias(y.to(at::kBFloat16).reshape(sizes), a[3]);
+    at::Tensor y = int8_gemv(a, qf, m, n, k);
+    if (!y.defined()) return y;
+    y.view({m, n}).mul_(sx);
+    return with_bias(y.to(at::kBFloat16), a[3]);
 }
 
 // linear_affine(x, qweight, scale, zero_point, bias, bits, group_size, symmetric, in_features, compute_dtype):
@@ -362,7 +368,8 @@ void configure(std::string kernel, int64_t address, int64_t rows) {
     } else if (kernel == "lut4") {
         cfg.lut4 = reinterpret_cast<Lut4Gemv>(address), cfg.lut4_rows = rows;
     } else {
-        TORCH_CHECK(false, "fxquant_native::configure: unknown kernel '", kernel, "'; valid: enabled, int4, int8, int8dq, affine, lut4");
+        TORCH_CHECK(false, "fxquant_native::configure: unknown kernel '", kernel,
+                    "'; valid: enabled, int4, int8, int8dq, affine, lut4");
     }
 }
 

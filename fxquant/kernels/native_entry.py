@@ -6,9 +6,9 @@ dispatcher, ~7 per decoder layer per token.  The C++ kernels sit at the ops' Aut
 (gradients to the Python autograd Function) and BackendSelect key (just above the backends) and run,
 for plain CPU tensors, the same C kernel the Python CPU impl would (bf16 activations at decode
 sizes: ``linear_int4wo``, ``linear_int8wo``, ``linear_int8dq``, ``linear_bnb4`` / ``_dq``,
-``linear_affine`` and their experts twins), else hand the call to the Python kernels unchanged (the cpp file's header says
-exactly when).  Measured (Zen 4, 2 threads, bf16 x,
-M = 1, 256x2048 int4wo-128, warm): 35 us per ``torch.ops`` call through Python, 13 us through it.
+``linear_affine`` and their experts twins), else hand the call to the Python kernels unchanged (the
+cpp file's header says exactly when).  Measured (Zen 4, 2 threads, bf16 x, M = 1, 256x2048
+int4wo-128, warm): 35 us per ``torch.ops`` call through Python, 13 us through it.
 
 Built on first use with the C++ compiler (``CXX``, default ``c++``) against the installed torch's
 headers into the native kernels' cache directory (:func:`fxquant.kernels.native_build._cache_dir`),
@@ -34,10 +34,8 @@ import torch
 from . import native_build
 
 SOURCE = Path(__file__).with_name("native_entry.cpp")
-#: the ops the C++ entry registers kernels for (the ``TORCH_LIBRARY_IMPL`` blocks of the source)
+#: the ops the C++ entry registers kernels for, with their ``_experts`` twins (the ``TORCH_LIBRARY_IMPL`` blocks)
 OPS = frozenset({"linear_int4wo", "linear_int8wo", "linear_int8dq", "linear_bnb4", "linear_bnb4_dq", "linear_affine"})
-#: their mixture-of-experts twins (fxquant/ops/_experts.py), each expert's rows through the same fast path
-EXPERTS_OPS = frozenset(f"{op}_experts" for op in OPS)
 FLAGS = ("-O2", "-std=c++20", "-shared", "-fPIC", "-w")
 
 _lock = threading.Lock()
