@@ -131,8 +131,8 @@ class Method:
     needs_data: ClassVar[bool] = False
     #: the method needs ``Stats.hessian``
     needs_hessian: ClassVar[bool] = False
-    #: the method reads the per-channel statistics (``Stats.absmax`` / ``mean_abs``); the sequential
-    #: walk skips them for groups where no method does
+    #: the method reads the per-channel statistics (``Stats.absmax`` / ``mean_abs``); the calibrate pass
+    #: skips them for inputs where no method does
     needs_channel_stats: ClassVar[bool] = False
     #: the method can quantize mixture-of-experts weights expert by expert (a data method from each
     #: expert's own inputs: the rows routed to it)

@@ -137,14 +137,19 @@ def _grouped_input(site: Site, x: torch.Tensor, offs) -> tuple[torch.Tensor, tor
     return x.reshape(-1, k), group_ends(e, t)
 
 
+def _channel_stats(sites: list[Site]) -> bool:
+    """Whether any of ``sites``' methods reads the per-channel statistics (``Stats.absmax`` / ``mean_abs``)."""
+    return any(method_of(s).needs_channel_stats for s in sites)
+
+
 def _expert_stats(site: Site, pairs) -> list[Stats]:
     """Each expert's statistics over the ``(x, offs)`` pairs of the calibration batches."""
     stats = [Stats(site.out_shape[1]) for _ in range(site.experts)]
-    hessian = method_of(site).needs_hessian
+    method = method_of(site)
     for x, offs in pairs:
         x, offs = _grouped_input(site, x, offs)
         for e, a, b in expert_rows(offs.tolist()):
-            stats[e].update(x[a:b], hessian)
+            stats[e].update(x[a:b], method.needs_hessian, method.needs_channel_stats)
     return stats
 
 
@@ -191,10 +196,10 @@ class _ExpertObserver(torch.nn.Module):
         self.stats = [Stats(site.out_shape[1]) for _ in range(site.experts)]
 
     def forward(self, x: torch.Tensor, offs: torch.Tensor | None) -> torch.Tensor:
-        hessian = method_of(self.site[0]).needs_hessian
+        method = method_of(self.site[0])
         xs, offs = _grouped_input(self.site[0], x, offs)
         for e, a, b in expert_rows(offs.tolist()):
-            self.stats[e].update(xs[a:b], hessian)
+            self.stats[e].update(xs[a:b], method.needs_hessian, method.needs_channel_stats)
         return x
 
 
@@ -353,12 +358,12 @@ class _Observer(torch.nn.Module):
     def __init__(self, gm, sites: list[Site], hessian: bool):
         super().__init__()
         self.stats = Stats(sites[0].out_shape[1])
-        self.hessian = hessian
+        self.hessian, self.channels = hessian, _channel_stats(sites)
         self.gm, self.sites = [gm], sites  # a list: not a submodule
         self.err = {s.name: [0.0, 0.0] for s in sites if s.qweight is not None}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.stats.update(x, self.hessian)
+        self.stats.update(x, self.hessian, self.channels)
         xf = x.float()
         for s in self.sites:
             if s.name in self.err:  # ||x Dᵀ||² with D = W - Ŵ (dequantized per batch: cheaper than the product)
@@ -464,7 +469,7 @@ class _Walk:
             # each site's output error as tr(D H Dᵀ), cheaper than two more products per batch
             group = self.groups[x_node]
             stats = Stats(site.out_shape[1])
-            channels = any(method_of(s).needs_channel_stats for s in group)
+            channels = _channel_stats(group)
             for x in xs:
                 stats.update(x, hessian=True, channels=channels)
             _quantize_group(self.gm, self.ctx, x_node, group, stats, out_err={})
