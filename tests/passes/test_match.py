@@ -141,6 +141,7 @@ class _Experts(nn.Module):
 
 @pytest.mark.parametrize("frontend", ["export", "fx"])
 def test_batched_expert_weights_are_sites_or_named_in_a_note(frontend):
+    torch.manual_seed(0)  # the model and x: the error bound below held for 30 random draws but is not a bound on all
     m = _Experts()
     x = torch.randn(4, 5, 32)
     qm = fxquant.compile(m, "int8wo", (x,), frontend=frontend)
