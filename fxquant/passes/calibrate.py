@@ -43,6 +43,7 @@ from .. import experts
 from ..methods import Stats
 from ..ops._experts import expert_rows, group_ends
 from ..methods._base import quadratic_error
+from ..modules import QuantizedLinear
 from ._base import InputError, PassContext, PassResult, Site, get_attr_path, meta, node_arg
 from .calibration_inputs import as_call, batches, flat_inputs, graph_calls
 from .quantize import check_supported, method_of, quantize_experts, quantize_site
@@ -426,6 +427,8 @@ class _Walk:
         self.by_node = {s.node: s for s in sites}
         self.groups = _groups([s for s in sites if not s.experts])
         self.done_groups: set = set()
+        # the inputs of a node whose value an AWQ fold may recompute (_refold) live until its group is done
+        self.deferred = {x: () for x, g in self.groups.items() if all(method_of(s).name == "awq" for s in g)}
 
     def run(self, batches: list) -> None:
         calls = [as_call(b, f"calibration[{i}]") for i, b in enumerate(batches)]
@@ -456,9 +459,10 @@ class _Walk:
                 else:
                     self._site(site, interps)
                     bar.update(1)
-                for dead in last_use.get(node, ()):
-                    for it in interps:
-                        it.env.pop(dead, None)
+                if node in self.deferred:
+                    self.deferred[node] = last_use.get(node, ())
+                    continue
+                self._free(last_use.get(node, ()), interps)
         bar.close()
 
     def _site(self, site: Site, interps) -> None:
@@ -475,12 +479,38 @@ class _Walk:
             _quantize_group(self.gm, self.ctx, x_node, group, stats, out_err={})
             stats.hessian = None
             self.done_groups.add(x_node)
-        wq = _effective(site)
+            xs = self._refold(x_node, group, interps) or xs
+            self._free(self.deferred.pop(x_node, ()), interps)
+        # the product the quantized model computes: its own op (the deployed numerics, e.g. fp32
+        # activations rounded once to bf16 on a CPU with fast bf16, and its fast kernels)
+        layer = QuantizedLinear(site.qweight, None, input_scale=site.input_scale)
         for it, x in zip(interps, xs):
             bias = self._bias(site, it)
-            yq = F.linear(x, wq.to(x.dtype), None)
+            yq = layer(x)
             it.env[node] = yq if bias is None else yq + bias.to(yq.dtype)
         meta(node)["calibrated"] = True
+
+    @staticmethod
+    def _free(values, interps) -> None:
+        for dead in values:
+            for it in interps:
+                it.env.pop(dead, None)
+
+    def _refold(self, x_node, group: list[Site], interps) -> list | None:
+        """When the group's AWQ scale was just folded into ``x_node``'s parameter (a norm's weight),
+        ``x_node`` run again with the divided parameter, as the emitted model computes it."""
+        names = {s.name for s in group}
+        fold = next((f for f in self.ctx.folds if not f.rows and names & set(f.sites)), None)
+        if fold is None:
+            return None
+        param = next(a for a in x_node.args if isinstance(a, torch.fx.Node) and a.op == "get_attr"
+                     and a.target == fold.attr)
+        divided = fold.divided(get_attr_path(self.gm, fold.attr))
+        for it in interps:
+            it.env[param] = divided
+            it.env[x_node] = it.run_node(x_node)
+            del it.env[param]
+        return [it.env[x_node] for it in interps]
 
     def _experts(self, site: Site, interps) -> None:
         """An experts site: each expert quantized from the rows routed to it, then the grouped product

@@ -221,21 +221,62 @@ def _xs(n=3):
 
 @pytest.mark.parametrize("sequential", [True, False])
 def test_gptq_runs_on_the_inputs_the_model_feeds_it(sequential):
-    """Sequential: the second layer's Hessian is of relu(quantized a(x)); otherwise of relu(a(x))."""
+    """Sequential: the second layer's Hessian is of relu(quantized a(x)), a as the quantized model
+    computes it (its op: on a CPU with fast bf16, fp32 activations rounded once to bf16); otherwise
+    of relu(a(x))."""
     model = TwoLinears().eval()
     scheme = parse_scheme("int4wo-32")
     method = GPTQ(true_sequential=sequential)
     xs = _xs()
-    qm = fxquant.compile(model, fxquant.Spec(default=scheme, method=method), example_inputs=(xs[0],), calibration=xs)
+    spec = fxquant.Spec(default=scheme, method=method)
+    qm = fxquant.compile(model, spec, example_inputs=(xs[0],), calibration=xs)
     x = torch.cat(xs)
     wa, wb = model.a.weight.detach(), model.b.weight.detach()
     qa = gptq_codes(wa, x.T @ x, scheme.grid(96, 64), act_order=True)  # GPTQ's default
-    wa_hat = scheme.grid(96, 64).ungroup(scheme.grid(96, 64).decode(*qa[:3]), 96, 64)
-    h_in = torch.relu(x @ (wa_hat if sequential else wa).T)
+    assert torch.equal(qm.get_buffer("a.qweight"), scheme.pack_grid(*qa[:3], 96, 64).tensors["qweight"])
+    if sequential:  # a's output as the quantized model computes it
+        h_in = torch.relu(_op_output(scheme.pack_grid(*qa[:3], 96, 64), x))
+    else:
+        h_in = torch.relu(x @ wa.T)
     qb = gptq_codes(wb, h_in.T @ h_in, scheme.grid(48, 96), act_order=True)
     want = scheme.pack_grid(*qb[:3], 48, 96)
     got = qm.get_buffer("b.qweight")
     assert torch.equal(got, want.tensors["qweight"])
+
+
+def _op_output(q, x):
+    return getattr(torch.ops.fxquant, q.op)(x, *q.tensors.values(), None, **q.attrs)
+
+
+def test_sequential_walk_sees_the_activations_of_the_quantized_model(monkeypatch):
+    """Every GPTQ group's statistics come from exactly the activations the emitted model computes at
+    that site: the earlier sites' products through their ops, and the input of a norm that took an
+    earlier AWQ group's scale divided by it (the walk runs the norm before the fold exists)."""
+    model = _tiny()
+    spec = fxquant.Spec(default="int4wo-32@gptq", rules={"re:.*(q|k|v)_proj": "int4wo-32@awq"})
+    seen = []
+    update = Stats.update
+    monkeypatch.setattr(Stats, "update", lambda self, x, *a, **k: (seen.append(x.clone()), update(self, x, *a, **k)))
+    batches = _batches(n=2, rows=1)
+    q = fxquant.quantize_(_tiny(), spec, example_inputs=(batches[0],), calibration=batches)
+    assert "folded into" in fxquant.report(q).results["model.layers.1.self_attn.q_proj"]["awq_input_scale"]
+    inputs = {}
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: inputs.setdefault(n, []).append(a[0].clone()))
+             for n, m in q.named_modules() if n.endswith(("o_proj", "gate_proj", "down_proj"))]
+    with torch.no_grad():
+        for b in batches:
+            q(b)
+    for h in hooks:
+        h.remove()
+    # the walk's order: per group in graph order, every batch; the AWQ groups (q/k/v) come first in
+    # each layer and see the norm's output before the fold
+    per_group = [seen[i:i + len(batches)] for i in range(0, len(seen), len(batches))]
+    names = [f"model.layers.{i}.{n}" for i in range(2) for n in ("self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")]
+    gptq_groups = [g for i, g in enumerate(per_group) if i % 4]
+    assert len(gptq_groups) == len(names)
+    for name, got in zip(names, gptq_groups):
+        for g, want in zip(got, inputs[name]):
+            assert torch.equal(g.reshape(want.shape), want), name
 
 
 def test_one_batch_or_many_same_data():
