@@ -16,7 +16,8 @@ reference in fp16):
   ``M <= native_max_rows_axis0``: :func:`fxquant.kernels.native_cpu.int4_tiled_axis0_gemv`, the
   per-column scales folded into the activations (``A = scale * x`` per row class ``n % ceil(N/g)``;
   its bf16 form rounds A, so fp32-exact results take the fp32 form).
-- b = 4, axis 1, large M, bf16 values: int4wo's native GEMM (grouped form for fp32-exact results).
+- b <= 4, axis 1, large M, bf16 values: int4wo's native GEMM (grouped form for fp32-exact results);
+  a 1..3-bit plane is widened to nibble-pair bytes once per call first.
 - int4 kernel: ``aten._weight_int4pack_mm_for_cpu`` on bf16 activations, once per 4-bit plane, for
   axis 1, ``group_size`` in {32, 64, 128, 256}, weights packed with this CPU's tile height and
   ``M <= INT4_KERNEL_MAX_ROWS``, where a bf16 output is allowed (bf16 activations or
@@ -254,11 +255,13 @@ def _cpu_fast(x2, codes_lo, codes_hi, scale, offset, bits, group_size, symmetric
         y = native_linear(x2, codes_lo, codes_hi, scale, offset, bits, group_size, block_n, out_features, axis, nm)
         if y is not None:
             return y
-    elif bits == 4 and axis == 1 and nm.bf16_values(x2) and not _cpu.amx():  # AMX: dequantize + oneDNN wins
-        # the 4-bit plane is int4wo's tile layout: the native GEMM that decodes tiles inside it
-        y = native_cpu.int4_gemm(x2, codes_lo, block_n=block_n, group_size=group_size, scale=scale,
-                                 zero=offset if offset.numel() else None, out_features=out_features, mid=8.0,
-                                 exact=nm.exact)
+    elif bits <= 4 and axis == 1 and nm.bf16_values(x2) and not _cpu.amx():  # AMX: dequantize + oneDNN wins
+        # a 4-bit plane is int4wo's tile layout: the native GEMM that decodes tiles inside it (a 1..3-bit
+        # plane widened to it once per call: N * K / 2 transient bytes, small against an M-row GEMM)
+        plane = fmt.plane_nibbles(codes_lo, bits, int4.padded_rows(out_features) * x2.shape[1])
+        y = native_cpu.int4_gemm(x2, plane, block_n=block_n, group_size=group_size, scale=scale,
+                                 zero=offset if offset.numel() else None, out_features=out_features,
+                                 mid=2.0 ** (bits - 1), exact=nm.exact)
         if y is not None:
             return y
     if x2.shape[0] <= INT4_KERNEL_MAX_ROWS[bits > 4] and nm.bf16_gemm(x2):
