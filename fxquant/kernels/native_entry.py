@@ -75,22 +75,33 @@ def _load() -> str:
     return "loaded"
 
 
+def row_limits() -> dict[str, int]:
+    """The most rows of x each kernel family of the C++ entry takes: the limits the Python CPU
+    paths route by (one source: :func:`_configure` hands these to the entry)."""
+    from ..ops import _cpu, affine, bnb4, int4wo, int8dq, int8wo
+
+    return {"int4": int4wo.NATIVE_MAX_ROWS_BF16DOT, "int8": int8wo.native_max_rows(),
+            "int8dq": min(int8wo.native_max_rows(), int8dq.INT8PACK_MAX_M),  # int8dq's GEMV branch
+            # affine's GEMV: below its own limit and the rows where the op stops calling it (large M)
+            "affine": min(affine.NATIVE_MAX_ROWS, _cpu.large_m_threshold() - 1),
+            # the table GEMV: below the rows where the native GEMM takes over
+            "lut4": min(bnb4.NATIVE_MAX_ROWS, bnb4.NATIVE_GEMM_MIN_ROWS - 1)}
+
+
 def _configure(lib) -> None:
     """Give the C++ entry the kernels and row limits the Python CPU paths route by (one source)."""
-    from ..ops import _cpu, affine, bnb4, int4wo, int8dq, int8wo
 
     def address(fn) -> int:
         return ctypes.cast(fn, ctypes.c_void_p).value
 
-    cfg = torch.ops.fxquant_native.configure
+    cfg, rows = torch.ops.fxquant_native.configure, row_limits()
     if lib.fxq512_int4t_bf16_gemv_x is not None:
-        cfg("int4", address(lib.fxq512_int4t_bf16_gemv_x), int4wo.NATIVE_MAX_ROWS_BF16DOT)
-    cfg("int8", address(lib.fxq_int8_gemv), int8wo.native_max_rows())
-    cfg("int8dq", 0, min(int8wo.native_max_rows(), int8dq.INT8PACK_MAX_M))  # int8dq's GEMV branch
-    # affine's GEMV: below its own limit and the rows where the op stops calling it (large M)
-    cfg("affine", address(lib.fxq_affine_gemv), min(affine.NATIVE_MAX_ROWS, _cpu.large_m_threshold() - 1))
-    if lib.fxq512_lut4_bf16_gemv_x is not None:  # below the rows where the native GEMM takes over
-        cfg("lut4", address(lib.fxq512_lut4_bf16_gemv_x), min(bnb4.NATIVE_MAX_ROWS, bnb4.NATIVE_GEMM_MIN_ROWS - 1))
+        cfg("int4", address(lib.fxq512_int4t_bf16_gemv_x), rows["int4"])
+    cfg("int8", address(lib.fxq_int8_gemv), rows["int8"])
+    cfg("int8dq", 0, rows["int8dq"])
+    cfg("affine", address(lib.fxq_affine_gemv), rows["affine"])
+    if lib.fxq512_lut4_bf16_gemv_x is not None:
+        cfg("lut4", address(lib.fxq512_lut4_bf16_gemv_x), rows["lut4"])
     cfg("enabled", 1, 0)
 
 

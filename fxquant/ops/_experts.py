@@ -24,11 +24,8 @@ SUFFIX = "_experts"
 
 def _split(op, args: tuple, kwargs: dict):
     names = ("x", "offs", *op.tensors, *(n for n, _ in op.scalars), "compute_dtype", "input_scale")
-    bound = dict(zip(names, args), **kwargs)
-    bound.setdefault("compute_dtype", None)
-    scalars = {n: bound[n] for n, _ in op.scalars}
-    scalars["compute_dtype"] = bound["compute_dtype"]
-    return bound["x"], bound["offs"], [bound[t] for t in op.tensors], scalars, bound.get("input_scale")
+    bound, tensors, scalars = op.bind(names, args, kwargs)
+    return bound["x"], bound["offs"], list(tensors.values()), scalars, bound.get("input_scale")
 
 
 def expert_rows(ends: list[int]):

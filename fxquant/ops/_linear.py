@@ -100,13 +100,18 @@ class LinearOpDef:
 
     def split(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict, torch.Tensor | None, dict]:
         """Positional/keyword op arguments -> (x, tensors, bias, scalars incl. compute_dtype)."""
-        bound = dict(zip(self.arg_names, args))
+        bound, tensors, scalars = self.bind(self.arg_names, args, kwargs)
+        return bound["x"], tensors, bound.get("bias"), scalars
+
+    def bind(self, names: tuple[str, ...], args: tuple, kwargs: dict) -> tuple[dict, dict, dict]:
+        """Arguments of a schema whose positional names are ``names`` (this op's, or its experts
+        twin's) -> (every argument by name, the packed tensors, the scalars incl. compute_dtype)."""
+        bound = dict(zip(names, args))
         bound.update(kwargs)
         bound.setdefault("compute_dtype", None)
-        tensors = {t: bound[t] for t in self.tensors}
         scalars = {n: bound[n] for n, _ in self.scalars}
         scalars["compute_dtype"] = bound["compute_dtype"]
-        return bound["x"], tensors, bound.get("bias"), scalars
+        return bound, {t: bound[t] for t in self.tensors}, scalars
 
     def dequantized(self, tensors: dict, scalars: dict) -> torch.Tensor:
         return self.dequantize(**tensors, **{k: v for k, v in scalars.items() if k != "compute_dtype"})

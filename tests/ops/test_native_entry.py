@@ -9,7 +9,7 @@ from helpers import Spy, assert_linear_close
 from fxquant.formats import bnb4 as bnb4_fmt
 from fxquant.formats import int4, int8
 from fxquant.kernels import native_affine, native_cpu, native_entry
-from fxquant.ops import _cpu, affine, bnb4, int4wo, int8dq, int8wo
+from fxquant.ops import affine, bnb4, int4wo, int8dq, int8wo
 
 pytestmark = pytest.mark.skipif(not native_entry.ensure(), reason=f"C++ entry: {native_entry.status()}")
 
@@ -61,10 +61,9 @@ OPS = {"int4wo": int4_op, "int8wo": int8_op, "int8dq": int8dq_op, "nf4": nf4_op,
        "affine": affine_op,  # GPTQ / AWQ / compressed-tensors checkpoints' layout; symmetric, 3-bit fp16 scales:
        "affine-sym": lambda n, k, seed=0: affine_op(n, k, seed, "affine4-g32-sym"),
        "affine3-fp16": lambda n, k, seed=0: affine_op(n, k, seed, "affine3-g16-fp16")}
-ROWS = {"int4wo": int4wo.NATIVE_MAX_ROWS_BF16DOT, "int8wo": int8wo.native_max_rows(),
-        "int8dq": min(int8wo.native_max_rows(), int8dq.INT8PACK_MAX_M),
-        **dict.fromkeys(["affine", "affine-sym", "affine3-fp16"], min(affine.NATIVE_MAX_ROWS, _cpu.large_m_threshold() - 1)),
-        "nf4": bnb4.NATIVE_GEMM_MIN_ROWS - 1, "nf4+dq": bnb4.NATIVE_GEMM_MIN_ROWS - 1}
+_FAMILY = {"int4wo": "int4", "int8wo": "int8", "int8dq": "int8dq", "affine": "affine", "affine-sym": "affine",
+           "affine3-fp16": "affine", "nf4": "lut4", "nf4+dq": "lut4"}
+ROWS = {name: native_entry.row_limits()[family] for name, family in _FAMILY.items()}
 
 
 def run(op, x, args, bias, attrs, python=False):
