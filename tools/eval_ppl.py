@@ -10,6 +10,7 @@ Protocol (docs/accuracy.md): the model in float32; evaluation text = Python's ``
 perplexity = exp(mean next-token cross entropy over every predicted token of the windows);
 calibration text = another text, the docstrings of a fixed list of standard-library modules
 (:func:`calibration_text`), cut into ``--calib`` windows of ``--calib-seq`` tokens (default 64 x 512).
+``--dtype bfloat16`` runs the same protocol on the model cast to bf16 (as users usually load it).
 Each spec quantizes a fresh copy of the model with ``fxquant.quantize_`` (or ``fxquant.compile``
 with ``--form compile``), weight-only on every decoder projection (``lm_head`` skipped unless
 ``--skip`` is given empty), and reports perplexity, its change against float, and the time spent
@@ -273,12 +274,15 @@ def main(argv=None) -> None:
     ap.add_argument("--calib-seq", type=int, default=512, help="tokens per calibration window (default 512)")
     ap.add_argument("--form", choices=("quantize_", "compile"), default="quantize_")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="the model's dtype while quantizing and evaluating (default float32, the protocol; "
+                         "bfloat16: as users usually load it)")
     ap.add_argument("--json", help="also write the rows to this file")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, tok = load(args.model)
-    model = model.float().eval()
+    model = model.to(getattr(torch, args.dtype)).eval()
     wins = windows(tok, eval_text(), args.windows, args.seq)
     calib = windows(tok, calibration_text(), args.calib, args.calib_seq)
     rows, base = [], None
