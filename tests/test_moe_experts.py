@@ -383,3 +383,28 @@ def test_compressed_tensors_export_refuses_experts(tmp_path):
                                          r".*fxquant\.save or save_pretrained"):
         save_compressed_tensors(model, tmp_path / "ct")
     assert not (tmp_path / "ct").exists() or not any((tmp_path / "ct").iterdir())
+
+
+def test_sequential_walk_sees_the_quantized_experts_outputs(monkeypatch):
+    """GPTQ's walk runs each quantized experts site through its experts op, as the emitted model
+    does: the next layer's statistics are of exactly the emitted model's activations."""
+    from fxquant.methods import Stats
+
+    model, calib = _mixtral(), _calib(n=2, rows=1, t=24)
+    seen, update = [], Stats.update
+    monkeypatch.setattr(Stats, "update", lambda self, x, *a, **k: (seen.append(x.clone()), update(self, x, *a, **k)))
+    spec = fxquant.Spec(default="int4wo-32@gptq", skip=["lm_head"])
+    fxquant.quantize_(model, spec, example_kwargs=calib[0], calibration=calib)
+    want = []
+    h = model.model.layers[1].self_attn.q_proj.register_forward_pre_hook(lambda m, a: want.append(a[0].clone()))
+    with torch.no_grad():
+        for c in calib:
+            model(**c)
+    h.remove()
+    # the attention groups' inputs are [1, 24, K] (router and experts rows are 2-D): per layer q/k/v
+    # then o_proj, each batch in order; layer 1's q/k/v come after layer 0's experts
+    attention = [x for x in seen if x.dim() == 3]
+    got = attention[4:6]
+    assert len(got) == len(want) == 2
+    for g, w in zip(got, want):
+        assert torch.equal(g.reshape(w.shape), w)

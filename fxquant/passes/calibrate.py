@@ -179,14 +179,17 @@ def _expert_effective(site: Site, e: int) -> torch.Tensor:
 
 
 def _experts_output(gm, site: Site, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """The grouped matmul with the site's quantized experts (the float ones if it stayed float)."""
+    """The grouped matmul with the site's quantized experts, through their experts op as the emitted
+    model computes it (the float experts if the site stayed float)."""
     shape = x.shape
     x, offs = _grouped_input(site, x, offs)
-    y = x.new_zeros((x.shape[0], site.out_shape[0]))
-    w = _weight(gm, site) if site.qweight is None else None
-    for e, a, b in expert_rows(offs.tolist()):
-        we = w[e] if w is not None else _expert_effective(site, e)
-        y[a:b] = F.linear(x[a:b], we.to(x.dtype))
+    if site.qweight is not None:
+        y = experts.grouped(x, site.qweight, offs, site.input_scale)
+    else:
+        y = x.new_zeros((x.shape[0], site.out_shape[0]))
+        w = _weight(gm, site)
+        for e, a, b in expert_rows(offs.tolist()):
+            y[a:b] = F.linear(x[a:b], w[e].to(x.dtype))
     return y.reshape(shape[0], shape[1], -1) if site.kind == "bmm" else y
 
 
