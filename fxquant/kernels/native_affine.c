@@ -119,7 +119,8 @@ int fxq_affine_gemv(const float *x, int64_t M, int64_t K, const uint32_t *q, int
 
 #if FXQ_AVX512
 /* ---- AVX-512 -------------------------------------------------------------------------------------------
- * 4-bit codes in whole groups of 32: decoded 32 at a time in registers (16 bytes split into low / high
+ * 4-bit codes in groups that are whole multiples of 32 (the last one may be partial: K a multiple of 32,
+ * e.g. K = 576 in groups of 128): decoded 32 at a time in registers (16 bytes split into low / high
  * nibbles, interleaved back into stream order: byte i holds codes 2i and 2i + 1; widened to 32-bit
  * lanes and converted exactly, minus z) and multiplied right away with up to MT rows of x (two
  * accumulator chains per row), nothing stored.  Other layouts: the plain build's decode-and-dot. */
@@ -137,7 +138,8 @@ INLINE void af512_row4(const uint8_t *p, const float *x, int64_t K, int64_t G, i
         __m512 a[2 * MT];
         for (int i = 0; i < 2 * mb; i++) a[i] = _mm512_setzero_ps();
         const __m512 vz = _mm512_set1_ps(z ? (float)z[j] : mid);
-        for (int64_t k = j * gs; k < (j + 1) * gs; k += 32) {
+        const int64_t k1 = (j + 1) * gs < K ? (j + 1) * gs : K; /* a partial last group ends at K */
+        for (int64_t k = j * gs; k < k1; k += 32) {
             if (!(k & 127)) _mm_prefetch((const char *)(p + k / 2 + PF_AHEAD), _MM_HINT_T1);
             __m512 w0, w1;
             af512_nibbles(p + k / 2, vz, &w0, &w1);
@@ -153,7 +155,7 @@ INLINE void af512_row4(const uint8_t *p, const float *x, int64_t K, int64_t G, i
 static int af512_gemv4(const float *x, int64_t M, int64_t K, const uint32_t *q, int64_t words, int64_t N, int64_t gs,
                        const float *scale, const uint8_t *zero, float mid, float *y, int64_t ldy, int round_x,
                        int nthreads) {
-    const int64_t G = K / gs;
+    const int64_t G = (K + gs - 1) / gs;
     float *xr;
     if (!(x = fxq_x_rounded(x, M * K, round_x, &xr))) return FXQ_ENOMEM;
 #pragma omp parallel for num_threads(nthreads) schedule(guided, 8)
@@ -178,7 +180,7 @@ static int af512_gemv4(const float *x, int64_t M, int64_t K, const uint32_t *q, 
 int fxq512_affine_gemv(const float *x, int64_t M, int64_t K, const uint32_t *q, int64_t words, int bits, int64_t N,
                        int64_t group_size, const float *scale, const uint8_t *zero, float mid, float *y, int64_t ldy,
                        int round_x, int nthreads) {
-    if (bits == 4 && group_size % 32 == 0 && K % group_size == 0 && words == K / 8)
+    if (bits == 4 && group_size % 32 == 0 && K % 32 == 0 && words == K / 8)
         return af512_gemv4(x, M, K, q, words, N, group_size, scale, zero, mid, y, ldy, round_x, nthreads);
     return af_gemv(x, M, K, q, words, bits, N, group_size, scale, zero, mid, y, ldy, round_x, nthreads, af_decode);
 }

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(not ISAS, reason=f"native kernels unavailable: {
 
 SCHEMES = ["affine4-g32-fp16", "affine4-g128", "affine4-ch-sym", "affine4-g7", "affine8-ch-fp16", "affine8-g64-sym",
            "affine3-g16", "affine2-g8-sym", "affine5-g7-fp32", "affine6-g32-fp16", "affine7-ch"]
-SHAPES = [(5, 33), (64, 128), (33, 256), (3, 64), (1, 1)]
+SHAPES = [(5, 33), (64, 128), (33, 256), (3, 64), (1, 1), (6, 576), (3, 160)]  # 576, 160: a partial last group of 4-bit g128 / g64
 
 
 def layer(scheme: str, n: int, k: int, seed: int = 0):
