@@ -11,11 +11,11 @@ Two ways to run the data, both over the traced graph (the same for ``compile`` a
   error against the float output.  No activation is kept.  Then the data-driven sites are quantized.
 - **sequential** (GPTQ's ``true_sequential``, on by default): the graph is walked node by node with
   every batch at once; at each site the statistics of its input are taken, the site is quantized
-  there, and its output is computed by the site's own op on the packed weight (the deployed
-  numerics and fast kernels; a few thousand rows per call, :data:`PRODUCT_ROWS`), so every later
+  there, and its output is computed by the site's own op on the packed weight, one call per batch
+  (the deployed numerics and fast kernels), so every later
   site is calibrated on exactly what the quantized model feeds it; when an AWQ group's scale folds
-  into the norm before it, the norm is run again with the divided weight.  The walk holds the live intermediate values of all
-  calibration batches (as a layer-by-layer GPTQ caches a block's inputs), never more than the
+  into the norm before it, the norm is run again with the divided weight.  The walk holds the live
+  intermediate values of all calibration batches (as a layer-by-layer GPTQ caches a block's inputs), never more than the
   graph's own live set.  There every group's ``H`` is taken (transient) and gives the output errors.
 
 Sites reading the same input share one :class:`Stats` (q / k / v); AWQ quantizes such a group
@@ -486,18 +486,16 @@ class _Walk:
             self.done_groups.add(x_node)
             xs = self._refold(x_node, group, interps) or xs
             self._free(self.deferred.pop(x_node, ()), interps)
-        # the product the quantized model computes: its own op (the deployed numerics, e.g. fp32
-        # activations rounded once to bf16 on a CPU with fast bf16, and its fast kernels)
-        # on the batches' rows together, a few thousand per call, so a format that decodes its
-        # weight per call (intx, fpX, float8 at large M) decodes it a few times, not once per batch
-        layer = QuantizedLinear(site.qweight, None, input_scale=site.input_scale)
-        for chunk in _chunks(xs, PRODUCT_ROWS):
-            flat = [xs[i].reshape(-1, xs[i].shape[-1]) for i in chunk]
-            y = layer(flat[0] if len(flat) == 1 else torch.cat(flat))
-            for i, yq in zip(chunk, y.split([f.shape[0] for f in flat])):
-                yq = yq.reshape(*xs[i].shape[:-1], yq.shape[-1])
-                bias = self._bias(site, interps[i])
-                interps[i].env[node] = yq if bias is None else yq + bias.to(yq.dtype)
+        # the product the quantized model computes: its own op, one call per batch as the model
+        # makes it (the deployed numerics, which may depend on the rows per call: e.g. fp32
+        # activations rounded once to bf16 on a CPU with fast bf16, bf16 results rounded by the path
+        # the rows select), with the bias inside the op when it is one tensor for every batch
+        biases = [self._bias(site, it) for it in interps]
+        shared = biases[0] if all(b is biases[0] for b in biases) else None
+        layer = QuantizedLinear(site.qweight, shared, input_scale=site.input_scale)
+        for it, x, bias in zip(interps, xs, biases):
+            yq = layer(x)
+            it.env[node] = yq if shared is not None or bias is None else yq + bias.to(yq.dtype)
         meta(node)["calibrated"] = True
 
     @staticmethod
@@ -539,22 +537,6 @@ class _Walk:
             return get_attr_path(self.gm, ref.bias) if ref.bias else None
         b = node_arg(site.node, ref.bias)
         return it.env[b] if isinstance(b, torch.fx.Node) else b
-
-
-#: Rows of activations the sequential walk multiplies per op call (whole batches; at least one).
-PRODUCT_ROWS = 4096
-
-
-def _chunks(xs: list[torch.Tensor], rows: int) -> list[list[int]]:
-    """Indices of ``xs`` in consecutive runs of about ``rows`` rows (each run at least one tensor)."""
-    out, run, n = [], [], 0
-    for i, x in enumerate(xs):
-        run.append(i)
-        n += x.numel() // max(1, x.shape[-1])
-        if n >= rows:
-            out.append(run)
-            run, n = [], 0
-    return out + [run] if run else out
 
 
 def _last_uses(graph: torch.fx.Graph) -> dict:

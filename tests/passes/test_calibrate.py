@@ -248,21 +248,23 @@ def _op_output(q, x):
     return getattr(torch.ops.fxquant, q.op)(x, *q.tensors.values(), None, **q.attrs)
 
 
-@pytest.mark.parametrize("product_rows", [1, 30, 4096])
-def test_sequential_walk_sees_the_activations_of_the_quantized_model(monkeypatch, product_rows):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sequential_walk_sees_the_activations_of_the_quantized_model(monkeypatch, dtype):
     """Every GPTQ group's statistics come from exactly the activations the emitted model computes at
-    that site: the earlier sites' products through their ops (batches multiplied one by one, two
-    together, or all at once), and the input of a norm that took an earlier AWQ group's scale
-    divided by it (the walk runs the norm before the fold exists)."""
-    import sys
-
-    monkeypatch.setattr(sys.modules["fxquant.passes.calibrate"], "PRODUCT_ROWS", product_rows)
+    that site: the earlier sites' products through their ops (bias included), and the input of a
+    norm that took an earlier AWQ group's scale divided by it (the walk runs the norm before the
+    fold exists); in float32 and in bf16, whose results the op's path rounds."""
     spec = fxquant.Spec(default="int4wo-32@gptq", rules={"re:.*(q|k|v)_proj": "int4wo-32@awq"})
     seen = []
     update = Stats.update
     monkeypatch.setattr(Stats, "update", lambda self, x, *a, **k: (seen.append(x.clone()), update(self, x, *a, **k)))
     batches = _batches(n=3, rows=1)
-    q = fxquant.quantize_(_tiny(), spec, example_inputs=(batches[0],), calibration=batches)
+    model = _tiny()
+    g = torch.Generator().manual_seed(3)
+    for layer in model.model.layers:  # biases on some sites: the op adds them as the model's call does
+        for lin in (layer.self_attn.o_proj, layer.mlp.gate_proj):
+            lin.bias = nn.Parameter(torch.randn(lin.out_features, generator=g) * 0.1)
+    q = fxquant.quantize_(model.to(dtype), spec, example_inputs=(batches[0],), calibration=batches)
     assert "folded into" in fxquant.report(q).results["model.layers.1.self_attn.q_proj"]["awq_input_scale"]
     inputs = {}
     hooks = [m.register_forward_pre_hook(lambda m, a, n=n: inputs.setdefault(n, []).append(a[0].clone()))
