@@ -17,7 +17,8 @@ reference in fp16):
   per-column scales folded into the activations (``A = scale * x`` per row class ``n % ceil(N/g)``;
   its bf16 form rounds A, so fp32-exact results take the fp32 form).
 - b <= 4, axis 1, large M, bf16 values: int4wo's native GEMM (grouped form for fp32-exact results);
-  a 1..3-bit plane is widened to nibble-pair bytes once per call first.
+  a 1..3-bit plane is widened to nibble-pair bytes once per call first; b > 4 (fp32-exact policy) runs it
+  once per plane, ``(lo - mid) s + offset`` and ``16 hi s`` (:func:`_two_plane_gemm`).
 - int4 kernel: ``aten._weight_int4pack_mm_for_cpu`` on bf16 activations, once per 4-bit plane, for
   axis 1, ``group_size`` in {32, 64, 128, 256}, weights packed with this CPU's tile height and
   ``M <= INT4_KERNEL_MAX_ROWS``, where a bf16 output is allowed (bf16 activations or
@@ -264,6 +265,10 @@ def _cpu_fast(x2, codes_lo, codes_hi, scale, offset, bits, group_size, symmetric
                                  mid=2.0 ** (bits - 1), exact=nm.exact)
         if y is not None:
             return y
+    elif bits > 4 and axis == 1 and nm.exact and nm.bf16_values(x2) and not _cpu.amx():
+        y = _two_plane_gemm(x2, codes_lo, codes_hi, scale, offset, bits, group_size, block_n, out_features)
+        if y is not None:
+            return y
     if x2.shape[0] <= INT4_KERNEL_MAX_ROWS[bits > 4] and nm.bf16_gemm(x2):
         if int4_kernel_applies(bits, group_size, axis, block_n):
             return int4_kernel_linear(nm.rounded(x2), codes_lo, codes_hi, scale, offset, bits, group_size, block_n,
@@ -277,6 +282,19 @@ def _cpu_fast(x2, codes_lo, codes_hi, scale, offset, bits, group_size, symmetric
     path = tiled_dequant_linear if axis == 1 and x2.shape[0] <= TILED_MAX_ROWS else rows_dequant_linear
     return path(nm.rounded(x2), codes_lo, codes_hi, scale, offset, bits, group_size, axis, block_n, out_features,
                 nm.gemm_dtype(x2))
+
+
+def _two_plane_gemm(x2, codes_lo, codes_hi, scale, offset, bits, group_size, block_n, out_features):
+    """b > 4 at large M: int4wo's native GEMM once per plane, ``y = x @ [(lo - mid) s + offset].T +
+    16 x @ [hi s].T`` (the GEMV's split), each in its fp32-exact grouped form on fp32 x (so each part
+    is an fp32 result: bf16 x is exact in fp32), the high plane widened once per call."""
+    xf, length = x2.float(), int4.padded_rows(out_features) * x2.shape[1]
+    kw = dict(block_n=block_n, group_size=group_size, scale=scale, out_features=out_features, exact=True)
+    y = native_cpu.int4_gemm(xf, codes_lo, zero=offset if offset.numel() else None, mid=2.0 ** (bits - 1), **kw)
+    if y is None:
+        return None
+    hi = native_cpu.int4_gemm(xf, fmt.plane_nibbles(codes_hi, bits - 4, length), zero=None, mid=0.0, **kw)
+    return None if hi is None else y.add_(hi, alpha=16)
 
 
 def _cuda(x2, codes_lo, codes_hi, scale, offset, *, bias, bits, group_size, symmetric, axis, block_n, out_features,
