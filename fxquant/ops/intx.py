@@ -18,7 +18,7 @@ reference in fp16):
   its bf16 form rounds A, so fp32-exact results take the fp32 form).
 - b <= 4, axis 1, large M, bf16 values: int4wo's native GEMM (grouped form for fp32-exact results);
   a 1..3-bit plane is widened to nibble-pair bytes once per call first; b > 4 (fp32-exact policy) runs it
-  once per plane, ``(lo - mid) s + offset`` and ``16 hi s`` (:func:`_two_plane_gemm`).
+  once per plane, ``(lo - mid) s + offset`` and ``16 hi s`` (:func:`native_gemm`).
 - int4 kernel: ``aten._weight_int4pack_mm_for_cpu`` on bf16 activations, once per 4-bit plane, for
   axis 1, ``group_size`` in {32, 64, 128, 256}, weights packed with this CPU's tile height and
   ``M <= INT4_KERNEL_MAX_ROWS``, where a bf16 output is allowed (bf16 activations or
@@ -256,17 +256,8 @@ def _cpu_fast(x2, codes_lo, codes_hi, scale, offset, bits, group_size, symmetric
         y = native_linear(x2, codes_lo, codes_hi, scale, offset, bits, group_size, block_n, out_features, axis, nm)
         if y is not None:
             return y
-    elif bits <= 4 and axis == 1 and nm.bf16_values(x2) and not _cpu.amx():  # AMX: dequantize + oneDNN wins
-        # a 4-bit plane is int4wo's tile layout: the native GEMM that decodes tiles inside it (a 1..3-bit
-        # plane widened to it once per call: N * K / 2 transient bytes, small against an M-row GEMM)
-        plane = fmt.plane_nibbles(codes_lo, bits, int4.padded_rows(out_features) * x2.shape[1])
-        y = native_cpu.int4_gemm(x2, plane, block_n=block_n, group_size=group_size, scale=scale,
-                                 zero=offset if offset.numel() else None, out_features=out_features,
-                                 mid=2.0 ** (bits - 1), exact=nm.exact)
-        if y is not None:
-            return y
-    elif bits > 4 and axis == 1 and nm.exact and nm.bf16_values(x2) and not _cpu.amx():
-        y = _two_plane_gemm(x2, codes_lo, codes_hi, scale, offset, bits, group_size, block_n, out_features)
+    elif axis == 1 and nm.bf16_values(x2) and not _cpu.amx():  # AMX: dequantize + oneDNN wins
+        y = native_gemm(x2, codes_lo, codes_hi, scale, offset, bits, group_size, block_n, out_features, nm)
         if y is not None:
             return y
     if x2.shape[0] <= INT4_KERNEL_MAX_ROWS[bits > 4] and nm.bf16_gemm(x2):
@@ -284,16 +275,25 @@ def _cpu_fast(x2, codes_lo, codes_hi, scale, offset, bits, group_size, symmetric
                 nm.gemm_dtype(x2))
 
 
-def _two_plane_gemm(x2, codes_lo, codes_hi, scale, offset, bits, group_size, block_n, out_features):
-    """b > 4 at large M: int4wo's native GEMM once per plane, ``y = x @ [(lo - mid) s + offset].T +
-    16 x @ [hi s].T`` (the GEMV's split), each in its fp32-exact grouped form on fp32 x (so each part
-    is an fp32 result: bf16 x is exact in fp32), the high plane widened once per call."""
-    xf, length = x2.float(), int4.padded_rows(out_features) * x2.shape[1]
-    kw = dict(block_n=block_n, group_size=group_size, scale=scale, out_features=out_features, exact=True)
-    y = native_cpu.int4_gemm(xf, codes_lo, zero=offset if offset.numel() else None, mid=2.0 ** (bits - 1), **kw)
-    if y is None:
+def native_gemm(x2: torch.Tensor, codes_lo: torch.Tensor, codes_hi: torch.Tensor, scale: torch.Tensor,
+                offset: torch.Tensor, bits: int, group_size: int, block_n: int, out_features: int,
+                nm: _cpu.Numerics) -> torch.Tensor | None:
+    """``x2`` ``[M, K]`` (bf16 values) -> ``[M, out_features]`` at large M with int4wo's native GEMM
+    (axis 1; it decodes the tiles inside it), or None when it does not apply.  A 4-bit plane is its
+    tile layout as stored; a 1..3-bit plane is widened to nibble-pair bytes once per call (N * K / 2
+    transient bytes, small against an M-row GEMM).  b > 4 (fp32-exact policy only) adds a pass over
+    the high plane as :func:`native_linear` does, ``[(lo - mid) s + offset] + 16 [hi s]``, each part on
+    fp32 x so that each is an fp32 result (bf16 x is exact in fp32)."""
+    lo_bits, hi_bits = fmt.plane_bits(bits)
+    if hi_bits and not nm.exact:
         return None
-    hi = native_cpu.int4_gemm(xf, fmt.plane_nibbles(codes_hi, bits - 4, length), zero=None, mid=0.0, **kw)
+    length, xk = int4.padded_rows(out_features) * x2.shape[1], x2.float() if hi_bits else x2
+    kw = dict(block_n=block_n, group_size=group_size, scale=scale, out_features=out_features, exact=nm.exact)
+    y = native_cpu.int4_gemm(xk, fmt.plane_nibbles(codes_lo, lo_bits, length),
+                             zero=offset if offset.numel() else None, mid=2.0 ** (bits - 1), **kw)
+    if y is None or not hi_bits:
+        return y
+    hi = native_cpu.int4_gemm(xk, fmt.plane_nibbles(codes_hi, hi_bits, length), zero=None, mid=0.0, **kw)
     return None if hi is None else y.add_(hi, alpha=16)
 
 

@@ -12,10 +12,10 @@ Two ways to run the data, both over the traced graph (the same for ``compile`` a
 - **sequential** (GPTQ's ``true_sequential``, on by default): the graph is walked node by node with
   every batch at once; at each site the statistics of its input are taken, the site is quantized
   there, and its output is computed by the site's own op on the packed weight, one call per batch
-  (the deployed numerics and fast kernels), so every later
-  site is calibrated on exactly what the quantized model feeds it; when an AWQ group's scale folds
-  into the norm before it, the norm is run again with the divided weight.  The walk holds the live
-  intermediate values of all calibration batches (as a layer-by-layer GPTQ caches a block's inputs), never more than the
+  (the deployed numerics and fast kernels), so every later site is calibrated on exactly what the
+  quantized model feeds it; when an AWQ group's scale folds into the norm before it, the norm is
+  run again with the divided weight.  The walk holds the live intermediate values of all
+  calibration batches (as a layer-by-layer GPTQ caches a block's inputs), never more than the
   graph's own live set.  There every group's ``H`` is taken (transient) and gives the output errors.
 
 Sites reading the same input share one :class:`Stats` (q / k / v); AWQ quantizes such a group
