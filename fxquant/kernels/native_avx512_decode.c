@@ -1,8 +1,10 @@
 /* fxquant native CPU kernels, AVX512-BF16: weight decoders to bf16 for the dequantize + dense GEMM path at
  * large M (``fxquant.ops._dequant_gemm``).  It is what CPUs with AMX run (oneDNN's AMX bf16 GEMM outruns
- * any decode inside an AVX-512 GEMM there), so the decode is all that separates a weight-only format from
- * bf16 at prefill: these write the same bf16 values as the PyTorch decoders they replace, bit for bit,
- * at memory speed (5632x2048: int4wo ~19 ms of PyTorch ops, docs/performance.md has the figures). */
+ * any decode inside an AVX-512 GEMM there), and what formats without a decode-inside-the-GEMM kernel run
+ * everywhere (the integer affine layout of GPTQ / AWQ / compressed-tensors checkpoints), so the decode is
+ * all that separates a weight-only format from bf16 at prefill: these write the same values as the
+ * PyTorch decoders they replace, bit for bit, at memory speed (5632x2048: int4wo ~19 ms of PyTorch ops,
+ * docs/performance.md has the figures). */
 #include <string.h>
 
 #include "native_avx512.h"
@@ -88,6 +90,74 @@ int fxq512_lut4_to_bf16(const uint8_t *codes, int64_t K, int64_t n0, int64_t n1,
         for (int64_t u = 0; u < units; u++)
             _mm512_storeu_si512(o + 32 * u, l4_bf16x32(_mm_loadu_si128((const __m128i *)(row + 16 * u)), tv,
                                                        _mm512_set1_ps(sc[(32 * u) >> shift]), iv));
+    }
+    return FXQ_OK;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Integer affine rows (fxquant.formats.affine: row n's codes one little-endian bit stream of `bits`-bit
+ * codes, `words` int32 words per row) -> out[(n - n0) * ldo + k] = (q - z[n, j]) * s[n, j] in fp32, j = k / gs,
+ * rounded once to bf16 (out_bf16) or stored as fp32: formats.affine.decode_rows' values.  s fp32 [N, G]
+ * (row stride G), z uint8 [N, G] or NULL (2^(bits - 1)).  Sixteen codes per step, each lane's 32-bit
+ * window gathered at its code's byte and shifted down (a code of <= 8 bits at bit offset o lies in bytes
+ * o / 8 and o / 8 + 1); the steps whose windows would pass the row's last word (a row's tail) are read
+ * byte by byte into the same lanes. */
+INLINE int64_t aff_code(const uint8_t *row, int64_t row_bytes, int64_t k, int bits) {
+    const int64_t o = k * bits, b = o >> 3;
+    const uint32_t v = row[b] | (b + 1 < row_bytes ? (uint32_t)row[b + 1] << 8 : 0u);
+    return (v >> (o & 7)) & ((1u << bits) - 1);
+}
+
+int fxq512_affine_to_rows(const int32_t *qw, int64_t words, int64_t K, int64_t n0, int64_t n1, int bits, int64_t gs,
+                          const float *scale, const uint8_t *zero, int64_t G, void *out, int64_t ldo, int out_bf16,
+                          int nthreads) {
+    if (bits < 1 || bits > 8 || gs <= 0 || n1 < n0 || ldo < K || G != (K + gs - 1) / gs || words * 32 < K * bits
+        || K * bits >= ((int64_t)1 << 31))
+        return FXQ_EARG;
+    const float mid = (float)(1 << (bits - 1));
+    const int64_t row_bytes = words * 4;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t n = n0; n < n1; n++) {
+        const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+        const __m512i vbits = _mm512_set1_epi32(bits), mask = _mm512_set1_epi32((1 << bits) - 1);
+        const __m512i seven = _mm512_set1_epi32(7);
+        const uint8_t *row = (const uint8_t *)(qw + n * words);
+        const float *sr = scale + n * G;
+        const uint8_t *zr = zero ? zero + n * G : NULL;
+        for (int64_t k0 = 0; k0 < K; k0 += 16) {
+            const int64_t left = K - k0;
+            const __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+            __m512 q;
+            if (left >= 16 && (((k0 + 15) * bits) >> 3) + 4 <= row_bytes) {
+                const __m512i off = _mm512_mullo_epi32(_mm512_add_epi32(_mm512_set1_epi32((int)k0), lane), vbits);
+                const __m512i v = _mm512_i32gather_epi32(_mm512_srli_epi32(off, 3), (const void *)row, 1);
+                q = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(v, _mm512_and_si512(off, seven)), mask));
+            } else {
+                _Alignas(64) float t[16] = {0};
+                for (int i = 0; i < 16 && i < left; i++) t[i] = (float)aff_code(row, row_bytes, k0 + i, bits);
+                q = _mm512_load_ps(t);
+            }
+            __m512 s, z;
+            if (gs % 16 == 0) { /* the 16 columns lie in one group */
+                const int64_t j = k0 / gs;
+                s = _mm512_set1_ps(sr[j]);
+                z = _mm512_set1_ps(zr ? (float)zr[j] : mid);
+            } else {
+                _Alignas(64) float ts[16], tz[16];
+                for (int i = 0; i < 16; i++) {
+                    const int64_t j = (k0 + i < K ? k0 + i : K - 1) / gs;
+                    ts[i] = sr[j];
+                    tz[i] = zr ? (float)zr[j] : mid;
+                }
+                s = _mm512_load_ps(ts);
+                z = _mm512_load_ps(tz);
+            }
+            const __m512 w = _mm512_mul_ps(_mm512_sub_ps(q, z), s); /* q - z exact: one rounding, as the reference */
+            if (out_bf16)
+                _mm256_mask_storeu_epi16((uint16_t *)out + (n - n0) * ldo + k0, m, (__m256i)_mm512_cvtneps_pbh(w));
+            else
+                _mm512_mask_storeu_ps((float *)out + (n - n0) * ldo + k0, m, w);
+        }
     }
     return FXQ_OK;
 }

@@ -104,6 +104,9 @@ _BF16DOT_SIGNATURES = {
     "fxq512_int4t_to_bf16t": (_c_ptr, _c_i64, _c_i64, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_i64, _c_i64, _c_float,
                               _c_ptr, _c_i64, _c_int),
     "fxq512_lut4_to_bf16": (_c_ptr, _c_i64, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_int, _c_ptr, _c_i64, _c_int),
+    # affine rows (qweight, words, K, n0, n1, bits, gs, scale fp32, zero u8 | NULL, G, out, ldo, out_bf16, threads)
+    "fxq512_affine_to_rows": (_c_ptr, _c_i64, _c_i64, _c_i64, _c_i64, _c_int, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_ptr,
+                              _c_i64, _c_int, _c_int),
     # GGUF bf16 dot-product GEMV (native_gguf_bf16.c): type, x bf16, M, K, blocks, row_bytes, N, y, ldy, threads
     "fxq512_gguf_bf16_gemv": (_c_int, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_i64, _c_int),
 }

@@ -65,3 +65,29 @@ def lut4_into(codes: torch.Tensor, *, k: int, r0: int, r1: int, table: torch.Ten
     if st:
         _raise(st, lib.fxq512_lut4_to_bf16, rows=r1 - r0, K=k)
     return True
+
+
+def affine_rows_into(qweight: torch.Tensor, *, bits: int, group_size: int, in_features: int, scale: torch.Tensor,
+                     zero: torch.Tensor | None, r0: int, r1: int, out: torch.Tensor) -> bool:
+    """Rows ``r0:r1`` of an integer affine weight (:mod:`fxquant.formats.affine`: ``qweight`` int32 rows of
+    bit streams) into ``out [r1 - r0, K]`` (bf16 or fp32, unit column stride): ``(q - z) * s`` in fp32,
+    rounded once to ``out``'s dtype, as :func:`fxquant.formats.affine.decode_rows`.  ``scale`` fp32
+    ``[N, G]`` contiguous (the stored scale's exact copy), ``zero`` uint8 ``[N, G]`` or None (symmetric).
+    False (nothing written) where the kernel does not apply."""
+    lib = _lib()
+    k, g = in_features, group_size
+    groups = -(-k // g)
+    if (lib is None or getattr(lib, "fxq512_affine_to_rows", None) is None or out.dtype not in (torch.bfloat16,
+                                                                                               torch.float32)
+            or out.shape != (r1 - r0, k) or out.stride(1) != 1 or not qweight.is_contiguous()
+            or qweight.dtype != torch.int32 or scale.dtype != torch.float32 or not scale.is_contiguous()
+            or scale.shape != (qweight.shape[0], groups) or not 0 <= r0 <= r1 <= qweight.shape[0]
+            or (zero is not None and (zero.dtype != torch.uint8 or zero.shape != scale.shape
+                                      or not zero.is_contiguous()))):
+        return False
+    st = lib.fxq512_affine_to_rows(_ptr(qweight), qweight.shape[1], k, r0, r1, bits, g, _ptr(scale), _ptr(zero),
+                                   groups, _ptr(out), out.stride(0), int(out.dtype == torch.bfloat16),
+                                   torch.get_num_threads())
+    if st:
+        _raise(st, lib.fxq512_affine_to_rows, rows=r1 - r0, K=k, bits=bits)
+    return True

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..formats import affine as fmt
-from ..kernels import native_affine
+from ..kernels import native_affine, native_decode
 from . import _cpu
 from . import _validate as v
 from ._linear import LinearOpDef, define
@@ -75,9 +75,17 @@ def _cpu_fast(xs, qweight, scale, zero_point, bits, group_size, symmetric, in_fe
 
 
 def _block_decoder(qweight, scale, zero_point, bits, group_size, symmetric, in_features, dtype):
-    """Rows of ``W`` (scaled: the scale is per group, not per row) decoded into the GEMM's buffer."""
+    """Rows of ``W`` (scaled: the scale is per group, not per row) decoded into the GEMM's buffer: the native
+    decoder (AVX512-BF16; bf16 or fp32 blocks) where it applies, else :func:`fxquant.formats.affine.decode_rows`
+    (the same values)."""
+    s = _cpu.memo_per_tensor(_SCALES, scale, lambda t: t.float().contiguous()) if dtype != torch.float16 else None
+    zero = None if symmetric else zero_point
+
     def decode(r0: int, r1: int, out: torch.Tensor) -> None:
-        fmt.decode_rows(qweight, scale, zero_point, bits, group_size, in_features, r0, r1, out)
+        if s is None or not native_decode.affine_rows_into(qweight, bits=bits, group_size=group_size,
+                                                           in_features=in_features, scale=s, zero=zero, r0=r0,
+                                                           r1=r1, out=out):
+            fmt.decode_rows(qweight, scale, zero_point, bits, group_size, in_features, r0, r1, out)
     return decode, None, 1
 
 

@@ -113,3 +113,62 @@ def test_amx_large_m_uses_the_native_decoders_with_the_same_result(scheme, n, k,
     wd = opdef.dequantized(qw.tensors, {**qw.attrs, "compute_dtype": None})
     ref = opdef.reference(x.float(), *args, None, **qw.attrs)
     assert_linear_close(y, ref, x, wd, 2e-2)
+
+
+AFFINE = ["affine4-g128", "affine4-g32-fp16", "affine4-ch-sym", "affine4-g7", "affine8-ch-fp16", "affine8-g64-sym",
+          "affine3-g16", "affine2-g8-sym", "affine5-g7-fp32", "affine6-g32-fp16", "affine7-ch", "affine3-g128"]
+
+
+@pytest.mark.parametrize("scheme", AFFINE)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_affine_decoder_is_bitwise_the_pytorch_decoder(scheme, dtype):
+    """Rows of integer affine bit streams (every width, groups that divide 16 or not, partial last groups,
+    per channel, symmetric) -> the bits of formats.affine.decode_rows in bf16 and fp32, nothing outside
+    the block's columns touched; a wrong buffer or scale is refused with nothing written."""
+    from fxquant.formats import affine as fmt
+    for i, (n, k) in enumerate([(6, 576), (7, 4099), (5, 33), (3, 17), (1, 1), (40, 256)]):
+        w = torch.randn(n, k, generator=torch.Generator().manual_seed(i)) * 3
+        w[0, : min(k, 8)] = 0
+        qw = parse_scheme(scheme).quantize(w)
+        t, a = qw.tensors, qw.attrs
+        s = t["scale"].float().contiguous()
+        zero = None if a["symmetric"] else t["zero_point"]
+        for r0, r1 in ((0, n), (n // 2, n)):
+            want = torch.empty(r1 - r0, k, dtype=dtype)
+            fmt.decode_rows(t["qweight"], t["scale"], t["zero_point"], a["bits"], a["group_size"], k, r0, r1, want)
+            wide = torch.full((r1 - r0, k + 5), 7.0, dtype=dtype)
+            assert native_decode.affine_rows_into(t["qweight"], bits=a["bits"], group_size=a["group_size"],
+                                                  in_features=k, scale=s, zero=zero, r0=r0, r1=r1,
+                                                  out=wide[:, :k])
+            iv = torch.int16 if dtype == torch.bfloat16 else torch.int32
+            assert torch.equal(wide[:, :k].view(iv), want.view(iv)), (n, k, r0, r1)
+            assert (wide[:, k:] == 7).all()
+    blank = torch.zeros(n, k, dtype=torch.float16)
+    assert not native_decode.affine_rows_into(t["qweight"], bits=a["bits"], group_size=a["group_size"],
+                                              in_features=k, scale=s, zero=zero, r0=0, r1=n, out=blank)
+    assert not native_decode.affine_rows_into(t["qweight"], bits=a["bits"], group_size=a["group_size"],
+                                              in_features=k, scale=t["scale"].half(), zero=zero, r0=0, r1=n,
+                                              out=blank.float())
+    assert not blank.any()
+
+
+@pytest.mark.parametrize("scheme,n,k", [("affine4-g128", 130, 576), ("affine8-ch-fp16", 70, 256),
+                                        ("affine3-g64", 40, 4099)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_affine_large_m_uses_the_native_decoder_with_the_same_result(scheme, n, k, dtype, monkeypatch):
+    """linear_affine above its GEMV's rows decodes blocks natively: bit for bit the op's output with the
+    PyTorch decoder (bf16 and fp32 activations), and the reference within the policy's rounding."""
+    from fxquant.ops import affine
+    gen = torch.Generator().manual_seed(n * k)
+    qw = parse_scheme(scheme).quantize(torch.randn(n, k, generator=gen) * 0.02)
+    op, args = getattr(torch.ops.fxquant, qw.op), tuple(qw.tensors.values())
+    x = torch.randn(2, affine.NATIVE_MAX_ROWS + 7, k, generator=gen).to(dtype)
+    results = _counting(monkeypatch, native_decode, "affine_rows_into")
+    y = op(x, *args, None, **qw.attrs)
+    assert results and all(results)
+    monkeypatch.setattr(native_decode, "affine_rows_into", lambda *a, **kw: False)
+    assert torch.equal(y, op(x, *args, None, **qw.attrs))
+    opdef = affine.OP
+    wd = opdef.dequantized(qw.tensors, {**qw.attrs, "compute_dtype": None})
+    ref = opdef.reference(x.float(), *args, None, **qw.attrs)
+    assert_linear_close(y, ref, x, wd, 2e-2)
