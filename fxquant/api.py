@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import gc
 import logging
+import sys
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -31,14 +32,15 @@ SpecLike = "Spec | str | Scheme | Mapping | None"
 
 
 def _trace(model: torch.nn.Module, example_inputs: Any, example_kwargs: Mapping[str, Any] | None,
-           frontend: str, dynamic: bool) -> TraceResult:
+           frontend: str, dynamic: bool, user_example: bool | None = None) -> TraceResult:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            return trace(model, example_inputs, dict(example_kwargs or {}), frontend=frontend, dynamic=dynamic)
+            return trace(model, example_inputs, dict(example_kwargs or {}), frontend=frontend, dynamic=dynamic,
+                         user_example=user_example)
     finally:
         model.train(was_training)
 
@@ -118,7 +120,8 @@ def quantize_(model: torch.nn.Module, spec: SpecLike, example_inputs: Any = (),
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     inplace.check_not_quantized(model)
     calibration, example_inputs, example_kwargs = with_example(calibration, example_inputs, example_kwargs)
-    traced = _trace(model, example_inputs, inplace.planning_kwargs(model, example_kwargs), frontend, dynamic)
+    given = bool(example_kwargs) or not (example_inputs is None or (isinstance(example_inputs, tuple) and not example_inputs))
+    traced = _trace(model, example_inputs, inplace.planning_kwargs(model, example_kwargs), frontend, dynamic, given)
     if traced.frontend == "modules" and calibration is not None:
         raise ValueError("calibration needs a traced model, and this one could not be traced "
                          f"({traced.export_error or 'frontend=modules'}); pass example inputs it can be exported with")
@@ -140,11 +143,30 @@ def quantize_(model: torch.nn.Module, spec: SpecLike, example_inputs: Any = (),
     lowering = inplace.Lowering(model, extra_uses, ctx.sites)
     ctx.read_weight = lowering.read_weight
     ctx.on_quantized = lowering.apply
-    run_passes(None, ctx, QUANTIZE)
+    try:
+        run_passes(None, ctx, QUANTIZE)
+    except Exception as e:  # every check ran before the first layer was converted: this is not bad input
+        if not lowering.done:
+            raise
+        raise RuntimeError(f"fxquant.quantize_ failed after converting {len(lowering.done)} layers in place (their "
+                           "float weights are released): the model is partly quantized; load it again before "
+                           f"retrying.  Cause: {type(e).__name__}: {e}") from e
     lowering.finish(ctx.sites)
     inplace.apply_folds(model, ctx.folds)
     note_kept_float_weights(ctx.sites, model)
     rep = build_report(ctx.sites, **info, notes=ctx.notes, model_bytes_before=bytes_before,
                        model_bytes_after=tensor_bytes(model), op_counts_before=counts_before, spec=spec)
     setattr(model, INPLACE_REPORT_ATTR, rep)
+    if rep.quantized:
+        _attach_hf(model, spec)
     return model
+
+
+def _attach_hf(model: torch.nn.Module, spec: Spec) -> None:
+    """A transformers model keeps saving and loading packed (:func:`fxquant.hf.attach`)."""
+    transformers = sys.modules.get("transformers")
+    pretrained = getattr(transformers, "PreTrainedModel", None) if transformers is not None else None
+    if pretrained is not None and isinstance(model, pretrained):
+        from . import hf
+
+        hf.attach(model, spec)

@@ -247,9 +247,23 @@ def _is_experts_module(m: torch.nn.Module) -> bool:
     return isinstance(getattr(m, "is_transposed", None), bool) and hasattr(m, "has_gate")
 
 
+def _check_runs(model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """``ValueError`` when the model itself fails on the example inputs (a misspelt keyword, a wrong
+    shape): no front end can trace a call that does not run, and falling back would hide why."""
+    try:
+        model(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - the model's own error, whatever it is, is what to report
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"the model fails on the example inputs (args of types {[type(a).__name__ for a in args]}, "
+                         f"kwargs {sorted(kwargs)}): {type(e).__name__}: {first}; pass example inputs the model "
+                         "runs on") from e
+
+
 def trace(model: torch.nn.Module, example_inputs: tuple = (), example_kwargs: dict | None = None,
-          frontend: str = "auto", dynamic: bool = True) -> TraceResult:
-    """Trace ``model`` with ``frontend`` in {"auto", "export", "fx"}; see the module docstring."""
+          frontend: str = "auto", dynamic: bool = True, user_example: bool | None = None) -> TraceResult:
+    """Trace ``model`` with ``frontend`` in {"auto", "export", "fx"}; see the module docstring.
+    ``user_example``: whether the user gave the example (default: whether there is one); when export
+    fails on a user's example, the model must at least run on it (else ``ValueError``, no fallback)."""
     if frontend not in FRONTENDS:
         raise ValueError(f"frontend={frontend!r} is not valid; choose one of {', '.join(FRONTENDS)}")
     if not isinstance(example_inputs, tuple):
@@ -269,6 +283,8 @@ def trace(model: torch.nn.Module, example_inputs: tuple = (), example_kwargs: di
             if frontend == "export":
                 raise
             error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            if user_example or (user_example is None and (example_inputs or kwargs)):
+                _check_runs(model, example_inputs, kwargs)
             log.warning("torch.export failed (%s); falling back to torch.fx.symbolic_trace", error)
     try:
         gm = fx_trace(model)

@@ -187,6 +187,23 @@ def _tokenized(model: torch.nn.Module, texts) -> list[dict[str, torch.Tensor]]:
     return [dict(tok(t, return_tensors="pt")) for t in texts]
 
 
+def attach(model: torch.nn.Module, spec: Spec) -> None:
+    """After :func:`fxquant.quantize_` on a transformers model it did not load (no ``hf_quantizer`` yet): the
+    config and quantizer ``from_pretrained(..., quantization_config=FxQuantConfig(...))`` would have left,
+    so ``save_pretrained`` writes the packed tensors with the layout that loads them back packed (without
+    them transformers would write packed tensors no ``from_pretrained`` can place), and a quantized tied
+    head is untied."""
+    if getattr(model, "hf_quantizer", None) is not None or not hasattr(model, "config"):
+        return
+    from transformers.quantizers.base import _assign_is_quantized
+
+    config = FxQuantConfig(spec=spec, layout=packed_layout(model))
+    model.config.quantization_config = config
+    model.hf_quantizer = FxQuantHfQuantizer(config, pre_quantized=False)
+    _assign_is_quantized(model)
+    _untie_packed_heads(model)
+
+
 def _untie_packed_heads(model: torch.nn.Module) -> None:
     """A packed output head no longer shares the input embedding's weight: saying the model's weights
     are tied would make transformers re-tie (replace) it when the model is loaded again."""

@@ -29,7 +29,7 @@ from .modules import PackedWeight, QuantizedLinear
 from .passes import Site
 from .passes._base import get_attr_path
 from .passes.match import weight_view
-from .report import INPLACE_REPORT_ATTR, REPORT_KEY
+from .report import REPORT_KEY
 
 
 
@@ -41,7 +41,7 @@ def check_not_quantized(model: nn.Module) -> None:
     packed = [name for name, m in model.named_modules() if isinstance(m, QuantizedLinear)]
     packed += [name for name, t in list(model.named_parameters()) + list(model.named_buffers())
                if isinstance(t, PackedWeight)]
-    if packed or hasattr(model, INPLACE_REPORT_ATTR):
+    if packed:  # a quantize_ that packed nothing (every site skipped) may be run again
         where = f" ({len(packed)} packed layers, e.g. {packed[0]!r})" if packed else ""
         raise ValueError(f"this model was already quantized by fxquant.quantize_{where}; quantize the original "
                          "float model (fxquant.report(model) shows what was done)")

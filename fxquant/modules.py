@@ -14,6 +14,7 @@ the graph emit (``fxquant.compile``) bakes into its op calls, so the two emits c
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Any
 
@@ -103,6 +104,17 @@ class QuantizedLinear(nn.Module):
         if name in ("bias", *getattr(self, "tensor_names", ())):
             self.__dict__["_bound"] = None
         super().__setattr__(name, value)
+
+    # pickling (torch.save(model), copy.deepcopy): the op handle and the bound fast path are rebuilt
+    def __getstate__(self) -> dict:
+        state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
+        state.pop("_fn", None)
+        state["_bound"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__["_fn"] = _op(self.op_name)
 
     @property
     def weight(self) -> "PackedWeight":
@@ -226,6 +238,45 @@ class PackedWeight(torch.Tensor):
         return cls(QuantizedWeight(op, tensors, dict(attrs), n, k, n_experts), transposed, dtype,
                    inner.get("float_data"), inner.get("input_scale"))
 
+    # -- pickling (torch.save of a model or state dict) and copy.deepcopy: rebuilt from the packed tensors --
+    def __reduce_ex__(self, protocol):
+        q = self.packed
+        return (_rebuild_packed_weight, (q.op, dict(q.tensors), dict(q.attrs), q.out_features, q.in_features,
+                                         q.experts, self.transposed, self.dtype, self.float_data, self.input_scale,
+                                         bool(getattr(self, "_is_param", False))))
+
+    def __deepcopy__(self, memo):
+        if id(self) in memo:
+            return memo[id(self)]
+        fn, args = self.__reduce_ex__(2)
+        new = fn(*(copy.deepcopy(a, memo) for a in args))
+        memo[id(self)] = new
+        return new
+
+    def _copy_from(self, src: Any) -> "PackedWeight":
+        """``self.copy_(src)`` (``load_state_dict``): the packed tensors of a packed weight of the same
+        format, shape and layout are copied in place; anything else cannot become codes by a copy."""
+        q = self.packed
+        same = (type(src) is PackedWeight and src.packed.op == q.op and src.packed.attrs == q.attrs
+                and src.shape == self.shape and src.transposed == self.transposed
+                and src.packed.tensors.keys() == q.tensors.keys()
+                and all(src.packed.tensors[n].shape == t.shape for n, t in q.tensors.items())
+                and (src.float_data is None) == (self.float_data is None)
+                and (src.input_scale is None) == (self.input_scale is None))
+        if not same:
+            what = (f"a packed weight of another format or layout ({src!r})" if type(src) is PackedWeight
+                    else f"a {type(src).__name__} of dtype {getattr(src, 'dtype', '?')}")
+            raise RuntimeError(f"fxquant PackedWeight ({q.op}, shape {tuple(self.shape)}): cannot copy {what} into a "
+                               "packed weight: its values are quantized codes.  Load a state dict of a model "
+                               "quantized with the same spec, or load the float weights before fxquant.quantize_")
+        with torch.no_grad():
+            for n, t in q.tensors.items():
+                t.copy_(src.packed.tensors[n])
+            for mine, theirs in ((self.float_data, src.float_data), (self.input_scale, src.input_scale)):
+                if mine is not None:
+                    mine.copy_(theirs)
+        return self
+
     def _stable_hash_for_caching(self) -> str:
         q = self.packed
         return (f"PackedWeight:{q.op}:{sorted(q.attrs.items())}:{q.experts}x{q.out_features}x{q.in_features}:"
@@ -306,6 +357,11 @@ class PackedWeight(torch.Tensor):
             return args[0]._moved(kwargs.get("device"), kwargs.get("dtype"))
         if func is aten.t.default and type(args[0]) is cls:
             return args[0]._flipped()
+        if func is aten.copy_.default and type(args[0]) is cls:
+            return args[0]._copy_from(args[1])
+        if type(args[0]) is cls and _writes_first_argument(func):  # an in-place op on the packed weight
+            raise RuntimeError(f"fxquant PackedWeight ({args[0].packed.op}): {func} would modify a packed weight in "
+                               "place; its values are quantized codes (load float weights before fxquant.quantize_)")
         for a in args:
             if type(a) is cls and a.float_data is None and str(func) not in _warned:
                 _warned.add(str(func))
@@ -314,6 +370,22 @@ class PackedWeight(torch.Tensor):
                               stacklevel=2)
         unwrap = lambda a: a.dense() if type(a) is cls else a  # noqa: E731
         return func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
+
+
+def _writes_first_argument(func) -> bool:
+    args = func._schema.arguments
+    return bool(args) and args[0].alias_info is not None and args[0].alias_info.is_write
+
+
+def _rebuild_packed_weight(op: str, tensors: dict, attrs: dict, out_features: int, in_features: int, n_experts: int,
+                           transposed: bool, dtype: torch.dtype, float_data, input_scale, is_param: bool):
+    """A pickled :class:`PackedWeight` (``__reduce_ex__``), a parameter again if it was one."""
+    w = PackedWeight(QuantizedWeight(op, tensors, attrs, out_features, in_features, n_experts), transposed, dtype,
+                     float_data, input_scale)
+    return nn.Parameter(w, requires_grad=False) if is_param else w
+
+
+torch.serialization.add_safe_globals([_rebuild_packed_weight])  # torch.load(weights_only=True) may rebuild one
 
 
 def _to(w: PackedWeight, func, args: tuple, kwargs: dict[str, Any]) -> PackedWeight:

@@ -31,7 +31,7 @@ class Row:
     rel_output_error: float | None = None
 
 
-@dataclass
+@dataclass(eq=False)
 class Report:
     rows: list[Row]
     frontend: str = "export"
@@ -99,11 +99,22 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def __eq__(self, other: object) -> bool:
+        """Equal decisions and results; the measured times (``quantization_time``) are not compared."""
+        if not isinstance(other, Report):
+            return NotImplemented
+        return _untimed(self.to_dict()) == _untimed(other.to_dict())
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Report":
         d = dict(d)
         d["rows"] = [Row(**{**r, "shape": tuple(r["shape"]) if r.get("shape") else None}) for r in d["rows"]]
         return cls(**d)
+
+
+def _untimed(d: dict[str, Any]) -> dict[str, Any]:
+    d["results"] = {k: {f: v for f, v in r.items() if f != "quantization_time"} for k, r in d["results"].items()}
+    return d
 
 
 def _method_note(res: dict) -> str:

@@ -66,15 +66,6 @@ def triton_kernel(name: str):
     return kernel, device, marks
 
 
-def same_report(a, b) -> bool:
-    """Two reports are the same plan: equal but for the time each layer took to quantize."""
-    def strip(rep):
-        d = rep.to_dict()
-        d["results"] = {k: {f: v for f, v in r.items() if f != "quantization_time"} for k, r in d["results"].items()}
-        return d
-    return strip(a) == strip(b)
-
-
 class Spy:
     """Patches ``module.name`` (a function the ops look up at call time) to record each call:
     ``calls`` holds, per call, whether it returned something (not ``None``)."""

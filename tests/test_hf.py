@@ -228,3 +228,28 @@ def test_calibration_texts_tokenized_with_the_models_tokenizer(float_dir, tmp_pa
     assert torch.equal(q(IDS).logits, direct(IDS).logits)
     rep = fxquant.report(q).results["model.layers.0.mlp.up_proj"]
     assert rep["calibration_tokens"] == sum(b["input_ids"].numel() for b in batches) > 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_quantize_in_place_then_save_pretrained_loads_back_packed(arch, tmp_path):
+    """fxquant.quantize_ on a transformers model (not loaded with FxQuantConfig) leaves the config and
+    quantizer from_pretrained would have: save_pretrained writes the layout, from_pretrained loads the
+    packed tensors (nn.Linear and GPT-2's Conv1D sites), bit for bit; a quantized tied head is untied,
+    so tie_weights() leaves it alone."""
+    if arch == "llama":
+        model = _tiny_llama(tie=True)
+    else:
+        torch.manual_seed(0)
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB,
+                                                                     n_positions=64)).eval()
+    fxquant.quantize_(model, "int4wo-32", example_kwargs=dict(input_ids=IDS))
+    assert isinstance(model.config.quantization_config, FxQuantConfig)
+    assert model.config.tie_word_embeddings is False
+    model.tie_weights()
+    with torch.no_grad():
+        want = model(IDS).logits
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["quant_method"] == "fxquant"
+    again = _load(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(again(IDS).logits, want)

@@ -15,7 +15,7 @@ import fxquant
 from fxquant import experts
 from fxquant.modules import PackedWeight
 from fxquant.schemes import parse_scheme
-from helpers import FAST_PATH_TOL, policy_x, rel, same_report
+from helpers import FAST_PATH_TOL, policy_x, rel
 
 transformers = pytest.importorskip("transformers")
 
@@ -60,7 +60,7 @@ def _both_emits(model, ids):
     qm = fxquant.compile(copy.deepcopy(model), EXPERTS_ONLY, example_kwargs=dict(input_ids=ids, use_cache=False))
     fxquant.quantize_(model, EXPERTS_ONLY, example_kwargs=dict(input_ids=ids))
     rep = fxquant.report(model)
-    assert same_report(rep, fxquant.report(qm))
+    assert rep == fxquant.report(qm)
     return _fake_quantized(float_model, "int4wo-64", rep.quantized), qm, rep
 
 
@@ -175,7 +175,7 @@ def test_data_methods_quantize_each_expert_from_its_rows(method):
     float_model = copy.deepcopy(model)
     fxquant.quantize_(model, spec, example_kwargs=dict(input_ids=ids), calibration=calib)
     rep = fxquant.report(model)
-    assert same_report(rep, fxquant.report(qm)) and len(rep.quantized) == 4
+    assert rep == fxquant.report(qm) and len(rep.quantized) == 4
     res = rep.results["model.layers.0.mlp.experts.gate_up_proj"]
     assert res["method"] == m.name and sum(res["expert_tokens"]) == 4 * 2 * 48 * 2  # tokens x top-2
     assert 0 < rep.quantized[0].rel_output_error < 0.05
@@ -345,7 +345,7 @@ def test_gptq_on_llama4_bmm_experts():
         m = copy.deepcopy(model)
         fxquant.quantize_(m, spec, example_kwargs=dict(input_ids=ids), calibration=calib)
         rep = fxquant.report(m)
-        assert same_report(rep, fxquant.report(qm)) and [r.kind for r in rep.quantized] == ["bmm", "bmm"]
+        assert rep == fxquant.report(qm) and [r.kind for r in rep.quantized] == ["bmm", "bmm"]
         res = rep.results["model.layers.0.feed_forward.experts.gate_up_proj"]
         assert res["method"] == "gptq" and res["expert_tokens"] == [2 * 2 * 48] * 4
         assert 0 < rep.quantized[0].rel_output_error < 0.05

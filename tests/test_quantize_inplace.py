@@ -11,7 +11,7 @@ from torch import nn
 
 import fxquant
 from fxquant.modules import PackedWeight, QuantizedLinear
-from helpers import rel, same_report
+from helpers import rel
 from passes.test_match import Patterns
 from test_compile import EVERY_FAMILY, ISSUE_SPEC
 
@@ -43,7 +43,7 @@ def assert_state_equal(a, b):
 
 def test_same_report_and_outputs_as_compile(tiny_llama_model, ids):
     qm, m = both(tiny_llama_model, ISSUE_SPEC, (ids,))
-    assert same_report(fxquant.report(m), fxquant.report(qm))
+    assert fxquant.report(m) == fxquant.report(qm)
     assert "TOTAL (13/15 quantized)" in str(fxquant.report(m))
     with torch.no_grad():
         for shape in [(2, 16), (1, 1), (3, 7)]:
@@ -62,7 +62,7 @@ def test_every_site_kind(frontend, scheme):
     m = Patterns()
     x = torch.randn(2, 5, 32)
     qm, m = both(m, scheme, (x,), frontend=frontend)
-    assert same_report(fxquant.report(m), fxquant.report(qm))
+    assert fxquant.report(m) == fxquant.report(qm)
     assert all(r.status == "quantized" for r in fxquant.report(m).rows)
     assert isinstance(m.lin, QuantizedLinear)
     for name in ("w_fn", "w_t", "w_kn", "w_addmm"):
@@ -101,7 +101,7 @@ def test_functional_tied_weight_keeps_float_for_other_uses():
     m = Tied()
     ids = torch.randint(0, 100, (2, 7))
     qm, m = both(m, "int8wo", (ids,))
-    assert same_report(fxquant.report(m), fxquant.report(qm))
+    assert fxquant.report(m) == fxquant.report(qm)
     assert isinstance(m.w, PackedWeight) and m.w.float_data is not None
     with torch.no_grad():
         assert torch.equal(m(ids), qm(ids))
@@ -154,7 +154,7 @@ def test_every_transpose_spelling_is_a_site(frontend):
     qm, m = both(m, "int8wo", (x,), frontend=frontend)
     rows = fxquant.report(m).rows
     assert len(rows) == 7 and all(r.status == "quantized" for r in rows), fxquant.report(m)
-    assert same_report(fxquant.report(m), fxquant.report(qm))
+    assert fxquant.report(m) == fxquant.report(qm)
     assert all(isinstance(p, PackedWeight) for p in m.ws) and isinstance(m.sub.weight, PackedWeight)
     with torch.no_grad():
         assert torch.equal(m(x), qm(x))
@@ -173,7 +173,7 @@ def test_module_called_twice_and_shared_module():
     m = Twice()
     x = torch.randn(2, 64)
     qm, m = both(m, "int8wo", (x,))
-    assert same_report(fxquant.report(m), fxquant.report(qm))
+    assert fxquant.report(m) == fxquant.report(qm)
     assert m.l is m.alias and isinstance(m.l, QuantizedLinear)
     assert torch.equal(m(x), qm(x))
 
@@ -181,7 +181,7 @@ def test_module_called_twice_and_shared_module():
 def test_every_format_family_in_place(tiny_llama_model, ids):
     spec = fxquant.Spec(skip=["lm_head"], rules=EVERY_FAMILY)
     qm, m = both(tiny_llama_model, spec, (ids,))
-    assert same_report(fxquant.report(m), fxquant.report(qm))
+    assert fxquant.report(m) == fxquant.report(qm)
     with torch.no_grad():
         assert torch.equal(m(ids), qm(ids))
 
@@ -308,3 +308,99 @@ def test_report_notes_layers_that_grow():
         assert (small.bytes_after > small.bytes_before) == grows
         noted = [n for n in rep.notes if "larger than in float" in n]
         assert len(noted) == grows and (not grows or "1 (4x256" in noted[0]), rep.notes
+
+
+def test_reports_are_equal_but_for_times_and_differ_on_a_decision(tiny_llama_model, ids):
+    """Report equality compares every decision and result but the measured quantization times."""
+    qm, m = both(tiny_llama_model, "int8wo", (ids,))
+    a, b = fxquant.report(m), fxquant.report(qm)
+    assert a.results and all(r["quantization_time"] > 0 for r in a.results.values())
+    b.results = {k: {**r, "quantization_time": r["quantization_time"] + 1.0} for k, r in b.results.items()}
+    assert a == b
+    b.rows[0].scheme = "int4wo-64"
+    assert a != b
+
+
+class _Head(nn.Module):
+    """nn.Linear sites plus a parameter used through F.linear (a PackedWeight after quantize_)."""
+
+    def __init__(self, seed: int, head_dtype=torch.float32):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 64)
+        self.w = nn.Parameter(torch.randn(32, 64) * 0.1)
+        self.head = nn.Linear(32, 8).to(head_dtype)
+
+    def forward(self, x):
+        y = F.linear(self.b(self.a(x)), self.w)
+        return self.head(y.to(self.head.weight.dtype)).float()
+
+
+def test_load_state_dict_copies_packed_weights_and_refuses_floats():
+    """load_state_dict between two models quantized alike copies the packed tensors of every site kind
+    (QuantizedLinear buffers, PackedWeight parameters); a float tensor or an in-place op on a packed
+    weight raises instead of writing into a temporary copy."""
+    x = torch.randn(3, 64)
+    a, b = _Head(0), _Head(1)
+    for m in (a, b):
+        fxquant.quantize_(m, "int8wo", (x,))
+    assert isinstance(b.w, PackedWeight) and not torch.equal(a(x), b(x))
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(a(x), b(x))
+    with pytest.raises(RuntimeError, match="cannot copy a Tensor of dtype torch.float32 into a packed weight"):
+        b.load_state_dict({**a.state_dict(), "w": torch.randn(32, 64)})
+    with torch.no_grad(), pytest.raises(RuntimeError, match="would modify a packed weight in place"):
+        b.w.mul_(2)
+    assert torch.equal(a(x), b(x))
+
+
+def test_pickle_deepcopy_and_torch_load_of_quantized_models(tmp_path):
+    """torch.save / torch.load of the whole model (both site kinds) and of its state dict (weights_only),
+    and copy.deepcopy, give a model that computes the same, with storage of its own."""
+    x = torch.randn(3, 64)
+    m = _Head(0)
+    fxquant.quantize_(m, "int4wo-32", (x,))
+    want = m(x)
+    torch.save(m, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert isinstance(loaded.a, QuantizedLinear) and isinstance(loaded.w, PackedWeight)
+    assert isinstance(loaded.w, nn.Parameter) and torch.equal(loaded(x), want)
+    torch.save(m.state_dict(), tmp_path / "sd.pt")
+    other = _Head(1)
+    fxquant.quantize_(other, "int4wo-32", (x,))
+    other.load_state_dict(torch.load(tmp_path / "sd.pt", weights_only=True))
+    assert torch.equal(other(x), want)
+    twin = copy.deepcopy(m)
+    assert torch.equal(twin(x), want)
+    assert twin.w.packed_qweight.data_ptr() != m.w.packed_qweight.data_ptr()
+    twin.a.qweight.zero_()
+    assert torch.equal(m(x), want)
+
+
+def test_float64_layers_stay_float_with_the_reason():
+    """A layer fxquant does not quantize by dtype (float64) stays float, named in the report, and the
+    rest of the model is quantized: no error half-way through the conversion."""
+    x = torch.randn(3, 64)
+    m = _Head(0, head_dtype=torch.float64)
+    fxquant.quantize_(m, "int8wo", (x,))
+    row = fxquant.report(m).row("head")
+    assert row.status == "skipped" and "torch.float64" in row.reason and "float32, bfloat16, float16" in row.reason
+    assert isinstance(m.a, QuantizedLinear) and type(m.head) is nn.Linear and m.head.weight.dtype == torch.float64
+    m(x)
+
+
+def test_a_quantize_that_packed_nothing_can_be_run_again():
+    x = torch.randn(3, 64)
+    m = _Head(0)
+    fxquant.quantize_(m, fxquant.Spec(default=None), (x,))
+    assert not fxquant.report(m).quantized
+    fxquant.quantize_(m, "int8wo", (x,))
+    assert isinstance(m.a, QuantizedLinear) and len(fxquant.report(m).quantized) == 4
+
+
+def test_a_wrong_example_raises_the_models_own_error(tiny_llama_model):
+    """A misspelt keyword: the model's own error, no fallback to the modules front end, nothing changed."""
+    before = state(tiny_llama_model)
+    with pytest.raises(ValueError, match="the model fails on the example inputs .*unexpected keyword argument .input_idz."):
+        fxquant.quantize_(tiny_llama_model, "int8wo", example_kwargs=dict(input_idz=torch.ones(1, 4, dtype=torch.long)))
+    assert_state_equal(before, state(tiny_llama_model))

@@ -14,6 +14,8 @@ __all__ = ["Scheme", "QuantizedWeight", "parse_scheme", "valid_scheme_names", "s
 
 _REGISTRY: list[type["Scheme"]] = []
 COMPUTE_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
+#: the float weight dtypes every scheme quantizes (others stay float, with the reason in the report)
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @dataclass(frozen=True)
@@ -107,8 +109,9 @@ class Scheme:
         """Why this scheme cannot quantize ``weight`` ``[N, K]`` (``None`` when it can)."""
         if weight.dim() != 2:
             return f"weight must be 2-D, got shape {tuple(weight.shape)}"
-        if not weight.is_floating_point():
-            return f"weight dtype {weight.dtype} is not floating point"
+        if weight.dtype not in WEIGHT_DTYPES:
+            return (f"weight dtype {weight.dtype} is not one fxquant quantizes (float32, bfloat16, float16); "
+                    "cast the model first (model.float())")
         return None
 
     def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
