@@ -67,6 +67,9 @@ class Site:
     shared_with: str | None = None  # another site whose quantized buffers this one reuses
     #: AWQ's per-input-channel scale when it could not be folded: the op's input is ``x / input_scale``
     input_scale: torch.Tensor | None = field(default=None, repr=False)
+    #: AWQ's per-input-channel scale ``s`` the stored weight carries (``W * s``), wherever ``1 / s`` went
+    #: (the input, a norm, a linear's rows): what the site's output error divides the dequantized weight by
+    awq_scale: torch.Tensor | None = field(default=None, repr=False)
     #: an AWQ inverse scale folded into this linear's output rows (``fxquant.passes.calibrate.Fold``:
     #: a later site's input scale): the weight quantized (or kept float) is ``W / scale[:, None]``
     out_fold: Any = field(default=None, repr=False)

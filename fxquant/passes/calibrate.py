@@ -210,10 +210,11 @@ class _ExpertObserver(torch.nn.Module):
 
 
 # -- shared -----------------------------------------------------------------------------------------
-def _weight(gm: torch.fx.GraphModule, site: Site) -> torch.Tensor:
-    """The site's float weight ``[N, K]``, with the rows an AWQ fold divides divided."""
+def _weight(gm: torch.fx.GraphModule, site: Site, divided: bool = True) -> torch.Tensor:
+    """The site's float weight ``[N, K]``, with the rows an AWQ fold divides divided (``divided``; else as
+    the float model has it)."""
     w = get_attr_path(gm, site.weight_attr).detach()
-    if site.out_fold is not None:  # the stored parameter divided along its output axis, as the emit does
+    if site.out_fold is not None and divided:  # the stored parameter divided along its output axis, as the emit does
         w = site.out_fold.divided(w)
     return w.transpose(-2, -1) if site.transposed else w  # experts: [E, N, K]
 
@@ -250,6 +251,8 @@ def _quantize_group(gm, ctx: PassContext, x_node, group: list[Site], stats: Stat
                 s.result["awq_input_scale"] = ("none: the input is not a norm / mul feeding only these sites and "
                                                "this site's weight also serves another site (clip search only)")
         if scale is not None:
+            for s in awq:
+                s.awq_scale = scale
             if isinstance(fold, Site):
                 where = _fold_into_linear(gm, ctx, fold, scale, [s.name for s in awq])
             elif fold is not None:
@@ -267,14 +270,20 @@ def _quantize_group(gm, ctx: PassContext, x_node, group: list[Site], stats: Stat
         if out_err is not None and s.name in out_err:
             s.result.update(_output_errors(*out_err[s.name], stats.tokens, s.out_shape[0]))
         elif out_err is not None and stats.hessian is not None:  # from H: sum ||x Dᵀ||² = tr(D H Dᵀ)
-            s.result.update(_output_errors(*_hessian_errors(s, _weight(gm, s), stats.hessian), stats.tokens,
-                                           s.out_shape[0]))
+            s.result.update(_output_errors(*_hessian_errors(s, _weight(gm, s, divided=False), stats.hessian),
+                                           stats.tokens, s.out_shape[0]))
 
 
 def _effective(site: Site) -> torch.Tensor:
-    """The float weight the quantized site multiplies ``x`` by (AWQ's input scale included)."""
+    """The float model's weight as the quantized site stands for it, ``x`` to the float model's output:
+    the dequantized weight divided by AWQ's input scale (wherever its inverse went: the input, a folded
+    norm) and its rows multiplied back by a fold a later site's scale made into them."""
     wq = site.scheme.format.dequantize(site.qweight)
-    return wq if site.input_scale is None else wq / site.input_scale
+    if site.awq_scale is not None:
+        wq = wq / site.awq_scale
+    if site.out_fold is not None:
+        wq = wq * site.out_fold.scale.float().reshape(-1, 1)
+    return wq
 
 
 def _hessian_errors(site: Site, w: torch.Tensor, h: torch.Tensor) -> tuple[float, float]:
@@ -373,7 +382,7 @@ class _Observer(torch.nn.Module):
         xf = x.float()
         for s in self.sites:
             if s.name in self.err:  # ||x Dᵀ||² with D = W - Ŵ (dequantized per batch: cheaper than the product)
-                w = _weight(self.gm[0], s).float()
+                w = _weight(self.gm[0], s, divided=False).float()
                 e = self.err[s.name]
                 e[0] += float(F.linear(xf, w - _effective(s)).pow(2).sum())
                 e[1] += float(F.linear(xf, w).pow(2).sum())

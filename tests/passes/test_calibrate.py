@@ -1,5 +1,6 @@
 """The calibrate pass: statistics over the calibration data, the data-driven methods on them, AWQ's
 folds, sequential calibration, per-layer results, and the same outcome from compile and quantize_."""
+import copy
 import warnings
 
 import pytest
@@ -515,3 +516,47 @@ def test_batch_dim_the_export_specialised_to_one_runs_row_by_row():
                            calibration=[{"input_ids": b[i:i + 1], "scale": torch.ones(1)} for b in ids for i in range(2)])
     assert torch.equal(got.get_buffer("proj.qweight"), want.get_buffer("proj.qweight"))
     assert fxquant.report(got).results["proj"]["calibration_tokens"] == 2 * 2 * 20
+
+
+def _out_err(f, g, xs) -> tuple[float, float]:
+    """(sum ||f(x) - g(x)||², that over sum ||f(x)||²) over xs, in float64."""
+    with torch.no_grad():
+        err = sum(float((f(x).double() - g(x).double()).pow(2).sum()) for x in xs)
+        return err, err / sum(float(f(x).double().pow(2).sum()) for x in xs)
+
+
+def test_awq_output_error_is_the_emitted_models_wherever_the_scale_went(fp32_dense):
+    """The reported output error of an AWQ site is that of the model it emits against the float model on
+    the calibration data, whether its scale folded into a norm (q_proj), divides the input (o_proj), or
+    was folded into a linear's rows (down's scale into up's rows: up's error counts them multiplied
+    back); measured by running both models' layers on the float model's own inputs of them."""
+    batches = _batches(n=3, rows=2)
+    model = _tiny()
+    q = fxquant.quantize_(copy.deepcopy(model), "uint4wo-32@awq", example_inputs=(batches[0],), calibration=batches)
+    res = fxquant.report(q).results
+    assert res["model.layers.0.self_attn.q_proj"]["awq_input_scale"].startswith("folded into model.layers.0.")
+    assert res["model.layers.0.self_attn.o_proj"]["awq_input_scale"] == "applied to the input before the op"
+    inputs = {}
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: inputs.setdefault(n, []).append(a[0]))
+             for n, m in model.named_modules() if n in ("model.layers.0.input_layernorm",
+                                                         "model.layers.0.self_attn.o_proj")]
+    with torch.no_grad():
+        for b in batches:
+            model(b)
+    for h in hooks:
+        h.remove()
+    fl, ql = model.model.layers[0], q.model.layers[0]
+    for name, xs, f, g in (
+            ("self_attn.q_proj", inputs["model.layers.0.input_layernorm"],
+             lambda h: fl.self_attn.q_proj(fl.input_layernorm(h)), lambda h: ql.self_attn.q_proj(ql.input_layernorm(h))),
+            ("self_attn.o_proj", inputs["model.layers.0.self_attn.o_proj"], fl.self_attn.o_proj, ql.self_attn.o_proj)):
+        want = _out_err(f, g, xs)[1]
+        got = res[f"model.layers.0.{name}"]["relative_output_squared_error"]
+        assert abs(got - want) <= 0.02 * want, (name, got, want)
+    mlp, xs = GatedMLP().eval(), _xs(3)
+    qm = fxquant.quantize_(copy.deepcopy(mlp), "int4wo-32@awq", example_inputs=(xs[0],), calibration=xs)
+    rep = fxquant.report(qm).results
+    assert rep["down"]["awq_input_scale"] == "folded into up (its output rows)"
+    s = _awq_down_scale(mlp, xs)  # the fold's scale (oracle: the method on the float activations)
+    want = _out_err(mlp.up, lambda x: qm.up(x) * s, xs)[0]  # the sum: up's bias is not in the report's energy
+    assert abs(rep["up"]["output_squared_error"] - want) <= 0.02 * want, (rep["up"], want)
