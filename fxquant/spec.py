@@ -65,6 +65,8 @@ class Pattern:
 class Rule:
     pattern: Pattern
     scheme: Scheme | None
+    #: the rule named round-to-nearest itself (``"int4wo-64@rtn"``): ``Spec.method`` does not apply to it
+    rtn: bool = False
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,7 @@ class Spec:
         if self.method is not None and self.method.name == "rtn":
             object.__setattr__(self, "method", None)
         object.__setattr__(self, "default", self._with_method(parse_scheme(self.default, where="Spec.default"),
-                                                              "Spec.default"))
+                                                              "Spec.default", _names_rtn(self.default)))
         if isinstance(self.skip, str):
             raise ValueError(f"Spec.skip must be a list of patterns, got the string {self.skip!r}")
         skip = tuple(self.skip)
@@ -125,11 +127,13 @@ class Spec:
                 raise ValueError(f"Spec.rules: expected (pattern, scheme) pairs, got {item!r}") from None
             where = f"Spec.rules[{pat!r}]"
             try:
+                rtn = _names_rtn(scheme)
                 if _is_method(scheme):  # a method alone: the default scheme's format with it
                     if self.default is None:
                         raise ValueError(f"method {scheme} given without a scheme (Spec.default is None)")
                     scheme = dataclasses.replace(self.default.format, method=scheme)
-                rules.append(Rule(Pattern(pat), self._with_method(parse_scheme(scheme, where=where), where)))
+                scheme = self._with_method(parse_scheme(scheme, where=where), where, rtn)
+                rules.append(Rule(Pattern(pat), scheme, rtn and scheme is not None and self.method is not None))
             except ValueError as e:
                 raise ValueError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
         object.__setattr__(self, "rules", tuple(rules))
@@ -139,8 +143,9 @@ class Spec:
                 raise ValueError(f"Spec.{field} must be a list of strings, got {value!r}")
             object.__setattr__(self, field, tuple(value))
 
-    def _with_method(self, scheme: Scheme | None, where: str) -> Scheme | None:
-        if scheme is None or self.method is None or scheme.method is not None:
+    def _with_method(self, scheme: Scheme | None, where: str, rtn: bool = False) -> Scheme | None:
+        """``scheme`` with ``Spec.method`` when it names no method (``rtn``: it named round-to-nearest)."""
+        if scheme is None or self.method is None or scheme.method is not None or rtn:
             return scheme
         try:
             return dataclasses.replace(scheme, method=self.method)
@@ -174,8 +179,10 @@ class Spec:
             "version": SPEC_VERSION,
             "default": scheme_to_json(self.default),
             "skip": list(self.skip),
-            "rules": {r.pattern.text: scheme_to_json(r.scheme) for r in self.rules},
+            "rules": {r.pattern.text: _rule_json(r) for r in self.rules},
         }
+        if self.default is not None and self.default.method is None and self.method is not None:
+            d["default"]["method"] = "rtn"  # named by the user: Spec.method did not apply
         if self.method is not None:
             d["method"] = method_to_json(self.method)
         if self.calibration_texts:
@@ -198,10 +205,15 @@ class Spec:
                              f"1..{SPEC_VERSION}; a newer fxquant wrote it?)")
         rules = d.get("rules", {})
         items = rules.items() if isinstance(rules, Mapping) else rules
+        default = scheme_from_json(d.get("default"), where="Spec.default")
+        if default is not None and _names_rtn(d.get("default")):
+            default = f"{default}@rtn"  # named by the user: Spec.method does not apply
         return cls(
-            default=scheme_from_json(d.get("default"), where="Spec.default"),
+            default=default,
             skip=tuple(d.get("skip", ())),
-            rules=tuple((p, scheme_from_json(s, where=f"Spec.rules[{p!r}]")) for p, s in items),
+            rules=tuple(Rule(Pattern(p), scheme_from_json(s, where=f"Spec.rules[{p!r}]"), True)
+                        if _names_rtn(s) and d.get("method") is not None
+                        else (p, scheme_from_json(s, where=f"Spec.rules[{p!r}]")) for p, s in items),
             method=method_from_json(d.get("method"), where="Spec.method"),
             calibration_texts=tuple(d.get("calibration_texts", ())),
             notes=tuple(d.get("notes", ())),
@@ -240,6 +252,28 @@ class Spec:
         if isinstance(spec, Mapping):
             return cls.from_dict(spec)
         return cls(default=spec)
+
+
+def _names_rtn(value: Any) -> bool:
+    """Whether a scheme / rule value names round-to-nearest itself (``"...@rtn"``, ``RTN()``, a JSON form
+    with ``"method": "rtn"``): a choice ``Spec.method`` must not override."""
+    from .methods import Method
+
+    if isinstance(value, str):
+        return "@" in value and value.rpartition("@")[2].strip().lower() == "rtn"
+    if isinstance(value, Method):
+        return value.name == "rtn"
+    if isinstance(value, Mapping):
+        m = value.get("method")
+        return (isinstance(m, str) and m.strip().lower() == "rtn") or (isinstance(m, Mapping) and m.get("name") == "rtn")
+    return False
+
+
+def _rule_json(rule: Rule) -> dict | None:
+    d = scheme_to_json(rule.scheme)
+    if rule.rtn:
+        d["method"] = "rtn"
+    return d
 
 
 def _is_method(value: Any) -> bool:

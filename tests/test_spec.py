@@ -122,3 +122,27 @@ def test_structured_form_tells_the_int4_formats_apart():
     assert len(set(forms.values())) == len(forms)
     assert json.loads(forms["int4wo-128-sym"])["symmetric"] is True
     assert json.loads(forms["uint4wo-128"])["symmetric"] is False
+
+
+def test_a_rule_naming_rtn_opts_out_of_spec_method():
+    """``Spec.method`` fills in schemes that name no method; one that names ``@rtn`` (a string, ``RTN()``
+    alone, or a format GPTQ cannot take) keeps round-to-nearest, through to_dict / from_dict / JSON."""
+    from fxquant.methods import GPTQ, RTN
+
+    spec = Spec(default="int4wo-64", method=GPTQ(), rules={"re:.*q_proj": "int4wo-64@rtn", "re:.*k_proj": RTN(),
+                                                          "re:.*v_proj": "nf4@rtn", "re:.*o_proj": "int4wo-32"})
+    chosen = {n: spec.choose(f"layers.0.{n}").scheme for n in ("q_proj", "k_proj", "v_proj", "o_proj", "up")}
+    assert {n: str(s) for n, s in chosen.items()} == {
+        "q_proj": "int4wo-64", "k_proj": "int4wo-64", "v_proj": "nf4-64", "o_proj": "int4wo-32@gptq",
+        "up": "int4wo-64@gptq"}
+    assert Spec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    named = Spec(default="int8wo@rtn", method=GPTQ(), rules={"x": "int4wo-32"})
+    assert str(named.default) == "int8wo" and str(named.rules[0].scheme) == "int4wo-32@gptq"
+    assert Spec.from_dict(named.to_dict()) == named
+    with pytest.raises(ValueError, match="method 'gptq' cannot quantize nf4-64"):
+        Spec(default="int4wo-64", method=GPTQ(), rules={"x": "nf4"})
+
+
+def test_a_scheme_takes_one_method():
+    with pytest.raises(ValueError, match=r"Spec.default: scheme 'int4wo-128@gptq@awq' names more than one method"):
+        Spec(default="int4wo-128@gptq@awq")

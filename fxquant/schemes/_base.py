@@ -192,6 +192,9 @@ def parse_scheme(value: "Scheme | str | None", *, where: str = "scheme") -> "Sch
         from ..methods import parse_method
 
         text, _, name = value.rpartition("@")
+        if "@" in text:
+            raise ValueError(f"{where}: scheme {value!r} names more than one method; a scheme takes one "
+                             "'@<method>' (rtn, hqq, gptq, awq, onebit, ...)")
         scheme = parse_scheme(text, where=where)
         if scheme is None:
             raise ValueError(f"{where}: scheme {value!r}: a method needs a scheme before the '@'")
