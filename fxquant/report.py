@@ -120,6 +120,11 @@ def _untimed(d: dict[str, Any]) -> dict[str, Any]:
 def _method_note(res: dict) -> str:
     if "alpha" in res:
         return f"awq alpha={res['alpha']:.2f}, scale {res.get('awq_input_scale', '-')}"
+    fallback = res.get("fallback")
+    if fallback:  # the method kept what it started from: say so where the table is read
+        why = res.get("reason") or res.get("fallback_reason") or ""
+        kept = "round-to-nearest" if fallback == "rtn" else "its initialisation"
+        return f"{res.get('method', 'method')} kept {kept}" + (f": {why}" if why else "")
     return ""
 
 

@@ -76,6 +76,7 @@ class GPTQ(Method):
         info.update(output_error=ours, rtn_output_error=rtn)
         if not ours < rtn:
             info["fallback"] = "rtn"
+            info["reason"] = "its output error on the calibration data was not below RTN's"
             return MethodResult(scheme.quantize(weight.contiguous()), info=info)
         return MethodResult(scheme.pack_grid(q, scale, offset, n, k), info=info)
 

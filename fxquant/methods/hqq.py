@@ -66,7 +66,7 @@ class HQQ(Method):
     ``kappa`` (``>= 1``): the half-quadratic penalty and its growth per iteration; ``iters``
     (``>= 0``; 0 is RTN); ``early_stop``: a group stops when its error stops improving (else all
     ``iters`` run, the best iterate kept); ``optimize_scale``: also refit the scale each iteration
-    (the only parameter a symmetric grid has: without it, ``int<b>wo`` / ``int8wo`` get RTN).
+    (always on a symmetric grid, ``int<b>wo`` / ``int8wo``: the scale is its only parameter).
     """
 
     name: ClassVar[str] = "hqq"
@@ -102,10 +102,10 @@ class HQQ(Method):
         grid = scheme.grid(n, k)
         if grid is None:
             raise ValueError(self.unsupported_reason(scheme))
-        if weight.numel() == 0 or self.iters == 0 or (grid.symmetric and not self.optimize_scale):
-            why = ("iters=0" if self.iters == 0 else "empty weight" if weight.numel() == 0 else
-                   "symmetric grid: no zero point to optimise (optimize_scale=True optimises its scale)")
+        if weight.numel() == 0 or self.iters == 0:
+            why = "iters=0" if self.iters == 0 else "empty weight"
             return MethodResult(scheme.quantize(weight.contiguous()), info={"fallback": "rtn", "reason": why})
+        fit_scale = self.optimize_scale or grid.symmetric  # a symmetric grid's only parameter is its scale
 
         wg = grid.groups(weight)  # float32 [groups, g]; overwritten chunk by chunk with the codes
         groups, g = wg.shape
@@ -119,7 +119,7 @@ class HQQ(Method):
             w = wg[start:stop]
             mask = _valid_mask(grid, n, k, start, stop, w.device)
             s_rtn, o_rtn = grid.fit(w)
-            s, o, ran = self._optimise(grid, w, mask, s_rtn, o_rtn)
+            s, o, ran = self._optimise(grid, w, mask, s_rtn, o_rtn, fit_scale)
             iters_run = max(iters_run, ran)
             s, o = grid.store(s, o)
             q = grid.encode(w, s, o)
@@ -135,6 +135,8 @@ class HQQ(Method):
             offset[start:stop] = torch.where(use_rtn, o_rtn, o)
             w.copy_(torch.where(use_rtn[:, None], q_rtn, q))  # the codes replace the weights
         info = {"groups": groups, "rtn_groups": kept_rtn, "iters": iters_run,
+                "optimised": "scale and zero point" if fit_scale and not grid.symmetric else
+                             "scale (symmetric grid: no zero point)" if fit_scale else "zero point",
                 "rel_error": math.sqrt(err / norm) if norm > 0 else 0.0,
                 "rtn_rel_error": math.sqrt(err_rtn / norm) if norm > 0 else 0.0}
         if kept_rtn == groups:
@@ -142,7 +144,7 @@ class HQQ(Method):
             info["reason"] = "HQQ did not lower the weight error of any group below RTN's"
         return MethodResult(scheme.pack_grid(wg, scale, offset, n, k), info=info)
 
-    def _optimise(self, grid, w, mask, scale, offset):
+    def _optimise(self, grid, w, mask, scale, offset, fit_scale: bool):
         """The HQQ iteration on one chunk of groups ``w`` ``[c, g]`` from ``scale`` / ``offset``
         ``[c]``: each group's best ``(scale, offset)`` (free-form floats) and the iterations run.
 
@@ -175,7 +177,7 @@ class HQQ(Method):
             ran = it + 1
             t = torch.addcmul(w, r, _shrink_factor(r, beta, p), value=-1.0)  # W - W_e
             sum_u = _sum(u, mask)
-            if self.optimize_scale:
+            if fit_scale:
                 scale_new = _fit_scale(grid, u, t, mask, sum_u / count, scale)
             else:
                 scale_new = scale
