@@ -51,6 +51,7 @@ from .calibration_inputs import as_call, batches, flat_inputs, graph_calls
 from .quantize import check_supported, method_of, quantize_experts, quantize_site
 
 _MULS = {torch.ops.aten.mul.Tensor, operator.mul, torch.mul}
+_LAYER_NORMS = {torch.ops.aten.layer_norm.default, F.layer_norm, torch.layer_norm}
 
 
 @dataclass
@@ -255,9 +256,10 @@ def _quantize_group(gm, ctx: PassContext, x_node, group: list[Site], stats: Stat
                 s.awq_scale = scale
             if isinstance(fold, Site):
                 where = _fold_into_linear(gm, ctx, fold, scale, [s.name for s in awq])
-            elif fold is not None:
-                ctx.folds.append(Fold(fold, scale, [s.name for s in awq]))
-                where = f"folded into {fold}"
+            elif fold is not None:  # a norm's parameters: its weight (and a LayerNorm's bias)
+                attrs = (fold,) if isinstance(fold, str) else fold
+                ctx.folds.extend(Fold(a, scale, [s.name for s in awq]) for a in attrs)
+                where = f"folded into {' and '.join(attrs)}"
             else:
                 for s in awq:
                     s.input_scale = scale
@@ -292,16 +294,18 @@ def _hessian_errors(site: Site, w: torch.Tensor, h: torch.Tensor) -> tuple[float
     return quadratic_error(w - _effective(site), h), quadratic_error(w, h)
 
 
-def _fold_target(gm, ctx: PassContext, x_node, group: list[Site], linears: bool) -> str | Site | None:
+def _fold_target(gm, ctx: PassContext, x_node, group: list[Site], linears: bool) -> str | tuple | Site | None:
     """Where the inverse scale of ``group``'s input ``x_node`` can go, if it feeds only ``group``: the
-    1-D parameter ``p`` when ``x_node`` is ``p * t`` (a norm's weight); with ``linears``, the linear
-    site that computes ``x_node``, or one factor of ``x_node = a * b`` (``up_proj`` in
-    ``act(gate_proj(x)) * up_proj(x)``)."""
+    1-D parameter ``p`` when ``x_node`` is ``p * t`` (an RMSNorm's weight), a layer norm's weight and
+    bias (a tuple of their paths); with ``linears``, the linear site that computes ``x_node``, or one
+    factor of ``x_node = a * b`` (``up_proj`` in ``act(gate_proj(x)) * up_proj(x)``)."""
     if not isinstance(x_node, torch.fx.Node) or set(x_node.users) != {s.node for s in group}:
         return None
     k = group[0].out_shape[1]
     if linears and (site := _foldable_linear(gm, ctx, x_node, k)) is not None:
         return site
+    if x_node.op == "call_function" and x_node.target in _LAYER_NORMS:
+        return _layer_norm_params(gm, x_node, k)
     if x_node.op != "call_function" or x_node.target not in _MULS:
         return None
     factors = x_node.args[:2]
@@ -317,6 +321,26 @@ def _fold_target(gm, ctx: PassContext, x_node, group: list[Site], linears: bool)
                 if site is not None:
                     return site
     return None
+
+
+def _layer_norm_params(gm, node: torch.fx.Node, k: int) -> tuple | None:
+    """A layer norm's ``(weight[, bias])`` paths when both are ``[k]`` parameters read by it alone
+    (``(norm(x) w + b) / s = norm(x) (w / s) + b / s``); ``None`` without a weight to take the scale."""
+    args = list(node.args) + [None] * (5 - len(node.args))
+    weight, bias = node.kwargs.get("weight", args[2]), node.kwargs.get("bias", args[3])
+    if weight is None:
+        return None
+    attrs = []
+    for a in (weight, bias):
+        if a is None:
+            continue
+        if not (isinstance(a, torch.fx.Node) and a.op == "get_attr" and len(a.users) == 1):
+            return None
+        p = get_attr_path(gm, a.target)
+        if not (isinstance(p, torch.Tensor) and p.shape == (k,)):
+            return None
+        attrs.append(a.target)
+    return tuple(attrs)
 
 
 def _foldable_linear(gm, ctx: PassContext, node: torch.fx.Node, k: int) -> Site | None:
@@ -517,16 +541,17 @@ class _Walk:
         """When the group's AWQ scale was just folded into ``x_node``'s parameter (a norm's weight),
         ``x_node`` run again with the divided parameter, as the emitted model computes it."""
         names = {s.name for s in group}
-        fold = next((f for f in self.ctx.folds if not f.rows and names & set(f.sites)), None)
-        if fold is None:
+        folds = [f for f in self.ctx.folds if not f.rows and names & set(f.sites)]  # a norm's weight (and bias)
+        if not folds:
             return None
-        param = next(a for a in x_node.args if isinstance(a, torch.fx.Node) and a.op == "get_attr"
-                     and a.target == fold.attr)
-        divided = fold.divided(get_attr_path(self.gm, fold.attr))
+        args = [*x_node.args, *x_node.kwargs.values()]
+        params = {next(a for a in args if isinstance(a, torch.fx.Node) and a.op == "get_attr" and a.target == f.attr):
+                  f.divided(get_attr_path(self.gm, f.attr)) for f in folds}
         for it in interps:
-            it.env[param] = divided
+            it.env.update(params)
             it.env[x_node] = it.run_node(x_node)
-            del it.env[param]
+            for param in params:
+                del it.env[param]
         return [it.env[x_node] for it in interps]
 
     def _experts(self, site: Site, interps) -> None:

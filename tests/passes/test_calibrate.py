@@ -560,3 +560,54 @@ def test_awq_output_error_is_the_emitted_models_wherever_the_scale_went(fp32_den
     s = _awq_down_scale(mlp, xs)  # the fold's scale (oracle: the method on the float activations)
     want = _out_err(mlp.up, lambda x: qm.up(x) * s, xs)[0]  # the sum: up's bias is not in the report's energy
     assert abs(rep["up"]["output_squared_error"] - want) <= 0.02 * want, (rep["up"], want)
+
+
+class _LayerNormBlock(nn.Module):
+    """A LayerNorm feeding two linears (AWQ's fold target), then a linear on their product."""
+
+    def __init__(self, bias: bool):
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        self.ln = nn.LayerNorm(64, bias=bias)
+        self.q, self.k, self.out = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 32)
+        with torch.no_grad():
+            self.ln.weight.copy_(torch.rand(64, generator=g) + 0.5)
+            if bias:
+                self.ln.bias.copy_(torch.randn(64, generator=g))
+            self.q.weight[:, :4] *= 10  # channels that matter more
+
+    def forward(self, x):
+        h = self.ln(x)
+        return self.out(torch.tanh(self.q(h)) * self.k(h))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_awq_folds_into_a_layer_norm_weight_and_bias(bias, monkeypatch):
+    """AWQ's inverse scale goes into a LayerNorm's weight and bias (export); the model computes what the
+    same AWQ weights compute with the division before the op (the FX front end's call_module norm keeps
+    it there); both emits agree, and a later GPTQ site's statistics are the emitted model's activations."""
+    model, xs = _LayerNormBlock(bias).eval(), _xs(3)
+    spec = fxquant.Spec(default="int4wo-32@awq", rules={"out": "int4wo-32@gptq"})
+    seen = []
+    update = Stats.update
+    monkeypatch.setattr(Stats, "update", lambda self, x, *a, **k: (seen.append(x.clone()), update(self, x, *a, **k)))
+    folded = fxquant.quantize_(copy.deepcopy(model), spec, example_inputs=(xs[0],), calibration=xs)
+    where = fxquant.report(folded).results["q"]["awq_input_scale"]
+    assert where == ("folded into ln.weight and ln.bias" if bias else "folded into ln.weight"), where
+    assert folded.q.input_scale is None
+    inputs = []
+    hook = folded.out.register_forward_pre_hook(lambda m, a: inputs.append(a[0].clone()))
+    x = torch.cat(xs)
+    with torch.no_grad():
+        for b in xs:
+            folded(b)
+        hook.remove()
+        out_seen = seen[-len(xs):]  # the walk's last group: out's inputs, batch by batch
+        assert all(torch.equal(s.reshape(i.shape), i) for s, i in zip(out_seen, inputs))
+        divided = fxquant.compile(model, spec, example_inputs=(xs[0],), calibration=xs, frontend="fx")
+        assert fxquant.report(divided).results["q"]["awq_input_scale"] == "applied to the input before the op"
+        compiled = fxquant.compile(model, spec, example_inputs=(xs[0],), calibration=xs)
+        assert torch.equal(compiled(x), folded(x))
+        torch.testing.assert_close(folded(x), divided(x), rtol=1e-4, atol=1e-4)
+        rtn = fxquant.compile(model, "int4wo-32", example_inputs=(xs[0],))
+        assert _rel(folded(x), model(x)) < _rel(rtn(x), model(x))
