@@ -47,7 +47,7 @@ from ..ops._experts import expert_rows, group_ends
 from ..methods._base import quadratic_error
 from ..modules import QuantizedLinear
 from ._base import InputError, PassContext, PassResult, Site, get_attr_path, meta, node_arg
-from .calibration_inputs import as_call, batches, flat_inputs, graph_calls
+from .calibration_inputs import as_call, batches, check_guards, flat_inputs, graph_calls
 from .quantize import check_supported, method_of, quantize_experts, quantize_site
 
 _MULS = {torch.ops.aten.mul.Tensor, operator.mul, torch.mul}
@@ -437,9 +437,10 @@ def _observe(gm: torch.fx.GraphModule, ctx: PassContext, sites: list[Site]) -> N
     gm.recompile()
     try:
         with torch.no_grad():
-            for args, kwargs in tqdm(batches(ctx.calibration), desc="fxquant: calibrating", unit="batch",
-                                     disable=None, leave=False):
+            for i, (args, kwargs) in enumerate(tqdm(batches(ctx.calibration), desc="fxquant: calibrating",
+                                                    unit="batch", disable=None, leave=False)):
                 for args, kwargs in graph_calls(gm, ctx.model, args, kwargs):
+                    check_guards(gm, f"calibration[{i}]", args, kwargs)
                     gm(*args, **kwargs)
     finally:
         for name, node, _ in observers + expert_obs:
@@ -473,7 +474,11 @@ class _Walk:
         if not calls:
             raise InputError("calibration is empty: it yielded no batch")
         interps = []
-        rows = [row for args, kwargs in calls for row in graph_calls(self.gm, self.ctx.model, args, kwargs)]
+        rows = []
+        for i, (args, kwargs) in enumerate(calls):
+            for row in graph_calls(self.gm, self.ctx.model, args, kwargs):
+                check_guards(self.gm, f"calibration[{i}]", *row)
+                rows.append(row)
         for args, kwargs in rows:
             it = torch.fx.Interpreter(self.gm, garbage_collect_values=False)
             it.args_iter = iter(flat_inputs(self.gm, args, kwargs))

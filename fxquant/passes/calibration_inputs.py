@@ -227,3 +227,35 @@ def flat_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> list:
             name = node.target.lstrip("*")
             values.append(bound.arguments.get(name, node.args[0] if node.args else None))
     return values
+
+
+_SHAPE_GUARD = re.compile(r"L\['(\w+)'\]\.size\(\)\[(\d+)\] (==|!=|>|>=|<|<=) (\d+)")  # the shape guards export writes
+
+
+def check_guards(gm: torch.fx.GraphModule, where: str, args: tuple, kwargs: dict) -> None:
+    """``InputError`` when a calibration call breaks a shape guard of the traced graph (a size the model's
+    code branched on when it was traced: a batch of one row against an example of two, a one-token
+    sequence), naming the call, the guard and what to do; checked before the call runs."""
+    guards = [m.groups() for g in gm.meta.get(GUARDS_KEY, ()) if (m := _SHAPE_GUARD.fullmatch(g.strip()))]
+    if not guards:
+        return
+    values = {n.target: v for n, v in zip([n for n in gm.graph.nodes if n.op == "placeholder"],
+                                          flat_inputs(gm, args, kwargs))}
+    example = gm.meta.get(EXAMPLE_KEY)
+    for name, dim, op, bound in guards:
+        v = values.get(name)
+        if not isinstance(v, torch.Tensor) or v.dim() <= int(dim):
+            continue
+        size, bound = v.shape[int(dim)], int(bound)
+        if not {"==": size == bound, "!=": size != bound, ">": size > bound, ">=": size >= bound,
+                "<": size < bound, "<=": size <= bound}[op]:
+            traced = ""
+            if example is not None:
+                shapes = {k: list(t.shape) for k, t in zip(values, flat_inputs(gm, *example))
+                          if isinstance(t, torch.Tensor)}
+                traced = f" (traced with {shapes})"
+            raise InputError(
+                f"{where}: {name} of shape {list(v.shape)} does not fit the traced graph{traced}: it holds for "
+                f"{name}.size({dim}) {op} {bound} only (the model's code branches on that size).  Give calibration "
+                f"batches shaped like the example, or an example shaped like them: an example of one row makes "
+                f"any batch run row by row; sequences need more than one token")

@@ -611,3 +611,28 @@ def test_awq_folds_into_a_layer_norm_weight_and_bias(bias, monkeypatch):
         torch.testing.assert_close(folded(x), divided(x), rtol=1e-4, atol=1e-4)
         rtn = fxquant.compile(model, "int4wo-32", example_inputs=(xs[0],))
         assert _rel(folded(x), model(x)) < _rel(rtn(x), model(x))
+
+
+class _BranchOnBatch(nn.Module):
+    """Branches on a batch of one, as Hugging Face's mask code does: the export guards the size."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.proj(x) * 2 if x.shape[0] == 1 else self.proj(x)
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])  # the sequential walk, the observers
+def test_calibration_batch_breaking_a_traced_guard_is_named_before_any_work(method):
+    g = torch.Generator().manual_seed(0)
+    model = _BranchOnBatch().eval()
+    calib = [torch.randn(2, 5, 16, generator=g), torch.randn(1, 5, 16, generator=g)]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"calibration\[1\]: x of shape \[1, 5, 16\] does not fit the traced graph "
+                                         r"\(traced with \{'x': \[2, 5, 16\]\}\): it holds for x.size\(0\) != 1 only"):
+        fxquant.quantize_(model, f"uint4wo-16@{method}", example_inputs=(calib[0],), calibration=calib)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert type(model.proj) is nn.Linear
+    fxquant.quantize_(model, f"uint4wo-16@{method}", example_inputs=(calib[0],), calibration=calib[:1])  # fits
