@@ -80,8 +80,9 @@ class Report:
         body.append([f"TOTAL ({len(self.quantized)}/{len(self.rows)} quantized)", "", "", "", "",
                      _mb(before), _mb(after), ""] + ([""] if outputs else []) +
                     [f"{total:.1f}", f"linear weights {before / max(after, 1):.2f}x smaller"])
-        headers = ["layer", "status", "scheme", "rule", "N x K", "MB before", "MB after", "rel err"]
-        headers += (["rel out err"] if outputs else []) + ["time s", "reason / method"]
+        # rel W err: ||W - Ŵ|| / ||W||; rel out err^2: sum ||x (W - Ŵ)ᵀ||² / sum ||x Wᵀ||² (the squared ratio)
+        headers = ["layer", "status", "scheme", "rule", "N x K", "MB before", "MB after", "rel W err"]
+        headers += (["rel out err^2"] if outputs else []) + ["time s", "reason / method"]
         return tabulate(body, headers=headers, tablefmt="simple")
 
     def __str__(self) -> str:

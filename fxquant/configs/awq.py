@@ -65,10 +65,11 @@ def write(spec: Spec) -> dict:
         raise ValueError(f"Spec.to_config('awq'): {scheme.method} has no AwqConfig fields; valid: AWQ() "
                          "(n_grid=20, max_shrink=0.5, clip=True)")
     skip = list(spec.skip)
-    if skip[:len(gptq.LM_HEAD)] != gptq.LM_HEAD:
+    head = gptq.skips_lm_head_first(skip)
+    if not head:
         raise ValueError("Spec.to_config('awq'): AwqConfig always keeps lm_head in float; valid: a spec whose "
-                         "skip list starts with the lm_head pattern (as Spec.from_config writes it)")
-    keys = [hf_key(s) for s in skip[len(gptq.LM_HEAD):]]
+                         "skip list starts with 'lm_head' (or the pattern Spec.from_config writes for it)")
+    keys = [hf_key(s) for s in skip[head:]]
     if None in keys:
         raise ValueError(f"Spec.to_config('awq'): skip {skip} has no AwqConfig form; valid: transformers module "
                          "keys (as Spec.from_config reads modules_to_not_convert)")

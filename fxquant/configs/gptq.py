@@ -43,6 +43,14 @@ DEFAULT_DAMP = 0.1  # GPTQConfig's default
 LM_HEAD = hf_module_patterns(["lm_head"], NAME)
 
 
+def skips_lm_head_first(skip: list[str]) -> int:
+    """How many leading entries of ``skip`` say "lm_head" (transformers' meaning, always kept float): the
+    pattern ``Spec.from_config`` writes, or one written by hand (``"lm_head"``); 0 when none does."""
+    if skip[:len(LM_HEAD)] == LM_HEAD:
+        return len(LM_HEAD)
+    return 1 if skip and skip[0] == "lm_head" else 0
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -171,7 +179,8 @@ def one_scheme(spec: Spec, kind: str, method_name: str):
 def write_where(spec: Spec, kind: str) -> dict:
     """``block_name_to_quantize`` / ``modules_in_block_to_quantize`` (the inverse of :func:`read_where`)."""
     if spec.default is not None:
-        if list(spec.skip) != LM_HEAD or spec.rules:
+        skip = list(spec.skip)
+        if skips_lm_head_first(skip) != len(skip) or not skip or spec.rules:
             raise ValueError(f"Spec.to_config({kind!r}): a {kind} config quantizes every linear but lm_head; the "
                              f"spec skips {list(spec.skip)} and has {len(spec.rules)} rules; valid: skip=['lm_head' "
                              "pattern] and no rules, or rules in the numbered blocks only (see docs/configs.md)")

@@ -14,7 +14,7 @@ them back.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -142,6 +142,16 @@ class Method:
         super().__init_subclass__(**kw)
         if "name" in cls.__dict__:
             _REGISTRY[cls.name] = cls
+
+    def __new__(cls, *args, **kwargs):
+        unknown = sorted(set(kwargs) - {f.name for f in fields(cls)}) if is_dataclass(cls) else []
+        if unknown or args:
+            what = f"no parameter {', '.join(map(repr, unknown))}" if unknown else "keyword parameters only"
+            valid = ", ".join(f.name for f in fields(cls)) or "none"
+            raise TypeError(f"{cls.__name__} takes {what}; its parameters: {valid}.  The bits, group size, "
+                            "symmetry and axis belong to the scheme (e.g. 'int4wo-128-sym@gptq', "
+                            "'uint3wo-64-axis0@hqq')")
+        return super().__new__(cls)
 
     @property
     def sequential(self) -> bool:

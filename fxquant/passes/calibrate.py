@@ -87,7 +87,10 @@ def calibrate(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
                              for m, names in by_method.items())
             raise InputError(f"these methods need calibration data and none was given ({what}); pass "
                              "calibration=<iterable of model inputs> to fxquant.compile / quantize_ (to from_pretrained: "
-                             "FxQuantConfig(spec=..., calibration=[texts or model inputs])); RTN and HQQ need none")
+                             "FxQuantConfig(spec=..., calibration=[texts or model inputs])); RTN and HQQ need none"
+                             + ("; the spec's calibration_texts (a config's dataset) are tokenized only by "
+                                "FxQuantConfig, which has the model's tokenizer: tokenize them and pass the "
+                                "result as calibration" if ctx.spec.calibration_texts else ""))
         return PassResult(gm)
     check_supported(candidates, lambda site: _weight(gm, site))
     # experts: calibrated only by a data method (each expert on the rows routed to it); data-free ones

@@ -37,6 +37,9 @@ def as_call(item, where: str = "calibration item") -> tuple[tuple, dict]:
     if isinstance(item, torch.Tensor):
         return (item,), {}
     if isinstance(item, (tuple, list)):
+        if item and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in item):
+            raise InputError(f"{where}: a list of {len(item)} numbers; token ids (or any input) go in a tensor: "
+                             "torch.tensor([ids]) or {'input_ids': torch.tensor([ids])}")
         return tuple(item), {}
     if isinstance(item, Mapping):  # a dict, or a tokenizer's BatchEncoding
         return (), dict(item)

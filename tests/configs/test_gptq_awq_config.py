@@ -290,3 +290,13 @@ def test_awq_round_trip_through_transformers(spec):
 def test_writers_refuse_what_the_config_cannot_say(kind, spec, match):
     with pytest.raises(ValueError, match=match):
         spec.to_config(kind)
+
+
+@pytest.mark.parametrize("kind", ["gptq", "awq"])
+def test_writers_take_a_plain_lm_head_skip(kind):
+    """``skip=["lm_head"]`` as a user writes it says what the config's implicit lm_head exclusion says."""
+    spec = Spec(default=f"uint4wo-128@{kind}", skip=["lm_head"])
+    d = spec.to_config(kind)
+    back = Spec.from_config(d)
+    assert back.default == spec.default and back.choose("lm_head").scheme is None
+    assert back.choose("model.layers.0.mlp.down_proj").scheme == spec.default

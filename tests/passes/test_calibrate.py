@@ -636,3 +636,11 @@ def test_calibration_batch_breaking_a_traced_guard_is_named_before_any_work(meth
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert type(model.proj) is nn.Linear
     fxquant.quantize_(model, f"uint4wo-16@{method}", example_inputs=(calib[0],), calibration=calib[:1])  # fits
+
+
+def test_unknown_method_parameters_and_number_lists_say_what_to_do():
+    with pytest.raises(TypeError, match=r"GPTQ takes no parameter 'sym'; its parameters: damp_percent.*belong to "
+                                        r"the scheme"):
+        GPTQ(sym=True)
+    with pytest.raises(ValueError, match=r"calibration\[0\]: a list of 3 numbers; token ids .* go in a tensor"):
+        fxquant.compile(TwoLinears().eval(), "int4wo-32@gptq", example_inputs=(_xs(1)[0],), calibration=[[1, 2, 3]])
