@@ -47,7 +47,7 @@ from ..ops._experts import expert_rows, group_ends
 from ..methods._base import quadratic_error
 from ..modules import QuantizedLinear
 from ._base import InputError, PassContext, PassResult, Site, get_attr_path, meta, node_arg
-from .calibration_inputs import as_call, batches, check_guards, flat_inputs, graph_calls
+from .calibration_inputs import as_call, batches, check_guards, flat_inputs, graph_calls, real_tokens, token_mask
 from .quantize import check_supported, method_of, quantize_experts, quantize_site
 
 _MULS = {torch.ops.aten.mul.Tensor, operator.mul, torch.mul}
@@ -397,14 +397,16 @@ def _output_errors(err: float, ref: float, tokens: int, n: int) -> dict:
 class _Observer(torch.nn.Module):
     """Streams one input's statistics; for sites already quantized, their output error too."""
 
-    def __init__(self, gm, sites: list[Site], hessian: bool):
+    def __init__(self, gm, sites: list[Site], hessian: bool, mask: list):
         super().__init__()
         self.stats = Stats(sites[0].out_shape[1])
         self.hessian, self.channels = hessian, _channel_stats(sites)
         self.gm, self.sites = [gm], sites  # a list: not a submodule
+        self.mask = mask  # [the current call's real tokens or None], set by the pass per call
         self.err = {s.name: [0.0, 0.0] for s in sites if s.qweight is not None}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_in: torch.Tensor) -> torch.Tensor:
+        x = real_tokens(x_in, self.mask[0])
         self.stats.update(x, self.hessian, self.channels)
         xf = x.float()
         for s in self.sites:
@@ -413,7 +415,7 @@ class _Observer(torch.nn.Module):
                 e = self.err[s.name]
                 e[0] += float(F.linear(xf, w - _effective(s)).pow(2).sum())
                 e[1] += float(F.linear(xf, w).pow(2).sum())
-        return x
+        return x_in
 
 
 def _observe(gm: torch.fx.GraphModule, ctx: PassContext, sites: list[Site]) -> None:
@@ -421,9 +423,9 @@ def _observe(gm: torch.fx.GraphModule, ctx: PassContext, sites: list[Site]) -> N
         if not method_of(s).needs_data:
             quantize_site(s, _weight(gm, s), None)
     groups = _groups([s for s in sites if not s.experts])
-    observers = []
+    observers, mask = [], [None]
     for i, (x_node, group) in enumerate(groups.items()):
-        obs = _Observer(gm, group, any(method_of(s).needs_hessian for s in group))
+        obs = _Observer(gm, group, any(method_of(s).needs_hessian for s in group), mask)
         name = f"_fxquant_observer_{i}"
         gm.add_submodule(name, obs)
         with gm.graph.inserting_after(x_node):
@@ -444,6 +446,7 @@ def _observe(gm: torch.fx.GraphModule, ctx: PassContext, sites: list[Site]) -> N
                                                     unit="batch", disable=None, leave=False)):
                 for args, kwargs in graph_calls(gm, ctx.model, args, kwargs):
                     check_guards(gm, f"calibration[{i}]", args, kwargs)
+                    mask[0] = token_mask(gm, args, kwargs)  # a padded batch: its real tokens only
                     gm(*args, **kwargs)
     finally:
         for name, node, _ in observers + expert_obs:
@@ -482,6 +485,7 @@ class _Walk:
             for row in graph_calls(self.gm, self.ctx.model, args, kwargs):
                 check_guards(self.gm, f"calibration[{i}]", *row)
                 rows.append(row)
+        self.masks = [token_mask(self.gm, *row) for row in rows]  # a padded batch: its real tokens only
         for args, kwargs in rows:
             it = torch.fx.Interpreter(self.gm, garbage_collect_values=False)
             it.args_iter = iter(flat_inputs(self.gm, args, kwargs))
@@ -520,8 +524,8 @@ class _Walk:
             group = self.groups[x_node]
             stats = Stats(site.out_shape[1])
             channels = _channel_stats(group)
-            for x in xs:
-                stats.update(x, hessian=True, channels=channels)
+            for x, mask in zip(xs, self.masks):
+                stats.update(real_tokens(x, mask), hessian=True, channels=channels)
             _quantize_group(self.gm, self.ctx, x_node, group, stats, out_err={})
             stats.hessian = None
             self.done_groups.add(x_node)

@@ -262,3 +262,26 @@ def check_guards(gm: torch.fx.GraphModule, where: str, args: tuple, kwargs: dict
                 f"{name}.size({dim}) {op} {bound} only (the model's code branches on that size).  Give calibration "
                 f"batches shaped like the example, or an example shaped like them: an example of one row makes "
                 f"any batch run row by row; sequences need more than one token")
+
+
+def token_mask(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The real tokens (bool ``[B, T]``) of a call that passes the traced graph a padded ``attention_mask``:
+    the statistics leave the padding's activations out (:func:`real_tokens`); ``None`` when nothing is padded."""
+    mask = kwargs.get("attention_mask")
+    names = _traced_names(gm)
+    if (names is None or "attention_mask" not in names or not isinstance(mask, torch.Tensor) or mask.dim() != 2
+            or bool(mask.bool().all())):
+        return None
+    return mask.bool()
+
+
+def real_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """A site's input ``x`` without the padded positions of ``mask`` (``[B, T, ...]`` or ``[B * T, K]``
+    activations); as it is when it has neither layout."""
+    if mask is None:
+        return x
+    if x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+        return x[mask]
+    if x.dim() == 2 and x.shape[0] == mask.numel():
+        return x[mask.reshape(-1)]
+    return x

@@ -644,3 +644,24 @@ def test_unknown_method_parameters_and_number_lists_say_what_to_do():
         GPTQ(sym=True)
     with pytest.raises(ValueError, match=r"calibration\[0\]: a list of 3 numbers; token ids .* go in a tensor"):
         fxquant.compile(TwoLinears().eval(), "int4wo-32@gptq", example_inputs=(_xs(1)[0],), calibration=[[1, 2, 3]])
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_padded_batches_on_a_trace_with_attention_mask_leave_the_padding_out(sequential):
+    """Traced with attention_mask, a padded batch runs as it is and its padded positions are left out of
+    every statistic: the codes and token count of calibrating on the real tokens alone."""
+    m = _Masked().eval()
+    spec = fxquant.Spec(default="int4wo-32", method=GPTQ(true_sequential=sequential))
+    ex = {"input_ids": IDS, "attention_mask": torch.ones_like(IDS)}
+    ids = _batches(2, rows=3, seq=20)
+    mask = torch.ones(3, 20, dtype=torch.long)
+    mask[0, :5] = 0  # left padding
+    mask[2, 12:] = 0  # right padding
+    real = torch.cat([ids[0][0, 5:], ids[0][1], ids[0][2, :12]])[None]  # the same tokens, one row
+    got = fxquant.compile(m, spec, example_kwargs=ex, calibration=[
+        {"input_ids": ids[0], "attention_mask": mask}, {"input_ids": ids[1], "attention_mask": torch.ones_like(ids[1])}])
+    want = fxquant.compile(m, spec, example_kwargs=ex, calibration=[
+        {"input_ids": real, "attention_mask": torch.ones_like(real)},
+        {"input_ids": ids[1], "attention_mask": torch.ones_like(ids[1])}])
+    assert fxquant.report(got).results["proj"]["calibration_tokens"] == 15 + 20 + 12 + 3 * 20
+    assert torch.equal(got.get_buffer("proj.qweight"), want.get_buffer("proj.qweight"))
