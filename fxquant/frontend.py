@@ -227,6 +227,11 @@ def modules_graph(model: torch.nn.Module) -> torch.fx.GraphModule:
             seen.add(id(m))
             x = graph.placeholder(f"x_{len(outs)}")
             outs.append(graph.call_module(path, (x,)))
+        elif path and id(m) not in seen and _is_conv1d(m):  # GPT-2's Conv1D: addmm(b, x, W [K, N])
+            seen.add(id(m))
+            x = graph.placeholder(f"x_{len(outs)}")
+            outs.append(graph.call_function(torch.addmm, (graph.get_attr(f"{path}.bias"), x,
+                                                          graph.get_attr(f"{path}.weight"))))
         elif path and id(m) not in seen and _is_experts_module(m):
             seen.add(id(m))
             for name, p in m.named_parameters(recurse=False):
@@ -240,6 +245,13 @@ def modules_graph(model: torch.nn.Module) -> torch.fx.GraphModule:
     gm = torch.fx.GraphModule(model, graph)
     gm.meta[MODULES_KEY] = True
     return gm
+
+
+def _is_conv1d(m: torch.nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2 and its kin): ``y = addmm(bias, x, weight)`` with weight ``[K, N]``."""
+    w, b = getattr(m, "weight", None), getattr(m, "bias", None)
+    return (type(m).__name__ == "Conv1D" and isinstance(w, torch.nn.Parameter) and w.dim() == 2
+            and isinstance(b, torch.nn.Parameter) and b.shape == (w.shape[1],))
 
 
 def _is_experts_module(m: torch.nn.Module) -> bool:

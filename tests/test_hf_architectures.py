@@ -187,3 +187,20 @@ def test_gpt2_save_pretrained_round_trip(tmp_path):
     with torch.no_grad():
         assert torch.equal(q(ids).logits, r(ids).logits)
     assert r.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 19)
+
+
+def test_gpt2_conv1d_without_example_inputs():
+    """No example: the modules front end lists GPT-2's Conv1D layers too (addmm on a [K, N] weight), with
+    the same sites, bytes and outputs as the traced model's."""
+    cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=64)
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    models = []
+    for kwargs in (dict(frontend="modules"), dict(example_kwargs=dict(input_ids=ids))):
+        torch.manual_seed(0)
+        m = transformers.GPT2LMHeadModel(cfg).eval()
+        fxquant.quantize_(m, fxquant.Spec(default="int8wo", skip=["lm_head"]), **kwargs)
+        models.append(m)
+    plain, traced = (fxquant.report(m) for m in models)
+    assert [r.fqn for r in plain.quantized] == [r.fqn for r in traced.quantized] and len(plain.quantized) == 8
+    with torch.no_grad():
+        assert torch.equal(models[0](ids).logits, models[1](ids).logits)
