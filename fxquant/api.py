@@ -120,7 +120,8 @@ def quantize_(model: torch.nn.Module, spec: SpecLike, example_inputs: Any = (),
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     inplace.check_not_quantized(model)
     calibration, example_inputs, example_kwargs = with_example(calibration, example_inputs, example_kwargs)
-    given = bool(example_kwargs) or not (example_inputs is None or (isinstance(example_inputs, tuple) and not example_inputs))
+    given = bool(example_kwargs) or not (example_inputs is None
+                                         or (isinstance(example_inputs, tuple) and not example_inputs))
     traced = _trace(model, example_inputs, inplace.planning_kwargs(model, example_kwargs), frontend, dynamic, given)
     if traced.frontend == "modules" and calibration is not None:
         raise ValueError("calibration needs a traced model, and this one could not be traced "

@@ -265,7 +265,8 @@ def _names_rtn(value: Any) -> bool:
         return value.name == "rtn"
     if isinstance(value, Mapping):
         m = value.get("method")
-        return (isinstance(m, str) and m.strip().lower() == "rtn") or (isinstance(m, Mapping) and m.get("name") == "rtn")
+        return ((isinstance(m, str) and m.strip().lower() == "rtn")
+                or (isinstance(m, Mapping) and m.get("name") == "rtn"))
     return False
 
 
