@@ -91,7 +91,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .passes.calibration_inputs import Call
 
     calibration = [Call((ex_args, ex_kwargs))] if args.calibrate_on_example else None
-    qm = compile(model, spec, ex_args, ex_kwargs, frontend=args.frontend, calibration=calibration)
+    try:
+        qm = compile(model, spec, ex_args, ex_kwargs, frontend=args.frontend, calibration=calibration)
+    except ValueError as e:
+        if calibration is None and "need calibration data" in str(e):
+            raise SystemExit(f"{e}\n(the CLI calibrates on the factory's example inputs with --calibrate-on-example; "
+                             "for real calibration data call fxquant.compile / quantize_ from Python)") from None
+        raise
     rep = report(qm)
     print(rep)
     print("\nop counts (before -> after):")

@@ -274,8 +274,9 @@ def _check_runs(model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
 def trace(model: torch.nn.Module, example_inputs: tuple = (), example_kwargs: dict | None = None,
           frontend: str = "auto", dynamic: bool = True, user_example: bool | None = None) -> TraceResult:
     """Trace ``model`` with ``frontend`` in {"auto", "export", "fx"}; see the module docstring.
-    ``user_example``: whether the user gave the example (default: whether there is one); when export
-    fails on a user's example, the model must at least run on it (else ``ValueError``, no fallback)."""
+    ``user_example``: whether the user gave the example (default: whether there is one); when export and
+    FX both fail on a user's example, the model must at least run on it (else ``ValueError``, no fallback
+    to the modules front end)."""
     if frontend not in FRONTENDS:
         raise ValueError(f"frontend={frontend!r} is not valid; choose one of {', '.join(FRONTENDS)}")
     if not isinstance(example_inputs, tuple):
@@ -295,8 +296,6 @@ def trace(model: torch.nn.Module, example_inputs: tuple = (), example_kwargs: di
             if frontend == "export":
                 raise
             error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-            if user_example or (user_example is None and (example_inputs or kwargs)):
-                _check_runs(model, example_inputs, kwargs)
             log.warning("torch.export failed (%s); falling back to torch.fx.symbolic_trace", error)
     try:
         gm = fx_trace(model)
@@ -306,6 +305,8 @@ def trace(model: torch.nn.Module, example_inputs: tuple = (), example_kwargs: di
             raise RuntimeError(f"fxquant could not trace the model: {why}torch.fx.symbolic_trace failed "
                                f"({type(e).__name__}: {e})") from e
         fx_error = f"torch.fx.symbolic_trace failed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        if user_example or (user_example is None and (example_inputs or kwargs)):
+            _check_runs(model, example_inputs, kwargs)  # a wrong example: the model's error, not a fallback
         log.warning("%s; quantizing the model's nn.Linear modules without a graph", fx_error)
         return TraceResult(modules_graph(model), "modules", "; ".join(filter(None, [error, fx_error])), {})
     gm.meta[EXAMPLE_KEY] = (example_inputs, kwargs)

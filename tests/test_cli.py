@@ -87,4 +87,14 @@ def test_inspect_calibrated_method_shows_awq_in_the_graph(factory_file):
     marked = [line for line in r.stdout.splitlines() if line.startswith("~> ")]
     assert marked and all("AWQ" in line or "divided" in line for line in marked)
     r = run("-m", "fxquant", "inspect", f"{factory_file}:factory", "--spec", "int8wo@gptq", "--no-color")
-    assert r.returncode != 0 and "need calibration data" in r.stderr
+    assert r.returncode != 0 and "need calibration data" in r.stderr and "--calibrate-on-example" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_eval_ppl_checks_every_spec_and_count_before_running():
+    """A typo in the last of many rows is an argparse error before the first row (rows take minutes)."""
+    r = run(str(ROOT / "tools" / "eval_ppl.py"), "--specs", "float", "int4wo-64@foo")
+    assert r.returncode == 2 and "--specs 'int4wo-64@foo'" in r.stderr and "unknown method 'foo'" in r.stderr
+    assert "ppl" not in r.stdout
+    r = run(str(ROOT / "tools" / "eval_ppl.py"), "--windows", "0")
+    assert r.returncode == 2 and "--windows must be >= 1" in r.stderr

@@ -398,9 +398,27 @@ def test_a_quantize_that_packed_nothing_can_be_run_again():
     assert isinstance(m.a, QuantizedLinear) and len(fxquant.report(m).quantized) == 4
 
 
-def test_a_wrong_example_raises_the_models_own_error(tiny_llama_model):
-    """A misspelt keyword: the model's own error, no fallback to the modules front end, nothing changed."""
-    before = state(tiny_llama_model)
+class _Untraceable(nn.Module):
+    """Neither export (on a wrong example) nor FX (data-dependent branch) can trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.proj = nn.Embedding(16, 32), nn.Linear(32, 8)
+
+    def forward(self, input_ids=None, inputs_embeds=None):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        h = self.emb(input_ids) if inputs_embeds is None else inputs_embeds
+        return self.proj(h if h.max() > 0 else -h)
+
+
+def test_a_wrong_example_raises_the_models_own_error():
+    """A misspelt keyword on a model FX cannot trace either: the model's own error, no silent fallback
+    to the modules front end, nothing changed; with no example at all the modules front end is used."""
+    model = _Untraceable()
+    before = state(model)
     with pytest.raises(ValueError, match="the model fails on the example inputs .*unexpected keyword argument .input_idz."):
-        fxquant.quantize_(tiny_llama_model, "int8wo", example_kwargs=dict(input_idz=torch.ones(1, 4, dtype=torch.long)))
-    assert_state_equal(before, state(tiny_llama_model))
+        fxquant.quantize_(model, "int8wo", example_kwargs=dict(input_idz=torch.ones(1, 4, dtype=torch.long)))
+    assert_state_equal(before, state(model))
+    fxquant.quantize_(model, "int8wo")
+    assert fxquant.report(model).frontend == "modules" and isinstance(model.proj, QuantizedLinear)

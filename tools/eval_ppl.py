@@ -218,6 +218,13 @@ def run_peer_llmc(model, spec_text: str, skip: list[str], calib: list[torch.Tens
     return {"spec": spec_text, "ppl": perplexity(q.eval(), wins), "seconds": seconds}
 
 
+def fxquant_spec(spec_text: str, skip: list[str]):
+    """The ``fxquant.Spec`` of a ``--specs`` entry (a scheme string or a JSON spec)."""
+    import fxquant
+
+    return fxquant.Spec.from_json(spec_text) if spec_text.startswith("{") else fxquant.Spec(default=spec_text, skip=skip)
+
+
 def run_spec(model, spec_text: str, skip: list[str], calib: list[torch.Tensor], wins, form: str,
              tokenizer=None) -> dict:
     if spec_text.startswith("hqq-"):
@@ -228,7 +235,7 @@ def run_spec(model, spec_text: str, skip: list[str], calib: list[torch.Tensor], 
 
     if spec_text == "float":
         return {"spec": "float", "ppl": perplexity(model, wins), "seconds": 0.0}
-    spec = fxquant.Spec.from_json(spec_text) if spec_text.startswith("{") else fxquant.Spec(default=spec_text, skip=skip)
+    spec = fxquant_spec(spec_text, skip)
     m = copy.deepcopy(model)
     schemes = [spec.default] + [r.scheme for r in spec.rules]
     needs_data = any(s is not None and s.method is not None and s.method.needs_data for s in schemes)
@@ -280,6 +287,15 @@ def main(argv=None) -> None:
     ap.add_argument("--json", help="also write the rows to this file")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args(argv)
+    for name in ("windows", "seq", "calib", "calib_seq", "threads"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for spec in args.specs:  # every row's spec checked before the first row runs (rows take minutes)
+        if spec != "float" and not spec.startswith(("hqq-", "llmc-")):
+            try:
+                fxquant_spec(spec, args.skip)
+            except ValueError as e:
+                ap.error(f"--specs {spec!r}: {str(e)[:300]}")
     torch.set_num_threads(args.threads)
     model, tok = load(args.model)
     model = model.to(getattr(torch, args.dtype)).eval()

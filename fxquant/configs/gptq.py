@@ -171,7 +171,10 @@ def one_scheme(spec: Spec, kind: str, method_name: str):
                          f"a scheme with method={method_name.upper()}(...) (e.g. 'int4wo-128-sym@{method_name}')")
     fmt = scheme.format
     if not isinstance(fmt, IntX) or fmt.axis != 1 or fmt.compute_dtype is not None:
-        raise ValueError(f"Spec.to_config({kind!r}): {fmt} has no {kind} form; valid: int<b>wo-<g>[-sym], "
+        why = (f" ({fmt} stores a float zero point per group, torchao's int4 layout; a {kind} checkpoint stores an "
+               f"integer one: uint4wo-{fmt.group_size}, or int4wo-{fmt.group_size}-sym)"
+               if type(fmt).__name__ == "Int4WeightOnly" else "")
+        raise ValueError(f"Spec.to_config({kind!r}): {fmt} has no {kind} form{why}; valid: int<b>wo-<g>[-sym], "
                          "uint<b>wo-<g>, <g> = ch (axis 1, no compute_dtype)")
     return scheme
 
