@@ -164,10 +164,13 @@ def quantize_(model: torch.nn.Module, spec: SpecLike, example_inputs: Any = (),
 
 
 def _attach_hf(model: torch.nn.Module, spec: Spec) -> None:
-    """A transformers model keeps saving and loading packed (:func:`fxquant.hf.attach`)."""
-    transformers = sys.modules.get("transformers")
-    pretrained = getattr(transformers, "PreTrainedModel", None) if transformers is not None else None
-    if pretrained is not None and isinstance(model, pretrained):
+    """A transformers or diffusers model keeps saving and loading packed (:func:`fxquant.hf.attach`)."""
+    transformers, diffusers = sys.modules.get("transformers"), sys.modules.get("diffusers")
+    if isinstance(model, getattr(transformers, "PreTrainedModel", ())):
         from . import hf
 
         hf.attach(model, spec)
+    elif isinstance(model, getattr(diffusers, "ModelMixin", ())):
+        from . import hf_diffusers
+
+        hf_diffusers.attach(model, spec)

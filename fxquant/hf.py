@@ -20,6 +20,7 @@ is harmless); ``import fxquant`` does so as soon as transformers' quantizer regi
 """
 from __future__ import annotations
 
+import contextvars
 import enum
 from typing import Any, Mapping
 
@@ -160,7 +161,11 @@ class QuantizerSteps:
         example = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in example.items()}
         # no example: the model's nn.Linear modules, as module-swapping quantizers see them
         frontend = "auto" if example else "modules"
-        quantize_(model, config.spec, example_kwargs=example, calibration=calibration, frontend=frontend)
+        token = _LOADING.set(True)  # the loader sets its own config and quantizer on the model
+        try:
+            quantize_(model, config.spec, example_kwargs=example, calibration=calibration, frontend=frontend)
+        finally:
+            _LOADING.reset(token)
         config.layout = packed_layout(model)
         _untie_packed_heads(model)
 
@@ -187,13 +192,16 @@ def _tokenized(model: torch.nn.Module, texts) -> list[dict[str, torch.Tensor]]:
     return [dict(tok(t, return_tensors="pt")) for t in texts]
 
 
+_LOADING = contextvars.ContextVar("fxquant_hf_loading", default=False)  # inside a quantizer's own quantize_
+
+
 def attach(model: torch.nn.Module, spec: Spec) -> None:
     """After :func:`fxquant.quantize_` on a transformers model it did not load (no ``hf_quantizer`` yet): the
     config and quantizer ``from_pretrained(..., quantization_config=FxQuantConfig(...))`` would have left,
     so ``save_pretrained`` writes the packed tensors with the layout that loads them back packed (without
     them transformers would write packed tensors no ``from_pretrained`` can place), and a quantized tied
     head is untied."""
-    if getattr(model, "hf_quantizer", None) is not None or not hasattr(model, "config"):
+    if _LOADING.get() or getattr(model, "hf_quantizer", None) is not None or not hasattr(model, "config"):
         return
     from transformers.quantizers.base import _assign_is_quantized
 

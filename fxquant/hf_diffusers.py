@@ -15,6 +15,7 @@ fxquant to its quantizer and config mappings (a second import is harmless).
 """
 from __future__ import annotations
 
+import torch
 from diffusers.quantizers import auto as _auto
 from diffusers.quantizers.base import DiffusersQuantizer
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
@@ -43,3 +44,16 @@ class FxQuantDiffusersQuantizer(QuantizerHooks, DiffusersQuantizer):
 
 FxQuantDiffusersConfig = _auto.AUTO_QUANTIZATION_CONFIG_MAPPING.setdefault(QUANT_METHOD, FxQuantDiffusersConfig)
 FxQuantDiffusersQuantizer = _auto.AUTO_QUANTIZER_MAPPING.setdefault(QUANT_METHOD, FxQuantDiffusersQuantizer)
+
+
+def attach(model: torch.nn.Module, spec) -> None:
+    """:func:`fxquant.hf.attach` for a diffusers model: its config's ``quantization_config`` and quantizer, so
+    ``save_pretrained`` writes a checkpoint ``from_pretrained`` loads packed."""
+    from .hf import _LOADING
+    from .persist import packed_layout
+
+    if _LOADING.get() or getattr(model, "hf_quantizer", None) is not None:
+        return
+    config = FxQuantDiffusersConfig(spec=spec, layout=packed_layout(model))
+    model.register_to_config(quantization_config=config)
+    model.hf_quantizer = FxQuantDiffusersQuantizer(config, pre_quantized=False)

@@ -104,3 +104,17 @@ def test_transformers_side_of_the_pipeline_config_accepts_the_same_kwargs():
     df_cfg = pqc._resolve_quant_config(is_diffusers=True, module_name="transformer")
     assert type(tf_cfg).__name__ == "FxQuantConfig" and type(df_cfg).__name__ == "FxQuantDiffusersConfig"
     assert tf_cfg.spec == df_cfg.spec == fxquant.Spec(default="int4wo-32")
+
+
+def test_quantize_in_place_then_save_pretrained_loads_back_packed(tmp_path):
+    """fxquant.quantize_ on a diffusers model it did not load: save_pretrained writes the layout, and
+    from_pretrained loads the packed tensors back, bit for bit (without it they reloaded as random weights)."""
+    build, call, cls = CASES["unet"]
+    model = fxquant.quantize_(build(), "int8wo", frontend="modules")
+    assert isinstance(model.config.quantization_config, FxQuantDiffusersConfig)
+    y = call(model)
+    model.save_pretrained(tmp_path / "q")
+    back = cls.from_pretrained(tmp_path / "q").eval()
+    sd, sd_back = model.state_dict(), back.state_dict()
+    assert sd.keys() == sd_back.keys() and all(torch.equal(sd[k], sd_back[k]) for k in sd)
+    assert torch.equal(call(back), y)
