@@ -203,12 +203,15 @@ def attach(model: torch.nn.Module, spec: Spec) -> None:
     head is untied."""
     if _LOADING.get() or getattr(model, "hf_quantizer", None) is not None or not hasattr(model, "config"):
         return
-    from transformers.quantizers.base import _assign_is_quantized
-
     config = FxQuantConfig(spec=spec, layout=packed_layout(model))
     model.config.quantization_config = config
     model.hf_quantizer = FxQuantHfQuantizer(config, pre_quantized=False)
-    _assign_is_quantized(model)
+    try:  # what transformers' loader marks (a private helper: absent in another version, nothing to mark)
+        from transformers.quantizers.base import _assign_is_quantized
+    except ImportError:
+        _assign_is_quantized = None
+    if _assign_is_quantized is not None:
+        _assign_is_quantized(model)
     _untie_packed_heads(model)
 
 
