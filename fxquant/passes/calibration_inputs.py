@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import operator
 import re
 from collections.abc import Mapping
 
@@ -232,6 +233,8 @@ def flat_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> list:
     return values
 
 
+_COMPARE = {"==": operator.eq, "!=": operator.ne, ">": operator.gt, ">=": operator.ge, "<": operator.lt,
+            "<=": operator.le}
 _SHAPE_GUARD = re.compile(r"L\['(\w+)'\]\.size\(\)\[(\d+)\] (==|!=|>|>=|<|<=) (\d+)")  # the shape guards export writes
 
 
@@ -250,8 +253,7 @@ def check_guards(gm: torch.fx.GraphModule, where: str, args: tuple, kwargs: dict
         if not isinstance(v, torch.Tensor) or v.dim() <= int(dim):
             continue
         size, bound = v.shape[int(dim)], int(bound)
-        if not {"==": size == bound, "!=": size != bound, ">": size > bound, ">=": size >= bound,
-                "<": size < bound, "<=": size <= bound}[op]:
+        if not _COMPARE[op](size, bound):
             traced = ""
             if example is not None:
                 shapes = {k: list(t.shape) for k, t in zip(values, flat_inputs(gm, *example))
